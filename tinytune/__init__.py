@@ -1,0 +1,57 @@
+"""tinytune: parameter-efficient adapters applied through forward hooks.
+
+Adapters never replace, add or patch a module of the base model: they run as forward
+hooks, and removing the hooks gives back the original model, bit for bit.
+"""
+
+from .config import AdapterConfig, IA3Config, LoraConfig
+from .errors import (
+    AdapterExistsError,
+    AdapterNotFoundError,
+    AdapterStateError,
+    InvalidConfigError,
+    LayerAlreadyAdaptedError,
+    LayerNotFoundError,
+    MergeNotSupportedError,
+    NoMatchingModulesError,
+    TinytuneError,
+    UnsupportedModuleError,
+)
+from .layers import (
+    AdapterLayer,
+    Conv2dLoraLayer,
+    EmbeddingLoraLayer,
+    LinearIA3Layer,
+    LinearLoraLayer,
+    LoraLayer,
+    ModulesToSaveLayer,
+)
+from .wrapper import BASE_ADAPTER_NAME, Adapter, AdapterWrapper
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Adapter",
+    "AdapterConfig",
+    "AdapterExistsError",
+    "AdapterLayer",
+    "AdapterNotFoundError",
+    "AdapterStateError",
+    "AdapterWrapper",
+    "BASE_ADAPTER_NAME",
+    "Conv2dLoraLayer",
+    "EmbeddingLoraLayer",
+    "IA3Config",
+    "InvalidConfigError",
+    "LayerAlreadyAdaptedError",
+    "LayerNotFoundError",
+    "LinearIA3Layer",
+    "LinearLoraLayer",
+    "LoraConfig",
+    "LoraLayer",
+    "MergeNotSupportedError",
+    "ModulesToSaveLayer",
+    "NoMatchingModulesError",
+    "TinytuneError",
+    "UnsupportedModuleError",
+]

@@ -1,0 +1,250 @@
+"""Adapter configs: which modules to adapt, and with which layer.
+
+The matching rules follow Hugging Face PEFT, so configs written for PEFT mean the same
+thing here:
+
+* ``target_modules`` as a string is a regular expression that must match the whole
+  dotted module name (``re.fullmatch``);
+* as a list, a name matches when it equals an entry or ends with ``"." + entry``;
+* ``"all-linear"`` selects every linear layer except the model's output layer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass, field
+from typing import Any, Callable, ClassVar
+
+from torch import nn
+
+from .errors import InvalidConfigError, UnsupportedModuleError
+
+__all__ = ["AdapterConfig", "LoraConfig", "IA3Config", "name_matches"]
+
+
+def name_matches(name: str, targets: str | list[str] | tuple[str, ...] | None) -> bool:
+    """PEFT's rule: a regex fully matching ``name``, or a list of names/suffixes."""
+    if targets is None:
+        return False
+    if isinstance(targets, str):
+        return re.fullmatch(targets, name) is not None
+    return any(name == t or name.endswith("." + t) for t in targets)
+
+
+def pattern_key(patterns: dict[str, Any], name: str) -> str | None:
+    """The key of ``rank_pattern``/``alpha_pattern`` that applies to ``name``, if any.
+
+    As in PEFT, a key is a regex matched against the end of the dotted name, on a
+    component boundary (``"q_proj"`` matches ``"layers.0.self_attn.q_proj"``).
+    """
+    for key in patterns:
+        if re.fullmatch(rf"(?:.*\.)?(?:{key})", name):
+            return key
+    return None
+
+
+def _as_target_list(value: Any) -> Any:
+    if isinstance(value, (set, tuple)):
+        return sorted(value) if isinstance(value, set) else list(value)
+    return value
+
+
+@dataclass
+class AdapterConfig:
+    """Base class of adapter configs.
+
+    Args:
+        target_modules: Which modules to adapt: a regex matching the whole dotted name,
+            a list of names or name suffixes, or ``"all-linear"``.
+        modules_to_save: Modules trained as a full copy (a classifier head, say). The
+            original module is left untouched until the adapter is merged.
+    """
+
+    target_modules: str | list[str] | None = None
+    modules_to_save: list[str] | None = None
+
+    peft_type: ClassVar[str] = ""
+
+    def __post_init__(self) -> None:
+        self.target_modules = _as_target_list(self.target_modules)
+        self.modules_to_save = _as_target_list(self.modules_to_save)
+        if isinstance(self.modules_to_save, str):
+            self.modules_to_save = [self.modules_to_save]
+        if self.target_modules is not None and not isinstance(self.target_modules, (str, list)):
+            raise InvalidConfigError(
+                f"target_modules must be a regex string or a list of module names, got "
+                f"{type(self.target_modules).__name__}."
+            )
+        if isinstance(self.target_modules, list) and not self.target_modules:
+            raise InvalidConfigError("target_modules is an empty list: name at least one module.")
+
+    def matches(self, name: str, module: nn.Module, model: nn.Module | None = None) -> bool:
+        """Whether ``target_modules`` selects the module called ``name``."""
+        if self.target_modules == "all-linear":
+            if not _is_linear(module):
+                return False
+            out = _output_layer_name(model) if model is not None else None
+            return name != out
+        return name_matches(name, self.target_modules)
+
+    def make_layer(self, name: str, module: nn.Module) -> nn.Module:
+        """Build the (not yet attached) adapter layer for the module called ``name``."""
+        raise NotImplementedError
+
+    def to_dict(self) -> dict[str, Any]:
+        """The config's fields as a JSON-friendly dict (with ``peft_type``)."""
+        out = dataclasses.asdict(self)
+        out["peft_type"] = self.peft_type
+        return out
+
+
+def _is_linear(module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
+
+
+def _output_layer_name(model: nn.Module) -> str | None:
+    get = getattr(model, "get_output_embeddings", None)
+    if callable(get):
+        try:
+            out = get()
+        except Exception:  # noqa: BLE001 - any model without a usable output layer
+            out = None
+        if out is not None:
+            for name, mod in model.named_modules():
+                if mod is out:
+                    return name
+    names = [n for n, _ in model.named_modules()]
+    for cand in ("lm_head", "output", "classifier", "score"):
+        if cand in names:
+            return cand
+    return None
+
+
+@dataclass
+class LoraConfig(AdapterConfig):
+    """LoRA: ``W x + scaling * B A x``, with A (r x in) and B (out x r), B starting at 0.
+
+    Args:
+        r: Rank of the update. Must be positive.
+        lora_alpha: Scale numerator: ``scaling = lora_alpha / r``
+            (``lora_alpha / sqrt(r)`` with ``use_rslora``).
+        lora_dropout: Dropout on the LoRA branch's input, in training mode only.
+        use_rslora: Rank-stabilised scaling.
+        fan_in_fan_out: Whether the target stores its weight as (in, out), as GPT-2's
+            ``Conv1D`` does. Detected automatically for ``Conv1D``.
+        rank_pattern: Per-module rank overrides, ``{name regex: r}``.
+        alpha_pattern: Per-module alpha overrides, ``{name regex: alpha}``.
+        init_lora_weights: ``True`` for the paper's init (B = 0, the adapter starts as a
+            no-op); ``False`` for a random B (useful in tests).
+        bias: Only ``"none"`` is supported.
+    """
+
+    r: int = 8
+    lora_alpha: float = 8
+    lora_dropout: float = 0.0
+    use_rslora: bool = False
+    fan_in_fan_out: bool = False
+    rank_pattern: dict[str, int] = field(default_factory=dict)
+    alpha_pattern: dict[str, float] = field(default_factory=dict)
+    init_lora_weights: bool = True
+    bias: str = "none"
+
+    peft_type: ClassVar[str] = "LORA"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check_rank(self.r, "r")
+        for key, r in self.rank_pattern.items():
+            _check_rank(r, f"rank_pattern[{key!r}]")
+        if not 0.0 <= float(self.lora_dropout) < 1.0:
+            raise InvalidConfigError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}.")
+        if self.bias != "none":
+            raise InvalidConfigError(
+                f"bias={self.bias!r} is not supported: tinytune trains no bias; use bias='none' "
+                "or put the module in modules_to_save."
+            )
+
+    def rank_for(self, name: str) -> int:
+        key = pattern_key(self.rank_pattern, name)
+        return self.r if key is None else int(self.rank_pattern[key])
+
+    def alpha_for(self, name: str) -> float:
+        key = pattern_key(self.alpha_pattern, name)
+        return self.lora_alpha if key is None else self.alpha_pattern[key]
+
+    def make_layer(self, name: str, module: nn.Module) -> nn.Module:
+        from .layers import lora_layer_for
+
+        cls = lora_layer_for(module)
+        if cls is None:
+            raise UnsupportedModuleError(
+                f"LoRA cannot adapt module {name!r} of type {type(module).__name__}: supported "
+                "types are nn.Linear, transformers' Conv1D, nn.Embedding and nn.Conv2d. "
+                "Narrow target_modules, or write an AdapterLayer for it."
+            )
+        return cls(
+            r=self.rank_for(name),
+            lora_alpha=self.alpha_for(name),
+            lora_dropout=self.lora_dropout,
+            use_rslora=self.use_rslora,
+            init_lora_weights=self.init_lora_weights,
+        )
+
+
+def _check_rank(r: Any, what: str) -> None:
+    if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
+        raise InvalidConfigError(f"{what} must be a positive integer, got {r!r}.")
+
+
+@dataclass
+class IA3Config(AdapterConfig):
+    """IA³: learned per-feature scales, initialised to 1.
+
+    Modules listed in ``feedforward_modules`` get their *input* scaled (one scale per
+    input feature); the other targets get their *output* scaled (one per output
+    feature), as in PEFT.
+
+    Args:
+        feedforward_modules: Subset of the targets treated as feed-forward layers, with
+            the same matching rules as ``target_modules``.
+        init_ia3_weights: ``True`` to start at 1 (a no-op); ``False`` for random scales.
+    """
+
+    feedforward_modules: str | list[str] | None = None
+    fan_in_fan_out: bool = False
+    init_ia3_weights: bool = True
+
+    peft_type: ClassVar[str] = "IA3"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.feedforward_modules = _as_target_list(self.feedforward_modules)
+
+    def is_feedforward(self, name: str) -> bool:
+        return name_matches(name, self.feedforward_modules)
+
+    def make_layer(self, name: str, module: nn.Module) -> nn.Module:
+        from .layers import LinearIA3Layer
+
+        if not _is_linear(module):
+            raise UnsupportedModuleError(
+                f"IA3 cannot adapt module {name!r} of type {type(module).__name__}: supported "
+                "types are nn.Linear and transformers' Conv1D. Narrow target_modules."
+            )
+        return LinearIA3Layer(
+            is_feedforward=self.is_feedforward(name), init_ia3_weights=self.init_ia3_weights
+        )
+
+
+def layer_factory(layer: Any) -> Callable[[], nn.Module]:
+    """Normalise what ``add_adapter_layer`` accepts into a zero-argument factory."""
+    if isinstance(layer, nn.Module):
+        return lambda: layer
+    if callable(layer):
+        return layer
+    raise TypeError(
+        f"layer must be an AdapterLayer instance, an AdapterLayer subclass, or a callable "
+        f"returning one; got {type(layer).__name__}."
+    )
+

@@ -1,0 +1,124 @@
+"""One hook site per adapted module.
+
+A :class:`HookSite` holds every adapter layer attached to one module of the base model
+and applies the active, unmerged ones through at most one forward pre-hook and one
+forward hook. With no work to do it registers no hook at all, so a merged or inactive
+module runs exactly as in the bare model.
+
+Several active layers on one module compose as nested wrappers, in the order of the
+wrapper's ``active_adapters``: the first is innermost. Pre-forwards therefore run last
+adapter first, post-forwards first adapter first, and each layer's ``post_forward`` sees
+the inputs as they were after its own ``pre_forward``. Merging in the same order gives
+the same function, which is what makes merged and unmerged outputs agree.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any, Callable
+
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+
+from .layers import AdapterLayer
+
+__all__ = ["HookSite"]
+
+
+class HookSite:
+    """The adapter layers of one module, and the hooks that apply them.
+
+    Args:
+        path: Dotted name of the module in the base model.
+        module: The module itself.
+    """
+
+    def __init__(self, path: str, module: nn.Module) -> None:
+        self.path = path
+        self.module = module
+        self.layers: dict[str, AdapterLayer] = {}  # adapter name -> layer
+        self.chain: tuple[AdapterLayer, ...] = ()  # active, unmerged; innermost first
+        self._handles: list[RemovableHandle] = []
+        self._pres: tuple[tuple[int, AdapterLayer], ...] = ()
+        self._posts: tuple[tuple[int, AdapterLayer], ...] = ()
+        self._needs_stack = False
+        self._local = threading.local()
+        # Extension point for per-row (mixed-batch) dispatch; see tinytune.batch.
+        self.mixed_post: Callable[..., Any] | None = None
+
+    # --- state -------------------------------------------------------------------------
+    def set_chain(self, chain: tuple[AdapterLayer, ...]) -> None:
+        """Apply exactly ``chain`` (innermost first) from now on, re-hooking as needed."""
+        if chain == self.chain and (bool(self._handles) == bool(chain)):
+            return
+        self.remove_hooks()
+        self.chain = chain
+        self._pres = tuple((i, l) for i, l in enumerate(chain) if l.uses_pre_forward)
+        self._posts = tuple((i, l) for i, l in enumerate(chain) if l.uses_post_forward)
+        # A post-forward needs its own view of the inputs only if an inner layer's
+        # pre-forward changes them further.
+        self._needs_stack = any(
+            i_pre < i_post for i_pre, _ in self._pres for i_post, _ in self._posts
+        )
+        if self._pres:
+            self._handles.append(
+                self.module.register_forward_pre_hook(self._pre_hook, with_kwargs=True)
+            )
+        if self._posts:
+            post = self._post_hook_single if self._single_post() else self._post_hook
+            self._handles.append(self.module.register_forward_hook(post, with_kwargs=True))
+
+    def _single_post(self) -> bool:
+        return len(self._posts) == 1 and not self._needs_stack
+
+    def remove_hooks(self) -> None:
+        while self._handles:
+            self._handles.pop().remove()
+
+    @property
+    def hooked(self) -> bool:
+        return bool(self._handles)
+
+    # --- the hooks ---------------------------------------------------------------------
+    def _pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        if self._needs_stack:
+            views: dict[int, tuple[tuple, dict]] = {len(self.chain): (args, kwargs)}
+            for i, layer in reversed(self._pres):
+                args, kwargs = layer.pre_forward(module, args, kwargs)
+                views[i] = (args, kwargs)
+            self._stack().append(views)
+            return args, kwargs
+        for _, layer in reversed(self._pres):
+            args, kwargs = layer.pre_forward(module, args, kwargs)
+        return args, kwargs
+
+    def _post_hook_single(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+        return self._posts[0][1].post_forward(module, args, kwargs, output)
+
+    def _post_hook(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+        if not self._needs_stack:
+            for _, layer in self._posts:
+                output = layer.post_forward(module, args, kwargs, output)
+            return output
+        views = self._stack().pop()
+        # The inputs seen by layer i: after the pre-forwards of layers i, i+1, ...
+        # (outer layers), i.e. the view recorded at the nearest pre index >= i; the
+        # original inputs are recorded at index len(chain).
+        per_layer: dict[int, tuple[tuple, dict]] = {}
+        view = views[len(self.chain)]
+        for i in range(len(self.chain) - 1, -1, -1):
+            view = views.get(i, view)
+            per_layer[i] = view
+        for i, layer in self._posts:
+            a, k = per_layer[i]
+            output = layer.post_forward(module, a, k, output)
+        return output
+
+    def _stack(self) -> list:
+        stack = getattr(self._local, "stack", None)
+        if stack is None:
+            stack = self._local.stack = []
+        return stack
+
+    def __repr__(self) -> str:
+        return f"HookSite({self.path!r}, adapters={list(self.layers)}, active={len(self.chain)})"

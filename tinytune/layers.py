@@ -1,0 +1,419 @@
+"""Adapter layers: what one adapter does to one module of the base model.
+
+An :class:`AdapterLayer` never owns or replaces the module it adapts. It is handed the
+module in each call: ``pre_forward`` may change the module's inputs, ``post_forward``
+may change its output, ``merge`` may fold the layer into the module's weights.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import InvalidConfigError, MergeNotSupportedError, UnsupportedModuleError
+
+__all__ = [
+    "AdapterLayer",
+    "LoraLayer",
+    "LinearLoraLayer",
+    "EmbeddingLoraLayer",
+    "Conv2dLoraLayer",
+    "LinearIA3Layer",
+    "ModulesToSaveLayer",
+    "lora_layer_for",
+]
+
+
+def first_input(args: tuple, kwargs: dict) -> torch.Tensor:
+    """The module's main input: the first positional argument, else the first keyword."""
+    if args:
+        return args[0]
+    return next(iter(kwargs.values()))
+
+
+def replace_first_input(args: tuple, kwargs: dict, x: torch.Tensor) -> tuple[tuple, dict]:
+    if args:
+        return (x, *args[1:]), kwargs
+    key = next(iter(kwargs))
+    return args, {**kwargs, key: x}
+
+
+def is_conv1d(module: nn.Module) -> bool:
+    """transformers' GPT-2 style ``Conv1D``: a linear layer storing W as (in, out)."""
+    return type(module).__name__ == "Conv1D" and hasattr(module, "weight")
+
+
+def linear_features(module: nn.Module) -> tuple[int, int, bool]:
+    """``(in_features, out_features, fan_in_fan_out)`` of a linear-like module."""
+    if isinstance(module, nn.Linear):
+        return module.in_features, module.out_features, False
+    if is_conv1d(module):
+        fan_in, fan_out = module.weight.shape
+        return int(fan_in), int(fan_out), True
+    raise UnsupportedModuleError(
+        f"expected nn.Linear or transformers' Conv1D, got {type(module).__name__}."
+    )
+
+
+def _param_kwargs(module: nn.Module) -> dict[str, Any]:
+    weight = getattr(module, "weight", None)
+    if isinstance(weight, torch.Tensor):
+        dtype = weight.dtype if weight.is_floating_point() else torch.float32
+        return {"device": weight.device, "dtype": dtype}
+    return {}
+
+
+class AdapterLayer(nn.Module):
+    """Base class of every adapter layer, built-in or custom.
+
+    Subclass it and implement ``pre_forward`` and/or ``post_forward``; create parameters
+    in ``reset_params``, which is called once when the layer is attached to its module,
+    so they can be shaped for it. Implement ``merge`` to allow merging; unmerging needs
+    nothing from the layer (tinytune restores the module's saved weights, exactly).
+
+    Attributes:
+        merged: Whether the layer is currently folded into its module's weights.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.merged = False
+
+    # --- what subclasses implement -------------------------------------------------
+    def reset_params(self, prefix: str, target: nn.Module) -> None:
+        """Create this layer's parameters for ``target`` (the module it adapts).
+
+        Args:
+            prefix: The dotted name of ``target`` in the base model.
+            target: The module being adapted.
+
+        Raises:
+            UnsupportedModuleError: If the layer cannot adapt this kind of module.
+        """
+
+    def pre_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        """Change the module's inputs. Returns the new ``(args, kwargs)``."""
+        return args, kwargs
+
+    def post_forward(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+        """Change the module's output. ``args``/``kwargs`` are the inputs it saw."""
+        return output
+
+    def merge(self, module: nn.Module) -> None:
+        """Fold this layer into ``module``'s weights in place (optional)."""
+        raise MergeNotSupportedError(
+            f"{type(self).__name__} does not implement merge(); keep it unmerged, or "
+            "implement merge(module) to fold it into the module's weights."
+        )
+
+    # --- introspection used by the hook site ----------------------------------------
+    @property
+    def uses_pre_forward(self) -> bool:
+        return type(self).pre_forward is not AdapterLayer.pre_forward
+
+    @property
+    def uses_post_forward(self) -> bool:
+        return type(self).post_forward is not AdapterLayer.post_forward
+
+    @property
+    def can_merge(self) -> bool:
+        return type(self).merge is not AdapterLayer.merge
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError(
+            "Adapter layers are applied by hooks on the module they adapt; call the "
+            "AdapterWrapper (or the base model), not the layer."
+        )
+
+
+class LoraLayer(AdapterLayer):
+    """Shared parts of the LoRA layers: rank, scaling and dropout.
+
+    Args:
+        r: Rank of the update (positive).
+        lora_alpha: ``scaling = lora_alpha / r`` (``/ sqrt(r)`` with ``use_rslora``).
+        lora_dropout: Dropout probability on the LoRA branch, in training mode only.
+        use_rslora: Rank-stabilised scaling.
+        init_lora_weights: ``True``: B (or the embedding's A) starts at zero, so a new
+            adapter is a no-op. ``False``: both factors random.
+    """
+
+    def __init__(
+        self,
+        r: int = 8,
+        lora_alpha: float = 8,
+        lora_dropout: float = 0.0,
+        use_rslora: bool = False,
+        init_lora_weights: bool = True,
+    ) -> None:
+        super().__init__()
+        if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
+            raise InvalidConfigError(f"r must be a positive integer, got {r!r}.")
+        if not 0.0 <= float(lora_dropout) < 1.0:
+            raise InvalidConfigError(f"lora_dropout must be in [0, 1), got {lora_dropout}.")
+        self.r = r
+        self.lora_alpha = lora_alpha
+        self.lora_dropout = float(lora_dropout)
+        self.use_rslora = use_rslora
+        self.init_lora_weights = init_lora_weights
+        self.scaling = lora_alpha / (math.sqrt(r) if use_rslora else r)
+
+    def _dropout(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        if self.lora_dropout and module.training:
+            return F.dropout(x, self.lora_dropout, training=True)
+        return x
+
+    def delta_weight(self) -> torch.Tensor:
+        """The update ``scaling * B A`` in the target weight's layout, in fp32."""
+        raise NotImplementedError
+
+    def merge(self, module: nn.Module) -> None:
+        weight = module.weight
+        with torch.no_grad():
+            weight.copy_((weight.float() + self.delta_weight().to(weight.device)).to(weight.dtype))
+
+    def extra_repr(self) -> str:
+        return f"r={self.r}, lora_alpha={self.lora_alpha}, scaling={self.scaling:g}"
+
+
+class LinearLoraLayer(LoraLayer):
+    """LoRA for ``nn.Linear`` and transformers' ``Conv1D``: ``y + s * B(A(x))``.
+
+    ``lora_A`` is ``nn.Linear(in_features, r)`` and ``lora_B`` is
+    ``nn.Linear(r, out_features)``, both without bias.
+    """
+
+    fan_in_fan_out = False
+
+    def reset_params(self, prefix: str, target: nn.Module) -> None:
+        try:
+            fan_in, fan_out, self.fan_in_fan_out = linear_features(target)
+        except UnsupportedModuleError as exc:
+            raise UnsupportedModuleError(
+                f"LinearLoraLayer cannot adapt {prefix!r}: {exc} Use EmbeddingLoraLayer for "
+                "nn.Embedding, Conv2dLoraLayer for nn.Conv2d, or a custom AdapterLayer."
+            ) from None
+        kw = _param_kwargs(target)
+        self.lora_A = nn.Linear(fan_in, self.r, bias=False, **kw)
+        self.lora_B = nn.Linear(self.r, fan_out, bias=False, **kw)
+        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+        if self.init_lora_weights:
+            nn.init.zeros_(self.lora_B.weight)
+        else:
+            nn.init.kaiming_uniform_(self.lora_B.weight, a=math.sqrt(5))
+
+    def post_forward(self, module, args, kwargs, output):
+        x = self._dropout(module, first_input(args, kwargs))
+        a = self.lora_A.weight
+        b = self.lora_B.weight
+        if x.dtype != a.dtype:
+            x = x.to(a.dtype)
+        h = F.linear(x, a)
+        if output.dim() >= 2 and output.dtype == b.dtype:
+            # One GEMM with the add folded in: out + s * h @ B^T.
+            out2d = output.reshape(-1, output.shape[-1])
+            y = torch.addmm(out2d, h.reshape(-1, h.shape[-1]), b.t(), alpha=self.scaling)
+            return y.view(output.shape)
+        return output + (F.linear(h, b) * self.scaling).to(output.dtype)
+
+    def delta_weight(self) -> torch.Tensor:
+        delta = (self.lora_B.weight.float() @ self.lora_A.weight.float()) * self.scaling
+        return delta.t() if self.fan_in_fan_out else delta
+
+
+class EmbeddingLoraLayer(LoraLayer):
+    """LoRA for ``nn.Embedding``: ``E[x] + s * B(A[x])``.
+
+    ``lora_A`` is ``nn.Embedding(num_embeddings, r)`` (initialised to zero, as in PEFT)
+    and ``lora_B`` is ``nn.Linear(r, embedding_dim)`` (normal init).
+    """
+
+    def reset_params(self, prefix: str, target: nn.Module) -> None:
+        if not isinstance(target, nn.Embedding):
+            raise UnsupportedModuleError(
+                f"EmbeddingLoraLayer cannot adapt {prefix!r} of type {type(target).__name__}: "
+                "it needs nn.Embedding. Use LinearLoraLayer for linear layers."
+            )
+        kw = _param_kwargs(target)
+        self.lora_A = nn.Embedding(target.num_embeddings, self.r, **kw)
+        self.lora_B = nn.Linear(self.r, target.embedding_dim, bias=False, **kw)
+        nn.init.normal_(self.lora_B.weight)
+        if self.init_lora_weights:
+            nn.init.zeros_(self.lora_A.weight)
+        else:
+            nn.init.normal_(self.lora_A.weight)
+
+    def post_forward(self, module, args, kwargs, output):
+        ids = first_input(args, kwargs)
+        h = F.embedding(
+            ids,
+            self.lora_A.weight,
+            padding_idx=module.padding_idx,
+            scale_grad_by_freq=module.scale_grad_by_freq,
+            sparse=module.sparse,
+        )
+        h = self._dropout(module, h)
+        return output + (F.linear(h, self.lora_B.weight) * self.scaling).to(output.dtype)
+
+    def delta_weight(self) -> torch.Tensor:
+        a = self.lora_A.weight.float()  # (num_embeddings, r)
+        return (a @ self.lora_B.weight.float().t()) * self.scaling
+
+
+class Conv2dLoraLayer(LoraLayer):
+    """LoRA for ``nn.Conv2d``: A is a conv with the target's kernel, B a 1x1 conv."""
+
+    def reset_params(self, prefix: str, target: nn.Module) -> None:
+        if not isinstance(target, nn.Conv2d):
+            raise UnsupportedModuleError(
+                f"Conv2dLoraLayer cannot adapt {prefix!r} of type {type(target).__name__}: "
+                "it needs nn.Conv2d."
+            )
+        if target.groups != 1:
+            raise UnsupportedModuleError(
+                f"Conv2dLoraLayer cannot adapt {prefix!r}: grouped convolutions "
+                f"(groups={target.groups}) are not supported."
+            )
+        kw = _param_kwargs(target)
+        self.lora_A = nn.Conv2d(
+            target.in_channels,
+            self.r,
+            target.kernel_size,
+            target.stride,
+            target.padding,
+            target.dilation,
+            bias=False,
+            padding_mode=target.padding_mode,
+            **kw,
+        )
+        self.lora_B = nn.Conv2d(self.r, target.out_channels, 1, bias=False, **kw)
+        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+        if self.init_lora_weights:
+            nn.init.zeros_(self.lora_B.weight)
+        else:
+            nn.init.kaiming_uniform_(self.lora_B.weight, a=math.sqrt(5))
+
+    def post_forward(self, module, args, kwargs, output):
+        x = self._dropout(module, first_input(args, kwargs))
+        if x.dtype != self.lora_A.weight.dtype:
+            x = x.to(self.lora_A.weight.dtype)
+        return output + (self.lora_B(self.lora_A(x)) * self.scaling).to(output.dtype)
+
+    def delta_weight(self) -> torch.Tensor:
+        a = self.lora_A.weight.float()  # (r, in, kh, kw)
+        b = self.lora_B.weight.float()  # (out, r, 1, 1)
+        delta = torch.einsum("or,rikl->oikl", b[:, :, 0, 0], a)
+        return delta * self.scaling
+
+
+def lora_layer_for(module: nn.Module) -> type[LoraLayer] | None:
+    """The LoRA layer class for a module type, or ``None`` if LoRA cannot adapt it."""
+    if isinstance(module, nn.Linear) or is_conv1d(module):
+        return LinearLoraLayer
+    if isinstance(module, nn.Embedding):
+        return EmbeddingLoraLayer
+    if isinstance(module, nn.Conv2d):
+        return Conv2dLoraLayer
+    return None
+
+
+class LinearIA3Layer(AdapterLayer):
+    """IA³ for ``nn.Linear`` and transformers' ``Conv1D``: learned per-feature scales.
+
+    With ``is_feedforward=False`` the output is scaled, ``y * l`` with ``ia3_l`` of
+    shape ``(out_features, 1)``; with ``is_feedforward=True`` the input is scaled,
+    ``W (x * l)`` with ``ia3_l`` of shape ``(1, in_features)`` (PEFT's shapes).
+
+    Args:
+        is_feedforward: Scale the input instead of the output.
+        init_ia3_weights: ``True``: start at 1 (a no-op). ``False``: random scales.
+    """
+
+    def __init__(self, is_feedforward: bool = False, init_ia3_weights: bool = True) -> None:
+        super().__init__()
+        self.is_feedforward = is_feedforward
+        self.init_ia3_weights = init_ia3_weights
+        self.fan_in_fan_out = False
+
+    def reset_params(self, prefix: str, target: nn.Module) -> None:
+        try:
+            fan_in, fan_out, self.fan_in_fan_out = linear_features(target)
+        except UnsupportedModuleError as exc:
+            raise UnsupportedModuleError(f"LinearIA3Layer cannot adapt {prefix!r}: {exc}") from None
+        shape = (1, fan_in) if self.is_feedforward else (fan_out, 1)
+        self.ia3_l = nn.Parameter(torch.ones(shape, **_param_kwargs(target)))
+        if not self.init_ia3_weights:
+            with torch.no_grad():
+                self.ia3_l.normal_(1.0, 0.2)
+
+    @property
+    def uses_pre_forward(self) -> bool:
+        return self.is_feedforward
+
+    @property
+    def uses_post_forward(self) -> bool:
+        return not self.is_feedforward
+
+    def pre_forward(self, module, args, kwargs):
+        x = first_input(args, kwargs)
+        return replace_first_input(args, kwargs, x * self.ia3_l.view(-1).to(x.dtype))
+
+    def post_forward(self, module, args, kwargs, output):
+        return output * self.ia3_l.view(-1).to(output.dtype)
+
+    def merge(self, module: nn.Module) -> None:
+        scale = self.ia3_l.detach().view(-1).float()
+        weight = module.weight
+        # Linear stores W as (out, in), Conv1D as (in, out).
+        if self.is_feedforward != self.fan_in_fan_out:
+            w = weight.float() * scale.view(1, -1)
+        else:
+            w = weight.float() * scale.view(-1, 1)
+        with torch.no_grad():
+            weight.copy_(w.to(weight.dtype))
+            bias = getattr(module, "bias", None)
+            if not self.is_feedforward and bias is not None:
+                bias.copy_((bias.float() * scale).to(bias.dtype))
+
+    def extra_repr(self) -> str:
+        return f"is_feedforward={self.is_feedforward}"
+
+
+def _drop_hooks(module: nn.Module) -> None:
+    """Clear every forward hook of ``module`` and its children (used on fresh copies)."""
+    for m in module.modules():
+        for attr in (
+            "_forward_hooks",
+            "_forward_pre_hooks",
+            "_forward_hooks_with_kwargs",
+            "_forward_pre_hooks_with_kwargs",
+            "_forward_hooks_always_called",
+        ):
+            d = getattr(m, attr, None)
+            if d is not None:
+                d.clear()
+
+
+class ModulesToSaveLayer(AdapterLayer):
+    """A trainable full copy of a module (``modules_to_save``): its output replaces the
+    original's while the adapter is active. Merging copies its weights into the
+    original, which stays untouched until then."""
+
+    def reset_params(self, prefix: str, target: nn.Module) -> None:
+        self.module_copy = copy.deepcopy(target)
+        _drop_hooks(self.module_copy)
+        self.module_copy.requires_grad_(True)
+
+    def post_forward(self, module, args, kwargs, output):
+        return self.module_copy(*args, **kwargs)
+
+    def merge(self, module: nn.Module) -> None:
+        with torch.no_grad():
+            src = self.module_copy.state_dict()
+            for name, tensor in module.state_dict(keep_vars=True).items():
+                tensor.copy_(src[name])

@@ -1,0 +1,640 @@
+"""``AdapterWrapper``: adapters on a base model, through hooks only.
+
+The wrapper holds the base model and a dict of adapters. Each adapter maps dotted
+module names to :class:`~tinytune.layers.AdapterLayer` objects; each adapted module has
+one :class:`~tinytune.hooks.HookSite`. No module of the base model is ever replaced,
+added or patched: removing the hooks (``unload``) gives back the original model, with
+its ``state_dict`` bit-identical to before.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterator, Sequence
+
+import torch
+from torch import nn
+
+from .config import AdapterConfig, layer_factory, name_matches
+from .errors import (
+    AdapterExistsError,
+    AdapterNotFoundError,
+    AdapterStateError,
+    InvalidConfigError,
+    LayerAlreadyAdaptedError,
+    LayerNotFoundError,
+    MergeNotSupportedError,
+    NoMatchingModulesError,
+    UnsupportedModuleError,
+    suggest,
+)
+from .hooks import HookSite
+from .layers import AdapterLayer, ModulesToSaveLayer
+
+__all__ = ["Adapter", "AdapterWrapper", "BASE_ADAPTER_NAME"]
+
+#: The name that selects "no adapter" for a row of a mixed batch (PEFT's convention).
+BASE_ADAPTER_NAME = "__base__"
+
+
+def _key(path: str) -> str:
+    # nn.ModuleDict keys cannot contain dots.
+    return path.replace(".", "/")
+
+
+def _path(key: str) -> str:
+    return key.replace("/", ".")
+
+
+class Adapter(nn.Module):
+    """One named adapter: a set of adapter layers, keyed by dotted module name.
+
+    Args:
+        name: The adapter's name.
+        config: The config it was built from, if any (kept for saving).
+    """
+
+    def __init__(self, name: str, config: AdapterConfig | None = None) -> None:
+        super().__init__()
+        self.name = name
+        self.config = config
+        self.layers = nn.ModuleDict()
+
+    def __contains__(self, path: str) -> bool:
+        return _key(path) in self.layers
+
+    def __getitem__(self, path: str) -> AdapterLayer:
+        return self.layers[_key(path)]  # type: ignore[return-value]
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+    def items(self) -> Iterator[tuple[str, AdapterLayer]]:
+        """``(dotted module name, layer)`` pairs, in the order they were added."""
+        for key, layer in self.layers.items():
+            yield _path(key), layer  # type: ignore[misc]
+
+    @property
+    def layer_names(self) -> list[str]:
+        return [_path(k) for k in self.layers]
+
+    def named_adapter_parameters(self, prefix: str = "") -> Iterator[tuple[str, nn.Parameter]]:
+        """``("<module path>.<param>", parameter)`` for every parameter of the adapter."""
+        for path, layer in self.items():
+            for pname, param in layer.named_parameters():
+                yield f"{prefix}{path}.{pname}", param
+
+    def adapter_parameters(self) -> Iterator[nn.Parameter]:
+        for _, param in self.named_adapter_parameters():
+            yield param
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("Adapters are applied through the AdapterWrapper; call it instead.")
+
+
+class AdapterWrapper(nn.Module):
+    """Wraps a model and applies adapters to it through forward hooks.
+
+    The base model's parameters are frozen while wrapped (their ``requires_grad`` flags
+    are restored by ``unload``/``merge_and_unload``); adapter parameters train.
+
+    Args:
+        model: The base model. It is used in place, not copied.
+
+    Example:
+        >>> wrapper = AdapterWrapper.from_config(model, LoraConfig(target_modules=["q_proj"]))
+        >>> out = wrapper(x)
+        >>> base = wrapper.merge_and_unload()
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"AdapterWrapper needs an nn.Module, got {type(model).__name__}.")
+        if isinstance(model, AdapterWrapper):
+            raise TypeError("This model is already an AdapterWrapper: add adapters to it directly.")
+        self.model = model
+        self.adapters = nn.ModuleDict()
+        self._active: list[str] = []
+        self._sites: dict[str, HookSite] = {}
+        self._merged: list[str] = []  # merge order
+        self._backups: dict[str, dict[str, torch.Tensor]] = {}  # path -> original tensors
+        self._grad_flags: dict[str, bool] = {}
+        self._freeze(model)
+
+    # ------------------------------------------------------------------------------------
+    # construction
+    # ------------------------------------------------------------------------------------
+    @classmethod
+    def from_config(
+        cls, model: nn.Module, config: AdapterConfig, adapter_name: str = "default"
+    ) -> "AdapterWrapper":
+        """Wrap ``model`` and add one adapter built from ``config``."""
+        wrapper = cls(model)
+        try:
+            wrapper.add_adapter_from_config(config, adapter_name)
+        except BaseException:
+            wrapper._restore_grad_flags()
+            raise
+        return wrapper
+
+    def add_adapter(self, adapter_name: str = "default", activate: bool = True) -> None:
+        """Add an empty adapter; fill it with :meth:`add_adapter_layer`.
+
+        Args:
+            adapter_name: Its name; must be new.
+            activate: Add it to the active adapters (the others stay active).
+
+        Raises:
+            AdapterExistsError: If the name is taken.
+        """
+        self._check_new_name(adapter_name)
+        self.adapters[adapter_name] = Adapter(adapter_name)
+        if activate:
+            self._active.append(adapter_name)
+
+    def add_adapter_from_config(
+        self, config: AdapterConfig, adapter_name: str = "default", activate: bool = True
+    ) -> None:
+        """Add an adapter with a layer on every module that ``config`` targets.
+
+        Raises:
+            AdapterExistsError: If the name is taken.
+            NoMatchingModulesError: If ``target_modules`` or ``modules_to_save`` match
+                no module.
+            UnsupportedModuleError: If a matched module cannot be adapted.
+        """
+        self._check_new_name(adapter_name)
+        if not isinstance(config, AdapterConfig):
+            raise TypeError(
+                f"config must be an AdapterConfig (LoraConfig, IA3Config, ...), got "
+                f"{type(config).__name__}."
+            )
+        model = self._model()
+        named = [(n, m) for n, m in model.named_modules() if n]
+        save_names = config.modules_to_save or []
+        to_save = [(n, m) for n, m in named if name_matches(n, save_names)]
+        targets = [
+            (n, m)
+            for n, m in named
+            if config.target_modules is not None
+            and config.matches(n, m, model)
+            and not name_matches(n, save_names)
+        ]
+        leaf_names = [n for n, m in named if not list(m.children())]
+        if config.target_modules is not None and not targets:
+            raise NoMatchingModulesError(
+                f"target_modules={config.target_modules!r} matches no module of "
+                f"{type(model).__name__}. Module names look like: "
+                f"{', '.join(repr(n) for n in leaf_names[:8])}."
+            )
+        if config.target_modules is None and not save_names:
+            raise InvalidConfigError("The config names no target_modules and no modules_to_save.")
+        missing = [s for s in save_names if not any(name_matches(n, [s]) for n, _ in named)]
+        if missing:
+            raise NoMatchingModulesError(
+                f"modules_to_save entries {missing!r} match no module.{suggest(missing[0], leaf_names)}"
+            )
+        built: list[tuple[str, AdapterLayer]] = []
+        for name, module in targets:
+            layer = config.make_layer(name, module)
+            layer.reset_params(name, module)
+            built.append((name, layer))
+        for name, module in to_save:
+            layer = ModulesToSaveLayer()
+            layer.reset_params(name, module)
+            built.append((name, layer))
+        adapter = Adapter(adapter_name, config)
+        for name, layer in built:
+            adapter.layers[_key(name)] = layer
+        self._attach(adapter, activate)
+
+    def add_adapter_layer(self, adapter_name: str, layer_name: str, layer: Any) -> AdapterLayer:
+        """Attach one adapter layer to the module called ``layer_name``.
+
+        Args:
+            adapter_name: An existing adapter.
+            layer_name: Dotted module name, as in ``model.named_modules()``.
+            layer: An ``AdapterLayer`` instance, an ``AdapterLayer`` subclass, or any
+                callable returning one (``functools.partial(LinearLoraLayer, r=16)``).
+                Its ``reset_params(layer_name, module)`` is called here.
+
+        Returns:
+            The attached layer instance.
+
+        Raises:
+            AdapterNotFoundError, LayerNotFoundError, LayerAlreadyAdaptedError,
+            UnsupportedModuleError, AdapterStateError (the adapter is merged).
+        """
+        adapter = self._adapter(adapter_name)
+        if adapter_name in self._merged:
+            raise AdapterStateError(
+                f"Adapter {adapter_name!r} is merged; call unmerge_adapters() before adding layers."
+            )
+        module = self._module(layer_name)
+        if layer_name in adapter:
+            raise LayerAlreadyAdaptedError(
+                f"Adapter {adapter_name!r} already has a layer on {layer_name!r}; delete the "
+                "adapter or use another adapter name to stack a second layer on it."
+            )
+        instance = layer_factory(layer)()
+        if not isinstance(instance, AdapterLayer):
+            raise TypeError(
+                f"layer must produce an AdapterLayer, got {type(instance).__name__}; subclass "
+                "tinytune.AdapterLayer."
+            )
+        if any(instance is l for a in self.adapters.values() for _, l in a.items()):
+            raise LayerAlreadyAdaptedError(
+                "This layer instance is already attached; pass a class or a factory to "
+                "create a fresh layer for each module."
+            )
+        instance.reset_params(layer_name, module)
+        device = _device_of(module)
+        if device is not None:
+            instance.to(device)
+        adapter.layers[_key(layer_name)] = instance
+        site = self._sites.get(layer_name)
+        if site is None:
+            site = self._sites[layer_name] = HookSite(layer_name, module)
+        site.layers[adapter_name] = instance
+        self._refresh()
+        return instance
+
+    # ------------------------------------------------------------------------------------
+    # activation and deletion
+    # ------------------------------------------------------------------------------------
+    def set_active_adapters(self, adapter_names: str | Sequence[str]) -> None:
+        """Make exactly these adapters active, in this order (an empty list: none)."""
+        names = self._names(adapter_names)
+        if len(set(names)) != len(names):
+            raise InvalidConfigError(f"Adapter names repeat in {names!r}; name each once.")
+        self._active = names
+        self._refresh()
+
+    def set_adapter(self, adapter_name: str | Sequence[str]) -> None:
+        """PEFT's name for :meth:`set_active_adapters`."""
+        self.set_active_adapters(adapter_name)
+
+    @property
+    def active_adapters(self) -> list[str]:
+        """The active adapters, innermost first."""
+        return list(self._active)
+
+    @property
+    def active_adapter(self) -> str | None:
+        """The first active adapter (PEFT's single-adapter accessor), or ``None``."""
+        return self._active[0] if self._active else None
+
+    @property
+    def merged_adapters(self) -> list[str]:
+        """The adapters currently folded into the base weights, in merge order."""
+        return list(self._merged)
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        """Remove an adapter and its layers. It must not be merged."""
+        self._adapter(adapter_name)
+        if adapter_name in self._merged:
+            raise AdapterStateError(
+                f"Adapter {adapter_name!r} is merged; call unmerge_adapters() before deleting it."
+            )
+        for site in self._sites.values():
+            site.layers.pop(adapter_name, None)
+        if adapter_name in self._active:
+            self._active.remove(adapter_name)
+        del self.adapters[adapter_name]
+        self._refresh()
+
+    # ------------------------------------------------------------------------------------
+    # merging and unloading
+    # ------------------------------------------------------------------------------------
+    def merge_adapters(self, adapter_names: str | Sequence[str] | None = None) -> None:
+        """Fold adapters into the base weights (default: the active ones).
+
+        The original weights are kept, so :meth:`unmerge_adapters` restores them
+        bit-exactly. A merged adapter runs no hook at all.
+
+        Raises:
+            AdapterNotFoundError: For an unknown name.
+            MergeNotSupportedError: If a layer cannot merge; nothing is merged then.
+        """
+        names = self._active if adapter_names is None else self._names(adapter_names)
+        todo = [n for n in names if n not in self._merged]
+        for name in todo:
+            for path, layer in self._adapter(name).items():
+                if not layer.can_merge:
+                    raise MergeNotSupportedError(
+                        f"Layer {path!r} of adapter {name!r} ({type(layer).__name__}) does not "
+                        "implement merge(); nothing was merged. Keep it unmerged, or implement "
+                        "merge(module)."
+                    )
+        before = list(self._merged)
+        try:
+            for name in todo:
+                self._merge_one(name)
+        except BaseException:
+            self._restore_all()
+            self._merged = []
+            for name in before:
+                self._merge_one(name)
+            self._refresh()
+            raise
+        self._refresh()
+
+    def unmerge_adapters(self, adapter_names: str | Sequence[str] | None = None) -> None:
+        """Undo merges (default: all), restoring the original weights bit-exactly."""
+        names = list(self._merged) if adapter_names is None else self._names(adapter_names)
+        keep = [n for n in self._merged if n not in names]
+        self._restore_all()
+        self._merged = []
+        for name in keep:
+            self._merge_one(name)
+        self._refresh()
+
+    def unload(self) -> nn.Module:
+        """Remove every hook, undo merges and return the base model as it was.
+
+        The wrapper keeps its adapters; :meth:`swap_base_model` attaches them again.
+        """
+        model = self._model()
+        self._restore_all()
+        self._merged = []
+        for adapter in self.adapters.values():
+            for _, layer in adapter.items():
+                layer.merged = False
+        return self._detach(model)
+
+    def merge_and_unload(self) -> nn.Module:
+        """Merge the active adapters, remove every hook and return the base model."""
+        model = self._model()
+        self.merge_adapters()
+        self._backups.clear()
+        self._merged = []
+        for adapter in self.adapters.values():
+            for _, layer in adapter.items():
+                layer.merged = False
+        return self._detach(model)
+
+    def swap_base_model(self, new_model: nn.Module) -> nn.Module | None:
+        """Move every adapter onto ``new_model``, a structurally identical model.
+
+        Returns:
+            The previous base model, unhooked (``None`` after ``unload``).
+
+        Raises:
+            AdapterStateError: If an adapter is merged.
+            LayerNotFoundError / UnsupportedModuleError: If ``new_model`` lacks an
+                adapted module or has one of another type or shape. Nothing changes then.
+        """
+        if self._merged:
+            raise AdapterStateError(
+                f"Adapters {self._merged!r} are merged; call unmerge_adapters() before swapping."
+            )
+        if not isinstance(new_model, nn.Module):
+            raise TypeError(f"new_model must be an nn.Module, got {type(new_model).__name__}.")
+        new_modules = dict(new_model.named_modules())
+        moved: dict[str, nn.Module] = {}
+        for path, site in self._sites.items():
+            if path not in new_modules:
+                raise LayerNotFoundError(
+                    f"The new base model has no module {path!r}, which adapters "
+                    f"{list(site.layers)!r} adapt.{suggest(path, new_modules)}"
+                )
+            new = new_modules[path]
+            _check_same_shape(path, site.module, new)
+            moved[path] = new
+        old = self.model
+        for site in self._sites.values():
+            site.remove_hooks()
+        if old is not None:
+            self._restore_grad_flags()
+        self.model = new_model
+        self._freeze(new_model)
+        for path, site in self._sites.items():
+            site.module = moved[path]
+            site.chain = ()
+            device = _device_of(moved[path])
+            if device is not None:
+                for layer in site.layers.values():
+                    layer.to(device)
+        self._refresh()
+        return old
+
+    # ------------------------------------------------------------------------------------
+    # parameters
+    # ------------------------------------------------------------------------------------
+    def named_adapter_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
+        """``("<adapter>.<module path>.<param>", parameter)`` for every adapter."""
+        for name, adapter in self.adapters.items():
+            yield from adapter.named_adapter_parameters(prefix=f"{name}.")
+
+    def adapter_parameters(self) -> Iterator[nn.Parameter]:
+        for _, param in self.named_adapter_parameters():
+            yield param
+
+    def print_trainable_parameters(self) -> None:
+        trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
+        total = sum(p.numel() for p in self.parameters())
+        print(
+            f"trainable params: {trainable:,d} || all params: {total:,d} || "
+            f"trainable%: {100 * trainable / max(total, 1):.4f}"
+        )
+
+    # ------------------------------------------------------------------------------------
+    # running
+    # ------------------------------------------------------------------------------------
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        """Call the base model (with the active adapters applied)."""
+        model = self._model()
+        if "adapter_names" in kwargs:
+            adapter_names = kwargs.pop("adapter_names")
+            if adapter_names is not None:
+                return self._mixed_call(model, adapter_names, args, kwargs)
+        return model(*args, **kwargs)
+
+    def generate(self, *args: Any, **kwargs: Any) -> Any:
+        """Call the base model's ``generate`` (transformers models)."""
+        model = self._model()
+        if not hasattr(model, "generate"):
+            raise AttributeError(f"{type(model).__name__} has no generate() method.")
+        if "adapter_names" in kwargs:
+            adapter_names = kwargs.pop("adapter_names")
+            if adapter_names is not None:
+                return self._mixed_call(model.generate, adapter_names, args, kwargs)
+        return model.generate(*args, **kwargs)
+
+    def _mixed_call(self, fn: Any, adapter_names: Sequence[str], args: tuple, kwargs: dict) -> Any:
+        from .batch import mixed_call
+
+        return mixed_call(self, fn, adapter_names, args, kwargs)
+
+    # ------------------------------------------------------------------------------------
+    # files (PEFT's on-disk format; see tinytune/io.py)
+    # ------------------------------------------------------------------------------------
+    def save_adapter(self, path: str, adapter_name: str = "default") -> None:
+        """Save one adapter in PEFT's layout (``adapter_config.json`` +
+        ``adapter_model.safetensors``)."""
+        from .io import save_adapter
+
+        save_adapter(self, path, adapter_name)
+
+    def load_adapter(
+        self, path: str, adapter_name: str = "default", activate: bool = True, **kwargs: Any
+    ) -> None:
+        """Load an adapter saved by PEFT or tinytune; activates it like ``add_adapter``."""
+        from .io import load_adapter
+
+        load_adapter(self, path, adapter_name, activate=activate, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            model = self.__dict__.get("_modules", {}).get("model")
+            if model is None:
+                raise
+            return getattr(model, name)
+
+    # ------------------------------------------------------------------------------------
+    # internals
+    # ------------------------------------------------------------------------------------
+    def _model(self) -> nn.Module:
+        model = self._modules.get("model")
+        if model is None:
+            raise AdapterStateError(
+                "This wrapper has no base model (it was unloaded); attach one with "
+                "swap_base_model(model)."
+            )
+        return model
+
+    def _check_new_name(self, adapter_name: str) -> None:
+        if not isinstance(adapter_name, str) or not adapter_name:
+            raise InvalidConfigError(f"adapter_name must be a non-empty string, got {adapter_name!r}.")
+        if "." in adapter_name or adapter_name == BASE_ADAPTER_NAME:
+            raise InvalidConfigError(
+                f"adapter_name {adapter_name!r} is reserved or contains a dot; pick another name."
+            )
+        if adapter_name in self.adapters:
+            raise AdapterExistsError(
+                f"An adapter named {adapter_name!r} already exists; pick another name or "
+                "delete_adapter() it first."
+            )
+
+    def _adapter(self, adapter_name: str) -> Adapter:
+        if not isinstance(adapter_name, str) or adapter_name not in self.adapters:
+            raise AdapterNotFoundError(
+                f"No adapter named {adapter_name!r}; existing adapters: "
+                f"{list(self.adapters)!r}.{suggest(str(adapter_name), self.adapters)}"
+            )
+        return self.adapters[adapter_name]  # type: ignore[return-value]
+
+    def _names(self, adapter_names: str | Sequence[str]) -> list[str]:
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        for name in names:
+            self._adapter(name)
+        return names
+
+    def _module(self, layer_name: str) -> nn.Module:
+        model = self._model()
+        modules = dict(model.named_modules())
+        if not isinstance(layer_name, str) or layer_name not in modules or not layer_name:
+            raise LayerNotFoundError(
+                f"{type(model).__name__} has no module {layer_name!r}; use a dotted name from "
+                f"named_modules().{suggest(str(layer_name), [n for n in modules if n])}"
+            )
+        return modules[layer_name]
+
+    def _attach(self, adapter: Adapter, activate: bool) -> None:
+        model = self._model()
+        modules = dict(model.named_modules())
+        self.adapters[adapter.name] = adapter
+        for path, layer in adapter.items():
+            site = self._sites.get(path)
+            if site is None:
+                site = self._sites[path] = HookSite(path, modules[path])
+            site.layers[adapter.name] = layer
+        if activate:
+            self._active.append(adapter.name)
+        self._refresh()
+
+    def _refresh(self) -> None:
+        """Re-derive every site's hook chain from the active and merged adapters."""
+        if self._modules.get("model") is None:
+            return
+        for path in list(self._sites):
+            site = self._sites[path]
+            if not site.layers:
+                site.remove_hooks()
+                del self._sites[path]
+                continue
+            chain = tuple(
+                site.layers[name]
+                for name in self._active
+                if name in site.layers and name not in self._merged
+            )
+            site.set_chain(chain)
+
+    def _merge_one(self, adapter_name: str) -> None:
+        for path, layer in self._adapter(adapter_name).items():
+            module = self._sites[path].module
+            if path not in self._backups:
+                self._backups[path] = {
+                    k: t.detach().clone() for k, t in module.state_dict(keep_vars=True).items()
+                }
+            layer.merge(module)
+            layer.merged = True
+        self._merged.append(adapter_name)
+
+    def _restore_all(self) -> None:
+        with torch.no_grad():
+            for path, saved in self._backups.items():
+                current = self._sites[path].module.state_dict(keep_vars=True)
+                for k, t in saved.items():
+                    current[k].copy_(t)
+        self._backups.clear()
+        for adapter in self.adapters.values():
+            for _, layer in adapter.items():
+                layer.merged = False
+
+    def _detach(self, model: nn.Module) -> nn.Module:
+        for site in self._sites.values():
+            site.remove_hooks()
+            site.chain = ()
+        self._restore_grad_flags()
+        self.model = None
+        return model
+
+    def _freeze(self, model: nn.Module) -> None:
+        self._grad_flags = {n: p.requires_grad for n, p in model.named_parameters()}
+        model.requires_grad_(False)
+
+    def _restore_grad_flags(self) -> None:
+        model = self._modules.get("model")
+        if model is None:
+            return
+        for n, p in model.named_parameters():
+            if n in self._grad_flags:
+                p.requires_grad_(self._grad_flags[n])
+        self._grad_flags = {}
+
+
+def _device_of(module: nn.Module) -> torch.device | None:
+    for t in module.parameters():
+        return t.device
+    for t in module.buffers():
+        return t.device
+    return None
+
+
+def _check_same_shape(path: str, old: nn.Module, new: nn.Module) -> None:
+    if type(old) is not type(new):
+        raise UnsupportedModuleError(
+            f"Module {path!r} is {type(new).__name__} in the new base model but "
+            f"{type(old).__name__} in the old one; swap_base_model needs the same structure."
+        )
+    old_shapes = {k: tuple(v.shape) for k, v in old.state_dict().items()}
+    new_shapes = {k: tuple(v.shape) for k, v in new.state_dict().items()}
+    if old_shapes != new_shapes:
+        raise UnsupportedModuleError(
+            f"Module {path!r} has shapes {new_shapes} in the new base model but {old_shapes} "
+            "in the old one; swap_base_model needs the same shapes."
+        )
+
