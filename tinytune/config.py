@@ -6,7 +6,8 @@ thing here:
 * ``target_modules`` as a string is a regular expression that must match the whole
   dotted module name (``re.fullmatch``);
 * as a list, a name matches when it equals an entry or ends with ``"." + entry``;
-* ``"all-linear"`` selects every linear layer except the model's output layer.
+* ``"all-linear"`` selects every linear layer except the model's output layer
+  (``get_output_embeddings()`` for transformers models, else the last linear layer).
 """
 
 from __future__ import annotations
@@ -104,6 +105,8 @@ def _is_linear(module: nn.Module) -> bool:
 
 
 def _output_layer_name(model: nn.Module) -> str | None:
+    """The output layer: ``get_output_embeddings()`` where the model has one (transformers),
+    else the last linear layer in module order."""
     get = getattr(model, "get_output_embeddings", None)
     if callable(get):
         try:
@@ -114,11 +117,8 @@ def _output_layer_name(model: nn.Module) -> str | None:
             for name, mod in model.named_modules():
                 if mod is out:
                     return name
-    names = [n for n, _ in model.named_modules()]
-    for cand in ("lm_head", "output", "classifier", "score"):
-        if cand in names:
-            return cand
-    return None
+    linear = [n for n, m in model.named_modules() if _is_linear(m)]
+    return linear[-1] if linear else None
 
 
 @dataclass

@@ -120,5 +120,16 @@ class HookSite:
             stack = self._local.stack = []
         return stack
 
+    def __getstate__(self) -> dict:
+        # Thread-local call state is per process and per call: never copied or pickled
+        # (deep-copying a hooked model copies its hook sites).
+        state = self.__dict__.copy()
+        del state["_local"]
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._local = threading.local()
+
     def __repr__(self) -> str:
         return f"HookSite({self.path!r}, adapters={list(self.layers)}, active={len(self.chain)})"
