@@ -185,3 +185,16 @@ def test_library_has_no_bare_asserts():
     for path in root.rglob("*.py"):
         for n, line in enumerate(path.read_text().splitlines(), 1):
             assert not line.strip().startswith("assert "), f"{path.name}:{n} uses assert"
+
+
+def test_ia3_feedforward_modules_must_be_targets():
+    with pytest.raises(tinytune.InvalidConfigError, match="down_proj"):
+        IA3Config(target_modules=["up_proj"], feedforward_modules=["down_proj"])
+
+
+def test_peft_style_config_arguments_are_accepted():
+    cfg = LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj"], lora_dropout=0.05,
+                     bias="none", task_type="CAUSAL_LM")
+    assert cfg.task_type == "CAUSAL_LM"
+    with pytest.raises(tinytune.InvalidConfigError, match="bias"):
+        LoraConfig(target_modules=["q_proj"], bias="all")

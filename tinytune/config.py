@@ -60,10 +60,12 @@ class AdapterConfig:
             a list of names or name suffixes, or ``"all-linear"``.
         modules_to_save: Modules trained as a full copy (a classifier head, say). The
             original module is left untouched until the adapter is merged.
+        task_type: Informational, as in PEFT (``"CAUSAL_LM"``, ...); kept when saving.
     """
 
     target_modules: str | list[str] | None = None
     modules_to_save: list[str] | None = None
+    task_type: str | None = None
 
     peft_type: ClassVar[str] = ""
 
@@ -220,6 +222,12 @@ class IA3Config(AdapterConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         self.feedforward_modules = _as_target_list(self.feedforward_modules)
+        ff, targets = self.feedforward_modules, self.target_modules
+        if isinstance(ff, list) and isinstance(targets, list) and not set(ff) <= set(targets):
+            raise InvalidConfigError(
+                f"feedforward_modules {sorted(set(ff) - set(targets))!r} are not in "
+                "target_modules; every feed-forward module must also be a target."
+            )
 
     def is_feedforward(self, name: str) -> bool:
         return name_matches(name, self.feedforward_modules)
