@@ -651,3 +651,24 @@ def test_forward_passes_kwargs_and_attributes_through():
     torch.testing.assert_close(wrapper(x, scale=2.0), model.lin(x) * 2)
     assert wrapper.config == {"name": "kw"}
     assert len(wrapper.generate(x, steps=3)) == 3
+
+
+def test_disable_adapter_context(mlp):
+    x = torch.randn(3, 10)
+    wrapper = AdapterWrapper.from_config(mlp, LoraConfig(target_modules="lin0", init_lora_weights=False))
+    y = wrapper(x)
+    with wrapper.disable_adapter():
+        assert torch.equal(wrapper(x), F.linear(torch.relu(F.linear(x, mlp.lin0.weight, mlp.lin0.bias)), mlp.lin1.weight, mlp.lin1.bias))
+        assert hook_count(mlp) == 0
+    assert wrapper.active_adapters == ["default"] and torch.equal(wrapper(x), y)
+    wrapper.merge_adapters()
+    with pytest.raises(tinytune.AdapterStateError, match="unmerge"):
+        with wrapper.disable_adapter():
+            pass
+
+
+def test_trainable_parameter_counts(mlp):
+    wrapper = AdapterWrapper.from_config(mlp, LoraConfig(target_modules="lin0", r=2))
+    trainable, total = wrapper.get_nb_trainable_parameters()
+    assert trainable == 2 * 10 + 300 * 2
+    assert total == trainable + sum(p.numel() for p in mlp.parameters())

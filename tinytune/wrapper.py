@@ -9,6 +9,7 @@ its ``state_dict`` bit-identical to before.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any, Iterator, Sequence
 
 import torch
@@ -274,6 +275,27 @@ class AdapterWrapper(nn.Module):
         """PEFT's name for :meth:`set_active_adapters`."""
         self.set_active_adapters(adapter_name)
 
+    @contextlib.contextmanager
+    def disable_adapter(self) -> Iterator[None]:
+        """Context manager: run the bare base model inside it (PEFT's name).
+
+        Raises:
+            AdapterStateError: If an adapter is merged (its update lives in the weights).
+        """
+        if self._merged:
+            raise AdapterStateError(
+                f"Adapters {self._merged!r} are merged into the weights; call "
+                "unmerge_adapters() before disabling adapters."
+            )
+        previous = self._active
+        self._active = []
+        self._refresh()
+        try:
+            yield
+        finally:
+            self._active = previous
+            self._refresh()
+
     @property
     def active_adapters(self) -> list[str]:
         """The active adapters, innermost first."""
@@ -430,9 +452,14 @@ class AdapterWrapper(nn.Module):
         for _, param in self.named_adapter_parameters():
             yield param
 
-    def print_trainable_parameters(self) -> None:
+    def get_nb_trainable_parameters(self) -> tuple[int, int]:
+        """``(trainable parameters, all parameters)``, counted in elements."""
         trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
         total = sum(p.numel() for p in self.parameters())
+        return trainable, total
+
+    def print_trainable_parameters(self) -> None:
+        trainable, total = self.get_nb_trainable_parameters()
         print(
             f"trainable params: {trainable:,d} || all params: {total:,d} || "
             f"trainable%: {100 * trainable / max(total, 1):.4f}"
