@@ -737,8 +737,10 @@ def _build_peft(ctx: _LoadContext, cfg: AdapterConfig) -> list[tuple[str, Adapte
         elif name.endswith(".ia3_l"):
             paths.setdefault(name[: -len(".ia3_l")], key)
 
+    # Model order, as add_adapter_from_config builds them (the file's keys are sorted).
+    order = {name: i for i, name in enumerate(ctx.modules)}
     layers: list[tuple[str, AdapterLayer]] = []
-    for path, key in paths.items():
+    for path, key in sorted(paths.items(), key=lambda kv: order.get(kv[0], -1)):
         module = ctx.module(path, key)
         if isinstance(cfg, LoraConfig):
             layer = _peft_lora_layer(ctx, cfg, path, module, key)
