@@ -390,6 +390,17 @@ def test_legacy_modules_to_save_keys_load(tmp_path):
     assert torch.allclose(dst(IDS), src(IDS), atol=1e-6)
 
 
+def test_keys_without_peft_prefix_load(tmp_path):
+    src = AdapterWrapper.from_config(make(), LoraConfig(target_modules=["q"], r=2))
+    randomise(src)
+    src.save_adapter(tmp_path)
+    _rewrite(tmp_path, lambda t: t.update({k.removeprefix("base_model.model."): t.pop(k) for k in list(t)}))
+    assert not any(k.startswith("base_model") for k in load_file(tmp_path / "adapter_model.safetensors"))
+    dst = AdapterWrapper(make())
+    dst.load_adapter(tmp_path)
+    assert torch.allclose(dst(IDS), src(IDS), atol=1e-6)
+
+
 # ------------------------------------------------------------------------------------------
 # failures leave everything as it was
 # ------------------------------------------------------------------------------------------

@@ -500,6 +500,10 @@ def load_adapter(
                 "check_fingerprint=False."
             )
 
+    if tensors and not any(k.startswith(KEY_PREFIX) for k in tensors):
+        # Adapters saved from a model with injected layers but no PeftModel around it
+        # (transformers' own PEFT integration, inject_adapter_in_model) lack the prefix.
+        tensors = {KEY_PREFIX + k: v for k, v in tensors.items()}
     ctx = _LoadContext(model, config_file, weights_file, tensors)
     peft_type = config.get("peft_type")
     if peft_type == "TINYTUNE":
