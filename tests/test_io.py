@@ -335,6 +335,41 @@ def test_custom_layer_with_a_non_json_config_is_refused_before_writing(tmp_path)
     assert not (tmp_path / "out").exists()
 
 
+class NoConfig(AdapterLayer):
+    def __init__(self, gain: float = 2.0) -> None:
+        super().__init__()
+        self.gain = gain
+
+    def post_forward(self, module, args, kwargs, output):
+        return output * self.gain
+
+
+class NoArgs(AdapterLayer):
+    def reset_params(self, prefix, target):
+        self.bias = nn.Parameter(torch.zeros(target.out_features))
+
+    def post_forward(self, module, args, kwargs, output):
+        return output + self.bias
+
+
+def test_custom_layer_arguments_are_never_dropped_silently(tmp_path):
+    w = AdapterWrapper(make())
+    w.add_adapter("a")
+    w.add_adapter_layer("a", "head", functools.partial(NoConfig, gain=3.0))
+    with pytest.raises(AdapterFileError, match=r"\['gain'\].*get_config"):
+        w.save_adapter(tmp_path / "out", "a")
+    assert not (tmp_path / "out").exists()
+    # A layer whose constructor takes nothing needs no get_config().
+    w2 = AdapterWrapper(make())
+    w2.add_adapter("a")
+    w2.add_adapter_layer("a", "head", NoArgs)
+    randomise(w2)
+    w2.save_adapter(tmp_path / "ok", "a")
+    dst = AdapterWrapper(make())
+    dst.load_adapter(tmp_path / "ok", custom_layers=[NoArgs])
+    assert torch.allclose(dst(IDS), w2(IDS))
+
+
 def test_per_layer_dropout_is_not_dropped(tmp_path):
     w = AdapterWrapper(make())
     w.add_adapter("a")

@@ -27,6 +27,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import hashlib
+import inspect
 import json
 import math
 import os
@@ -209,6 +210,20 @@ def _layer_config(path: str, layer: AdapterLayer) -> dict[str, Any]:
         return {}
     get_config = getattr(layer, "get_config", None)
     if get_config is None:
+        params = [
+            p.name
+            for p in inspect.signature(type(layer).__init__).parameters.values()
+            if p.name != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+        ]
+        if params:
+            # Its constructor arguments live outside the state_dict; saving without them
+            # would silently load back a different layer.
+            raise AdapterFileError(
+                f"Layer {path!r} is a {type(layer).__name__}, whose constructor takes "
+                f"{params!r}, but it has no get_config(): tinytune cannot know which values "
+                "to store. Define get_config(self) returning those keyword arguments as a "
+                "JSON-friendly dict (return {} if the defaults are right). Nothing was written."
+            )
         return {}
     cfg = get_config()
     try:
