@@ -632,6 +632,14 @@ def test_save_into_a_file_path_is_refused(tmp_path):
         w.save_adapter(f)
 
 
+def test_save_of_an_empty_adapter_is_refused(tmp_path):
+    w = AdapterWrapper(make())
+    w.add_adapter("empty")
+    with pytest.raises(AdapterFileError, match="no layers"):
+        w.save_adapter(tmp_path / "out", "empty")
+    assert not (tmp_path / "out").exists()
+
+
 def test_save_keeps_other_files_and_leaves_no_temporaries(tmp_path):
     w = AdapterWrapper.from_config(make(), LoraConfig(target_modules=["q"], r=2))
     (tmp_path / "README.md").write_text("mine")

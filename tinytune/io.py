@@ -131,11 +131,18 @@ def save_adapter(wrapper: Any, path: str | os.PathLike, adapter_name: str = "def
 
     Raises:
         AdapterNotFoundError: If there is no such adapter.
-        AdapterFileError: If ``path`` is an existing file, or a custom layer's
-            ``get_config()`` is not JSON-serialisable. Nothing is written then.
+        AdapterFileError: If ``path`` is an existing file, the adapter has no layers,
+            or a custom layer's settings cannot be stored (no ``get_config()`` although
+            its constructor takes arguments, or a result JSON cannot hold). Nothing is
+            written then.
     """
     adapter = wrapper._adapter(adapter_name)
     model = wrapper._model()
+    if len(adapter) == 0:
+        raise AdapterFileError(
+            f"Adapter {adapter_name!r} has no layers, so there is nothing to save; add layers "
+            "with add_adapter_layer() first."
+        )
     config, tensors = _serialise(adapter, model)
     config_bytes = (json.dumps(config, indent=2, sort_keys=False) + "\n").encode("utf-8")
     metadata = {"format": "pt", FINGERPRINT_KEY: _fingerprint(json.loads(config_bytes))}
