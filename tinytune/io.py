@@ -630,7 +630,8 @@ class _LoadContext:
                     f"{base_name!r} (shape {tuple(theirs.shape)}) that differ from the model's "
                     f"(shape {tuple(ours.shape)}); PEFT saves these when embeddings were "
                     "resized or trained. tinytune never changes base weights: copy that tensor "
-                    "into your base model first, then load the adapter."
+                    "into your base model first (to get PEFT's result), or delete the key from "
+                    "the file (to keep this model's own), then load the adapter again."
                 )
             path = name.rsplit(".", 1)[0]
             while path and path not in self.modules:
