@@ -29,7 +29,6 @@ import dataclasses
 import hashlib
 import inspect
 import json
-import math
 import os
 import re
 import tempfile
@@ -259,7 +258,10 @@ def _tensor_map(layer: AdapterLayer) -> dict[str, tuple[torch.Tensor, bool]]:
         return {"lora_A.weight": (layer.lora_A.weight, False), "lora_B.weight": (layer.lora_B.weight, False)}
     if t is EmbeddingLoraLayer:
         # PEFT's lora_embedding_A is (r, num_embeddings): our nn.Embedding weight transposed.
-        return {"lora_embedding_A": (layer.lora_A.weight, True), "lora_embedding_B": (layer.lora_B.weight, False)}
+        return {
+            "lora_embedding_A": (layer.lora_A.weight, True),
+            "lora_embedding_B": (layer.lora_B.weight, False),
+        }
     if t is LinearIA3Layer:
         return {"ia3_l": (layer.ia3_l, False)}
     if t is ModulesToSaveLayer:
@@ -369,7 +371,8 @@ def _describes(
         else:
             if type(layer) is not LinearIA3Layer:
                 return False
-            if layer.is_feedforward != cfg.is_feedforward(path) or layer.is_feedforward != _peft_is_ff(cfg, path):
+            ff = layer.is_feedforward
+            if ff != cfg.is_feedforward(path) or ff != _peft_is_ff(cfg, path):
                 return False
     if isinstance(cfg, IA3Config):
         t, f = cfg.target_modules, cfg.feedforward_modules
@@ -742,12 +745,7 @@ def _unused(value: Any) -> bool:
     return value is None or value is False or value == {} or value == [] or value in ("none", "")
 
 
-_LORA_SUFFIXES = {
-    ".lora_A.weight": "linear",
-    ".lora_B.weight": "linear",
-    ".lora_embedding_A": "embedding",
-    ".lora_embedding_B": "embedding",
-}
+_LORA_SUFFIXES = (".lora_A.weight", ".lora_B.weight", ".lora_embedding_A", ".lora_embedding_B")
 
 
 def _build_peft(ctx: _LoadContext, cfg: AdapterConfig) -> list[tuple[str, AdapterLayer]]:
@@ -786,7 +784,9 @@ def _build_peft(ctx: _LoadContext, cfg: AdapterConfig) -> list[tuple[str, Adapte
     return layers
 
 
-def _peft_lora_layer(ctx: _LoadContext, cfg: LoraConfig, path: str, module: nn.Module, key: str) -> LoraLayer:
+def _peft_lora_layer(
+    ctx: _LoadContext, cfg: LoraConfig, path: str, module: nn.Module, key: str
+) -> LoraLayer:
     cls = lora_layer_for(module)
     embedding = f"{KEY_PREFIX}{path}.lora_embedding_A" in ctx.tensors
     if cls is None or (cls is EmbeddingLoraLayer) != embedding:
@@ -820,7 +820,9 @@ def _peft_lora_layer(ctx: _LoadContext, cfg: LoraConfig, path: str, module: nn.M
     return layer
 
 
-def _peft_ia3_layer(ctx: _LoadContext, cfg: IA3Config, path: str, module: nn.Module, key: str) -> LinearIA3Layer:
+def _peft_ia3_layer(
+    ctx: _LoadContext, cfg: IA3Config, path: str, module: nn.Module, key: str
+) -> LinearIA3Layer:
     value = ctx.tensors[key]
     if not isinstance(module, nn.Linear) and not is_conv1d(module):
         raise AdapterFileError(
