@@ -216,3 +216,34 @@ def test_generate_matches_peft(llama, tmp_path):
     theirs = pm.generate(input_ids=IDS[:, :4], max_new_tokens=5, do_sample=False)
     assert ours.shape == (2, 9)
     assert torch.equal(ours, theirs)
+
+
+class ConvNet(torch.nn.Module):
+    """A plain (non-transformers) model with Conv2d, Embedding and Linear layers."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.emb = torch.nn.Embedding(10, 8)
+        self.fc = torch.nn.Linear(8, 4)
+
+    def forward(self, x, ids):
+        h = self.conv(x).mean(dim=(2, 3)) + self.emb(ids)
+        return self.fc(h)
+
+
+def test_plain_model_conv2d_embedding_both_ways(tmp_path):
+    torch.manual_seed(0)
+    base = ConvNet().eval()
+    x, ids = torch.randn(2, 3, 6, 6), torch.tensor([1, 7])
+    config = peft.LoraConfig(r=3, lora_alpha=5, target_modules=["conv", "emb", "fc"])
+    pm = peft_adapter(base, config, tmp_path / "peft")
+    with torch.no_grad():
+        expected = pm(x, ids)
+        assert not torch.allclose(expected, base(x, ids), atol=1e-3)
+        wrapper = tt.AdapterWrapper(copy.deepcopy(base))
+        wrapper.load_adapter(tmp_path / "peft")
+        assert torch.allclose(wrapper(x, ids), expected, atol=ATOL, rtol=0)
+        wrapper.save_adapter(tmp_path / "ours")
+        back = peft_load(base, tmp_path / "ours")
+        assert torch.allclose(back(x, ids), expected, atol=ATOL, rtol=0)
