@@ -7,6 +7,8 @@ hooks, and removing the hooks gives back the original model, bit for bit.
 from .config import AdapterConfig, IA3Config, LoraConfig
 from .errors import (
     AdapterExistsError,
+    AdapterFileError,
+    AdapterFileNotFoundError,
     AdapterNotFoundError,
     AdapterStateError,
     InvalidConfigError,
@@ -34,6 +36,8 @@ __all__ = [
     "Adapter",
     "AdapterConfig",
     "AdapterExistsError",
+    "AdapterFileError",
+    "AdapterFileNotFoundError",
     "AdapterLayer",
     "AdapterNotFoundError",
     "AdapterStateError",

@@ -52,6 +52,15 @@ class MergeNotSupportedError(TinytuneError, NotImplementedError):
     """An adapter layer does not implement ``merge``."""
 
 
+class AdapterFileError(TinytuneError, ValueError):
+    """An adapter file is unreadable, corrupt, in a refused format, or does not fit the
+    base model (a key naming no module, a tensor of the wrong shape)."""
+
+
+class AdapterFileNotFoundError(AdapterFileError, FileNotFoundError):
+    """An adapter directory lacks ``adapter_config.json`` or its weights file."""
+
+
 def suggest(name: str, candidates: Iterable[str], n: int = 3) -> str:
     """Return ``" Did you mean: 'a', 'b'?"`` for the closest candidates, or ``""``."""
     candidates = list(candidates)
