@@ -672,3 +672,12 @@ def test_trainable_parameter_counts(mlp):
     trainable, total = wrapper.get_nb_trainable_parameters()
     assert trainable == 2 * 10 + 300 * 2
     assert total == trainable + sum(p.numel() for p in mlp.parameters())
+
+
+def test_modules_to_save_children_are_not_targeted(tower):
+    wrapper = AdapterWrapper.from_config(
+        tower, LoraConfig(target_modules=["q_proj", "up_proj"], modules_to_save=["layers.1"])
+    )
+    names = wrapper.adapters["default"].layer_names
+    assert "layers.1" in names and "layers.0.q_proj" in names
+    assert not any(n.startswith("layers.1.") for n in names)

@@ -165,7 +165,7 @@ def _serialise(adapter: Any, model: nn.Module) -> tuple[dict[str, Any], dict[str
     """The config dict and the tensors (PEFT keys) for ``adapter``; raises before writing."""
     modules = dict(model.named_modules())
     peft_cfg = _peft_config_dict(adapter, model, modules)
-    carried = {k: v for k, v in getattr(adapter, "peft_extras", {}).items() if k in _CARRIED}
+    carried = {k: v for k, v in adapter.peft_extras.items() if k in _CARRIED}
     if "base_model_name_or_path" not in carried:
         name = getattr(model, "name_or_path", None)
         carried["base_model_name_or_path"] = name if isinstance(name, str) and name else None

@@ -137,7 +137,8 @@ class LoraLayer(AdapterLayer):
     Args:
         r: Rank of the update (positive).
         lora_alpha: ``scaling = lora_alpha / r`` (``/ sqrt(r)`` with ``use_rslora``).
-        lora_dropout: Dropout probability on the LoRA branch, in training mode only.
+        lora_dropout: Dropout probability on the LoRA branch, in training mode only
+            (not used by EmbeddingLoraLayer, as in PEFT).
         use_rslora: Rank-stabilised scaling.
         init_lora_weights: ``True``: B (or the embedding's A) starts at zero, so a new
             adapter is a no-op. ``False``: both factors random.
@@ -257,7 +258,8 @@ class EmbeddingLoraLayer(LoraLayer):
             scale_grad_by_freq=module.scale_grad_by_freq,
             sparse=module.sparse,
         )
-        h = self._dropout(module, h)
+        # No dropout on embedding LoRA, as in PEFT: dropping token ids' rows is not what
+        # lora_dropout means.
         return output + (F.linear(h, self.lora_B.weight) * self.scaling).to(output.dtype)
 
     def delta_weight(self) -> torch.Tensor:

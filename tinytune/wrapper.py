@@ -59,6 +59,9 @@ class Adapter(nn.Module):
         self.name = name
         self.config = config
         self.layers = nn.ModuleDict()
+        # PEFT config fields carried through a load and a re-save unchanged
+        # (task_type, base_model_name_or_path, revision); see tinytune/io.py.
+        self.peft_extras: dict[str, Any] = {}
 
     def __contains__(self, path: str) -> bool:
         return _key(path) in self.layers
@@ -174,12 +177,14 @@ class AdapterWrapper(nn.Module):
         named = [(n, m) for n, m in model.named_modules() if n]
         save_names = config.modules_to_save or []
         to_save = [(n, m) for n, m in named if name_matches(n, save_names)]
+        saved = {n for n, _ in to_save}
         targets = [
             (n, m)
             for n, m in named
             if config.target_modules is not None
             and config.matches(n, m, model)
-            and not name_matches(n, save_names)
+            # a module inside a modules_to_save copy runs as part of the copy (as in PEFT)
+            and not any(n == s or n.startswith(s + ".") for s in saved)
         ]
         leaf_names = [n for n, m in named if not list(m.children())]
         if config.target_modules is not None and not targets:
