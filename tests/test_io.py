@@ -11,6 +11,8 @@ import json
 import os
 import pickle
 
+import copy
+
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -710,3 +712,25 @@ def test_hand_edited_config_needs_check_fingerprint_false(saved):
     cfg["base_model_name_or_path"] = "somewhere/else"
     (saved / "adapter_config.json").write_text(json.dumps(cfg, indent=4))
     AdapterWrapper(make()).load_adapter(saved)
+
+
+def test_peft_style_pretrained_aliases(tmp_path):
+    import torch
+    from torch import nn
+
+    from tinytune import AdapterWrapper, LoraConfig
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 6), nn.ReLU(), nn.Linear(6, 2)).eval()
+    twin = copy.deepcopy(model)
+    x = torch.randn(3, 6)
+    wrapper = AdapterWrapper.from_config(model, LoraConfig(target_modules=["0"], init_lora_weights=False))
+    y = wrapper(x)
+    wrapper.save_pretrained(str(tmp_path / "a"))
+    loaded = AdapterWrapper.from_pretrained(twin, str(tmp_path / "a"))
+    assert loaded.active_adapters == ["default"]
+    torch.testing.assert_close(loaded(x), y)
+    fresh = nn.Sequential(nn.Linear(6, 6))
+    with pytest.raises(FileNotFoundError):
+        AdapterWrapper.from_pretrained(fresh, str(tmp_path / "missing"))
+    assert all(p.requires_grad for p in fresh.parameters())

@@ -516,6 +516,24 @@ class AdapterWrapper(nn.Module):
 
         load_adapter(self, path, adapter_name, activate=activate, **kwargs)
 
+    def save_pretrained(self, save_directory: str, adapter_name: str = "default") -> None:
+        """PEFT's name for :meth:`save_adapter`."""
+        self.save_adapter(save_directory, adapter_name)
+
+    @classmethod
+    def from_pretrained(
+        cls, model: nn.Module, path: str, adapter_name: str = "default", **kwargs: Any
+    ) -> "AdapterWrapper":
+        """Wrap ``model`` and load the adapter saved at ``path`` (PEFT's
+        ``PeftModel.from_pretrained``). Keyword arguments go to :meth:`load_adapter`."""
+        wrapper = cls(model)
+        try:
+            wrapper.load_adapter(path, adapter_name, **kwargs)
+        except BaseException:
+            wrapper._restore_grad_flags()
+            raise
+        return wrapper
+
     def __getattr__(self, name: str) -> Any:
         try:
             return super().__getattr__(name)
