@@ -25,6 +25,18 @@ from .layers import AdapterLayer
 __all__ = ["HookSite"]
 
 
+class _CallStack(threading.local):
+    """Per-thread stack of input views, from a pre-hook to its post-hook.
+
+    ``threading.local`` runs ``__init__`` in each thread on first use, so ``stack``
+    always exists: creating it lazily would add an attribute on the first call, which
+    ``torch.compile`` guards on (``hasattr``) and so recompiles for the second call.
+    """
+
+    def __init__(self) -> None:
+        self.stack: list = []
+
+
 class HookSite:
     """The adapter layers of one module, and the hooks that apply them.
 
@@ -42,7 +54,7 @@ class HookSite:
         self._pres: tuple[tuple[int, AdapterLayer], ...] = ()
         self._posts: tuple[tuple[int, AdapterLayer], ...] = ()
         self._needs_stack = False
-        self._local = threading.local()
+        self._local = _CallStack()
         # Extension point for per-row (mixed-batch) dispatch; see tinytune.batch.
         self.mixed_post: Callable[..., Any] | None = None
 
@@ -115,10 +127,7 @@ class HookSite:
         return output
 
     def _stack(self) -> list:
-        stack = getattr(self._local, "stack", None)
-        if stack is None:
-            stack = self._local.stack = []
-        return stack
+        return self._local.stack
 
     def __repr__(self) -> str:
         return f"HookSite({self.path!r}, adapters={list(self.layers)}, active={len(self.chain)})"
