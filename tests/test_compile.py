@@ -264,6 +264,28 @@ def test_switching_same_structure_adapters_does_not_recompile():
     assert counter.frame_count == 3
 
 
+def test_hooks_added_after_compiling_are_not_skipped():
+    # dynamo does not guard on empty hook dicts, so without the wrapper's layout guard
+    # a graph compiled while merged (no hooks) would keep running after unmerging.
+    w, x, _ = wrap("mlp", "several")
+    w.merge_adapters()
+    counter = CompileCounterWithBackend("inductor")
+    compiled = torch.compile(w, backend=counter, fullgraph=True)
+    with torch.no_grad():
+        for step in ("unmerge", "merge", "unmerge", "none", "lora"):
+            if step == "unmerge":
+                w.unmerge_adapters()
+            elif step == "merge":
+                w.merge_adapters()
+            elif step == "none":
+                w.set_active_adapters([])
+            else:
+                w.set_active_adapters(["lora"])
+            torch.testing.assert_close(compiled(x), w(x), rtol=1e-5, atol=1e-6, msg=step)
+    # Graphs: merged (= no hooks, reused for "none"), all three unmerged, lora alone.
+    assert counter.frame_count == 3
+
+
 @pytest.mark.xfail(raises=NotImplementedError, strict=False, reason="load_adapter not built yet")
 def test_load_adapter_into_new_name_does_not_recompile(tmp_path):
     w, x, _ = wrap("mlp", "lora")
