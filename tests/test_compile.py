@@ -286,6 +286,22 @@ def test_hooks_added_after_compiling_are_not_skipped():
     assert counter.frame_count == 3
 
 
+def test_graph_of_one_wrapper_is_not_reused_for_another_with_other_hooks():
+    # Wrappers share the code of AdapterWrapper.forward, and with parameters as graph
+    # inputs a graph serves any wrapper whose guards pass. One without hooks must not
+    # pass for one with hooks.
+    model, x = build("mlp")
+    plain = AdapterWrapper(model)
+    plain.add_adapter_from_config(lora("mlp"), "lora", activate=False)  # never hooked
+    hooked, _, _ = wrap("mlp", "lora")
+    counter = CompileCounterWithBackend("inductor")
+    with torch.no_grad():
+        torch.compile(plain, backend=counter, fullgraph=True)(x)
+        out = torch.compile(hooked, backend=counter, fullgraph=True)(x)
+        torch.testing.assert_close(out, hooked(x), rtol=1e-5, atol=1e-6)
+    assert counter.frame_count == 2
+
+
 @pytest.mark.xfail(raises=NotImplementedError, strict=False, reason="load_adapter not built yet")
 def test_load_adapter_into_new_name_does_not_recompile(tmp_path):
     w, x, _ = wrap("mlp", "lora")

@@ -15,14 +15,40 @@ the same function, which is what makes merged and unmerged outputs agree.
 from __future__ import annotations
 
 import threading
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from .layers import AdapterLayer
 
-__all__ = ["HookSite"]
+__all__ = ["HookSite", "hook_layout_id"]
+
+# Process-wide numbering of hook layouts, so that one number means one layout in every
+# wrapper: compiled graphs of different wrappers share the code of AdapterWrapper.forward,
+# and a graph is reused for any wrapper whose guards pass.
+_LAYOUT_IDS: dict[tuple, int] = {}
+_LAYOUT_LOCK = threading.Lock()
+
+
+def hook_layout_id(sites: Iterable["HookSite"]) -> int:
+    """A number naming which modules carry how many hooks, equal for equal layouts.
+
+    Args:
+        sites: The hook sites of one wrapper.
+
+    Returns:
+        A small non-negative int, the same for every set of sites with the same module
+        paths and the same numbers of forward pre-hooks and forward hooks on them.
+    """
+    layout = tuple(
+        sorted(
+            (s.path, len(s.module._forward_pre_hooks), len(s.module._forward_hooks))
+            for s in sites
+        )
+    )
+    with _LAYOUT_LOCK:
+        return _LAYOUT_IDS.setdefault(layout, len(_LAYOUT_IDS))
 
 
 class _CallStack(threading.local):

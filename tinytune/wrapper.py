@@ -27,7 +27,7 @@ from .errors import (
     UnsupportedModuleError,
     suggest,
 )
-from .hooks import HookSite
+from .hooks import HookSite, hook_layout_id
 from .layers import AdapterLayer, ModulesToSaveLayer
 
 __all__ = ["Adapter", "AdapterWrapper", "BASE_ADAPTER_NAME"]
@@ -120,7 +120,6 @@ class AdapterWrapper(nn.Module):
         self._backups: dict[str, dict[str, torch.Tensor]] = {}  # path -> original tensors
         self._grad_flags: dict[str, bool] = {}
         # Which modules carry hooks, as a small int (see _note_hook_layout).
-        self._hook_layouts: dict[tuple, int] = {}
         self._hook_layout = 0
         self._freeze(model)
 
@@ -590,13 +589,7 @@ class AdapterWrapper(nn.Module):
         between adapters with the same layout does not. Hooks that are present are
         guarded by dynamo itself.
         """
-        layout = tuple(
-            sorted(
-                (path, len(site.module._forward_pre_hooks), len(site.module._forward_hooks))
-                for path, site in self._sites.items()
-            )
-        )
-        self._hook_layout = self._hook_layouts.setdefault(layout, len(self._hook_layouts))
+        self._hook_layout = hook_layout_id(self._sites.values())
 
     def _merge_one(self, adapter_name: str) -> None:
         for path, layer in self._adapter(adapter_name).items():
