@@ -22,6 +22,7 @@ Usage::
 
     python bench/bench_compile.py            # full: about a minute on one CPU core
     python bench/bench_compile.py --quick    # a smaller model, a few rounds (smoke run)
+    python bench/bench_compile.py --markdown bench/results/compile_cpu.json  # README table
 """
 
 from __future__ import annotations
@@ -159,10 +160,15 @@ def quartiles(values: list[float]) -> dict:
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="smaller model, fewer rounds")
-    parser.add_argument("--rounds", type=int, default=None, help="timed rounds (default 15; quick 4)")
+    parser.add_argument("--rounds", type=int, default=None, help="timed rounds (default 25; quick 4)")
     parser.add_argument("--reps", type=int, default=3, help="calls per case per round (fastest kept)")
     parser.add_argument("--out", type=Path, default=None, help="results JSON path")
+    parser.add_argument("--markdown", type=Path, default=None, metavar="JSON",
+                        help="print the README table of an earlier results file and exit")
     args = parser.parse_args(argv)
+    if args.markdown is not None:
+        print(markdown_table(json.loads(args.markdown.read_text())))
+        return {}
     shape = QUICK if args.quick else FULL
     rounds = args.rounds or (4 if args.quick else 25)
     out_path = args.out or ROOT / "bench" / "results" / (
@@ -271,6 +277,7 @@ def main(argv: list[str] | None = None) -> dict:
     out_path.parent.mkdir(parents=True, exist_ok=True)
     out_path.write_text(json.dumps(result, indent=2) + "\n")
     print_table(result)
+    print("\n" + markdown_table(result))
     print(f"\nwrote {os.path.relpath(out_path, Path.cwd())}")
     return result
 
@@ -295,6 +302,37 @@ def print_table(r: dict) -> None:
     e = r["expected_ratio_from_flops"]
     print(f"1 + LoRA FLOPs / adapted-linear FLOPs = {e['1+lora/adapted_linears']:.3f}; "
           f"1 + LoRA FLOPs / model FLOPs = {e['1+lora/model']:.3f}")
+
+
+def markdown_table(r: dict) -> str:
+    """The README's table, from a results dict (``--markdown JSON`` prints it again)."""
+    ms, q = r["ms_median"], r["ratios"]
+
+    def rq(key: str) -> str:
+        x = q[key]
+        return f"{x['median']:.3f} ({x['p25']:.3f}-{x['p75']:.3f})"
+
+    rows = [
+        ("eager, bare model", ms["eager_bare"], "1 (reference)"),
+        ("eager, merged", ms["eager_merged"], rq("eager_merged/eager_bare") + " of eager bare"),
+        ("eager, unmerged", ms["eager_unmerged"], rq("eager_unmerged/eager_merged") + " of eager merged"),
+        ("compiled, bare model", ms["compiled_bare"], rq("compiled_bare/eager_bare") + " of eager bare"),
+        ("compiled, merged", ms["compiled_merged"], rq("compiled_merged/compiled_bare") + " of compiled bare"),
+        ("compiled, unmerged", ms["compiled_unmerged"], rq("compiled_unmerged/compiled_merged") + " of compiled merged"),
+        ("LoRA ops alone (eager)", ms["lora_ops"], rq("(compiled_merged+lora_ops)/compiled_merged").replace(" (", " = (compiled merged + these) / compiled merged (", 1)),
+    ]
+    lines = ["| case | ms (median) | ratio, median (p25-p75) of per-round ratios |", "|---|---:|---|"]
+    lines += [f"| {a} | {b:.2f} | {c} |" for a, b, c in rows]
+    e = r["expected_ratio_from_flops"]
+    b = r["compiled_unmerged_beyond_lora_ops_fraction"]
+    lines.append("")
+    lines.append(
+        f"1 + LoRA FLOPs / adapted-linear FLOPs = {e['1+lora/adapted_linears']:.3f} "
+        f"(1 + LoRA FLOPs / all matmul FLOPs = {e['1+lora/model']:.3f}). "
+        f"Compiled unmerged minus compiled merged minus the LoRA ops alone: "
+        f"{100 * b['median']:+.1f}% of compiled merged (p25 {100 * b['p25']:+.1f}%, p75 {100 * b['p75']:+.1f}%)."
+    )
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
