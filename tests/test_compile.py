@@ -134,6 +134,7 @@ def wrap(model_kind: str, adapters: str) -> tuple[AdapterWrapper, torch.Tensor, 
         w.add_adapter_from_config(lora(model_kind), "lora")
         add_mix(w, model_kind, "mix")
         assert w.active_adapters == ["ia3", "lora", "mix"]
+        assert any(site._needs_stack for site in w._sites.values())
     else:
         raise ValueError(adapters)
     return w, x, bare_out
