@@ -23,6 +23,7 @@ import torch._dynamo as dynamo
 from torch import nn
 from torch._dynamo.testing import CompileCounterWithBackend
 
+import tinytune.hooks
 from tinytune import AdapterWrapper, IA3Config, LinearIA3Layer, LinearLoraLayer, LoraConfig
 
 transformers = pytest.importorskip("transformers")
@@ -303,6 +304,19 @@ def test_graph_of_one_wrapper_is_not_reused_for_another_with_other_hooks():
     assert counter.frame_count == 2
 
 
+def test_fresh_wrapper_without_adapters_has_its_own_layout(monkeypatch):
+    monkeypatch.setattr(tinytune.hooks, "_LAYOUT_IDS", {})  # number layouts from scratch
+    hooked, x, _ = wrap("mlp", "lora")
+    model, _ = build("mlp")
+    empty = AdapterWrapper(model)  # no adapter yet: no hook anywhere
+    counter = CompileCounterWithBackend("inductor")
+    with torch.no_grad():
+        torch.compile(empty, backend=counter, fullgraph=True)(x)
+        out = torch.compile(hooked, backend=counter, fullgraph=True)(x)
+        torch.testing.assert_close(out, hooked(x), rtol=1e-5, atol=1e-6)
+    assert counter.frame_count == 2
+
+
 @pytest.mark.xfail(raises=NotImplementedError, strict=False, reason="load_adapter not built yet")
 def test_load_adapter_into_new_name_does_not_recompile(tmp_path):
     w, x, _ = wrap("mlp", "lora")
@@ -341,6 +355,12 @@ def test_scaling_tensor_is_derived_state():
     layer.reset_params("lin", nn.Linear(3, 5))
     assert "scaling_tensor" not in layer.state_dict()
     assert LinearLoraLayer(r=4, lora_alpha=4, use_rslora=True).scaling_tensor.item() == 2.0
+    # Dtype conversions leave it exact (1/3 is not a bf16 number).
+    layer.scaling = 1 / 3
+    layer.to(torch.bfloat16)
+    assert layer.lora_A.weight.dtype == torch.bfloat16
+    assert layer.scaling_tensor.dtype == torch.float32
+    assert layer.scaling_tensor.item() == torch.tensor(1 / 3).item()
 
 
 # --- merged -------------------------------------------------------------------------------

@@ -191,6 +191,15 @@ class LoraLayer(AdapterLayer):
             return self.scaling_tensor
         return self._scaling
 
+    def _apply(self, fn: Any, recurse: bool = True) -> "LoraLayer":
+        # ``.half()``/``.to(dtype)`` would round the scaling; keep it exact in fp32 (the
+        # 0-dim tensor does not promote the half-precision tensors it multiplies).
+        super()._apply(fn, recurse)
+        buf = self._buffers.get("scaling_tensor")
+        if buf is not None and buf.dtype != torch.float32:
+            self._buffers["scaling_tensor"] = torch.tensor(self._scaling, device=buf.device)
+        return self
+
     def _place_scaling(self, target: nn.Module) -> None:
         # Keep the scaling tensor on the adapted module's device, like the parameters.
         device = _param_kwargs(target).get("device")

@@ -120,7 +120,7 @@ class AdapterWrapper(nn.Module):
         self._backups: dict[str, dict[str, torch.Tensor]] = {}  # path -> original tensors
         self._grad_flags: dict[str, bool] = {}
         # Which modules carry hooks, as a small int (see _note_hook_layout).
-        self._hook_layout = 0
+        self._hook_layout = hook_layout_id(())
         self._freeze(model)
 
     # ------------------------------------------------------------------------------------
