@@ -317,6 +317,19 @@ def test_fresh_wrapper_without_adapters_has_its_own_layout(monkeypatch):
     assert counter.frame_count == 2
 
 
+def test_deep_copied_wrapper_compiles_without_recompiles():
+    # A copy's hook sites get their own per-thread call stack (the input-stack path).
+    original, x, _ = wrap("mlp", "several")
+    w = copy.deepcopy(original)
+    assert all(s._local is not o._local for s, o in zip(w._sites.values(), original._sites.values()))
+    counter = CompileCounterWithBackend("inductor")
+    compiled = torch.compile(w, backend=counter, fullgraph=True)
+    with torch.no_grad():
+        for _ in range(2):
+            torch.testing.assert_close(compiled(x), original(x), rtol=1e-5, atol=1e-6)
+    assert counter.frame_count == 1
+
+
 @pytest.mark.xfail(raises=NotImplementedError, strict=False, reason="load_adapter not built yet")
 def test_load_adapter_into_new_name_does_not_recompile(tmp_path):
     w, x, _ = wrap("mlp", "lora")

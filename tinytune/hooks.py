@@ -155,5 +155,16 @@ class HookSite:
     def _stack(self) -> list:
         return self._local.stack
 
+    def __getstate__(self) -> dict:
+        # Thread-local call state is per process and per call: never copied or pickled
+        # (deep-copying a hooked model copies its hook sites).
+        state = self.__dict__.copy()
+        del state["_local"]
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._local = _CallStack()
+
     def __repr__(self) -> str:
         return f"HookSite({self.path!r}, adapters={list(self.layers)}, active={len(self.chain)})"
