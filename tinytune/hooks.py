@@ -153,7 +153,10 @@ class HookSite:
         return output
 
     def _stack(self) -> list:
-        return self._local.stack
+        stack = getattr(self._local, "stack", None)
+        if stack is None:
+            stack = self._local.stack = []
+        return stack
 
     def __getstate__(self) -> dict:
         # Thread-local call state is per process and per call: never copied or pickled
