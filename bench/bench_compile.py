@@ -82,7 +82,8 @@ class Logits(torch.nn.Module):
 
 
 def lora_layers(wrapper: AdapterWrapper) -> list[tuple[str, LinearLoraLayer]]:
-    return [(p, l) for p, l in wrapper.adapters["default"].items() if isinstance(l, LinearLoraLayer)]
+    layers = wrapper.adapters["default"].items()
+    return [(path, layer) for path, layer in layers if isinstance(layer, LinearLoraLayer)]
 
 
 def flop_counts(shape: dict, wrapper: AdapterWrapper) -> dict:
@@ -129,7 +130,10 @@ def make_lora_ops(shape: dict, wrapper: AdapterWrapper):
 def git_sha() -> str:
     try:
         sha = subprocess.run(
-            ["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True, check=True
+            ["git", "-C", str(ROOT), "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            check=True,
         ).stdout.strip()
         dirty = subprocess.run(
             ["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no"],
@@ -160,11 +164,20 @@ def quartiles(values: list[float]) -> dict:
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="smaller model, fewer rounds")
-    parser.add_argument("--rounds", type=int, default=None, help="timed rounds (default 25; quick 4)")
-    parser.add_argument("--reps", type=int, default=3, help="calls per case per round (fastest kept)")
+    parser.add_argument(
+        "--rounds", type=int, default=None, help="timed rounds (default 25; quick 4)"
+    )
+    parser.add_argument(
+        "--reps", type=int, default=3, help="calls per case per round (fastest kept)"
+    )
     parser.add_argument("--out", type=Path, default=None, help="results JSON path")
-    parser.add_argument("--markdown", type=Path, default=None, metavar="JSON",
-                        help="print the README table of an earlier results file and exit")
+    parser.add_argument(
+        "--markdown",
+        type=Path,
+        default=None,
+        metavar="JSON",
+        help="print the README table of an earlier results file and exit",
+    )
     args = parser.parse_args(argv)
     if args.markdown is not None:
         print(markdown_table(json.loads(args.markdown.read_text())))
@@ -180,7 +193,9 @@ def main(argv: list[str] | None = None) -> dict:
     bare = Logits(copy.deepcopy(base)).eval()
     unmerged = AdapterWrapper.from_config(
         Logits(copy.deepcopy(base)).eval(),
-        LoraConfig(target_modules=TARGETS, r=shape["r"], lora_alpha=2 * shape["r"], init_lora_weights=False),
+        LoraConfig(
+            target_modules=TARGETS, r=shape["r"], lora_alpha=2 * shape["r"], init_lora_weights=False
+        ),
     )
     merged = AdapterWrapper.from_config(
         Logits(copy.deepcopy(base)).eval(),
@@ -190,7 +205,12 @@ def main(argv: list[str] | None = None) -> dict:
     merged.merge_adapters()
     del base
 
-    ids = torch.randint(0, shape["vocab"], (shape["batch"], shape["seq"]), generator=torch.Generator().manual_seed(1))
+    ids = torch.randint(
+        0,
+        shape["vocab"],
+        (shape["batch"], shape["seq"]),
+        generator=torch.Generator().manual_seed(1),
+    )
     eager = {"eager_bare": bare, "eager_merged": merged, "eager_unmerged": unmerged}
     compiled = {
         "compiled_bare": torch.compile(bare, fullgraph=True),
@@ -210,7 +230,9 @@ def main(argv: list[str] | None = None) -> dict:
             torch.testing.assert_close(out, eager_out, rtol=1e-3, atol=1e-3)
         # Merged and unmerged compute the same function, up to rounding.
         torch.testing.assert_close(ref["eager_merged"], ref["eager_unmerged"], rtol=1e-3, atol=1e-3)
-        assert not torch.allclose(ref["eager_bare"], ref["eager_unmerged"], atol=1e-3), "LoRA is a no-op"
+        assert not torch.allclose(ref["eager_bare"], ref["eager_unmerged"], atol=1e-3), (
+            "LoRA is a no-op"
+        )
         for fn in cases.values():  # warm-up
             for _ in range(2):
                 fn(ids) if fn is not cases["lora_ops"] else fn()
@@ -229,14 +251,16 @@ def main(argv: list[str] | None = None) -> dict:
                 times[k].append(best)
 
     def ratio(a: str, b: str) -> dict:
-        return quartiles([x / y for x, y in zip(times[a], times[b])])
+        return quartiles([x / y for x, y in zip(times[a], times[b], strict=True)])
 
     flops = flop_counts(shape, unmerged)
     # What is left of compiled_unmerged - compiled_merged once the LoRA arithmetic is
     # paid for, as a fraction of compiled_merged.
     beyond = [
-        (u - m - l) / m
-        for u, m, l in zip(times["compiled_unmerged"], times["compiled_merged"], times["lora_ops"])
+        (unm - mer - lo) / mer
+        for unm, mer, lo in zip(
+            times["compiled_unmerged"], times["compiled_merged"], times["lora_ops"], strict=True
+        )
     ]
     result = {
         "benchmark": "bench/bench_compile.py",
@@ -264,7 +288,10 @@ def main(argv: list[str] | None = None) -> dict:
             "compiled_unmerged/compiled_merged": ratio("compiled_unmerged", "compiled_merged"),
             "compiled_unmerged/eager_unmerged": ratio("compiled_unmerged", "eager_unmerged"),
             "(compiled_merged+lora_ops)/compiled_merged": quartiles(
-                [(m + l) / m for m, l in zip(times["compiled_merged"], times["lora_ops"])]
+                [
+                    (mer + lo) / mer
+                    for mer, lo in zip(times["compiled_merged"], times["lora_ops"], strict=True)
+                ]
             ),
         },
         "compiled_unmerged_beyond_lora_ops_fraction": quartiles(beyond),
@@ -286,22 +313,32 @@ def print_table(r: dict) -> None:
     ms = r["ms_median"]
     s = r["shape"]
     print(
-        f"Llama-style, hidden {s['hidden']}, intermediate {s['intermediate']}, {s['layers']} layers, "
-        f"LoRA r={s['r']} on {len(r['targets'])} projections, batch {s['batch']} x {s['seq']} tokens, "
-        f"{r['threads']} thread, {r['rounds']} rounds"
+        f"Llama-style, hidden {s['hidden']}, intermediate {s['intermediate']}, "
+        f"{s['layers']} layers, LoRA r={s['r']} on {len(r['targets'])} projections, "
+        f"batch {s['batch']} x {s['seq']} tokens, {r['threads']} thread, {r['rounds']} rounds"
     )
     print(f"{'case':<20}{'ms (median)':>12}")
-    for k in ("eager_bare", "eager_merged", "eager_unmerged", "compiled_bare", "compiled_merged",
-              "compiled_unmerged", "lora_ops"):
+    for k in (
+        "eager_bare",
+        "eager_merged",
+        "eager_unmerged",
+        "compiled_bare",
+        "compiled_merged",
+        "compiled_unmerged",
+        "lora_ops",
+    ):
         print(f"{k:<20}{ms[k]:>12.2f}")
     print(f"\n{'ratio (per round)':<46}{'median':>8}{'p25':>8}{'p75':>8}")
     for k, q in r["ratios"].items():
         print(f"{k:<46}{q['median']:>8.3f}{q['p25']:>8.3f}{q['p75']:>8.3f}")
     b = r["compiled_unmerged_beyond_lora_ops_fraction"]
-    print(f"{'compiled unmerged beyond LoRA ops (frac.)':<46}{b['median']:>8.3f}{b['p25']:>8.3f}{b['p75']:>8.3f}")
+    label = "compiled unmerged beyond LoRA ops (frac.)"
+    print(f"{label:<46}{b['median']:>8.3f}{b['p25']:>8.3f}{b['p75']:>8.3f}")
     e = r["expected_ratio_from_flops"]
-    print(f"1 + LoRA FLOPs / adapted-linear FLOPs = {e['1+lora/adapted_linears']:.3f}; "
-          f"1 + LoRA FLOPs / model FLOPs = {e['1+lora/model']:.3f}")
+    print(
+        f"1 + LoRA FLOPs / adapted-linear FLOPs = {e['1+lora/adapted_linears']:.3f}; "
+        f"1 + LoRA FLOPs / model FLOPs = {e['1+lora/model']:.3f}"
+    )
 
 
 def markdown_table(r: dict) -> str:
@@ -315,13 +352,38 @@ def markdown_table(r: dict) -> str:
     rows = [
         ("eager, bare model", ms["eager_bare"], "1 (reference)"),
         ("eager, merged", ms["eager_merged"], rq("eager_merged/eager_bare") + " of eager bare"),
-        ("eager, unmerged", ms["eager_unmerged"], rq("eager_unmerged/eager_merged") + " of eager merged"),
-        ("compiled, bare model", ms["compiled_bare"], rq("compiled_bare/eager_bare") + " of eager bare"),
-        ("compiled, merged", ms["compiled_merged"], rq("compiled_merged/compiled_bare") + " of compiled bare"),
-        ("compiled, unmerged", ms["compiled_unmerged"], rq("compiled_unmerged/compiled_merged") + " of compiled merged"),
-        ("LoRA ops alone (eager)", ms["lora_ops"], rq("(compiled_merged+lora_ops)/compiled_merged").replace(" (", " = (compiled merged + these) / compiled merged (", 1)),
+        (
+            "eager, unmerged",
+            ms["eager_unmerged"],
+            rq("eager_unmerged/eager_merged") + " of eager merged",
+        ),
+        (
+            "compiled, bare model",
+            ms["compiled_bare"],
+            rq("compiled_bare/eager_bare") + " of eager bare",
+        ),
+        (
+            "compiled, merged",
+            ms["compiled_merged"],
+            rq("compiled_merged/compiled_bare") + " of compiled bare",
+        ),
+        (
+            "compiled, unmerged",
+            ms["compiled_unmerged"],
+            rq("compiled_unmerged/compiled_merged") + " of compiled merged",
+        ),
+        (
+            "LoRA ops alone (eager)",
+            ms["lora_ops"],
+            rq("(compiled_merged+lora_ops)/compiled_merged").replace(
+                " (", " = (compiled merged + these) / compiled merged (", 1
+            ),
+        ),
     ]
-    lines = ["| case | ms (median) | ratio, median (p25-p75) of per-round ratios |", "|---|---:|---|"]
+    lines = [
+        "| case | ms (median) | ratio, median (p25-p75) of per-round ratios |",
+        "|---|---:|---|",
+    ]
     lines += [f"| {a} | {b:.2f} | {c} |" for a, b, c in rows]
     e = r["expected_ratio_from_flops"]
     b = r["compiled_unmerged_beyond_lora_ops_fraction"]
@@ -330,7 +392,8 @@ def markdown_table(r: dict) -> str:
         f"1 + LoRA FLOPs / adapted-linear FLOPs = {e['1+lora/adapted_linears']:.3f} "
         f"(1 + LoRA FLOPs / all matmul FLOPs = {e['1+lora/model']:.3f}). "
         f"Compiled unmerged minus compiled merged minus the LoRA ops alone: "
-        f"{100 * b['median']:+.1f}% of compiled merged (p25 {100 * b['p25']:+.1f}%, p75 {100 * b['p75']:+.1f}%)."
+        f"{100 * b['median']:+.1f}% of compiled merged "
+        f"(p25 {100 * b['p25']:+.1f}%, p75 {100 * b['p75']:+.1f}%)."
     )
     return "\n".join(lines)
 

@@ -94,7 +94,9 @@ def lora(model_kind: str, **kw) -> LoraConfig:
 
 def ia3(model_kind: str) -> IA3Config:
     t = TARGETS[model_kind]
-    return IA3Config(target_modules=t["ia3"], feedforward_modules=t["ia3_ff"], init_ia3_weights=False)
+    return IA3Config(
+        target_modules=t["ia3"], feedforward_modules=t["ia3_ff"], init_ia3_weights=False
+    )
 
 
 def add_mix(
@@ -210,7 +212,9 @@ def test_training_steps_do_not_recompile():
         loss.backward()
         opt.step()
         losses.append(loss.item())
-    assert all(not torch.equal(p, b) for p, b in zip(params, before)), "every weight must train"
+    assert all(not torch.equal(p, b) for p, b in zip(params, before, strict=True)), (
+        "every weight must train"
+    )
     assert losses[-1] < losses[0]
     # The compiled graph reads the current weights, not the ones it was traced with.
     # (Still with grad enabled: grad mode is part of what a graph is compiled for.)
@@ -227,7 +231,9 @@ def test_in_place_weight_loads_do_not_recompile():
     g = torch.Generator().manual_seed(7)
     with torch.no_grad():
         out0 = compiled(x)
-        state = {k: torch.randn(v.shape, generator=g) for k, v in w.adapters["lora"].state_dict().items()}
+        state = {
+            k: torch.randn(v.shape, generator=g) for k, v in w.adapters["lora"].state_dict().items()
+        }
         w.adapters["lora"].load_state_dict(state)
         out1 = compiled(x)
         torch.testing.assert_close(out1, w(x), rtol=1e-5, atol=1e-6)
@@ -321,7 +327,10 @@ def test_deep_copied_wrapper_compiles_without_recompiles():
     # A copy's hook sites get their own per-thread call stack (the input-stack path).
     original, x, _ = wrap("mlp", "several")
     w = copy.deepcopy(original)
-    assert all(s._local is not o._local for s, o in zip(w._sites.values(), original._sites.values()))
+    assert all(
+        s._local is not o._local
+        for s, o in zip(w._sites.values(), original._sites.values(), strict=True)
+    )
     counter = CompileCounterWithBackend("inductor")
     compiled = torch.compile(w, backend=counter, fullgraph=True)
     with torch.no_grad():
