@@ -23,6 +23,8 @@ Usage::
     python bench/bench_compile.py            # full: about a minute on one CPU core
     python bench/bench_compile.py --quick    # a smaller model, a few rounds (smoke run)
     python bench/bench_compile.py --markdown bench/results/compile_cpu.json  # README table
+    python bench/bench_compile.py --batch 1 --seq 1 --reps 20 \
+        --out bench/results/compile_cpu_1token.json  # per-op overheads dominate
 """
 
 from __future__ import annotations
@@ -171,6 +173,8 @@ def main(argv: list[str] | None = None) -> dict:
         "--reps", type=int, default=3, help="calls per case per round (fastest kept)"
     )
     parser.add_argument("--out", type=Path, default=None, help="results JSON path")
+    parser.add_argument("--batch", type=int, default=None, help="override the batch size")
+    parser.add_argument("--seq", type=int, default=None, help="override the tokens per row")
     parser.add_argument(
         "--markdown",
         type=Path,
@@ -182,7 +186,11 @@ def main(argv: list[str] | None = None) -> dict:
     if args.markdown is not None:
         print(markdown_table(json.loads(args.markdown.read_text())))
         return {}
-    shape = QUICK if args.quick else FULL
+    shape = dict(QUICK if args.quick else FULL)
+    if args.batch is not None:
+        shape["batch"] = args.batch
+    if args.seq is not None:
+        shape["seq"] = args.seq
     rounds = args.rounds or (4 if args.quick else 25)
     out_path = args.out or ROOT / "bench" / "results" / (
         "compile_cpu_quick.json" if args.quick else "compile_cpu.json"
