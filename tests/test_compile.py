@@ -231,10 +231,12 @@ def test_in_place_weight_loads_do_not_recompile():
     g = torch.Generator().manual_seed(7)
     with torch.no_grad():
         out0 = compiled(x)
-        state = {
-            k: torch.randn(v.shape, generator=g) for k, v in w.adapters["lora"].state_dict().items()
-        }
-        w.adapters["lora"].load_state_dict(state)
+        state = w.state_dict()
+        new_lora = [k for k in state if k.startswith("adapters.lora.")]
+        assert new_lora
+        for k in new_lora:
+            state[k] = torch.randn(state[k].shape, generator=g)
+        w.load_state_dict(state)
         out1 = compiled(x)
         torch.testing.assert_close(out1, w(x), rtol=1e-5, atol=1e-6)
         for p in w.adapters["mix"].parameters():
