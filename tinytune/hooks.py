@@ -15,14 +15,52 @@ the same function, which is what makes merged and unmerged outputs agree.
 from __future__ import annotations
 
 import threading
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from .layers import AdapterLayer
 
-__all__ = ["HookSite"]
+__all__ = ["HookSite", "hook_layout_id"]
+
+# Process-wide numbering of hook layouts, so that one number means one layout in every
+# wrapper: compiled graphs of different wrappers share the code of AdapterWrapper.forward,
+# and a graph is reused for any wrapper whose guards pass.
+_LAYOUT_IDS: dict[tuple, int] = {}
+_LAYOUT_LOCK = threading.Lock()
+
+
+def hook_layout_id(sites: Iterable["HookSite"]) -> int:
+    """A number naming which modules carry how many hooks, equal for equal layouts.
+
+    Args:
+        sites: The hook sites of one wrapper.
+
+    Returns:
+        A small non-negative int, the same for every set of sites with the same module
+        paths and the same numbers of forward pre-hooks and forward hooks on them.
+    """
+    layout = tuple(
+        sorted(
+            (s.path, len(s.module._forward_pre_hooks), len(s.module._forward_hooks))
+            for s in sites
+        )
+    )
+    with _LAYOUT_LOCK:
+        return _LAYOUT_IDS.setdefault(layout, len(_LAYOUT_IDS))
+
+
+class _CallStack(threading.local):
+    """Per-thread stack of input views, from a pre-hook to its post-hook.
+
+    ``threading.local`` runs ``__init__`` in each thread on first use, so ``stack``
+    always exists: creating it lazily would add an attribute on the first call, which
+    ``torch.compile`` guards on (``hasattr``) and so recompiles for the second call.
+    """
+
+    def __init__(self) -> None:
+        self.stack: list = []
 
 
 class HookSite:
@@ -42,7 +80,7 @@ class HookSite:
         self._pres: tuple[tuple[int, AdapterLayer], ...] = ()
         self._posts: tuple[tuple[int, AdapterLayer], ...] = ()
         self._needs_stack = False
-        self._local = threading.local()
+        self._local = _CallStack()
         # Extension point for per-row (mixed-batch) dispatch; see tinytune.batch.
         self.mixed_post: Callable[..., Any] | None = None
 
@@ -129,7 +167,7 @@ class HookSite:
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
-        self._local = threading.local()
+        self._local = _CallStack()
 
     def __repr__(self) -> str:
         return f"HookSite({self.path!r}, adapters={list(self.layers)}, active={len(self.chain)})"

@@ -164,6 +164,49 @@ class LoraLayer(AdapterLayer):
         self.init_lora_weights = init_lora_weights
         self.scaling = lora_alpha / (math.sqrt(r) if use_rslora else r)
 
+    # ``scaling`` lives twice: as a Python float, which eager code passes to ``addmm``
+    # for free, and as a 0-dim tensor that compiled code reads. A float read by a
+    # compiled graph is baked in as a constant and guarded on, so switching to an
+    # adapter with another alpha (or setting ``scaling``) would recompile; a buffer is a
+    # graph input, so its value can change under a compiled model. Non-persistent: it
+    # is derived state, not part of ``state_dict``.
+    @property
+    def scaling(self) -> float:
+        """The factor on the LoRA branch: ``lora_alpha / r`` (``/ sqrt(r)`` with rsLoRA)."""
+        return self._scaling
+
+    @scaling.setter
+    def scaling(self, value: float) -> None:
+        value = float(value)
+        buf = self._buffers.get("scaling_tensor")
+        if buf is None:
+            self.register_buffer("scaling_tensor", torch.tensor(value), persistent=False)
+        else:
+            with torch.no_grad():
+                buf.fill_(value)
+        self._scaling = value
+
+    def _scale(self) -> float | torch.Tensor:
+        """The scaling to multiply by: the tensor under ``torch.compile``, else the float."""
+        if torch.compiler.is_compiling():
+            return self.scaling_tensor
+        return self._scaling
+
+    def _apply(self, fn: Any, recurse: bool = True) -> "LoraLayer":
+        # ``.half()``/``.to(dtype)`` would round the scaling; keep it exact in fp32 (the
+        # 0-dim tensor does not promote the half-precision tensors it multiplies).
+        super()._apply(fn, recurse)
+        buf = self._buffers.get("scaling_tensor")
+        if buf is not None and buf.dtype != torch.float32:
+            self._buffers["scaling_tensor"] = torch.tensor(self._scaling, device=buf.device)
+        return self
+
+    def _place_scaling(self, target: nn.Module) -> None:
+        # Keep the scaling tensor on the adapted module's device, like the parameters.
+        device = _param_kwargs(target).get("device")
+        if device is not None and self.scaling_tensor.device != device:
+            self.scaling_tensor = self.scaling_tensor.to(device)
+
     def _dropout(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
         if self.lora_dropout and module.training:
             return F.dropout(x, self.lora_dropout, training=True)
@@ -200,6 +243,7 @@ class LinearLoraLayer(LoraLayer):
                 "nn.Embedding, Conv2dLoraLayer for nn.Conv2d, or a custom AdapterLayer."
             ) from None
         kw = _param_kwargs(target)
+        self._place_scaling(target)
         self.lora_A = nn.Linear(fan_in, self.r, bias=False, **kw)
         self.lora_B = nn.Linear(self.r, fan_out, bias=False, **kw)
         nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
@@ -218,9 +262,15 @@ class LinearLoraLayer(LoraLayer):
         if output.dim() >= 2 and output.dtype == b.dtype:
             # One GEMM with the add folded in: out + s * h @ B^T.
             out2d = output.reshape(-1, output.shape[-1])
-            y = torch.addmm(out2d, h.reshape(-1, h.shape[-1]), b.t(), alpha=self.scaling)
+            h2d = h.reshape(-1, h.shape[-1])
+            if torch.compiler.is_compiling():
+                # The scale as a tensor (see LoraLayer.scaling), applied to the small
+                # (tokens, r) factor so the GEMM still accumulates into ``out``.
+                y = torch.addmm(out2d, h2d * self.scaling_tensor, b.t())
+            else:
+                y = torch.addmm(out2d, h2d, b.t(), alpha=self._scaling)
             return y.view(output.shape)
-        return output + (F.linear(h, b) * self.scaling).to(output.dtype)
+        return output + (F.linear(h, b) * self._scale()).to(output.dtype)
 
     def delta_weight(self) -> torch.Tensor:
         delta = (self.lora_B.weight.float() @ self.lora_A.weight.float()) * self.scaling
@@ -241,6 +291,7 @@ class EmbeddingLoraLayer(LoraLayer):
                 "it needs nn.Embedding. Use LinearLoraLayer for linear layers."
             )
         kw = _param_kwargs(target)
+        self._place_scaling(target)
         self.lora_A = nn.Embedding(target.num_embeddings, self.r, **kw)
         self.lora_B = nn.Linear(self.r, target.embedding_dim, bias=False, **kw)
         nn.init.normal_(self.lora_B.weight)
@@ -260,7 +311,7 @@ class EmbeddingLoraLayer(LoraLayer):
         )
         # No dropout on embedding LoRA, as in PEFT: dropping token ids' rows is not what
         # lora_dropout means.
-        return output + (F.linear(h, self.lora_B.weight) * self.scaling).to(output.dtype)
+        return output + (F.linear(h, self.lora_B.weight) * self._scale()).to(output.dtype)
 
     def delta_weight(self) -> torch.Tensor:
         a = self.lora_A.weight.float()  # (num_embeddings, r)
@@ -282,6 +333,7 @@ class Conv2dLoraLayer(LoraLayer):
                 f"(groups={target.groups}) are not supported."
             )
         kw = _param_kwargs(target)
+        self._place_scaling(target)
         self.lora_A = nn.Conv2d(
             target.in_channels,
             self.r,
@@ -304,7 +356,7 @@ class Conv2dLoraLayer(LoraLayer):
         x = self._dropout(module, first_input(args, kwargs))
         if x.dtype != self.lora_A.weight.dtype:
             x = x.to(self.lora_A.weight.dtype)
-        return output + (self.lora_B(self.lora_A(x)) * self.scaling).to(output.dtype)
+        return output + (self.lora_B(self.lora_A(x)) * self._scale()).to(output.dtype)
 
     def delta_weight(self) -> torch.Tensor:
         a = self.lora_A.weight.float()  # (r, in, kh, kw)

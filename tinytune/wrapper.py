@@ -28,7 +28,7 @@ from .errors import (
     UnsupportedModuleError,
     suggest,
 )
-from .hooks import HookSite
+from .hooks import HookSite, hook_layout_id
 from .layers import AdapterLayer, ModulesToSaveLayer
 
 __all__ = ["Adapter", "AdapterWrapper", "BASE_ADAPTER_NAME"]
@@ -123,6 +123,8 @@ class AdapterWrapper(nn.Module):
         self._merged: list[str] = []  # merge order
         self._backups: dict[str, dict[str, torch.Tensor]] = {}  # path -> original tensors
         self._grad_flags: dict[str, bool] = {}
+        # Which modules carry hooks, as a small int (see _note_hook_layout).
+        self._hook_layout = hook_layout_id(())
         self._freeze(model)
 
     # ------------------------------------------------------------------------------------
@@ -476,6 +478,8 @@ class AdapterWrapper(nn.Module):
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         """Call the base model (with the active adapters applied)."""
         model = self._model()
+        if self._hook_layout < 0:  # never true: the read makes torch.compile guard on it
+            raise AdapterStateError("Corrupt hook layout; rebuild the wrapper.")
         if "adapter_names" in kwargs:
             adapter_names = kwargs.pop("adapter_names")
             if adapter_names is not None:
@@ -621,6 +625,21 @@ class AdapterWrapper(nn.Module):
                 if name in site.layers and name not in self._merged
             )
             site.set_chain(chain)
+        self._note_hook_layout()
+
+    def _note_hook_layout(self) -> None:
+        """Number the current set of hooked modules, for ``forward`` to read.
+
+        torch.compile does not guard on a module's hook dicts while they are empty
+        (``torch._dynamo.config.skip_nnmodule_hook_guards``): a graph compiled while a
+        module had no hook keeps running after one is added there (unmerging, or
+        activating an adapter on a module that had none), silently dropping the adapter.
+        ``forward`` reads this number, so the compiled graph is guarded on it: a new
+        layout recompiles (or reuses the graph already compiled for it), while switching
+        between adapters with the same layout does not. Hooks that are present are
+        guarded by dynamo itself.
+        """
+        self._hook_layout = hook_layout_id(self._sites.values())
 
     def _merge_one(self, adapter_name: str) -> None:
         for path, layer in self._adapter(adapter_name).items():
