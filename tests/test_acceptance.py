@@ -1055,3 +1055,34 @@ def test_save_into_a_path_that_is_a_file(tmp_path):
         m.save_adapter(str(f))
     assert f.read_text() == "hello"
 
+
+
+# --------------------------------------------------------------------------------------
+# defects found by these tests (each fixed in its own commit)
+# --------------------------------------------------------------------------------------
+def test_multihead_attention_out_proj_is_refused_not_silently_ignored():
+    """nn.MultiheadAttention reads out_proj.weight without calling out_proj, so a hook
+    there never runs: unmerged it did nothing, merged it changed the outputs."""
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(d_model=16, nhead=2, dim_feedforward=32, batch_first=True, dropout=0.0)
+    layer.eval()
+    before = snapshot(layer)
+    m = AdapterWrapper(layer)
+    m.add_adapter()
+    for make in (
+        lambda: m.add_adapter_from_config(LoraConfig(target_modules=["out_proj"]), "x"),
+        lambda: m.add_adapter_from_config(IA3Config(target_modules=["out_proj"]), "x"),
+        lambda: m.add_adapter_layer("default", "self_attn.out_proj", LinearLoraLayer),
+        lambda: m.add_adapter_layer("default", "self_attn.out_proj", LinearIA3Layer),
+    ):
+        with pytest.raises(tinytune.UnsupportedModuleError, match="MultiheadAttention"):
+            make()
+    assert list(m.adapters) == ["default"] and len(m.adapters["default"]) == 0
+    assert n_hooks(layer) == 0 and same_state(m.model, before)
+    # "all-linear" adapts the layers hooks can reach, and merging agrees with unmerged
+    m.add_adapter_from_config(LoraConfig(target_modules="all-linear", init_lora_weights=False), "all")
+    assert sorted(p for p, _ in m.adapters["all"].items()) == ["linear1"]  # linear2 is the output layer
+    x = torch.randn(2, 5, 16)
+    out = m(x)
+    m.merge_adapters()
+    torch.testing.assert_close(m(x), out, rtol=1e-5, atol=1e-5)

@@ -103,6 +103,11 @@ class AdapterConfig:
 
 
 def _is_linear(module: nn.Module) -> bool:
+    from .layers import bypasses_forward
+
+    # "all-linear" skips nn.MultiheadAttention's out_proj: hooks on it never run.
+    if bypasses_forward(module):
+        return False
     return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
 
 
@@ -235,7 +240,9 @@ class IA3Config(AdapterConfig):
     def make_layer(self, name: str, module: nn.Module) -> nn.Module:
         from .layers import LinearIA3Layer
 
-        if not _is_linear(module):
+        # nn.Linear subclasses that hooks cannot reach are refused, with the reason, by
+        # LinearIA3Layer.reset_params.
+        if not (_is_linear(module) or isinstance(module, nn.Linear)):
             raise UnsupportedModuleError(
                 f"IA3 cannot adapt module {name!r} of type {type(module).__name__}: supported "
                 "types are nn.Linear and transformers' Conv1D. Narrow target_modules."
