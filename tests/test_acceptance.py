@@ -1086,3 +1086,13 @@ def test_multihead_attention_out_proj_is_refused_not_silently_ignored():
     out = m(x)
     m.merge_adapters()
     torch.testing.assert_close(m(x), out, rtol=1e-5, atol=1e-5)
+
+
+def test_peft_style_add_adapter_with_a_config_is_refused(wrapped):
+    """PEFT's add_adapter(adapter_name, peft_config): here the config would land in
+    `activate` and silently create an empty adapter."""
+    before = wrapper_state(wrapped)
+    with pytest.raises(TypeError, match="add_adapter_from_config"):
+        wrapped.add_adapter("b", LoraConfig(target_modules=["k_proj"]))
+    assert "b" not in wrapped.adapters
+    assert_same_wrapper_state(before, wrapper_state(wrapped))

@@ -150,8 +150,17 @@ class AdapterWrapper(nn.Module):
 
         Raises:
             AdapterExistsError: If the name is taken.
+            TypeError: If ``activate`` is not a bool (PEFT's ``add_adapter(name, config)``
+                passes a config there; use :meth:`add_adapter_from_config`).
         """
         self._check_new_name(adapter_name)
+        if not isinstance(activate, bool):
+            # PEFT's add_adapter(adapter_name, peft_config) would land a config here and
+            # silently create an empty adapter.
+            raise TypeError(
+                f"activate must be True or False, got {type(activate).__name__}. To add an "
+                "adapter from a config, call add_adapter_from_config(config, adapter_name)."
+            )
         self.adapters[adapter_name] = Adapter(adapter_name)
         if activate:
             self._active.append(adapter_name)
