@@ -1096,3 +1096,12 @@ def test_peft_style_add_adapter_with_a_config_is_refused(wrapped):
         wrapped.add_adapter("b", LoraConfig(target_modules=["k_proj"]))
     assert "b" not in wrapped.adapters
     assert_same_wrapper_state(before, wrapper_state(wrapped))
+
+
+def test_peft_config_passed_to_tinytune_says_which_config_to_use():
+    base = tiny_llama()
+    with pytest.raises(TypeError) as e:
+        AdapterWrapper.from_config(base, peft.LoraConfig(**LLAMA_LORA))
+    assert "from tinytune import LoraConfig" in str(e.value)
+    assert "peft" in str(e.value)
+    assert n_hooks(base) == 0 and all(p.requires_grad for p in base.parameters())

@@ -178,9 +178,16 @@ class AdapterWrapper(nn.Module):
         """
         self._check_new_name(adapter_name)
         if not isinstance(config, AdapterConfig):
+            cls = type(config)
+            hint = ""
+            if cls.__module__.split(".")[0] == "peft":
+                hint = (
+                    f" This is PEFT's {cls.__name__}; use tinytune's, which takes the same "
+                    "fields: from tinytune import LoraConfig, IA3Config."
+                )
             raise TypeError(
-                f"config must be an AdapterConfig (LoraConfig, IA3Config, ...), got "
-                f"{type(config).__name__}."
+                f"config must be a tinytune AdapterConfig (tinytune.LoraConfig, "
+                f"tinytune.IA3Config, ...), got {cls.__module__}.{cls.__qualname__}.{hint}"
             )
         model = self._model()
         named = [(n, m) for n, m in model.named_modules() if n]
