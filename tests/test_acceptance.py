@@ -1105,3 +1105,9 @@ def test_peft_config_passed_to_tinytune_says_which_config_to_use():
     assert "from tinytune import LoraConfig" in str(e.value)
     assert "peft" in str(e.value)
     assert n_hooks(base) == 0 and all(p.requires_grad for p in base.parameters())
+
+
+def test_config_without_targets_says_what_to_pass():
+    """PEFT fills in per-architecture targets; tinytune must say to name them."""
+    with pytest.raises(tinytune.InvalidConfigError, match="target_modules, e.g."):
+        AdapterWrapper.from_config(tiny_llama(), LoraConfig(r=8, task_type="CAUSAL_LM"))

@@ -210,7 +210,12 @@ class AdapterWrapper(nn.Module):
                 f"{', '.join(repr(n) for n in leaf_names[:8])}."
             )
         if config.target_modules is None and not save_names:
-            raise InvalidConfigError("The config names no target_modules and no modules_to_save.")
+            # PEFT falls back on per-architecture defaults here; tinytune has none.
+            raise InvalidConfigError(
+                "The config names no target_modules and no modules_to_save: pass "
+                "target_modules, e.g. ['q_proj', 'v_proj'] for Llama-style models, "
+                "['c_attn'] for GPT-2, or 'all-linear'."
+            )
         missing = [s for s in save_names if not any(name_matches(n, [s]) for n, _ in named)]
         if missing:
             raise NoMatchingModulesError(
