@@ -1111,3 +1111,15 @@ def test_config_without_targets_says_what_to_pass():
     """PEFT fills in per-architecture targets; tinytune must say to name them."""
     with pytest.raises(tinytune.InvalidConfigError, match="target_modules, e.g."):
         AdapterWrapper.from_config(tiny_llama(), LoraConfig(r=8, task_type="CAUSAL_LM"))
+
+
+@pytest.mark.parametrize("bad", [None, 3])
+def test_adapter_names_of_wrong_type_get_a_helpful_error(wrapped, bad):
+    before = wrapper_state(wrapped)
+    calls = [wrapped.set_active_adapters, wrapped.set_adapter]
+    if bad is not None:  # None means "the default set" for these two
+        calls += [wrapped.merge_adapters, wrapped.unmerge_adapters]
+    for call in calls:
+        with pytest.raises(TypeError, match="list of names"):
+            call(bad)
+    assert_same_wrapper_state(before, wrapper_state(wrapped))

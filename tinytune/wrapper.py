@@ -598,7 +598,17 @@ class AdapterWrapper(nn.Module):
         return self.adapters[adapter_name]  # type: ignore[return-value]
 
     def _names(self, adapter_names: str | Sequence[str]) -> list[str]:
-        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        if isinstance(adapter_names, str):
+            names = [adapter_names]
+        else:
+            try:
+                names = list(adapter_names)
+            except TypeError:
+                raise TypeError(
+                    f"Expected an adapter name or a list of names (an empty list for none), "
+                    f"got {type(adapter_names).__name__}; existing adapters: "
+                    f"{list(self.adapters)!r}."
+                ) from None
         for name in names:
             self._adapter(name)
         return names
