@@ -1123,3 +1123,17 @@ def test_adapter_names_of_wrong_type_get_a_helpful_error(wrapped, bad):
         with pytest.raises(TypeError, match="list of names"):
             call(bad)
     assert_same_wrapper_state(before, wrapper_state(wrapped))
+
+
+def test_from_pretrained_accepts_peft_is_trainable(saved):
+    """PeftModel.from_pretrained(base, path, is_trainable=True) is how PEFT users resume
+    training; the same call must work here, and is_trainable=False must freeze."""
+    m = AdapterWrapper.from_pretrained(tiny_llama(), str(saved), is_trainable=True)
+    assert [n for n, p in m.named_parameters() if p.requires_grad] == [
+        n for n, _ in m.named_parameters() if ".lora_" in n
+    ]
+    losses = train_steps(m, steps=2)
+    assert losses[1] != losses[0]
+    frozen = AdapterWrapper.from_pretrained(tiny_llama(), str(saved), is_trainable=False)
+    assert not any(p.requires_grad for p in frozen.parameters())
+    torch.testing.assert_close(logits(frozen), logits(AdapterWrapper.from_pretrained(tiny_llama(), str(saved))))

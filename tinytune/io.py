@@ -479,6 +479,7 @@ def load_adapter(
     *,
     custom_layers: Mapping[str, Callable[..., AdapterLayer]] | Iterable[type] | None = None,
     check_fingerprint: bool = True,
+    is_trainable: bool = True,
 ) -> None:
     """Load an adapter saved by PEFT or tinytune and attach it to the wrapper.
 
@@ -501,6 +502,8 @@ def load_adapter(
         check_fingerprint: Refuse a config that does not match the fingerprint a
             tinytune-written weights file records (an interrupted save, or a config
             edited by hand). Set ``False`` to accept a deliberate edit.
+        is_trainable: Whether the loaded adapter's parameters require grad (PEFT's
+            argument; unlike PEFT, tinytune loads adapters trainable by default).
 
     Raises:
         AdapterExistsError: If ``adapter_name`` is taken.
@@ -551,6 +554,7 @@ def load_adapter(
     adapter = Adapter(adapter_name, cfg)
     adapter.peft_extras = {k: config[k] for k in _CARRIED if config.get(k) is not None}
     for layer_path, layer in layers:
+        layer.requires_grad_(bool(is_trainable))
         device = _device_of(ctx.modules[layer_path])
         if device is not None:
             layer.to(device)
