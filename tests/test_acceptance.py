@@ -1137,3 +1137,31 @@ def test_from_pretrained_accepts_peft_is_trainable(saved):
     frozen = AdapterWrapper.from_pretrained(tiny_llama(), str(saved), is_trainable=False)
     assert not any(p.requires_grad for p in frozen.parameters())
     torch.testing.assert_close(logits(frozen), logits(AdapterWrapper.from_pretrained(tiny_llama(), str(saved))))
+
+
+class ForgetsToReturn(AdapterLayer):
+    def reset_params(self, prefix, target):
+        self.s = nn.Parameter(torch.full((target.out_features,), 2.0))
+
+    def post_forward(self, module, args, kwargs, output):
+        output = output * self.s  # noqa: F841 - the bug under test: no `return output`
+
+
+class PreForgetsToReturn(AdapterLayer):
+    def pre_forward(self, module, args, kwargs):
+        args = (args[0] * 2,)  # noqa: F841 - no `return args, kwargs`
+
+
+def test_custom_layer_returning_none_is_an_error_not_a_silent_no_op():
+    """torch reads a hook's None as "unchanged", so a post_forward that forgets to
+    return silently disabled the adapter."""
+    x = torch.randn(2, 4)
+    for cls, others in [(ForgetsToReturn, []), (ForgetsToReturn, [LinearIA3Layer]), (PreForgetsToReturn, [])]:
+        m = AdapterWrapper(nn.Sequential(nn.Linear(4, 4)))
+        m.add_adapter()
+        m.add_adapter_layer("default", "0", cls)
+        for i, other in enumerate(others):
+            m.add_adapter(f"o{i}")
+            m.add_adapter_layer(f"o{i}", "0", other)
+        with pytest.raises(TypeError, match=r"returned None.*add `return"):
+            m(x)
