@@ -1165,3 +1165,23 @@ def test_custom_layer_returning_none_is_an_error_not_a_silent_no_op():
             m.add_adapter_layer(f"o{i}", "0", other)
         with pytest.raises(TypeError, match=r"returned None.*add `return"):
             m(x)
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [("lora_alpha", None), ("lora_alpha", "16"), ("rank_pattern", [4]), ("alpha_pattern", {"q_proj": None})],
+)
+def test_bad_lora_numbers_in_a_config_file_name_the_file(saved, field, value):
+    """A hand-edited or corrupt adapter_config.json gave a bare TypeError/AttributeError
+    from deep inside the layer code."""
+    cfg_file = saved / "adapter_config.json"
+    cfg = json.loads(cfg_file.read_text())
+    cfg[field] = value
+    cfg_file.write_text(json.dumps(cfg))
+    m = fresh_wrapper()
+    before = wrapper_state(m)
+    with pytest.raises(tinytune.InvalidConfigError, match=rf"adapter_config.json: {field}.* must be"):
+        m.load_adapter(str(saved), check_fingerprint=False)
+    assert_same_wrapper_state(before, wrapper_state(m))
+    with pytest.raises(tinytune.InvalidConfigError, match="lora_alpha must be a number"):
+        LinearLoraLayer(r=4, lora_alpha=None)

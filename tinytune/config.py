@@ -13,6 +13,7 @@ thing here:
 from __future__ import annotations
 
 import dataclasses
+import numbers
 import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar
@@ -162,8 +163,18 @@ class LoraConfig(AdapterConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         _check_rank(self.r, "r")
+        for what in ("rank_pattern", "alpha_pattern"):
+            if not isinstance(getattr(self, what), dict):
+                raise InvalidConfigError(
+                    f"{what} must be a dict {{module name regex: value}}, got "
+                    f"{type(getattr(self, what)).__name__}."
+                )
         for key, r in self.rank_pattern.items():
             _check_rank(r, f"rank_pattern[{key!r}]")
+        _check_number(self.lora_alpha, "lora_alpha")
+        for key, alpha in self.alpha_pattern.items():
+            _check_number(alpha, f"alpha_pattern[{key!r}]")
+        _check_number(self.lora_dropout, "lora_dropout")
         if not 0.0 <= float(self.lora_dropout) < 1.0:
             raise InvalidConfigError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}.")
         if self.bias != "none":
@@ -202,6 +213,12 @@ class LoraConfig(AdapterConfig):
 def _check_rank(r: Any, what: str) -> None:
     if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
         raise InvalidConfigError(f"{what} must be a positive integer, got {r!r}.")
+
+
+def _check_number(value: Any, what: str) -> None:
+    # Caught here, not later as a bare TypeError from ``alpha / r`` in a layer.
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise InvalidConfigError(f"{what} must be a number, got {value!r}.")
 
 
 @dataclass

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import math
+import numbers
 from typing import Any
 
 import torch
@@ -172,6 +173,9 @@ class LoraLayer(AdapterLayer):
         super().__init__()
         if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
             raise InvalidConfigError(f"r must be a positive integer, got {r!r}.")
+        for what, value in (("lora_alpha", lora_alpha), ("lora_dropout", lora_dropout)):
+            if isinstance(value, bool) or not isinstance(value, numbers.Real):
+                raise InvalidConfigError(f"{what} must be a number, got {value!r}.")
         if not 0.0 <= float(lora_dropout) < 1.0:
             raise InvalidConfigError(f"lora_dropout must be in [0, 1), got {lora_dropout}.")
         self.r = r
