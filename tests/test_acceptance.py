@@ -1185,3 +1185,39 @@ def test_bad_lora_numbers_in_a_config_file_name_the_file(saved, field, value):
     assert_same_wrapper_state(before, wrapper_state(m))
     with pytest.raises(tinytune.InvalidConfigError, match="lora_alpha must be a number"):
         LinearLoraLayer(r=4, lora_alpha=None)
+
+
+class ClippedLora(LinearLoraLayer):
+    """A LoRA that changes only post_forward: its settings are LinearLoraLayer's."""
+
+    def post_forward(self, module, args, kwargs, output):
+        return super().post_forward(module, args, kwargs, output).clamp(-0.5, 0.5)
+
+
+class ClippedLoraWithArg(LinearLoraLayer):
+    def __init__(self, clip=0.5, **kwargs):
+        super().__init__(**kwargs)
+        self.clip = clip
+
+
+def test_subclass_of_builtin_lora_saves_without_writing_get_config(tmp_path):
+    """Subclassing LinearLoraLayer was refused at save time (no get_config) although
+    its constructor is LinearLoraLayer's, whose settings tinytune knows."""
+    m = AdapterWrapper(tiny_llama())
+    m.add_adapter()
+    m.add_adapter_layer("default", "model.layers.0.self_attn.q_proj", functools.partial(ClippedLora, r=4, lora_alpha=2))
+    m.add_adapter_layer("default", "model.layers.1.mlp.up_proj", LinearIA3Layer)
+    perturb(m.adapter_parameters(), scale=0.5)
+    out = logits(m)
+    m.save_adapter(str(tmp_path / "c"))
+    n = AdapterWrapper(tiny_llama())
+    n.load_adapter(str(tmp_path / "c"), custom_layers=[ClippedLora])
+    layer = n.adapters["default"]["model.layers.0.self_attn.q_proj"]
+    assert type(layer) is ClippedLora and (layer.r, layer.lora_alpha) == (4, 2)
+    torch.testing.assert_close(logits(n), out, rtol=1e-6, atol=1e-6)
+    # a subclass with its own constructor arguments still needs get_config()
+    m.add_adapter("own")
+    m.add_adapter_layer("own", "model.layers.0.self_attn.q_proj", functools.partial(ClippedLoraWithArg, clip=0.1))
+    with pytest.raises(tinytune.AdapterFileError, match="get_config"):
+        m.save_adapter(str(tmp_path / "own"), adapter_name="own")
+    assert not (tmp_path / "own").exists()

@@ -79,7 +79,6 @@ _BUILTIN_TYPES: dict[str, type[AdapterLayer]] = {
     "tinytune.ModulesToSaveLayer": ModulesToSaveLayer,
 }
 _BUILTIN_NAMES = {cls: name for name, cls in _BUILTIN_TYPES.items()}
-_LORA_TYPES = (LinearLoraLayer, EmbeddingLoraLayer, Conv2dLoraLayer)
 
 # PEFT config fields that describe where the adapter came from; they never change what
 # it computes. Kept out of the fingerprint so that editing them by hand stays harmless.
@@ -203,14 +202,21 @@ def _type_name(layer: AdapterLayer) -> str:
 
 def _layer_config(path: str, layer: AdapterLayer) -> dict[str, Any]:
     """Constructor arguments recorded for one layer of a TINYTUNE-format file."""
-    if isinstance(layer, _LORA_TYPES) and type(layer) in _BUILTIN_NAMES:
+    # The built-in layers, and subclasses that keep their constructor (a LoRA that
+    # changes only post_forward, say): the constructor's arguments are known attributes.
+    own_config = hasattr(layer, "get_config")
+    if isinstance(layer, LoraLayer) and type(layer).__init__ is LoraLayer.__init__ and not own_config:
         return {
             "r": layer.r,
             "lora_alpha": layer.lora_alpha,
             "lora_dropout": layer.lora_dropout,
             "use_rslora": layer.use_rslora,
         }
-    if type(layer) is LinearIA3Layer:
+    if (
+        isinstance(layer, LinearIA3Layer)
+        and type(layer).__init__ is LinearIA3Layer.__init__
+        and not own_config
+    ):
         return {"is_feedforward": bool(layer.is_feedforward)}
     if type(layer) is ModulesToSaveLayer:
         return {}
