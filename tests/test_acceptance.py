@@ -1221,3 +1221,12 @@ def test_subclass_of_builtin_lora_saves_without_writing_get_config(tmp_path):
     with pytest.raises(tinytune.AdapterFileError, match="get_config"):
         m.save_adapter(str(tmp_path / "own"), adapter_name="own")
     assert not (tmp_path / "own").exists()
+
+
+def test_looking_up_a_missing_layer_names_the_dotted_path():
+    m = AdapterWrapper.from_config(tiny_llama(), LoraConfig(target_modules=["q_proj"]))
+    with pytest.raises(KeyError) as e:
+        m.adapters["default"]["model.layers.0.self_attn.k_proj"]
+    msg = str(e.value)
+    assert "'model.layers.0.self_attn.k_proj'" in msg and "model/layers" not in msg
+    assert "model.layers.0.self_attn.q_proj" in msg

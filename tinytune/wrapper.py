@@ -67,7 +67,15 @@ class Adapter(nn.Module):
         return _key(path) in self.layers
 
     def __getitem__(self, path: str) -> AdapterLayer:
-        return self.layers[_key(path)]  # type: ignore[return-value]
+        key = _key(path)
+        if key not in self.layers:
+            # A KeyError (as before), but naming the dotted path, not the internal key.
+            raise KeyError(
+                f"Adapter {self.name!r} has no layer on {path!r}; it has {len(self)} layers, "
+                f"{'first ' if len(self) > 4 else ''}on {self.layer_names[:4]!r}."
+                f"{suggest(str(path), self.layer_names)}"
+            )
+        return self.layers[key]  # type: ignore[return-value]
 
     def __len__(self) -> int:
         return len(self.layers)
