@@ -1230,3 +1230,23 @@ def test_looking_up_a_missing_layer_names_the_dotted_path():
     msg = str(e.value)
     assert "'model.layers.0.self_attn.k_proj'" in msg and "model/layers" not in msg
     assert "model.layers.0.self_attn.q_proj" in msg
+
+
+def test_wrapping_a_model_that_another_wrapper_hooks_is_refused():
+    """A notebook cell run twice wrapped the same base again: both adapters applied,
+    and the second wrapper's unload() did not give back the original model."""
+    torch.manual_seed(0)
+    base = tiny_llama()
+    ref = logits(base)
+    cfg = LoraConfig(target_modules=["q_proj"], init_lora_weights=False)
+    first = AdapterWrapper.from_config(base, cfg)
+    hooks = n_hooks(base)
+    with pytest.raises(tinytune.AdapterStateError, match="unload"):
+        AdapterWrapper.from_config(base, cfg)
+    assert n_hooks(base) == hooks
+    assert not any(p.requires_grad for p in base.parameters())  # still first's, frozen
+    back = first.unload()
+    assert all(p.requires_grad for p in back.parameters())
+    again = AdapterWrapper.from_config(back, cfg)  # fine once unloaded
+    again.unload()
+    torch.testing.assert_close(logits(back), ref, rtol=0, atol=0)

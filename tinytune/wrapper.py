@@ -124,6 +124,15 @@ class AdapterWrapper(nn.Module):
             raise TypeError(f"AdapterWrapper needs an nn.Module, got {type(model).__name__}.")
         if isinstance(model, AdapterWrapper):
             raise TypeError("This model is already an AdapterWrapper: add adapters to it directly.")
+        hooked = _hooked_by_tinytune(model)
+        if hooked is not None:
+            # Typically a notebook cell run twice: both wrappers' adapters would apply, and
+            # this wrapper's unload() would not give back the original model.
+            raise AdapterStateError(
+                f"Module {hooked!r} of this model already carries tinytune adapter hooks from "
+                "another AdapterWrapper. Add adapters to that wrapper, or call its unload() "
+                "(or merge_and_unload()) first, or wrap a freshly built model."
+            )
         self.model = model
         self.adapters = nn.ModuleDict()
         self._active: list[str] = []
@@ -703,6 +712,15 @@ class AdapterWrapper(nn.Module):
             if n in self._grad_flags:
                 p.requires_grad_(self._grad_flags[n])
         self._grad_flags = {}
+
+
+def _hooked_by_tinytune(model: nn.Module) -> str | None:
+    """The name of the first module holding a hook of a tinytune HookSite, if any."""
+    for name, module in model.named_modules():
+        for hooks in (module._forward_pre_hooks, module._forward_hooks):
+            if any(isinstance(getattr(h, "__self__", None), HookSite) for h in hooks.values()):
+                return name
+    return None
 
 
 def _device_of(module: nn.Module) -> torch.device | None:
