@@ -1245,6 +1245,12 @@ def test_wrapping_a_model_that_another_wrapper_hooks_is_refused():
         AdapterWrapper.from_config(base, cfg)
     assert n_hooks(base) == hooks
     assert not any(p.requires_grad for p in base.parameters())  # still first's, frozen
+    other = AdapterWrapper.from_config(tiny_llama(1), cfg)
+    before = wrapper_state(other)
+    with pytest.raises(tinytune.AdapterStateError, match="unload"):
+        other.swap_base_model(base)
+    assert_same_wrapper_state(before, wrapper_state(other))
+    other.swap_base_model(other.model)  # its own hooks are fine
     back = first.unload()
     assert all(p.requires_grad for p in back.parameters())
     again = AdapterWrapper.from_config(back, cfg)  # fine once unloaded

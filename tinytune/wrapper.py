@@ -455,6 +455,12 @@ class AdapterWrapper(nn.Module):
             )
         if not isinstance(new_model, nn.Module):
             raise TypeError(f"new_model must be an nn.Module, got {type(new_model).__name__}.")
+        hooked = _hooked_by_tinytune(new_model, own=list(self._sites.values()))
+        if hooked is not None:
+            raise AdapterStateError(
+                f"Module {hooked!r} of new_model already carries adapter hooks from another "
+                "AdapterWrapper; call that wrapper's unload() first."
+            )
         new_modules = dict(new_model.named_modules())
         moved: dict[str, nn.Module] = {}
         for path, site in self._sites.items():
@@ -714,12 +720,16 @@ class AdapterWrapper(nn.Module):
         self._grad_flags = {}
 
 
-def _hooked_by_tinytune(model: nn.Module) -> str | None:
-    """The name of the first module holding a hook of a tinytune HookSite, if any."""
+def _hooked_by_tinytune(model: nn.Module, own: Sequence[HookSite] = ()) -> str | None:
+    """The name of the first module holding a hook of a tinytune HookSite (other than
+    ``own``), if any."""
+    own_ids = {id(site) for site in own}
     for name, module in model.named_modules():
         for hooks in (module._forward_pre_hooks, module._forward_hooks):
-            if any(isinstance(getattr(h, "__self__", None), HookSite) for h in hooks.values()):
-                return name
+            for hook in hooks.values():
+                site = getattr(hook, "__self__", None)
+                if isinstance(site, HookSite) and id(site) not in own_ids:
+                    return name
     return None
 
 
