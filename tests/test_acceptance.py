@@ -1256,3 +1256,25 @@ def test_wrapping_a_model_that_another_wrapper_hooks_is_refused():
     again = AdapterWrapper.from_config(back, cfg)  # fine once unloaded
     again.unload()
     torch.testing.assert_close(logits(back), ref, rtol=0, atol=0)
+
+
+def test_peft_adapters_whose_init_rewrites_the_base_are_refused_with_the_conversion(tmp_path):
+    """PEFT redoes PiSSA/OLoRA init on load, rewriting the base weights; tinytune loaded
+    such a file silently on the original base and gave different logits than PEFT."""
+    base = tiny_llama()
+    pm = peft.get_peft_model(
+        copy.deepcopy(base), peft.LoraConfig(target_modules=["q_proj", "v_proj"], r=4, init_lora_weights="pissa")
+    )
+    pm.save_pretrained(str(tmp_path / "init"))  # as PEFT's docs say: keep the initial adapter
+    perturb([p for n, p in pm.named_parameters() if "lora_" in n], scale=0.05)  # "training"
+    pm.save_pretrained(str(tmp_path / "pissa"))
+    m = fresh_wrapper()
+    before = wrapper_state(m)
+    with pytest.raises(tinytune.InvalidConfigError, match="path_initial_model_for_weight_conversion"):
+        m.load_adapter(str(tmp_path / "pissa"))
+    assert_same_wrapper_state(before, wrapper_state(m))
+    # the conversion the message names gives a plain LoRA that matches PEFT on the original base
+    pm.save_pretrained(str(tmp_path / "plain"), path_initial_model_for_weight_conversion=str(tmp_path / "init"))
+    want = logits(peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "plain")).eval())
+    w = AdapterWrapper.from_pretrained(base, str(tmp_path / "plain"))
+    torch.testing.assert_close(logits(w), want, rtol=1e-5, atol=1e-5)

@@ -736,7 +736,21 @@ def _config_from_peft(config: dict[str, Any], file: Path) -> AdapterConfig:
                 "PEFT (merge_and_unload) or retrain it without that option."
             )
     if "init_lora_weights" in kwargs and not isinstance(kwargs["init_lora_weights"], bool):
-        # "gaussian", "pissa", ...: initialisation schemes; the saved weights are what count.
+        init = str(kwargs["init_lora_weights"])
+        if init.lower().startswith(_BASE_REWRITING_INITS):
+            # PEFT re-runs these when it loads the adapter, and they overwrite the base
+            # weights (PiSSA/OLoRA/CorDA keep W - BA, LoftQ a quantised W): PEFT's outputs
+            # then come from a changed base model, which tinytune never makes.
+            raise InvalidConfigError(
+                f"{file} sets init_lora_weights={init!r}: PEFT redoes that initialisation "
+                "when loading, which rewrites the base model's weights, so tinytune (which "
+                "never changes base weights) would not reproduce PEFT's outputs. Convert "
+                "it with PEFT to a plain LoRA first: save_pretrained(out_dir, "
+                "path_initial_model_for_weight_conversion=<the adapter saved right after "
+                "initialisation>), or merge it with PEFT (merge_and_unload)."
+            )
+        # "gaussian", "eva", "orthogonal", ...: how training started; the saved weights
+        # are what count.
         kwargs["init_lora_weights"] = True
     if "init_ia3_weights" in kwargs:
         kwargs["init_ia3_weights"] = bool(kwargs["init_ia3_weights"])
@@ -754,6 +768,9 @@ def _config_from_peft(config: dict[str, Any], file: Path) -> AdapterConfig:
 def _unused(value: Any) -> bool:
     return value is None or value is False or value == {} or value == [] or value in ("none", "")
 
+
+# init_lora_weights values after which PEFT's loading changes the base weights.
+_BASE_REWRITING_INITS = ("pissa", "corda", "olora", "loftq")
 
 _LORA_SUFFIXES = (".lora_A.weight", ".lora_B.weight", ".lora_embedding_A", ".lora_embedding_B")
 
