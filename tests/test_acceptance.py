@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import importlib
 import json
 import os
 
@@ -138,8 +139,6 @@ def test_public_names_import_from_tinytune():
     ]:
         assert isinstance(getattr(tinytune, name), type), name
     assert issubclass(LoraConfig, AdapterConfig) and issubclass(IA3Config, AdapterConfig)
-    import importlib
-
     importlib.import_module("tinytune.kernels")  # part of the installed distribution
 
 

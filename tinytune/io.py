@@ -205,7 +205,11 @@ def _layer_config(path: str, layer: AdapterLayer) -> dict[str, Any]:
     # The built-in layers, and subclasses that keep their constructor (a LoRA that
     # changes only post_forward, say): the constructor's arguments are known attributes.
     own_config = hasattr(layer, "get_config")
-    if isinstance(layer, LoraLayer) and type(layer).__init__ is LoraLayer.__init__ and not own_config:
+    if (
+        isinstance(layer, LoraLayer)
+        and type(layer).__init__ is LoraLayer.__init__
+        and not own_config
+    ):
         return {
             "r": layer.r,
             "lora_alpha": layer.lora_alpha,
