@@ -1277,3 +1277,31 @@ def test_peft_adapters_whose_init_rewrites_the_base_are_refused_with_the_convers
     want = logits(peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "plain")).eval())
     w = AdapterWrapper.from_pretrained(base, str(tmp_path / "plain"))
     torch.testing.assert_close(logits(w), want, rtol=1e-5, atol=1e-5)
+
+
+def test_merging_into_tied_weights_is_refused_instead_of_changing_the_other_module():
+    """GPT-2 ties lm_head.weight to transformer.wte.weight. Merging a modules_to_save
+    copy of lm_head wrote into the shared tensor, changing the embeddings too: merged
+    logits differed from unmerged by ~40 (PEFT unties on merge_and_unload)."""
+    g = tiny_gpt2()
+    assert g.lm_head.weight is g.transformer.wte.weight
+    m = AdapterWrapper.from_config(g, LoraConfig(target_modules=["c_attn"], modules_to_save=["lm_head"]))
+    perturb(m.adapters["default"]["lm_head"].module_copy.parameters(), scale=0.5)
+    out = logits(m)
+    before = wrapper_state(m)
+    for call in (m.merge_adapters, m.merge_and_unload):
+        with pytest.raises(tinytune.MergeNotSupportedError, match="tied to 'transformer.wte.weight'"):
+            call()
+        assert_same_wrapper_state(before, wrapper_state(m))
+    torch.testing.assert_close(logits(m), out, rtol=0, atol=0)
+    # LoRA on the tied embedding: same refusal
+    e = AdapterWrapper.from_config(tiny_gpt2(), LoraConfig(target_modules=["wte"], init_lora_weights=False))
+    with pytest.raises(tinytune.MergeNotSupportedError, match="tied"):
+        e.merge_adapters()
+    # untied as the message says, the merge agrees with the unmerged model
+    u = tiny_gpt2()
+    u.lm_head.weight = nn.Parameter(u.lm_head.weight.detach().clone())
+    m = AdapterWrapper.from_config(u, LoraConfig(target_modules=["c_attn"], modules_to_save=["lm_head"]))
+    perturb(m.adapters["default"]["lm_head"].module_copy.parameters(), scale=0.5)
+    out = logits(m)
+    torch.testing.assert_close(logits(m.merge_and_unload()), out, rtol=1e-5, atol=1e-5)

@@ -379,10 +379,13 @@ class AdapterWrapper(nn.Module):
 
         Raises:
             AdapterNotFoundError: For an unknown name.
-            MergeNotSupportedError: If a layer cannot merge; nothing is merged then.
+            MergeNotSupportedError: If a layer cannot merge, or its module's weights are
+                tied to another module's (merging would change both); nothing is merged
+                then.
         """
         names = self._active if adapter_names is None else self._names(adapter_names)
         todo = [n for n in names if n not in self._merged]
+        owners: dict[int, list[str]] | None = None
         for name in todo:
             for path, layer in self._adapter(name).items():
                 if not layer.can_merge:
@@ -391,6 +394,9 @@ class AdapterWrapper(nn.Module):
                         "implement merge(); nothing was merged. Keep it unmerged, or implement "
                         "merge(module)."
                     )
+                if owners is None:
+                    owners = _param_owners(self._model())
+                _check_not_tied(path, name, self._sites[path].module, owners)
         before = list(self._merged)
         try:
             for name in todo:
@@ -718,6 +724,33 @@ class AdapterWrapper(nn.Module):
             if n in self._grad_flags:
                 p.requires_grad_(self._grad_flags[n])
         self._grad_flags = {}
+
+
+def _param_owners(model: nn.Module) -> dict[int, list[str]]:
+    """``id(parameter) -> ["<module path>.<name>", ...]``, listing tied parameters once
+    per module that holds them."""
+    owners: dict[int, list[str]] = {}
+    for path, module in model.named_modules(remove_duplicate=False):
+        for pname, param in module._parameters.items():
+            if param is not None:
+                owners.setdefault(id(param), []).append(f"{path}.{pname}" if path else pname)
+    return owners
+
+
+def _check_not_tied(path: str, adapter_name: str, module: nn.Module, owners: dict) -> None:
+    """Refuse to merge into a module whose weights another module also uses (tied input
+    and output embeddings): the merge would change that module too, so merged and
+    unmerged outputs would differ."""
+    for pname, param in module.named_parameters():
+        full = f"{path}.{pname}"
+        others = [o for o in owners.get(id(param), []) if o != full and not o.startswith(path + ".")]
+        if others:
+            raise MergeNotSupportedError(
+                f"Cannot merge adapter {adapter_name!r}: {full!r} is tied to {others[0]!r} (the "
+                "same tensor), so merging into it would change that module too; nothing was "
+                "merged. Keep the adapter unmerged, or untie the weights before wrapping, e.g. "
+                f"model.{full} = nn.Parameter(model.{full}.detach().clone())."
+            )
 
 
 def _hooked_by_tinytune(model: nn.Module, own: Sequence[HookSite] = ()) -> str | None:
