@@ -112,6 +112,10 @@ class AdapterWrapper(nn.Module):
     Args:
         model: The base model. It is used in place, not copied.
 
+    Raises:
+        TypeError: If ``model`` is not an ``nn.Module`` or is already a wrapper.
+        AdapterStateError: If another wrapper's adapter hooks are still on ``model``.
+
     Example:
         >>> wrapper = AdapterWrapper.from_config(model, LoraConfig(target_modules=["q_proj"]))
         >>> out = wrapper(x)
@@ -451,7 +455,8 @@ class AdapterWrapper(nn.Module):
             The previous base model, unhooked (``None`` after ``unload``).
 
         Raises:
-            AdapterStateError: If an adapter is merged.
+            AdapterStateError: If an adapter is merged, or another wrapper's adapter hooks
+                are on ``new_model``.
             LayerNotFoundError / UnsupportedModuleError: If ``new_model`` lacks an
                 adapted module or has one of another type or shape. Nothing changes then.
         """
