@@ -13,6 +13,7 @@ thing here:
 from __future__ import annotations
 
 import dataclasses
+import numbers
 import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar
@@ -103,6 +104,11 @@ class AdapterConfig:
 
 
 def _is_linear(module: nn.Module) -> bool:
+    from .layers import bypasses_forward
+
+    # "all-linear" skips nn.MultiheadAttention's out_proj: hooks on it never run.
+    if bypasses_forward(module):
+        return False
     return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
 
 
@@ -157,8 +163,18 @@ class LoraConfig(AdapterConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         _check_rank(self.r, "r")
+        for what in ("rank_pattern", "alpha_pattern"):
+            if not isinstance(getattr(self, what), dict):
+                raise InvalidConfigError(
+                    f"{what} must be a dict {{module name regex: value}}, got "
+                    f"{type(getattr(self, what)).__name__}."
+                )
         for key, r in self.rank_pattern.items():
             _check_rank(r, f"rank_pattern[{key!r}]")
+        _check_number(self.lora_alpha, "lora_alpha")
+        for key, alpha in self.alpha_pattern.items():
+            _check_number(alpha, f"alpha_pattern[{key!r}]")
+        _check_number(self.lora_dropout, "lora_dropout")
         if not 0.0 <= float(self.lora_dropout) < 1.0:
             raise InvalidConfigError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}.")
         if self.bias != "none":
@@ -199,6 +215,12 @@ def _check_rank(r: Any, what: str) -> None:
         raise InvalidConfigError(f"{what} must be a positive integer, got {r!r}.")
 
 
+def _check_number(value: Any, what: str) -> None:
+    # Caught here, not later as a bare TypeError from ``alpha / r`` in a layer.
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise InvalidConfigError(f"{what} must be a number, got {value!r}.")
+
+
 @dataclass
 class IA3Config(AdapterConfig):
     """IA³: learned per-feature scales, initialised to 1.
@@ -235,7 +257,9 @@ class IA3Config(AdapterConfig):
     def make_layer(self, name: str, module: nn.Module) -> nn.Module:
         from .layers import LinearIA3Layer
 
-        if not _is_linear(module):
+        # nn.Linear subclasses that hooks cannot reach are refused, with the reason, by
+        # LinearIA3Layer.reset_params.
+        if not (_is_linear(module) or isinstance(module, nn.Linear)):
             raise UnsupportedModuleError(
                 f"IA3 cannot adapt module {name!r} of type {type(module).__name__}: supported "
                 "types are nn.Linear and transformers' Conv1D. Narrow target_modules."

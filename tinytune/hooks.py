@@ -122,21 +122,30 @@ class HookSite:
         if self._needs_stack:
             views: dict[int, tuple[tuple, dict]] = {len(self.chain): (args, kwargs)}
             for i, layer in reversed(self._pres):
-                args, kwargs = layer.pre_forward(module, args, kwargs)
+                args, kwargs = _checked_pre(layer, layer.pre_forward(module, args, kwargs))
                 views[i] = (args, kwargs)
             self._stack().append(views)
             return args, kwargs
         for _, layer in reversed(self._pres):
-            args, kwargs = layer.pre_forward(module, args, kwargs)
+            args, kwargs = _checked_pre(layer, layer.pre_forward(module, args, kwargs))
         return args, kwargs
 
     def _post_hook_single(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
-        return self._posts[0][1].post_forward(module, args, kwargs, output)
+        layer = self._posts[0][1]
+        new = layer.post_forward(module, args, kwargs, output)
+        if new is None and output is not None:
+            # torch would read a None from a hook as "output unchanged": the adapter
+            # would silently do nothing.
+            raise _returned_none(layer, "post_forward", "return output")
+        return new
 
     def _post_hook(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
         if not self._needs_stack:
             for _, layer in self._posts:
-                output = layer.post_forward(module, args, kwargs, output)
+                new = layer.post_forward(module, args, kwargs, output)
+                if new is None and output is not None:
+                    raise _returned_none(layer, "post_forward", "return output")
+                output = new
             return output
         views = self._stack().pop()
         # The inputs seen by layer i: after the pre-forwards of layers i, i+1, ...
@@ -149,7 +158,10 @@ class HookSite:
             per_layer[i] = view
         for i, layer in self._posts:
             a, k = per_layer[i]
-            output = layer.post_forward(module, a, k, output)
+            new = layer.post_forward(module, a, k, output)
+            if new is None and output is not None:
+                raise _returned_none(layer, "post_forward", "return output")
+            output = new
         return output
 
     def _stack(self) -> list:
@@ -171,3 +183,16 @@ class HookSite:
 
     def __repr__(self) -> str:
         return f"HookSite({self.path!r}, adapters={list(self.layers)}, active={len(self.chain)})"
+
+
+def _returned_none(layer: AdapterLayer, method: str, fix: str) -> TypeError:
+    return TypeError(
+        f"{type(layer).__name__}.{method}() returned None; it must return its result "
+        f"(add `{fix}` at its end)."
+    )
+
+
+def _checked_pre(layer: AdapterLayer, result: Any) -> tuple[tuple, dict]:
+    if result is None:
+        raise _returned_none(layer, "pre_forward", "return args, kwargs")
+    return result

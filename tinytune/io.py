@@ -79,7 +79,6 @@ _BUILTIN_TYPES: dict[str, type[AdapterLayer]] = {
     "tinytune.ModulesToSaveLayer": ModulesToSaveLayer,
 }
 _BUILTIN_NAMES = {cls: name for name, cls in _BUILTIN_TYPES.items()}
-_LORA_TYPES = (LinearLoraLayer, EmbeddingLoraLayer, Conv2dLoraLayer)
 
 # PEFT config fields that describe where the adapter came from; they never change what
 # it computes. Kept out of the fingerprint so that editing them by hand stays harmless.
@@ -203,14 +202,25 @@ def _type_name(layer: AdapterLayer) -> str:
 
 def _layer_config(path: str, layer: AdapterLayer) -> dict[str, Any]:
     """Constructor arguments recorded for one layer of a TINYTUNE-format file."""
-    if isinstance(layer, _LORA_TYPES) and type(layer) in _BUILTIN_NAMES:
+    # The built-in layers, and subclasses that keep their constructor (a LoRA that
+    # changes only post_forward, say): the constructor's arguments are known attributes.
+    own_config = hasattr(layer, "get_config")
+    if (
+        isinstance(layer, LoraLayer)
+        and type(layer).__init__ is LoraLayer.__init__
+        and not own_config
+    ):
         return {
             "r": layer.r,
             "lora_alpha": layer.lora_alpha,
             "lora_dropout": layer.lora_dropout,
             "use_rslora": layer.use_rslora,
         }
-    if type(layer) is LinearIA3Layer:
+    if (
+        isinstance(layer, LinearIA3Layer)
+        and type(layer).__init__ is LinearIA3Layer.__init__
+        and not own_config
+    ):
         return {"is_feedforward": bool(layer.is_feedforward)}
     if type(layer) is ModulesToSaveLayer:
         return {}
@@ -479,6 +489,7 @@ def load_adapter(
     *,
     custom_layers: Mapping[str, Callable[..., AdapterLayer]] | Iterable[type] | None = None,
     check_fingerprint: bool = True,
+    is_trainable: bool = True,
 ) -> None:
     """Load an adapter saved by PEFT or tinytune and attach it to the wrapper.
 
@@ -501,6 +512,8 @@ def load_adapter(
         check_fingerprint: Refuse a config that does not match the fingerprint a
             tinytune-written weights file records (an interrupted save, or a config
             edited by hand). Set ``False`` to accept a deliberate edit.
+        is_trainable: Whether the loaded adapter's parameters require grad (PEFT's
+            argument; unlike PEFT, tinytune loads adapters trainable by default).
 
     Raises:
         AdapterExistsError: If ``adapter_name`` is taken.
@@ -551,6 +564,7 @@ def load_adapter(
     adapter = Adapter(adapter_name, cfg)
     adapter.peft_extras = {k: config[k] for k in _CARRIED if config.get(k) is not None}
     for layer_path, layer in layers:
+        layer.requires_grad_(bool(is_trainable))
         device = _device_of(ctx.modules[layer_path])
         if device is not None:
             layer.to(device)
@@ -726,7 +740,21 @@ def _config_from_peft(config: dict[str, Any], file: Path) -> AdapterConfig:
                 "PEFT (merge_and_unload) or retrain it without that option."
             )
     if "init_lora_weights" in kwargs and not isinstance(kwargs["init_lora_weights"], bool):
-        # "gaussian", "pissa", ...: initialisation schemes; the saved weights are what count.
+        init = str(kwargs["init_lora_weights"])
+        if init.lower().startswith(_BASE_REWRITING_INITS):
+            # PEFT re-runs these when it loads the adapter, and they overwrite the base
+            # weights (PiSSA/OLoRA/CorDA keep W - BA, LoftQ a quantised W): PEFT's outputs
+            # then come from a changed base model, which tinytune never makes.
+            raise InvalidConfigError(
+                f"{file} sets init_lora_weights={init!r}: PEFT redoes that initialisation "
+                "when loading, which rewrites the base model's weights, so tinytune (which "
+                "never changes base weights) would not reproduce PEFT's outputs. Convert "
+                "it with PEFT to a plain LoRA first: save_pretrained(out_dir, "
+                "path_initial_model_for_weight_conversion=<the adapter saved right after "
+                "initialisation>), or merge it with PEFT (merge_and_unload)."
+            )
+        # "gaussian", "eva", "orthogonal", ...: how training started; the saved weights
+        # are what count.
         kwargs["init_lora_weights"] = True
     if "init_ia3_weights" in kwargs:
         kwargs["init_ia3_weights"] = bool(kwargs["init_ia3_weights"])
@@ -744,6 +772,9 @@ def _config_from_peft(config: dict[str, Any], file: Path) -> AdapterConfig:
 def _unused(value: Any) -> bool:
     return value is None or value is False or value == {} or value == [] or value in ("none", "")
 
+
+# init_lora_weights values after which PEFT's loading changes the base weights.
+_BASE_REWRITING_INITS = ("pissa", "corda", "olora", "loftq")
 
 _LORA_SUFFIXES = (".lora_A.weight", ".lora_B.weight", ".lora_embedding_A", ".lora_embedding_B")
 

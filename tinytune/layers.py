@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import math
+import numbers
 from typing import Any
 
 import torch
@@ -48,8 +49,25 @@ def is_conv1d(module: nn.Module) -> bool:
     return type(module).__name__ == "Conv1D" and hasattr(module, "weight")
 
 
+def bypasses_forward(module: nn.Module) -> bool:
+    """Whether ``module``'s owner reads its weights without calling it.
+
+    ``nn.MultiheadAttention`` hands ``out_proj.weight`` (a
+    ``NonDynamicallyQuantizableLinear``) to the attention kernel directly, so hooks on
+    ``out_proj`` never run: an adapter there would do nothing unmerged, yet change the
+    outputs once merged.
+    """
+    return isinstance(module, nn.modules.linear.NonDynamicallyQuantizableLinear)
+
+
 def linear_features(module: nn.Module) -> tuple[int, int, bool]:
     """``(in_features, out_features, fan_in_fan_out)`` of a linear-like module."""
+    if bypasses_forward(module):
+        raise UnsupportedModuleError(
+            f"{type(module).__name__} is the out_proj of nn.MultiheadAttention, which uses "
+            "its weight without calling it, so a hook-based adapter on it would never run. "
+            "Adapt other layers, or the attention with a custom AdapterLayer."
+        )
     if isinstance(module, nn.Linear):
         return module.in_features, module.out_features, False
     if is_conv1d(module):
@@ -155,6 +173,9 @@ class LoraLayer(AdapterLayer):
         super().__init__()
         if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
             raise InvalidConfigError(f"r must be a positive integer, got {r!r}.")
+        for what, value in (("lora_alpha", lora_alpha), ("lora_dropout", lora_dropout)):
+            if isinstance(value, bool) or not isinstance(value, numbers.Real):
+                raise InvalidConfigError(f"{what} must be a number, got {value!r}.")
         if not 0.0 <= float(lora_dropout) < 1.0:
             raise InvalidConfigError(f"lora_dropout must be in [0, 1), got {lora_dropout}.")
         self.r = r

@@ -67,7 +67,15 @@ class Adapter(nn.Module):
         return _key(path) in self.layers
 
     def __getitem__(self, path: str) -> AdapterLayer:
-        return self.layers[_key(path)]  # type: ignore[return-value]
+        key = _key(path)
+        if key not in self.layers:
+            # A KeyError (as before), but naming the dotted path, not the internal key.
+            raise KeyError(
+                f"Adapter {self.name!r} has no layer on {path!r}; it has {len(self)} layers, "
+                f"{'first ' if len(self) > 4 else ''}on {self.layer_names[:4]!r}."
+                f"{suggest(str(path), self.layer_names)}"
+            )
+        return self.layers[key]  # type: ignore[return-value]
 
     def __len__(self) -> int:
         return len(self.layers)
@@ -104,6 +112,10 @@ class AdapterWrapper(nn.Module):
     Args:
         model: The base model. It is used in place, not copied.
 
+    Raises:
+        TypeError: If ``model`` is not an ``nn.Module`` or is already a wrapper.
+        AdapterStateError: If another wrapper's adapter hooks are still on ``model``.
+
     Example:
         >>> wrapper = AdapterWrapper.from_config(model, LoraConfig(target_modules=["q_proj"]))
         >>> out = wrapper(x)
@@ -116,6 +128,15 @@ class AdapterWrapper(nn.Module):
             raise TypeError(f"AdapterWrapper needs an nn.Module, got {type(model).__name__}.")
         if isinstance(model, AdapterWrapper):
             raise TypeError("This model is already an AdapterWrapper: add adapters to it directly.")
+        hooked = _hooked_by_tinytune(model)
+        if hooked is not None:
+            # Typically a notebook cell run twice: both wrappers' adapters would apply, and
+            # this wrapper's unload() would not give back the original model.
+            raise AdapterStateError(
+                f"Module {hooked!r} of this model already carries tinytune adapter hooks from "
+                "another AdapterWrapper. Add adapters to that wrapper, or call its unload() "
+                "(or merge_and_unload()) first, or wrap a freshly built model."
+            )
         self.model = model
         self.adapters = nn.ModuleDict()
         self._active: list[str] = []
@@ -152,8 +173,17 @@ class AdapterWrapper(nn.Module):
 
         Raises:
             AdapterExistsError: If the name is taken.
+            TypeError: If ``activate`` is not a bool (PEFT's ``add_adapter(name, config)``
+                passes a config there; use :meth:`add_adapter_from_config`).
         """
         self._check_new_name(adapter_name)
+        if not isinstance(activate, bool):
+            # PEFT's add_adapter(adapter_name, peft_config) would land a config here and
+            # silently create an empty adapter.
+            raise TypeError(
+                f"activate must be True or False, got {type(activate).__name__}. To add an "
+                "adapter from a config, call add_adapter_from_config(config, adapter_name)."
+            )
         self.adapters[adapter_name] = Adapter(adapter_name)
         if activate:
             self._active.append(adapter_name)
@@ -171,9 +201,16 @@ class AdapterWrapper(nn.Module):
         """
         self._check_new_name(adapter_name)
         if not isinstance(config, AdapterConfig):
+            cls = type(config)
+            hint = ""
+            if cls.__module__.split(".")[0] == "peft":
+                hint = (
+                    f" This is PEFT's {cls.__name__}; use tinytune's, which takes the same "
+                    "fields: from tinytune import LoraConfig, IA3Config."
+                )
             raise TypeError(
-                f"config must be an AdapterConfig (LoraConfig, IA3Config, ...), got "
-                f"{type(config).__name__}."
+                f"config must be a tinytune AdapterConfig (tinytune.LoraConfig, "
+                f"tinytune.IA3Config, ...), got {cls.__module__}.{cls.__qualname__}.{hint}"
             )
         model = self._model()
         named = [(n, m) for n, m in model.named_modules() if n]
@@ -196,7 +233,12 @@ class AdapterWrapper(nn.Module):
                 f"{', '.join(repr(n) for n in leaf_names[:8])}."
             )
         if config.target_modules is None and not save_names:
-            raise InvalidConfigError("The config names no target_modules and no modules_to_save.")
+            # PEFT falls back on per-architecture defaults here; tinytune has none.
+            raise InvalidConfigError(
+                "The config names no target_modules and no modules_to_save: pass "
+                "target_modules, e.g. ['q_proj', 'v_proj'] for Llama-style models, "
+                "['c_attn'] for GPT-2, or 'all-linear'."
+            )
         missing = [s for s in save_names if not any(name_matches(n, [s]) for n, _ in named)]
         if missing:
             raise NoMatchingModulesError(
@@ -343,10 +385,13 @@ class AdapterWrapper(nn.Module):
 
         Raises:
             AdapterNotFoundError: For an unknown name.
-            MergeNotSupportedError: If a layer cannot merge; nothing is merged then.
+            MergeNotSupportedError: If a layer cannot merge, or its module's weights are
+                tied to another module's (merging would change both); nothing is merged
+                then.
         """
         names = self._active if adapter_names is None else self._names(adapter_names)
         todo = [n for n in names if n not in self._merged]
+        owners: dict[int, list[str]] | None = None
         for name in todo:
             for path, layer in self._adapter(name).items():
                 if not layer.can_merge:
@@ -355,6 +400,9 @@ class AdapterWrapper(nn.Module):
                         "implement merge(); nothing was merged. Keep it unmerged, or implement "
                         "merge(module)."
                     )
+                if owners is None:
+                    owners = _param_owners(self._model())
+                _check_not_tied(path, name, self._sites[path].module, owners)
         before = list(self._merged)
         try:
             for name in todo:
@@ -409,7 +457,8 @@ class AdapterWrapper(nn.Module):
             The previous base model, unhooked (``None`` after ``unload``).
 
         Raises:
-            AdapterStateError: If an adapter is merged.
+            AdapterStateError: If an adapter is merged, or another wrapper's adapter hooks
+                are on ``new_model``.
             LayerNotFoundError / UnsupportedModuleError: If ``new_model`` lacks an
                 adapted module or has one of another type or shape. Nothing changes then.
         """
@@ -419,6 +468,12 @@ class AdapterWrapper(nn.Module):
             )
         if not isinstance(new_model, nn.Module):
             raise TypeError(f"new_model must be an nn.Module, got {type(new_model).__name__}.")
+        hooked = _hooked_by_tinytune(new_model, own=list(self._sites.values()))
+        if hooked is not None:
+            raise AdapterStateError(
+                f"Module {hooked!r} of new_model already carries adapter hooks from another "
+                "AdapterWrapper; call that wrapper's unload() first."
+            )
         new_modules = dict(new_model.named_modules())
         moved: dict[str, nn.Module] = {}
         for path, site in self._sites.items():
@@ -581,7 +636,17 @@ class AdapterWrapper(nn.Module):
         return self.adapters[adapter_name]  # type: ignore[return-value]
 
     def _names(self, adapter_names: str | Sequence[str]) -> list[str]:
-        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        if isinstance(adapter_names, str):
+            names = [adapter_names]
+        else:
+            try:
+                names = list(adapter_names)
+            except TypeError:
+                raise TypeError(
+                    f"Expected an adapter name or a list of names (an empty list for none), "
+                    f"got {type(adapter_names).__name__}; existing adapters: "
+                    f"{list(self.adapters)!r}."
+                ) from None
         for name in names:
             self._adapter(name)
         return names
@@ -683,6 +748,46 @@ class AdapterWrapper(nn.Module):
             if n in self._grad_flags:
                 p.requires_grad_(self._grad_flags[n])
         self._grad_flags = {}
+
+
+def _param_owners(model: nn.Module) -> dict[int, list[str]]:
+    """``id(parameter) -> ["<module path>.<name>", ...]``, listing tied parameters once
+    per module that holds them."""
+    owners: dict[int, list[str]] = {}
+    for path, module in model.named_modules(remove_duplicate=False):
+        for pname, param in module._parameters.items():
+            if param is not None:
+                owners.setdefault(id(param), []).append(f"{path}.{pname}" if path else pname)
+    return owners
+
+
+def _check_not_tied(path: str, adapter_name: str, module: nn.Module, owners: dict) -> None:
+    """Refuse to merge into a module whose weights another module also uses (tied input
+    and output embeddings): the merge would change that module too, so merged and
+    unmerged outputs would differ."""
+    for pname, param in module.named_parameters():
+        full = f"{path}.{pname}"
+        others = [o for o in owners.get(id(param), []) if o != full and not o.startswith(path + ".")]
+        if others:
+            raise MergeNotSupportedError(
+                f"Cannot merge adapter {adapter_name!r}: {full!r} is tied to {others[0]!r} (the "
+                "same tensor), so merging into it would change that module too; nothing was "
+                "merged. Keep the adapter unmerged, or untie the weights before wrapping, e.g. "
+                f"model.{full} = nn.Parameter(model.{full}.detach().clone())."
+            )
+
+
+def _hooked_by_tinytune(model: nn.Module, own: Sequence[HookSite] = ()) -> str | None:
+    """The name of the first module holding a hook of a tinytune HookSite (other than
+    ``own``), if any."""
+    own_ids = {id(site) for site in own}
+    for name, module in model.named_modules():
+        for hooks in (module._forward_pre_hooks, module._forward_hooks):
+            for hook in hooks.values():
+                site = getattr(hook, "__self__", None)
+                if isinstance(site, HookSite) and id(site) not in own_ids:
+                    return name
+    return None
 
 
 def _device_of(module: nn.Module) -> torch.device | None:
