@@ -1,0 +1,121 @@
+"""Per-row adapters in one batch: the tensor-only reference math.
+
+The layout every function here consumes (and that the fused kernels will consume too):
+
+* ``row_index``: ``(B,)`` int64, the *slot* of each batch row in the stacks. The last
+  slot of every stack is the identity (zero LoRA factors, unit IA³ scales), so rows
+  without an adapter (``"__base__"``) or whose adapter has no layer on this module
+  index it and come out unchanged.
+* LoRA: ``a_stack`` ``(S, r_max, in)`` and ``bt_stack`` ``(S, r_max, out)``: each
+  adapter's ``A`` and ``B^T``, zero-padded to the largest rank at this module (the
+  padding contributes exact zeros), and ``scale`` ``(S,)``: ``alpha / r`` (or
+  ``alpha / sqrt(r)``) per slot.
+* IA³: ``l_stack`` ``(S, features)``, ones in slots without an IA³ layer.
+* Embedding LoRA: ``a_stack`` ``(S, num_embeddings, r_max)``, ``bt_stack``
+  ``(S, r_max, dim)``.
+
+Rows are batch dimension 0 of ``x``; all other leading dimensions (sequence, ...) are
+tokens of that row. The PyTorch path gathers each row's factors and runs batched
+matmuls: the arithmetic is exactly one LoRA per token, memory traffic is one copy of
+the factors per row, and nothing depends on how many adapters are stacked. Every shape
+depends only on the batch shape and the stacks, never on which row uses which adapter,
+so ``torch.compile`` does not recompile when the assignment changes.
+
+This module imports torch only (never tinytune).
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["torch_lora_mixed", "torch_ia3_mixed", "torch_embedding_lora_mixed"]
+
+
+def _rows3d(t: torch.Tensor) -> torch.Tensor:
+    """``(B, ..., F)`` -> ``(B, tokens, F)`` (a view where possible)."""
+    return t.reshape(t.shape[0], -1, t.shape[-1])
+
+
+def torch_lora_mixed(
+    x: torch.Tensor,
+    out: torch.Tensor,
+    a_stack: torch.Tensor,
+    bt_stack: torch.Tensor,
+    scale: torch.Tensor,
+    row_index: torch.Tensor,
+) -> torch.Tensor:
+    """``out[b] + scale[s] * (x[b] @ A[s]^T) @ B[s]^T`` with ``s = row_index[b]``.
+
+    Args:
+        x: ``(B, ..., in)`` inputs of the adapted linear layer.
+        out: ``(B, ..., out)`` the layer's output.
+        a_stack: ``(S, r, in)`` stacked ``A`` factors.
+        bt_stack: ``(S, r, out)`` stacked, transposed ``B`` factors.
+        scale: ``(S,)`` per-slot scaling.
+        row_index: ``(B,)`` int64 slot of each row.
+
+    Returns:
+        A new tensor shaped and typed like ``out``. The LoRA branch runs in the stacks'
+        dtype (as the single-adapter layer runs in its parameters' dtype).
+    """
+    b = x.shape[0]
+    x3 = _rows3d(x)
+    if x3.dtype != a_stack.dtype:
+        x3 = x3.to(a_stack.dtype)
+    a = a_stack.index_select(0, row_index)  # (B, r, in)
+    bt = bt_stack.index_select(0, row_index)  # (B, r, out)
+    s = scale.index_select(0, row_index).to(a.dtype).view(b, 1, 1)
+    h = torch.bmm(x3, a.transpose(1, 2)) * s  # (B, T, r)
+    out3 = _rows3d(out)
+    if out3.dtype == bt.dtype:
+        # One batched GEMM with the add folded in.
+        return torch.baddbmm(out3, h, bt).view(out.shape)
+    return out + torch.bmm(h, bt).to(out.dtype).view(out.shape)
+
+
+def torch_ia3_mixed(x: torch.Tensor, l_stack: torch.Tensor, row_index: torch.Tensor) -> torch.Tensor:
+    """``x[b] * l[row_index[b]]``, broadcast over the row's tokens.
+
+    Args:
+        x: ``(B, ..., F)`` tensor to scale (inputs or outputs of a linear layer).
+        l_stack: ``(S, F)`` stacked IA³ scales.
+        row_index: ``(B,)`` int64 slot of each row.
+
+    Returns:
+        A new tensor shaped and typed like ``x``.
+    """
+    scales = l_stack.index_select(0, row_index).to(x.dtype)  # (B, F)
+    shape = (x.shape[0],) + (1,) * (x.dim() - 2) + (x.shape[-1],)
+    return x * scales.view(shape)
+
+
+def torch_embedding_lora_mixed(
+    ids: torch.Tensor,
+    out: torch.Tensor,
+    a_stack: torch.Tensor,
+    bt_stack: torch.Tensor,
+    scale: torch.Tensor,
+    row_index: torch.Tensor,
+) -> torch.Tensor:
+    """``out[b] + scale[s] * A[s][ids[b]] @ B[s]^T`` with ``s = row_index[b]``.
+
+    Args:
+        ids: ``(B, ...)`` integer token ids.
+        out: ``(B, ..., dim)`` the embedding's output.
+        a_stack: ``(S, num_embeddings, r)`` stacked ``A`` tables.
+        bt_stack: ``(S, r, dim)`` stacked, transposed ``B`` factors.
+        scale: ``(S,)`` per-slot scaling.
+        row_index: ``(B,)`` int64 slot of each row.
+
+    Returns:
+        A new tensor shaped and typed like ``out``.
+    """
+    b = ids.shape[0]
+    num = a_stack.shape[1]
+    # One flat table: row b looks up a_stack[s].
+    flat_ids = ids.reshape(b, -1) + (row_index * num).view(b, 1)
+    h = torch.nn.functional.embedding(flat_ids, a_stack.reshape(-1, a_stack.shape[-1]))  # (B, T, r)
+    bt = bt_stack.index_select(0, row_index)
+    s = scale.index_select(0, row_index).to(h.dtype).view(b, 1, 1)
+    delta = torch.bmm(h * s, bt)
+    return out + delta.to(out.dtype).view(out.shape)
