@@ -166,7 +166,8 @@ class SiteStacks:
         # adapters' parameters when the stacks are built with autograd on.
         a_stack = a_vals.new_zeros((n,) + tuple(a_vals.shape[1:])).index_copy(0, slots, a_vals)
         bt_stack = bt_vals.new_zeros((n,) + tuple(bt_vals.shape[1:])).index_copy(0, slots, bt_vals)
-        scale = torch.zeros(n, dtype=torch.float32, device=device)
+        # float64: the scalings are Python floats; each path casts to its compute dtype.
+        scale = torch.zeros(n, dtype=torch.float64, device=device)
         dropout = torch.zeros(n, dtype=torch.float32, device=device)
         for s, layer in items:
             scale[s] = layer.scaling
@@ -531,12 +532,31 @@ def mixed_call(wrapper: Any, fn: Any, adapter_names: Sequence[str], args: tuple,
         AdapterStateError: If any adapter is merged, or the wrapper is unloaded.
     """
     plans = _prepare(wrapper, fn, adapter_names, args, kwargs)
+    outer = _publish(plans)
+    try:
+        return fn(*args, **kwargs)
+    finally:
+        _retract(plans, outer)
+
+
+# Publishing and retracting run eagerly (outside any compiled graph): they are the
+# wrapper's host-side bookkeeping, and keeping them out of the graph means compiled code
+# never guards on them.
+@torch.compiler.disable
+def _publish(plans: list[tuple[Any, _SitePlan]]) -> list[Any]:
     # A mixed call made from inside another one (on this thread) restores the outer plan.
     outer = [getattr(site._local, "mixed", None) for site, _ in plans]
     for site, plan in plans:
         site._local.mixed = plan
-    try:
-        return fn(*args, **kwargs)
-    finally:
-        for (site, _), previous in zip(plans, outer):
+    return outer
+
+
+@torch.compiler.disable
+def _retract(plans: list[tuple[Any, _SitePlan]], outer: list[Any]) -> None:
+    for (site, _), previous in zip(plans, outer):
+        if previous is None:
+            # Absent rather than None: the same state as on a thread that never made a
+            # mixed call, so compiled graphs see a single state outside mixed calls.
+            del site._local.mixed
+        else:
             site._local.mixed = previous

@@ -1,0 +1,549 @@
+"""Mixed batches: ``wrapper(x, adapter_names=[...])`` runs each row with its own adapter.
+
+The reference for every row is the same row run alone with only its adapter active
+(``"__base__"``: none active).
+"""
+
+from __future__ import annotations
+
+import threading
+from functools import partial
+
+import pytest
+import torch
+from torch import nn
+
+import tinytune
+from tinytune import (
+    AdapterWrapper,
+    IA3Config,
+    LinearLoraLayer,
+    LoraConfig,
+    MixedBatchError,
+)
+from tinytune.layers import AdapterLayer, first_input
+
+
+# ----------------------------------------------------------------------------------------
+# tiny models and helpers (self-contained)
+# ----------------------------------------------------------------------------------------
+class Block(nn.Module):
+    def __init__(self, d: int = 16) -> None:
+        super().__init__()
+        self.q_proj = nn.Linear(d, d)
+        self.v_proj = nn.Linear(d, d, bias=False)
+        self.up_proj = nn.Linear(d, 2 * d)
+        self.down_proj = nn.Linear(2 * d, d)
+
+    def forward(self, x):
+        h = self.q_proj(x) + self.v_proj(x)
+        return x + self.down_proj(torch.relu(self.up_proj(h)))
+
+
+class Tower(nn.Module):
+    def __init__(self, vocab: int = 32, d: int = 16, n: int = 2) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, d)
+        self.layers = nn.ModuleList(Block(d) for _ in range(n))
+        self.head = nn.Linear(d, 3)
+
+    def forward(self, ids):
+        x = self.embed(ids)
+        for layer in self.layers:
+            x = layer(x)
+        return self.head(x)
+
+
+class MLP(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin0 = nn.Linear(10, 30)
+        self.lin1 = nn.Linear(30, 4)
+
+    def forward(self, x):
+        return self.lin1(torch.relu(self.lin0(x)))
+
+
+class Flattening(nn.Module):
+    """Folds the batch into the token dimension before its linear layer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(8, 8)
+
+    def forward(self, x):
+        b, s, d = x.shape
+        return self.lin(x.reshape(b * s, d)).view(b, s, d)
+
+
+class ConvNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.conv(x)).mean((2, 3)))
+
+
+class Shift(AdapterLayer):
+    """A custom layer: adds a learned vector to the input (pre) and scales the output."""
+
+    def reset_params(self, prefix, target):
+        self.shift = nn.Parameter(torch.randn(target.in_features) * 0.5)
+        self.gain = nn.Parameter(torch.rand(target.out_features) + 0.5)
+
+    def pre_forward(self, module, args, kwargs):
+        x = first_input(args, kwargs)
+        return (x + self.shift,) + tuple(args[1:]), kwargs
+
+    def post_forward(self, module, args, kwargs, output):
+        return output * self.gain
+
+
+def randomize(wrapper: AdapterWrapper, seed: int = 1) -> None:
+    """Random adapter weights, so every adapter changes the output."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in wrapper.named_adapter_parameters():
+            noise = torch.randn(p.shape, generator=g) * 0.3
+            center = 1.0 if name.endswith("ia3_l") else 0.0
+            p.copy_((noise + center).to(p.dtype))
+
+
+def hook_count(model: nn.Module) -> int:
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+
+
+def per_row_reference(wrapper: AdapterWrapper, x: torch.Tensor, names: list[str], **kw) -> torch.Tensor:
+    """Each row run alone with only its adapter active (then the active set restored)."""
+    active = wrapper.active_adapters
+    outs = []
+    try:
+        for i, name in enumerate(names):
+            wrapper.set_active_adapters([] if name == "__base__" else [name])
+            outs.append(wrapper(x[i : i + 1], **kw))
+    finally:
+        wrapper.set_active_adapters(active)
+    return torch.cat(outs)
+
+
+def many_kinds(tower: nn.Module) -> AdapterWrapper:
+    """Adapters of every stacked kind plus modules_to_save, on overlapping modules."""
+    w = AdapterWrapper.from_config(
+        tower, LoraConfig(target_modules=["q_proj", "v_proj", "embed"], r=4, init_lora_weights=False), "a"
+    )
+    # Another rank and alpha, rsLoRA, and no layer on v_proj/embed: those rows pass through.
+    w.add_adapter_from_config(
+        LoraConfig(target_modules=["q_proj", "up_proj"], r=8, lora_alpha=3, use_rslora=True, init_lora_weights=False),
+        "b",
+    )
+    w.add_adapter_from_config(
+        IA3Config(target_modules=["up_proj", "down_proj", "q_proj"], feedforward_modules=["down_proj"]), "c"
+    )
+    w.add_adapter_from_config(LoraConfig(target_modules=["up_proj"], r=2, modules_to_save=["head"]), "m")
+    # One adapter mixing LoRA and IA3 across layers.
+    w.add_adapter("mix")
+    w.add_adapter_layer("mix", "layers.0.q_proj", partial(LinearLoraLayer, r=3, lora_alpha=5))
+    w.add_adapter_layer("mix", "layers.1.down_proj", partial(tinytune.LinearIA3Layer, is_feedforward=True))
+    w.add_adapter_layer("mix", "layers.1.v_proj", tinytune.LinearIA3Layer)
+    randomize(w)
+    return w
+
+
+NAMES = ["a", "__base__", "b", "c", "m", "mix", "b", "a"]
+
+
+# ----------------------------------------------------------------------------------------
+# results equal running each row alone
+# ----------------------------------------------------------------------------------------
+# The mixed path runs each row's LoRA in one batched matmul with the scale applied before
+# B (the single-adapter layer scales after), and the base GEMMs see 8 rows instead of 1,
+# so results agree to rounding, not bit for bit. Outputs here are below 8 in magnitude:
+# the bound is two units in the last place there (four for fp32, whose matmuls
+# accumulate more terms in another order).
+@pytest.mark.parametrize(
+    "dtype, atol",
+    [(torch.float32, 4 * 2.0**-21), (torch.float16, 2 * 2.0**-8), (torch.bfloat16, 2 * 2.0**-5)],
+)
+def test_rows_equal_running_each_row_alone(dtype, atol):
+    torch.manual_seed(0)
+    w = many_kinds(Tower().eval())
+    w.to(dtype)
+    ids = torch.randint(0, 32, (len(NAMES), 5))
+    with torch.no_grad():
+        ref = per_row_reference(w, ids, NAMES)
+        out = w(ids, adapter_names=NAMES)
+        assert out.dtype == dtype and ref.abs().max() < 8
+        torch.testing.assert_close(out, ref, atol=atol, rtol=0)
+        # Every adapter changes its rows by far more than the bound, so the comparison
+        # above is not vacuous; "__base__" rows are the base model's rows.
+        base = per_row_reference(w, ids, ["__base__"] * len(NAMES))
+        for i, name in enumerate(NAMES):
+            effect = (out[i] - base[i]).abs().max().item()
+            if name == "__base__":
+                assert effect <= atol, name
+            else:
+                assert effect > 0.1 > atol, name
+
+
+def test_several_active_adapters_do_not_leak_into_rows():
+    torch.manual_seed(0)
+    w = many_kinds(Tower().eval())
+    w.set_active_adapters(["a", "b", "c"])
+    ids = torch.randint(0, 32, (len(NAMES), 4))
+    with torch.no_grad():
+        out = w(ids, adapter_names=NAMES)
+        torch.testing.assert_close(out, per_row_reference(w, ids, NAMES), atol=2e-5, rtol=1e-5)
+        # A plain call afterwards applies the active adapters again.
+        plain = w(ids)
+    w.set_active_adapters(["a", "b", "c"])
+    assert w.active_adapters == ["a", "b", "c"]
+    with torch.no_grad():
+        torch.testing.assert_close(w(ids), plain)
+
+
+def test_two_dimensional_inputs_and_inactive_adapters():
+    torch.manual_seed(0)
+    mlp = MLP().eval()
+    w = AdapterWrapper.from_config(mlp, LoraConfig(target_modules=["lin0", "lin1"], r=4, init_lora_weights=False), "x")
+    w.add_adapter_from_config(IA3Config(target_modules=["lin0", "lin1"], feedforward_modules=["lin1"]), "y")
+    randomize(w)
+    w.set_active_adapters([])  # nothing active: mixed calls still apply the named ones
+    assert hook_count(mlp) == 0
+    x = torch.randn(5, 10)
+    names = ["y", "x", "__base__", "x", "y"]
+    with torch.no_grad():
+        torch.testing.assert_close(w(x, adapter_names=names), per_row_reference(w, x, names), atol=2e-5, rtol=1e-5)
+        assert torch.equal(w(x), mlp(x))
+
+
+def test_custom_layers_and_conv2d_lora_run_on_their_rows():
+    torch.manual_seed(0)
+    mlp = MLP().eval()
+    w = AdapterWrapper(mlp)
+    w.add_adapter("s")
+    w.add_adapter_layer("s", "lin0", Shift)
+    w.add_adapter_from_config(LoraConfig(target_modules=["lin0"], r=2, init_lora_weights=False), "l")
+    x = torch.randn(4, 10)
+    names = ["s", "l", "__base__", "s"]
+    with torch.no_grad():
+        torch.testing.assert_close(w(x, adapter_names=names), per_row_reference(w, x, names), atol=2e-5, rtol=1e-5)
+
+    net = ConvNet().eval()
+    wc = AdapterWrapper.from_config(net, LoraConfig(target_modules=["conv", "fc"], r=2, init_lora_weights=False), "p")
+    wc.add_adapter_from_config(LoraConfig(target_modules=["conv"], r=3, init_lora_weights=False), "q")
+    img = torch.randn(3, 3, 6, 6)
+    names = ["q", "p", "__base__"]
+    with torch.no_grad():
+        torch.testing.assert_close(wc(img, adapter_names=names), per_row_reference(wc, img, names), atol=2e-5, rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------
+# failures change nothing
+# ----------------------------------------------------------------------------------------
+def _state(w: AdapterWrapper, model: nn.Module):
+    return (
+        w.active_adapters,
+        w.merged_adapters,
+        hook_count(model),
+        {k: v.clone() for k, v in model.state_dict().items()},
+        {k: v.detach().clone() for k, v in w.named_adapter_parameters()},
+    )
+
+
+def _assert_same_state(a, b):
+    assert a[:3] == b[:3]
+    for x, y in zip(a[3:], b[3:]):
+        assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
+
+
+@pytest.mark.parametrize(
+    "names, error, match",
+    [
+        (["a", "nope", "b", "a"], tinytune.AdapterNotFoundError, "'nope'.*__base__"),
+        (["a", "b", "a"], MixedBatchError, "3 entries but the batch has 4 rows"),
+        (["a", "b", "a", "b", "a"], MixedBatchError, "one adapter name per row"),
+        ("a", TypeError, "one adapter name per batch row"),
+    ],
+)
+def test_bad_adapter_names_raise_and_change_nothing(names, error, match):
+    torch.manual_seed(0)
+    tower = Tower().eval()
+    w = many_kinds(tower)
+    ids = torch.randint(0, 32, (4, 3))
+    with torch.no_grad():
+        before_out = w(ids)
+    before = _state(w, tower)
+    with pytest.raises(error, match=match):
+        w(ids, adapter_names=names)
+    _assert_same_state(_state(w, tower), before)
+    with torch.no_grad():
+        assert torch.equal(w(ids), before_out)
+
+
+def test_merged_wrapper_refuses_mixed_calls():
+    torch.manual_seed(0)
+    tower = Tower().eval()
+    w = many_kinds(tower)
+    w.set_active_adapters(["a"])
+    w.merge_adapters()
+    ids = torch.randint(0, 32, (2, 3))
+    before = _state(w, tower)
+    with pytest.raises(tinytune.AdapterStateError, match="unmerge_adapters"):
+        w(ids, adapter_names=["a", "b"])
+    _assert_same_state(_state(w, tower), before)
+    assert hook_count(tower) == 0  # still merged: no hook work at all
+
+
+def test_batch_folded_inside_the_model_is_a_clear_error():
+    torch.manual_seed(0)
+    model = Flattening().eval()
+    w = AdapterWrapper.from_config(model, LoraConfig(target_modules=["lin"], init_lora_weights=False), "a")
+    w.add_adapter_from_config(LoraConfig(target_modules=["lin"], init_lora_weights=False), "b")
+    x = torch.randn(2, 3, 8)
+    with pytest.raises(MixedBatchError, match=r"'lin' received an input of shape \(6, 8\)"):
+        w(x, adapter_names=["a", "b"])
+    with torch.no_grad():
+        w.set_active_adapters(["a"])
+        torch.testing.assert_close(w(x), per_row_reference(w, x, ["a", "a"]))
+
+
+def _sites(w: AdapterWrapper):
+    return list(w._sites.values())
+
+
+def test_assignment_does_not_outlive_a_failing_call():
+    torch.manual_seed(0)
+    tower = Tower().eval()
+    w = many_kinds(tower)
+    w.set_active_adapters(["b"])
+    ids = torch.randint(0, 32, (3, 4))
+    with torch.no_grad():
+        expected = w(ids)
+
+    def boom(module, args, output):
+        raise RuntimeError("boom")
+
+    handle = tower.layers[1].down_proj.register_forward_hook(boom)
+    try:
+        with pytest.raises(RuntimeError, match="boom"):
+            w(ids, adapter_names=["a", "c", "m"])
+    finally:
+        handle.remove()
+    assert all(getattr(site._local, "mixed", None) is None for site in _sites(w))
+    with torch.no_grad():
+        torch.testing.assert_close(w(ids), expected)
+
+
+def test_assignment_never_reaches_another_thread():
+    """Thread A is held inside its mixed forward while thread B runs plain calls."""
+    torch.manual_seed(0)
+    tower = Tower().eval()
+    w = many_kinds(tower)
+    w.set_active_adapters(["b"])
+    ids = torch.randint(0, 32, (4, 5))
+    names = ["a", "c", "m", "mix"]
+    with torch.no_grad():
+        expected_plain = w(ids)
+        expected_mixed = per_row_reference(w, ids, names)
+    inside, release = threading.Event(), threading.Event()
+    results, errors = {}, []
+
+    def hold(module, args, output):
+        if threading.current_thread().name == "mixed":
+            inside.set()
+            assert release.wait(10)
+
+    handle = tower.layers[0].up_proj.register_forward_hook(hold)
+
+    def run(kind):
+        try:
+            with torch.no_grad():
+                results[kind] = w(ids, adapter_names=names) if kind == "mixed" else w(ids)
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+
+    mixed = threading.Thread(target=run, args=("mixed",), name="mixed")
+    mixed.start()
+    try:
+        assert inside.wait(10)
+        run("plain")  # on this thread, while the mixed call is mid-forward
+        plain_during = results.pop("plain")
+        # and a second mixed call with another assignment, on a third thread
+        other = threading.Thread(target=lambda: results.setdefault("other", w(ids, adapter_names=names[::-1])))
+        with torch.no_grad():
+            other.start()
+            other.join(10)
+    finally:
+        release.set()
+        mixed.join(10)
+        handle.remove()
+    assert not errors
+    torch.testing.assert_close(plain_during, expected_plain, atol=0, rtol=0)
+    torch.testing.assert_close(results["mixed"], expected_mixed, atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        results["other"], per_row_reference(w, ids, names[::-1]).detach(), atol=2e-5, rtol=1e-5
+    )
+
+
+# ----------------------------------------------------------------------------------------
+# the stacked weights are never stale
+# ----------------------------------------------------------------------------------------
+def test_cached_stacks_follow_weight_and_structure_changes():
+    torch.manual_seed(0)
+    tower = Tower().eval()
+    w = many_kinds(tower)
+    ids = torch.randint(0, 32, (len(NAMES), 3))
+
+    def check():
+        with torch.no_grad():
+            torch.testing.assert_close(
+                w(ids, adapter_names=NAMES), per_row_reference(w, ids, NAMES), atol=2e-5, rtol=1e-5
+            )
+
+    check()
+    # an optimizer step (in-place update)
+    opt = torch.optim.SGD(w.adapter_parameters(), lr=0.5)
+    w.train()
+    per_row_reference(w, ids, NAMES).square().mean().backward()
+    opt.step()
+    w.eval()
+    check()
+    # a load (copy_ into the parameters), under inference_mode
+    with torch.inference_mode():
+        w(ids, adapter_names=NAMES)
+    randomize(w, seed=7)
+    check()
+    # a new layer on an existing adapter, and a replaced parameter object
+    w.add_adapter_layer("c", "layers.0.v_proj", tinytune.LinearIA3Layer)
+    with torch.no_grad():
+        w.adapters["c"]["layers.0.v_proj"].ia3_l.fill_(1.7)
+    check()
+    layer = w.adapters["b"]["layers.1.q_proj"]
+    layer.lora_B.weight = nn.Parameter(torch.randn_like(layer.lora_B.weight))
+    check()
+    # a scaling changed by hand, and a deleted and re-added adapter of the same name
+    w.adapters["a"]["layers.0.q_proj"].scaling = 5.0
+    check()
+    w.delete_adapter("m")
+    w.add_adapter_from_config(LoraConfig(target_modules=["down_proj"], r=4, init_lora_weights=False), "m")
+    check()
+    # a dtype change of the whole wrapper
+    w.to(torch.float64)
+    with torch.no_grad():
+        out = w(ids, adapter_names=NAMES)
+    assert out.dtype == torch.float64
+    torch.testing.assert_close(out, per_row_reference(w, ids, NAMES).detach())
+
+
+def test_gradients_match_rows_run_alone():
+    torch.manual_seed(0)
+    tower = Tower().train()
+    w = many_kinds(tower)
+    ids = torch.randint(0, 32, (len(NAMES), 3))
+    target = torch.randn(len(NAMES), 3, 3)
+    params = dict(w.named_adapter_parameters())
+
+    loss = (w(ids, adapter_names=NAMES) - target).square().sum()
+    loss.backward()
+    mixed = {k: p.grad.clone() if p.grad is not None else None for k, p in params.items()}
+    w.zero_grad(set_to_none=True)
+    (per_row_reference(w, ids, NAMES) - target).square().sum().backward()
+    used = 0
+    for k, p in params.items():
+        if p.grad is None:
+            assert mixed[k] is None or not mixed[k].any(), k
+            continue
+        used += 1
+        torch.testing.assert_close(mixed[k], p.grad, atol=1e-4, rtol=1e-4, msg=k)
+    assert used > 10
+
+
+# ----------------------------------------------------------------------------------------
+# transformers models: Conv1D (GPT-2) rows and generate()
+# ----------------------------------------------------------------------------------------
+def test_gpt2_conv1d_rows():
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(
+        transformers.GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=64, n_positions=32)
+    ).eval()
+    w = AdapterWrapper.from_config(model, LoraConfig(target_modules=["c_attn", "c_proj"], r=4, init_lora_weights=False), "a")
+    w.add_adapter_from_config(IA3Config(target_modules=["c_attn", "c_fc"], feedforward_modules=["c_fc"]), "b")
+    randomize(w)
+    ids = torch.randint(0, 64, (3, 6))
+    names = ["b", "a", "__base__"]
+    with torch.no_grad():
+        out = w(input_ids=ids, adapter_names=names).logits
+        rows = []
+        for i, n in enumerate(names):
+            w.set_active_adapters([] if n == "__base__" else [n])
+            rows.append(w(input_ids=ids[i : i + 1]).logits)
+        torch.testing.assert_close(out, torch.cat(rows), atol=1e-4, rtol=1e-4)
+
+
+def test_llama_generate_with_adapter_names():
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=64,
+    )
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    w = AdapterWrapper.from_config(model, LoraConfig(target_modules=targets, r=4, init_lora_weights=False), "a")
+    w.add_adapter_from_config(LoraConfig(target_modules=targets, r=8, init_lora_weights=False), "b")
+    with torch.no_grad():
+        for p in w.adapter_parameters():
+            p.mul_(4.0)  # large enough to change greedy choices
+    ids = torch.randint(1, 64, (3, 5))
+    names = ["a", "__base__", "b"]
+    kw = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        out = w.generate(input_ids=ids, adapter_names=names, **kw)
+        rows = []
+        for i, n in enumerate(names):
+            w.set_active_adapters([] if n == "__base__" else [n])
+            rows.append(w.generate(input_ids=ids[i : i + 1], **kw))
+    assert torch.equal(out, torch.cat(rows))
+    assert len({tuple(r[0, 5:].tolist()) for r in rows}) == 3  # the adapters matter
+
+
+# ----------------------------------------------------------------------------------------
+# torch.compile: no graph break inside the model, no recompilation on a new assignment
+# ----------------------------------------------------------------------------------------
+def test_compiled_mixed_batches_do_not_recompile():
+    import torch._dynamo as dynamo
+
+    torch.manual_seed(0)
+    tower = Tower().eval()
+    w = many_kinds(tower)
+    ids = torch.randint(0, 32, (4, 3))
+    graphs = []
+
+    def counting_backend(gm, example_inputs):
+        graphs.append(gm)
+        from torch._inductor.compile_fx import compile_fx
+
+        return compile_fx(gm, example_inputs)
+
+    assignments = [["a", "m", "c", "mix"], ["mix", "__base__", "a", "a"], ["m", "m", "b", "c"]]
+    with torch.no_grad():
+        # References first: switching the active adapters re-hooks modules, which would
+        # (rightly) invalidate compiled graphs.
+        refs = [per_row_reference(w, ids, names) for names in assignments]
+        dynamo.reset()
+        compiled = torch.compile(w, backend=counting_backend)
+        outs = [compiled(ids, adapter_names=names) for names in assignments]
+    for out, ref in zip(outs, refs):
+        torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-5)
+    # One graph for the model's forward, reused for every assignment.
+    assert len(graphs) == 1
+    # The model's forward is one graph: the only breaks are the wrapper's host-side
+    # bookkeeping in mixed_call (building the plans, publishing and retracting them).
+    with torch.no_grad():
+        explanation = dynamo.explain(lambda x: w(x, adapter_names=assignments[0]))(ids)
+    assert explanation.graph_count == 1
+    assert all(b.user_stack[-1].name == "mixed_call" for b in explanation.break_reasons)
+    dynamo.reset()
