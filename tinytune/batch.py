@@ -110,10 +110,14 @@ class SiteStacks:
         emb: ``(a_stack (S, num, r), bt_stack (S, r, dim), scale (S,))`` or ``None``.
         ia3_pre: ``(S, in)`` input scales (feed-forward IA³) or ``None``.
         ia3_post: ``(S, out)`` output scales or ``None``.
-        others: ``((slot, layer), ...)``: layers that run as themselves on their rows.
+        others_pre, others_post: ``((slot, layer), ...)``: layers that run as
+            themselves on their rows, those with a ``pre_forward`` / ``post_forward``.
+        need_pre: Whether any layer here changes the module's inputs.
     """
 
-    __slots__ = ("lora", "has_dropout", "emb", "ia3_pre", "ia3_post", "others_pre", "others_post")
+    __slots__ = (
+        "lora", "has_dropout", "emb", "ia3_pre", "ia3_post", "others_pre", "others_post", "need_pre"
+    )
 
     def __init__(self, layers: Sequence[AdapterLayer | None]) -> None:
         n = len(layers) + 1  # + identity slot
@@ -146,6 +150,7 @@ class SiteStacks:
                 setattr(self, kind, stack)
         self.others_pre = tuple((s, l) for s, l in others if l.uses_pre_forward)
         self.others_post = tuple((s, l) for s, l in others if l.uses_post_forward)
+        self.need_pre = any(layer is not None and layer.uses_pre_forward for layer in layers)
 
     @staticmethod
     def _lora_stacks(items: list[tuple[int, AdapterLayer]], n: int, emb: bool) -> tuple:
@@ -498,14 +503,15 @@ def _prepare(
             slot_of, stacks = _cached_stacks(wrapper, state, used)
             base_slot = len(slot_of)
         sites = dict(wrapper._sites)
-        for site in sites.values():
-            if not site.ready_for_mixed():
-                site.prepare_mixed()
+        for path, site in sites.items():
+            site.prepare_mixed(stacks[path].need_pre if path in stacks else False)
     slots = [slot_of.get(name, base_slot) for name in names]
     device = _device_of_sites(wrapper, _first_tensor(args, kwargs))
     call = _Call(torch.tensor(slots, dtype=torch.long, device=device), slots)
-    empty = SiteStacks(())
-    return [(site, _SitePlan(path, stacks.get(path, empty), call)) for path, site in sites.items()]
+    return [(site, _SitePlan(path, stacks.get(path, _EMPTY), call)) for path, site in sites.items()]
+
+
+_EMPTY = SiteStacks(())
 
 
 def mixed_call(wrapper: Any, fn: Any, adapter_names: Sequence[str], args: tuple, kwargs: dict) -> Any:

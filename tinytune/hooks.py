@@ -83,19 +83,17 @@ class HookSite:
         self._handles.append(self.module.register_forward_hook(post, with_kwargs=True))
         self._has_post = True
 
-    def ready_for_mixed(self) -> bool:
-        """Whether the registered hooks can serve a mixed-batch call."""
-        need_pre = any(layer.uses_pre_forward for layer in self.layers.values())
-        return self._has_post and (self._has_pre or not need_pre)
+    def prepare_mixed(self, need_pre: bool) -> None:
+        """Make sure the hooks a mixed-batch call needs are registered.
 
-    def prepare_mixed(self) -> None:
-        """Add the hooks a mixed-batch call needs, keeping the ones already there.
+        Args:
+            need_pre: Whether a layer used by the call has a ``pre_forward``.
 
         Hooks are only added, never removed and re-added, so a plain call running on
-        another thread meanwhile never sees the module without its chain's hooks. They
-        stay until the next change of the chain (``set_chain``) re-derives them.
+        another thread meanwhile never sees the module without its chain's hooks. Extra
+        hooks stay until the next change of the chain (``set_chain``) re-derives them.
         """
-        if any(layer.uses_pre_forward for layer in self.layers.values()) and not self._has_pre:
+        if need_pre and not self._has_pre:
             self._register_pre()
         if not self._has_post:
             self._register_post()
