@@ -147,11 +147,14 @@ def many_kinds(tower: nn.Module) -> AdapterWrapper:
     w.add_adapter_layer("mix", "layers.0.q_proj", partial(LinearLoraLayer, r=3, lora_alpha=5))
     w.add_adapter_layer("mix", "layers.1.down_proj", partial(tinytune.LinearIA3Layer, is_feedforward=True))
     w.add_adapter_layer("mix", "layers.1.v_proj", tinytune.LinearIA3Layer)
+    # A custom layer (pre- and post-forward) where stacked kinds of others also sit.
+    w.add_adapter("s")
+    w.add_adapter_layer("s", "layers.0.q_proj", Shift)
     randomize(w)
     return w
 
 
-NAMES = ["a", "__base__", "b", "c", "m", "mix", "b", "a"]
+NAMES = ["a", "__base__", "b", "c", "m", "mix", "s", "b", "a"]
 
 
 # ----------------------------------------------------------------------------------------
@@ -237,6 +240,28 @@ def test_custom_layers_and_conv2d_lora_run_on_their_rows():
     names = ["q", "p", "__base__"]
     with torch.no_grad():
         torch.testing.assert_close(wc(img, adapter_names=names), per_row_reference(wc, img, names), atol=2e-5, rtol=1e-5)
+
+
+def test_lora_dropout_applies_in_training_to_its_own_rows_only():
+    torch.manual_seed(0)
+    mlp = MLP()
+    w = AdapterWrapper.from_config(mlp, LoraConfig(target_modules=["lin0"], r=4, lora_dropout=0.9, init_lora_weights=False), "d")
+    w.add_adapter_from_config(LoraConfig(target_modules=["lin0"], r=4, init_lora_weights=False), "e")
+    randomize(w)
+    x = torch.randn(6, 10)
+    names = ["d", "e", "__base__", "d", "e", "__base__"]
+    w.eval()
+    with torch.no_grad():
+        evaluated = w(x, adapter_names=names)
+    w.train()
+    with torch.no_grad():
+        first, second = w(x, adapter_names=names), w(x, adapter_names=names)
+    steady = [1, 2, 4, 5]
+    torch.testing.assert_close(first[steady], evaluated[steady])
+    torch.testing.assert_close(second[steady], evaluated[steady])
+    for row in (0, 3):
+        assert not torch.allclose(first[row], evaluated[row])
+        assert not torch.allclose(first[row], second[row])
 
 
 # ----------------------------------------------------------------------------------------
@@ -343,7 +368,7 @@ def test_assignment_never_reaches_another_thread():
     w = many_kinds(tower)
     w.set_active_adapters(["b"])
     ids = torch.randint(0, 32, (4, 5))
-    names = ["a", "c", "m", "mix"]
+    names = ["a", "c", "m", "s"]
     with torch.no_grad():
         expected_plain = w(ids)
         expected_mixed = per_row_reference(w, ids, names)
@@ -528,7 +553,7 @@ def test_compiled_mixed_batches_do_not_recompile():
 
         return compile_fx(gm, example_inputs)
 
-    assignments = [["a", "m", "c", "mix"], ["mix", "__base__", "a", "a"], ["m", "m", "b", "c"]]
+    assignments = [["a", "m", "c", "mix"], ["mix", "__base__", "a", "s"], ["s", "m", "b", "c"]]
     with torch.no_grad():
         # References first: switching the active adapters re-hooks modules, which would
         # (rightly) invalidate compiled graphs.

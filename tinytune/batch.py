@@ -387,7 +387,10 @@ class _SitePlan:
         sub = y if compiling else y.index_select(0, rows)
         sub_args, sub_kwargs = replace_first_input(args, kwargs, sub)
         new_args, new_kwargs = layer.pre_forward(module, sub_args, sub_kwargs)
-        if list(new_args[1:]) != list(sub_args[1:]) or new_kwargs.keys() != sub_kwargs.keys():
+        same_rest = len(new_args) == len(sub_args) and all(
+            a is b for a, b in zip(new_args[1:], sub_args[1:])
+        )
+        if not same_rest or new_kwargs.keys() != sub_kwargs.keys():
             raise MixedBatchError(
                 f"{type(layer).__name__}.pre_forward at {self.path!r} changes more than the "
                 "module's first input, which per-row adapters cannot split by row; run its "
