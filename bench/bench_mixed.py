@@ -7,7 +7,8 @@ compared before anything is timed.
 
 Cases, each timed as bare model / PEFT ``adapter_names`` / tinytune ``adapter_names``:
 
-* decode-like: 32 rows x 1 token over 16 distinct adapters;
+* decode-like: 32 rows x 1 token over 16 distinct adapters (64 loaded, and again with
+  only those 16 loaded);
 * prefill-like: 8 rows x 64 tokens over 4 distinct adapters;
 * scaling: 1..64 distinct adapters, at decode size (64 rows x 1 token) and at prefill
   size (64 rows x 64 tokens; ``--quick``: 64 x 16).
@@ -203,8 +204,13 @@ def main() -> None:
     bare, ours, theirs, names = build(64)
     results = []
     r_dec, r_pre = (10, 4) if args.quick else (40, 12)
-    results.append(run_case(bare, ours, theirs, names, 32, 1, 16, r_dec, "decode 32x1, 16 adapters"))
-    results.append(run_case(bare, ours, theirs, names, 8, 64, 4, r_pre, "prefill 8x64, 4 adapters"))
+    results.append(run_case(bare, ours, theirs, names, 32, 1, 16, r_dec, "decode 32x1, 16 of 64 loaded"))
+    results.append(run_case(bare, ours, theirs, names, 8, 64, 4, r_pre, "prefill 8x64, 4 of 64 loaded"))
+    # The same decode case with only the 16 adapters it uses loaded: the cost should not
+    # depend on how many adapters are loaded.
+    small = build(16)
+    results.append(run_case(*small, 32, 1, 16, r_dec, "decode 32x1, 16 of 16 loaded"))
+    del small
     scaling = []
     for n in (1, 2, 4, 8, 16, 32, 64):
         scaling.append(run_case(bare, ours, theirs, names, 64, 1, n, r_dec // 2, f"decode 64x1, {n} adapters"))

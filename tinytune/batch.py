@@ -53,7 +53,7 @@ from .layers import (
     replace_first_input,
 )
 
-__all__ = ["BASE_ADAPTER_NAME", "mixed_call", "SiteStacks"]
+__all__ = ["BASE_ADAPTER_NAME", "SiteStacks", "clear_cache", "mixed_call"]
 
 #: Selects "no adapter" for a row (PEFT's convention).
 BASE_ADAPTER_NAME = "__base__"
@@ -246,6 +246,21 @@ def _wrapper_state(wrapper: nn.Module) -> _WrapperState:
             if state is None:
                 state = _STATES[wrapper] = _WrapperState()
     return state
+
+
+def clear_cache(wrapper: nn.Module) -> None:
+    """Free the stacked adapter tensors cached for ``wrapper``'s mixed calls.
+
+    The cache holds a second copy of every loaded adapter's stackable weights; it is
+    rebuilt on the next mixed call that needs it.
+
+    Args:
+        wrapper: An ``AdapterWrapper``.
+    """
+    state = _STATES.get(wrapper)
+    if state is not None:
+        with state.lock:
+            state.names, state.slot, state.sigs, state.stacks, state.sites = (), {}, {}, {}, {}
 
 
 def _build_stacks(
