@@ -43,6 +43,7 @@ def torch_lora_mixed(
     bt_stack: torch.Tensor,
     scale: torch.Tensor,
     row_index: torch.Tensor,
+    inplace: bool = False,
 ) -> torch.Tensor:
     """``out[b] + scale[s] * (x[b] @ A[s]^T) @ B[s]^T`` with ``s = row_index[b]``.
 
@@ -53,10 +54,14 @@ def torch_lora_mixed(
         bt_stack: ``(S, r, out)`` stacked, transposed ``B`` factors.
         scale: ``(S,)`` per-slot scaling.
         row_index: ``(B,)`` int64 slot of each row.
+        inplace: Accumulate into ``out`` itself when dtypes allow (saves a copy of the
+            output; only for an ``out`` that nothing else reads and autograd does not
+            track).
 
     Returns:
-        A new tensor shaped and typed like ``out``. The LoRA branch runs in the stacks'
-        dtype (as the single-adapter layer runs in its parameters' dtype).
+        A tensor shaped and typed like ``out`` (``out`` itself when updated in place).
+        The LoRA branch runs in the stacks' dtype (as the single-adapter layer runs in
+        its parameters' dtype).
     """
     b = x.shape[0]
     x3 = _rows3d(x)
@@ -69,24 +74,30 @@ def torch_lora_mixed(
     out3 = _rows3d(out)
     if out3.dtype == bt.dtype:
         # One batched GEMM with the add folded in.
+        if inplace:
+            return out3.baddbmm_(h, bt).view(out.shape)
         return torch.baddbmm(out3, h, bt).view(out.shape)
-    return out + torch.bmm(h, bt).to(out.dtype).view(out.shape)
+    delta = torch.bmm(h, bt).to(out.dtype).view(out.shape)
+    return out.add_(delta) if inplace else out + delta
 
 
-def torch_ia3_mixed(x: torch.Tensor, l_stack: torch.Tensor, row_index: torch.Tensor) -> torch.Tensor:
+def torch_ia3_mixed(
+    x: torch.Tensor, l_stack: torch.Tensor, row_index: torch.Tensor, inplace: bool = False
+) -> torch.Tensor:
     """``x[b] * l[row_index[b]]``, broadcast over the row's tokens.
 
     Args:
         x: ``(B, ..., F)`` tensor to scale (inputs or outputs of a linear layer).
         l_stack: ``(S, F)`` stacked IA³ scales.
         row_index: ``(B,)`` int64 slot of each row.
+        inplace: Scale ``x`` itself (see :func:`torch_lora_mixed`).
 
     Returns:
-        A new tensor shaped and typed like ``x``.
+        A tensor shaped and typed like ``x``.
     """
     scales = l_stack.index_select(0, row_index).to(x.dtype)  # (B, F)
     shape = (x.shape[0],) + (1,) * (x.dim() - 2) + (x.shape[-1],)
-    return x * scales.view(shape)
+    return x.mul_(scales.view(shape)) if inplace else x * scales.view(shape)
 
 
 def torch_embedding_lora_mixed(
@@ -96,6 +107,7 @@ def torch_embedding_lora_mixed(
     bt_stack: torch.Tensor,
     scale: torch.Tensor,
     row_index: torch.Tensor,
+    inplace: bool = False,
 ) -> torch.Tensor:
     """``out[b] + scale[s] * A[s][ids[b]] @ B[s]^T`` with ``s = row_index[b]``.
 
@@ -106,9 +118,10 @@ def torch_embedding_lora_mixed(
         bt_stack: ``(S, r, dim)`` stacked, transposed ``B`` factors.
         scale: ``(S,)`` per-slot scaling.
         row_index: ``(B,)`` int64 slot of each row.
+        inplace: Accumulate into ``out`` itself (see :func:`torch_lora_mixed`).
 
     Returns:
-        A new tensor shaped and typed like ``out``.
+        A tensor shaped and typed like ``out``.
     """
     b = ids.shape[0]
     num = a_stack.shape[1]
@@ -117,5 +130,5 @@ def torch_embedding_lora_mixed(
     h = torch.nn.functional.embedding(flat_ids, a_stack.reshape(-1, a_stack.shape[-1]))  # (B, T, r)
     bt = bt_stack.index_select(0, row_index)
     s = scale.index_select(0, row_index).to(h.dtype).view(b, 1, 1)
-    delta = torch.bmm(h * s, bt)
-    return out + delta.to(out.dtype).view(out.shape)
+    delta = torch.bmm(h * s, bt).to(out.dtype).view(out.shape)
+    return out.add_(delta) if inplace else out + delta

@@ -379,15 +379,19 @@ class _SitePlan:
         call = self.call
         x = first_input(args, kwargs)
         _check_rows(x, call, self.path)
+        # Without autograd, update the module's freshly computed output in place: that
+        # saves a full copy of it per adapted module (about 5% of a prefill). Only a
+        # forward hook that ran before this one and kept the output could tell.
+        inplace = not torch.is_grad_enabled() and isinstance(output, torch.Tensor)
         if st.lora is not None:
             a, bt, scale, p = st.lora
             xin = _row_dropout(x, p, call) if st.has_dropout and module.training else x
-            output = torch_lora_mixed(xin, output, a, bt, scale, call.row_index)
+            output = torch_lora_mixed(xin, output, a, bt, scale, call.row_index, inplace)
         if st.emb is not None:
             a, bt, scale = st.emb
-            output = torch_embedding_lora_mixed(x, output, a, bt, scale, call.row_index)
+            output = torch_embedding_lora_mixed(x, output, a, bt, scale, call.row_index, inplace)
         if st.ia3_post is not None:
-            output = torch_ia3_mixed(output, st.ia3_post, call.row_index)
+            output = torch_ia3_mixed(output, st.ia3_post, call.row_index, inplace)
         for slot, layer in st.others_post:
             output = self._run_post(module, layer, slot, args, kwargs, output)
         return output
