@@ -171,12 +171,12 @@ class SiteStacks:
         # adapters' parameters when the stacks are built with autograd on.
         a_stack = a_vals.new_zeros((n,) + tuple(a_vals.shape[1:])).index_copy(0, slots, a_vals)
         bt_stack = bt_vals.new_zeros((n,) + tuple(bt_vals.shape[1:])).index_copy(0, slots, bt_vals)
-        # float64: the scalings are Python floats; each path casts to its compute dtype.
-        scale = torch.zeros(n, dtype=torch.float64, device=device)
-        dropout = torch.zeros(n, dtype=torch.float32, device=device)
+        scales, dropouts = [0.0] * n, [0.0] * n
         for s, layer in items:
-            scale[s] = layer.scaling
-            dropout[s] = layer.lora_dropout
+            scales[s], dropouts[s] = float(layer.scaling), float(layer.lora_dropout)
+        # float64: the scalings are Python floats; each path casts to its compute dtype.
+        scale = torch.tensor(scales, dtype=torch.float64, device=device)
+        dropout = torch.tensor(dropouts, dtype=torch.float32, device=device)
         return a_stack, bt_stack, scale, dropout
 
 
