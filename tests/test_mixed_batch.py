@@ -485,6 +485,32 @@ def test_gradients_match_rows_run_alone():
     assert used > 10
 
 
+def test_training_steps_on_mixed_batches_match_per_row_training():
+    """Gradients reach the cached stacks' parameters, and each step's update is seen."""
+
+    def train(mixed: bool) -> dict[str, torch.Tensor]:
+        torch.manual_seed(0)
+        w = many_kinds(Tower().train())
+        ids = torch.randint(0, 32, (len(NAMES), 3))
+        target = torch.randn(len(NAMES), 3, 3)
+        opt = torch.optim.SGD(w.adapter_parameters(), lr=0.1)
+        for _ in range(3):
+            out = w(ids, adapter_names=NAMES) if mixed else per_row_reference(w, ids, NAMES)
+            opt.zero_grad()
+            (out - target).square().mean().backward()
+            opt.step()
+        return {k: p.detach().clone() for k, p in w.named_adapter_parameters()}
+
+    mixed, alone = train(True), train(False)
+    assert mixed.keys() == alone.keys()
+    for k in mixed:
+        torch.testing.assert_close(mixed[k], alone[k], atol=1e-5, rtol=1e-5, msg=k)
+    torch.manual_seed(0)
+    initial = dict(many_kinds(Tower()).named_adapter_parameters())
+    moved = sum(not torch.equal(initial[k], mixed[k]) for k in mixed)
+    assert moved > 10
+
+
 # ----------------------------------------------------------------------------------------
 # transformers models: Conv1D (GPT-2) rows and generate()
 # ----------------------------------------------------------------------------------------

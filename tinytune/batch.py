@@ -14,9 +14,9 @@ How it works:
   the tensor-only math that the PyTorch path and the fused kernels share). The stacks
   are cached and rebuilt when an adapter's weights, dtype, device or structure change
   (checked through parameter identity, ``_version`` counters and data pointers on every
-  call, so a training step or a load is never served stale weights). With gradients
-  enabled and trainable adapters, stacks are built per call from the adapters the call
-  uses, so gradients reach the adapter parameters.
+  call, so a training step or a load is never served stale weights). With autograd on
+  and trainable adapters, each call wraps the cached stacks in an autograd function that
+  routes their gradients back to the parameters they were built from.
 * The module's hook site hands each call to a per-site plan published in a
   thread-local slot for the duration of the call: the plan gathers each row's factors
   and runs batched matmuls, with no Python loop over rows or adapters. Other layers
@@ -35,6 +35,7 @@ loaded copy at their module on the whole batch and select rows with a mask.
 
 from __future__ import annotations
 
+import copy
 import threading
 import weakref
 from typing import Any, Sequence
@@ -116,7 +117,8 @@ class SiteStacks:
     """
 
     __slots__ = (
-        "lora", "has_dropout", "emb", "ia3_pre", "ia3_post", "others_pre", "others_post", "need_pre"
+        "lora", "has_dropout", "emb", "ia3_pre", "ia3_post", "others_pre", "others_post",
+        "need_pre", "items",
     )
 
     def __init__(self, layers: Sequence[AdapterLayer | None]) -> None:
@@ -133,6 +135,7 @@ class SiteStacks:
                 by_kind.setdefault(kind, []).append((slot, layer))
         self.lora = self.emb = self.ia3_pre = self.ia3_post = None
         self.has_dropout = False
+        self.items = by_kind  # kind -> [(slot, layer)], to route gradients (with_grads)
         if "lora" in by_kind:
             items = by_kind["lora"]
             self.lora = self._lora_stacks(items, n, emb=False)
@@ -167,8 +170,7 @@ class SiteStacks:
         slots = torch.tensor([s for s, _ in items], device=device)
         a_vals = torch.stack([a.to(dtype) for a in a_list])
         bt_vals = torch.stack([b.to(dtype) for b in bt_list])
-        # Identity (zero) factors everywhere else: index_copy keeps gradients to the
-        # adapters' parameters when the stacks are built with autograd on.
+        # Identity (zero) factors in every other slot.
         a_stack = a_vals.new_zeros((n,) + tuple(a_vals.shape[1:])).index_copy(0, slots, a_vals)
         bt_stack = bt_vals.new_zeros((n,) + tuple(bt_vals.shape[1:])).index_copy(0, slots, bt_vals)
         scales, dropouts = [0.0] * n, [0.0] * n
@@ -178,6 +180,79 @@ class SiteStacks:
         scale = torch.tensor(scales, dtype=torch.float64, device=device)
         dropout = torch.tensor(dropouts, dtype=torch.float32, device=device)
         return a_stack, bt_stack, scale, dropout
+
+
+class _StackGrads(torch.autograd.Function):
+    """Hands out a cached stack and routes its gradient to the parameters in it.
+
+    The stacks are built once, without autograd; with autograd on, each call wraps them
+    in this function, so a mixed batch trains its adapters without re-stacking them.
+    ``routes.items`` is ``((slot, how, r), ...)``, one per parameter in ``params``.
+    """
+
+    @staticmethod
+    def forward(ctx, routes, *params):
+        ctx.routes = routes.items
+        ctx.meta = [(p.shape, p.dtype) for p in params]
+        return routes.stack.detach()
+
+    @staticmethod
+    def backward(ctx, grad):
+        grads = []
+        for (slot, how, r), (shape, dtype) in zip(ctx.routes, ctx.meta):
+            g = grad[slot]
+            if how == "rows":  # A (r, in) from (r_max, in)
+                g = g[:r]
+            elif how == "rows_t":  # B (out, r) from B^T (r_max, out)
+                g = g[:r].t()
+            elif how == "cols":  # embedding A (num, r) from (num, r_max)
+                g = g[:, :r]
+            grads.append(g.reshape(shape).to(dtype))
+        return (None, *grads)
+
+
+class _Routes:
+    __slots__ = ("stack", "items")
+
+    def __init__(self, stack: torch.Tensor, items: tuple) -> None:
+        self.stack = stack
+        self.items = items
+
+
+def _with_grad(stack: torch.Tensor, routed: list[tuple[int, str, int, nn.Parameter]]) -> torch.Tensor:
+    routed = [item for item in routed if item[3].requires_grad]
+    if not routed:
+        return stack
+    routes = _Routes(stack, tuple((slot, how, r) for slot, how, r, _ in routed))
+    return _StackGrads.apply(routes, *(p for *_, p in routed))
+
+
+def _with_grads(st: SiteStacks, used_slots: set[int]) -> SiteStacks:
+    """A per-call copy of ``st`` whose stacks carry gradients to the used adapters."""
+    new = copy.copy(st)
+    items = {k: [(s, l) for s, l in v if s in used_slots] for k, v in st.items.items()}
+    if st.lora is not None:
+        a, bt, scale, p = st.lora
+        lora = items["lora"]
+        new.lora = (
+            _with_grad(a, [(s, "rows", l.r, l.lora_A.weight) for s, l in lora]),
+            _with_grad(bt, [(s, "rows_t", l.r, l.lora_B.weight) for s, l in lora]),
+            scale,
+            p,
+        )
+    if st.emb is not None:
+        a, bt, scale = st.emb
+        emb = items["emb"]
+        new.emb = (
+            _with_grad(a, [(s, "cols", l.r, l.lora_A.weight) for s, l in emb]),
+            _with_grad(bt, [(s, "rows_t", l.r, l.lora_B.weight) for s, l in emb]),
+            scale,
+        )
+    for kind in ("ia3_pre", "ia3_post"):
+        stack = getattr(st, kind)
+        if stack is not None:
+            setattr(new, kind, _with_grad(stack, [(s, "vec", 0, l.ia3_l) for s, l in items[kind]]))
+    return new
 
 
 def _stacked_params(layer: AdapterLayer) -> list[nn.Parameter]:
@@ -263,20 +338,14 @@ def clear_cache(wrapper: nn.Module) -> None:
             state.names, state.slot, state.sigs, state.stacks, state.sites = (), {}, {}, {}, {}
 
 
-def _build_stacks(
-    sites: dict[str, Any], names: Sequence[str], autograd: bool
-) -> dict[str, SiteStacks]:
+def _build_stacks(sites: dict[str, Any], names: Sequence[str]) -> dict[str, SiteStacks]:
     stacks = {}
-    for path, site in sites.items():
-        layers = [site.layers.get(name) for name in names]
-        if all(layer is None for layer in layers):
-            continue
-        if autograd:
-            stacks[path] = SiteStacks(layers)
-        else:
-            # Plain tensors even inside inference_mode, so a later call with autograd on
-            # (frozen adapters, inputs requiring grad) can still use them.
-            with torch.inference_mode(False), torch.no_grad():
+    # Plain tensors without autograd history, even inside inference_mode, so later calls
+    # with autograd on can use them too (gradients are routed by _StackGrads).
+    with torch.inference_mode(False), torch.no_grad():
+        for path, site in sites.items():
+            layers = [site.layers.get(name) for name in names]
+            if any(layer is not None for layer in layers):
                 stacks[path] = SiteStacks(layers)
     return stacks
 
@@ -295,7 +364,7 @@ def _cached_stacks(
                 fresh = False
                 break
     if not fresh:
-        stacks = _build_stacks(wrapper._sites, names, autograd=False)
+        stacks = _build_stacks(wrapper._sites, names)
         state.sigs = {name: _AdapterSignature(adapters[name]) for name in names}
         state.names = names
         state.slot = {name: i for i, name in enumerate(names)}
@@ -489,16 +558,11 @@ def _device_of_sites(wrapper: Any, x: torch.Tensor | None) -> torch.device:
     return torch.device("cpu")
 
 
-def _needs_autograd(wrapper: Any, used: Sequence[str]) -> bool:
-    """Whether the stacks must carry gradients to the adapters' parameters."""
+def _needs_autograd(state: _WrapperState, used: Sequence[str]) -> bool:
+    """Whether the stacks must carry gradients to the used adapters' parameters."""
     if not torch.is_grad_enabled():
         return False
-    return any(
-        p.requires_grad
-        for name in used
-        for layer in wrapper.adapters[name].layers.values()
-        for p in _stacked_params(layer)
-    )
+    return any(check[2].requires_grad for name in used for check in state.sigs[name].checks)
 
 
 @torch.compiler.disable
@@ -515,15 +579,11 @@ def _prepare(
     used = list(dict.fromkeys(n for n in names if n != BASE_ADAPTER_NAME))
     state = _wrapper_state(wrapper)
     with state.lock:
-        if _needs_autograd(wrapper, used):
-            # Trainable adapters: per-call stacks of just these adapters, built with
-            # autograd so gradients reach their parameters.
-            slot_of = {name: i for i, name in enumerate(used)}
-            stacks = _build_stacks(wrapper._sites, used, autograd=True)
-            base_slot = len(used)
-        else:
-            slot_of, stacks = _cached_stacks(wrapper, state, used)
-            base_slot = len(slot_of)
+        slot_of, stacks = _cached_stacks(wrapper, state, used)
+        base_slot = len(slot_of)
+        if _needs_autograd(state, used):
+            used_slots = {slot_of[name] for name in used}
+            stacks = {path: _with_grads(st, used_slots) for path, st in stacks.items()}
         sites = dict(wrapper._sites)
         for path, site in sites.items():
             site.prepare_mixed(stacks[path].need_pre if path in stacks else False)
