@@ -54,10 +54,9 @@ from .layers import (
     replace_first_input,
 )
 
-__all__ = ["BASE_ADAPTER_NAME", "SiteStacks", "clear_cache", "mixed_call"]
+from .wrapper import BASE_ADAPTER_NAME
 
-#: Selects "no adapter" for a row (PEFT's convention).
-BASE_ADAPTER_NAME = "__base__"
+__all__ = ["BASE_ADAPTER_NAME", "SiteStacks", "clear_cache", "mixed_call"]
 
 
 # ----------------------------------------------------------------------------------------
@@ -114,6 +113,10 @@ class SiteStacks:
         others_pre, others_post: ``((slot, layer), ...)``: layers that run as
             themselves on their rows, those with a ``pre_forward`` / ``post_forward``.
         need_pre: Whether any layer here changes the module's inputs.
+
+    Args:
+        layers: The layer of each adapter in slot order at this module (``None`` where
+            an adapter has none).
     """
 
     __slots__ = (
