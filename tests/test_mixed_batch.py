@@ -561,6 +561,86 @@ def test_llama_generate_with_adapter_names():
     assert len({tuple(r[0, 5:].tolist()) for r in rows}) == 3  # the adapters matter
 
 
+def test_same_logits_as_peft_adapter_names():
+    peft = pytest.importorskip("peft")
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=64,
+    )
+    base = transformers.LlamaForCausalLM(cfg).eval()
+    theirs_base = transformers.LlamaForCausalLM(cfg).eval()
+    theirs_base.load_state_dict(base.state_dict())
+    targets = ["q_proj", "v_proj", "down_proj"]
+    specs = {"x": (4, 8, False), "y": (8, 3, True), "z": (2, 2, False)}  # r, alpha, rslora
+    w = AdapterWrapper(base)
+    theirs = None
+    for name, (r, alpha, rs) in specs.items():
+        w.add_adapter_from_config(
+            LoraConfig(target_modules=targets, r=r, lora_alpha=alpha, use_rslora=rs, init_lora_weights=False),
+            name,
+        )
+        cfg_p = peft.LoraConfig(target_modules=targets, r=r, lora_alpha=alpha, use_rslora=rs)
+        if theirs is None:
+            theirs = peft.get_peft_model(theirs_base, cfg_p, adapter_name=name)
+        else:
+            theirs.add_adapter(name, cfg_p)
+    randomize(w)
+    modules = dict(theirs.base_model.model.named_modules())
+    with torch.no_grad():
+        for name in specs:
+            for path, layer in w.adapters[name].items():
+                modules[path].lora_A[name].weight.copy_(layer.lora_A.weight)
+                modules[path].lora_B[name].weight.copy_(layer.lora_B.weight)
+    theirs.eval()
+    ids = torch.randint(0, 64, (5, 7))
+    names = ["z", "x", "__base__", "y", "x"]
+    with torch.no_grad():
+        ours_out = w(input_ids=ids, adapter_names=names).logits
+        theirs_out = theirs(input_ids=ids, adapter_names=names).logits
+        w.set_active_adapters([])
+        base_out = w(input_ids=ids).logits
+    torch.testing.assert_close(ours_out, theirs_out, atol=1e-5, rtol=1e-5)
+    effect = (ours_out - base_out).abs().amax(dim=(1, 2))
+    assert effect[2] < 1e-5 and bool((effect[[0, 1, 3, 4]] > 1e-2).all()), effect
+
+
+def test_reference_ops_against_per_row_loops():
+    """The tensor-only references (tinytune.kernels.lora_mixed) on odd shapes."""
+    from tinytune.kernels.lora_mixed import (
+        torch_embedding_lora_mixed,
+        torch_ia3_mixed,
+        torch_lora_mixed,
+    )
+
+    g = torch.Generator().manual_seed(0)
+    for b, t, d_in, d_out, r, slots in [(1, 1, 3, 5, 1, 1), (3, 17, 13, 7, 4, 2), (5, 2, 130, 17, 3, 4)]:
+        x = torch.randn(b, t, d_in, generator=g)
+        out = torch.randn(b, t, d_out, generator=g)
+        a = torch.randn(slots, r, d_in, generator=g)
+        bt = torch.randn(slots, r, d_out, generator=g)
+        scale = torch.rand(slots, generator=g, dtype=torch.float64)
+        rows = torch.randint(0, slots, (b,), generator=g)
+        expected = torch.stack([
+            out[i] + float(scale[rows[i]]) * (x[i] @ a[rows[i]].T @ bt[rows[i]]) for i in range(b)
+        ])
+        torch.testing.assert_close(torch_lora_mixed(x, out, a, bt, scale, rows), expected)
+        copy = out.clone()
+        torch.testing.assert_close(torch_lora_mixed(x, copy, a, bt, scale, rows, inplace=True), expected)
+        torch.testing.assert_close(copy, expected)  # updated in place
+        scales = torch.randn(slots, d_in, generator=g)
+        torch.testing.assert_close(
+            torch_ia3_mixed(x, scales, rows), torch.stack([x[i] * scales[rows[i]] for i in range(b)])
+        )
+        ids = torch.randint(0, 11, (b, t), generator=g)
+        table = torch.randn(slots, 11, r, generator=g)
+        expected = torch.stack([
+            out[i] + float(scale[rows[i]]) * (table[rows[i]][ids[i]] @ bt[rows[i]]) for i in range(b)
+        ])
+        torch.testing.assert_close(torch_embedding_lora_mixed(ids, out, table, bt, scale, rows), expected)
+
+
 # ----------------------------------------------------------------------------------------
 # torch.compile: no graph break inside the model, no recompilation on a new assignment
 # ----------------------------------------------------------------------------------------
