@@ -588,8 +588,14 @@ def _prepare(
             used_slots = {slot_of[name] for name in used}
             stacks = {path: _with_grads(st, used_slots) for path, st in stacks.items()}
         sites = dict(wrapper._sites)
+        added = False
         for path, site in sites.items():
-            site.prepare_mixed(stacks[path].need_pre if path in stacks else False)
+            added |= site.prepare_mixed(stacks[path].need_pre if path in stacks else False)
+        note_layout = getattr(type(wrapper), "_note_hook_layout", None)
+        if added and note_layout is not None:
+            # The wrapper numbers its hook layout so that compiled graphs of its forward
+            # are guarded on it (torch.compile does not guard on empty hook dicts).
+            note_layout(wrapper)
     slots = [slot_of.get(name, base_slot) for name in names]
     device = _device_of_sites(wrapper, _first_tensor(args, kwargs))
     call = _Call(torch.tensor(slots, dtype=torch.long, device=device), slots)

@@ -83,20 +83,27 @@ class HookSite:
         self._handles.append(self.module.register_forward_hook(post, with_kwargs=True))
         self._has_post = True
 
-    def prepare_mixed(self, need_pre: bool) -> None:
+    def prepare_mixed(self, need_pre: bool) -> bool:
         """Make sure the hooks a mixed-batch call needs are registered.
 
         Args:
             need_pre: Whether a layer used by the call has a ``pre_forward``.
 
+        Returns:
+            Whether a hook was added.
+
         Hooks are only added, never removed and re-added, so a plain call running on
         another thread meanwhile never sees the module without its chain's hooks. Extra
         hooks stay until the next change of the chain (``set_chain``) re-derives them.
         """
+        added = False
         if need_pre and not self._has_pre:
             self._register_pre()
+            added = True
         if not self._has_post:
             self._register_post()
+            added = True
+        return added
 
     def _single_post(self) -> bool:
         return len(self._posts) == 1 and not self._needs_stack
