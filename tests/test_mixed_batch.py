@@ -559,6 +559,18 @@ def test_llama_generate_with_adapter_names():
             rows.append(w.generate(input_ids=ids[i : i + 1], **kw))
     assert torch.equal(out, torch.cat(rows))
     assert len({tuple(r[0, 5:].tolist()) for r in rows}) == 3  # the adapters matter
+    # Beam search: generate() repeats each row num_beams times; so do the names.
+    kw["num_beams"] = 2
+    with torch.no_grad():
+        w.set_active_adapters([])
+        out = w.generate(input_ids=ids, adapter_names=names, **kw)
+        rows = []
+        for i, n in enumerate(names):
+            w.set_active_adapters([] if n == "__base__" else [n])
+            rows.append(w.generate(input_ids=ids[i : i + 1], **kw)[0])
+    for i, row in enumerate(rows):  # a row that ends early is padded in the batch
+        assert torch.equal(out[i, : len(row)], row)
+        assert set(out[i, len(row) :].tolist()) <= {kw["pad_token_id"], cfg.eos_token_id}
 
 
 def test_same_logits_as_peft_adapter_names():
