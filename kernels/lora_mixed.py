@@ -13,6 +13,11 @@ The layout every function here consumes (and that the fused kernels will consume
 * IA³: ``l_stack`` ``(S, features)``, ones in slots without an IA³ layer.
 * Embedding LoRA: ``a_stack`` ``(S, num_embeddings, r_max)``, ``bt_stack``
   ``(S, r_max, dim)``.
+* Optionally, rows sorted into segments by adapter (:func:`torch_lora_mixed_grouped`):
+  ``group_slots`` ``(N,)``, the distinct slots; ``rows`` ``(R,)``, the rows that use
+  them, segment after segment; ``row_group`` and ``row_pos`` ``(R,)``, each of those
+  rows' segment and position in it; ``group_size``, the longest segment. Rows not listed
+  are left unchanged.
 
 Rows are batch dimension 0 of ``x``; all other leading dimensions (sequence, ...) are
 tokens of that row. The PyTorch path gathers each row's factors and runs batched
@@ -28,7 +33,12 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["torch_lora_mixed", "torch_ia3_mixed", "torch_embedding_lora_mixed"]
+__all__ = [
+    "torch_lora_mixed",
+    "torch_lora_mixed_grouped",
+    "torch_ia3_mixed",
+    "torch_embedding_lora_mixed",
+]
 
 
 def _rows3d(t: torch.Tensor) -> torch.Tensor:
@@ -79,6 +89,64 @@ def torch_lora_mixed(
         return torch.baddbmm(out3, h, bt).view(out.shape)
     delta = torch.bmm(h, bt).to(out.dtype).view(out.shape)
     return out.add_(delta) if inplace else out + delta
+
+
+def torch_lora_mixed_grouped(
+    x: torch.Tensor,
+    out: torch.Tensor,
+    a_stack: torch.Tensor,
+    bt_stack: torch.Tensor,
+    scale: torch.Tensor,
+    group_slots: torch.Tensor,
+    rows: torch.Tensor,
+    row_group: torch.Tensor,
+    row_pos: torch.Tensor,
+    group_size: int,
+    inplace: bool = False,
+) -> torch.Tensor:
+    """:func:`torch_lora_mixed` with rows grouped by adapter: each adapter's factors are
+    read once for all its rows, instead of once per row.
+
+    The rows of each segment are packed into a zero-padded ``(N, group_size, tokens, in)``
+    block, so the batched matmuls see one matrix per distinct adapter. That pays off when
+    rows have few tokens and share adapters (decode); with many tokens per row the
+    packing costs more than the per-row gather saves.
+
+    Args:
+        x, out, a_stack, bt_stack, scale: As in :func:`torch_lora_mixed`.
+        group_slots: ``(N,)`` int64 distinct slots.
+        rows: ``(R,)`` int64 rows using them, sorted by segment.
+        row_group: ``(R,)`` int64 segment of each listed row.
+        row_pos: ``(R,)`` int64 position of each listed row in its segment.
+        group_size: The longest segment's length.
+        inplace: Accumulate into ``out`` itself (see :func:`torch_lora_mixed`).
+
+    Returns:
+        A tensor shaped and typed like ``out``.
+    """
+    n = group_slots.shape[0]
+    x3 = _rows3d(x)
+    t = x3.shape[1]
+    a = a_stack.index_select(0, group_slots)  # (N, r, in)
+    bt = bt_stack.index_select(0, group_slots)  # (N, r, out)
+    xs = x3.index_select(0, rows).to(a.dtype)  # (R, T, in)
+    if n == 1:
+        packed = xs.reshape(1, -1, xs.shape[-1])  # one segment: no padding needed
+    else:
+        packed = xs.new_zeros((n, group_size, t, xs.shape[-1]))
+        packed[row_group, row_pos] = xs
+        packed = packed.view(n, group_size * t, -1)
+    s = scale.index_select(0, group_slots).to(a.dtype).view(n, 1, 1)
+    d = torch.bmm(torch.bmm(packed, a.transpose(1, 2)) * s, bt)  # (N, G*T, out)
+    if n == 1:
+        delta = d.view(-1, t, d.shape[-1])
+    else:
+        delta = d.view(n, group_size, t, -1)[row_group, row_pos]  # (R, T, out)
+    out3 = _rows3d(out)
+    delta = delta.to(out3.dtype)
+    if inplace:
+        return out3.index_add_(0, rows, delta).view(out.shape)
+    return out3.index_add(0, rows, delta).view(out.shape)
 
 
 def torch_ia3_mixed(

@@ -221,6 +221,44 @@ def test_two_dimensional_inputs_and_inactive_adapters():
         assert torch.equal(w(x), mlp(x))
 
 
+@pytest.mark.parametrize("names", [["a"] * 6, ["b", "a", "b", "__base__", "a", "b"], ["__base__"] * 6])
+def test_rows_grouped_by_adapter_equal_running_alone(names, monkeypatch):
+    """The grouped path (each adapter's factors read once for all its rows)."""
+    from tinytune import batch
+
+    torch.manual_seed(0)
+    w = many_kinds(Tower().eval())
+    ids = torch.randint(0, 32, (6, 2))
+    calls = []
+    grouped = batch.torch_lora_mixed_grouped
+    monkeypatch.setattr(
+        batch, "torch_lora_mixed_grouped", lambda *a, **k: calls.append(1) or grouped(*a, **k)
+    )
+    monkeypatch.setattr(batch, "_worth_grouping", lambda call, x, a: call.groups())
+    with torch.no_grad():
+        torch.testing.assert_close(
+            w(ids, adapter_names=names), per_row_reference(w, ids, names), atol=2e-6, rtol=0
+        )
+    # Six linear modules carry a LoRA stack (q, v, up of both layers); all-base rows
+    # skip LoRA altogether.
+    assert len(calls) == (0 if names[0] == "__base__" else 6)
+
+
+def test_grouping_is_chosen_for_decode_rows_sharing_few_adapters():
+    from tinytune import batch
+
+    a_stack = torch.zeros(5, 16, 8)  # rank 16
+
+    def choice(slots, tokens):
+        call = batch._Call(torch.tensor(slots), slots, identity=4)
+        return batch._worth_grouping(call, torch.zeros(len(slots), tokens, 8), a_stack) is not None
+
+    assert choice([0] * 32, 1)  # one adapter for all rows: read it once
+    assert choice([0, 1] * 32, 1)
+    assert not choice(list(range(8)) * 4, 1)  # 8 distinct adapters for 32 rows: gather
+    assert not choice([0] * 32, 64)  # long rows: packing costs more than it saves
+
+
 def test_custom_layers_and_conv2d_lora_run_on_their_rows():
     torch.manual_seed(0)
     mlp = MLP().eval()
@@ -624,10 +662,13 @@ def test_reference_ops_against_per_row_loops():
         torch_embedding_lora_mixed,
         torch_ia3_mixed,
         torch_lora_mixed,
+        torch_lora_mixed_grouped,
     )
 
     g = torch.Generator().manual_seed(0)
-    for b, t, d_in, d_out, r, slots in [(1, 1, 3, 5, 1, 1), (3, 17, 13, 7, 4, 2), (5, 2, 130, 17, 3, 4)]:
+    for b, t, d_in, d_out, r, slots in [
+        (1, 1, 3, 5, 1, 1), (3, 17, 13, 7, 4, 2), (5, 2, 130, 17, 3, 4), (9, 1, 17, 3, 2, 3)
+    ]:
         x = torch.randn(b, t, d_in, generator=g)
         out = torch.randn(b, t, d_out, generator=g)
         a = torch.randn(slots, r, d_in, generator=g)
@@ -638,6 +679,24 @@ def test_reference_ops_against_per_row_loops():
             out[i] + float(scale[rows[i]]) * (x[i] @ a[rows[i]].T @ bt[rows[i]]) for i in range(b)
         ])
         torch.testing.assert_close(torch_lora_mixed(x, out, a, bt, scale, rows), expected)
+        # the same rows grouped by slot (base rows = the last slot, left out)
+        segments: dict[int, list[int]] = {}
+        for i, slot in enumerate(rows.tolist()):
+            if slot != slots - 1 or slots == 1:
+                segments.setdefault(slot, []).append(i)
+        members = list(segments.values())
+        grouped = torch_lora_mixed_grouped(
+            x, out, a, bt, scale,
+            torch.tensor(list(segments)),
+            torch.tensor([i for m in members for i in m]),
+            torch.tensor([g for g, m in enumerate(members) for _ in m]),
+            torch.tensor([p for m in members for p in range(len(m))]),
+            max(len(m) for m in members),
+        )
+        left_out = [i for i in range(b) if not any(i in m for m in members)]
+        expected_grouped = expected.clone()
+        expected_grouped[left_out] = out[left_out]
+        torch.testing.assert_close(grouped, expected_grouped)
         copy = out.clone()
         torch.testing.assert_close(torch_lora_mixed(x, copy, a, bt, scale, rows, inplace=True), expected)
         torch.testing.assert_close(copy, expected)  # updated in place

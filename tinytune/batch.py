@@ -38,13 +38,19 @@ from __future__ import annotations
 import copy
 import threading
 import weakref
+from functools import partial
 from typing import Any, Sequence
 
 import torch
 from torch import nn
 
 from .errors import AdapterNotFoundError, AdapterStateError, MixedBatchError, suggest
-from .kernels.lora_mixed import torch_embedding_lora_mixed, torch_ia3_mixed, torch_lora_mixed
+from .kernels.lora_mixed import (
+    torch_embedding_lora_mixed,
+    torch_ia3_mixed,
+    torch_lora_mixed,
+    torch_lora_mixed_grouped,
+)
 from .layers import (
     AdapterLayer,
     EmbeddingLoraLayer,
@@ -382,13 +388,40 @@ def _cached_stacks(
 class _Call:
     """One mixed call: the row assignment, shared by every module."""
 
-    __slots__ = ("row_index", "batch", "slots", "_rows")
+    __slots__ = ("row_index", "batch", "slots", "identity", "_rows", "_groups")
 
-    def __init__(self, row_index: torch.Tensor, slots: list[int]) -> None:
+    def __init__(self, row_index: torch.Tensor, slots: list[int], identity: int) -> None:
         self.row_index = row_index
         self.batch = len(slots)
         self.slots = slots
+        self.identity = identity
         self._rows: dict[int, torch.Tensor | None] = {}
+        self._groups: tuple | None = None
+
+    def groups(self) -> tuple:
+        """Rows sorted into segments by slot, identity rows left out (eager mode only).
+
+        Returns:
+            ``(n, size, group_slots, rows, row_group, row_pos)`` (see
+            ``torch_lora_mixed_grouped``), ``n == 0`` if every row is a base row.
+        """
+        if self._groups is None:
+            segments: dict[int, list[int]] = {}
+            for i, slot in enumerate(self.slots):
+                if slot != self.identity:
+                    segments.setdefault(slot, []).append(i)
+            device = self.row_index.device
+            long = partial(torch.tensor, dtype=torch.long, device=device)
+            members = list(segments.values())
+            self._groups = (
+                len(segments),
+                max((len(m) for m in members), default=0),
+                long(list(segments)),
+                long([i for m in members for i in m]),
+                long([g for g, m in enumerate(members) for _ in m]),
+                long([p for m in members for p in range(len(m))]),
+            )
+        return self._groups
 
     def rows(self, slot: int) -> torch.Tensor | None:
         """Indices of the rows using ``slot`` (``None`` if none); eager mode only."""
@@ -420,6 +453,25 @@ def _row_dropout(x: torch.Tensor, p_stack: torch.Tensor, call: _Call) -> torch.T
     keep = (1.0 - p).to(x.dtype)
     mask = (torch.rand_like(x) < keep).to(x.dtype)
     return x * mask / keep
+
+
+def _worth_grouping(call: _Call, x: torch.Tensor, a_stack: torch.Tensor) -> tuple | None:
+    """The call's row segments if reading each adapter once beats a gather per row.
+
+    Per row, the gather copies the row's factors (``r`` per feature); grouping reads
+    them once per distinct adapter but copies the rows' tokens into padded segments
+    (``group_size * tokens`` per feature and segment) and runs a few more small ops.
+    Measured on the CPU (bench/bench_mixed.py shapes), grouping pays off when that
+    traffic model gives it less than a quarter of the gather's: decode-sized rows that
+    mostly share a few adapters. Eager mode only: the segments' shapes depend on the
+    assignment, which compiled graphs must not.
+    """
+    tokens = x.numel() // max(1, x.shape[0] * x.shape[-1])
+    groups = call.groups()
+    n, size = groups[0], groups[1]
+    if 4 * n * (a_stack.shape[1] + size * tokens) < call.batch * a_stack.shape[1]:
+        return groups
+    return None
 
 
 class _SitePlan:
@@ -458,7 +510,11 @@ class _SitePlan:
         if st.lora is not None:
             a, bt, scale, p = st.lora
             xin = _row_dropout(x, p, call) if st.has_dropout and module.training else x
-            output = torch_lora_mixed(xin, output, a, bt, scale, call.row_index, inplace)
+            groups = None if torch.compiler.is_compiling() else _worth_grouping(call, xin, a)
+            if groups is None:
+                output = torch_lora_mixed(xin, output, a, bt, scale, call.row_index, inplace)
+            elif groups[0]:
+                output = torch_lora_mixed_grouped(xin, output, a, bt, scale, *groups[2:], groups[1], inplace)
         if st.emb is not None:
             a, bt, scale = st.emb
             output = torch_embedding_lora_mixed(x, output, a, bt, scale, call.row_index, inplace)
@@ -598,7 +654,7 @@ def _prepare(
             note_layout(wrapper)
     slots = [slot_of.get(name, base_slot) for name in names]
     device = _device_of_sites(wrapper, _first_tensor(args, kwargs))
-    call = _Call(torch.tensor(slots, dtype=torch.long, device=device), slots)
+    call = _Call(torch.tensor(slots, dtype=torch.long, device=device), slots, base_slot)
     return [(site, _SitePlan(path, stacks.get(path, _EMPTY), call)) for path, site in sites.items()]
 
 
