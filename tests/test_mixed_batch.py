@@ -500,7 +500,12 @@ def test_cached_stacks_follow_weight_and_structure_changes():
     torch.testing.assert_close(out, per_row_reference(w, ids, NAMES).detach())
 
 
-def test_gradients_match_rows_run_alone():
+@pytest.mark.parametrize("grouped", [False, True])
+def test_gradients_match_rows_run_alone(grouped, monkeypatch):
+    from tinytune import batch
+
+    # Both LoRA paths: a gather per row, and rows grouped by adapter.
+    monkeypatch.setattr(batch, "_worth_grouping", lambda call, x, a: call.groups() if grouped else None)
     torch.manual_seed(0)
     tower = Tower().train()
     w = many_kinds(tower)
