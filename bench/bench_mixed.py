@@ -160,7 +160,8 @@ def run_case(bare, ours, theirs, names_all, rows, tokens, distinct, rounds, labe
     }
     print(
         f"{label:>28}: bare {1e3 * med['bare']:7.2f} ms | peft {1e3 * med['peft']:7.2f} ms"
-        f" ({result['peft_over_bare']['median']:.2f}x bare) | tinytune {1e3 * med['tinytune']:7.2f} ms"
+        f" ({result['peft_over_bare']['median']:.2f}x bare)"
+        f" | tinytune {1e3 * med['tinytune']:7.2f} ms"
         f" ({result['tinytune_over_bare']['median']:.2f}x bare,"
         f" {result['tinytune_over_peft']['median']:.2f}x peft"
         f" [{result['tinytune_over_peft']['p25']:.2f}-{result['tinytune_over_peft']['p75']:.2f}])",
@@ -172,7 +173,10 @@ def run_case(bare, ours, theirs, names_all, rows, tokens, distinct, rounds, labe
 def git_sha() -> str:
     try:
         out = subprocess.run(
-            ["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True, check=True
+            ["git", "-C", str(ROOT), "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            check=True,
         )
         dirty = subprocess.run(
             ["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no"],
@@ -197,15 +201,21 @@ def cpu_name() -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="few rounds, smaller prefill scaling")
-    parser.add_argument("--out", default=None, help="JSON path (default bench/results/mixed_<date>.json)")
+    parser.add_argument(
+        "--out", default=None, help="JSON path (default bench/results/mixed_<date>.json)"
+    )
     args = parser.parse_args()
     torch.set_num_threads(1)
     random.seed(0)
     bare, ours, theirs, names = build(64)
     results = []
     r_dec, r_pre = (10, 4) if args.quick else (40, 12)
-    results.append(run_case(bare, ours, theirs, names, 32, 1, 16, r_dec, "decode 32x1, 16 of 64 loaded"))
-    results.append(run_case(bare, ours, theirs, names, 8, 64, 4, r_pre, "prefill 8x64, 4 of 64 loaded"))
+    results.append(
+        run_case(bare, ours, theirs, names, 32, 1, 16, r_dec, "decode 32x1, 16 of 64 loaded")
+    )
+    results.append(
+        run_case(bare, ours, theirs, names, 8, 64, 4, r_pre, "prefill 8x64, 4 of 64 loaded")
+    )
     # The same decode case with only the 16 adapters it uses loaded: the cost should not
     # depend on how many adapters are loaded.
     small = build(16)
@@ -213,12 +223,21 @@ def main() -> None:
     del small
     scaling = []
     for n in (1, 2, 4, 8, 16, 32, 64):
-        scaling.append(run_case(bare, ours, theirs, names, 64, 1, n, r_dec // 2, f"decode 64x1, {n} adapters"))
+        scaling.append(
+            run_case(bare, ours, theirs, names, 64, 1, n, r_dec // 2, f"decode 64x1, {n} adapters")
+        )
     pre_tokens = 16 if args.quick else 64
     for n in (1, 4, 16, 64):
         scaling.append(
             run_case(
-                bare, ours, theirs, names, 64, pre_tokens, n, max(3, r_pre // 3),
+                bare,
+                ours,
+                theirs,
+                names,
+                64,
+                pre_tokens,
+                n,
+                max(3, r_pre // 3),
                 f"prefill 64x{pre_tokens}, {n} adapters",
             )
         )
@@ -241,8 +260,18 @@ def main() -> None:
         "cases": results,
         "scaling": scaling,
     }
-    out = Path(args.out) if args.out else ROOT / "bench" / "results" / (
-        "mixed_" + dt.datetime.now().strftime("%Y%m%d_%H%M%S") + ("_quick" if args.quick else "") + ".json"
+    out = (
+        Path(args.out)
+        if args.out
+        else ROOT
+        / "bench"
+        / "results"
+        / (
+            "mixed_"
+            + dt.datetime.now().strftime("%Y%m%d_%H%M%S")
+            + ("_quick" if args.quick else "")
+            + ".json"
+        )
     )
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2))

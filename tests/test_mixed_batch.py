@@ -115,7 +115,9 @@ def hook_count(model: nn.Module) -> int:
     return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
 
 
-def per_row_reference(wrapper: AdapterWrapper, x: torch.Tensor, names: list[str], **kw) -> torch.Tensor:
+def per_row_reference(
+    wrapper: AdapterWrapper, x: torch.Tensor, names: list[str], **kw
+) -> torch.Tensor:
     """Each row run alone with only its adapter active (then the active set restored)."""
     active = wrapper.active_adapters
     outs = []
@@ -131,21 +133,36 @@ def per_row_reference(wrapper: AdapterWrapper, x: torch.Tensor, names: list[str]
 def many_kinds(tower: nn.Module) -> AdapterWrapper:
     """Adapters of every stacked kind plus modules_to_save, on overlapping modules."""
     w = AdapterWrapper.from_config(
-        tower, LoraConfig(target_modules=["q_proj", "v_proj", "embed"], r=4, init_lora_weights=False), "a"
+        tower,
+        LoraConfig(target_modules=["q_proj", "v_proj", "embed"], r=4, init_lora_weights=False),
+        "a",
     )
     # Another rank and alpha, rsLoRA, and no layer on v_proj/embed: those rows pass through.
     w.add_adapter_from_config(
-        LoraConfig(target_modules=["q_proj", "up_proj"], r=8, lora_alpha=3, use_rslora=True, init_lora_weights=False),
+        LoraConfig(
+            target_modules=["q_proj", "up_proj"],
+            r=8,
+            lora_alpha=3,
+            use_rslora=True,
+            init_lora_weights=False,
+        ),
         "b",
     )
     w.add_adapter_from_config(
-        IA3Config(target_modules=["up_proj", "down_proj", "q_proj"], feedforward_modules=["down_proj"]), "c"
+        IA3Config(
+            target_modules=["up_proj", "down_proj", "q_proj"], feedforward_modules=["down_proj"]
+        ),
+        "c",
     )
-    w.add_adapter_from_config(LoraConfig(target_modules=["up_proj"], r=2, modules_to_save=["head"]), "m")
+    w.add_adapter_from_config(
+        LoraConfig(target_modules=["up_proj"], r=2, modules_to_save=["head"]), "m"
+    )
     # One adapter mixing LoRA and IA3 across layers.
     w.add_adapter("mix")
     w.add_adapter_layer("mix", "layers.0.q_proj", partial(LinearLoraLayer, r=3, lora_alpha=5))
-    w.add_adapter_layer("mix", "layers.1.down_proj", partial(tinytune.LinearIA3Layer, is_feedforward=True))
+    w.add_adapter_layer(
+        "mix", "layers.1.down_proj", partial(tinytune.LinearIA3Layer, is_feedforward=True)
+    )
     w.add_adapter_layer("mix", "layers.1.v_proj", tinytune.LinearIA3Layer)
     # A custom layer (pre- and post-forward) where stacked kinds of others also sit.
     w.add_adapter("s")
@@ -209,19 +226,27 @@ def test_several_active_adapters_do_not_leak_into_rows():
 def test_two_dimensional_inputs_and_inactive_adapters():
     torch.manual_seed(0)
     mlp = MLP().eval()
-    w = AdapterWrapper.from_config(mlp, LoraConfig(target_modules=["lin0", "lin1"], r=4, init_lora_weights=False), "x")
-    w.add_adapter_from_config(IA3Config(target_modules=["lin0", "lin1"], feedforward_modules=["lin1"]), "y")
+    w = AdapterWrapper.from_config(
+        mlp, LoraConfig(target_modules=["lin0", "lin1"], r=4, init_lora_weights=False), "x"
+    )
+    w.add_adapter_from_config(
+        IA3Config(target_modules=["lin0", "lin1"], feedforward_modules=["lin1"]), "y"
+    )
     randomize(w)
     w.set_active_adapters([])  # nothing active: mixed calls still apply the named ones
     assert hook_count(mlp) == 0
     x = torch.randn(5, 10)
     names = ["y", "x", "__base__", "x", "y"]
     with torch.no_grad():
-        torch.testing.assert_close(w(x, adapter_names=names), per_row_reference(w, x, names), atol=2e-5, rtol=1e-5)
+        torch.testing.assert_close(
+            w(x, adapter_names=names), per_row_reference(w, x, names), atol=2e-5, rtol=1e-5
+        )
         assert torch.equal(w(x), mlp(x))
 
 
-@pytest.mark.parametrize("names", [["a"] * 6, ["b", "a", "b", "__base__", "a", "b"], ["__base__"] * 6])
+@pytest.mark.parametrize(
+    "names", [["a"] * 6, ["b", "a", "b", "__base__", "a", "b"], ["__base__"] * 6]
+)
 def test_rows_grouped_by_adapter_equal_running_alone(names, monkeypatch):
     """The grouped path (each adapter's factors read once for all its rows)."""
     from tinytune import batch
@@ -265,26 +290,42 @@ def test_custom_layers_and_conv2d_lora_run_on_their_rows():
     w = AdapterWrapper(mlp)
     w.add_adapter("s")
     w.add_adapter_layer("s", "lin0", Shift)
-    w.add_adapter_from_config(LoraConfig(target_modules=["lin0"], r=2, init_lora_weights=False), "l")
+    w.add_adapter_from_config(
+        LoraConfig(target_modules=["lin0"], r=2, init_lora_weights=False), "l"
+    )
     x = torch.randn(4, 10)
     names = ["s", "l", "__base__", "s"]
     with torch.no_grad():
-        torch.testing.assert_close(w(x, adapter_names=names), per_row_reference(w, x, names), atol=2e-5, rtol=1e-5)
+        torch.testing.assert_close(
+            w(x, adapter_names=names), per_row_reference(w, x, names), atol=2e-5, rtol=1e-5
+        )
 
     net = ConvNet().eval()
-    wc = AdapterWrapper.from_config(net, LoraConfig(target_modules=["conv", "fc"], r=2, init_lora_weights=False), "p")
-    wc.add_adapter_from_config(LoraConfig(target_modules=["conv"], r=3, init_lora_weights=False), "q")
+    wc = AdapterWrapper.from_config(
+        net, LoraConfig(target_modules=["conv", "fc"], r=2, init_lora_weights=False), "p"
+    )
+    wc.add_adapter_from_config(
+        LoraConfig(target_modules=["conv"], r=3, init_lora_weights=False), "q"
+    )
     img = torch.randn(3, 3, 6, 6)
     names = ["q", "p", "__base__"]
     with torch.no_grad():
-        torch.testing.assert_close(wc(img, adapter_names=names), per_row_reference(wc, img, names), atol=2e-5, rtol=1e-5)
+        torch.testing.assert_close(
+            wc(img, adapter_names=names), per_row_reference(wc, img, names), atol=2e-5, rtol=1e-5
+        )
 
 
 def test_lora_dropout_applies_in_training_to_its_own_rows_only():
     torch.manual_seed(0)
     mlp = MLP()
-    w = AdapterWrapper.from_config(mlp, LoraConfig(target_modules=["lin0"], r=4, lora_dropout=0.9, init_lora_weights=False), "d")
-    w.add_adapter_from_config(LoraConfig(target_modules=["lin0"], r=4, init_lora_weights=False), "e")
+    w = AdapterWrapper.from_config(
+        mlp,
+        LoraConfig(target_modules=["lin0"], r=4, lora_dropout=0.9, init_lora_weights=False),
+        "d",
+    )
+    w.add_adapter_from_config(
+        LoraConfig(target_modules=["lin0"], r=4, init_lora_weights=False), "e"
+    )
     randomize(w)
     x = torch.randn(6, 10)
     names = ["d", "e", "__base__", "d", "e", "__base__"]
@@ -362,7 +403,9 @@ def test_merged_wrapper_refuses_mixed_calls():
 def test_batch_folded_inside_the_model_is_a_clear_error():
     torch.manual_seed(0)
     model = Flattening().eval()
-    w = AdapterWrapper.from_config(model, LoraConfig(target_modules=["lin"], init_lora_weights=False), "a")
+    w = AdapterWrapper.from_config(
+        model, LoraConfig(target_modules=["lin"], init_lora_weights=False), "a"
+    )
     w.add_adapter_from_config(LoraConfig(target_modules=["lin"], init_lora_weights=False), "b")
     x = torch.randn(2, 3, 8)
     with pytest.raises(MixedBatchError, match=r"'lin' received an input of shape \(6, 8\)"):
@@ -434,7 +477,9 @@ def test_assignment_never_reaches_another_thread():
         run("plain")  # on this thread, while the mixed call is mid-forward
         plain_during = results.pop("plain")
         # and a second mixed call with another assignment, on a third thread
-        other = threading.Thread(target=lambda: results.setdefault("other", w(ids, adapter_names=names[::-1])))
+        other = threading.Thread(
+            target=lambda: results.setdefault("other", w(ids, adapter_names=names[::-1]))
+        )
         with torch.no_grad():
             other.start()
             other.join(10)
@@ -490,7 +535,9 @@ def test_cached_stacks_follow_weight_and_structure_changes():
     w.adapters["a"]["layers.0.q_proj"].scaling = 5.0
     check()
     w.delete_adapter("m")
-    w.add_adapter_from_config(LoraConfig(target_modules=["down_proj"], r=4, init_lora_weights=False), "m")
+    w.add_adapter_from_config(
+        LoraConfig(target_modules=["down_proj"], r=4, init_lora_weights=False), "m"
+    )
     check()
     # a dtype change of the whole wrapper
     w.to(torch.float64)
@@ -505,7 +552,9 @@ def test_gradients_match_rows_run_alone(grouped, monkeypatch):
     from tinytune import batch
 
     # Both LoRA paths: a gather per row, and rows grouped by adapter.
-    monkeypatch.setattr(batch, "_worth_grouping", lambda call, x, a: call.groups() if grouped else None)
+    monkeypatch.setattr(
+        batch, "_worth_grouping", lambda call, x, a: call.groups() if grouped else None
+    )
     torch.manual_seed(0)
     tower = Tower().train()
     w = many_kinds(tower)
@@ -563,8 +612,12 @@ def test_gpt2_conv1d_rows():
     model = transformers.GPT2LMHeadModel(
         transformers.GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=64, n_positions=32)
     ).eval()
-    w = AdapterWrapper.from_config(model, LoraConfig(target_modules=["c_attn", "c_proj"], r=4, init_lora_weights=False), "a")
-    w.add_adapter_from_config(IA3Config(target_modules=["c_attn", "c_fc"], feedforward_modules=["c_fc"]), "b")
+    w = AdapterWrapper.from_config(
+        model, LoraConfig(target_modules=["c_attn", "c_proj"], r=4, init_lora_weights=False), "a"
+    )
+    w.add_adapter_from_config(
+        IA3Config(target_modules=["c_attn", "c_fc"], feedforward_modules=["c_fc"]), "b"
+    )
     randomize(w)
     ids = torch.randint(0, 64, (3, 6))
     names = ["b", "a", "__base__"]
@@ -581,12 +634,18 @@ def test_llama_generate_with_adapter_names():
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
     cfg = transformers.LlamaConfig(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=64,
     )
     model = transformers.LlamaForCausalLM(cfg).eval()
     targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-    w = AdapterWrapper.from_config(model, LoraConfig(target_modules=targets, r=4, init_lora_weights=False), "a")
+    w = AdapterWrapper.from_config(
+        model, LoraConfig(target_modules=targets, r=4, init_lora_weights=False), "a"
+    )
     w.add_adapter_from_config(LoraConfig(target_modules=targets, r=8, init_lora_weights=False), "b")
     with torch.no_grad():
         for p in w.adapter_parameters():
@@ -621,8 +680,12 @@ def test_same_logits_as_peft_adapter_names():
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
     cfg = transformers.LlamaConfig(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=64,
     )
     base = transformers.LlamaForCausalLM(cfg).eval()
     theirs_base = transformers.LlamaForCausalLM(cfg).eval()
@@ -633,7 +696,13 @@ def test_same_logits_as_peft_adapter_names():
     theirs = None
     for name, (r, alpha, rs) in specs.items():
         w.add_adapter_from_config(
-            LoraConfig(target_modules=targets, r=r, lora_alpha=alpha, use_rslora=rs, init_lora_weights=False),
+            LoraConfig(
+                target_modules=targets,
+                r=r,
+                lora_alpha=alpha,
+                use_rslora=rs,
+                init_lora_weights=False,
+            ),
             name,
         )
         cfg_p = peft.LoraConfig(target_modules=targets, r=r, lora_alpha=alpha, use_rslora=rs)
@@ -672,7 +741,10 @@ def test_reference_ops_against_per_row_loops():
 
     g = torch.Generator().manual_seed(0)
     for b, t, d_in, d_out, r, slots in [
-        (1, 1, 3, 5, 1, 1), (3, 17, 13, 7, 4, 2), (5, 2, 130, 17, 3, 4), (9, 1, 17, 3, 2, 3)
+        (1, 1, 3, 5, 1, 1),
+        (3, 17, 13, 7, 4, 2),
+        (5, 2, 130, 17, 3, 4),
+        (9, 1, 17, 3, 2, 3),
     ]:
         x = torch.randn(b, t, d_in, generator=g)
         out = torch.randn(b, t, d_out, generator=g)
@@ -680,9 +752,9 @@ def test_reference_ops_against_per_row_loops():
         bt = torch.randn(slots, r, d_out, generator=g)
         scale = torch.rand(slots, generator=g, dtype=torch.float64)
         rows = torch.randint(0, slots, (b,), generator=g)
-        expected = torch.stack([
-            out[i] + float(scale[rows[i]]) * (x[i] @ a[rows[i]].T @ bt[rows[i]]) for i in range(b)
-        ])
+        expected = torch.stack(
+            [out[i] + float(scale[rows[i]]) * (x[i] @ a[rows[i]].T @ bt[rows[i]]) for i in range(b)]
+        )
         torch.testing.assert_close(torch_lora_mixed(x, out, a, bt, scale, rows), expected)
         # the same rows grouped by slot (base rows = the last slot, left out)
         segments: dict[int, list[int]] = {}
@@ -691,7 +763,11 @@ def test_reference_ops_against_per_row_loops():
                 segments.setdefault(slot, []).append(i)
         members = list(segments.values())
         grouped = torch_lora_mixed_grouped(
-            x, out, a, bt, scale,
+            x,
+            out,
+            a,
+            bt,
+            scale,
             torch.tensor(list(segments)),
             torch.tensor([i for m in members for i in m]),
             torch.tensor([g for g, m in enumerate(members) for _ in m]),
@@ -703,18 +779,26 @@ def test_reference_ops_against_per_row_loops():
         expected_grouped[left_out] = out[left_out]
         torch.testing.assert_close(grouped, expected_grouped)
         copy = out.clone()
-        torch.testing.assert_close(torch_lora_mixed(x, copy, a, bt, scale, rows, inplace=True), expected)
+        torch.testing.assert_close(
+            torch_lora_mixed(x, copy, a, bt, scale, rows, inplace=True), expected
+        )
         torch.testing.assert_close(copy, expected)  # updated in place
         scales = torch.randn(slots, d_in, generator=g)
         torch.testing.assert_close(
-            torch_ia3_mixed(x, scales, rows), torch.stack([x[i] * scales[rows[i]] for i in range(b)])
+            torch_ia3_mixed(x, scales, rows),
+            torch.stack([x[i] * scales[rows[i]] for i in range(b)]),
         )
         ids = torch.randint(0, 11, (b, t), generator=g)
         table = torch.randn(slots, 11, r, generator=g)
-        expected = torch.stack([
-            out[i] + float(scale[rows[i]]) * (table[rows[i]][ids[i]] @ bt[rows[i]]) for i in range(b)
-        ])
-        torch.testing.assert_close(torch_embedding_lora_mixed(ids, out, table, bt, scale, rows), expected)
+        expected = torch.stack(
+            [
+                out[i] + float(scale[rows[i]]) * (table[rows[i]][ids[i]] @ bt[rows[i]])
+                for i in range(b)
+            ]
+        )
+        torch.testing.assert_close(
+            torch_embedding_lora_mixed(ids, out, table, bt, scale, rows), expected
+        )
 
 
 # ----------------------------------------------------------------------------------------

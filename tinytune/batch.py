@@ -77,7 +77,10 @@ def _stackable(layer: AdapterLayer) -> str | None:
     cls = type(layer)
     if isinstance(layer, LinearLoraLayer) and cls.post_forward is LinearLoraLayer.post_forward:
         return "lora"
-    if isinstance(layer, EmbeddingLoraLayer) and cls.post_forward is EmbeddingLoraLayer.post_forward:
+    if (
+        isinstance(layer, EmbeddingLoraLayer)
+        and cls.post_forward is EmbeddingLoraLayer.post_forward
+    ):
         return "emb"
     if (
         isinstance(layer, LinearIA3Layer)
@@ -126,8 +129,15 @@ class SiteStacks:
     """
 
     __slots__ = (
-        "lora", "has_dropout", "emb", "ia3_pre", "ia3_post", "others_pre", "others_post",
-        "need_pre", "items",
+        "lora",
+        "has_dropout",
+        "emb",
+        "ia3_pre",
+        "ia3_post",
+        "others_pre",
+        "others_post",
+        "need_pre",
+        "items",
     )
 
     def __init__(self, layers: Sequence[AdapterLayer | None]) -> None:
@@ -228,7 +238,9 @@ class _Routes:
         self.items = items
 
 
-def _with_grad(stack: torch.Tensor, routed: list[tuple[int, str, int, nn.Parameter]]) -> torch.Tensor:
+def _with_grad(
+    stack: torch.Tensor, routed: list[tuple[int, str, int, nn.Parameter]]
+) -> torch.Tensor:
     routed = [item for item in routed if item[3].requires_grad]
     if not routed:
         return stack
@@ -290,7 +302,9 @@ class _AdapterSignature:
                 for pname, p in owner._parameters.items():
                     if p is not None and (owner is not layer or pname == "ia3_l"):
                         checks.append((owner._parameters, pname, p, p._version, p.data_ptr()))
-            floats.append((layer, getattr(layer, "scaling", None), getattr(layer, "lora_dropout", None)))
+            floats.append(
+                (layer, getattr(layer, "scaling", None), getattr(layer, "lora_dropout", None))
+            )
         self.checks = tuple(checks)
         self.floats = tuple(floats)
 
@@ -301,7 +315,10 @@ class _AdapterSignature:
             if params.get(pname) is not p or p._version != version or p.data_ptr() != ptr:
                 return False
         for layer, scaling, dropout in self.floats:
-            if getattr(layer, "scaling", None) != scaling or getattr(layer, "lora_dropout", None) != dropout:
+            if (
+                getattr(layer, "scaling", None) != scaling
+                or getattr(layer, "lora_dropout", None) != dropout
+            ):
                 return False
         return True
 
@@ -514,7 +531,9 @@ class _SitePlan:
             if groups is None:
                 output = torch_lora_mixed(xin, output, a, bt, scale, call.row_index, inplace)
             elif groups[0]:
-                output = torch_lora_mixed_grouped(xin, output, a, bt, scale, *groups[2:], groups[1], inplace)
+                output = torch_lora_mixed_grouped(
+                    xin, output, a, bt, scale, *groups[2:], groups[1], inplace
+                )
         if st.emb is not None:
             a, bt, scale = st.emb
             output = torch_embedding_lora_mixed(x, output, a, bt, scale, call.row_index, inplace)
@@ -661,7 +680,9 @@ def _prepare(
 _EMPTY = SiteStacks(())
 
 
-def mixed_call(wrapper: Any, fn: Any, adapter_names: Sequence[str], args: tuple, kwargs: dict) -> Any:
+def mixed_call(
+    wrapper: Any, fn: Any, adapter_names: Sequence[str], args: tuple, kwargs: dict
+) -> Any:
     """Run ``fn(*args, **kwargs)`` with row ``i`` using adapter ``adapter_names[i]``.
 
     Called by ``AdapterWrapper.forward`` and ``AdapterWrapper.generate`` when they get

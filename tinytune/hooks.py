@@ -75,7 +75,8 @@ class HookSite:
             self._register_post()
 
     def _register_pre(self) -> None:
-        self._handles.append(self.module.register_forward_pre_hook(self._pre_hook, with_kwargs=True))
+        hook = self.module.register_forward_pre_hook(self._pre_hook, with_kwargs=True)
+        self._handles.append(hook)
         self._has_pre = True
 
     def _register_post(self) -> None:
