@@ -716,10 +716,13 @@ def mixed_call(
 # Publishing and retracting run eagerly (outside any compiled graph): they are the
 # wrapper's host-side bookkeeping, and keeping them out of the graph means compiled code
 # never guards on them.
+_ABSENT = object()
+
+
 @torch.compiler.disable
 def _publish(plans: list[tuple[Any, _SitePlan]]) -> list[Any]:
     # A mixed call made from inside another one (on this thread) restores the outer plan.
-    outer = [getattr(site._local, "mixed", None) for site, _ in plans]
+    outer = [getattr(site._local, "mixed", _ABSENT) for site, _ in plans]
     for site, plan in plans:
         site._local.mixed = plan
     return outer
@@ -727,10 +730,11 @@ def _publish(plans: list[tuple[Any, _SitePlan]]) -> list[Any]:
 
 @torch.compiler.disable
 def _retract(plans: list[tuple[Any, _SitePlan]], outer: list[Any]) -> None:
+    # Restore exactly what was there, absent or not: compiled graphs guard on the
+    # attribute's presence, so a thread that never made a mixed call and one that made
+    # some must look the same outside them.
     for (site, _), previous in zip(plans, outer):
-        if previous is None:
-            # Absent rather than None: the same state as on a thread that never made a
-            # mixed call, so compiled graphs see a single state outside mixed calls.
+        if previous is _ABSENT:
             del site._local.mixed
         else:
             site._local.mixed = previous
