@@ -12,9 +12,10 @@ How it works:
   embedding layers, IA³) are stacked once into rank-padded tensors with one slot per
   adapter plus a last identity slot (see :mod:`tinytune.kernels.lora_mixed`, which holds
   the tensor-only math that the PyTorch path and the fused kernels share). The stacks
-  are cached and rebuilt when an adapter's weights, dtype, device or structure change
-  (checked through parameter identity, ``_version`` counters and data pointers on every
-  call, so a training step or a load is never served stale weights). With autograd on
+  are cached; every call checks the used adapters' parameters (identity, ``_version``
+  counters, data pointers) and scalings, so a training step or a load is never served
+  stale weights: changed values are restacked in place for the changed adapters only, a
+  changed structure (adapters, layers, parameter objects, dtype, device) restacks all. With autograd on
   and trainable adapters, each call wraps the cached stacks in an autograd function that
   routes their gradients back to the parameters they were built from.
 * The module's hook site hands each call to a per-site plan published in a
@@ -201,6 +202,36 @@ class SiteStacks:
         return a_stack, bt_stack, scale, dropout
 
 
+def _restack_slots(st: SiteStacks, updates: dict[int, AdapterLayer]) -> None:
+    """Rewrite the slots in ``updates`` of ``st`` from their layers' current values, in
+    place (same structure: layers, ranks, parameter objects).
+
+    In place, so the cost follows the changed adapters, not the loaded ones. Autograd
+    never saves the stacks (only gathers from them), so graphs of earlier calls are not
+    affected; a call running meanwhile on another thread may see the new values, as it
+    would see a parameter changed under it in any model.
+    """
+    for kind in ("lora", "emb"):
+        items = [(s, layer) for s, layer in st.items.get(kind, ()) if s in updates]
+        if not items:
+            continue
+        a, bt, scale, *rest = getattr(st, kind)
+        for s, layer in items:
+            a[s].zero_()
+            (a[s][:, : layer.r] if kind == "emb" else a[s, : layer.r]).copy_(layer.lora_A.weight)
+            bt[s].zero_()
+            bt[s, : layer.r].copy_(layer.lora_B.weight.t())
+            scale[s] = float(layer.scaling)
+            if rest:
+                rest[0][s] = float(layer.lora_dropout)
+        if rest:
+            st.has_dropout = bool((rest[0] > 0).any())
+    for kind in ("ia3_pre", "ia3_post"):
+        for s, layer in st.items.get(kind, ()):
+            if s in updates:
+                getattr(st, kind)[s].copy_(layer.ia3_l.reshape(-1))
+
+
 class _StackGrads(torch.autograd.Function):
     """Hands out a cached stack and routes its gradient to the parameters in it.
 
@@ -308,19 +339,25 @@ class _AdapterSignature:
         self.checks = tuple(checks)
         self.floats = tuple(floats)
 
-    def still_valid(self, adapter: nn.Module) -> bool:
+    def check(self, adapter: nn.Module) -> str:
+        """``"fresh"``; ``"values"`` if only parameter values or scalings changed (an
+        optimizer step, a load into the parameters); else ``"structure"``."""
         if adapter is not self.adapter or len(adapter.layers) != self.n_layers:
-            return False
+            return "structure"
+        status = "fresh"
         for params, pname, p, version, ptr in self.checks:
-            if params.get(pname) is not p or p._version != version or p.data_ptr() != ptr:
-                return False
+            # A new data pointer: new storage (.to(), a dtype or device change).
+            if params.get(pname) is not p or p.data_ptr() != ptr:
+                return "structure"
+            if p._version != version:
+                status = "values"
         for layer, scaling, dropout in self.floats:
             if (
                 getattr(layer, "scaling", None) != scaling
                 or getattr(layer, "lora_dropout", None) != dropout
             ):
-                return False
-        return True
+                status = "values"
+        return status
 
 
 class _WrapperState:
@@ -379,23 +416,43 @@ def _build_stacks(sites: dict[str, Any], names: Sequence[str]) -> dict[str, Site
 def _cached_stacks(
     wrapper: Any, state: _WrapperState, used: Sequence[str]
 ) -> tuple[dict[str, int], dict[str, SiteStacks]]:
-    """Stacks over every loaded adapter, rebuilt if a used adapter changed."""
+    """Stacks over every loaded adapter, brought up to date for the used adapters.
+
+    Changed values of a used adapter restack its slots only; any change of structure
+    (adapters added or deleted, new layers or parameter objects, a dtype or device
+    change) restacks everything.
+    """
     adapters = wrapper.adapters
     names = tuple(adapters.keys())
-    fresh = names == state.names and state.sites == wrapper._sites
-    if fresh:
+    stale: list[str] | None = None
+    if names == state.names and state.sites == wrapper._sites:
+        stale = []
         for name in used:
             sig = state.sigs.get(name)
-            if sig is None or not sig.still_valid(adapters[name]):
-                fresh = False
+            status = "structure" if sig is None else sig.check(adapters[name])
+            if status == "structure":
+                stale = None
                 break
-    if not fresh:
+            if status == "values":
+                stale.append(name)
+    if stale is None:
         stacks = _build_stacks(wrapper._sites, names)
         state.sigs = {name: _AdapterSignature(adapters[name]) for name in names}
         state.names = names
         state.slot = {name: i for i, name in enumerate(names)}
         state.stacks = stacks
         state.sites = dict(wrapper._sites)
+    elif stale:
+        updates: dict[str, dict[int, AdapterLayer]] = {}
+        for name in stale:
+            for path, layer in adapters[name].items():
+                updates.setdefault(path, {})[state.slot[name]] = layer
+        with torch.no_grad():
+            for path, slots in updates.items():
+                if path in state.stacks:
+                    _restack_slots(state.stacks[path], slots)
+        for name in stale:
+            state.sigs[name] = _AdapterSignature(adapters[name])
     return state.slot, state.stacks
 
 
