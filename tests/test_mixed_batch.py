@@ -498,11 +498,16 @@ def test_assignment_never_reaches_another_thread():
 # ----------------------------------------------------------------------------------------
 # the stacked weights are never stale
 # ----------------------------------------------------------------------------------------
-def test_cached_stacks_follow_weight_and_structure_changes():
+def test_cached_stacks_follow_weight_and_structure_changes(monkeypatch):
+    from tinytune import batch
+
     torch.manual_seed(0)
     tower = Tower().eval()
     w = many_kinds(tower)
     ids = torch.randint(0, 32, (len(NAMES), 3))
+    builds = []
+    build = batch._build_stacks
+    monkeypatch.setattr(batch, "_build_stacks", lambda *a: builds.append(1) or build(*a))
 
     def check():
         with torch.no_grad():
@@ -511,13 +516,21 @@ def test_cached_stacks_follow_weight_and_structure_changes():
             )
 
     check()
-    # an optimizer step (in-place update)
+    assert len(builds) == 1
+    # new values in one adapter: only its slots are restacked (no rebuild)
+    with torch.no_grad():
+        w.adapters["b"]["layers.0.q_proj"].lora_B.weight.mul_(-2.0)
+        w.adapters["c"]["layers.1.down_proj"].ia3_l.add_(0.5)
+    check()
+    assert len(builds) == 1
+    # an optimizer step (in-place update of every adapter)
     opt = torch.optim.SGD(w.adapter_parameters(), lr=0.5)
     w.train()
     per_row_reference(w, ids, NAMES).square().mean().backward()
     opt.step()
     w.eval()
     check()
+    assert len(builds) == 1
     # a load (copy_ into the parameters), under inference_mode
     with torch.inference_mode():
         w(ids, adapter_names=NAMES)
