@@ -72,3 +72,8 @@ def suggest(name: str, candidates: Iterable[str], n: int = 3) -> str:
     if not close:
         return ""
     return " Did you mean: " + ", ".join(repr(c) for c in close) + "?"
+
+
+class MixedBatchError(TinytuneError, ValueError):
+    """A mixed-batch call (``adapter_names=``) does not fit its inputs: the list's
+    length is not the batch size, or a module sees a batch dimension of another size."""

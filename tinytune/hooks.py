@@ -10,12 +10,19 @@ wrapper's ``active_adapters``: the first is innermost. Pre-forwards therefore ru
 adapter first, post-forwards first adapter first, and each layer's ``post_forward`` sees
 the inputs as they were after its own ``pre_forward``. Merging in the same order gives
 the same function, which is what makes merged and unmerged outputs agree.
+
+Mixed batches (``adapter_names=``, see :mod:`tinytune.batch`) use the same two hooks:
+for the duration of one call, on the calling thread only, ``tinytune.batch`` publishes a
+per-site plan in the site's thread-local slot, and each hook hands the module to that
+plan instead of the active chain. A thread-local attribute read is something
+``torch.compile`` traces (and guards on) without a graph break, so the dispatch stays
+inside the compiled model.
 """
 
 from __future__ import annotations
 
 import threading
-from typing import Any, Callable, Iterable
+from typing import Any, Iterable
 
 from torch import nn
 from torch.utils.hooks import RemovableHandle
@@ -80,9 +87,11 @@ class HookSite:
         self._pres: tuple[tuple[int, AdapterLayer], ...] = ()
         self._posts: tuple[tuple[int, AdapterLayer], ...] = ()
         self._needs_stack = False
+        # Per-thread call state: the composition stack and the mixed-batch plan
+        # (attribute ``mixed``, set by tinytune.batch for the duration of one call).
         self._local = _CallStack()
-        # Extension point for per-row (mixed-batch) dispatch; see tinytune.batch.
-        self.mixed_post: Callable[..., Any] | None = None
+        self._has_pre = False
+        self._has_post = False
 
     # --- state -------------------------------------------------------------------------
     def set_chain(self, chain: tuple[AdapterLayer, ...]) -> None:
@@ -99,12 +108,41 @@ class HookSite:
             i_pre < i_post for i_pre, _ in self._pres for i_post, _ in self._posts
         )
         if self._pres:
-            self._handles.append(
-                self.module.register_forward_pre_hook(self._pre_hook, with_kwargs=True)
-            )
+            self._register_pre()
         if self._posts:
-            post = self._post_hook_single if self._single_post() else self._post_hook
-            self._handles.append(self.module.register_forward_hook(post, with_kwargs=True))
+            self._register_post()
+
+    def _register_pre(self) -> None:
+        hook = self.module.register_forward_pre_hook(self._pre_hook, with_kwargs=True)
+        self._handles.append(hook)
+        self._has_pre = True
+
+    def _register_post(self) -> None:
+        post = self._post_hook_single if self._single_post() else self._post_hook
+        self._handles.append(self.module.register_forward_hook(post, with_kwargs=True))
+        self._has_post = True
+
+    def prepare_mixed(self, need_pre: bool) -> bool:
+        """Make sure the hooks a mixed-batch call needs are registered.
+
+        Args:
+            need_pre: Whether a layer used by the call has a ``pre_forward``.
+
+        Returns:
+            Whether a hook was added.
+
+        Hooks are only added, never removed and re-added, so a plain call running on
+        another thread meanwhile never sees the module without its chain's hooks. Extra
+        hooks stay until the next change of the chain (``set_chain``) re-derives them.
+        """
+        added = False
+        if need_pre and not self._has_pre:
+            self._register_pre()
+            added = True
+        if not self._has_post:
+            self._register_post()
+            added = True
+        return added
 
     def _single_post(self) -> bool:
         return len(self._posts) == 1 and not self._needs_stack
@@ -112,6 +150,7 @@ class HookSite:
     def remove_hooks(self) -> None:
         while self._handles:
             self._handles.pop().remove()
+        self._has_pre = self._has_post = False
 
     @property
     def hooked(self) -> bool:
@@ -119,6 +158,9 @@ class HookSite:
 
     # --- the hooks ---------------------------------------------------------------------
     def _pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        plan = getattr(self._local, "mixed", None)
+        if plan is not None:
+            return plan.pre(module, args, kwargs)
         if self._needs_stack:
             views: dict[int, tuple[tuple, dict]] = {len(self.chain): (args, kwargs)}
             for i, layer in reversed(self._pres):
@@ -131,6 +173,9 @@ class HookSite:
         return args, kwargs
 
     def _post_hook_single(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+        plan = getattr(self._local, "mixed", None)
+        if plan is not None:
+            return plan.post(module, args, kwargs, output)
         layer = self._posts[0][1]
         new = layer.post_forward(module, args, kwargs, output)
         if new is None and output is not None:
@@ -140,6 +185,9 @@ class HookSite:
         return new
 
     def _post_hook(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+        plan = getattr(self._local, "mixed", None)
+        if plan is not None:
+            return plan.post(module, args, kwargs, output)
         if not self._needs_stack:
             for _, layer in self._posts:
                 new = layer.post_forward(module, args, kwargs, output)
