@@ -23,37 +23,12 @@ from tinytune import (
 )
 from tinytune.layers import AdapterLayer, first_input
 
+from conftest import Tower
+
 
 # ----------------------------------------------------------------------------------------
-# tiny models and helpers (self-contained)
+# tiny models and helpers (Tower is shared from conftest)
 # ----------------------------------------------------------------------------------------
-class Block(nn.Module):
-    def __init__(self, d: int = 16) -> None:
-        super().__init__()
-        self.q_proj = nn.Linear(d, d)
-        self.v_proj = nn.Linear(d, d, bias=False)
-        self.up_proj = nn.Linear(d, 2 * d)
-        self.down_proj = nn.Linear(2 * d, d)
-
-    def forward(self, x):
-        h = self.q_proj(x) + self.v_proj(x)
-        return x + self.down_proj(torch.relu(self.up_proj(h)))
-
-
-class Tower(nn.Module):
-    def __init__(self, vocab: int = 32, d: int = 16, n: int = 2) -> None:
-        super().__init__()
-        self.embed = nn.Embedding(vocab, d)
-        self.layers = nn.ModuleList(Block(d) for _ in range(n))
-        self.head = nn.Linear(d, 3)
-
-    def forward(self, ids):
-        x = self.embed(ids)
-        for layer in self.layers:
-            x = layer(x)
-        return self.head(x)
-
-
 class MLP(nn.Module):
     def __init__(self) -> None:
         super().__init__()
