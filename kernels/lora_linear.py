@@ -273,17 +273,26 @@ def _r_pad(r: int) -> int:
 # ci/kernel_report.py compiles exactly these (report_configs) and the tests run each one.
 # ---------------------------------------------------------------------------------------
 
-# Decode: BLOCK_M=16 holds every row; BLOCK_N=64 gives 64 (d=4096) to 224 (d=14336)
-# programs streaming W with 3-4 K-stages in flight each.
-_DECODE_16BIT = dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, GROUP_M=1, num_warps=4, num_stages=4)
+# Decode (BLOCK_M=16 holds every row, W streamed once): the grid is N / BLOCK_N programs,
+# and each re-reads A (from L2) once, R_PAD / BLOCK_N of W's bytes. BLOCK_N=32 doubles
+# the programs in flight (128 for N=4096 on 132 SMs) where A is small (R_PAD <= 16);
+# wide layers (N >= 8192) and larger ranks use BLOCK_N=64 and 8 warps.
+_DECODE_N32 = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=128, GROUP_M=1, num_warps=4, num_stages=4)
+_DECODE_N64 = dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, GROUP_M=1, num_warps=8, num_stages=4)
 _DECODE_F32 = dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=64, GROUP_M=1, num_warps=4, num_stages=3)
-# Prefill: 64x128 tiles for up to 256 rows (enough programs to fill 132 SMs), the
-# matmul tutorial's 128x256x64 / 8 warps / 3 stages tile above (wgmma on sm_90).
+# Prefill: 64x128 tiles up to 256 rows (enough programs to fill the SMs); above, the
+# matmul tutorial's 128x256x64 / 8 warps / 3 stages on sm_90 (wgmma), and 128x128 on
+# sm_80, where 128x256 spills. The epilogue adds h Bᵀ in rank chunks of 16 on the large
+# tiles: wider chunks spill next to the 128x256 fp32 accumulator.
 _PREFILL_SMALL_16BIT = dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=4)
-_PREFILL_LARGE_16BIT = dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3)
+_PREFILL_LARGE_SM90 = dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3)
+_PREFILL_LARGE_SM80 = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3)
 # fp32 with IEEE products runs on FMA units, not tensor cores: moderate tiles.
 _PREFILL_F32 = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, num_warps=4, num_stages=3)
 PREFILL_LARGE_MIN_M = 256
+# Opt-in shared memory per block; other parts (sm_86/89/120: 99 KiB) get fewer stages.
+_SMEM = {80: 166912, 87: 166912, 90: 232448, 100: 232448}
+_SMEM_DEFAULT = 101376
 
 
 def _shrink_config(r_pad: int, decode: bool) -> dict:
@@ -295,36 +304,59 @@ def _shrink_config(r_pad: int, decode: bool) -> dict:
     return dict(BLOCK_M=block_m, BLOCK_K=64, num_warps=4, num_stages=3)
 
 
-def _pick_config(m: int, n: int, k: int, r: int, dtype: torch.dtype) -> dict:
+def _smem_estimate(cfg: dict, elem: int) -> int:
+    """Pipelined operand buffers: stages x (x tile + W tile [+ A tile when fused])."""
+    per = cfg["BLOCK_M"] * cfg["BLOCK_K"] + cfg["BLOCK_K"] * cfg["BLOCK_N"]
+    if cfg["shrink_in_loop"]:
+        per += cfg["BLOCK_K"] * cfg["R_PAD"]
+    return cfg["num_stages"] * per * elem
+
+
+def _pick_config(m: int, n: int, k: int, r: int, dtype: torch.dtype, arch: int = 90) -> dict:
     """The one place that chooses the strategy and tiles for a call, from shapes only.
 
-    Returns a dict with ``case`` ("decode" or "prefill"), ``shrink_in_loop``, the GEMM's
-    tile (``BLOCK_M``, ``BLOCK_N``, ``BLOCK_K``, ``GROUP_M``, ``num_warps``,
-    ``num_stages``), ``R_PAD``/``R_BLOCK`` and ``shrink`` (the shrink kernel's tile, or
-    ``None`` when no separate shrink runs).
+    Args:
+        m, n, k, r: rows, output features, input features, total rank (0: no LoRA).
+        dtype: the input dtype.
+        arch: compute capability as ``10 * major + minor`` (90 under the interpreter).
+
+    Returns:
+        A dict with ``case`` ("decode" or "prefill"), ``shrink_in_loop``, the GEMM's tile
+        (``BLOCK_M``, ``BLOCK_N``, ``BLOCK_K``, ``GROUP_M``, ``num_warps``,
+        ``num_stages``), ``R_PAD``/``R_BLOCK`` and ``shrink`` (the shrink kernel's tile,
+        or ``None`` when no separate shrink runs).
     """
     r_pad = _r_pad(r)
     f32 = dtype == torch.float32
     decode = m <= DECODE_MAX_M
+    large = False
     if decode:
-        gemm = dict(_DECODE_F32 if f32 else _DECODE_16BIT)
+        if f32:
+            gemm = dict(_DECODE_F32)
+        elif n < 8192 and (r == 0 or r_pad <= 16):
+            gemm = dict(_DECODE_N32)
+        else:
+            gemm = dict(_DECODE_N64)
     elif f32:
         gemm = dict(_PREFILL_F32)
     elif m <= PREFILL_LARGE_MIN_M:
         gemm = dict(_PREFILL_SMALL_16BIT)
     else:
-        gemm = dict(_PREFILL_LARGE_16BIT)
+        large = True
+        gemm = dict(_PREFILL_LARGE_SM90 if arch >= 90 else _PREFILL_LARGE_SM80)
     shrink_in_loop = r > 0 and decode and r_pad <= DECODE_FUSED_MAX_RANK
-    if decode and shrink_in_loop and r_pad == 64 and not f32:
-        gemm["num_stages"] = 3  # x + W + A tiles of 36 KiB a stage: stay within sm_80's 163 KiB
     cfg = dict(
         case="decode" if decode else "prefill",
         shrink_in_loop=shrink_in_loop,
         R_PAD=r_pad,
-        R_BLOCK=min(r_pad, 64),
+        R_BLOCK=min(r_pad, 16 if large else 64),
         shrink=_shrink_config(r_pad, decode) if r > 0 and not shrink_in_loop else None,
         **gemm,
     )
+    limit = _SMEM.get(arch, _SMEM_DEFAULT) - 8192  # headroom for the epilogue's buffers
+    elem = 4 if f32 else 2
+    while cfg["num_stages"] > 2 and _smem_estimate(cfg, elem) > limit:
+        cfg["num_stages"] -= 1
     return cfg
 
 
@@ -365,6 +397,20 @@ def _check(x, weight, bias, lora_a, lora_b, lora_scale, l_in, l_out, weight_kn) 
     return k, n, r
 
 
+_ARCH: dict = {}
+
+
+def _arch(device: torch.device) -> int:
+    """Compute capability ``10 * major + minor`` of a CUDA device (cached), 90 otherwise."""
+    if device.type != "cuda":
+        return 90
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _ARCH:
+        major, minor = torch.cuda.get_device_capability(idx)
+        _ARCH[idx] = 10 * major + minor
+    return _ARCH[idx]
+
+
 def _launch(x, weight, bias, lora_a, lora_b, lora_scale, l_in, l_out, weight_kn=False, config=None):
     """Run the kernels (CUDA tensors, or CPU tensors under the interpreter).
 
@@ -383,7 +429,7 @@ def _launch(x, weight, bias, lora_a, lora_b, lora_scale, l_in, l_out, weight_kn=
         return y.reshape(*lead, n)
     if k == 0:  # no K-loop to run: the formula reduces to l_out ⊙ b
         return torch_lora_linear(x, weight, bias, lora_a, lora_b, lora_scale, l_in, l_out, weight_kn)
-    cfg = config if config is not None else _pick_config(m, n, k, r, x.dtype)
+    cfg = config if config is not None else _pick_config(m, n, k, r, x.dtype, _arch(x.device))
     f32_dot = _interpreted() or x.dtype == torch.float32
     has_lora = r > 0
     stride_wn, stride_wk = (weight.stride(1), weight.stride(0)) if weight_kn else weight.stride()
@@ -538,34 +584,43 @@ _TL_DTYPE = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16
 def report_configs() -> list[dict]:
     """Every (kernel, configuration) the launcher can choose, for ahead-of-time compiles.
 
-    Covers decode and prefill at each padded rank class (16, 32, 64: fused decode shrink;
-    128, 256: precomputed h), no LoRA (pure IA³ and base), fp32/fp16/bf16, both weight
-    layouts (the unit-stride argument is what the JIT specializes), with bias, IA³ in
-    and out enabled (the superset of loads). See ci/kernel_report.py for the keys.
+    Covers, for sm_80 and sm_90 (``archs``), decode and prefill at each padded rank
+    class (16, 32, 64: fused decode shrink; 128, 256: precomputed h), no LoRA (pure IA³
+    and base), fp32/fp16/bf16, both weight layouts (the unit-stride argument is what
+    the JIT specializes), with bias, IA³ in and out enabled (the superset of loads).
+    See ci/kernel_report.py for the keys.
     """
     if not HAS_TRITON:
         return []
     recs: list[dict] = []
     seen = set()
     ms = {"decode": 8, "prefill-small": 128, "prefill-large": 4096}
-    for dtype in (torch.bfloat16, torch.float16, torch.float32):
-        dt = _TL_DTYPE[dtype]
-        for case, m in ms.items():
-            for r in (0, 16, 32, 64, 128, 256):
-                cfg = _pick_config(m, 4096, 4096, r, dtype)
-                for weight_kn in (False, True):
-                    key = (dt, cfg["case"], cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"],
-                           cfg["num_warps"], cfg["num_stages"], cfg["shrink_in_loop"],
-                           r > 0, cfg["R_PAD"] if r > 0 else 0, weight_kn)  # fmt: skip
-                    if key in seen:
-                        continue
-                    seen.add(key)
-                    recs.append(_gemm_record(dt, cfg, r, weight_kn))
-                if cfg["shrink"] is not None:
-                    skey = ("shrink", dt, cfg["R_PAD"], tuple(sorted(cfg["shrink"].items())))
-                    if skey not in seen:
-                        seen.add(skey)
-                        recs.append(_shrink_record(dt, cfg))
+    for arch in (80, 90):
+        for dtype in (torch.bfloat16, torch.float16, torch.float32):
+            dt = _TL_DTYPE[dtype]
+            for case, m in ms.items():
+                for n in (4096, 14336):  # decode's BLOCK_N depends on N
+                    for r in (0, 16, 32, 64, 128, 256):
+                        cfg = _pick_config(m, n, 4096, r, dtype, arch)
+                        for weight_kn in (False, True):
+                            tile = tuple(cfg[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps", "num_stages"))
+                            key = (arch, dt, tile, cfg["R_BLOCK"], cfg["shrink_in_loop"],
+                                   r > 0, cfg["R_PAD"] if r > 0 else 0, weight_kn)  # fmt: skip
+                            if key in seen:
+                                continue
+                            seen.add(key)
+                            rec = _gemm_record(dt, cfg, r, weight_kn)
+                            rec["archs"] = [arch]
+                            rec["quick"] = dt == "bf16" and r == 16 and not weight_kn and n == 4096
+                            recs.append(rec)
+                        if cfg["shrink"] is not None:
+                            skey = (arch, "shrink", dt, cfg["R_PAD"], tuple(sorted(cfg["shrink"].items())))
+                            if skey not in seen:
+                                seen.add(skey)
+                                rec = _shrink_record(dt, cfg)
+                                rec["archs"] = [arch]
+                                rec["quick"] = dt == "bf16" and r == 16 and cfg["case"] == "prefill"
+                                recs.append(rec)
     return recs
 
 
@@ -615,7 +670,7 @@ def _gemm_record(dt: str, cfg: dict, r: int, weight_kn: bool) -> dict:
         "signature": sig,
         "constexprs": constexprs,
         "divisible_by_16": div16,
-        "config": {k: cfg[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps", "num_stages")},
+        "config": {k: cfg[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps", "num_stages", "R_BLOCK")},
         "case": cfg["case"] + ("-fused" if meta["SHRINK_IN_LOOP"] else ""),
         "variant": f"{dt} r_pad={cfg['R_PAD'] if has_lora else 0}" + (" kn" if weight_kn else ""),
     }
