@@ -394,6 +394,10 @@ def _check(x, weight, bias, lora_a, lora_b, lora_scale, l_in, l_out, weight_kn) 
             )
         if lora_scale is not None and tuple(lora_scale.shape) != (r,):
             raise ValueError(f"lora_linear: lora_scale must have shape ({r},), got {tuple(lora_scale.shape)}.")
+    rows = x.numel() // max(k, 1)
+    if max(rows * max(k, n), weight.numel()) >= 2**31:
+        # The kernels index with 32-bit offsets.
+        raise ValueError("lora_linear: tensors of 2**31 elements or more are not supported; split the batch.")
     return k, n, r
 
 
