@@ -17,8 +17,8 @@ medians of per-round ratios. Achieved bytes/s and FLOP/s are shown against the d
 peak, with the roofline prediction (ci/kernel_report.py) beside the measurement.
 
 Targets (issue 8): fused <= 1.05x merged at M <= 16, <= 1.10x at M >= 2048, and at
-least 1.3x faster than unmerged at M <= 16. Exit status 0 when all are met, 1 if not,
-2 without a usable GPU.
+least 1.3x faster than unmerged at M <= 16. Exit status 0 when all are met, 1 if not
+(or a point failed or was skipped at the deadline), 2 without a usable GPU.
 """
 
 from __future__ import annotations
@@ -27,7 +27,6 @@ import argparse
 import importlib
 import json
 import math
-import os
 import platform
 import random
 import statistics
@@ -203,6 +202,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default=None, help="write the results as JSON here")
     ap.add_argument("--quick", action="store_true", help="fewer M values and rounds")
+    ap.add_argument("--deadline-s", type=float, default=100.0,
+                    help="start no new point after this many seconds (the rest are listed as skipped)")  # fmt: skip
     ap.add_argument("--dry-run", action="store_true",
                     help="CPU tensors and tiny shapes (use with TRITON_INTERPRET=1): checks the logic only")  # fmt: skip
     args = ap.parse_args(argv)
@@ -252,10 +253,14 @@ def main(argv=None) -> int:
            f"{'f/m':>6} {'pred f/m':>8} {'u/f':>6} {'TB/s':>6} {'%BW':>5} {'TFLOP/s':>8} {'%FLOP':>6}  targets")  # fmt: skip
     print(hdr)
     print("-" * len(hdr))
-    failures = []
+    failures, skipped = [], []
+    t_start = time.perf_counter()
     for k, n in shapes:
         for r in ranks:
             for m in ms:
+                if time.perf_counter() - t_start > args.deadline_s:
+                    skipped.append(f"{k}->{n} r={r} M={m}")
+                    continue
                 try:
                     row = bench_point(L, timer, device, dtype, m, k, n, r, rounds, l2, budget)
                 except Exception as exc:  # keep going: one broken point must not hide the rest
@@ -282,19 +287,22 @@ def main(argv=None) -> int:
                     torch.cuda.empty_cache()
     misses = [f"{r['k']}->{r['n']} r={r['r']} M={r['m']}: {t}" for r in rows for t in r["targets"] if t.startswith("MISS")]
     print()
-    print(f"{len(rows)} points measured, {len(failures)} errors, {len(misses)} target misses")
+    print(f"{len(rows)} points measured, {len(failures)} errors, {len(misses)} target misses, "
+          f"{len(skipped)} skipped (deadline {args.deadline_s:.0f} s)")  # fmt: skip
     for line in failures + misses:
         print("  " + line)
+    if skipped:
+        print("  skipped: " + ", ".join(skipped))
     if args.out:
         meta = {"device": name, "torch": torch.__version__,
                 "triton": getattr(sys.modules.get("triton"), "__version__", None), "git": _git_sha(),
                 "dtype": str(dtype), "dry_run": args.dry_run}  # fmt: skip
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps({"meta": meta, "rows": rows, "errors": failures}, indent=1))
+        Path(args.out).write_text(json.dumps({"meta": meta, "rows": rows, "errors": failures, "skipped": skipped}, indent=1))
         print(f"results: {args.out}")
     if failures:
         return 1
-    return 1 if misses and not args.dry_run else 0
+    return 1 if (misses or skipped) and not args.dry_run else 0
 
 
 if __name__ == "__main__":

@@ -36,7 +36,6 @@ This module imports torch (and triton, when present) only, never tinytune.
 
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 import torch

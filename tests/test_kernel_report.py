@@ -8,6 +8,7 @@ quick subset, which includes a decode and both prefill tiles.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -23,9 +24,12 @@ import kernel_report  # noqa: E402
 @pytest.fixture(scope="module")
 def report(tmp_path_factory):
     out = tmp_path_factory.mktemp("kernel_report")
+    # Run as the README's test command does: with TRITON_INTERPRET=1 in the environment
+    # (the script compiles anyway).
+    env = dict(os.environ, TRITON_INTERPRET="1")
     proc = subprocess.run(
         [sys.executable, str(ROOT / "ci" / "kernel_report.py"), "--out", str(out), "--quick"],
-        capture_output=True, text=True, timeout=600,
+        capture_output=True, text=True, timeout=600, env=env,
     )  # fmt: skip
     path = out / "kernel_report.json"
     assert path.exists(), f"no report written:\n{proc.stdout}\n{proc.stderr}"
