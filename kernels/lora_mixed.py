@@ -754,19 +754,21 @@ def _choose_strategy(m: int, n: int, k: int, r_max: int, slots: int, elem: int) 
 def _rows_config(m: int, fp32: bool) -> dict:
     """Block sizes for the "rows" kernels (one place, also read by report_configs)."""
     if _interpreted():  # one small config: the interpreter's cost grows with the tile
-        return dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, num_warps=4, num_stages=1, SHRINK_K=32)
+        return dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, num_warps=4, num_stages=1, SHRINK_K=128,
+                    SHRINK_R=32)
     block_m = 16 if m <= 16 else 32 if m <= 32 else 64
     # BLOCK_N = 32: 4096 outputs give 128 programs, about one per SM of an H100/H200, so
     # one decode step streams W with the whole chip.
+    # The shrink walks the rank 16 rows at a time (a slot's padding costs < 16 rows).
     return dict(BLOCK_M=block_m, BLOCK_N=32, BLOCK_K=64 if fp32 else 128, num_warps=4,
-                num_stages=4, SHRINK_K=256)
+                num_stages=4, SHRINK_K=256, SHRINK_R=16)
 
 
 def _segments_config(fp32: bool, r_max: int) -> dict:
     """Block sizes for the "segments" kernels."""
     block_r = 16 if r_max <= 16 else 32
     if _interpreted():
-        return dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, BLOCK_R=16, num_warps=4, num_stages=1)
+        return dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, BLOCK_R=block_r, num_warps=4, num_stages=1)
     if fp32:  # ieee fp32 dots run on the CUDA cores: smaller tiles, fewer registers
         return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, BLOCK_R=block_r, num_warps=4, num_stages=3)
     return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, BLOCK_R=block_r, num_warps=8, num_stages=3)
@@ -883,7 +885,7 @@ def _launch(
                 x3, a, row_index, rk, sc, hp,
                 tokens, k, k_chunk,
                 *x3.stride(), *a_strides, *hp_strides,
-                HAS_SCALE=scale is not None, BLOCK_R=16, BLOCK_K=cfg["SHRINK_K"],
+                HAS_SCALE=scale is not None, BLOCK_R=cfg["SHRINK_R"], BLOCK_K=cfg["SHRINK_K"],
                 num_warps=4,
             )
         grid = (triton.cdiv(m, cfg["BLOCK_M"]), triton.cdiv(n, cfg["BLOCK_N"]))
@@ -980,3 +982,129 @@ def lora_mixed_linear(
 def _(x, weight, bias, row_index, a_stack, bt_stack, scale, ranks, l_in_stack, l_out_stack, weight_kn=False):
     n = weight.shape[1] if weight_kn else weight.shape[0]
     return x.new_empty((*x.shape[:-1], n))
+
+
+# ----------------------------------------------------------------------------------------
+# compile report (ci/kernel_report.py)
+# ----------------------------------------------------------------------------------------
+_REPORT_DTYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+
+
+def report_configs() -> list:
+    """Every kernel configuration the launcher can choose, for ``ci/kernel_report.py``.
+
+    Shapes are the benchmark's (d = 4096, rank-16 stacks, decode: 1 token per row,
+    prefill: 512 tokens per row); every feature flag is on (bias, LoRA, both IA³
+    scales), the configuration with the most live registers. Strides of 1 are
+    constexprs and sizes/strides divisible by 16 are listed in ``divisible_by_16``, as
+    the JIT would specialize them.
+
+    Returns:
+        A list of dicts with keys ``kernel``, ``fn``, ``signature``, ``constexprs``,
+        ``divisible_by_16``, ``config`` and ``case`` (empty without Triton).
+    """
+    if not HAS_TRITON or _interpreted():
+        return []
+    records = []
+    for dtype, ty in _REPORT_DTYPES.items():
+        fp32 = dtype == torch.float32
+        flags = dict(HAS_BIAS=True, HAS_LORA=True, HAS_L_IN=True, HAS_L_OUT=True)
+        for block_m in (16, 32, 64):
+            cfg = _rows_config(block_m, fp32)
+            shrink_sig = {
+                "x_ptr": f"*{ty}", "a_ptr": f"*{ty}", "row_ptr": "*i64", "rank_ptr": "*i32",
+                "scale_ptr": "*fp32", "hp_ptr": "*fp32", "T": "constexpr", "K": "i32",
+                "K_CHUNK": "i32", "stride_xb": "i32", "stride_xt": "i32", "stride_xk": "constexpr",
+                "stride_as": "i32", "stride_ar": "i32", "stride_ak": "constexpr",
+                "stride_hs": "i32", "stride_hm": "i32", "HAS_SCALE": "constexpr",
+                "BLOCK_R": "constexpr", "BLOCK_K": "constexpr",
+            }
+            if block_m == 16:  # the shrink's config does not depend on M
+                records.append(dict(
+                    kernel="_shrink_rows_kernel", fn=_shrink_rows_kernel, signature=shrink_sig,
+                    constexprs=dict(T=1, stride_xk=1, stride_ak=1, HAS_SCALE=True,
+                                    BLOCK_R=cfg["SHRINK_R"],
+                                    BLOCK_K=cfg["SHRINK_K"]),
+                    divisible_by_16=["x_ptr", "a_ptr", "row_ptr", "rank_ptr", "scale_ptr",
+                                     "hp_ptr", "K", "K_CHUNK", "stride_xb", "stride_xt",
+                                     "stride_as", "stride_ar", "stride_hs", "stride_hm"],
+                    config=dict(BLOCK_M=1, BLOCK_N=cfg["SHRINK_R"], BLOCK_K=cfg["SHRINK_K"], num_warps=4,
+                                num_stages=3),
+                    case="decode", dtype=ty,
+                ))
+            sig = {
+                "x_ptr": f"*{ty}", "w_ptr": f"*{ty}", "bias_ptr": f"*{ty}", "row_ptr": "*i64",
+                "rank_ptr": "*i32", "bt_ptr": f"*{ty}", "hp_ptr": "*fp32", "lin_ptr": f"*{ty}",
+                "lout_ptr": f"*{ty}", "y_ptr": f"*{ty}", "M": "i32", "N": "i32", "K": "i32",
+                "T": "constexpr", "SPLIT": "i32",
+                "stride_xb": "i32", "stride_xt": "i32", "stride_xk": "constexpr",
+                "stride_wn": "i32", "stride_wk": "constexpr", "stride_bs": "i32",
+                "stride_br": "i32", "stride_bn": "constexpr", "stride_hs": "i32",
+                "stride_hm": "i32", "stride_lis": "i32", "stride_lik": "constexpr",
+                "stride_los": "i32", "stride_lon": "constexpr", "stride_yb": "i32",
+                "stride_yt": "i32", "stride_yn": "constexpr",
+            }
+            sig.update({name: "constexpr" for name in (*flags, "DOT_FP32", "BLOCK_M", "BLOCK_N", "BLOCK_K")})
+            records.append(dict(
+                kernel="_mixed_rows_kernel", fn=_mixed_rows_kernel, signature=sig,
+                constexprs=dict(T=1, stride_xk=1, stride_wk=1, stride_bn=1, stride_lik=1,
+                                stride_lon=1, stride_yn=1, **flags, DOT_FP32=fp32,
+                                BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
+                                BLOCK_K=cfg["BLOCK_K"]),
+                divisible_by_16=["x_ptr", "w_ptr", "bias_ptr", "row_ptr", "rank_ptr", "bt_ptr",
+                                 "hp_ptr", "lin_ptr", "lout_ptr", "y_ptr", "M", "N", "K",
+                                 "stride_xb", "stride_xt", "stride_wn", "stride_bs",
+                                 "stride_br", "stride_hs", "stride_hm", "stride_lis",
+                                 "stride_los", "stride_yb", "stride_yt"],
+                config={key: cfg[key] for key in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps", "num_stages")},
+                case="decode", dtype=ty,
+            ))
+        for r_max in (16, 64):
+            cfg = _segments_config(fp32, r_max)
+            shrink_sig = {
+                "x_ptr": f"*{ty}", "a_ptr": f"*{ty}", "tiles_ptr": "*i32", "order_ptr": "*i64",
+                "rank_ptr": "*i32", "scale_ptr": "*fp32", "h_ptr": "*fp32", "T": "i32", "K": "i32",
+                "NT": "i32", "stride_xb": "i32", "stride_xt": "i32", "stride_xk": "constexpr",
+                "stride_as": "i32", "stride_ar": "i32", "stride_ak": "constexpr",
+                "stride_hm": "i32",
+            }
+            shrink_sig.update({n: "constexpr" for n in ("HAS_SCALE", "DOT_FP32", "BLOCK_M", "BLOCK_R", "BLOCK_K")})
+            records.append(dict(
+                kernel="_shrink_segments_kernel", fn=_shrink_segments_kernel, signature=shrink_sig,
+                constexprs=dict(stride_xk=1, stride_ak=1, HAS_SCALE=True, DOT_FP32=fp32,
+                                BLOCK_M=cfg["BLOCK_M"], BLOCK_R=cfg["BLOCK_R"], BLOCK_K=cfg["BLOCK_K"]),
+                divisible_by_16=["x_ptr", "a_ptr", "tiles_ptr", "order_ptr", "rank_ptr",
+                                 "scale_ptr", "h_ptr", "T", "K", "stride_xb", "stride_xt",
+                                 "stride_as", "stride_ar", "stride_hm"],
+                config=dict(BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_R"], BLOCK_K=cfg["BLOCK_K"],
+                            num_warps=4, num_stages=cfg["num_stages"]),
+                case="prefill", dtype=ty,
+            ))
+            sig = {
+                "x_ptr": f"*{ty}", "w_ptr": f"*{ty}", "bias_ptr": f"*{ty}", "tiles_ptr": "*i32",
+                "order_ptr": "*i64", "rank_ptr": "*i32", "bt_ptr": f"*{ty}", "h_ptr": "*fp32",
+                "lin_ptr": f"*{ty}", "lout_ptr": f"*{ty}", "y_ptr": f"*{ty}", "N": "i32",
+                "K": "i32", "T": "i32", "NT": "i32",
+                "stride_xb": "i32", "stride_xt": "i32", "stride_xk": "constexpr",
+                "stride_wn": "i32", "stride_wk": "constexpr", "stride_bs": "i32",
+                "stride_br": "i32", "stride_bn": "constexpr", "stride_hm": "i32",
+                "stride_lis": "i32", "stride_lik": "constexpr", "stride_los": "i32",
+                "stride_lon": "constexpr", "stride_yb": "i32", "stride_yt": "i32",
+                "stride_yn": "constexpr",
+            }
+            sig.update({n: "constexpr" for n in (*flags, "DOT_FP32", "LORA_FP32", "BLOCK_M", "BLOCK_N", "BLOCK_K", "BLOCK_R")})
+            records.append(dict(
+                kernel="_mixed_segments_kernel", fn=_mixed_segments_kernel, signature=sig,
+                constexprs=dict(stride_xk=1, stride_wk=1, stride_bn=1, stride_lik=1,
+                                stride_lon=1, stride_yn=1, **flags, DOT_FP32=fp32, LORA_FP32=fp32,
+                                BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
+                                BLOCK_K=cfg["BLOCK_K"], BLOCK_R=cfg["BLOCK_R"]),
+                divisible_by_16=["x_ptr", "w_ptr", "bias_ptr", "tiles_ptr", "order_ptr",
+                                 "rank_ptr", "bt_ptr", "h_ptr", "lin_ptr", "lout_ptr", "y_ptr",
+                                 "N", "K", "T", "stride_xb", "stride_xt", "stride_wn",
+                                 "stride_bs", "stride_br", "stride_hm", "stride_lis",
+                                 "stride_los", "stride_yb", "stride_yt"],
+                config={key: cfg[key] for key in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps", "num_stages")},
+                case="prefill", dtype=ty,
+            ))
+    return records
