@@ -395,12 +395,15 @@ if HAS_TRITON:
         lin_ptr,  # (S, K)
         lout_ptr,  # (S, N)
         y_ptr,  # (B, T, N)
+        ws_ptr,  # (SPLIT_K, tiles, BLOCK_M, BLOCK_N) fp32 partial tiles (SPLIT_K > 1)
+        cnt_ptr,  # (tiles,) int32 arrivals per output tile, zero between launches
         # sizes
         M,
         N,
         K,
         T,
         SPLIT,
+        K_CHUNK,  # multiple of BLOCK_K: the K range of one split of the base GEMM
         # strides
         stride_xb,
         stride_xt,
@@ -425,6 +428,7 @@ if HAS_TRITON:
         HAS_L_IN: tl.constexpr,
         HAS_L_OUT: tl.constexpr,
         DOT_FP32: tl.constexpr,
+        SPLIT_K: tl.constexpr,
         BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr,
@@ -432,12 +436,18 @@ if HAS_TRITON:
         """y = l_out[s] * (W (l_in[s] * x) + b) + h B[s]^T per token, s = slot(token).
 
         Tiles are contiguous tokens (any mix of slots), so W is streamed once per M-tile.
+        At decode there are few output tiles, so the K range is split over SPLIT_K
+        programs (serial split-K): each stores its fp32 partial tile, and the last to
+        arrive at a tile's counter sums them, runs the epilogue and re-zeroes the
+        counter. That keeps every SM streaming W, and each program reads only its K-chunk
+        of x (x re-reads from L2 would otherwise cost more than W itself).
         The epilogue walks the rank up to the largest true rank in the tile, gathering
         row r of each token's B[s]^T (tokens of one slot share the cache lines; tokens
         whose slot is shorter, and identity tokens, load nothing).
         """
         pid_m = tl.program_id(0)
         pid_n = tl.program_id(1)
+        split_id = tl.program_id(2)
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         m_mask = offs_m < M
@@ -446,10 +456,12 @@ if HAS_TRITON:
         t = offs_m % T
         s = tl.load(row_ptr + b, mask=m_mask, other=0)
         x_rows = x_ptr + b[:, None] * stride_xb + t[:, None] * stride_xt
+        k_lo = split_id * K_CHUNK
+        k_hi = tl.minimum(K, k_lo + K_CHUNK)
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
+        for k0 in range(k_lo, k_hi, BLOCK_K):
             offs_k = k0 + tl.arange(0, BLOCK_K)
-            k_mask = offs_k < K
+            k_mask = offs_k < k_hi
             xv = tl.load(
                 x_rows + offs_k[None, :] * stride_xk,
                 mask=m_mask[:, None] & k_mask[None, :],
@@ -471,31 +483,51 @@ if HAS_TRITON:
                 acc = tl.dot(xv.to(tl.float32), wv.to(tl.float32), acc, input_precision="ieee")
             else:
                 acc = tl.dot(xv.to(wv.dtype), wv, acc)
-        if HAS_BIAS:
-            acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-        if HAS_L_OUT:
-            lo = tl.load(
-                lout_ptr + s[:, None] * stride_los + offs_n[None, :] * stride_lon,
+        last = True
+        if SPLIT_K > 1:
+            tiles = tl.num_programs(0) * tl.num_programs(1)
+            tile = pid_m * tl.num_programs(1) + pid_n
+            offs_t = tl.arange(0, BLOCK_M)[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
+            tile_ws = ws_ptr + tile * (BLOCK_M * BLOCK_N) + offs_t
+            tl.store(tile_ws + split_id * tiles * (BLOCK_M * BLOCK_N), acc)
+            # Every thread's partial is stored before one thread's release-atomic
+            # publishes the arrival (the CUTLASS semaphore pattern).
+            tl.debug_barrier()
+            arrived = tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel", scope="gpu")
+            last = arrived == SPLIT_K - 1
+            if last:
+                tl.debug_barrier()
+                acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+                for j in range(0, SPLIT_K):
+                    # .cg: read the other programs' partials from L2, never a stale L1
+                    acc += tl.load(tile_ws + j * tiles * (BLOCK_M * BLOCK_N), cache_modifier=".cg")
+                tl.atomic_xchg(cnt_ptr + tile, 0, sem="relaxed", scope="gpu")
+        if last:
+            if HAS_BIAS:
+                acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+            if HAS_L_OUT:
+                lo = tl.load(
+                    lout_ptr + s[:, None] * stride_los + offs_n[None, :] * stride_lon,
+                    mask=m_mask[:, None] & n_mask[None, :],
+                    other=0.0,
+                )
+                acc = acc * lo.to(tl.float32)
+            if HAS_LORA:
+                rank = tl.load(rank_ptr + s, mask=m_mask, other=0)
+                r_hi = tl.max(rank, axis=0)
+                bt_rows = bt_ptr + s[:, None] * stride_bs + offs_n[None, :] * stride_bn
+                for r in range(0, r_hi):
+                    live = m_mask & (r < rank)
+                    h = tl.zeros([BLOCK_M], dtype=tl.float32)
+                    for split in range(0, SPLIT):
+                        h += tl.load(hp_ptr + split * stride_hs + offs_m * stride_hm + r, mask=live, other=0.0)
+                    bv = tl.load(bt_rows + r * stride_br, mask=live[:, None] & n_mask[None, :], other=0.0)
+                    acc += h[:, None] * bv.to(tl.float32)
+            tl.store(
+                y_ptr + b[:, None] * stride_yb + t[:, None] * stride_yt + offs_n[None, :] * stride_yn,
+                acc.to(y_ptr.dtype.element_ty),
                 mask=m_mask[:, None] & n_mask[None, :],
-                other=0.0,
             )
-            acc = acc * lo.to(tl.float32)
-        if HAS_LORA:
-            rank = tl.load(rank_ptr + s, mask=m_mask, other=0)
-            r_hi = tl.max(rank, axis=0)
-            bt_rows = bt_ptr + s[:, None] * stride_bs + offs_n[None, :] * stride_bn
-            for r in range(0, r_hi):
-                live = m_mask & (r < rank)
-                h = tl.zeros([BLOCK_M], dtype=tl.float32)
-                for split in range(0, SPLIT):
-                    h += tl.load(hp_ptr + split * stride_hs + offs_m * stride_hm + r, mask=live, other=0.0)
-                bv = tl.load(bt_rows + r * stride_br, mask=live[:, None] & n_mask[None, :], other=0.0)
-                acc += h[:, None] * bv.to(tl.float32)
-        tl.store(
-            y_ptr + b[:, None] * stride_yb + t[:, None] * stride_yt + offs_n[None, :] * stride_yn,
-            acc.to(y_ptr.dtype.element_ty),
-            mask=m_mask[:, None] & n_mask[None, :],
-        )
 
     @triton.jit
     def _shrink_segments_kernel(
@@ -756,12 +788,59 @@ def _rows_config(m: int, fp32: bool) -> dict:
     if _interpreted():  # one small config: the interpreter's cost grows with the tile
         return dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, num_warps=4, num_stages=1, SHRINK_K=128,
                     SHRINK_R=32)
-    block_m = 16 if m <= 16 else 32 if m <= 32 else 64
-    # BLOCK_N = 32: 4096 outputs give 128 programs, about one per SM of an H100/H200, so
-    # one decode step streams W with the whole chip.
+    # Each program reads BLOCK_M x K of x (from L2) per BLOCK_N x K of W (from HBM): wide
+    # N-tiles keep the x re-reads below W's bytes, split-K (see _split_k) restores the
+    # parallelism they take away. Shared memory: <= 96 KiB over 4 stages (sm_80 has 163).
     # The shrink walks the rank 16 rows at a time (a slot's padding costs < 16 rows).
-    return dict(BLOCK_M=block_m, BLOCK_N=32, BLOCK_K=64 if fp32 else 128, num_warps=4,
-                num_stages=4, SHRINK_K=256, SHRINK_R=16)
+    if m <= 16:
+        cfg = dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, num_warps=4)
+    elif m <= 32:
+        cfg = dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=128, num_warps=4)
+    else:
+        cfg = dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, num_warps=8)
+    if fp32:
+        cfg["BLOCK_K"] //= 2
+    return dict(cfg, num_stages=4, SHRINK_K=256, SHRINK_R=16)
+
+
+_SM_COUNT: dict = {}
+
+
+def _programs_wanted(device: torch.device) -> int:
+    """Programs that fill the GPU once (its SM count; 8 under the interpreter so that the
+    tests' small shapes exercise the split-K path)."""
+    if device.type != "cuda":
+        return 8
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _SM_COUNT:
+        _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+    return _SM_COUNT[idx]
+
+
+def _split_k(tiles: int, k: int, block_k: int, device: torch.device) -> tuple:
+    """``(SPLIT_K, K_CHUNK)`` for the rows GEMM: split K while the output tiles alone
+    cannot fill the GPU (decode), keeping at least 4 K-blocks per split on a GPU (fewer
+    and the partial tiles' traffic outweighs the gain). Shapes only."""
+    min_blocks = 1 if device.type != "cuda" else 4
+    split = max(1, min(8, _programs_wanted(device) // tiles, k // (min_blocks * block_k)))
+    chunk = triton.cdiv(triton.cdiv(k, split), block_k) * block_k
+    return triton.cdiv(k, chunk), chunk
+
+
+_COUNTERS: dict = {}
+
+
+def _arrival_counters(n: int, device: torch.device) -> torch.Tensor:
+    """Zeroed int32 arrival counters for the split-K tiles, one buffer per device and
+    stream, cached: every launch leaves them zero again (the last program of each tile
+    resets its counter), so no memset runs per call. Launches on one stream are ordered,
+    so they never share a counter at the same time."""
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    key = (str(device), stream)
+    buf = _COUNTERS.get(key)
+    if buf is None or buf.numel() < n:
+        buf = _COUNTERS[key] = torch.zeros(max(n, 1024), dtype=torch.int32, device=device)
+    return buf
 
 
 def _segments_config(fp32: bool, r_max: int) -> dict:
@@ -888,13 +967,19 @@ def _launch(
                 HAS_SCALE=scale is not None, BLOCK_R=cfg["SHRINK_R"], BLOCK_K=cfg["SHRINK_K"],
                 num_warps=4,
             )
-        grid = (triton.cdiv(m, cfg["BLOCK_M"]), triton.cdiv(n, cfg["BLOCK_N"]))
-        _mixed_rows_kernel[grid](
-            x3, weight, bias_t, row_index, rk, bt, hp, lin, lout, y3,
-            m, n, k, tokens, split,
+        tiles_m, tiles_n = triton.cdiv(m, cfg["BLOCK_M"]), triton.cdiv(n, cfg["BLOCK_N"])
+        split_k, gemm_chunk = _split_k(tiles_m * tiles_n, k, cfg["BLOCK_K"], x.device)
+        ws = cnt = dummy
+        if split_k > 1:
+            ws = torch.empty((split_k, tiles_m * tiles_n, cfg["BLOCK_M"], cfg["BLOCK_N"]),
+                             dtype=torch.float32, device=x.device)
+            cnt = _arrival_counters(tiles_m * tiles_n, x.device)
+        _mixed_rows_kernel[(tiles_m, tiles_n, split_k)](
+            x3, weight, bias_t, row_index, rk, bt, hp, lin, lout, y3, ws, cnt,
+            m, n, k, tokens, split, gemm_chunk,
             *x3.stride(), stride_wn, stride_wk, *bt_strides, *hp_strides,
             *lin_strides, *lout_strides, *y3.stride(),
-            **flags, DOT_FP32=dot_fp32,
+            **flags, DOT_FP32=dot_fp32, SPLIT_K=split_k,
             BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
         )
@@ -1001,7 +1086,8 @@ def report_configs() -> list:
 
     Returns:
         A list of dicts with keys ``kernel``, ``fn``, ``signature``, ``constexprs``,
-        ``divisible_by_16``, ``config`` and ``case`` (empty without Triton).
+        ``divisible_by_16``, ``config``, ``case``, ``variant`` and (some) ``quick``, as
+        ``ci/kernel_report.py`` documents them (empty without Triton).
     """
     if not HAS_TRITON or _interpreted():
         return []
@@ -1030,35 +1116,40 @@ def report_configs() -> list:
                                      "stride_as", "stride_ar", "stride_hs", "stride_hm"],
                     config=dict(BLOCK_M=1, BLOCK_N=cfg["SHRINK_R"], BLOCK_K=cfg["SHRINK_K"], num_warps=4,
                                 num_stages=3),
-                    case="decode", dtype=ty,
+                    case="decode", variant=ty,
                 ))
             sig = {
                 "x_ptr": f"*{ty}", "w_ptr": f"*{ty}", "bias_ptr": f"*{ty}", "row_ptr": "*i64",
                 "rank_ptr": "*i32", "bt_ptr": f"*{ty}", "hp_ptr": "*fp32", "lin_ptr": f"*{ty}",
-                "lout_ptr": f"*{ty}", "y_ptr": f"*{ty}", "M": "i32", "N": "i32", "K": "i32",
-                "T": "constexpr", "SPLIT": "i32",
-                "stride_xb": "i32", "stride_xt": "i32", "stride_xk": "constexpr",
+                "lout_ptr": f"*{ty}", "y_ptr": f"*{ty}", "ws_ptr": "*fp32", "cnt_ptr": "*i32",
+                "M": "i32", "N": "i32", "K": "i32", "T": "constexpr", "SPLIT": "i32",
+                "K_CHUNK": "i32", "stride_xb": "i32", "stride_xt": "i32", "stride_xk": "constexpr",
                 "stride_wn": "i32", "stride_wk": "constexpr", "stride_bs": "i32",
                 "stride_br": "i32", "stride_bn": "constexpr", "stride_hs": "i32",
                 "stride_hm": "i32", "stride_lis": "i32", "stride_lik": "constexpr",
                 "stride_los": "i32", "stride_lon": "constexpr", "stride_yb": "i32",
                 "stride_yt": "i32", "stride_yn": "constexpr",
             }
-            sig.update({name: "constexpr" for name in (*flags, "DOT_FP32", "BLOCK_M", "BLOCK_N", "BLOCK_K")})
-            records.append(dict(
-                kernel="_mixed_rows_kernel", fn=_mixed_rows_kernel, signature=sig,
-                constexprs=dict(T=1, stride_xk=1, stride_wk=1, stride_bn=1, stride_lik=1,
-                                stride_lon=1, stride_yn=1, **flags, DOT_FP32=fp32,
-                                BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
-                                BLOCK_K=cfg["BLOCK_K"]),
-                divisible_by_16=["x_ptr", "w_ptr", "bias_ptr", "row_ptr", "rank_ptr", "bt_ptr",
-                                 "hp_ptr", "lin_ptr", "lout_ptr", "y_ptr", "M", "N", "K",
-                                 "stride_xb", "stride_xt", "stride_wn", "stride_bs",
-                                 "stride_br", "stride_hs", "stride_hm", "stride_lis",
-                                 "stride_los", "stride_yb", "stride_yt"],
-                config={key: cfg[key] for key in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps", "num_stages")},
-                case="decode", dtype=ty,
-            ))
+            sig.update({name: "constexpr" for name in (*flags, "DOT_FP32", "SPLIT_K", "BLOCK_M", "BLOCK_N", "BLOCK_K")})
+            # d = 4096 on 132 SMs: 2 splits at BLOCK_M <= 32 (64 tiles), 4 at 64 (32
+            # tiles); no split once the tiles fill the GPU (larger M).
+            for split_k in (1, 2 if block_m < 64 else 4):
+                records.append(dict(
+                    kernel="_mixed_rows_kernel", fn=_mixed_rows_kernel, signature=sig,
+                    constexprs=dict(T=1, stride_xk=1, stride_wk=1, stride_bn=1, stride_lik=1,
+                                    stride_lon=1, stride_yn=1, **flags, DOT_FP32=fp32,
+                                    SPLIT_K=split_k, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
+                                    BLOCK_K=cfg["BLOCK_K"]),
+                    divisible_by_16=["x_ptr", "w_ptr", "bias_ptr", "row_ptr", "rank_ptr", "bt_ptr",
+                                     "hp_ptr", "lin_ptr", "lout_ptr", "y_ptr", "ws_ptr", "cnt_ptr",
+                                     "M", "N", "K", "K_CHUNK", "stride_xb", "stride_xt",
+                                     "stride_wn", "stride_bs", "stride_br", "stride_hs",
+                                     "stride_hm", "stride_lis", "stride_los", "stride_yb",
+                                     "stride_yt"],
+                    config={key: cfg[key] for key in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps", "num_stages")},
+                    case="decode", variant=f"{ty} split_k={split_k}",
+                    quick=ty == "bf16" and block_m == 64 and split_k > 1,
+                ))
         for r_max in (16, 64):
             cfg = _segments_config(fp32, r_max)
             shrink_sig = {
@@ -1078,7 +1169,7 @@ def report_configs() -> list:
                                  "stride_as", "stride_ar", "stride_hm"],
                 config=dict(BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_R"], BLOCK_K=cfg["BLOCK_K"],
                             num_warps=4, num_stages=cfg["num_stages"]),
-                case="prefill", dtype=ty,
+                case="prefill", variant=f"{ty} r_max={r_max}",
             ))
             sig = {
                 "x_ptr": f"*{ty}", "w_ptr": f"*{ty}", "bias_ptr": f"*{ty}", "tiles_ptr": "*i32",
@@ -1105,6 +1196,7 @@ def report_configs() -> list:
                                  "stride_bs", "stride_br", "stride_hm", "stride_lis",
                                  "stride_los", "stride_yb", "stride_yt"],
                 config={key: cfg[key] for key in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps", "num_stages")},
-                case="prefill", dtype=ty,
+                case="prefill", variant=f"{ty} r_max={r_max}",
+                quick=ty == "bf16" and r_max == 16,
             ))
     return records

@@ -296,6 +296,18 @@ def test_same_launches_for_every_assignment(launches, strategy):
     assert all(s == seen[0] for s in seen), seen
 
 
+@needs_kernels
+def test_split_k_decode_reduces_and_leaves_counters_zero(launches):
+    # 2 rows x 3 tokens: one M-tile and two N-tiles cannot fill the GPU (8 programs under
+    # the interpreter), so K is split and the last program of each tile reduces.
+    args = _problem(2, 3, 3, torch.float32, seed=8)
+    _check(args, "rows")
+    grids = [grid for name, grid in launches if name == "_mixed_rows_kernel"]
+    assert grids and grids[0][2] > 1
+    assert all(int(c.abs().sum()) == 0 for c in lm._COUNTERS.values())
+    _check(args, "rows")  # the counters are reused as they were left
+
+
 # ---------------------------------------------------------------------------------------
 # the device-side plan and the strategy choice
 # ---------------------------------------------------------------------------------------
