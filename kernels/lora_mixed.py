@@ -887,6 +887,55 @@ def _segment_tiles(row_index: torch.Tensor, slots: int, tokens: int, block_m: in
     return torch.stack([slot, start, end]).to(torch.int32), order
 
 
+def _check_inputs(x, weight, bias, row_index, a_stack, bt_stack, scale, ranks, l_in_stack,
+                  l_out_stack, weight_kn) -> None:
+    """Shape checks shared by both paths (values are not checked: that needs a sync)."""
+    def bad(what: str) -> ValueError:
+        return ValueError(f"lora_mixed_linear: {what}")
+
+    if x.dim() < 2:
+        raise bad(f"x must be (rows, ..., in_features), got shape {tuple(x.shape)}.")
+    b, k = x.shape[0], x.shape[-1]
+    if weight.dim() != 2:
+        raise bad(f"weight must be 2-D, got shape {tuple(weight.shape)}.")
+    n = weight.shape[1] if weight_kn else weight.shape[0]
+    if (weight.shape[0] if weight_kn else weight.shape[1]) != k:
+        layout = "(in, out) (weight_kn=True)" if weight_kn else "(out, in)"
+        raise bad(f"weight {tuple(weight.shape)} is not {layout} for x with {k} input features.")
+    if bias is not None and tuple(bias.shape) != (n,):
+        raise bad(f"bias must have shape ({n},), got {tuple(bias.shape)}.")
+    if row_index.dim() != 1 or row_index.shape[0] != b:
+        raise bad(f"row_index must have shape ({b},) (one slot per row), got {tuple(row_index.shape)}.")
+    if (a_stack is None) != (bt_stack is None):
+        raise bad("give both a_stack and bt_stack, or neither.")
+    slots = None
+    expected = {"a_stack": ("slots", "r_max", k), "bt_stack": ("slots", "r_max", n),
+                "scale": ("slots",), "ranks": ("slots",), "l_in_stack": ("slots", k),
+                "l_out_stack": ("slots", n)}
+    given = {"a_stack": a_stack, "bt_stack": bt_stack, "scale": scale, "ranks": ranks,
+             "l_in_stack": l_in_stack, "l_out_stack": l_out_stack}
+    for name, t in given.items():
+        if t is None:
+            continue
+        want = expected[name]
+        fixed = [i for i, w in enumerate(want) if isinstance(w, int)]
+        if t.dim() != len(want) or any(t.shape[i] != want[i] for i in fixed):
+            shape = "(" + ", ".join(map(str, want)) + ")"
+            raise bad(f"{name} has shape {tuple(t.shape)}; expected {shape} for this layer.")
+        if slots is not None and t.shape[0] != slots:
+            raise bad(f"{name} has {t.shape[0]} slots but another stack has {slots}.")
+        slots = t.shape[0]
+    if a_stack is not None and bt_stack.shape[1] != a_stack.shape[1]:
+        raise bad(f"a_stack and bt_stack must pad to the same rank, got {a_stack.shape[1]} and {bt_stack.shape[1]}.")
+
+
+def _max_offset(t: Optional[torch.Tensor]) -> int:
+    """The largest element offset a kernel computes into ``t`` (32-bit in the kernels)."""
+    if t is None or t.numel() == 0:
+        return 0
+    return sum((size - 1) * abs(stride) for size, stride in zip(t.shape, t.stride()))
+
+
 def _launch(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -911,6 +960,10 @@ def _launch(
         return y
     x3 = x.reshape(b, -1, k)
     y3 = y.view(b, -1, n)
+    if max(map(_max_offset, (x3, y3, weight, a_stack, bt_stack, l_in_stack, l_out_stack))) >= 2**31:
+        # The kernels index with 32-bit offsets.
+        raise ValueError("lora_mixed_linear: tensors of 2**31 elements or more are not "
+                         "supported by the kernels; split the batch.")
     tokens = x3.shape[1]
     m = b * tokens
     has_lora = a_stack is not None and bt_stack is not None and a_stack.shape[1] > 0
@@ -1054,7 +1107,13 @@ def lora_mixed_linear(
 
     Returns:
         ``(B, ..., N)`` in ``x.dtype``.
+
+    Raises:
+        ValueError: If the shapes do not fit together, or (kernels only) a tensor spans
+            2**31 elements or more.
     """
+    _check_inputs(x, weight, bias, row_index, a_stack, bt_stack, scale, ranks, l_in_stack,
+                  l_out_stack, weight_kn)
     if _can_launch(x):
         return _launch(x, weight, bias, row_index, a_stack, bt_stack, scale, ranks,
                        l_in_stack, l_out_stack, weight_kn)

@@ -215,6 +215,25 @@ def test_cpu_without_interpreter_falls_back_to_reference(monkeypatch):
     torch.testing.assert_close(got, torch_lora_mixed_linear(*args))
 
 
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        (dict(row_index=torch.zeros(2, dtype=torch.long)), "row_index must have shape"),
+        (dict(a_stack=torch.zeros(4, 2, K + 1)), "a_stack has shape"),
+        (dict(l_out_stack=torch.ones(3, N)), "l_out_stack has 3 slots"),
+        (dict(bt_stack=None), "both a_stack and bt_stack"),
+        (dict(weight=torch.zeros(N, K).t()), "weight"),
+    ],
+)
+def test_bad_shapes_raise_value_error(change, message):
+    names = ["x", "weight", "bias", "row_index", "a_stack", "bt_stack", "scale", "ranks",
+             "l_in_stack", "l_out_stack", "weight_kn"]
+    args = dict(zip(names, _problem(3, 2, 3, torch.float32)))
+    args.update({k: (v.to(DEVICE) if isinstance(v, torch.Tensor) else v) for k, v in change.items()})
+    with pytest.raises(ValueError, match=message):
+        lora_mixed_linear(*args.values())
+
+
 # ---------------------------------------------------------------------------------------
 # registration: opcheck, torch.compile
 # ---------------------------------------------------------------------------------------
