@@ -799,7 +799,9 @@ def _rows_config(m: int, fp32: bool) -> dict:
     else:
         cfg = dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, num_warps=8)
     if fp32:  # ieee fp32 dots run on the CUDA cores, operands in registers: short K-steps
-        cfg["BLOCK_K"] = 16  # (32 spills on sm_80 at BLOCK_M = 16, compile report)
+        # and at most 64 columns (wider or longer tiles spill on sm_80, compile report)
+        cfg["BLOCK_K"] = 16
+        cfg["BLOCK_N"] = 64
     return dict(cfg, num_stages=4, SHRINK_K=256, SHRINK_R=16)
 
 
@@ -1190,9 +1192,10 @@ def report_configs() -> list:
                 "stride_yt": "i32", "stride_yn": "constexpr",
             }
             sig.update({name: "constexpr" for name in (*flags, "DOT_FP32", "SPLIT_K", "BLOCK_M", "BLOCK_N", "BLOCK_K")})
-            # d = 4096 on 132 SMs: 2 splits at BLOCK_M <= 32 (64 tiles), 4 at 64 (32
-            # tiles); no split once the tiles fill the GPU (larger M).
-            for split_k in (1, 2 if block_m < 64 else 4):
+            # d = 4096 on 132 SMs (the launcher's _split_k for one M-tile); no split once
+            # the tiles fill the GPU (larger M).
+            tiles = triton.cdiv(4096, cfg["BLOCK_N"])
+            for split_k in (1, max(2, min(8, 132 // tiles, 4096 // (4 * cfg["BLOCK_K"])))):
                 records.append(dict(
                     kernel="_mixed_rows_kernel", fn=_mixed_rows_kernel, signature=sig,
                     constexprs=dict(T=1, stride_xk=1, stride_wk=1, stride_bn=1, stride_lik=1,
