@@ -1,6 +1,7 @@
-"""Per-row adapters in one batch: the tensor-only reference math.
+"""Per-row adapters in one batch: the PyTorch reference math and the fused kernels.
 
-The layout every function here consumes (and that the fused kernels will consume too):
+The layout every function here consumes (the PyTorch path's functions and the fused op
+:func:`lora_mixed_linear`, ``torch.ops.tinytune.lora_mixed_linear``, alike):
 
 * ``row_index``: ``(B,)`` int64, the *slot* of each batch row in the stacks. The last
   slot of every stack is the identity (zero LoRA factors, unit IA³ scales), so rows
@@ -11,6 +12,8 @@ The layout every function here consumes (and that the fused kernels will consume
   padding contributes exact zeros), and ``scale`` ``(S,)``: ``alpha / r`` (or
   ``alpha / sqrt(r)``) per slot.
 * IA³: ``l_stack`` ``(S, features)``, ones in slots without an IA³ layer.
+* The fused op also takes ``ranks`` ``(S,)`` int32, each slot's true rank (0 for the
+  identity slot and slots without LoRA): its kernels never touch the padding.
 * Embedding LoRA: ``a_stack`` ``(S, num_embeddings, r_max)``, ``bt_stack``
   ``(S, r_max, dim)``.
 * Optionally, rows sorted into segments by adapter (:func:`torch_lora_mixed_grouped`):
@@ -26,11 +29,16 @@ the factors per row, and nothing depends on how many adapters are stacked. Every
 depends only on the batch shape and the stacks, never on which row uses which adapter,
 so ``torch.compile`` does not recompile when the assignment changes.
 
-This module imports torch only (never tinytune).
+:func:`lora_mixed_linear` computes the whole adapted linear layer (base GEMM, per-row
+LoRA, per-row IA³) with Triton kernels on CUDA tensors (and on CPU tensors under
+``TRITON_INTERPRET=1``); :func:`torch_lora_mixed_linear` is its reference and CPU path.
+
+This module imports torch (and triton, when present) only, never tinytune.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 from typing import Optional
@@ -328,10 +336,12 @@ if HAS_TRITON:
         rank_ptr,  # (S,) int32 true rank per slot
         scale_ptr,  # (S,) LoRA scale per slot (unused without HAS_SCALE)
         hp_ptr,  # (SPLIT, M, r_max) fp32 partial h, one K-chunk per split
+        cnt_ptr,  # (N_CNT,) int32 split-K arrival counters of the GEMM that follows
         # sizes
         T,
         K,
         K_CHUNK,  # multiple of BLOCK_K: the K range of one split
+        N_CNT,  # counters to zero (0: the GEMM does not split K)
         # strides
         stride_xb,
         stride_xt,
@@ -354,6 +364,11 @@ if HAS_TRITON:
         """
         m = tl.program_id(0)
         split = tl.program_id(1)
+        if (m == 0) & (split == 0):
+            # Zero the next kernel's counters here: saves a memset in the decode chain.
+            for c0 in range(0, N_CNT, 256):
+                offs_c = c0 + tl.arange(0, 256)
+                tl.store(cnt_ptr + offs_c, tl.zeros([256], dtype=tl.int32), mask=offs_c < N_CNT)
         b = m // T
         t = m % T
         s = tl.load(row_ptr + b)
@@ -396,7 +411,7 @@ if HAS_TRITON:
         lout_ptr,  # (S, N)
         y_ptr,  # (B, T, N)
         ws_ptr,  # (SPLIT_K, tiles, BLOCK_M, BLOCK_N) fp32 partial tiles (SPLIT_K > 1)
-        cnt_ptr,  # (tiles,) int32 arrivals per output tile, zero between launches
+        cnt_ptr,  # (tiles,) int32 arrivals per output tile, zero at launch
         # sizes
         M,
         N,
@@ -438,8 +453,7 @@ if HAS_TRITON:
         Tiles are contiguous tokens (any mix of slots), so W is streamed once per M-tile.
         At decode there are few output tiles, so the K range is split over SPLIT_K
         programs (serial split-K): each stores its fp32 partial tile, and the last to
-        arrive at a tile's counter sums them, runs the epilogue and re-zeroes the
-        counter. That keeps every SM streaming W, and each program reads only its K-chunk
+        arrive at a tile's counter sums them and runs the epilogue. That keeps every SM streaming W, and each program reads only its K-chunk
         of x (x re-reads from L2 would otherwise cost more than W itself).
         The epilogue walks the rank up to the largest true rank in the tile, gathering
         row r of each token's B[s]^T (tokens of one slot share the cache lines; tokens
@@ -501,7 +515,6 @@ if HAS_TRITON:
                 for j in range(0, SPLIT_K):
                     # .cg: read the other programs' partials from L2, never a stale L1
                     acc += tl.load(tile_ws + j * tiles * (BLOCK_M * BLOCK_N), cache_modifier=".cg")
-                tl.atomic_xchg(cnt_ptr + tile, 0, sem="relaxed", scope="gpu")
         if last:
             if HAS_BIAS:
                 acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
@@ -800,8 +813,7 @@ def _rows_config(m: int, fp32: bool) -> dict:
         cfg = dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, num_warps=8)
     if fp32:  # ieee fp32 dots run on the CUDA cores, operands in registers: short K-steps
         # and at most 64 columns (wider or longer tiles spill on sm_80, compile report)
-        cfg["BLOCK_K"] = 16
-        cfg["BLOCK_N"] = 64
+        cfg.update(BLOCK_K=16, BLOCK_N=64, num_warps=4)
     return dict(cfg, num_stages=4, SHRINK_K=256, SHRINK_R=16)
 
 
@@ -827,22 +839,6 @@ def _split_k(tiles: int, k: int, block_k: int, device: torch.device) -> tuple:
     split = max(1, min(8, _programs_wanted(device) // tiles, k // (min_blocks * block_k)))
     chunk = triton.cdiv(triton.cdiv(k, split), block_k) * block_k
     return triton.cdiv(k, chunk), chunk
-
-
-_COUNTERS: dict = {}
-
-
-def _arrival_counters(n: int, device: torch.device) -> torch.Tensor:
-    """Zeroed int32 arrival counters for the split-K tiles, one buffer per device and
-    stream, cached: every launch leaves them zero again (the last program of each tile
-    resets its counter), so no memset runs per call. Launches on one stream are ordered,
-    so they never share a counter at the same time."""
-    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
-    key = (str(device), stream)
-    buf = _COUNTERS.get(key)
-    if buf is None or buf.numel() < n:
-        buf = _COUNTERS[key] = torch.zeros(max(n, 1024), dtype=torch.int32, device=device)
-    return buf
 
 
 def _segments_config(fp32: bool, r_max: int) -> dict:
@@ -1005,6 +1001,16 @@ def _launch(
                  HAS_L_OUT=l_out_stack is not None)
     if strategy == "rows":
         cfg = _rows_config(m, dot_fp32)
+        tiles_m, tiles_n = triton.cdiv(m, cfg["BLOCK_M"]), triton.cdiv(n, cfg["BLOCK_N"])
+        split_k, gemm_chunk = _split_k(tiles_m * tiles_n, k, cfg["BLOCK_K"], x.device)
+        ws = cnt = dummy
+        if split_k > 1:
+            ws = torch.empty((split_k, tiles_m * tiles_n, cfg["BLOCK_M"], cfg["BLOCK_N"]),
+                             dtype=torch.float32, device=x.device)
+            # Arrival counters, fresh per call (so concurrent streams never share them):
+            # the shrink kernel zeroes them, or a memset when there is no shrink.
+            cnt = (torch.empty if has_lora else torch.zeros)(
+                tiles_m * tiles_n, dtype=torch.int32, device=x.device)
         split, k_chunk = 1, k
         hp = dummy
         hp_strides = (0, 0)
@@ -1016,19 +1022,12 @@ def _launch(
             hp = torch.empty((split, m, r_max), dtype=torch.float32, device=x.device)
             hp_strides = (hp.stride(0), hp.stride(1))
             _shrink_rows_kernel[(m, split)](
-                x3, a, row_index, rk, sc, hp,
-                tokens, k, k_chunk,
+                x3, a, row_index, rk, sc, hp, cnt,
+                tokens, k, k_chunk, tiles_m * tiles_n if split_k > 1 else 0,
                 *x3.stride(), *a_strides, *hp_strides,
                 HAS_SCALE=scale is not None, BLOCK_R=cfg["SHRINK_R"], BLOCK_K=cfg["SHRINK_K"],
                 num_warps=4,
             )
-        tiles_m, tiles_n = triton.cdiv(m, cfg["BLOCK_M"]), triton.cdiv(n, cfg["BLOCK_N"])
-        split_k, gemm_chunk = _split_k(tiles_m * tiles_n, k, cfg["BLOCK_K"], x.device)
-        ws = cnt = dummy
-        if split_k > 1:
-            ws = torch.empty((split_k, tiles_m * tiles_n, cfg["BLOCK_M"], cfg["BLOCK_N"]),
-                             dtype=torch.float32, device=x.device)
-            cnt = _arrival_counters(tiles_m * tiles_n, x.device)
         _mixed_rows_kernel[(tiles_m, tiles_n, split_k)](
             x3, weight, bias_t, row_index, rk, bt, hp, lin, lout, y3, ws, cnt,
             m, n, k, tokens, split, gemm_chunk,
@@ -1156,12 +1155,15 @@ def report_configs() -> list:
     for dtype, ty in _REPORT_DTYPES.items():
         fp32 = dtype == torch.float32
         flags = dict(HAS_BIAS=True, HAS_LORA=True, HAS_L_IN=True, HAS_L_OUT=True)
+        # every feature on (the most loads) and LoRA + bias alone (the benchmark's case):
+        # ptxas allocates registers differently for each, so both are checked for spills
+        flag_sets = (("all", flags), ("lora", dict(flags, HAS_L_IN=False, HAS_L_OUT=False)))
         for block_m in (16, 32, 64):
             cfg = _rows_config(block_m, fp32)
             shrink_sig = {
                 "x_ptr": f"*{ty}", "a_ptr": f"*{ty}", "row_ptr": "*i64", "rank_ptr": "*i32",
-                "scale_ptr": "*fp32", "hp_ptr": "*fp32", "T": "constexpr", "K": "i32",
-                "K_CHUNK": "i32", "stride_xb": "i32", "stride_xt": "i32", "stride_xk": "constexpr",
+                "scale_ptr": "*fp32", "hp_ptr": "*fp32", "cnt_ptr": "*i32", "T": "constexpr",
+                "K": "i32", "K_CHUNK": "i32", "N_CNT": "i32", "stride_xb": "i32", "stride_xt": "i32", "stride_xk": "constexpr",
                 "stride_as": "i32", "stride_ar": "i32", "stride_ak": "constexpr",
                 "stride_hs": "i32", "stride_hm": "i32", "HAS_SCALE": "constexpr",
                 "BLOCK_R": "constexpr", "BLOCK_K": "constexpr",
@@ -1173,7 +1175,7 @@ def report_configs() -> list:
                                     BLOCK_R=cfg["SHRINK_R"],
                                     BLOCK_K=cfg["SHRINK_K"]),
                     divisible_by_16=["x_ptr", "a_ptr", "row_ptr", "rank_ptr", "scale_ptr",
-                                     "hp_ptr", "K", "K_CHUNK", "stride_xb", "stride_xt",
+                                     "hp_ptr", "cnt_ptr", "K", "N_CNT", "K_CHUNK", "stride_xb", "stride_xt",
                                      "stride_as", "stride_ar", "stride_hs", "stride_hm"],
                     config=dict(BLOCK_M=1, BLOCK_N=cfg["SHRINK_R"], BLOCK_K=cfg["SHRINK_K"], num_warps=4,
                                 num_stages=3),
@@ -1195,11 +1197,12 @@ def report_configs() -> list:
             # d = 4096 on 132 SMs (the launcher's _split_k for one M-tile); no split once
             # the tiles fill the GPU (larger M).
             tiles = triton.cdiv(4096, cfg["BLOCK_N"])
-            for split_k in (1, max(2, min(8, 132 // tiles, 4096 // (4 * cfg["BLOCK_K"])))):
+            splits = (1, max(2, min(8, 132 // tiles, 4096 // (4 * cfg["BLOCK_K"]))))
+            for (fname, fl), split_k in itertools.product(flag_sets, splits):
                 records.append(dict(
                     kernel="_mixed_rows_kernel", fn=_mixed_rows_kernel, signature=sig,
                     constexprs=dict(T=1, stride_xk=1, stride_wk=1, stride_bn=1, stride_lik=1,
-                                    stride_lon=1, stride_yn=1, **flags, DOT_FP32=fp32,
+                                    stride_lon=1, stride_yn=1, **fl, DOT_FP32=fp32,
                                     SPLIT_K=split_k, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
                                     BLOCK_K=cfg["BLOCK_K"]),
                     divisible_by_16=["x_ptr", "w_ptr", "bias_ptr", "row_ptr", "rank_ptr", "bt_ptr",
@@ -1209,8 +1212,8 @@ def report_configs() -> list:
                                      "stride_hm", "stride_lis", "stride_los", "stride_yb",
                                      "stride_yt"],
                     config={key: cfg[key] for key in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps", "num_stages")},
-                    case="decode", variant=f"{ty} split_k={split_k}",
-                    quick=ty == "bf16" and block_m == 64 and split_k > 1,
+                    case="decode", variant=f"{ty} {fname} split_k={split_k}",
+                    quick=ty == "bf16" and block_m == 64 and split_k > 1 and fname == "lora",
                 ))
         for r_max in (16, 64):
             cfg = _segments_config(fp32, r_max)
@@ -1246,19 +1249,20 @@ def report_configs() -> list:
                 "stride_yn": "constexpr",
             }
             sig.update({n: "constexpr" for n in (*flags, "DOT_FP32", "LORA_FP32", "BLOCK_M", "BLOCK_N", "BLOCK_K", "BLOCK_R")})
-            records.append(dict(
-                kernel="_mixed_segments_kernel", fn=_mixed_segments_kernel, signature=sig,
-                constexprs=dict(stride_xk=1, stride_wk=1, stride_bn=1, stride_lik=1,
-                                stride_lon=1, stride_yn=1, **flags, DOT_FP32=fp32, LORA_FP32=fp32,
-                                BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
-                                BLOCK_K=cfg["BLOCK_K"], BLOCK_R=cfg["BLOCK_R"]),
-                divisible_by_16=["x_ptr", "w_ptr", "bias_ptr", "tiles_ptr", "order_ptr",
-                                 "rank_ptr", "bt_ptr", "h_ptr", "lin_ptr", "lout_ptr", "y_ptr",
-                                 "N", "K", "T", "stride_xb", "stride_xt", "stride_wn",
-                                 "stride_bs", "stride_br", "stride_hm", "stride_lis",
-                                 "stride_los", "stride_yb", "stride_yt"],
-                config={key: cfg[key] for key in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps", "num_stages")},
-                case="prefill", variant=f"{ty} r_max={r_max}",
-                quick=ty == "bf16" and r_max == 16,
-            ))
+            for fname, fl in flag_sets:
+                records.append(dict(
+                    kernel="_mixed_segments_kernel", fn=_mixed_segments_kernel, signature=sig,
+                    constexprs=dict(stride_xk=1, stride_wk=1, stride_bn=1, stride_lik=1,
+                                    stride_lon=1, stride_yn=1, **fl, DOT_FP32=fp32, LORA_FP32=fp32,
+                                    BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
+                                    BLOCK_K=cfg["BLOCK_K"], BLOCK_R=cfg["BLOCK_R"]),
+                    divisible_by_16=["x_ptr", "w_ptr", "bias_ptr", "tiles_ptr", "order_ptr",
+                                     "rank_ptr", "bt_ptr", "h_ptr", "lin_ptr", "lout_ptr", "y_ptr",
+                                     "N", "K", "T", "stride_xb", "stride_xt", "stride_wn",
+                                     "stride_bs", "stride_br", "stride_hm", "stride_lis",
+                                     "stride_los", "stride_yb", "stride_yt"],
+                    config={key: cfg[key] for key in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps", "num_stages")},
+                    case="prefill", variant=f"{ty} {fname} r_max={r_max}",
+                    quick=ty == "bf16" and r_max == 16 and fname == "lora",
+                ))
     return records
