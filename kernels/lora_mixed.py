@@ -31,9 +31,13 @@ This module imports torch only (never tinytune).
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 __all__ = [
+    "lora_mixed_linear",
+    "torch_lora_mixed_linear",
     "torch_lora_mixed",
     "torch_lora_mixed_grouped",
     "torch_ia3_mixed",
@@ -200,3 +204,101 @@ def torch_embedding_lora_mixed(
     s = scale.index_select(0, row_index).to(h.dtype).view(b, 1, 1)
     delta = torch.bmm(h * s, bt).to(out.dtype).view(out.shape)
     return out.add_(delta) if inplace else out + delta
+
+
+# ----------------------------------------------------------------------------------------
+# the whole adapted linear layer with a per-row adapter: reference and registered op
+# ----------------------------------------------------------------------------------------
+def torch_lora_mixed_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    row_index: torch.Tensor,
+    a_stack: Optional[torch.Tensor],
+    bt_stack: Optional[torch.Tensor],
+    scale: Optional[torch.Tensor],
+    ranks: Optional[torch.Tensor],
+    l_in_stack: Optional[torch.Tensor],
+    l_out_stack: Optional[torch.Tensor],
+    weight_kn: bool = False,
+) -> torch.Tensor:
+    """PyTorch reference (and CPU path) of :func:`lora_mixed_linear`.
+
+    ``y[i] = l_out[s] * (W (l_in[s] * x[i]) + b) + scale[s] * (x[i] A[s]^T) B[s]^T`` with
+    ``s = row_index[i]``, computed in fp32 and returned in ``x.dtype``. Rank rows at or
+    beyond ``ranks[s]`` are ignored (treated as zero), exactly as the kernels mask them.
+
+    Args:
+        x: ``(B, ..., K)``; rows are dimension 0, the other leading dimensions are tokens
+            of that row.
+        weight: ``(N, K)`` (``nn.Linear``) or ``(K, N)`` when ``weight_kn`` (``Conv1D``).
+        bias: ``(N,)`` or ``None``.
+        row_index: ``(B,)`` integer slot of each row.
+        a_stack: ``(S, r_max, K)`` stacked ``A`` factors or ``None`` (no LoRA).
+        bt_stack: ``(S, r_max, N)`` stacked ``B^T`` factors or ``None``.
+        scale: ``(S,)`` per-slot LoRA scaling or ``None`` (1).
+        ranks: ``(S,)`` true rank of each slot (0: no LoRA in that slot) or ``None``
+            (every slot uses all ``r_max`` rows).
+        l_in_stack: ``(S, K)`` input IA³ scales or ``None``.
+        l_out_stack: ``(S, N)`` output IA³ scales or ``None``.
+        weight_kn: Whether ``weight`` is stored ``(K, N)``.
+
+    Returns:
+        ``(B, ..., N)`` in ``x.dtype``.
+    """
+    b, k = x.shape[0], x.shape[-1]
+    idx = row_index.long()
+    x3 = x.reshape(b, -1, k).float()
+    w = weight.float()
+    xin = x3 * l_in_stack.float().index_select(0, idx).unsqueeze(1) if l_in_stack is not None else x3
+    y = xin @ w if weight_kn else xin @ w.t()  # (B, T, N)
+    if bias is not None:
+        y = y + bias.float()
+    if l_out_stack is not None:
+        y = y * l_out_stack.float().index_select(0, idx).unsqueeze(1)
+    if a_stack is not None and bt_stack is not None and a_stack.shape[1] > 0:
+        a = a_stack.float().index_select(0, idx)  # (B, r, K)
+        bt = bt_stack.float().index_select(0, idx)  # (B, r, N)
+        if ranks is not None:
+            # Rank rows past a slot's true rank are never read by the kernels: drop them
+            # here with where() (not a multiply: they may hold anything, even inf/nan).
+            r_idx = torch.arange(a.shape[1], device=a.device)
+            live = (r_idx < ranks.to(a.device).long().index_select(0, idx).unsqueeze(1)).unsqueeze(2)
+            zero = torch.zeros((), device=a.device)
+            a = torch.where(live, a, zero)
+            bt = torch.where(live, bt, zero)
+        h = torch.bmm(x3, a.transpose(1, 2))  # (B, T, r)
+        if scale is not None:
+            h = h * scale.float().index_select(0, idx).view(b, 1, 1)
+        y = y + torch.bmm(h, bt)
+    n = y.shape[-1]
+    return y.to(x.dtype).reshape(*x.shape[:-1], n)
+
+
+@torch.library.custom_op("tinytune::lora_mixed_linear", mutates_args=())
+def lora_mixed_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    row_index: torch.Tensor,
+    a_stack: Optional[torch.Tensor],
+    bt_stack: Optional[torch.Tensor],
+    scale: Optional[torch.Tensor],
+    ranks: Optional[torch.Tensor],
+    l_in_stack: Optional[torch.Tensor],
+    l_out_stack: Optional[torch.Tensor],
+    weight_kn: bool = False,
+) -> torch.Tensor:
+    """Fused adapted linear layer with one adapter slot per batch row.
+
+    (Placeholder: runs :func:`torch_lora_mixed_linear` until the kernels land.)
+    """
+    return torch_lora_mixed_linear(
+        x, weight, bias, row_index, a_stack, bt_stack, scale, ranks, l_in_stack, l_out_stack, weight_kn
+    )
+
+
+@lora_mixed_linear.register_fake
+def _(x, weight, bias, row_index, a_stack, bt_stack, scale, ranks, l_in_stack, l_out_stack, weight_kn=False):
+    n = weight.shape[1] if weight_kn else weight.shape[0]
+    return x.new_empty((*x.shape[:-1], n))
