@@ -1,17 +1,542 @@
-"""One adapted linear layer in one pass: base GEMM + LoRA + IA³ (placeholder launcher).
+"""One adapted linear layer in one pass: base GEMM + LoRA + IA³.
 
     y = l_out ⊙ (W (l_in ⊙ x) + b) + ((x Aᵀ) ⊙ s) Bᵀ
+
+``W`` is ``(N, K)`` (``nn.Linear``) or ``(K, N)`` (transformers' ``Conv1D``, ``weight_kn``);
+several LoRAs active together are concatenated along the rank ``R`` with one scale per
+rank row (``s``); ``l_in``/``l_out`` are IA³ scales on the input/output features. An IA³
+that composes with a LoRA on the same module is folded into that LoRA's ``A`` (input
+side) or ``B`` (output side) by the caller, so the kernel stays one formula.
+
+Two strategies, chosen by shape in :func:`_pick_config` (one place):
+
+* Decode (``M <= 16`` rows, memory-bound): one kernel streams ``W`` once and, from the
+  same ``x`` tiles, accumulates ``h = x Aᵀ``; the epilogue adds bias, ``l_out`` and
+  ``(h ⊙ s) Bᵀ`` and writes ``y`` once. Re-reading ``A`` per N-tile costs ``R/BLOCK_N``
+  of ``W``'s bytes, served from L2; above rank 64 that exceeds ``W`` itself, so larger
+  ranks precompute ``h`` as prefill does.
+* Prefill (``M > 16``): a small kernel computes ``h = (x Aᵀ) ⊙ s`` once, in fp32; the
+  base GEMM (grouped tile order, as in Triton's matmul tutorial) adds ``h Bᵀ`` in its
+  epilogue. Shrinking inside the K-loop would repeat ``R/BLOCK_N`` more FLOPs per tile.
+
+Why 16: at ``M <= 16`` one ``BLOCK_M = 16`` tile (the smallest ``tl.dot`` allows) holds
+every row, so ``W`` is read exactly once; for more rows the prefill kernel's 64/128-row
+tiles read ``W`` once per 64/128 rows. Both regimes are memory-bound up to the H200
+ridge point (989 TFLOP/s / 4.8 TB/s ≈ 206 rows at bf16), so what decides is bytes:
+``W`` read once, ``A``/``B`` once (plus L2 re-reads), ``x`` once more for ``h``.
+
+Ranks 1..256 are padded to a power of two >= 16 inside the kernels (masked loads with
+``other=0``), never in the caller's tensors. Every load is masked on M, N, K and R.
+Products run on tensor cores in the input dtype with fp32 accumulation; fp32 inputs use
+``input_precision="ieee"`` (no silent TF32).
 
 This module imports torch (and triton, when present) only, never tinytune.
 """
 
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 import torch
 
-__all__ = ["torch_lora_linear", "lora_linear"]
+try:
+    import triton
+    import triton.language as tl
+
+    HAS_TRITON = True
+except Exception:  # pragma: no cover - depends on the platform
+    HAS_TRITON = False
+
+__all__ = ["torch_lora_linear", "lora_linear", "report_configs"]
+
+# Decode (fused shrink in the K-loop) up to this many rows: one BLOCK_M=16 tile.
+DECODE_MAX_M = 16
+# Decode fuses the shrink for padded ranks up to this; above, A's re-reads per N-tile
+# (R_PAD/BLOCK_N of W's bytes) would exceed W itself, and one extra launch is cheaper.
+DECODE_FUSED_MAX_RANK = 64
+MAX_RANK = 256
+
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _mma(a, b, acc, F32_DOT: tl.constexpr):
+        """``acc + a @ b``, accumulating in fp32.
+
+        ``F32_DOT`` upcasts both operands to fp32 with IEEE products. It is set for fp32
+        inputs (so the GPU does not silently use TF32) and under ``TRITON_INTERPRET=1``:
+        the interpreter computes bf16 ``tl.dot`` on the raw bits (wrong results), so
+        dot operands are upcast there only; element-wise math is fp32 everywhere.
+        """
+        if F32_DOT:
+            return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+        else:
+            return tl.dot(a, b.to(a.dtype), acc)
+
+    @triton.jit
+    def _lora_shrink_kernel(
+        # pointers
+        x_ptr,  # (M, K)
+        a_ptr,  # (R, K)
+        s_ptr,  # (R,) per-rank-row scale
+        h_ptr,  # (M, R) fp32 output: (x Aᵀ) ⊙ s
+        # sizes
+        M,
+        K,
+        R,
+        # strides
+        stride_xm,
+        stride_xk,
+        stride_ar,
+        stride_ak,
+        stride_s,
+        stride_hm,
+        # meta
+        HAS_SCALE: tl.constexpr,
+        R_PAD: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+        F32_DOT: tl.constexpr,
+    ):
+        """``h = (x Aᵀ) ⊙ s`` in fp32, one program per BLOCK_M rows and the whole rank.
+
+        Computed once per call so the GEMM epilogue can add ``h Bᵀ`` without repeating
+        the shrink per N-tile; ``x`` is read once more (``M*K`` bytes, small next to the
+        prefill GEMM's ``2*M*N*K`` FLOPs).
+        """
+        pid_m = tl.program_id(0)
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_k = tl.arange(0, BLOCK_K)
+        offs_r = tl.arange(0, R_PAD)
+        m_mask = offs_m < M
+        r_mask = offs_r < R
+        x_ptrs = x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk
+        a_ptrs = a_ptr + offs_r[None, :] * stride_ar + offs_k[:, None] * stride_ak  # Aᵀ tile
+        h = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
+        for k in range(0, tl.cdiv(K, BLOCK_K)):
+            k_mask = offs_k < K - k * BLOCK_K
+            xt = tl.load(x_ptrs, mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+            at = tl.load(a_ptrs, mask=k_mask[:, None] & r_mask[None, :], other=0.0)
+            h = _mma(xt, at, h, F32_DOT)
+            x_ptrs += BLOCK_K * stride_xk
+            a_ptrs += BLOCK_K * stride_ak
+        if HAS_SCALE:
+            s = tl.load(s_ptr + offs_r * stride_s, mask=r_mask, other=0.0).to(tl.float32)
+            h = h * s[None, :]
+        h_ptrs = h_ptr + offs_m[:, None] * stride_hm + offs_r[None, :]
+        tl.store(h_ptrs, h, mask=m_mask[:, None] & r_mask[None, :])
+
+    @triton.jit
+    def _lora_linear_fwd_kernel(
+        # pointers
+        x_ptr,  # (M, K)
+        w_ptr,  # W[n, k] at n * stride_wn + k * stride_wk ((N, K) or Conv1D's (K, N))
+        bias_ptr,  # (N,)
+        a_ptr,  # (R, K), read when SHRINK_IN_LOOP
+        b_ptr,  # (N, R)
+        s_ptr,  # (R,), read when SHRINK_IN_LOOP
+        h_ptr,  # (M, R) fp32 (x Aᵀ) ⊙ s, read when not SHRINK_IN_LOOP
+        lin_ptr,  # (K,) IA³ on the input
+        lout_ptr,  # (N,) IA³ on the output
+        y_ptr,  # (M, N) output, contiguous
+        # sizes
+        M,
+        N,
+        K,
+        R,
+        # strides
+        stride_xm,
+        stride_xk,
+        stride_wn,
+        stride_wk,
+        stride_bias,
+        stride_ar,
+        stride_ak,
+        stride_bn,
+        stride_br,
+        stride_s,
+        stride_hm,
+        stride_lin,
+        stride_lout,
+        stride_ym,
+        # meta
+        HAS_BIAS: tl.constexpr,
+        HAS_LORA: tl.constexpr,
+        SHRINK_IN_LOOP: tl.constexpr,
+        HAS_SCALE: tl.constexpr,
+        HAS_LIN: tl.constexpr,
+        HAS_LOUT: tl.constexpr,
+        R_PAD: tl.constexpr,
+        R_BLOCK: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+        GROUP_M: tl.constexpr,
+        F32_DOT: tl.constexpr,
+    ):
+        """``y = l_out ⊙ (W (l_in ⊙ x) + b) + ((x Aᵀ) ⊙ s) Bᵀ`` for one (BLOCK_M, BLOCK_N) tile.
+
+        The K-loop streams ``x`` and ``W`` tiles (``l_in`` scales the x tile); with
+        ``SHRINK_IN_LOOP`` (decode) the same x tile also feeds ``h += x Aᵀ``. The epilogue
+        adds bias, applies ``l_out``, adds ``h Bᵀ`` (``h`` from the loop or from ``h_ptr``,
+        in rank chunks of R_BLOCK) and stores once. Tiles are visited in groups of GROUP_M
+        rows of tiles so neighbouring programs share W tiles in L2.
+        """
+        pid = tl.program_id(0)
+        num_pid_m = tl.cdiv(M, BLOCK_M)
+        num_pid_n = tl.cdiv(N, BLOCK_N)
+        num_pid_in_group = GROUP_M * num_pid_n
+        group_id = pid // num_pid_in_group
+        first_pid_m = group_id * GROUP_M
+        group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
+        pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
+        pid_n = (pid % num_pid_in_group) // group_size_m
+
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_k = tl.arange(0, BLOCK_K)
+        m_mask = offs_m < M
+        n_mask = offs_n < N
+        x_ptrs = x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk
+        w_ptrs = w_ptr + offs_k[:, None] * stride_wk + offs_n[None, :] * stride_wn  # Wᵀ tile
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        if HAS_LORA and SHRINK_IN_LOOP:
+            offs_r = tl.arange(0, R_PAD)
+            r_mask = offs_r < R
+            a_ptrs = a_ptr + offs_r[None, :] * stride_ar + offs_k[:, None] * stride_ak
+            h = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
+        if HAS_LIN:
+            lin_ptrs = lin_ptr + offs_k * stride_lin
+
+        for k in range(0, tl.cdiv(K, BLOCK_K)):
+            k_mask = offs_k < K - k * BLOCK_K
+            xt = tl.load(x_ptrs, mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+            wt = tl.load(w_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+            if HAS_LIN:
+                li = tl.load(lin_ptrs, mask=k_mask, other=0.0).to(tl.float32)
+                xs = (xt.to(tl.float32) * li[None, :]).to(xt.dtype)
+                lin_ptrs += BLOCK_K * stride_lin
+            else:
+                xs = xt
+            acc = _mma(xs, wt, acc, F32_DOT)
+            if HAS_LORA and SHRINK_IN_LOOP:
+                at = tl.load(a_ptrs, mask=k_mask[:, None] & r_mask[None, :], other=0.0)
+                h = _mma(xt, at, h, F32_DOT)
+                a_ptrs += BLOCK_K * stride_ak
+            x_ptrs += BLOCK_K * stride_xk
+            w_ptrs += BLOCK_K * stride_wk
+
+        if HAS_BIAS:
+            bias = tl.load(bias_ptr + offs_n * stride_bias, mask=n_mask, other=0.0)
+            acc += bias.to(tl.float32)[None, :]
+        if HAS_LOUT:
+            lout = tl.load(lout_ptr + offs_n * stride_lout, mask=n_mask, other=0.0)
+            acc *= lout.to(tl.float32)[None, :]
+        if HAS_LORA:
+            if SHRINK_IN_LOOP:
+                if HAS_SCALE:
+                    s = tl.load(s_ptr + offs_r * stride_s, mask=r_mask, other=0.0)
+                    h = h * s.to(tl.float32)[None, :]
+                b_ptrs = b_ptr + offs_r[:, None] * stride_br + offs_n[None, :] * stride_bn
+                bt = tl.load(b_ptrs, mask=r_mask[:, None] & n_mask[None, :], other=0.0)
+                acc = _mma(h.to(x_ptr.dtype.element_ty), bt, acc, F32_DOT)
+            else:
+                # Rank chunks keep the epilogue's registers and shared memory bounded at
+                # rank 256; R_PAD and R_BLOCK are constexprs, so the loop is unrolled.
+                for r0 in tl.static_range(0, R_PAD, R_BLOCK):
+                    offs_rc = r0 + tl.arange(0, R_BLOCK)
+                    rc_mask = offs_rc < R
+                    h_ptrs = h_ptr + offs_m[:, None] * stride_hm + offs_rc[None, :]
+                    hc = tl.load(h_ptrs, mask=m_mask[:, None] & rc_mask[None, :], other=0.0)
+                    b_ptrs = b_ptr + offs_rc[:, None] * stride_br + offs_n[None, :] * stride_bn
+                    bt = tl.load(b_ptrs, mask=rc_mask[:, None] & n_mask[None, :], other=0.0)
+                    acc = _mma(hc.to(x_ptr.dtype.element_ty), bt, acc, F32_DOT)
+
+        y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :]
+        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+
+
+def _interpreted() -> bool:
+    """Whether the kernels were built for Triton's CPU interpreter (TRITON_INTERPRET=1)."""
+    if not HAS_TRITON:
+        return False
+    return type(_lora_linear_fwd_kernel).__name__ == "InterpretedFunction"
+
+
+def _r_pad(r: int) -> int:
+    return max(16, triton.next_power_of_2(r)) if r > 0 else 16
+
+
+# ---------------------------------------------------------------------------------------
+# Configurations: every configuration the launcher can choose is listed here, so that
+# ci/kernel_report.py compiles exactly these (report_configs) and the tests run each one.
+# ---------------------------------------------------------------------------------------
+
+# Decode (BLOCK_M=16 holds every row, W streamed once): the grid is N / BLOCK_N programs,
+# and each re-reads A (from L2) once, R_PAD / BLOCK_N of W's bytes. BLOCK_N=32 doubles
+# the programs in flight (128 for N=4096 on 132 SMs) where A is small (R_PAD <= 16);
+# wide layers (N >= 8192) and larger ranks use BLOCK_N=64 and 8 warps.
+_DECODE_N32 = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=128, GROUP_M=1, num_warps=4, num_stages=4)
+_DECODE_N64 = dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, GROUP_M=1, num_warps=8, num_stages=4)
+_DECODE_F32 = dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=64, GROUP_M=1, num_warps=4, num_stages=3)
+# Prefill: 64x128 tiles up to 256 rows (enough programs to fill the SMs); above, the
+# matmul tutorial's 128x256x64 / 8 warps / 3 stages on sm_90 (wgmma), and 128x128 on
+# sm_80, where 128x256 spills. The epilogue adds h Bᵀ in rank chunks of 16 on the large
+# tiles: wider chunks spill next to the 128x256 fp32 accumulator.
+_PREFILL_SMALL_16BIT = dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=4)
+_PREFILL_LARGE_SM90 = dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3)
+_PREFILL_LARGE_SM80 = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3)
+# fp32 with IEEE products runs on FMA units, not tensor cores: moderate tiles.
+_PREFILL_F32 = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, num_warps=4, num_stages=3)
+PREFILL_LARGE_MIN_M = 256
+# Opt-in shared memory per block; other parts (sm_86/89/120: 99 KiB) get fewer stages.
+_SMEM = {80: 166912, 87: 166912, 90: 232448, 100: 232448}
+_SMEM_DEFAULT = 101376
+
+
+def _shrink_config(r_pad: int, decode: bool) -> dict:
+    """The shrink kernel's tile: more rows per program when the rank is small."""
+    if decode:
+        block_m = 16
+    else:
+        block_m = 64 if r_pad <= 32 else (32 if r_pad <= 128 else 16)
+    return dict(BLOCK_M=block_m, BLOCK_K=64, num_warps=4, num_stages=3)
+
+
+def _smem_estimate(cfg: dict, elem: int) -> int:
+    """Pipelined operand buffers: stages x (x tile + W tile [+ A tile when fused])."""
+    per = cfg["BLOCK_M"] * cfg["BLOCK_K"] + cfg["BLOCK_K"] * cfg["BLOCK_N"]
+    if cfg["shrink_in_loop"]:
+        per += cfg["BLOCK_K"] * cfg["R_PAD"]
+    return cfg["num_stages"] * per * elem
+
+
+def _pick_config(m: int, n: int, k: int, r: int, dtype: torch.dtype, arch: int = 90) -> dict:
+    """The one place that chooses the strategy and tiles for a call, from shapes only.
+
+    Args:
+        m, n, k, r: rows, output features, input features, total rank (0: no LoRA).
+        dtype: the input dtype.
+        arch: compute capability as ``10 * major + minor`` (90 under the interpreter).
+
+    Returns:
+        A dict with ``case`` ("decode" or "prefill"), ``shrink_in_loop``, the GEMM's tile
+        (``BLOCK_M``, ``BLOCK_N``, ``BLOCK_K``, ``GROUP_M``, ``num_warps``,
+        ``num_stages``), ``R_PAD``/``R_BLOCK`` and ``shrink`` (the shrink kernel's tile,
+        or ``None`` when no separate shrink runs).
+    """
+    r_pad = _r_pad(r)
+    f32 = dtype == torch.float32
+    decode = m <= DECODE_MAX_M
+    large = False
+    if decode:
+        if f32:
+            gemm = dict(_DECODE_F32)
+        elif n < 8192 and (r == 0 or r_pad <= 16):
+            gemm = dict(_DECODE_N32)
+        else:
+            gemm = dict(_DECODE_N64)
+    elif f32:
+        gemm = dict(_PREFILL_F32)
+    elif m <= PREFILL_LARGE_MIN_M:
+        gemm = dict(_PREFILL_SMALL_16BIT)
+    else:
+        large = True
+        gemm = dict(_PREFILL_LARGE_SM90 if arch >= 90 else _PREFILL_LARGE_SM80)
+    shrink_in_loop = r > 0 and decode and r_pad <= DECODE_FUSED_MAX_RANK
+    cfg = dict(
+        case="decode" if decode else "prefill",
+        shrink_in_loop=shrink_in_loop,
+        R_PAD=r_pad,
+        R_BLOCK=min(r_pad, 16 if large else 64),
+        shrink=_shrink_config(r_pad, decode) if r > 0 and not shrink_in_loop else None,
+        **gemm,
+    )
+    limit = _SMEM.get(arch, _SMEM_DEFAULT) - 8192  # headroom for the epilogue's buffers
+    elem = 4 if f32 else 2
+    while cfg["num_stages"] > 2 and _smem_estimate(cfg, elem) > limit:
+        cfg["num_stages"] -= 1
+    return cfg
+
+
+# ---------------------------------------------------------------------------------------
+# Launcher
+# ---------------------------------------------------------------------------------------
+
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _check(x, weight, bias, lora_a, lora_b, lora_scale, l_in, l_out, weight_kn) -> tuple[int, int, int]:
+    """Validate shapes/dtypes; returns ``(K, N, R)``."""
+    if x.dtype not in _DTYPES:
+        raise TypeError(f"lora_linear supports float32, float16 and bfloat16 inputs, got {x.dtype}.")
+    if weight.dim() != 2:
+        raise ValueError(f"lora_linear: weight must be 2-D, got shape {tuple(weight.shape)}.")
+    k, n = (weight.shape[0], weight.shape[1]) if weight_kn else (weight.shape[1], weight.shape[0])
+    if x.shape[-1] != k:
+        raise ValueError(f"lora_linear: x has {x.shape[-1]} features but weight expects {k}.")
+    for name, t, size in (("bias", bias, n), ("l_in", l_in, k), ("l_out", l_out, n)):
+        if t is not None and tuple(t.shape) != (size,):
+            raise ValueError(f"lora_linear: {name} must have shape ({size},), got {tuple(t.shape)}.")
+    if (lora_a is None) != (lora_b is None):
+        raise ValueError("lora_linear: pass both lora_a and lora_b, or neither.")
+    r = 0
+    if lora_a is not None:
+        r = lora_a.shape[0]
+        if lora_a.dim() != 2 or lora_a.shape[1] != k:
+            raise ValueError(f"lora_linear: lora_a must be (R, {k}), got {tuple(lora_a.shape)}.")
+        if lora_b.dim() != 2 or tuple(lora_b.shape) != (n, r):
+            raise ValueError(f"lora_linear: lora_b must be ({n}, {r}), got {tuple(lora_b.shape)}.")
+        if r > MAX_RANK:
+            raise ValueError(
+                f"lora_linear supports a total rank up to {MAX_RANK}, got {r}; use the PyTorch path."
+            )
+        if lora_scale is not None and tuple(lora_scale.shape) != (r,):
+            raise ValueError(f"lora_linear: lora_scale must have shape ({r},), got {tuple(lora_scale.shape)}.")
+    return k, n, r
+
+
+_ARCH: dict = {}
+
+
+def _arch(device: torch.device) -> int:
+    """Compute capability ``10 * major + minor`` of a CUDA device (cached), 90 otherwise."""
+    if device.type != "cuda":
+        return 90
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _ARCH:
+        major, minor = torch.cuda.get_device_capability(idx)
+        _ARCH[idx] = 10 * major + minor
+    return _ARCH[idx]
+
+
+def _launch(x, weight, bias, lora_a, lora_b, lora_scale, l_in, l_out, weight_kn=False, config=None):
+    """Run the kernels (CUDA tensors, or CPU tensors under the interpreter).
+
+    Args:
+        config: Override of :func:`_pick_config`'s choice (tests run every configuration).
+
+    Returns:
+        ``(..., N)`` in ``x.dtype``.
+    """
+    k, n, r = _check(x, weight, bias, lora_a, lora_b, lora_scale, l_in, l_out, weight_kn)
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, k)
+    m = x2.shape[0]
+    y = torch.empty((m, n), device=x.device, dtype=x.dtype)
+    if m == 0 or n == 0:
+        return y.reshape(*lead, n)
+    if k == 0:  # no K-loop to run: the formula reduces to l_out ⊙ b
+        return torch_lora_linear(x, weight, bias, lora_a, lora_b, lora_scale, l_in, l_out, weight_kn)
+    cfg = config if config is not None else _pick_config(m, n, k, r, x.dtype, _arch(x.device))
+    f32_dot = _interpreted() or x.dtype == torch.float32
+    has_lora = r > 0
+    stride_wn, stride_wk = (weight.stride(1), weight.stride(0)) if weight_kn else weight.stride()
+    dummy = y  # never read: the matching HAS_* constexpr is False
+    h = dummy
+    stride_hm = 0
+    if has_lora and not cfg["shrink_in_loop"]:
+        sc = cfg["shrink"]
+        h = torch.empty((m, r), device=x.device, dtype=torch.float32)
+        stride_hm = h.stride(0)
+        _lora_shrink_kernel[(triton.cdiv(m, sc["BLOCK_M"]),)](
+            x2, lora_a, lora_scale if lora_scale is not None else dummy, h,
+            m, k, r,
+            x2.stride(0), x2.stride(1), lora_a.stride(0), lora_a.stride(1),
+            lora_scale.stride(0) if lora_scale is not None else 0, stride_hm,
+            HAS_SCALE=lora_scale is not None, R_PAD=cfg["R_PAD"],
+            BLOCK_M=sc["BLOCK_M"], BLOCK_K=sc["BLOCK_K"], F32_DOT=f32_dot,
+            num_warps=sc["num_warps"], num_stages=sc["num_stages"],
+        )  # fmt: skip
+    grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]),)
+    _lora_linear_fwd_kernel[grid](
+        x2, weight,
+        bias if bias is not None else dummy,
+        lora_a if has_lora else dummy,
+        lora_b if has_lora else dummy,
+        lora_scale if lora_scale is not None else dummy,
+        h,
+        l_in if l_in is not None else dummy,
+        l_out if l_out is not None else dummy,
+        y,
+        m, n, k, r,
+        x2.stride(0), x2.stride(1), stride_wn, stride_wk,
+        bias.stride(0) if bias is not None else 0,
+        lora_a.stride(0) if has_lora else 0, lora_a.stride(1) if has_lora else 0,
+        lora_b.stride(0) if has_lora else 0, lora_b.stride(1) if has_lora else 0,
+        lora_scale.stride(0) if lora_scale is not None else 0,
+        stride_hm,
+        l_in.stride(0) if l_in is not None else 0,
+        l_out.stride(0) if l_out is not None else 0,
+        y.stride(0),
+        HAS_BIAS=bias is not None, HAS_LORA=has_lora,
+        SHRINK_IN_LOOP=bool(cfg["shrink_in_loop"]) and has_lora,
+        HAS_SCALE=lora_scale is not None,
+        HAS_LIN=l_in is not None, HAS_LOUT=l_out is not None,
+        R_PAD=cfg["R_PAD"], R_BLOCK=cfg["R_BLOCK"],
+        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
+        GROUP_M=cfg["GROUP_M"], F32_DOT=f32_dot,
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )  # fmt: skip
+    return y.reshape(*lead, n)
+
+
+# ---------------------------------------------------------------------------------------
+# Public op and its PyTorch reference
+# ---------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("tinytune::lora_linear", mutates_args=())
+def lora_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    lora_a: Optional[torch.Tensor],
+    lora_b: Optional[torch.Tensor],
+    lora_scale: Optional[torch.Tensor],
+    l_in: Optional[torch.Tensor],
+    l_out: Optional[torch.Tensor],
+    weight_kn: bool = False,
+) -> torch.Tensor:
+    """A linear layer with LoRA and IA³ in one pass (``torch.ops.tinytune.lora_linear``).
+
+    ``y = l_out ⊙ (W (l_in ⊙ x) + b) + ((x Aᵀ) ⊙ s) Bᵀ``, fp32 accumulation.
+
+    Runs the Triton kernels on CUDA tensors and, under ``TRITON_INTERPRET=1``, on CPU
+    tensors; anywhere else (no Triton, CPU without the interpreter) it computes
+    :func:`torch_lora_linear`, so it never fails for lack of a GPU. Grid and launches
+    depend on shapes only (no host sync): safe inside CUDA graphs.
+
+    Args:
+        x: ``(..., K)`` float32/float16/bfloat16.
+        weight: ``(N, K)``, or ``(K, N)`` when ``weight_kn`` (transformers' ``Conv1D``).
+        bias: ``(N,)`` or ``None``.
+        lora_a: ``(R, K)`` or ``None``: the active LoRAs' ``A``, concatenated along R
+            (1 <= R <= 256); any float dtype.
+        lora_b: ``(N, R)`` or ``None``: the matching ``B``, concatenated along R.
+        lora_scale: ``(R,)`` or ``None`` (= 1): one scale per rank row.
+        l_in: ``(K,)`` or ``None``: IA³ scale of the input features.
+        l_out: ``(N,)`` or ``None``: IA³ scale of the output features.
+        weight_kn: Whether ``weight`` is stored ``(K, N)``.
+
+    Returns:
+        ``(..., N)`` in ``x.dtype``.
+
+    Raises:
+        TypeError: Unsupported dtype of ``x``.
+        ValueError: Inconsistent shapes, or a total rank above 256.
+    """
+    if HAS_TRITON and (x.is_cuda or (x.device.type == "cpu" and _interpreted())):
+        return _launch(x, weight, bias, lora_a, lora_b, lora_scale, l_in, l_out, weight_kn)
+    _check(x, weight, bias, lora_a, lora_b, lora_scale, l_in, l_out, weight_kn)
+    return torch_lora_linear(x, weight, bias, lora_a, lora_b, lora_scale, l_in, l_out, weight_kn)
+
+
+@lora_linear.register_fake
+def _(x, weight, bias, lora_a, lora_b, lora_scale, l_in, l_out, weight_kn=False):
+    n = weight.shape[1] if weight_kn else weight.shape[0]
+    return x.new_empty((*x.shape[:-1], n))
 
 
 def torch_lora_linear(
@@ -25,7 +550,14 @@ def torch_lora_linear(
     l_out: Optional[torch.Tensor],
     weight_kn: bool = False,
 ) -> torch.Tensor:
-    """PyTorch reference of :func:`lora_linear`, in fp32, returned in ``x.dtype``."""
+    """PyTorch reference of :func:`lora_linear` (and its CPU fallback).
+
+    Computes ``l_out ⊙ (W (l_in ⊙ x) + b) + ((x Aᵀ) ⊙ s) Bᵀ`` entirely in fp32 and
+    returns it in ``x.dtype``. Arguments and shapes as in :func:`lora_linear`.
+
+    Returns:
+        ``(..., N)`` in ``x.dtype``.
+    """
     xf = x.float()
     xin = xf * l_in.float() if l_in is not None else xf
     w = weight.float()
@@ -42,23 +574,129 @@ def torch_lora_linear(
     return y.to(x.dtype)
 
 
-@torch.library.custom_op("tinytune::lora_linear", mutates_args=())
-def lora_linear(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    bias: Optional[torch.Tensor],
-    lora_a: Optional[torch.Tensor],
-    lora_b: Optional[torch.Tensor],
-    lora_scale: Optional[torch.Tensor],
-    l_in: Optional[torch.Tensor],
-    l_out: Optional[torch.Tensor],
-    weight_kn: bool = False,
-) -> torch.Tensor:
-    """Fused adapted linear layer (placeholder: runs the reference until the kernels land)."""
-    return torch_lora_linear(x, weight, bias, lora_a, lora_b, lora_scale, l_in, l_out, weight_kn)
+# ---------------------------------------------------------------------------------------
+# Compile report registry (ci/kernel_report.py)
+# ---------------------------------------------------------------------------------------
+
+_TL_DTYPE = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 
 
-@lora_linear.register_fake
-def _(x, weight, bias, lora_a, lora_b, lora_scale, l_in, l_out, weight_kn=False):
-    n = weight.shape[1] if weight_kn else weight.shape[0]
-    return x.new_empty((*x.shape[:-1], n))
+def report_configs() -> list[dict]:
+    """Every (kernel, configuration) the launcher can choose, for ahead-of-time compiles.
+
+    Covers, for sm_80 and sm_90 (``archs``), decode and prefill at each padded rank
+    class (16, 32, 64: fused decode shrink; 128, 256: precomputed h), no LoRA (pure IA³
+    and base), fp32/fp16/bf16, both weight layouts (the unit-stride argument is what
+    the JIT specializes), with bias, IA³ in and out enabled (the superset of loads).
+    See ci/kernel_report.py for the keys.
+    """
+    if not HAS_TRITON:
+        return []
+    recs: list[dict] = []
+    seen = set()
+    ms = {"decode": 8, "prefill-small": 128, "prefill-large": 4096}
+    for arch in (80, 90):
+        for dtype in (torch.bfloat16, torch.float16, torch.float32):
+            dt = _TL_DTYPE[dtype]
+            for case, m in ms.items():
+                for n in (4096, 14336):  # decode's BLOCK_N depends on N
+                    for r in (0, 16, 32, 64, 128, 256):
+                        cfg = _pick_config(m, n, 4096, r, dtype, arch)
+                        for weight_kn in (False, True):
+                            tile = tuple(cfg[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps", "num_stages"))
+                            key = (arch, dt, tile, cfg["R_BLOCK"], cfg["shrink_in_loop"],
+                                   r > 0, cfg["R_PAD"] if r > 0 else 0, weight_kn)  # fmt: skip
+                            if key in seen:
+                                continue
+                            seen.add(key)
+                            rec = _gemm_record(dt, cfg, r, weight_kn)
+                            rec["archs"] = [arch]
+                            rec["quick"] = dt == "bf16" and r == 16 and not weight_kn and n == 4096
+                            recs.append(rec)
+                        if cfg["shrink"] is not None:
+                            skey = (arch, "shrink", dt, cfg["R_PAD"], tuple(sorted(cfg["shrink"].items())))
+                            if skey not in seen:
+                                seen.add(skey)
+                                rec = _shrink_record(dt, cfg)
+                                rec["archs"] = [arch]
+                                rec["quick"] = dt == "bf16" and r == 16 and cfg["case"] == "prefill"
+                                recs.append(rec)
+    return recs
+
+
+def _gemm_record(dt: str, cfg: dict, r: int, weight_kn: bool) -> dict:
+    has_lora = r > 0
+    sig = {
+        "x_ptr": f"*{dt}", "w_ptr": f"*{dt}", "bias_ptr": f"*{dt}", "a_ptr": f"*{dt}",
+        "b_ptr": f"*{dt}", "s_ptr": "*fp32", "h_ptr": "*fp32", "lin_ptr": f"*{dt}",
+        "lout_ptr": f"*{dt}", "y_ptr": f"*{dt}",
+        "M": "i32", "N": "i32", "K": "i32", "R": "i32",
+        "stride_xm": "i32", "stride_xk": "constexpr", "stride_wn": "i32", "stride_wk": "i32",
+        "stride_bias": "constexpr", "stride_ar": "i32", "stride_ak": "constexpr",
+        "stride_bn": "i32", "stride_br": "constexpr", "stride_s": "constexpr",
+        "stride_hm": "i32", "stride_lin": "constexpr", "stride_lout": "constexpr",
+        "stride_ym": "i32",
+    }  # fmt: skip
+    # Unit strides are specialized to the constant 1 by the JIT (contiguous tensors).
+    unit = ["stride_xk", "stride_bias", "stride_ak", "stride_br", "stride_s", "stride_lin", "stride_lout"]
+    unit.append("stride_wn" if weight_kn else "stride_wk")
+    for name in unit:
+        sig[name] = "constexpr"
+    if not has_lora:
+        sig["stride_hm"] = "i32"
+    constexprs = {name: 1 for name in unit}
+    meta = dict(
+        HAS_BIAS=True, HAS_LORA=has_lora, SHRINK_IN_LOOP=bool(cfg["shrink_in_loop"]) and has_lora,
+        HAS_SCALE=has_lora, HAS_LIN=True, HAS_LOUT=True,
+        R_PAD=cfg["R_PAD"], R_BLOCK=cfg["R_BLOCK"], BLOCK_M=cfg["BLOCK_M"],
+        BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], GROUP_M=cfg["GROUP_M"],
+        F32_DOT=dt == "fp32",
+    )  # fmt: skip
+    for name, v in meta.items():
+        sig[name] = "constexpr"
+        constexprs[name] = v
+    ptrs = [k for k, v in sig.items() if v.startswith("*")]
+    # Contiguous (M, K), (N, K), (N, R) tensors with sizes that are multiples of 16: the
+    # pointers and the row strides are what the JIT hints as divisible by 16.
+    div16 = ptrs + ["M", "N", "K", "stride_xm", "stride_ym", "stride_ar", "stride_bn", "stride_hm"]
+    div16.append("stride_wk" if weight_kn else "stride_wn")
+    if not has_lora:
+        div16 = [d for d in div16 if d not in ("stride_ar", "stride_bn", "stride_hm", "R")]
+    else:
+        div16.append("R")
+    return {
+        "kernel": "lora_linear_fwd" + ("_kn" if weight_kn else ""),
+        "fn": _lora_linear_fwd_kernel,
+        "signature": sig,
+        "constexprs": constexprs,
+        "divisible_by_16": div16,
+        "config": {k: cfg[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps", "num_stages", "R_BLOCK")},
+        "case": cfg["case"] + ("-fused" if meta["SHRINK_IN_LOOP"] else ""),
+        "variant": f"{dt} r_pad={cfg['R_PAD'] if has_lora else 0}" + (" kn" if weight_kn else ""),
+    }
+
+
+def _shrink_record(dt: str, cfg: dict) -> dict:
+    sc = cfg["shrink"]
+    sig = {
+        "x_ptr": f"*{dt}", "a_ptr": f"*{dt}", "s_ptr": "*fp32", "h_ptr": "*fp32",
+        "M": "i32", "K": "i32", "R": "i32",
+        "stride_xm": "i32", "stride_xk": "constexpr", "stride_ar": "i32", "stride_ak": "constexpr",
+        "stride_s": "constexpr", "stride_hm": "i32",
+    }  # fmt: skip
+    constexprs = {"stride_xk": 1, "stride_ak": 1, "stride_s": 1}
+    meta = dict(HAS_SCALE=True, R_PAD=cfg["R_PAD"], BLOCK_M=sc["BLOCK_M"], BLOCK_K=sc["BLOCK_K"], F32_DOT=dt == "fp32")
+    for name, v in meta.items():
+        sig[name] = "constexpr"
+        constexprs[name] = v
+    return {
+        "kernel": "lora_shrink",
+        "fn": _lora_shrink_kernel,
+        "signature": sig,
+        "constexprs": constexprs,
+        "divisible_by_16": ["x_ptr", "a_ptr", "s_ptr", "h_ptr", "M", "K", "R", "stride_xm", "stride_ar", "stride_hm"],
+        "config": {"BLOCK_M": sc["BLOCK_M"], "BLOCK_N": cfg["R_PAD"], "BLOCK_K": sc["BLOCK_K"],
+                   "num_warps": sc["num_warps"], "num_stages": sc["num_stages"]},  # fmt: skip
+        "case": cfg["case"] + "-shrink",
+        "variant": f"{dt} r_pad={cfg['R_PAD']}",
+    }

@@ -1,0 +1,301 @@
+"""Benchmark the fused LoRA linear kernel against merged and unmerged PyTorch on a GPU.
+
+    python ci/gpu_bench.py [--out FILE.json] [--quick]
+    TRITON_INTERPRET=1 python ci/gpu_bench.py --dry-run     # CPU: check the script's logic
+
+For ``K -> N`` in {4096 -> 4096, 4096 -> 14336}, ranks 16 and 64, bf16, and M from 1
+to 8192 rows it times three ways to compute one adapted layer:
+
+* merged: ``F.linear(x, W + s B A)`` (torch's GEMM; the floor a fused kernel aims at),
+* unmerged: ``F.linear(x, W)``, ``h = x Aᵀ``, ``addmm(y, h, Bᵀ)`` (three kernels),
+* fused: ``torch.ops.tinytune.lora_linear`` (one or two Triton kernels).
+
+Each method is captured once in a CUDA graph that calls it on several copies of the
+weights (enough to exceed L2, so W really comes from HBM), replayed and timed with CUDA
+events. Methods run interleaved in shuffled order for several rounds; ratios are
+medians of per-round ratios. Achieved bytes/s and FLOP/s are shown against the device's
+peak, with the roofline prediction (ci/kernel_report.py) beside the measurement.
+
+Targets (issue 8): fused <= 1.05x merged at M <= 16, <= 1.10x at M >= 2048, and at
+least 1.3x faster than unmerged at M <= 16. Exit status 0 when all are met, 1 if not,
+2 without a usable GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import math
+import os
+import platform
+import random
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from kernel_report import BENCH_SHAPES, roofline, _kernel_package  # noqa: E402
+
+# name substring -> (HBM bytes/s, dense bf16 FLOP/s)
+PEAKS = {
+    "H200": (4.8e12, 989e12),
+    "H100": (3.35e12, 989e12),
+    "A100": (2.0e12, 312e12),
+}
+TARGET_DECODE = 1.05
+TARGET_PREFILL = 1.10
+TARGET_UNMERGED = 1.30
+
+
+def _peaks(name: str):
+    for key, v in PEAKS.items():
+        if key in name:
+            return v
+    return None
+
+
+def _git_sha() -> str:
+    try:
+        root = Path(__file__).resolve().parents[1]
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
+                              timeout=10).stdout.strip() or "unknown"  # fmt: skip
+    except Exception:
+        return "unknown"
+
+
+class Timer:
+    """Seconds per call of a zero-argument function: CUDA graph + events, or wall clock."""
+
+    def __init__(self, cuda: bool):
+        self.cuda = cuda
+
+    def prepare(self, fns: list):
+        """Returns a replayable callable per entry of ``fns`` (each runs all copies once)."""
+        if not self.cuda:
+            return fns
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for fn in fns:  # warm up outside the capture: Triton compiles, cuBLAS picks
+                fn()
+                fn()
+        torch.cuda.current_stream().wait_stream(side)
+        torch.cuda.synchronize()
+        graphs = []
+        for fn in fns:
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g):
+                fn()
+            graphs.append(g)
+        torch.cuda.synchronize()
+        return [g.replay for g in graphs]
+
+    def time(self, replay, iters: int) -> float:
+        if self.cuda:
+            start = torch.cuda.Event(enable_timing=True)
+            end = torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(iters):
+                replay()
+            end.record()
+            end.synchronize()
+            return start.elapsed_time(end) / 1e3 / iters
+        t0 = time.perf_counter()
+        for _ in range(iters):
+            replay()
+        return (time.perf_counter() - t0) / iters
+
+
+def bench_point(L, timer: Timer, device, dtype, m, k, n, r, rounds, l2_bytes, budget_s):
+    """Times merged / unmerged / fused for one shape; returns a result dict."""
+    g = torch.Generator(device="cpu").manual_seed(m * 7 + r)
+    w_bytes = n * k * torch.finfo(dtype).bits // 8
+    copies = max(1, min(8, math.ceil(2 * l2_bytes / w_bytes))) if timer.cuda else 1
+
+    def rnd(*shape, std=1.0):
+        return (torch.randn(*shape, generator=g) * std).to(device=device, dtype=dtype)
+
+    x = rnd(m, k)
+    scale = 2.0
+    layers = []
+    for _ in range(copies):
+        w = rnd(n, k, std=k**-0.5)
+        a = rnd(r, k, std=k**-0.5)
+        b = rnd(n, r, std=r**-0.5)
+        merged_w = (w.float() + scale * (b.float() @ a.float())).to(dtype)
+        layers.append((w, a, b, merged_w))
+    s_vec = torch.full((r,), scale, device=device, dtype=torch.float32)
+
+    # Correctness of the fused result on this shape before timing it.
+    w, a, b, _ = layers[0]
+    got = L.lora_linear(x, w, None, a, b, s_vec, None, None, False).float()
+    want = L.torch_lora_linear(x, w, None, a, b, s_vec, None, None, False).float()
+    rel_err = ((got - want).abs().max() / want.abs().max().clamp_min(1e-30)).item()
+    del got, want
+
+    def merged():
+        for _, _, _, mw in layers:
+            F.linear(x, mw)
+
+    def unmerged():
+        for w, a, b, _ in layers:
+            y = F.linear(x, w)
+            h = F.linear(x, a)
+            torch.addmm(y, h, b.t(), alpha=scale)
+
+    def fused():
+        for w, a, b, _ in layers:
+            torch.ops.tinytune.lora_linear(x, w, None, a, b, s_vec, None, None, False)
+
+    names = ["merged", "unmerged", "fused"]
+    replays = timer.prepare([merged, unmerged, fused])
+    # Iterations so that one measurement takes ~budget_s / (rounds * 3).
+    probe = timer.time(replays[0], 1)
+    iters = max(1, min(200, int(budget_s / (rounds * 3) / max(probe, 1e-7))))
+    per = {nm: [] for nm in names}
+    for _ in range(rounds):
+        order = list(range(3))
+        random.shuffle(order)
+        for i in order:
+            per[names[i]].append(timer.time(replays[i], iters) / copies)
+    del replays
+    ratio_fm = statistics.median(f / mm for f, mm in zip(per["fused"], per["merged"]))
+    ratio_uf = statistics.median(u / f for u, f in zip(per["unmerged"], per["fused"]))
+    med = {nm: statistics.median(v) for nm, v in per.items()}
+    e = torch.finfo(dtype).bits // 8
+    fused_bytes = (n * k + r * (k + n) + m * (k + n)) * e
+    fused_flops = 2 * m * n * k + 2 * m * r * (k + n)
+    pred = roofline(m, k, n, r, e)
+    return {
+        "k": k, "n": n, "r": r, "m": m, "copies": copies, "iters": iters, "rounds": rounds,
+        "merged_us": med["merged"] * 1e6, "unmerged_us": med["unmerged"] * 1e6, "fused_us": med["fused"] * 1e6,
+        "fused_over_merged": ratio_fm, "unmerged_over_fused": ratio_uf,
+        "spread_fused_over_merged": [min(f / mm for f, mm in zip(per["fused"], per["merged"])),
+                                     max(f / mm for f, mm in zip(per["fused"], per["merged"]))],
+        "fused_bytes_per_s": fused_bytes / med["fused"], "fused_flops_per_s": fused_flops / med["fused"],
+        "predicted_fused_over_merged": pred["fused_l"] / pred["merged_l"],
+        "rel_err": rel_err,
+    }  # fmt: skip
+
+
+def verdict(row) -> list[str]:
+    """Targets this row is subject to, each as 'ok ...' or 'MISS ...'."""
+    out = []
+    if row["rel_err"] > 2e-2:
+        out.append(f"MISS accuracy rel_err={row['rel_err']:.2g}")
+    if row["m"] <= 16:
+        fm, uf = row["fused_over_merged"], row["unmerged_over_fused"]
+        out.append(("ok" if fm <= TARGET_DECODE else "MISS") + f" fused/merged<={TARGET_DECODE}")
+        out.append(("ok" if uf >= TARGET_UNMERGED else "MISS") + f" unmerged/fused>={TARGET_UNMERGED}")
+    elif row["m"] >= 2048:
+        fm = row["fused_over_merged"]
+        out.append(("ok" if fm <= TARGET_PREFILL else "MISS") + f" fused/merged<={TARGET_PREFILL}")
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", default=None, help="write the results as JSON here")
+    ap.add_argument("--quick", action="store_true", help="fewer M values and rounds")
+    ap.add_argument("--dry-run", action="store_true",
+                    help="CPU tensors and tiny shapes (use with TRITON_INTERPRET=1): checks the logic only")  # fmt: skip
+    args = ap.parse_args(argv)
+
+    cuda = torch.cuda.is_available() and not args.dry_run
+    if not cuda and not args.dry_run:
+        print(
+            "gpu_bench: no CUDA device is visible to torch (torch.cuda.is_available() is False); "
+            "run it on a GPU machine (ci/gpu_check.sh), or pass --dry-run with TRITON_INTERPRET=1 "
+            "to check the script on the CPU.",
+            file=sys.stderr,
+        )
+        return 2
+    try:
+        L = importlib.import_module(f"{_kernel_package()}.lora_linear")
+    except Exception as exc:
+        print(f"gpu_bench: cannot import kernels/lora_linear.py: {exc!r}", file=sys.stderr)
+        return 2
+    if cuda and not L.HAS_TRITON:
+        print("gpu_bench: Triton is not installed; the fused kernel cannot run.", file=sys.stderr)
+        return 2
+
+    random.seed(0)
+    torch.manual_seed(0)
+    device = "cuda" if cuda else "cpu"
+    dtype = torch.bfloat16
+    if cuda:
+        props = torch.cuda.get_device_properties(0)
+        name = props.name
+        l2 = getattr(props, "L2_cache_size", 50 * 2**20) or 50 * 2**20
+    else:
+        name, l2 = f"cpu ({platform.processor() or platform.machine()}, dry run)", 0
+    peaks = _peaks(name)
+    if args.dry_run:
+        shapes, ranks, ms, rounds, budget = [(64, 96)], [16], [1, 3, 32], 2, 0.01
+    else:
+        shapes, ranks = BENCH_SHAPES, [16, 64]
+        ms = [1, 16, 256, 2048, 8192] if args.quick else [1, 4, 16, 64, 256, 1024, 2048, 4096, 8192]
+        rounds, budget = (3, 0.15) if args.quick else (5, 0.3)
+    print(f"device: {name}; torch {torch.__version__}; triton "
+          f"{getattr(sys.modules.get('triton'), '__version__', 'n/a')}; git {_git_sha()[:12]}")  # fmt: skip
+    if peaks is None:
+        print("(unknown device: no peak figures; percentages omitted)")
+    timer = Timer(cuda)
+    rows = []
+    hdr = (f"{'K->N':<11} {'r':>3} {'M':>5} {'merged us':>10} {'unmerged us':>11} {'fused us':>9} "
+           f"{'f/m':>6} {'pred f/m':>8} {'u/f':>6} {'TB/s':>6} {'%BW':>5} {'TFLOP/s':>8} {'%FLOP':>6}  targets")  # fmt: skip
+    print(hdr)
+    print("-" * len(hdr))
+    failures = []
+    for k, n in shapes:
+        for r in ranks:
+            for m in ms:
+                try:
+                    row = bench_point(L, timer, device, dtype, m, k, n, r, rounds, l2, budget)
+                except Exception as exc:  # keep going: one broken point must not hide the rest
+                    msg = f"{k}->{n} r={r} M={m}: {type(exc).__name__}: {exc}"
+                    print("ERROR " + msg)
+                    failures.append(msg)
+                    if cuda:
+                        torch.cuda.empty_cache()
+                    continue
+                v = verdict(row)
+                row["targets"] = v
+                rows.append(row)
+                bw, fl = row["fused_bytes_per_s"], row["fused_flops_per_s"]
+                pbw = f"{100 * bw / peaks[0]:>5.1f}" if peaks else f"{'-':>5}"
+                pfl = f"{100 * fl / peaks[1]:>6.1f}" if peaks else f"{'-':>6}"
+                print(
+                    f"{f'{k}->{n}':<11} {r:>3} {m:>5} {row['merged_us']:>10.2f} {row['unmerged_us']:>11.2f} "
+                    f"{row['fused_us']:>9.2f} {row['fused_over_merged']:>6.3f} "
+                    f"{row['predicted_fused_over_merged']:>8.3f} {row['unmerged_over_fused']:>6.2f} "
+                    f"{bw / 1e12:>6.2f} {pbw} {fl / 1e12:>8.1f} {pfl}  {', '.join(v)}",
+                    flush=True,
+                )
+                if cuda:
+                    torch.cuda.empty_cache()
+    misses = [f"{r['k']}->{r['n']} r={r['r']} M={r['m']}: {t}" for r in rows for t in r["targets"] if t.startswith("MISS")]
+    print()
+    print(f"{len(rows)} points measured, {len(failures)} errors, {len(misses)} target misses")
+    for line in failures + misses:
+        print("  " + line)
+    if args.out:
+        meta = {"device": name, "torch": torch.__version__,
+                "triton": getattr(sys.modules.get("triton"), "__version__", None), "git": _git_sha(),
+                "dtype": str(dtype), "dry_run": args.dry_run}  # fmt: skip
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps({"meta": meta, "rows": rows, "errors": failures}, indent=1))
+        print(f"results: {args.out}")
+    if failures:
+        return 1
+    return 1 if misses and not args.dry_run else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

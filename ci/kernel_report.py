@@ -1,0 +1,350 @@
+"""Compile every fused-kernel configuration for sm_80 and sm_90a on this machine (no GPU).
+
+    python ci/kernel_report.py --out DIR [--quick] [--arch 80,90]
+
+Triton's own compiler produces PTX and a cubin for a GPU target without a GPU
+(``triton.compile(ASTSource(...), target=GPUTarget("cuda", 90, 32))``, the third field being the warp size). For each
+configuration the launchers can choose, this script records the registers and spills
+(``cuobjdump --dump-resource-usage`` on the cubin, the tool shipped in Triton's nvidia
+backend ``bin/``), the shared memory the kernel needs (``metadata.shared``) and whether
+the PTX uses ``wgmma`` (sm_90 warpgroup tensor cores), ``mma.sync`` or no tensor cores.
+It writes ``DIR/kernel_report.json``, prints a table, and prints the H200 roofline
+prediction of merged / fused / unmerged layers for the GPU benchmark shapes.
+
+Registry contract: every module ``kernels/<name>.py`` may define ``report_configs()``
+returning a list of dicts with these keys:
+
+* ``kernel`` (str): a short name for the table.
+* ``fn``: the ``@triton.jit`` function.
+* ``signature`` (dict): every argument of ``fn`` -> a Triton type string (``"*bf16"``,
+  ``"*fp32"``, ``"i32"``, ``"i64"``, ``"fp32"``) or ``"constexpr"``.
+* ``constexprs`` (dict): argument name -> value, for every ``"constexpr"`` entry
+  (including unit strides, which the JIT specializes to the constant 1).
+* ``divisible_by_16`` (list of str): arguments the JIT would hint as multiples of 16
+  (pointers of fresh allocations, sizes and row strides that are multiples of 16).
+* ``config`` (dict): ``BLOCK_M``, ``BLOCK_N``, ``BLOCK_K``, ``num_warps``, ``num_stages``
+  (``num_warps``/``num_stages`` are passed to the compiler; the blocks are for the table).
+* ``case`` (str): ``"decode"``, ``"prefill"``, ... (``prefill*`` cases on sm_90a are
+  expected to use ``wgmma``, except fp32 ones: IEEE fp32 products have no tensor-core path).
+* optional ``variant`` (str): dtype / rank / layout, for the table.
+* optional ``archs`` (list of int): the compute capabilities whose dispatch chooses this
+  configuration (default: every ``--arch``); a config is compiled only for those.
+* optional ``quick`` (bool): part of the ``--quick`` subset (the test command's run).
+
+Records in ``kernel_report.json``: ``kernel``, ``case``, ``variant``, ``arch``
+(``"sm_80"``/``"sm_90a"``), ``config``, ``registers``, ``spill_bytes`` (the stack frame
+from cuobjdump: Triton kernels make no calls, so a stack frame means spilled registers),
+``shared_bytes``, ``shared_limit``, ``mma``, ``compile_s``, ``module``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # triton 3.9 warns when unset
+
+ROOT = Path(__file__).resolve().parents[1]
+KERNELS_DIR = ROOT / "kernels"
+
+# Max dynamic shared memory per block (opt-in): A100 163 KiB, H100/H200 227 KiB.
+SHARED_LIMIT = {80: 166912, 90: 232448}
+REGISTER_FILE = 65536  # 32-bit registers per SM (and per block) on both
+
+# H200 roofline (SXM): HBM3e bandwidth and dense bf16 tensor-core peak.
+H200_BW = 4.8e12
+H200_FLOPS = 989e12
+LAUNCH_S = 2e-6  # assumed cost of each extra dependent kernel in a CUDA graph (not in the roofline)
+
+
+def _kernel_package():
+    """The kernels package of this checkout (installed as tinytune.kernels, or loaded by path)."""
+    try:
+        pkg = importlib.import_module("tinytune.kernels")
+        if Path(pkg.__file__).resolve().parent == KERNELS_DIR:
+            return pkg.__name__
+    except Exception:
+        pass
+    name = "_tinytune_kernels_checkout"
+    spec = importlib.util.spec_from_file_location(
+        name, KERNELS_DIR / "__init__.py", submodule_search_locations=[str(KERNELS_DIR)]
+    )
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod
+    spec.loader.exec_module(mod)
+    return name
+
+
+def discover() -> list[dict]:
+    """Every record of every ``kernels/*.py`` module's ``report_configs()``."""
+    pkg = _kernel_package()
+    records = []
+    for path in sorted(KERNELS_DIR.glob("*.py")):
+        if path.stem == "__init__":
+            continue
+        mod = importlib.import_module(f"{pkg}.{path.stem}")
+        fn = getattr(mod, "report_configs", None)
+        if fn is None:
+            continue
+        for rec in fn():
+            rec = dict(rec)
+            rec["module"] = path.stem
+            records.append(rec)
+    return records
+
+
+def _cuobjdump() -> str:
+    import triton
+
+    path = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    return str(path) if path.exists() else "cuobjdump"
+
+
+def _resource_usage(cubin: bytes) -> tuple[int, int]:
+    """(registers, stack bytes) of the cubin's kernel, from cuobjdump."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
+        f.write(cubin)
+        p = f.name
+    try:
+        out = subprocess.run(
+            [_cuobjdump(), "--dump-resource-usage", p], capture_output=True, text=True, check=True
+        ).stdout
+    finally:
+        os.unlink(p)
+    m = re.search(r"REG:(\d+)\s+STACK:(\d+)\s+SHARED:(\d+)\s+LOCAL:(\d+)", out)
+    if m is None:
+        raise RuntimeError(f"could not parse cuobjdump output:\n{out}")
+    return int(m.group(1)), int(m.group(2)) + int(m.group(4))
+
+
+def _mma_kind(ptx: str) -> str:
+    if "wgmma.mma_async" in ptx:
+        return "wgmma"
+    if "mma.sync" in ptx:
+        return "mma.sync"
+    return "none"
+
+
+def compile_record(rec: dict, arch: int) -> dict:
+    """Compile one registry record for ``sm_<arch>`` and return its report record."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    fn = rec["fn"]
+    missing = set(fn.arg_names) - set(rec["signature"])
+    if missing:
+        raise ValueError(f"{rec['kernel']}: signature lacks {sorted(missing)}")
+    attrs = {(fn.arg_names.index(a),): [["tt.divisibility", 16]] for a in rec["divisible_by_16"]}
+    src = ASTSource(fn, rec["signature"], rec["constexprs"], attrs)
+    cfg = rec["config"]
+    t0 = time.perf_counter()
+    compiled = triton.compile(
+        src,
+        target=GPUTarget("cuda", arch, 32),  # CUDA warps are 32 threads on every arch
+        options={"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]},
+    )
+    dt = time.perf_counter() - t0
+    regs, spill = _resource_usage(compiled.asm["cubin"])
+    return {
+        "kernel": rec["kernel"],
+        "module": rec.get("module", ""),
+        "case": rec.get("case", ""),
+        "variant": rec.get("variant", ""),
+        "arch": "sm_90a" if arch == 90 else f"sm_{arch}",
+        "config": dict(cfg),
+        "registers": regs,
+        "spill_bytes": spill,
+        "shared_bytes": int(compiled.metadata.shared),
+        "shared_limit": SHARED_LIMIT[arch],
+        "mma": _mma_kind(compiled.asm["ptx"]),
+        "compile_s": round(dt, 2),
+    }
+
+
+def problems(r: dict) -> list[str]:
+    """Targets a report record misses (empty when all are met)."""
+    out = []
+    if r["spill_bytes"]:
+        out.append(f"spills {r['spill_bytes']} B")
+    if r["shared_bytes"] > r["shared_limit"]:
+        out.append(f"shared {r['shared_bytes']} > {r['shared_limit']}")
+    if r["registers"] * r["config"]["num_warps"] * 32 > REGISTER_FILE:
+        out.append("registers exceed the register file")
+    fp32 = r["variant"].startswith("fp32")
+    if r["arch"] == "sm_90a" and r["case"].startswith("prefill") and "shrink" not in r["case"]:
+        if not fp32 and r["mma"] != "wgmma":
+            out.append(f"prefill uses {r['mma']}, not wgmma")
+    return out
+
+
+def print_table(results: list[dict]) -> None:
+    hdr = f"{'kernel':<20} {'case':<16} {'variant':<20} {'arch':<7} {'BMxBNxBK':<12} {'w':>2} {'s':>2} {'regs':>5} {'spill':>5} {'smem KiB':>8} {'mma':<8} ok"
+    print(hdr)
+    print("-" * len(hdr))
+    for r in results:
+        c = r["config"]
+        tile = f"{c['BLOCK_M']}x{c['BLOCK_N']}x{c['BLOCK_K']}"
+        bad = problems(r)
+        print(
+            f"{r['kernel']:<20} {r['case']:<16} {r['variant']:<20} {r['arch']:<7} {tile:<12} "
+            f"{c['num_warps']:>2} {c['num_stages']:>2} {r['registers']:>5} {r['spill_bytes']:>5} "
+            f"{r['shared_bytes'] / 1024:>8.1f} {r['mma']:<8} {'yes' if not bad else '; '.join(bad)}"
+        )
+
+
+def print_summary(results: list[dict]) -> None:
+    """One line per (arch, kernel, case, dtype, tile): ranges over ranks and layouts."""
+    groups: dict = {}
+    for r in results:
+        c = r["config"]
+        tile = f"{c['BLOCK_M']}x{c['BLOCK_N']}x{c['BLOCK_K']} w{c['num_warps']} s{c['num_stages']}"
+        kern = r["kernel"].removesuffix("_kn")
+        key = (r["arch"], kern, r["case"], r["variant"].split()[0], tile)
+        groups.setdefault(key, []).append(r)
+    hdr = f"| arch | kernel | case | dtype | tile (BMxBNxBK, warps, stages) | configs | registers | spills (B) | shared KiB | mma | targets |"
+    print(hdr)
+    print("|" + "---|" * 11)
+    for (arch, kern, case, dt, tile), rs in groups.items():
+        regs = sorted(r["registers"] for r in rs)
+        smem = max(r["shared_bytes"] for r in rs) / 1024
+        mma = "/".join(sorted({r["mma"] for r in rs}))
+        ok = "met" if not any(problems(r) for r in rs) else "MISSED"
+        rng = f"{regs[0]}-{regs[-1]}" if regs[0] != regs[-1] else f"{regs[0]}"
+        print(f"| {arch} | {kern} | {case} | {dt} | {tile} | {len(rs)} | {rng} | "
+              f"{max(r['spill_bytes'] for r in rs)} | {smem:.1f} | {mma} | {ok} |")  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------
+# Roofline prediction (H200): each kernel costs max(bytes / BW, FLOPs / peak).
+# ---------------------------------------------------------------------------------------
+
+
+def _t(bytes_, flops):
+    return max(bytes_ / H200_BW, flops / H200_FLOPS)
+
+
+def roofline(m: int, k: int, n: int, r: int, e: int = 2) -> dict:
+    """Predicted seconds of one bf16 layer: merged, fused and unmerged PyTorch.
+
+    ``e`` bytes per element. Launch gaps are not in the roofline; ``*_l`` adds
+    ``LAUNCH_S`` per kernel beyond the first.
+    """
+    w, x, y, a, b = n * k * e, m * k * e, m * n * e, r * k * e, n * r * e
+    base_flops = 2 * m * n * k
+    merged = _t(w + x + y, base_flops)
+    if m <= 16:  # decode: one kernel, A re-reads come from L2
+        fused = _t(w + x + y + a + b, base_flops + 2 * m * r * (k + n))
+        fused_k = 1
+    else:  # prefill: shrink kernel (x, A -> h fp32) + GEMM reading h in the epilogue
+        fused = _t(x + a + m * r * 4, 2 * m * k * r) + _t(w + x + y + b + m * r * 4, base_flops + 2 * m * n * r)
+        fused_k = 2
+    unmerged = (
+        merged
+        + _t(x + a + m * r * e, 2 * m * k * r)  # h = x Aᵀ
+        + _t(m * r * e + b + 2 * y, 2 * m * n * r)  # y += h Bᵀ (addmm reads and writes y)
+    )
+    return {
+        "merged": merged,
+        "fused": fused,
+        "unmerged": unmerged,
+        "merged_l": merged,
+        "fused_l": fused + (fused_k - 1) * LAUNCH_S,
+        "unmerged_l": unmerged + 2 * LAUNCH_S,
+    }
+
+
+BENCH_SHAPES = [(4096, 4096), (4096, 14336)]
+BENCH_RANKS = [16, 64]
+BENCH_MS = [1, 4, 16, 64, 256, 1024, 2048, 4096, 8192]
+
+
+def print_roofline() -> list[dict]:
+    print()
+    print(
+        "H200 roofline PREDICTION (not a measurement): 4.8 TB/s, 989 TFLOP/s bf16; "
+        f"'+launch' adds {LAUNCH_S * 1e6:.0f} us per extra dependent kernel"
+    )
+    hdr = f"{'K->N':<12} {'r':>3} {'M':>5} {'merged us':>10} {'fused us':>9} {'unmerged us':>11} {'fused/merged':>12} {'unmerged/fused':>14} {'+launch f/m':>11} {'+launch u/f':>11}"
+    print(hdr)
+    print("-" * len(hdr))
+    rows = []
+    for k, n in BENCH_SHAPES:
+        for r in BENCH_RANKS:
+            for m in BENCH_MS:
+                p = roofline(m, k, n, r)
+                row = {"k": k, "n": n, "r": r, "m": m, **{key: v * 1e6 for key, v in p.items()}}
+                rows.append(row)
+                print(
+                    f"{f'{k}->{n}':<12} {r:>3} {m:>5} {row['merged']:>10.2f} {row['fused']:>9.2f} "
+                    f"{row['unmerged']:>11.2f} {p['fused'] / p['merged']:>12.3f} "
+                    f"{p['unmerged'] / p['fused']:>14.3f} {p['fused_l'] / p['merged_l']:>11.3f} "
+                    f"{p['unmerged_l'] / p['fused_l']:>11.3f}"
+                )
+    return rows
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", required=True, help="directory for kernel_report.json")
+    ap.add_argument("--quick", action="store_true", help="only the records marked quick (fast subset)")
+    ap.add_argument("--arch", default="80,90", help="comma-separated compute capabilities (80,90)")
+    ap.add_argument("--summarize", metavar="JSON", help="print the tables of an existing kernel_report.json; compile nothing")
+    args = ap.parse_args(argv)
+    try:
+        import triton  # noqa: F401
+    except Exception as exc:
+        print(f"kernel_report: Triton is not installed ({exc}); pip install triton", file=sys.stderr)
+        return 2
+    if args.summarize:
+        results = json.loads(Path(args.summarize).read_text())
+        print_table(results)
+        print()
+        print("Summary (ranges over ranks and weight layouts):")
+        print_summary(results)
+        print_roofline()
+        return 1 if any(problems(r) for r in results) else 0
+    archs = [int(a) for a in args.arch.split(",") if a]
+    records = discover()
+    if args.quick:
+        records = [r for r in records if r.get("quick")]
+    if not records:
+        print("kernel_report: no report_configs() records found in kernels/", file=sys.stderr)
+        return 2
+    results = []
+    t0 = time.perf_counter()
+    for i, rec in enumerate(records):
+        for arch in archs:
+            if arch in rec.get("archs", archs):
+                results.append(compile_record(rec, arch))
+        print(f"[{i + 1}/{len(records)}] {rec['kernel']} {rec.get('case', '')} {rec.get('variant', '')} "
+              f"({time.perf_counter() - t0:.0f} s)", file=sys.stderr, flush=True)  # fmt: skip
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "kernel_report.json").write_text(json.dumps(results, indent=1))
+    print_table(results)
+    print()
+    print("Summary (ranges over ranks and weight layouts):")
+    print_summary(results)
+    roof = print_roofline()
+    (out / "roofline_h200.json").write_text(json.dumps(roof, indent=1))
+    bad = [r for r in results if problems(r)]
+    print()
+    print(
+        f"{len(results)} compiles, {len(bad)} missing a target; "
+        f"report: {out / 'kernel_report.json'}"
+    )
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
