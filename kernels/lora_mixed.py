@@ -31,9 +31,19 @@ This module imports torch only (never tinytune).
 
 from __future__ import annotations
 
+import math
+import os
 from typing import Optional
 
 import torch
+
+try:  # Triton is optional: without it the op runs torch_lora_mixed_linear.
+    import triton
+    import triton.language as tl
+
+    HAS_TRITON = True
+except Exception:  # pragma: no cover - depends on the platform
+    HAS_TRITON = False
 
 __all__ = [
     "lora_mixed_linear",
@@ -275,6 +285,735 @@ def torch_lora_mixed_linear(
     return y.to(x.dtype).reshape(*x.shape[:-1], n)
 
 
+
+
+# ----------------------------------------------------------------------------------------
+# Triton kernels
+#
+# Two strategies share one op (chosen by shape only, in _choose_strategy):
+#
+# * "rows" (decode: few tokens, many distinct adapters). _shrink_rows_kernel computes
+#   each token's h = scale[s] * x A[s]^T once, gathering its slot's A (split over K
+#   so that even 64 tokens fill the GPU; partial sums go to a small fp32 buffer).
+#   _mixed_rows_kernel then runs the base GEMM over contiguous token tiles (W is read
+#   once per M-tile: once for the whole batch at decode) and adds h B[s]^T in the
+#   epilogue, gathering the B^T rows of each token's slot. Both mask every rank row
+#   at or past ranks[s], so padded ranks cost no bytes and identity rows (rank 0) load
+#   no adapter data at all.
+# * "segments" (prefill: many tokens). Tokens are grouped into adapter-homogeneous
+#   tiles on the device (_segment_tiles: stable sort of the rows by slot, counts by
+#   scatter_add, cumsum; no host sync), at most cdiv(M, BLOCK_M) + S tiles, so the
+#   grid depends only on shapes and the slot count. Each tile belongs to one slot:
+#   _shrink_segments_kernel runs tl.dot(x, A[s]^T) per tile and rank block,
+#   _mixed_segments_kernel runs the base GEMM on the tile's tokens and a real
+#   tl.dot(h, B[s]^T) in its epilogue. Tiles past the real tile count, rank blocks past
+#   a slot's rank and rank-0 tiles do no work (zero-trip loops, masked loads).
+#
+# IA³ runs in the same launches: l_in[s] scales the x tile inside the base K-loop,
+# l_out[s] scales the base result in the epilogue (before the LoRA term is added).
+#
+# DOT_FP32: dot operands are upcast to fp32 (input_precision="ieee", so fp32 inputs never
+# silently become TF32) when any operand is fp32 or the dtypes differ, and always under
+# TRITON_INTERPRET=1: the interpreter computes fp16/bf16 tl.dot on the raw bits
+# (garbage), so it only gets fp32 operands. Accumulation is fp32 everywhere.
+# ----------------------------------------------------------------------------------------
+if HAS_TRITON:
+
+    @triton.jit
+    def _shrink_rows_kernel(
+        # pointers
+        x_ptr,  # (B, T, K)
+        a_ptr,  # (S, r_max, K)
+        row_ptr,  # (B,) int64 slot per row
+        rank_ptr,  # (S,) int32 true rank per slot
+        scale_ptr,  # (S,) LoRA scale per slot (unused without HAS_SCALE)
+        hp_ptr,  # (SPLIT, M, r_max) fp32 partial h, one K-chunk per split
+        # sizes
+        T,
+        K,
+        K_CHUNK,  # multiple of BLOCK_K: the K range of one split
+        # strides
+        stride_xb,
+        stride_xt,
+        stride_xk,
+        stride_as,
+        stride_ar,
+        stride_ak,
+        stride_hs,
+        stride_hm,
+        # meta
+        HAS_SCALE: tl.constexpr,
+        BLOCK_R: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+    ):
+        """hp[split, m, :rank] = scale[s] * x[m, chunk] A[s, :rank, chunk]^T, s = slot(m).
+
+        One program per (token, K-chunk). Decode has one token per row, so there is no
+        matrix to hand tl.dot: products are element-wise in fp32 and reduced along K.
+        The rank loop stops at the slot's true rank (zero trips for rank-0 slots).
+        """
+        m = tl.program_id(0)
+        split = tl.program_id(1)
+        b = m // T
+        t = m % T
+        s = tl.load(row_ptr + b)
+        rank = tl.load(rank_ptr + s)
+        k_lo = split * K_CHUNK
+        k_hi = tl.minimum(K, k_lo + K_CHUNK)
+        if HAS_SCALE:
+            sc = tl.load(scale_ptr + s).to(tl.float32)
+        else:
+            sc = 1.0
+        x_row = x_ptr + b * stride_xb + t * stride_xt
+        a_slot = a_ptr + s * stride_as
+        for r0 in range(0, rank, BLOCK_R):
+            offs_r = r0 + tl.arange(0, BLOCK_R)
+            r_mask = offs_r < rank
+            acc = tl.zeros([BLOCK_R], dtype=tl.float32)
+            for k0 in range(k_lo, k_hi, BLOCK_K):
+                offs_k = k0 + tl.arange(0, BLOCK_K)
+                k_mask = offs_k < k_hi
+                xv = tl.load(x_row + offs_k * stride_xk, mask=k_mask, other=0.0).to(tl.float32)
+                av = tl.load(
+                    a_slot + offs_r[:, None] * stride_ar + offs_k[None, :] * stride_ak,
+                    mask=r_mask[:, None] & k_mask[None, :],
+                    other=0.0,
+                ).to(tl.float32)
+                acc += tl.sum(av * xv[None, :], axis=1)
+            tl.store(hp_ptr + split * stride_hs + m * stride_hm + offs_r, acc * sc, mask=r_mask)
+
+    @triton.jit
+    def _mixed_rows_kernel(
+        # pointers
+        x_ptr,  # (B, T, K)
+        w_ptr,  # (N, K), or (K, N) with the strides swapped by the launcher
+        bias_ptr,  # (N,)
+        row_ptr,  # (B,) int64
+        rank_ptr,  # (S,) int32
+        bt_ptr,  # (S, r_max, N)
+        hp_ptr,  # (SPLIT, M, r_max) fp32 from _shrink_rows_kernel
+        lin_ptr,  # (S, K)
+        lout_ptr,  # (S, N)
+        y_ptr,  # (B, T, N)
+        ws_ptr,  # (SPLIT_K, tiles, BLOCK_M, BLOCK_N) fp32 partial tiles (SPLIT_K > 1)
+        cnt_ptr,  # (tiles,) int32 arrivals per output tile, zero between launches
+        # sizes
+        M,
+        N,
+        K,
+        T,
+        SPLIT,
+        K_CHUNK,  # multiple of BLOCK_K: the K range of one split of the base GEMM
+        # strides
+        stride_xb,
+        stride_xt,
+        stride_xk,
+        stride_wn,
+        stride_wk,
+        stride_bs,
+        stride_br,
+        stride_bn,
+        stride_hs,
+        stride_hm,
+        stride_lis,
+        stride_lik,
+        stride_los,
+        stride_lon,
+        stride_yb,
+        stride_yt,
+        stride_yn,
+        # meta
+        HAS_BIAS: tl.constexpr,
+        HAS_LORA: tl.constexpr,
+        HAS_L_IN: tl.constexpr,
+        HAS_L_OUT: tl.constexpr,
+        DOT_FP32: tl.constexpr,
+        SPLIT_K: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+    ):
+        """y = l_out[s] * (W (l_in[s] * x) + b) + h B[s]^T per token, s = slot(token).
+
+        Tiles are contiguous tokens (any mix of slots), so W is streamed once per M-tile.
+        At decode there are few output tiles, so the K range is split over SPLIT_K
+        programs (serial split-K): each stores its fp32 partial tile, and the last to
+        arrive at a tile's counter sums them, runs the epilogue and re-zeroes the
+        counter. That keeps every SM streaming W, and each program reads only its K-chunk
+        of x (x re-reads from L2 would otherwise cost more than W itself).
+        The epilogue walks the rank up to the largest true rank in the tile, gathering
+        row r of each token's B[s]^T (tokens of one slot share the cache lines; tokens
+        whose slot is shorter, and identity tokens, load nothing).
+        """
+        pid_m = tl.program_id(0)
+        pid_n = tl.program_id(1)
+        split_id = tl.program_id(2)
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        m_mask = offs_m < M
+        n_mask = offs_n < N
+        b = offs_m // T
+        t = offs_m % T
+        s = tl.load(row_ptr + b, mask=m_mask, other=0)
+        x_rows = x_ptr + b[:, None] * stride_xb + t[:, None] * stride_xt
+        k_lo = split_id * K_CHUNK
+        k_hi = tl.minimum(K, k_lo + K_CHUNK)
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for k0 in range(k_lo, k_hi, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            k_mask = offs_k < k_hi
+            xv = tl.load(
+                x_rows + offs_k[None, :] * stride_xk,
+                mask=m_mask[:, None] & k_mask[None, :],
+                other=0.0,
+            )
+            if HAS_L_IN:
+                li = tl.load(
+                    lin_ptr + s[:, None] * stride_lis + offs_k[None, :] * stride_lik,
+                    mask=m_mask[:, None] & k_mask[None, :],
+                    other=0.0,
+                )
+                xv = xv.to(tl.float32) * li.to(tl.float32)
+            wv = tl.load(
+                w_ptr + offs_k[:, None] * stride_wk + offs_n[None, :] * stride_wn,
+                mask=k_mask[:, None] & n_mask[None, :],
+                other=0.0,
+            )
+            if DOT_FP32:
+                acc = tl.dot(xv.to(tl.float32), wv.to(tl.float32), acc, input_precision="ieee")
+            else:
+                acc = tl.dot(xv.to(wv.dtype), wv, acc)
+        last = True
+        if SPLIT_K > 1:
+            tiles = tl.num_programs(0) * tl.num_programs(1)
+            tile = pid_m * tl.num_programs(1) + pid_n
+            offs_t = tl.arange(0, BLOCK_M)[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
+            tile_ws = ws_ptr + tile * (BLOCK_M * BLOCK_N) + offs_t
+            tl.store(tile_ws + split_id * tiles * (BLOCK_M * BLOCK_N), acc)
+            # Every thread's partial is stored before one thread's release-atomic
+            # publishes the arrival (the CUTLASS semaphore pattern).
+            tl.debug_barrier()
+            arrived = tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel", scope="gpu")
+            last = arrived == SPLIT_K - 1
+            if last:
+                tl.debug_barrier()
+                acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+                for j in range(0, SPLIT_K):
+                    # .cg: read the other programs' partials from L2, never a stale L1
+                    acc += tl.load(tile_ws + j * tiles * (BLOCK_M * BLOCK_N), cache_modifier=".cg")
+                tl.atomic_xchg(cnt_ptr + tile, 0, sem="relaxed", scope="gpu")
+        if last:
+            if HAS_BIAS:
+                acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+            if HAS_L_OUT:
+                lo = tl.load(
+                    lout_ptr + s[:, None] * stride_los + offs_n[None, :] * stride_lon,
+                    mask=m_mask[:, None] & n_mask[None, :],
+                    other=0.0,
+                )
+                acc = acc * lo.to(tl.float32)
+            if HAS_LORA:
+                rank = tl.load(rank_ptr + s, mask=m_mask, other=0)
+                r_hi = tl.max(rank, axis=0)
+                bt_rows = bt_ptr + s[:, None] * stride_bs + offs_n[None, :] * stride_bn
+                for r in range(0, r_hi):
+                    live = m_mask & (r < rank)
+                    h = tl.zeros([BLOCK_M], dtype=tl.float32)
+                    for split in range(0, SPLIT):
+                        h += tl.load(hp_ptr + split * stride_hs + offs_m * stride_hm + r, mask=live, other=0.0)
+                    bv = tl.load(bt_rows + r * stride_br, mask=live[:, None] & n_mask[None, :], other=0.0)
+                    acc += h[:, None] * bv.to(tl.float32)
+            tl.store(
+                y_ptr + b[:, None] * stride_yb + t[:, None] * stride_yt + offs_n[None, :] * stride_yn,
+                acc.to(y_ptr.dtype.element_ty),
+                mask=m_mask[:, None] & n_mask[None, :],
+            )
+
+    @triton.jit
+    def _shrink_segments_kernel(
+        # pointers
+        x_ptr,  # (B, T, K)
+        a_ptr,  # (S, r_max, K)
+        tiles_ptr,  # (3, NT) int32: slot, first and end sorted position of each tile
+        order_ptr,  # (B,) int64 rows sorted by slot
+        rank_ptr,  # (S,) int32
+        scale_ptr,  # (S,)
+        h_ptr,  # (M, r_max) fp32, in sorted token order
+        # sizes
+        T,
+        K,
+        NT,
+        # strides
+        stride_xb,
+        stride_xt,
+        stride_xk,
+        stride_as,
+        stride_ar,
+        stride_ak,
+        stride_hm,
+        # meta
+        HAS_SCALE: tl.constexpr,
+        DOT_FP32: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_R: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+    ):
+        """h[p, r-block] = scale[s] * x[tok(p)] A[s, r-block]^T for one slot-homogeneous tile.
+
+        Grid (NT, cdiv(r_max, BLOCK_R)): rank blocks at or past the slot's rank, empty
+        tiles and rank-0 slots run zero K iterations.
+        """
+        tile = tl.program_id(0)
+        r0 = tl.program_id(1) * BLOCK_R
+        s = tl.load(tiles_ptr + tile)
+        start = tl.load(tiles_ptr + NT + tile)
+        end = tl.load(tiles_ptr + 2 * NT + tile)
+        rank = tl.load(rank_ptr + s)
+        k_end = tl.where((r0 < rank) & (start < end), K, 0)
+        offs_p = start + tl.arange(0, BLOCK_M)
+        p_mask = offs_p < end
+        row = tl.load(order_ptr + offs_p // T, mask=p_mask, other=0)
+        t = offs_p % T
+        offs_r = r0 + tl.arange(0, BLOCK_R)
+        r_mask = offs_r < rank
+        x_rows = x_ptr + row[:, None] * stride_xb + t[:, None] * stride_xt
+        a_cols = a_ptr + s * stride_as + offs_r[None, :] * stride_ar
+        acc = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
+        for k0 in range(0, k_end, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            k_mask = offs_k < K
+            xv = tl.load(
+                x_rows + offs_k[None, :] * stride_xk,
+                mask=p_mask[:, None] & k_mask[None, :],
+                other=0.0,
+            )
+            av = tl.load(
+                a_cols + offs_k[:, None] * stride_ak,
+                mask=k_mask[:, None] & r_mask[None, :],
+                other=0.0,
+            )
+            if DOT_FP32:
+                acc = tl.dot(xv.to(tl.float32), av.to(tl.float32), acc, input_precision="ieee")
+            else:
+                acc = tl.dot(xv, av.to(xv.dtype), acc)
+        if HAS_SCALE:
+            acc = acc * tl.load(scale_ptr + s).to(tl.float32)
+        tl.store(
+            h_ptr + offs_p[:, None] * stride_hm + offs_r[None, :],
+            acc,
+            mask=p_mask[:, None] & r_mask[None, :],
+        )
+
+    @triton.jit
+    def _mixed_segments_kernel(
+        # pointers
+        x_ptr,  # (B, T, K)
+        w_ptr,  # (N, K), or (K, N) with the strides swapped by the launcher
+        bias_ptr,  # (N,)
+        tiles_ptr,  # (3, NT) int32
+        order_ptr,  # (B,) int64
+        rank_ptr,  # (S,) int32
+        bt_ptr,  # (S, r_max, N)
+        h_ptr,  # (M, r_max) fp32 from _shrink_segments_kernel
+        lin_ptr,  # (S, K)
+        lout_ptr,  # (S, N)
+        y_ptr,  # (B, T, N)
+        # sizes
+        N,
+        K,
+        T,
+        NT,
+        # strides
+        stride_xb,
+        stride_xt,
+        stride_xk,
+        stride_wn,
+        stride_wk,
+        stride_bs,
+        stride_br,
+        stride_bn,
+        stride_hm,
+        stride_lis,
+        stride_lik,
+        stride_los,
+        stride_lon,
+        stride_yb,
+        stride_yt,
+        stride_yn,
+        # meta
+        HAS_BIAS: tl.constexpr,
+        HAS_LORA: tl.constexpr,
+        HAS_L_IN: tl.constexpr,
+        HAS_L_OUT: tl.constexpr,
+        DOT_FP32: tl.constexpr,
+        LORA_FP32: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+        BLOCK_R: tl.constexpr,
+    ):
+        """y = l_out[s] * (W (l_in[s] * x) + b) + h B[s]^T for one slot-homogeneous tile.
+
+        The tile's tokens are gathered through the sorted row order and written back to
+        their own places; the slot is one scalar, so IA³ scales are vectors and the LoRA
+        epilogue is tl.dot(h, B[s]^T) over rank blocks up to the slot's rank.
+        """
+        tile = tl.program_id(0)
+        pid_n = tl.program_id(1)
+        s = tl.load(tiles_ptr + tile)
+        start = tl.load(tiles_ptr + NT + tile)
+        end = tl.load(tiles_ptr + 2 * NT + tile)
+        k_end = tl.where(start < end, K, 0)
+        offs_p = start + tl.arange(0, BLOCK_M)
+        p_mask = offs_p < end
+        row = tl.load(order_ptr + offs_p // T, mask=p_mask, other=0)
+        t = offs_p % T
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_mask = offs_n < N
+        x_rows = x_ptr + row[:, None] * stride_xb + t[:, None] * stride_xt
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for k0 in range(0, k_end, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            k_mask = offs_k < K
+            xv = tl.load(
+                x_rows + offs_k[None, :] * stride_xk,
+                mask=p_mask[:, None] & k_mask[None, :],
+                other=0.0,
+            )
+            if HAS_L_IN:
+                li = tl.load(lin_ptr + s * stride_lis + offs_k * stride_lik, mask=k_mask, other=0.0)
+                xv = xv.to(tl.float32) * li.to(tl.float32)[None, :]
+            wv = tl.load(
+                w_ptr + offs_k[:, None] * stride_wk + offs_n[None, :] * stride_wn,
+                mask=k_mask[:, None] & n_mask[None, :],
+                other=0.0,
+            )
+            if DOT_FP32:
+                acc = tl.dot(xv.to(tl.float32), wv.to(tl.float32), acc, input_precision="ieee")
+            else:
+                acc = tl.dot(xv.to(wv.dtype), wv, acc)
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+        if HAS_L_OUT:
+            lo = tl.load(lout_ptr + s * stride_los + offs_n * stride_lon, mask=n_mask, other=0.0)
+            acc = acc * lo.to(tl.float32)[None, :]
+        if HAS_LORA:
+            rank = tl.where(start < end, tl.load(rank_ptr + s), 0)
+            for r0 in range(0, rank, BLOCK_R):
+                offs_r = r0 + tl.arange(0, BLOCK_R)
+                r_mask = offs_r < rank
+                hv = tl.load(
+                    h_ptr + offs_p[:, None] * stride_hm + offs_r[None, :],
+                    mask=p_mask[:, None] & r_mask[None, :],
+                    other=0.0,
+                )
+                bv = tl.load(
+                    bt_ptr + s * stride_bs + offs_r[:, None] * stride_br + offs_n[None, :] * stride_bn,
+                    mask=r_mask[:, None] & n_mask[None, :],
+                    other=0.0,
+                )
+                if LORA_FP32:
+                    acc = tl.dot(hv, bv.to(tl.float32), acc, input_precision="ieee")
+                else:
+                    acc = tl.dot(hv.to(bv.dtype), bv, acc)
+        tl.store(
+            y_ptr + row[:, None] * stride_yb + t[:, None] * stride_yt + offs_n[None, :] * stride_yn,
+            acc.to(y_ptr.dtype.element_ty),
+            mask=p_mask[:, None] & n_mask[None, :],
+        )
+
+
+# ----------------------------------------------------------------------------------------
+# launcher
+# ----------------------------------------------------------------------------------------
+def _interpreted() -> bool:
+    """Whether the kernels run in Triton's interpreter (decided when they were defined)."""
+    return HAS_TRITON and type(_mixed_rows_kernel).__name__ == "InterpretedFunction"
+
+
+def _can_launch(x: torch.Tensor) -> bool:
+    if not HAS_TRITON or x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        return False
+    return x.is_cuda or (x.device.type == "cpu" and _interpreted())
+
+
+# Roofline constants of the target GPU (H200): HBM and L2 bandwidth (bytes/s), CUDA-core
+# fp32 FMA rate (FLOP/s), and the cost of the device-side segment plan (a stable sort,
+# a scatter_add, two cumsums, a searchsorted and a few element-wise ops: ~8 tiny
+# kernels at ~1 us each inside a CUDA graph).
+_HBM_BPS = 4.8e12
+_L2_BPS = 10e12
+_FP32_FLOPS = 60e12
+_TC_FLOPS = 989e12
+_PLAN_SECONDS = 8e-6
+
+
+def _choose_strategy(m: int, n: int, k: int, r_max: int, slots: int, elem: int) -> str:
+    """Pick ``"rows"`` (decode) or ``"segments"`` (prefill) from the shapes alone.
+
+    Both strategies stream W and compute the base product on tensor cores; they differ in
+    what the adapters cost on top, estimated with the H200's roofline:
+
+    * rows: every token re-reads its slot's A in the shrink (``m r K`` elements, mostly
+      L2 hits) and gathers B^T rows in the epilogue on the CUDA cores
+      (``2 m r (K + N)`` FLOPs), and W is re-read once per 64-token tile.
+    * segments: a fixed ~8 us for the device-side plan, and tiles padded at the end of
+      each slot's segment (on average half a tile per slot) run the base GEMM for nothing.
+
+    For d = 4096, r = 16 this gives rows for 64 decode tokens (~1 us of adapter cost
+    against ~9 us) and segments for 8 x 512 prefill tokens. Only shapes enter, never the
+    assignment, so every assignment of a batch launches the same kernels.
+
+    Args:
+        m: Tokens (rows times tokens per row).
+        n: Output features.
+        k: Input features.
+        r_max: Padded rank of the stacks (0 without LoRA).
+        slots: Number of slots ``S``.
+        elem: Bytes per element of the adapter stacks.
+
+    Returns:
+        ``"rows"`` or ``"segments"``.
+    """
+    rows_cost = m * r_max * k * elem / _L2_BPS + 2.0 * m * r_max * (k + n) / _FP32_FLOPS
+    rows_cost += (triton.cdiv(m, 64) - 1) * n * k * elem / _HBM_BPS
+    block_m = 128
+    padded = min(slots, m) * block_m / 2
+    seg_cost = _PLAN_SECONDS + 2.0 * padded * n * k / _TC_FLOPS
+    return "rows" if rows_cost <= seg_cost else "segments"
+
+
+def _rows_config(m: int, fp32: bool) -> dict:
+    """Block sizes for the "rows" kernels (one place, also read by report_configs)."""
+    if _interpreted():  # one small config: the interpreter's cost grows with the tile
+        return dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, num_warps=4, num_stages=1, SHRINK_K=128,
+                    SHRINK_R=32)
+    # Each program reads BLOCK_M x K of x (from L2) per BLOCK_N x K of W (from HBM): wide
+    # N-tiles keep the x re-reads below W's bytes, split-K (see _split_k) restores the
+    # parallelism they take away. Shared memory: <= 96 KiB over 4 stages (sm_80 has 163).
+    # The shrink walks the rank 16 rows at a time (a slot's padding costs < 16 rows).
+    if m <= 16:
+        cfg = dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, num_warps=4)
+    elif m <= 32:
+        cfg = dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=128, num_warps=4)
+    else:
+        cfg = dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, num_warps=8)
+    if fp32:
+        cfg["BLOCK_K"] //= 2
+    return dict(cfg, num_stages=4, SHRINK_K=256, SHRINK_R=16)
+
+
+_SM_COUNT: dict = {}
+
+
+def _programs_wanted(device: torch.device) -> int:
+    """Programs that fill the GPU once (its SM count; 8 under the interpreter so that the
+    tests' small shapes exercise the split-K path)."""
+    if device.type != "cuda":
+        return 8
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _SM_COUNT:
+        _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+    return _SM_COUNT[idx]
+
+
+def _split_k(tiles: int, k: int, block_k: int, device: torch.device) -> tuple:
+    """``(SPLIT_K, K_CHUNK)`` for the rows GEMM: split K while the output tiles alone
+    cannot fill the GPU (decode), keeping at least 4 K-blocks per split on a GPU (fewer
+    and the partial tiles' traffic outweighs the gain). Shapes only."""
+    min_blocks = 1 if device.type != "cuda" else 4
+    split = max(1, min(8, _programs_wanted(device) // tiles, k // (min_blocks * block_k)))
+    chunk = triton.cdiv(triton.cdiv(k, split), block_k) * block_k
+    return triton.cdiv(k, chunk), chunk
+
+
+_COUNTERS: dict = {}
+
+
+def _arrival_counters(n: int, device: torch.device) -> torch.Tensor:
+    """Zeroed int32 arrival counters for the split-K tiles, one buffer per device and
+    stream, cached: every launch leaves them zero again (the last program of each tile
+    resets its counter), so no memset runs per call. Launches on one stream are ordered,
+    so they never share a counter at the same time."""
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    key = (str(device), stream)
+    buf = _COUNTERS.get(key)
+    if buf is None or buf.numel() < n:
+        buf = _COUNTERS[key] = torch.zeros(max(n, 1024), dtype=torch.int32, device=device)
+    return buf
+
+
+def _segments_config(fp32: bool, r_max: int) -> dict:
+    """Block sizes for the "segments" kernels."""
+    block_r = 16 if r_max <= 16 else 32
+    if _interpreted():
+        return dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, BLOCK_R=block_r, num_warps=4, num_stages=1)
+    if fp32:  # ieee fp32 dots run on the CUDA cores: smaller tiles, fewer registers
+        return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, BLOCK_R=block_r, num_warps=4, num_stages=3)
+    return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, BLOCK_R=block_r, num_warps=8, num_stages=3)
+
+
+def _segment_tiles(row_index: torch.Tensor, slots: int, tokens: int, block_m: int):
+    """Slot-homogeneous token tiles, built on the device without a host sync.
+
+    Rows are stably sorted by slot; slot ``s`` owns the sorted token positions
+    ``[seg_start[s], seg_end[s])`` and ``cdiv(count, block_m)`` tiles of them. The table
+    has a fixed length ``cdiv(M, block_m) + S`` (a bound on the real tile count), so the
+    grid depends only on shapes; entries past the real count are empty (start == end).
+
+    Returns:
+        ``(tiles (3, NT) int32 [slot, start, end], order (B,) int64)``.
+    """
+    dev = row_index.device
+    m = row_index.shape[0] * tokens
+    nt = triton.cdiv(m, block_m) + slots
+    order = torch.argsort(row_index, stable=True)
+    counts = torch.zeros(slots, dtype=torch.long, device=dev)
+    counts.scatter_add_(0, row_index, torch.ones_like(row_index))
+    tok = counts * tokens
+    seg_end = torch.cumsum(tok, 0)
+    seg_start = seg_end - tok
+    ntiles = (tok + block_m - 1) // block_m
+    tiles_end = torch.cumsum(ntiles, 0)
+    t = torch.arange(nt, device=dev)
+    slot = torch.searchsorted(tiles_end, t, right=True)
+    valid = slot < slots
+    slot = slot.clamp(max=slots - 1)
+    start = seg_start[slot] + (t - (tiles_end[slot] - ntiles[slot])) * block_m
+    end = seg_end[slot]
+    zero = torch.zeros((), dtype=torch.long, device=dev)
+    start = torch.where(valid, start, zero)
+    end = torch.where(valid, end, zero)
+    return torch.stack([slot, start, end]).to(torch.int32), order
+
+
+def _launch(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    row_index: torch.Tensor,
+    a_stack: Optional[torch.Tensor],
+    bt_stack: Optional[torch.Tensor],
+    scale: Optional[torch.Tensor],
+    ranks: Optional[torch.Tensor],
+    l_in_stack: Optional[torch.Tensor],
+    l_out_stack: Optional[torch.Tensor],
+    weight_kn: bool = False,
+    strategy: Optional[str] = None,
+) -> torch.Tensor:
+    """Run the fused kernels (``strategy`` forces "rows" or "segments"; tests use it)."""
+    b, k = x.shape[0], x.shape[-1]
+    n = weight.shape[1] if weight_kn else weight.shape[0]
+    y = torch.empty((*x.shape[:-1], n), dtype=x.dtype, device=x.device)
+    if y.numel() == 0 or k == 0:
+        y.copy_(torch_lora_mixed_linear(x, weight, bias, row_index, a_stack, bt_stack, scale,
+                                        ranks, l_in_stack, l_out_stack, weight_kn))
+        return y
+    x3 = x.reshape(b, -1, k)
+    y3 = y.view(b, -1, n)
+    tokens = x3.shape[1]
+    m = b * tokens
+    has_lora = a_stack is not None and bt_stack is not None and a_stack.shape[1] > 0
+    r_max = a_stack.shape[1] if has_lora else 0
+    stacks = [t for t in (a_stack, l_in_stack, l_out_stack, scale, ranks) if t is not None]
+    slots = stacks[0].shape[0] if stacks else 1
+    row_index = row_index.to(device=x.device, dtype=torch.long)
+    if not stacks:  # nothing per row: every row is in the one (identity) slot
+        row_index = torch.zeros_like(row_index)
+    if has_lora:
+        ranks = (torch.full((slots,), r_max, dtype=torch.int32, device=x.device)
+                 if ranks is None else ranks.to(device=x.device, dtype=torch.int32))
+    dummy = y  # stands for absent tensors; the kernels never read it (constexpr flags)
+    a = a_stack if has_lora else dummy
+    bt = bt_stack if has_lora else dummy
+    rk = ranks if has_lora else row_index
+    sc = scale if scale is not None else dummy
+    lin = l_in_stack if l_in_stack is not None else dummy
+    lout = l_out_stack if l_out_stack is not None else dummy
+    bias_t = bias if bias is not None else dummy
+    if weight_kn:
+        stride_wk, stride_wn = weight.stride(0), weight.stride(1)
+    else:
+        stride_wn, stride_wk = weight.stride(0), weight.stride(1)
+    a_strides = a.stride() if has_lora else (0, 0, 0)
+    bt_strides = bt.stride() if has_lora else (0, 0, 0)
+    lin_strides = lin.stride() if l_in_stack is not None else (0, 0)
+    lout_strides = lout.stride() if l_out_stack is not None else (0, 0)
+    interp = _interpreted()
+    dot_fp32 = interp or x.dtype == torch.float32 or weight.dtype != x.dtype
+    lora_fp32 = interp or (has_lora and (bt.dtype == torch.float32 or bt.dtype != x.dtype))
+    shrink_fp32 = interp or (has_lora and (a.dtype == torch.float32 or a.dtype != x.dtype))
+    if strategy is None:
+        elem = a.element_size() if has_lora else x.element_size()
+        strategy = _choose_strategy(m, n, k, r_max, slots, elem)
+    flags = dict(HAS_BIAS=bias is not None, HAS_LORA=has_lora, HAS_L_IN=l_in_stack is not None,
+                 HAS_L_OUT=l_out_stack is not None)
+    if strategy == "rows":
+        cfg = _rows_config(m, dot_fp32)
+        split, k_chunk = 1, k
+        hp = dummy
+        hp_strides = (0, 0)
+        if has_lora:
+            # Enough (token, K-chunk) programs to fill ~264 SMs-worth of work at decode.
+            split = max(1, min(triton.cdiv(264, m), triton.cdiv(k, cfg["SHRINK_K"])))
+            k_chunk = triton.cdiv(triton.cdiv(k, split), cfg["SHRINK_K"]) * cfg["SHRINK_K"]
+            split = triton.cdiv(k, k_chunk)
+            hp = torch.empty((split, m, r_max), dtype=torch.float32, device=x.device)
+            hp_strides = (hp.stride(0), hp.stride(1))
+            _shrink_rows_kernel[(m, split)](
+                x3, a, row_index, rk, sc, hp,
+                tokens, k, k_chunk,
+                *x3.stride(), *a_strides, *hp_strides,
+                HAS_SCALE=scale is not None, BLOCK_R=cfg["SHRINK_R"], BLOCK_K=cfg["SHRINK_K"],
+                num_warps=4,
+            )
+        tiles_m, tiles_n = triton.cdiv(m, cfg["BLOCK_M"]), triton.cdiv(n, cfg["BLOCK_N"])
+        split_k, gemm_chunk = _split_k(tiles_m * tiles_n, k, cfg["BLOCK_K"], x.device)
+        ws = cnt = dummy
+        if split_k > 1:
+            ws = torch.empty((split_k, tiles_m * tiles_n, cfg["BLOCK_M"], cfg["BLOCK_N"]),
+                             dtype=torch.float32, device=x.device)
+            cnt = _arrival_counters(tiles_m * tiles_n, x.device)
+        _mixed_rows_kernel[(tiles_m, tiles_n, split_k)](
+            x3, weight, bias_t, row_index, rk, bt, hp, lin, lout, y3, ws, cnt,
+            m, n, k, tokens, split, gemm_chunk,
+            *x3.stride(), stride_wn, stride_wk, *bt_strides, *hp_strides,
+            *lin_strides, *lout_strides, *y3.stride(),
+            **flags, DOT_FP32=dot_fp32, SPLIT_K=split_k,
+            BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
+            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        )
+        return y
+    if strategy != "segments":
+        raise ValueError(f"strategy must be 'rows' or 'segments', got {strategy!r}")
+    cfg = _segments_config(dot_fp32, r_max)
+    tiles, order = _segment_tiles(row_index, slots, tokens, cfg["BLOCK_M"])
+    nt = tiles.shape[1]
+    h = dummy
+    h_stride = 0
+    if has_lora:
+        h = torch.empty((m, r_max), dtype=torch.float32, device=x.device)
+        h_stride = h.stride(0)
+        _shrink_segments_kernel[(nt, triton.cdiv(r_max, cfg["BLOCK_R"]))](
+            x3, a, tiles, order, rk, sc, h,
+            tokens, k, nt,
+            *x3.stride(), *a_strides, h_stride,
+            HAS_SCALE=scale is not None, DOT_FP32=shrink_fp32,
+            BLOCK_M=cfg["BLOCK_M"], BLOCK_R=cfg["BLOCK_R"], BLOCK_K=cfg["BLOCK_K"],
+            num_warps=4, num_stages=cfg["num_stages"],
+        )
+    _mixed_segments_kernel[(nt, triton.cdiv(n, cfg["BLOCK_N"]))](
+        x3, weight, bias_t, tiles, order, rk, bt, h, lin, lout, y3,
+        n, k, tokens, nt,
+        *x3.stride(), stride_wn, stride_wk, *bt_strides, h_stride,
+        *lin_strides, *lout_strides, *y3.stride(),
+        **flags, DOT_FP32=dot_fp32, LORA_FP32=lora_fp32,
+        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
+        BLOCK_R=cfg["BLOCK_R"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )
+    return y
+
+
 @torch.library.custom_op("tinytune::lora_mixed_linear", mutates_args=())
 def lora_mixed_linear(
     x: torch.Tensor,
@@ -291,8 +1030,34 @@ def lora_mixed_linear(
 ) -> torch.Tensor:
     """Fused adapted linear layer with one adapter slot per batch row.
 
-    (Placeholder: runs :func:`torch_lora_mixed_linear` until the kernels land.)
+    ``y[i] = l_out[s] * (W (l_in[s] * x[i]) + b) + scale[s] * (x[i] A[s]^T) B[s]^T`` with
+    ``s = row_index[i]``: the base GEMM, the row's LoRA at its true rank and its IA³
+    scales in two kernel launches (shrink, then base GEMM with the expand in its
+    epilogue), whatever the assignment. Runs the Triton kernels on CUDA tensors (and on
+    CPU tensors under ``TRITON_INTERPRET=1``); elsewhere it runs
+    :func:`torch_lora_mixed_linear`. Registered as ``torch.ops.tinytune.lora_mixed_linear``.
+
+    Args:
+        x: ``(B, ..., K)`` fp32/fp16/bf16; rows are dimension 0.
+        weight: ``(N, K)``, or ``(K, N)`` when ``weight_kn`` (``Conv1D``).
+        bias: ``(N,)`` or ``None``.
+        row_index: ``(B,)`` int64 slot of each row, in ``[0, S)`` (not checked on the
+            device: checking would need a host sync).
+        a_stack: ``(S, r_max, K)`` or ``None``.
+        bt_stack: ``(S, r_max, N)`` or ``None``.
+        scale: ``(S,)`` or ``None``.
+        ranks: ``(S,)`` int32 true ranks (0: no LoRA in that slot) or ``None`` (all
+            ``r_max``).
+        l_in_stack: ``(S, K)`` or ``None``.
+        l_out_stack: ``(S, N)`` or ``None``.
+        weight_kn: Whether ``weight`` is stored ``(K, N)``.
+
+    Returns:
+        ``(B, ..., N)`` in ``x.dtype``.
     """
+    if _can_launch(x):
+        return _launch(x, weight, bias, row_index, a_stack, bt_stack, scale, ranks,
+                       l_in_stack, l_out_stack, weight_kn)
     return torch_lora_mixed_linear(
         x, weight, bias, row_index, a_stack, bt_stack, scale, ranks, l_in_stack, l_out_stack, weight_kn
     )
@@ -302,3 +1067,136 @@ def lora_mixed_linear(
 def _(x, weight, bias, row_index, a_stack, bt_stack, scale, ranks, l_in_stack, l_out_stack, weight_kn=False):
     n = weight.shape[1] if weight_kn else weight.shape[0]
     return x.new_empty((*x.shape[:-1], n))
+
+
+# ----------------------------------------------------------------------------------------
+# compile report (ci/kernel_report.py)
+# ----------------------------------------------------------------------------------------
+_REPORT_DTYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+
+
+def report_configs() -> list:
+    """Every kernel configuration the launcher can choose, for ``ci/kernel_report.py``.
+
+    Shapes are the benchmark's (d = 4096, rank-16 stacks, decode: 1 token per row,
+    prefill: 512 tokens per row); every feature flag is on (bias, LoRA, both IA³
+    scales), the configuration with the most live registers. Strides of 1 are
+    constexprs and sizes/strides divisible by 16 are listed in ``divisible_by_16``, as
+    the JIT would specialize them.
+
+    Returns:
+        A list of dicts with keys ``kernel``, ``fn``, ``signature``, ``constexprs``,
+        ``divisible_by_16``, ``config``, ``case``, ``variant`` and (some) ``quick``, as
+        ``ci/kernel_report.py`` documents them (empty without Triton).
+    """
+    if not HAS_TRITON or _interpreted():
+        return []
+    records = []
+    for dtype, ty in _REPORT_DTYPES.items():
+        fp32 = dtype == torch.float32
+        flags = dict(HAS_BIAS=True, HAS_LORA=True, HAS_L_IN=True, HAS_L_OUT=True)
+        for block_m in (16, 32, 64):
+            cfg = _rows_config(block_m, fp32)
+            shrink_sig = {
+                "x_ptr": f"*{ty}", "a_ptr": f"*{ty}", "row_ptr": "*i64", "rank_ptr": "*i32",
+                "scale_ptr": "*fp32", "hp_ptr": "*fp32", "T": "constexpr", "K": "i32",
+                "K_CHUNK": "i32", "stride_xb": "i32", "stride_xt": "i32", "stride_xk": "constexpr",
+                "stride_as": "i32", "stride_ar": "i32", "stride_ak": "constexpr",
+                "stride_hs": "i32", "stride_hm": "i32", "HAS_SCALE": "constexpr",
+                "BLOCK_R": "constexpr", "BLOCK_K": "constexpr",
+            }
+            if block_m == 16:  # the shrink's config does not depend on M
+                records.append(dict(
+                    kernel="_shrink_rows_kernel", fn=_shrink_rows_kernel, signature=shrink_sig,
+                    constexprs=dict(T=1, stride_xk=1, stride_ak=1, HAS_SCALE=True,
+                                    BLOCK_R=cfg["SHRINK_R"],
+                                    BLOCK_K=cfg["SHRINK_K"]),
+                    divisible_by_16=["x_ptr", "a_ptr", "row_ptr", "rank_ptr", "scale_ptr",
+                                     "hp_ptr", "K", "K_CHUNK", "stride_xb", "stride_xt",
+                                     "stride_as", "stride_ar", "stride_hs", "stride_hm"],
+                    config=dict(BLOCK_M=1, BLOCK_N=cfg["SHRINK_R"], BLOCK_K=cfg["SHRINK_K"], num_warps=4,
+                                num_stages=3),
+                    case="decode", variant=ty,
+                ))
+            sig = {
+                "x_ptr": f"*{ty}", "w_ptr": f"*{ty}", "bias_ptr": f"*{ty}", "row_ptr": "*i64",
+                "rank_ptr": "*i32", "bt_ptr": f"*{ty}", "hp_ptr": "*fp32", "lin_ptr": f"*{ty}",
+                "lout_ptr": f"*{ty}", "y_ptr": f"*{ty}", "ws_ptr": "*fp32", "cnt_ptr": "*i32",
+                "M": "i32", "N": "i32", "K": "i32", "T": "constexpr", "SPLIT": "i32",
+                "K_CHUNK": "i32", "stride_xb": "i32", "stride_xt": "i32", "stride_xk": "constexpr",
+                "stride_wn": "i32", "stride_wk": "constexpr", "stride_bs": "i32",
+                "stride_br": "i32", "stride_bn": "constexpr", "stride_hs": "i32",
+                "stride_hm": "i32", "stride_lis": "i32", "stride_lik": "constexpr",
+                "stride_los": "i32", "stride_lon": "constexpr", "stride_yb": "i32",
+                "stride_yt": "i32", "stride_yn": "constexpr",
+            }
+            sig.update({name: "constexpr" for name in (*flags, "DOT_FP32", "SPLIT_K", "BLOCK_M", "BLOCK_N", "BLOCK_K")})
+            # d = 4096 on 132 SMs: 2 splits at BLOCK_M <= 32 (64 tiles), 4 at 64 (32
+            # tiles); no split once the tiles fill the GPU (larger M).
+            for split_k in (1, 2 if block_m < 64 else 4):
+                records.append(dict(
+                    kernel="_mixed_rows_kernel", fn=_mixed_rows_kernel, signature=sig,
+                    constexprs=dict(T=1, stride_xk=1, stride_wk=1, stride_bn=1, stride_lik=1,
+                                    stride_lon=1, stride_yn=1, **flags, DOT_FP32=fp32,
+                                    SPLIT_K=split_k, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
+                                    BLOCK_K=cfg["BLOCK_K"]),
+                    divisible_by_16=["x_ptr", "w_ptr", "bias_ptr", "row_ptr", "rank_ptr", "bt_ptr",
+                                     "hp_ptr", "lin_ptr", "lout_ptr", "y_ptr", "ws_ptr", "cnt_ptr",
+                                     "M", "N", "K", "K_CHUNK", "stride_xb", "stride_xt",
+                                     "stride_wn", "stride_bs", "stride_br", "stride_hs",
+                                     "stride_hm", "stride_lis", "stride_los", "stride_yb",
+                                     "stride_yt"],
+                    config={key: cfg[key] for key in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps", "num_stages")},
+                    case="decode", variant=f"{ty} split_k={split_k}",
+                    quick=ty == "bf16" and block_m == 64 and split_k > 1,
+                ))
+        for r_max in (16, 64):
+            cfg = _segments_config(fp32, r_max)
+            shrink_sig = {
+                "x_ptr": f"*{ty}", "a_ptr": f"*{ty}", "tiles_ptr": "*i32", "order_ptr": "*i64",
+                "rank_ptr": "*i32", "scale_ptr": "*fp32", "h_ptr": "*fp32", "T": "i32", "K": "i32",
+                "NT": "i32", "stride_xb": "i32", "stride_xt": "i32", "stride_xk": "constexpr",
+                "stride_as": "i32", "stride_ar": "i32", "stride_ak": "constexpr",
+                "stride_hm": "i32",
+            }
+            shrink_sig.update({n: "constexpr" for n in ("HAS_SCALE", "DOT_FP32", "BLOCK_M", "BLOCK_R", "BLOCK_K")})
+            records.append(dict(
+                kernel="_shrink_segments_kernel", fn=_shrink_segments_kernel, signature=shrink_sig,
+                constexprs=dict(stride_xk=1, stride_ak=1, HAS_SCALE=True, DOT_FP32=fp32,
+                                BLOCK_M=cfg["BLOCK_M"], BLOCK_R=cfg["BLOCK_R"], BLOCK_K=cfg["BLOCK_K"]),
+                divisible_by_16=["x_ptr", "a_ptr", "tiles_ptr", "order_ptr", "rank_ptr",
+                                 "scale_ptr", "h_ptr", "T", "K", "stride_xb", "stride_xt",
+                                 "stride_as", "stride_ar", "stride_hm"],
+                config=dict(BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_R"], BLOCK_K=cfg["BLOCK_K"],
+                            num_warps=4, num_stages=cfg["num_stages"]),
+                case="prefill", variant=f"{ty} r_max={r_max}",
+            ))
+            sig = {
+                "x_ptr": f"*{ty}", "w_ptr": f"*{ty}", "bias_ptr": f"*{ty}", "tiles_ptr": "*i32",
+                "order_ptr": "*i64", "rank_ptr": "*i32", "bt_ptr": f"*{ty}", "h_ptr": "*fp32",
+                "lin_ptr": f"*{ty}", "lout_ptr": f"*{ty}", "y_ptr": f"*{ty}", "N": "i32",
+                "K": "i32", "T": "i32", "NT": "i32",
+                "stride_xb": "i32", "stride_xt": "i32", "stride_xk": "constexpr",
+                "stride_wn": "i32", "stride_wk": "constexpr", "stride_bs": "i32",
+                "stride_br": "i32", "stride_bn": "constexpr", "stride_hm": "i32",
+                "stride_lis": "i32", "stride_lik": "constexpr", "stride_los": "i32",
+                "stride_lon": "constexpr", "stride_yb": "i32", "stride_yt": "i32",
+                "stride_yn": "constexpr",
+            }
+            sig.update({n: "constexpr" for n in (*flags, "DOT_FP32", "LORA_FP32", "BLOCK_M", "BLOCK_N", "BLOCK_K", "BLOCK_R")})
+            records.append(dict(
+                kernel="_mixed_segments_kernel", fn=_mixed_segments_kernel, signature=sig,
+                constexprs=dict(stride_xk=1, stride_wk=1, stride_bn=1, stride_lik=1,
+                                stride_lon=1, stride_yn=1, **flags, DOT_FP32=fp32, LORA_FP32=fp32,
+                                BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
+                                BLOCK_K=cfg["BLOCK_K"], BLOCK_R=cfg["BLOCK_R"]),
+                divisible_by_16=["x_ptr", "w_ptr", "bias_ptr", "tiles_ptr", "order_ptr",
+                                 "rank_ptr", "bt_ptr", "h_ptr", "lin_ptr", "lout_ptr", "y_ptr",
+                                 "N", "K", "T", "stride_xb", "stride_xt", "stride_wn",
+                                 "stride_bs", "stride_br", "stride_hm", "stride_lis",
+                                 "stride_los", "stride_yb", "stride_yt"],
+                config={key: cfg[key] for key in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps", "num_stages")},
+                case="prefill", variant=f"{ty} r_max={r_max}",
+                quick=ty == "bf16" and r_max == 16,
+            ))
+    return records
