@@ -12,8 +12,11 @@ interpreter):
 * ``fused_path``: the wrapped module (LoRA r=8) on the fused path, with that op;
 * ``torch_path``: the wrapped module on the PyTorch path (kernel mode ``"torch"``).
 
-``fused_path - op`` is the hooks' overhead per adapted module call. One torch thread,
-interleaved shuffled rounds, medians (see ``bench/harness.py``).
+``fused_path - op`` is the hooks' overhead per adapted module call. One torch thread;
+each round runs every case ``--inner`` times in a shuffled order; figures are medians
+over rounds of the calling thread's CPU time (``time.thread_time_ns``), which, unlike
+wall-clock time, does not count the time the thread spends preempted on a shared
+machine (these cases never wait on anything else).
 
 Run: ``python bench/bench_dispatch.py`` (``--rounds N``).
 """
@@ -33,7 +36,10 @@ if str(ROOT) not in sys.path:
 
 import tinytune  # noqa: E402
 import tinytune.dispatch as dispatch  # noqa: E402
-from bench.harness import interleaved  # noqa: E402
+import random  # noqa: E402
+import statistics  # noqa: E402
+import time  # noqa: E402
+
 from tinytune import AdapterWrapper, LoraConfig  # noqa: E402
 from tinytune.kernels.lora_linear import torch_lora_linear  # noqa: E402
 
@@ -42,6 +48,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--rounds", type=int, default=200)
     parser.add_argument("--rows", type=int, default=1)
+    parser.add_argument("--inner", type=int, default=200)
     args = parser.parse_args()
     torch.set_num_threads(1)
     # Make the fused path reachable on CPU tensors without Triton's interpreter: mark
@@ -81,18 +88,28 @@ def main() -> None:
 
     with torch.no_grad():
         torch.testing.assert_close(fused(), torch_path(), rtol=1e-5, atol=1e-5)
-        res = interleaved(
-            {"bare": bare_call, "op": op, "fused_path": fused, "torch_path": torch_path},
-            reference="bare",
-            rounds=args.rounds,
-            inner=50,
-        )
-    us = {k: v["median_ms"] * 1000 for k, v in res.items()}
+        cases = {"bare": bare_call, "op": op, "fused_path": fused, "torch_path": torch_path}
+        times: dict[str, list[float]] = {k: [] for k in cases}
+        names = list(cases)
+        rng = random.Random(0)
+        for r in range(args.rounds + 2):
+            rng.shuffle(names)
+            for name in names:
+                fn = cases[name]
+                t0 = time.thread_time_ns()
+                for _ in range(args.inner):
+                    fn()
+                if r >= 2:  # two warm-up rounds
+                    times[name].append((time.thread_time_ns() - t0) / args.inner / 1e3)
+    us = {k: statistics.median(v) for k, v in times.items()}
     report = {
         "layer": "Linear(64, 64), LoRA r=8",
         "rows": args.rows,
+        "torch": torch.__version__,
         "median_us": {k: round(v, 2) for k, v in us.items()},
-        "ratio_to_bare": {k: round(v["ratio"], 2) for k, v in res.items()},
+        "p25_p75_us": {
+            k: [round(q, 2) for q in statistics.quantiles(v, n=4)[::2]] for k, v in times.items()
+        },
         "hook_overhead_us": round(us["fused_path"] - us["op"], 2),
     }
     print(json.dumps(report, indent=1))

@@ -45,6 +45,7 @@ from typing import Any, Iterable, Iterator
 
 import torch
 from torch import nn
+from torch.nn.modules import module as _torch_module
 
 from .errors import InvalidConfigError, KernelUnavailableError
 from .layers import LinearIA3Layer, LinearLoraLayer, is_conv1d
@@ -337,9 +338,7 @@ def _auto_device(x: torch.Tensor) -> bool:
 
 
 def _global_backward_hooks() -> bool:
-    from torch.nn.modules import module as _m
-
-    return bool(_m._global_backward_hooks or _m._global_backward_pre_hooks)
+    return bool(_torch_module._global_backward_hooks or _torch_module._global_backward_pre_hooks)
 
 
 def use_fused(
@@ -416,7 +415,7 @@ def _mul(a: torch.Tensor | None, b: torch.Tensor) -> torch.Tensor:
     return b if a is None else a * b
 
 
-def fused_inputs(chain: Iterable[nn.Module]) -> tuple:
+def fused_inputs(chain: tuple) -> tuple:
     """The kernel's adapter inputs for the active layers of one module.
 
     Several LoRAs are concatenated along the rank, with one scale per rank row. IA³
@@ -433,6 +432,12 @@ def fused_inputs(chain: Iterable[nn.Module]) -> tuple:
         ``(lora_a (R, K) | None, lora_b (N, R) | None, lora_scale (R,) fp32 | None,
         l_in (K,) | None, l_out (N,) | None)``.
     """
+    if len(chain) == 1 and layer_kind(chain[0]) == "lora":
+        # The common case, without a copy: the scale as a stride-0 view of the layer's
+        # fp32 scaling (the kernels take strides).
+        layer = chain[0]
+        a, b = layer.lora_A.weight, layer.lora_B.weight
+        return a, b, layer.scaling_tensor.expand(layer.r), None, None
     terms: list[list] = []  # [A (r, K), B (N, r), layer, input scale, output scale]
     l_in = l_out = None
     for layer in chain:
@@ -460,16 +465,16 @@ def fused_inputs(chain: Iterable[nn.Module]) -> tuple:
             b = b.float() * d.float().unsqueeze(1)
         a_parts.append(a)
         b_parts.append(b)
-        s_parts.append(layer.scaling_tensor.float().expand(layer.r))
+        s_parts.append(layer.scaling_tensor.expand(layer.r))
     if len(terms) == 1:
-        return a_parts[0], b_parts[0], s_parts[0].contiguous(), l_in, l_out
+        return a_parts[0], b_parts[0], s_parts[0], l_in, l_out
     if len({t.dtype for t in a_parts + b_parts}) > 1:
         a_parts = [t.float() for t in a_parts]
         b_parts = [t.float() for t in b_parts]
     return torch.cat(a_parts), torch.cat(b_parts, 1), torch.cat(s_parts), l_in, l_out
 
 
-def fused_linear(module: nn.Module, chain: Iterable[nn.Module], x: torch.Tensor) -> torch.Tensor:
+def fused_linear(module: nn.Module, chain: tuple, x: torch.Tensor) -> torch.Tensor:
     """``module(x)`` with the active layers ``chain`` applied, in one fused kernel.
 
     Args:
