@@ -510,4 +510,4 @@ def mixed_linear(module: nn.Module, x: torch.Tensor, *inputs: Any) -> torch.Tens
 def empty_rows(x: torch.Tensor) -> torch.Tensor:
     """A view of ``x`` with no rows (what the module's own forward gets on the fused
     path): its matmul then costs nothing, and its output is discarded."""
-    return x[:0] if x.dim() >= 2 else x[None, :0]
+    return x[:0] if x.dim() >= 2 else x.unsqueeze(0)[:0]
