@@ -276,7 +276,7 @@ class HookSite:
 
     def _post_hook(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
         plan = getattr(self._local, "mixed", None)
-        handed = self._take_over(args) if self._has_pre else None
+        handed = self._take_over(args)
         if type(handed) is _Fused:
             if plan is not None:
                 return plan.fused(module, handed.x)
