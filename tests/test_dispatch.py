@@ -291,6 +291,9 @@ def test_triton_mode_refuses_with_a_reason(case, match, tower, monkeypatch):
             monkeypatch.setattr(dispatch._Kernels, "interpret", False)
             dispatch._load()
     randomise(w)
+    if case != "cpu":  # on a GPU machine, everything else runs on the GPU
+        w.to(DEVICE)
+        x = x.to(DEVICE)
     snap, hooks = state(w), hook_count(tower)
     with torch.no_grad():
         ref = None if case in ("dropout",) else w(x)

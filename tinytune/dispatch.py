@@ -10,7 +10,8 @@ the active adapters, ``tinytune.kernels.lora_mixed`` for per-row adapters) when
 * no gradient is needed (``torch.no_grad()``/``torch.inference_mode()``, or neither the
   input nor any parameter involved requires grad),
 * no LoRA dropout is active (dropout > 0 in training mode),
-* dtypes are fp32, fp16 or bf16 (input and module weight alike),
+* dtypes are fp32, fp16 or bf16 (input and module weight alike), and the module has no
+  backward hooks (torch would rewrap its inputs),
 * every active adapter layer on it is a built-in ``LinearLoraLayer`` or
   ``LinearIA3Layer`` (not a custom ``AdapterLayer`` or a subclass overriding their
   forward methods), and Triton is installed.
