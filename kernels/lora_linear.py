@@ -13,8 +13,9 @@ Two strategies, chosen by shape in :func:`_pick_config` (one place):
 * Decode (``M <= 16`` rows, memory-bound): one kernel streams ``W`` once and, from the
   same ``x`` tiles, accumulates ``h = x Aᵀ``; the epilogue adds bias, ``l_out`` and
   ``(h ⊙ s) Bᵀ`` and writes ``y`` once. Re-reading ``A`` per N-tile costs ``R/BLOCK_N``
-  of ``W``'s bytes, served from L2; above rank 64 that exceeds ``W`` itself, so larger
-  ranks precompute ``h`` as prefill does.
+  of ``W``'s bytes, served from L2; above padded rank 64 that exceeds ``W`` itself, so
+  larger ranks precompute ``h`` as prefill does (fp32, whose FMA products keep both
+  operands in registers, fuses only at padded rank 16).
 * Prefill (``M > 16``): a small kernel computes ``h = (x Aᵀ) ⊙ s`` once, in fp32; the
   base GEMM (grouped tile order, as in Triton's matmul tutorial) adds ``h Bᵀ`` in its
   epilogue. Shrinking inside the K-loop would repeat ``R/BLOCK_N`` more FLOPs per tile.
@@ -279,29 +280,40 @@ def _r_pad(r: int) -> int:
 # wide layers (N >= 8192) and larger ranks use BLOCK_N=64 and 8 warps.
 _DECODE_N32 = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=128, GROUP_M=1, num_warps=4, num_stages=4)
 _DECODE_N64 = dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, GROUP_M=1, num_warps=8, num_stages=4)
-_DECODE_F32 = dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=64, GROUP_M=1, num_warps=4, num_stages=3)
-# Prefill: 64x128 tiles up to 256 rows (enough programs to fill the SMs); above, the
+# fp32 with IEEE products runs on FMA units, not tensor cores, with both operands in
+# registers: small tiles, and the fused decode shrink only at padded rank 16.
+_DECODE_F32 = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, GROUP_M=1, num_warps=4, num_stages=3)
+DECODE_FUSED_MAX_RANK_F32 = 16
+# Prefill: 64x128 tiles up to 256 rows (enough programs to fill the SMs; K steps of 32
+# on sm_80, where 64 spills at large ranks); above, the
 # matmul tutorial's 128x256x64 / 8 warps / 3 stages on sm_90 (wgmma), and 128x128 on
-# sm_80, where 128x256 spills. The epilogue adds h Bᵀ in rank chunks of 16 on the large
-# tiles: wider chunks spill next to the 128x256 fp32 accumulator.
-_PREFILL_SMALL_16BIT = dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=4)
+# sm_80, where 128x256 spills. The epilogue adds h Bᵀ in rank chunks of 16: wider chunks
+# spill next to the fp32 accumulator (128x256 on sm_90; 64x128 on sm_80).
+_PREFILL_SMALL_SM90 = dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=4)
+_PREFILL_SMALL_SM80 = dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=32, GROUP_M=8, num_warps=4, num_stages=4)
 _PREFILL_LARGE_SM90 = dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3)
 _PREFILL_LARGE_SM80 = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3)
-# fp32 with IEEE products runs on FMA units, not tensor cores: moderate tiles.
-_PREFILL_F32 = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, num_warps=4, num_stages=3)
+_PREFILL_F32 = dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, num_warps=4, num_stages=3)
 PREFILL_LARGE_MIN_M = 256
 # Opt-in shared memory per block; other parts (sm_86/89/120: 99 KiB) get fewer stages.
 _SMEM = {80: 166912, 87: 166912, 90: 232448, 100: 232448}
 _SMEM_DEFAULT = 101376
 
 
-def _shrink_config(r_pad: int, decode: bool) -> dict:
-    """The shrink kernel's tile: more rows per program when the rank is small."""
+def _shrink_config(r_pad: int, decode: bool, f32: bool) -> dict:
+    """The shrink kernel's tile: more rows per program when the rank is small.
+
+    fp32 (FMA products, operands in registers) takes narrower K steps at large ranks.
+    """
     if decode:
         block_m = 16
     else:
         block_m = 64 if r_pad <= 32 else (32 if r_pad <= 128 else 16)
-    return dict(BLOCK_M=block_m, BLOCK_K=64, num_warps=4, num_stages=3)
+    block_k = 64
+    if f32:
+        block_m = min(block_m, 32)
+        block_k = 32 if r_pad <= 64 else 16
+    return dict(BLOCK_M=block_m, BLOCK_K=block_k, num_warps=4, num_stages=3)
 
 
 def _smem_estimate(cfg: dict, elem: int) -> int:
@@ -329,7 +341,6 @@ def _pick_config(m: int, n: int, k: int, r: int, dtype: torch.dtype, arch: int =
     r_pad = _r_pad(r)
     f32 = dtype == torch.float32
     decode = m <= DECODE_MAX_M
-    large = False
     if decode:
         if f32:
             gemm = dict(_DECODE_F32)
@@ -340,17 +351,17 @@ def _pick_config(m: int, n: int, k: int, r: int, dtype: torch.dtype, arch: int =
     elif f32:
         gemm = dict(_PREFILL_F32)
     elif m <= PREFILL_LARGE_MIN_M:
-        gemm = dict(_PREFILL_SMALL_16BIT)
+        gemm = dict(_PREFILL_SMALL_SM90 if arch >= 90 else _PREFILL_SMALL_SM80)
     else:
-        large = True
         gemm = dict(_PREFILL_LARGE_SM90 if arch >= 90 else _PREFILL_LARGE_SM80)
-    shrink_in_loop = r > 0 and decode and r_pad <= DECODE_FUSED_MAX_RANK
+    max_fused = DECODE_FUSED_MAX_RANK_F32 if f32 else DECODE_FUSED_MAX_RANK
+    shrink_in_loop = r > 0 and decode and r_pad <= max_fused
     cfg = dict(
         case="decode" if decode else "prefill",
         shrink_in_loop=shrink_in_loop,
         R_PAD=r_pad,
-        R_BLOCK=min(r_pad, 16 if large else 64),
-        shrink=_shrink_config(r_pad, decode) if r > 0 and not shrink_in_loop else None,
+        R_BLOCK=16,
+        shrink=_shrink_config(r_pad, decode, f32) if r > 0 and not shrink_in_loop else None,
         **gemm,
     )
     limit = _SMEM.get(arch, _SMEM_DEFAULT) - 8192  # headroom for the epilogue's buffers
@@ -394,6 +405,10 @@ def _check(x, weight, bias, lora_a, lora_b, lora_scale, l_in, l_out, weight_kn) 
             )
         if lora_scale is not None and tuple(lora_scale.shape) != (r,):
             raise ValueError(f"lora_linear: lora_scale must have shape ({r},), got {tuple(lora_scale.shape)}.")
+    rows = x.numel() // max(k, 1)
+    if max(rows * max(k, n), weight.numel()) >= 2**31:
+        # The kernels index with 32-bit offsets.
+        raise ValueError("lora_linear: tensors of 2**31 elements or more are not supported; split the batch.")
     return k, n, r
 
 

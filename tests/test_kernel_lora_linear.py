@@ -296,6 +296,16 @@ def test_leading_dims_and_no_scale():
 
 
 @needs_kernels
+@pytest.mark.parametrize("m", [1, 130])
+def test_broadcast_scale(m):
+    """One LoRA's scale as a stride-0 view of a 0-d tensor (no copy per call)."""
+    inp = make_inputs(m, K, N, 12, torch.bfloat16, lora_dtype=torch.float32)
+    inp["lora_scale"] = torch.tensor(1.5, device=DEVICE).expand(12)
+    assert inp["lora_scale"].stride(0) == 0
+    assert_matches(run_op(inp), inp)
+
+
+@needs_kernels
 def test_zero_rows():
     inp = make_inputs(0, K, N, 8, torch.float32, lead=(0,))
     assert run_op(inp).shape == (0, N)
