@@ -54,14 +54,16 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def roofline(tokens: int, d: int, r: int, distinct: int, elem: int = 2) -> dict:
+def roofline(rows: int, tokens: int, d: int, r: int, distinct: int, elem: int = 2) -> dict:
     """Predicted seconds on an H200: bytes at 4.8 TB/s or FLOPs at 989 TFLOP/s, whichever
     is larger (no launch gaps, no efficiency losses).
 
     merged reads W and x and writes y; fused also reads each distinct adapter's A and B
-    once (the physical limit of the fused kernels); pytorch additionally writes and reads
-    one gathered copy of A and B^T per row and the fp32-free (bf16) intermediate h.
+    once (the physical limit of the fused kernels); pytorch additionally reads the stacks,
+    writes and reads back one gathered copy of A and B^T per row, and reads and writes y
+    once more (the expand is a separate batched GEMM after torch's).
     """
+    tokens = rows * tokens
     io = 2 * tokens * d * elem
     w = d * d * elem
     adapters = distinct * 2 * r * d * elem
@@ -69,7 +71,6 @@ def roofline(tokens: int, d: int, r: int, distinct: int, elem: int = 2) -> dict:
     lora_flops = 2 * tokens * r * 2 * d
     merged = max((w + io) / HBM_BPS, flops / TC_FLOPS)
     fused = max((w + io + adapters) / HBM_BPS, (flops + lora_flops) / TC_FLOPS)
-    rows = tokens  # 1 token per row at decode; per-row copies scale with rows
     gathered = 3 * rows * 2 * r * d * elem  # index_select writes + bmm reads, A and B^T
     pytorch = max((w + io + adapters + gathered + 2 * io) / HBM_BPS, (flops + lora_flops) / TC_FLOPS)
     return {"merged_s": merged, "fused_s": fused, "pytorch_s": pytorch}
@@ -184,7 +185,7 @@ def bench_case(L, timer, device, dtype, rows, tokens, distinct, d, r, rounds):
     med = {n: statistics.median(v) for n, v in per.items()}
     fm = [f / m for f, m in zip(per["fused"], per["merged"])]
     pf = [p / f for p, f in zip(per["pytorch"], per["fused"])]
-    pred = roofline(rows * tokens, d, r, distinct, elem)
+    pred = roofline(rows, tokens, d, r, distinct, elem)
     fused_bytes = (d * d + distinct * 2 * r * d + 2 * rows * tokens * d) * elem
     return {
         "rows": rows, "tokens": tokens, "distinct": distinct, "d": d, "r": r,

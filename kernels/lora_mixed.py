@@ -1,6 +1,7 @@
-"""Per-row adapters in one batch: the tensor-only reference math.
+"""Per-row adapters in one batch: the PyTorch reference math and the fused kernels.
 
-The layout every function here consumes (and that the fused kernels will consume too):
+The layout every function here consumes (the PyTorch path's functions and the fused op
+:func:`lora_mixed_linear`, ``torch.ops.tinytune.lora_mixed_linear``, alike):
 
 * ``row_index``: ``(B,)`` int64, the *slot* of each batch row in the stacks. The last
   slot of every stack is the identity (zero LoRA factors, unit IA³ scales), so rows
@@ -11,6 +12,8 @@ The layout every function here consumes (and that the fused kernels will consume
   padding contributes exact zeros), and ``scale`` ``(S,)``: ``alpha / r`` (or
   ``alpha / sqrt(r)``) per slot.
 * IA³: ``l_stack`` ``(S, features)``, ones in slots without an IA³ layer.
+* The fused op also takes ``ranks`` ``(S,)`` int32, each slot's true rank (0 for the
+  identity slot and slots without LoRA): its kernels never touch the padding.
 * Embedding LoRA: ``a_stack`` ``(S, num_embeddings, r_max)``, ``bt_stack``
   ``(S, r_max, dim)``.
 * Optionally, rows sorted into segments by adapter (:func:`torch_lora_mixed_grouped`):
@@ -26,11 +29,16 @@ the factors per row, and nothing depends on how many adapters are stacked. Every
 depends only on the batch shape and the stacks, never on which row uses which adapter,
 so ``torch.compile`` does not recompile when the assignment changes.
 
-This module imports torch only (never tinytune).
+:func:`lora_mixed_linear` computes the whole adapted linear layer (base GEMM, per-row
+LoRA, per-row IA³) with Triton kernels on CUDA tensors (and on CPU tensors under
+``TRITON_INTERPRET=1``); :func:`torch_lora_mixed_linear` is its reference and CPU path.
+
+This module imports torch (and triton, when present) only, never tinytune.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 from typing import Optional
@@ -328,10 +336,12 @@ if HAS_TRITON:
         rank_ptr,  # (S,) int32 true rank per slot
         scale_ptr,  # (S,) LoRA scale per slot (unused without HAS_SCALE)
         hp_ptr,  # (SPLIT, M, r_max) fp32 partial h, one K-chunk per split
+        cnt_ptr,  # (N_CNT,) int32 split-K arrival counters of the GEMM that follows
         # sizes
         T,
         K,
         K_CHUNK,  # multiple of BLOCK_K: the K range of one split
+        N_CNT,  # counters to zero (0: the GEMM does not split K)
         # strides
         stride_xb,
         stride_xt,
@@ -354,6 +364,11 @@ if HAS_TRITON:
         """
         m = tl.program_id(0)
         split = tl.program_id(1)
+        if (m == 0) & (split == 0):
+            # Zero the next kernel's counters here: saves a memset in the decode chain.
+            for c0 in range(0, N_CNT, 256):
+                offs_c = c0 + tl.arange(0, 256)
+                tl.store(cnt_ptr + offs_c, tl.zeros([256], dtype=tl.int32), mask=offs_c < N_CNT)
         b = m // T
         t = m % T
         s = tl.load(row_ptr + b)
@@ -396,7 +411,7 @@ if HAS_TRITON:
         lout_ptr,  # (S, N)
         y_ptr,  # (B, T, N)
         ws_ptr,  # (SPLIT_K, tiles, BLOCK_M, BLOCK_N) fp32 partial tiles (SPLIT_K > 1)
-        cnt_ptr,  # (tiles,) int32 arrivals per output tile, zero between launches
+        cnt_ptr,  # (tiles,) int32 arrivals per output tile, zero at launch
         # sizes
         M,
         N,
@@ -438,8 +453,7 @@ if HAS_TRITON:
         Tiles are contiguous tokens (any mix of slots), so W is streamed once per M-tile.
         At decode there are few output tiles, so the K range is split over SPLIT_K
         programs (serial split-K): each stores its fp32 partial tile, and the last to
-        arrive at a tile's counter sums them, runs the epilogue and re-zeroes the
-        counter. That keeps every SM streaming W, and each program reads only its K-chunk
+        arrive at a tile's counter sums them and runs the epilogue. That keeps every SM streaming W, and each program reads only its K-chunk
         of x (x re-reads from L2 would otherwise cost more than W itself).
         The epilogue walks the rank up to the largest true rank in the tile, gathering
         row r of each token's B[s]^T (tokens of one slot share the cache lines; tokens
@@ -501,7 +515,6 @@ if HAS_TRITON:
                 for j in range(0, SPLIT_K):
                     # .cg: read the other programs' partials from L2, never a stale L1
                     acc += tl.load(tile_ws + j * tiles * (BLOCK_M * BLOCK_N), cache_modifier=".cg")
-                tl.atomic_xchg(cnt_ptr + tile, 0, sem="relaxed", scope="gpu")
         if last:
             if HAS_BIAS:
                 acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
@@ -798,8 +811,9 @@ def _rows_config(m: int, fp32: bool) -> dict:
         cfg = dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=128, num_warps=4)
     else:
         cfg = dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, num_warps=8)
-    if fp32:
-        cfg["BLOCK_K"] //= 2
+    if fp32:  # ieee fp32 dots run on the CUDA cores, operands in registers: short K-steps
+        # and at most 64 columns (wider or longer tiles spill on sm_80, compile report)
+        cfg.update(BLOCK_K=16, BLOCK_N=64, num_warps=4)
     return dict(cfg, num_stages=4, SHRINK_K=256, SHRINK_R=16)
 
 
@@ -827,29 +841,13 @@ def _split_k(tiles: int, k: int, block_k: int, device: torch.device) -> tuple:
     return triton.cdiv(k, chunk), chunk
 
 
-_COUNTERS: dict = {}
-
-
-def _arrival_counters(n: int, device: torch.device) -> torch.Tensor:
-    """Zeroed int32 arrival counters for the split-K tiles, one buffer per device and
-    stream, cached: every launch leaves them zero again (the last program of each tile
-    resets its counter), so no memset runs per call. Launches on one stream are ordered,
-    so they never share a counter at the same time."""
-    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
-    key = (str(device), stream)
-    buf = _COUNTERS.get(key)
-    if buf is None or buf.numel() < n:
-        buf = _COUNTERS[key] = torch.zeros(max(n, 1024), dtype=torch.int32, device=device)
-    return buf
-
-
 def _segments_config(fp32: bool, r_max: int) -> dict:
     """Block sizes for the "segments" kernels."""
     block_r = 16 if r_max <= 16 else 32
     if _interpreted():
         return dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, BLOCK_R=block_r, num_warps=4, num_stages=1)
-    if fp32:  # ieee fp32 dots run on the CUDA cores: smaller tiles, fewer registers
-        return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, BLOCK_R=block_r, num_warps=4, num_stages=3)
+    if fp32:  # ieee fp32 dots run on the CUDA cores: smaller tiles (64 rows spill on sm_80)
+        return dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=32, BLOCK_R=block_r, num_warps=4, num_stages=3)
     return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, BLOCK_R=block_r, num_warps=8, num_stages=3)
 
 
@@ -887,6 +885,55 @@ def _segment_tiles(row_index: torch.Tensor, slots: int, tokens: int, block_m: in
     return torch.stack([slot, start, end]).to(torch.int32), order
 
 
+def _check_inputs(x, weight, bias, row_index, a_stack, bt_stack, scale, ranks, l_in_stack,
+                  l_out_stack, weight_kn) -> None:
+    """Shape checks shared by both paths (values are not checked: that needs a sync)."""
+    def bad(what: str) -> ValueError:
+        return ValueError(f"lora_mixed_linear: {what}")
+
+    if x.dim() < 2:
+        raise bad(f"x must be (rows, ..., in_features), got shape {tuple(x.shape)}.")
+    b, k = x.shape[0], x.shape[-1]
+    if weight.dim() != 2:
+        raise bad(f"weight must be 2-D, got shape {tuple(weight.shape)}.")
+    n = weight.shape[1] if weight_kn else weight.shape[0]
+    if (weight.shape[0] if weight_kn else weight.shape[1]) != k:
+        layout = "(in, out) (weight_kn=True)" if weight_kn else "(out, in)"
+        raise bad(f"weight {tuple(weight.shape)} is not {layout} for x with {k} input features.")
+    if bias is not None and tuple(bias.shape) != (n,):
+        raise bad(f"bias must have shape ({n},), got {tuple(bias.shape)}.")
+    if row_index.dim() != 1 or row_index.shape[0] != b:
+        raise bad(f"row_index must have shape ({b},) (one slot per row), got {tuple(row_index.shape)}.")
+    if (a_stack is None) != (bt_stack is None):
+        raise bad("give both a_stack and bt_stack, or neither.")
+    slots = None
+    expected = {"a_stack": ("slots", "r_max", k), "bt_stack": ("slots", "r_max", n),
+                "scale": ("slots",), "ranks": ("slots",), "l_in_stack": ("slots", k),
+                "l_out_stack": ("slots", n)}
+    given = {"a_stack": a_stack, "bt_stack": bt_stack, "scale": scale, "ranks": ranks,
+             "l_in_stack": l_in_stack, "l_out_stack": l_out_stack}
+    for name, t in given.items():
+        if t is None:
+            continue
+        want = expected[name]
+        fixed = [i for i, w in enumerate(want) if isinstance(w, int)]
+        if t.dim() != len(want) or any(t.shape[i] != want[i] for i in fixed):
+            shape = "(" + ", ".join(map(str, want)) + ")"
+            raise bad(f"{name} has shape {tuple(t.shape)}; expected {shape} for this layer.")
+        if slots is not None and t.shape[0] != slots:
+            raise bad(f"{name} has {t.shape[0]} slots but another stack has {slots}.")
+        slots = t.shape[0]
+    if a_stack is not None and bt_stack.shape[1] != a_stack.shape[1]:
+        raise bad(f"a_stack and bt_stack must pad to the same rank, got {a_stack.shape[1]} and {bt_stack.shape[1]}.")
+
+
+def _max_offset(t: Optional[torch.Tensor]) -> int:
+    """The largest element offset a kernel computes into ``t`` (32-bit in the kernels)."""
+    if t is None or t.numel() == 0:
+        return 0
+    return sum((size - 1) * abs(stride) for size, stride in zip(t.shape, t.stride()))
+
+
 def _launch(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -911,6 +958,10 @@ def _launch(
         return y
     x3 = x.reshape(b, -1, k)
     y3 = y.view(b, -1, n)
+    if max(map(_max_offset, (x3, y3, weight, a_stack, bt_stack, l_in_stack, l_out_stack))) >= 2**31:
+        # The kernels index with 32-bit offsets.
+        raise ValueError("lora_mixed_linear: tensors of 2**31 elements or more are not "
+                         "supported by the kernels; split the batch.")
     tokens = x3.shape[1]
     m = b * tokens
     has_lora = a_stack is not None and bt_stack is not None and a_stack.shape[1] > 0
@@ -950,6 +1001,16 @@ def _launch(
                  HAS_L_OUT=l_out_stack is not None)
     if strategy == "rows":
         cfg = _rows_config(m, dot_fp32)
+        tiles_m, tiles_n = triton.cdiv(m, cfg["BLOCK_M"]), triton.cdiv(n, cfg["BLOCK_N"])
+        split_k, gemm_chunk = _split_k(tiles_m * tiles_n, k, cfg["BLOCK_K"], x.device)
+        ws = cnt = dummy
+        if split_k > 1:
+            ws = torch.empty((split_k, tiles_m * tiles_n, cfg["BLOCK_M"], cfg["BLOCK_N"]),
+                             dtype=torch.float32, device=x.device)
+            # Arrival counters, fresh per call (so concurrent streams never share them):
+            # the shrink kernel zeroes them, or a memset when there is no shrink.
+            cnt = (torch.empty if has_lora else torch.zeros)(
+                tiles_m * tiles_n, dtype=torch.int32, device=x.device)
         split, k_chunk = 1, k
         hp = dummy
         hp_strides = (0, 0)
@@ -961,19 +1022,12 @@ def _launch(
             hp = torch.empty((split, m, r_max), dtype=torch.float32, device=x.device)
             hp_strides = (hp.stride(0), hp.stride(1))
             _shrink_rows_kernel[(m, split)](
-                x3, a, row_index, rk, sc, hp,
-                tokens, k, k_chunk,
+                x3, a, row_index, rk, sc, hp, cnt,
+                tokens, k, k_chunk, tiles_m * tiles_n if split_k > 1 else 0,
                 *x3.stride(), *a_strides, *hp_strides,
                 HAS_SCALE=scale is not None, BLOCK_R=cfg["SHRINK_R"], BLOCK_K=cfg["SHRINK_K"],
                 num_warps=4,
             )
-        tiles_m, tiles_n = triton.cdiv(m, cfg["BLOCK_M"]), triton.cdiv(n, cfg["BLOCK_N"])
-        split_k, gemm_chunk = _split_k(tiles_m * tiles_n, k, cfg["BLOCK_K"], x.device)
-        ws = cnt = dummy
-        if split_k > 1:
-            ws = torch.empty((split_k, tiles_m * tiles_n, cfg["BLOCK_M"], cfg["BLOCK_N"]),
-                             dtype=torch.float32, device=x.device)
-            cnt = _arrival_counters(tiles_m * tiles_n, x.device)
         _mixed_rows_kernel[(tiles_m, tiles_n, split_k)](
             x3, weight, bias_t, row_index, rk, bt, hp, lin, lout, y3, ws, cnt,
             m, n, k, tokens, split, gemm_chunk,
@@ -1054,7 +1108,13 @@ def lora_mixed_linear(
 
     Returns:
         ``(B, ..., N)`` in ``x.dtype``.
+
+    Raises:
+        ValueError: If the shapes do not fit together, or (kernels only) a tensor spans
+            2**31 elements or more.
     """
+    _check_inputs(x, weight, bias, row_index, a_stack, bt_stack, scale, ranks, l_in_stack,
+                  l_out_stack, weight_kn)
     if _can_launch(x):
         return _launch(x, weight, bias, row_index, a_stack, bt_stack, scale, ranks,
                        l_in_stack, l_out_stack, weight_kn)
@@ -1095,12 +1155,15 @@ def report_configs() -> list:
     for dtype, ty in _REPORT_DTYPES.items():
         fp32 = dtype == torch.float32
         flags = dict(HAS_BIAS=True, HAS_LORA=True, HAS_L_IN=True, HAS_L_OUT=True)
+        # every feature on (the most loads) and LoRA + bias alone (the benchmark's case):
+        # ptxas allocates registers differently for each, so both are checked for spills
+        flag_sets = (("all", flags), ("lora", dict(flags, HAS_L_IN=False, HAS_L_OUT=False)))
         for block_m in (16, 32, 64):
             cfg = _rows_config(block_m, fp32)
             shrink_sig = {
                 "x_ptr": f"*{ty}", "a_ptr": f"*{ty}", "row_ptr": "*i64", "rank_ptr": "*i32",
-                "scale_ptr": "*fp32", "hp_ptr": "*fp32", "T": "constexpr", "K": "i32",
-                "K_CHUNK": "i32", "stride_xb": "i32", "stride_xt": "i32", "stride_xk": "constexpr",
+                "scale_ptr": "*fp32", "hp_ptr": "*fp32", "cnt_ptr": "*i32", "T": "constexpr",
+                "K": "i32", "K_CHUNK": "i32", "N_CNT": "i32", "stride_xb": "i32", "stride_xt": "i32", "stride_xk": "constexpr",
                 "stride_as": "i32", "stride_ar": "i32", "stride_ak": "constexpr",
                 "stride_hs": "i32", "stride_hm": "i32", "HAS_SCALE": "constexpr",
                 "BLOCK_R": "constexpr", "BLOCK_K": "constexpr",
@@ -1112,7 +1175,7 @@ def report_configs() -> list:
                                     BLOCK_R=cfg["SHRINK_R"],
                                     BLOCK_K=cfg["SHRINK_K"]),
                     divisible_by_16=["x_ptr", "a_ptr", "row_ptr", "rank_ptr", "scale_ptr",
-                                     "hp_ptr", "K", "K_CHUNK", "stride_xb", "stride_xt",
+                                     "hp_ptr", "cnt_ptr", "K", "N_CNT", "K_CHUNK", "stride_xb", "stride_xt",
                                      "stride_as", "stride_ar", "stride_hs", "stride_hm"],
                     config=dict(BLOCK_M=1, BLOCK_N=cfg["SHRINK_R"], BLOCK_K=cfg["SHRINK_K"], num_warps=4,
                                 num_stages=3),
@@ -1131,13 +1194,15 @@ def report_configs() -> list:
                 "stride_yt": "i32", "stride_yn": "constexpr",
             }
             sig.update({name: "constexpr" for name in (*flags, "DOT_FP32", "SPLIT_K", "BLOCK_M", "BLOCK_N", "BLOCK_K")})
-            # d = 4096 on 132 SMs: 2 splits at BLOCK_M <= 32 (64 tiles), 4 at 64 (32
-            # tiles); no split once the tiles fill the GPU (larger M).
-            for split_k in (1, 2 if block_m < 64 else 4):
+            # d = 4096 on 132 SMs (the launcher's _split_k for one M-tile); no split once
+            # the tiles fill the GPU (larger M).
+            tiles = triton.cdiv(4096, cfg["BLOCK_N"])
+            splits = (1, max(2, min(8, 132 // tiles, 4096 // (4 * cfg["BLOCK_K"]))))
+            for (fname, fl), split_k in itertools.product(flag_sets, splits):
                 records.append(dict(
                     kernel="_mixed_rows_kernel", fn=_mixed_rows_kernel, signature=sig,
                     constexprs=dict(T=1, stride_xk=1, stride_wk=1, stride_bn=1, stride_lik=1,
-                                    stride_lon=1, stride_yn=1, **flags, DOT_FP32=fp32,
+                                    stride_lon=1, stride_yn=1, **fl, DOT_FP32=fp32,
                                     SPLIT_K=split_k, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
                                     BLOCK_K=cfg["BLOCK_K"]),
                     divisible_by_16=["x_ptr", "w_ptr", "bias_ptr", "row_ptr", "rank_ptr", "bt_ptr",
@@ -1147,8 +1212,8 @@ def report_configs() -> list:
                                      "stride_hm", "stride_lis", "stride_los", "stride_yb",
                                      "stride_yt"],
                     config={key: cfg[key] for key in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps", "num_stages")},
-                    case="decode", variant=f"{ty} split_k={split_k}",
-                    quick=ty == "bf16" and block_m == 64 and split_k > 1,
+                    case="decode", variant=f"{ty} {fname} split_k={split_k}",
+                    quick=ty == "bf16" and block_m == 64 and split_k > 1 and fname == "lora",
                 ))
         for r_max in (16, 64):
             cfg = _segments_config(fp32, r_max)
@@ -1184,19 +1249,20 @@ def report_configs() -> list:
                 "stride_yn": "constexpr",
             }
             sig.update({n: "constexpr" for n in (*flags, "DOT_FP32", "LORA_FP32", "BLOCK_M", "BLOCK_N", "BLOCK_K", "BLOCK_R")})
-            records.append(dict(
-                kernel="_mixed_segments_kernel", fn=_mixed_segments_kernel, signature=sig,
-                constexprs=dict(stride_xk=1, stride_wk=1, stride_bn=1, stride_lik=1,
-                                stride_lon=1, stride_yn=1, **flags, DOT_FP32=fp32, LORA_FP32=fp32,
-                                BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
-                                BLOCK_K=cfg["BLOCK_K"], BLOCK_R=cfg["BLOCK_R"]),
-                divisible_by_16=["x_ptr", "w_ptr", "bias_ptr", "tiles_ptr", "order_ptr",
-                                 "rank_ptr", "bt_ptr", "h_ptr", "lin_ptr", "lout_ptr", "y_ptr",
-                                 "N", "K", "T", "stride_xb", "stride_xt", "stride_wn",
-                                 "stride_bs", "stride_br", "stride_hm", "stride_lis",
-                                 "stride_los", "stride_yb", "stride_yt"],
-                config={key: cfg[key] for key in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps", "num_stages")},
-                case="prefill", variant=f"{ty} r_max={r_max}",
-                quick=ty == "bf16" and r_max == 16,
-            ))
+            for fname, fl in flag_sets:
+                records.append(dict(
+                    kernel="_mixed_segments_kernel", fn=_mixed_segments_kernel, signature=sig,
+                    constexprs=dict(stride_xk=1, stride_wk=1, stride_bn=1, stride_lik=1,
+                                    stride_lon=1, stride_yn=1, **fl, DOT_FP32=fp32, LORA_FP32=fp32,
+                                    BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
+                                    BLOCK_K=cfg["BLOCK_K"], BLOCK_R=cfg["BLOCK_R"]),
+                    divisible_by_16=["x_ptr", "w_ptr", "bias_ptr", "tiles_ptr", "order_ptr",
+                                     "rank_ptr", "bt_ptr", "h_ptr", "lin_ptr", "lout_ptr", "y_ptr",
+                                     "N", "K", "T", "stride_xb", "stride_xt", "stride_wn",
+                                     "stride_bs", "stride_br", "stride_hm", "stride_lis",
+                                     "stride_los", "stride_yb", "stride_yt"],
+                    config={key: cfg[key] for key in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps", "num_stages")},
+                    case="prefill", variant=f"{ty} {fname} r_max={r_max}",
+                    quick=ty == "bf16" and r_max == 16 and fname == "lora",
+                ))
     return records
