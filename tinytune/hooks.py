@@ -201,9 +201,10 @@ class HookSite:
     # of a composed chain) travels with the call itself in eager mode: as an attribute of
     # the args tuple the pre-hook returns, which torch passes on to the forward hooks.
     # Nothing is stored per thread, so an exception anywhere in between leaves nothing
-    # behind, and nested or concurrent calls cannot mix their states up. Compiled code
-    # cannot trace a tuple subclass, so under torch.compile the per-thread stack of the
-    # site carries it; dynamo turns the push and the pop into no side effect at all.
+    # behind, and nested or concurrent calls cannot mix their states up. Under
+    # torch.compile the site's per-thread stack carries it instead: a list push and pop
+    # is what every dynamo version traces (attributes on a tuple subclass work in torch
+    # 2.13 but are not relied on), and within one graph they leave no side effect.
     def _hand_over(self, args: tuple, value: Any) -> tuple:
         if torch.compiler.is_compiling():
             self._local.stack.append(value)
