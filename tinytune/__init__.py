@@ -5,6 +5,7 @@ hooks, and removing the hooks gives back the original model, bit for bit.
 """
 
 from .config import AdapterConfig, IA3Config, LoraConfig
+from .dispatch import get_kernel_mode, kernel_mode, set_kernel_mode
 from .errors import (
     AdapterExistsError,
     AdapterFileError,
@@ -12,6 +13,7 @@ from .errors import (
     AdapterNotFoundError,
     AdapterStateError,
     InvalidConfigError,
+    KernelUnavailableError,
     LayerAlreadyAdaptedError,
     LayerNotFoundError,
     MergeNotSupportedError,
@@ -48,6 +50,7 @@ __all__ = [
     "EmbeddingLoraLayer",
     "IA3Config",
     "InvalidConfigError",
+    "KernelUnavailableError",
     "LayerAlreadyAdaptedError",
     "LayerNotFoundError",
     "LinearIA3Layer",
@@ -60,4 +63,7 @@ __all__ = [
     "NoMatchingModulesError",
     "TinytuneError",
     "UnsupportedModuleError",
+    "get_kernel_mode",
+    "kernel_mode",
+    "set_kernel_mode",
 ]

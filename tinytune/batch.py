@@ -45,6 +45,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
+from . import dispatch
 from .errors import AdapterNotFoundError, AdapterStateError, MixedBatchError, suggest
 from .kernels.lora_mixed import (
     torch_embedding_lora_mixed,
@@ -571,6 +572,40 @@ class _SitePlan:
         for slot, layer in st.others_pre:
             y = self._run_pre(module, layer, slot, args, kwargs, y)
         return replace_first_input(args, kwargs, y)
+
+    # The fused path (see tinytune.dispatch): HookSite hands the module an empty batch
+    # when use_fused() says so, and returns fused() instead of calling post().
+    def fuse_reason(self, module: nn.Module) -> str | None:
+        """Why this site's layers cannot run on the per-row kernel (``None``: they can)."""
+        reason = dispatch.module_reason(module)
+        if reason is None and (self.stacks.others_pre or self.stacks.others_post):
+            layer = (self.stacks.others_pre + self.stacks.others_post)[0][1]
+            reason = dispatch.chain_reason(module, (layer,))
+        return reason
+
+    def use_fused(self, module: nn.Module, x: Any) -> bool:
+        """Whether this call runs on ``lora_mixed_linear`` (raises in mode ``"triton"``
+        if it cannot)."""
+        st = self.stacks
+        params = [t for t in (st.ia3_pre, st.ia3_post) if t is not None]
+        if st.lora is not None:
+            params += st.lora[:2]
+        dropout = st.has_dropout and module.training
+        if not dispatch.use_fused(self.path, self.fuse_reason(module), module, x, params, dropout):
+            return False
+        _check_rows(x, self.call, self.path)
+        return True
+
+    def fused(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """``module(x)`` with each row's adapter applied, in one fused kernel."""
+        st = self.stacks
+        a = bt = scale = None
+        if st.lora is not None:
+            a, bt, scale = st.lora[:3]
+        ranks = getattr(st, "ranks", None)
+        return dispatch.mixed_linear(
+            module, x, self.call.row_index, a, bt, scale, ranks, st.ia3_pre, st.ia3_post
+        )
 
     def post(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
         st = self.stacks

@@ -77,3 +77,10 @@ def suggest(name: str, candidates: Iterable[str], n: int = 3) -> str:
 class MixedBatchError(TinytuneError, ValueError):
     """A mixed-batch call (``adapter_names=``) does not fit its inputs: the list's
     length is not the batch size, or a module sees a batch dimension of another size."""
+
+
+class KernelUnavailableError(TinytuneError, RuntimeError):
+    """Kernel mode ``"triton"`` forces the fused kernels, and a layer cannot use them
+    (a custom ``AdapterLayer``, an unsupported module or dtype, a gradient is needed,
+    Triton is missing, ...). The message names the module and the reason; kernel mode
+    ``"auto"`` runs such layers on the PyTorch path instead."""

@@ -17,6 +17,15 @@ per-site plan in the site's thread-local slot, and each hook hands the module to
 plan instead of the active chain. A thread-local attribute read is something
 ``torch.compile`` traces (and guards on) without a graph break, so the dispatch stays
 inside the compiled model.
+
+Fused kernels (see :mod:`tinytune.dispatch`): on an ``nn.Linear`` or ``Conv1D`` whose
+call :mod:`tinytune.dispatch` sends to the fused kernel, the pre-hook hands the module
+an empty batch (a view of its input with no rows), so the module's own matmul does no
+work, and passes the real input on to the post-hook, which returns the kernel's result
+(base product included). No module is replaced or patched. The real input travels
+with the call (see ``_hand_over``), never in per-thread state, so an exception between
+the two hooks leaves nothing behind. Other hooks on the module see the empty input on
+that path (and forward hooks registered before tinytune's, the empty output).
 """
 
 from __future__ import annotations
@@ -24,10 +33,12 @@ from __future__ import annotations
 import threading
 from typing import Any, Iterable
 
+import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from .layers import AdapterLayer
+from . import dispatch
+from .layers import AdapterLayer, first_input, replace_first_input
 
 __all__ = ["HookSite", "hook_layout_id"]
 
@@ -91,14 +102,26 @@ class HookSite:
         # (attribute ``mixed``, set by tinytune.batch for the duration of one call).
         self._local = _CallStack()
         self._has_pre = False
-        self._has_post = False
+        self._has_post: str | bool = False  # False, or the _post_kind()
+        # Fused kernels: why the active chain cannot run on them (None: it can).
+        self._chain_reason: str | None = None
+        self._chain_params: tuple = ()
+
+    @property
+    def module(self) -> nn.Module:
+        return self._module
+
+    @module.setter
+    def module(self, module: nn.Module) -> None:
+        # Whether the module can run on the fused kernels at all (its type, this machine).
+        self._module = module
+        self._fusable = dispatch.module_reason(module) is None and dispatch.fusion_possible()
 
     # --- state -------------------------------------------------------------------------
     def set_chain(self, chain: tuple[AdapterLayer, ...]) -> None:
         """Apply exactly ``chain`` (innermost first) from now on, re-hooking as needed."""
         if chain == self.chain and (bool(self._handles) == bool(chain)):
             return
-        self.remove_hooks()
         self.chain = chain
         self._pres = tuple((i, l) for i, l in enumerate(chain) if l.uses_pre_forward)
         self._posts = tuple((i, l) for i, l in enumerate(chain) if l.uses_post_forward)
@@ -107,9 +130,19 @@ class HookSite:
         self._needs_stack = any(
             i_pre < i_post for i_pre, _ in self._pres for i_post, _ in self._posts
         )
-        if self._pres:
+        self._chain_reason = dispatch.chain_reason(self.module, chain)
+        self._chain_params = tuple(dispatch.chain_params(chain))
+        # The fused path needs both hooks, whatever the chain's layers use.
+        fused = bool(chain) and self._fusable and self._chain_reason is None
+        want_pre = bool(self._pres) or fused
+        want_post = self._post_kind() if (self._posts or fused) else False
+        if self._handles and (want_pre, want_post) == (self._has_pre, self._has_post):
+            # The registered hooks read the chain when called: keep them.
+            return
+        self.remove_hooks()
+        if want_pre:
             self._register_pre()
-        if self._posts:
+        if want_post:
             self._register_post()
 
     def _register_pre(self) -> None:
@@ -117,10 +150,17 @@ class HookSite:
         self._handles.append(hook)
         self._has_pre = True
 
+    def _post_kind(self) -> str:
+        """Which post-hook method the current chain needs."""
+        # The general one where a pre-hook hands something over (fused path, views).
+        single = self._single_post() and not (self._fusable or self._needs_stack)
+        return "_post_hook_single" if single else "_post_hook"
+
     def _register_post(self) -> None:
-        post = self._post_hook_single if self._single_post() else self._post_hook
-        self._handles.append(self.module.register_forward_hook(post, with_kwargs=True))
-        self._has_post = True
+        kind = self._post_kind()
+        hook = getattr(self, kind)
+        self._handles.append(self.module.register_forward_hook(hook, with_kwargs=True))
+        self._has_post = kind
 
     def prepare_mixed(self, need_pre: bool) -> bool:
         """Make sure the hooks a mixed-batch call needs are registered.
@@ -136,7 +176,7 @@ class HookSite:
         hooks stay until the next change of the chain (``set_chain``) re-derives them.
         """
         added = False
-        if need_pre and not self._has_pre:
+        if (need_pre or self._fusable) and not self._has_pre:
             self._register_pre()
             added = True
         if not self._has_post:
@@ -157,8 +197,49 @@ class HookSite:
         return bool(self._handles)
 
     # --- the hooks ---------------------------------------------------------------------
+    # What a pre-hook hands its post-hook (the fused path's real input, or the input views
+    # of a composed chain) travels with the call itself in eager mode: as an attribute of
+    # the args tuple the pre-hook returns, which torch passes on to the forward hooks.
+    # Nothing is stored per thread, so an exception anywhere in between leaves nothing
+    # behind, and nested or concurrent calls cannot mix their states up. Under
+    # torch.compile the site's per-thread stack carries it instead: a list push and pop
+    # is what every dynamo version traces (attributes on a tuple subclass work in torch
+    # 2.13 but are not relied on), and within one graph they leave no side effect.
+    def _hand_over(self, args: tuple, value: Any) -> tuple:
+        if torch.compiler.is_compiling():
+            self._local.stack.append(value)
+            return args
+        args = _CallArgs(args)
+        args.handed = value
+        return args
+
+    def _take_over(self, args: tuple) -> Any:
+        if torch.compiler.is_compiling():
+            stack = self._local.stack
+            return stack.pop() if stack else None
+        return getattr(args, "handed", None) if type(args) is _CallArgs else None
+
     def _pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         plan = getattr(self._local, "mixed", None)
+        if self._fusable:
+            x = first_input(args, kwargs)
+            if plan is not None:
+                fuse = plan.use_fused(module, x)
+            else:
+                fuse = dispatch.use_fused(
+                    self.path,
+                    self._chain_reason,
+                    module,
+                    x,
+                    self._chain_params,
+                    dispatch.chain_dropout(module, self.chain),
+                )
+            if fuse:
+                # The module's own forward gets no rows; the post-hook computes it all.
+                args, kwargs = replace_first_input(args, kwargs, dispatch.empty_rows(x))
+                return self._hand_over(args, _Fused(x)), kwargs
+        elif dispatch.forced():
+            raise self._unavailable(plan)
         if plan is not None:
             return plan.pre(module, args, kwargs)
         if self._needs_stack:
@@ -166,14 +247,24 @@ class HookSite:
             for i, layer in reversed(self._pres):
                 args, kwargs = _checked_pre(layer, layer.pre_forward(module, args, kwargs))
                 views[i] = (args, kwargs)
-            self._stack().append(views)
-            return args, kwargs
+            return self._hand_over(args, views), kwargs
         for _, layer in reversed(self._pres):
             args, kwargs = _checked_pre(layer, layer.pre_forward(module, args, kwargs))
         return args, kwargs
 
+    def _unavailable(self, plan: Any) -> Exception:
+        """Kernel mode 'triton' on a site that cannot fuse at all."""
+        reason = dispatch.module_reason(self.module)
+        if reason is None:
+            reason = (
+                plan.fuse_reason(self.module) if plan is not None else self._chain_reason
+            ) or dispatch.machine_reason()
+        return dispatch.unavailable(self.path, reason)
+
     def _post_hook_single(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
         plan = getattr(self._local, "mixed", None)
+        if not self._has_pre and dispatch.forced():
+            raise self._unavailable(plan)
         if plan is not None:
             return plan.post(module, args, kwargs, output)
         layer = self._posts[0][1]
@@ -186,8 +277,17 @@ class HookSite:
 
     def _post_hook(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
         plan = getattr(self._local, "mixed", None)
+        handed = self._take_over(args)
+        if type(handed) is _Fused:
+            if plan is not None:
+                return plan.fused(module, handed.x)
+            return dispatch.fused_linear(module, self.chain, handed.x)
+        if not self._has_pre and dispatch.forced():
+            raise self._unavailable(plan)
         if plan is not None:
             return plan.post(module, args, kwargs, output)
+        if not self._posts:
+            return output
         if not self._needs_stack:
             for _, layer in self._posts:
                 new = layer.post_forward(module, args, kwargs, output)
@@ -195,7 +295,7 @@ class HookSite:
                     raise _returned_none(layer, "post_forward", "return output")
                 output = new
             return output
-        views = self._stack().pop()
+        views = handed
         # The inputs seen by layer i: after the pre-forwards of layers i, i+1, ...
         # (outer layers), i.e. the view recorded at the nearest pre index >= i; the
         # original inputs are recorded at index len(chain).
@@ -212,12 +312,6 @@ class HookSite:
             output = new
         return output
 
-    def _stack(self) -> list:
-        stack = getattr(self._local, "stack", None)
-        if stack is None:
-            stack = self._local.stack = []
-        return stack
-
     def __getstate__(self) -> dict:
         # Thread-local call state is per process and per call: never copied or pickled
         # (deep-copying a hooked model copies its hook sites).
@@ -231,6 +325,19 @@ class HookSite:
 
     def __repr__(self) -> str:
         return f"HookSite({self.path!r}, adapters={list(self.layers)}, active={len(self.chain)})"
+
+
+class _CallArgs(tuple):
+    """The args tuple a pre-hook returns, carrying ``handed`` to the post-hook."""
+
+
+class _Fused:
+    """Handed from pre- to post-hook on the fused path: the module's real input."""
+
+    __slots__ = ("x",)
+
+    def __init__(self, x: Any) -> None:
+        self.x = x
 
 
 def _returned_none(layer: AdapterLayer, method: str, fix: str) -> TypeError:

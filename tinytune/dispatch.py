@@ -1,0 +1,514 @@
+"""Which path runs an adapted layer: the fused Triton kernel or PyTorch.
+
+This module is the one place that decides, per call and per adapted module.
+
+The rule (kernel mode ``"auto"``, the default): an adapted ``nn.Linear`` or
+transformers ``Conv1D`` runs on the fused kernel (``tinytune.kernels.lora_linear`` for
+the active adapters, ``tinytune.kernels.lora_mixed`` for per-row adapters) when
+
+* its input is a CUDA tensor,
+* no gradient is needed (``torch.no_grad()``/``torch.inference_mode()``, or neither the
+  input nor any parameter involved requires grad),
+* no LoRA dropout is active (dropout > 0 in training mode),
+* dtypes are fp32, fp16 or bf16 (input and module weight alike), and the module has no
+  backward hooks (torch would rewrap its inputs),
+* every active adapter layer on it is a built-in ``LinearLoraLayer`` or
+  ``LinearIA3Layer`` (not a custom ``AdapterLayer`` or a subclass overriding their
+  forward methods), and Triton is installed.
+
+Everything else (CPU tensors, training, other modules, custom layers) runs on the
+PyTorch path, layer by layer: one model may mix both.
+
+Modes:
+
+* ``"auto"``: as above; falls back per layer, silently.
+* ``"triton"``: the fused kernels or :class:`~tinytune.errors.KernelUnavailableError`
+  naming the module and the reason, never a silent fallback. CPU tensors run on the
+  kernels only under ``TRITON_INTERPRET=1`` (Triton's interpreter: how the tests run
+  them without a GPU).
+* ``"torch"``: always the PyTorch path.
+
+The default comes from the environment variable ``TINYTUNE_KERNELS`` (read when
+tinytune is imported, and again by :func:`get_kernel_mode` and ``set_kernel_mode(None)``;
+an invalid value raises :class:`~tinytune.errors.InvalidConfigError` when a mode is
+needed). :func:`set_kernel_mode` sets the process-wide mode; :func:`kernel_mode` sets it
+for a ``with`` block on the calling thread only, so two threads can serve with different
+modes at once. Under ``torch.compile`` the mode is read while tracing and guarded on: a
+change of mode recompiles (or reuses a graph compiled for that mode).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+from typing import Any, Iterable, Iterator
+
+import torch
+from torch import nn
+from torch.nn.modules import module as _torch_module
+
+from .errors import InvalidConfigError, KernelUnavailableError
+from .layers import LinearIA3Layer, LinearLoraLayer, is_conv1d
+
+__all__ = ["MODES", "get_kernel_mode", "kernel_mode", "set_kernel_mode"]
+
+#: The kernel modes, in the order of the docs.
+MODES = ("auto", "triton", "torch")
+ENV_VAR = "TINYTUNE_KERNELS"
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+class _ThreadMode(threading.local):
+    """The calling thread's ``kernel_mode()`` override (``None``: none).
+
+    ``__init__`` runs in each thread on first use, so the attribute always exists
+    (``torch.compile`` would otherwise guard on its presence and recompile).
+    """
+
+    def __init__(self) -> None:
+        self.mode: str | None = None
+
+
+_THREAD = _ThreadMode()
+
+
+class _Process:
+    """Process-wide state: the ``set_kernel_mode`` mode and the environment default."""
+
+    explicit: str | None = None  # set_kernel_mode(); None: from the environment
+    env_raw: str | None = None
+    env_mode: str | None = "auto"  # None: env_raw is invalid
+
+
+def _parse(mode: Any, source: str) -> str:
+    if isinstance(mode, str) and mode.strip().lower() in MODES:
+        return mode.strip().lower()
+    raise InvalidConfigError(
+        f"{source} must be one of {', '.join(repr(m) for m in MODES)}, got {mode!r}. "
+        "'auto' uses the fused kernels where they apply, 'triton' forces them (or raises), "
+        "'torch' always uses the PyTorch path."
+    )
+
+
+def _read_env() -> None:
+    raw = os.environ.get(ENV_VAR)
+    _Process.env_raw = raw
+    if raw is None or raw.strip() == "":
+        _Process.env_mode = "auto"
+    else:
+        try:
+            _Process.env_mode = _parse(raw, f"The environment variable {ENV_VAR}")
+        except InvalidConfigError:
+            _Process.env_mode = None
+
+
+_read_env()
+
+
+def _mode() -> str:
+    """The mode in effect on this thread (the hot path: no environment read)."""
+    mode = _THREAD.mode
+    if mode is not None:
+        return mode
+    mode = _Process.explicit
+    if mode is not None:
+        return mode
+    mode = _Process.env_mode
+    if mode is None:
+        _parse(_Process.env_raw, f"The environment variable {ENV_VAR}")  # raises
+    return mode
+
+
+def get_kernel_mode() -> str:
+    """The kernel mode in effect on the calling thread.
+
+    Returns:
+        ``"auto"``, ``"triton"`` or ``"torch"``: the innermost :func:`kernel_mode` block
+        of this thread, else the mode given to :func:`set_kernel_mode`, else
+        ``TINYTUNE_KERNELS`` (re-read now), else ``"auto"``.
+
+    Raises:
+        InvalidConfigError: If the mode comes from ``TINYTUNE_KERNELS`` and its value is
+            not one of the modes.
+    """
+    if _THREAD.mode is None and _Process.explicit is None:
+        _read_env()
+    return _mode()
+
+
+def set_kernel_mode(mode: str | None) -> None:
+    """Set the kernel mode for the whole process.
+
+    Threads inside a :func:`kernel_mode` block keep their block's mode until it ends.
+
+    Args:
+        mode: ``"auto"``, ``"triton"`` or ``"torch"`` (case-insensitive), or ``None`` to
+            go back to the ``TINYTUNE_KERNELS`` default (re-read now).
+
+    Raises:
+        InvalidConfigError: If ``mode`` is not one of the modes (nothing changes).
+    """
+    if mode is None:
+        _read_env()
+        _Process.explicit = None
+        return
+    _Process.explicit = _parse(mode, "The kernel mode")
+
+
+@contextlib.contextmanager
+def kernel_mode(mode: str) -> Iterator[str]:
+    """Use ``mode`` on the calling thread for the duration of a ``with`` block.
+
+    Thread-safe: the mode is per thread (other threads, including threads started inside
+    the block, keep theirs), blocks nest, and the previous mode comes back when the
+    block ends, also through an exception. Also usable as a decorator.
+
+    Args:
+        mode: ``"auto"``, ``"triton"`` or ``"torch"``.
+
+    Yields:
+        The mode, normalised.
+
+    Raises:
+        InvalidConfigError: If ``mode`` is not one of the modes.
+
+    Example:
+        >>> with tinytune.kernel_mode("torch"):
+        ...     logits = wrapper(ids)
+    """
+    mode = _parse(mode, "The kernel mode")
+    previous = _THREAD.mode
+    _THREAD.mode = mode
+    try:
+        yield mode
+    finally:
+        _THREAD.mode = previous
+
+
+# ----------------------------------------------------------------------------------------
+# what can run fused
+# ----------------------------------------------------------------------------------------
+def _interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on", "yes")
+
+
+class _Kernels:
+    """The kernel ops, imported on first need (importing Triton takes a moment)."""
+
+    loaded = False
+    reason: str | None = None  # why the kernels cannot run in this process
+    interpret = False
+    lora_linear: Any = None
+    lora_mixed_linear: Any = None
+
+
+def _load() -> None:
+    if _Kernels.loaded:
+        return
+    _Kernels.interpret = _interpret()
+    from .kernels import HAS_TRITON
+
+    if not HAS_TRITON:
+        _Kernels.reason = (
+            "Triton is not installed (pip install triton, on Linux with a CUDA GPU), so the "
+            "fused kernels are unavailable"
+        )
+    else:
+        try:
+            from .kernels.lora_linear import lora_linear
+            from .kernels.lora_mixed import lora_mixed_linear
+
+            _Kernels.lora_linear = lora_linear
+            _Kernels.lora_mixed_linear = lora_mixed_linear
+        except Exception as exc:  # pragma: no cover - a broken Triton install
+            _Kernels.reason = f"the fused kernels failed to import ({type(exc).__name__}: {exc})"
+    _Kernels.loaded = True
+
+
+def fusion_possible() -> bool:
+    """Whether any call in this process could run on the fused kernels.
+
+    False without Triton, or without both a CUDA device and ``TRITON_INTERPRET=1``:
+    then hook sites keep their PyTorch-only hooks (no extra pre-hook).
+    """
+    if not (_interpret() or torch.cuda.is_available()):
+        return False  # checked first: no Triton import on a CPU-only machine
+    _load()
+    return _Kernels.reason is None
+
+
+def machine_reason() -> str:
+    """Why no call in this process can run fused (for error messages)."""
+    if _interpret() or torch.cuda.is_available():
+        _load()
+        if _Kernels.reason is not None:
+            return _Kernels.reason
+    return (
+        "no CUDA device is available and TRITON_INTERPRET=1 is not set (the kernels run on "
+        "CUDA tensors, or on CPU tensors through Triton's interpreter, for testing)"
+    )
+
+
+def layer_kind(layer: nn.Module) -> str | None:
+    """``"lora"``, ``"ia3_pre"`` or ``"ia3_post"`` for built-in layers the kernel can
+    run (forward methods not overridden), else ``None``."""
+    cls = type(layer)
+    if isinstance(layer, LinearLoraLayer) and cls.post_forward is LinearLoraLayer.post_forward:
+        return "lora"
+    if (
+        isinstance(layer, LinearIA3Layer)
+        and cls.pre_forward is LinearIA3Layer.pre_forward
+        and cls.post_forward is LinearIA3Layer.post_forward
+    ):
+        return "ia3_pre" if layer.is_feedforward else "ia3_post"
+    return None
+
+
+def module_reason(module: nn.Module) -> str | None:
+    """Why the kernels cannot stand in for ``module``'s forward, or ``None``."""
+    if type(module).forward is nn.Linear.forward and isinstance(module, nn.Linear):
+        return None
+    if is_conv1d(module) and getattr(module.weight, "dim", lambda: 0)() == 2:
+        return None
+    return (
+        f"the fused kernels run nn.Linear and transformers' Conv1D layers only, and this "
+        f"module is a {type(module).__name__}"
+    )
+
+
+def chain_reason(module: nn.Module, chain: Iterable[nn.Module]) -> str | None:
+    """Why this set of active layers on ``module`` cannot run fused (static part)."""
+    reason = module_reason(module)
+    if reason is not None:
+        return reason
+    for layer in chain:
+        if layer_kind(layer) is None:
+            return (
+                f"{type(layer).__name__} is not a built-in LinearLoraLayer/LinearIA3Layer "
+                "(custom AdapterLayers, modules_to_save and layers overriding forward "
+                "methods run on the PyTorch path only)"
+            )
+    return None
+
+
+def _call_reason(
+    module: nn.Module, x: Any, params: Iterable[torch.Tensor], dropout: bool
+) -> str | None:
+    """Why this call cannot run fused (the per-call part), or ``None``."""
+    if not isinstance(x, torch.Tensor):
+        return f"its input is a {type(x).__name__}, not a tensor"
+    _load()
+    if _Kernels.reason is not None:
+        return _Kernels.reason
+    if x.device.type == "cpu":
+        if not _Kernels.interpret:
+            return (
+                "its input is a CPU tensor: the kernels run on CUDA tensors (CPU tensors only "
+                "through Triton's interpreter, TRITON_INTERPRET=1, for testing)"
+            )
+    elif x.device.type != "cuda":
+        return f"its input is on {x.device.type}, and the kernels run on CUDA tensors"
+    weight = module.weight
+    if x.dtype not in _FLOAT_DTYPES or weight.dtype != x.dtype:
+        return (
+            f"the input is {x.dtype} and the weight {weight.dtype}; the kernels take fp32, "
+            "fp16 or bf16 with both alike"
+        )
+    if torch.is_grad_enabled() and (
+        x.requires_grad or weight.requires_grad or any(p.requires_grad for p in params)
+    ):
+        return (
+            "a gradient is needed (autograd is on and a parameter or the input requires "
+            "grad); the kernels have no backward: run under torch.no_grad() or "
+            "torch.inference_mode() to use them"
+        )
+    if dropout:
+        return "LoRA dropout is active (training mode); call model.eval() to use the kernels"
+    if module._backward_hooks or module._backward_pre_hooks or _global_backward_hooks():
+        # torch rewraps the module's inputs for them, which would lose the real input
+        # that the pre-hook hands to the post-hook.
+        return "the module has backward hooks"
+    return None
+
+
+def _auto_device(x: torch.Tensor) -> bool:
+    """Whether mode ``"auto"`` considers ``x``'s device for the kernels: CUDA only (the
+    tests replace this function to exercise the per-layer fallback on the CPU)."""
+    return x.is_cuda
+
+
+def _global_backward_hooks() -> bool:
+    return bool(_torch_module._global_backward_hooks or _torch_module._global_backward_pre_hooks)
+
+
+def use_fused(
+    path: str,
+    static_reason: str | None,
+    module: nn.Module,
+    x: Any,
+    params: Iterable[torch.Tensor],
+    dropout: bool,
+) -> bool:
+    """Decide one call of one adapted module.
+
+    Args:
+        path: The module's dotted name (for error messages).
+        static_reason: What :func:`chain_reason` said about the module and its layers.
+        module: The adapted module.
+        x: Its input.
+        params: The adapter tensors the call would read (checked for ``requires_grad``).
+        dropout: Whether LoRA dropout is active in this call.
+
+    Returns:
+        Whether to run the fused kernel.
+
+    Raises:
+        KernelUnavailableError: In mode ``"triton"``, if the call cannot run fused.
+    """
+    mode = _mode()
+    if mode == "torch":
+        return False
+    if mode == "auto":
+        if static_reason is not None or not isinstance(x, torch.Tensor) or not _auto_device(x):
+            return False
+        return _call_reason(module, x, params, dropout) is None
+    reason = static_reason or _call_reason(module, x, params, dropout)
+    if reason is not None:
+        raise unavailable(path, reason)
+    return True
+
+
+def forced() -> bool:
+    """Whether the mode in effect is ``"triton"`` (for hooks that cannot fuse at all)."""
+    return _mode() == "triton"
+
+
+def unavailable(path: str, reason: str) -> KernelUnavailableError:
+    """The error of mode ``"triton"`` for module ``path``."""
+    return KernelUnavailableError(
+        f"Kernel mode is 'triton', but module {path!r} cannot run on the fused kernels: "
+        f"{reason}. Use kernel mode 'auto' (tinytune.set_kernel_mode('auto'), or "
+        f"{ENV_VAR}=auto) to run such layers on the PyTorch path."
+    )
+
+
+# ----------------------------------------------------------------------------------------
+# the fused call for the active adapters
+# ----------------------------------------------------------------------------------------
+def chain_params(chain: Iterable[nn.Module]) -> list[torch.Tensor]:
+    """The tensors of ``chain`` that the fused kernel reads."""
+    params: list[torch.Tensor] = []
+    for layer in chain:
+        if isinstance(layer, LinearLoraLayer):
+            params += [layer.lora_A.weight, layer.lora_B.weight]
+        elif isinstance(layer, LinearIA3Layer):
+            params.append(layer.ia3_l)
+    return params
+
+
+def chain_dropout(module: nn.Module, chain: Iterable[nn.Module]) -> bool:
+    """Whether a LoRA layer of ``chain`` applies dropout in this call."""
+    return module.training and any(getattr(layer, "lora_dropout", 0.0) for layer in chain)
+
+
+def _mul(a: torch.Tensor | None, b: torch.Tensor) -> torch.Tensor:
+    return b if a is None else a * b
+
+
+def fused_inputs(chain: tuple) -> tuple:
+    """The kernel's adapter inputs for the active layers of one module.
+
+    Several LoRAs are concatenated along the rank, with one scale per rank row. IA³
+    scales become ``l_in``/``l_out``; an IA³ layer that composes with a LoRA (it wraps
+    it: it comes later in the chain, whose first layer is innermost) is folded into
+    that LoRA's ``A`` (input scale, on its columns) or ``B`` (output scale, on its
+    rows). Built per call from the parameters, so values are never stale; with one
+    LoRA and no IA³ around it, the parameters are passed as they are (no copy).
+
+    Args:
+        chain: Built-in layers, innermost first (see :func:`chain_reason`).
+
+    Returns:
+        ``(lora_a (R, K) | None, lora_b (N, R) | None, lora_scale (R,) fp32 | None,
+        l_in (K,) | None, l_out (N,) | None)``.
+    """
+    if len(chain) == 1 and layer_kind(chain[0]) == "lora":
+        # The common case, without a copy: the scale as a stride-0 view of the layer's
+        # fp32 scaling (the kernels take strides).
+        layer = chain[0]
+        a, b = layer.lora_A.weight, layer.lora_B.weight
+        return a, b, layer.scaling_tensor.expand(layer.r), None, None
+    terms: list[list] = []  # [A (r, K), B (N, r), layer, input scale, output scale]
+    l_in = l_out = None
+    for layer in chain:
+        kind = layer_kind(layer)
+        if kind == "lora":
+            terms.append([layer.lora_A.weight, layer.lora_B.weight, layer, None, None])
+        elif kind == "ia3_pre":
+            # y(u) = f(l * u): every inner term sees the scaled input.
+            lv = layer.ia3_l.reshape(-1)
+            l_in = _mul(l_in, lv)
+            for t in terms:
+                t[3] = _mul(t[3], lv)
+        else:
+            lv = layer.ia3_l.reshape(-1)
+            l_out = _mul(l_out, lv)
+            for t in terms:
+                t[4] = _mul(t[4], lv)
+    if not terms:
+        return None, None, None, l_in, l_out
+    a_parts, b_parts, s_parts = [], [], []
+    for a, b, layer, c, d in terms:
+        if c is not None:
+            a = a.float() * c.float()
+        if d is not None:
+            b = b.float() * d.float().unsqueeze(1)
+        a_parts.append(a)
+        b_parts.append(b)
+        s_parts.append(layer.scaling_tensor.expand(layer.r))
+    if len(terms) == 1:
+        return a_parts[0], b_parts[0], s_parts[0], l_in, l_out
+    if len({t.dtype for t in a_parts + b_parts}) > 1:
+        a_parts = [t.float() for t in a_parts]
+        b_parts = [t.float() for t in b_parts]
+    return torch.cat(a_parts), torch.cat(b_parts, 1), torch.cat(s_parts), l_in, l_out
+
+
+def fused_linear(module: nn.Module, chain: tuple, x: torch.Tensor) -> torch.Tensor:
+    """``module(x)`` with the active layers ``chain`` applied, in one fused kernel.
+
+    Args:
+        module: The ``nn.Linear`` or ``Conv1D``.
+        chain: Its active built-in layers, innermost first.
+        x: ``(..., K)`` the module's real input.
+
+    Returns:
+        ``(..., N)`` in ``x.dtype``.
+    """
+    a, b, s, l_in, l_out = fused_inputs(chain)
+    return _Kernels.lora_linear(
+        x, module.weight, module.bias, a, b, s, l_in, l_out, is_conv1d(module)
+    )
+
+
+def mixed_linear(module: nn.Module, x: torch.Tensor, *inputs: Any) -> torch.Tensor:
+    """The per-row fused op on ``module`` (see ``tinytune.kernels.lora_mixed``).
+
+    Args:
+        module: The ``nn.Linear`` or ``Conv1D``.
+        x: ``(B, ..., K)`` the module's real input.
+        inputs: ``row_index, a_stack, bt_stack, scale, ranks, l_in_stack, l_out_stack``.
+
+    Returns:
+        ``(B, ..., N)`` in ``x.dtype``.
+    """
+    return _Kernels.lora_mixed_linear(
+        x, module.weight, module.bias, *inputs, is_conv1d(module)
+    )
+
+
+def empty_rows(x: torch.Tensor) -> torch.Tensor:
+    """A view of ``x`` with no rows (what the module's own forward gets on the fused
+    path): its matmul then costs nothing, and its output is discarded."""
+    return x[:0] if x.dim() >= 2 else x.unsqueeze(0)[:0]
