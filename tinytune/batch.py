@@ -123,6 +123,10 @@ class SiteStacks:
         others_pre, others_post: ``((slot, layer), ...)``: layers that run as
             themselves on their rows, those with a ``pre_forward`` / ``post_forward``.
         need_pre: Whether any layer here changes the module's inputs.
+        ranks: ``(S,)`` int32 on the stacks' device: each slot's true LoRA rank (of the
+            ``lora`` or ``emb`` kind; a module has at most one), 0 for slots without
+            LoRA and for the identity slot. Kept current in place; fused kernels mask
+            the padded rank rows with it.
 
     Args:
         layers: The layer of each adapter in slot order at this module (``None`` where
@@ -139,6 +143,7 @@ class SiteStacks:
         "others_post",
         "need_pre",
         "items",
+        "ranks",
     )
 
     def __init__(self, layers: Sequence[AdapterLayer | None]) -> None:
@@ -174,6 +179,13 @@ class SiteStacks:
         self.others_pre = tuple((s, l) for s, l in others if l.uses_pre_forward)
         self.others_post = tuple((s, l) for s, l in others if l.uses_post_forward)
         self.need_pre = any(layer is not None and layer.uses_pre_forward for layer in layers)
+        ranks = [0] * n
+        for kind in ("lora", "emb"):
+            for slot, layer in by_kind.get(kind, ()):
+                ranks[slot] = int(layer.r)
+        device = next((layer.lora_A.weight.device for kind in ("lora", "emb")
+                       for _, layer in by_kind.get(kind, ())), None)
+        self.ranks = torch.tensor(ranks, dtype=torch.int32, device=device)
 
     @staticmethod
     def _lora_stacks(items: list[tuple[int, AdapterLayer]], n: int, emb: bool) -> tuple:
