@@ -180,6 +180,7 @@ class SiteStacks:
         "bound",
         "copied",
         "max_rank",
+        "dirty",
     )
 
     def __init__(
@@ -197,6 +198,7 @@ class SiteStacks:
         self.layers: list[AdapterLayer | None] = [None] * n
         self.bound: list[tuple[nn.Parameter, ...]] = [()] * n
         self.copied: set[int] = set()
+        self.dirty: set[int] = set()  # vacated slots still holding old values
         device = None
         for layer in [*layers, *like]:
             params = _stack_params(layer, _stackable(layer)) if layer is not None else ()
@@ -334,7 +336,18 @@ class SiteStacks:
                     p.data = buf
         self.bound[slot] = ()
 
+    def vacate(self, slot: int) -> None:
+        """Empty slot ``slot`` without clearing its values (no row may index it until
+        :meth:`set_slot` fills or clears it); its parameters must have been moved out."""
+        self.unbind(slot)
+        self.layers[slot] = None
+        self.copied.discard(slot)
+        self.dirty.add(slot)
+        self.ranks[slot] = 0
+        self._derive()
+
     def _clear(self, slot: int) -> None:
+        self.dirty.discard(slot)
         for kind in ("lora", "emb"):
             stacks = getattr(self, kind)
             if stacks is not None:

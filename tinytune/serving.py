@@ -147,6 +147,9 @@ class SlotPool:
         layers = dict(adapter.items())
         for path, layer in layers.items():
             self._site_stacks(path, layer).set_slot(slot, layer)
+        for path, st in self.stacks.items():
+            if path not in layers and slot in st.dirty:
+                st.set_slot(slot, None)  # identity where this adapter has no layer
         self.slot_of[name] = slot
         self.lru[name] = None
         self.sigs[name] = _AdapterSignature(
@@ -162,7 +165,9 @@ class SlotPool:
             if st.layers[slot] is not None:
                 if keep_host:
                     st.unbind(slot, into=lambda p: self._host_buffer(name, p))
-                st.set_slot(slot, None)  # unbinds what is left into fresh copies
+                # Unbinds what is left into fresh copies; the values stay until the slot
+                # is filled (no row indexes a free slot), which saves a pass over them.
+                st.vacate(slot)
         self.free.append(slot)
         return slot
 
