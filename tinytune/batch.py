@@ -181,6 +181,7 @@ class SiteStacks:
         "copied",
         "max_rank",
         "dirty",
+        "kinds",
     )
 
     def __init__(
@@ -196,6 +197,7 @@ class SiteStacks:
         self.lora = self.emb = self.ia3_pre = self.ia3_post = None
         self.max_rank = max_rank
         self.layers: list[AdapterLayer | None] = [None] * n
+        self.kinds: list[str | None] = [None] * n  # _stackable() of each slot's layer
         self.bound: list[tuple[nn.Parameter, ...]] = [()] * n
         self.copied: set[int] = set()
         self.dirty: set[int] = set()  # vacated slots still holding old values
@@ -211,7 +213,7 @@ class SiteStacks:
             for slot, layer in enumerate(layers):
                 if layer is not None:
                     self._write(slot, layer, bind)
-        self._derive()
+        self.derive()
 
     # --- allocation --------------------------------------------------------------------
     @property
@@ -253,7 +255,7 @@ class SiteStacks:
         tensors: compiled graphs that read these stacks recompile once)."""
         with torch.inference_mode(False), torch.no_grad():
             self._allocate(list(layers))
-        self._derive()
+        self.derive()
 
     def fits(self, layer: AdapterLayer) -> bool:
         """Whether ``layer`` can go into a slot without reallocating any stack."""
@@ -294,19 +296,23 @@ class SiteStacks:
             return va, bt[slot, :r].t()
         return (getattr(self, kind)[slot].view(layer.ia3_l.shape),)
 
-    def set_slot(self, slot: int, layer: AdapterLayer | None, bind: bool = True) -> None:
+    def set_slot(
+        self, slot: int, layer: AdapterLayer | None, bind: bool = True, derive: bool = True
+    ) -> None:
         """Put ``layer`` in slot ``slot`` (``None``: identity), in place.
 
         The previous occupant's parameters must have been moved out first (see
         ``unbind``); ``layer`` must fit (see :meth:`fits`). With ``bind``, ``layer``'s
-        stack parameters become views of the slot.
+        stack parameters become views of the slot. ``derive=False`` leaves the
+        bookkeeping attributes to a later :meth:`derive` (several slots at once).
         """
         self.unbind(slot)
         with torch.inference_mode(False), torch.no_grad():
             self._clear(slot)
             if layer is not None:
                 self._write(slot, layer, bind)
-        self._derive()
+        if derive:
+            self.derive()
 
     def refresh(self, slot: int) -> None:
         """Copy again the values of a slot whose parameters are copies (not views)."""
@@ -326,6 +332,8 @@ class SiteStacks:
             into: ``param -> tensor`` (same shape) to copy each parameter into, e.g. its
                 host-memory buffer; default: a fresh contiguous copy on its device.
         """
+        if not self.bound[slot]:
+            return
         with torch.inference_mode(False), torch.no_grad():
             for p in self.bound[slot]:
                 if into is None:
@@ -336,15 +344,17 @@ class SiteStacks:
                     p.data = buf
         self.bound[slot] = ()
 
-    def vacate(self, slot: int) -> None:
+    def vacate(self, slot: int, derive: bool = True) -> None:
         """Empty slot ``slot`` without clearing its values (no row may index it until
         :meth:`set_slot` fills or clears it); its parameters must have been moved out."""
         self.unbind(slot)
         self.layers[slot] = None
+        self.kinds[slot] = None
         self.copied.discard(slot)
         self.dirty.add(slot)
         self.ranks[slot] = 0
-        self._derive()
+        if derive:
+            self.derive()
 
     def _clear(self, slot: int) -> None:
         self.dirty.discard(slot)
@@ -359,12 +369,13 @@ class SiteStacks:
                 stack[slot].fill_(1.0)
         self.ranks[slot] = 0
         self.layers[slot] = None
+        self.kinds[slot] = None
         self.bound[slot] = ()
         self.copied.discard(slot)
 
     def _write(self, slot: int, layer: AdapterLayer, bind: bool) -> None:
         self.layers[slot] = layer
-        kind = _stackable(layer)
+        kind = self.kinds[slot] = _stackable(layer)
         if kind is None:
             return
         params = _stack_params(layer, kind)
@@ -386,22 +397,29 @@ class SiteStacks:
                 stacks[3][slot] = float(layer.lora_dropout)
             self.ranks[slot] = int(layer.r)
 
-    def _derive(self) -> None:
-        """Re-derive the per-slot bookkeeping from ``layers`` (after a slot changed)."""
+    def derive(self) -> None:
+        """Re-derive the per-slot bookkeeping from ``layers`` (after a slot changed).
+
+        One plain pass: it runs for every slot written, so it stays cheap."""
         by_kind: dict[str, list[tuple[int, AdapterLayer]]] = {}
-        others: list[tuple[int, AdapterLayer]] = []
-        for slot, layer in enumerate(self.layers):
+        pre: list[tuple[int, AdapterLayer]] = []
+        post: list[tuple[int, AdapterLayer]] = []
+        dropout = False
+        for slot, (layer, kind) in enumerate(zip(self.layers, self.kinds)):
             if layer is None:
                 continue
-            kind = _stackable(layer)
             if kind is None:
-                others.append((slot, layer))
+                if layer.uses_pre_forward:
+                    pre.append((slot, layer))
+                if layer.uses_post_forward:
+                    post.append((slot, layer))
             else:
                 by_kind.setdefault(kind, []).append((slot, layer))
+                dropout = dropout or (kind == "lora" and layer.lora_dropout > 0)
         self.items = by_kind  # kind -> [(slot, layer)], to route gradients (_with_grads)
-        self.has_dropout = any(layer.lora_dropout > 0 for _, layer in by_kind.get("lora", ()))
-        self.others_pre = tuple((s, l) for s, l in others if l.uses_pre_forward)
-        self.others_post = tuple((s, l) for s, l in others if l.uses_post_forward)
+        self.has_dropout = dropout
+        self.others_pre = tuple(pre)
+        self.others_post = tuple(post)
         # With an input-IA³ stack every row goes through it (ones for the others), so
         # the pre-hook is needed whoever is in the slots: keeps the hooks stable.
         self.need_pre = self.ia3_pre is not None or bool(self.others_pre)

@@ -146,10 +146,12 @@ class SlotPool:
         adapter = self.known[name]
         layers = dict(adapter.items())
         for path, layer in layers.items():
-            self._site_stacks(path, layer).set_slot(slot, layer)
+            st = self.stacks.get(path)  # allocated when the adapter was adopted
+            st = st if st is not None else self._site_stacks(path, layer)
+            st.set_slot(slot, layer, derive=False)
         for path, st in self.stacks.items():
             if path not in layers and slot in st.dirty:
-                st.set_slot(slot, None)  # identity where this adapter has no layer
+                st.set_slot(slot, None, derive=False)  # identity where it has no layer
         self.slot_of[name] = slot
         self.lru[name] = None
         self.sigs[name] = _AdapterSignature(
@@ -167,7 +169,7 @@ class SlotPool:
                     st.unbind(slot, into=lambda p: self._host_buffer(name, p))
                 # Unbinds what is left into fresh copies; the values stay until the slot
                 # is filled (no row indexes a free slot), which saves a pass over them.
-                st.vacate(slot)
+                st.vacate(slot, derive=False)
         self.free.append(slot)
         return slot
 
@@ -176,12 +178,19 @@ class SlotPool:
         for name in list(self.slot_of):
             self._evict(name)
             self.evictions += 1
+        self.derive()
+
+    def derive(self) -> None:
+        """Bring every module's bookkeeping up to date after slots changed."""
+        for st in self.stacks.values():
+            st.derive()
 
     def forget(self, name: str) -> None:
         """Drop a deleted adapter: its slot is freed, its host buffers released (its
         parameters keep their values, in storage of their own)."""
         if name in self.slot_of:
             self._evict(name, keep_host=False)
+            self.derive()
         self.known.pop(name, None)
         self.host.pop(name, None)
 
@@ -311,6 +320,8 @@ class SlotPool:
                 self.evictions += 1
                 slot = self.free.pop()
             self._load(name, slot)
+        if stale or need:
+            self.derive()
         pins = self._pin([self.slot_of[n] for n in used])
         return dict(self.slot_of), self.stacks, pins
 
@@ -538,5 +549,6 @@ def hotswap(wrapper: nn.Module, path: Any, adapter_name: str, **kwargs: Any) -> 
                 pool.adopt(adapter_name, old)
                 pool._load(adapter_name, slot)
                 pool.loads -= 1
+                pool.derive()
             else:
                 pool.adopt(adapter_name, old)
