@@ -467,6 +467,12 @@ def stats(wrapper: nn.Module) -> dict[str, Any]:
 
 def hotswap(wrapper: nn.Module, path: Any, adapter_name: str, **kwargs: Any) -> None:
     """See ``AdapterWrapper.hotswap_adapter``."""
+    # Normal tensors even when called inside inference_mode: the new weights may train.
+    with torch.inference_mode(False):
+        _hotswap(wrapper, path, adapter_name, **kwargs)
+
+
+def _hotswap(wrapper: nn.Module, path: Any, adapter_name: str, **kwargs: Any) -> None:
     from .batch import _wrapper_state
     from .errors import AdapterFileError, AdapterStateError
     from .io import _layer_config, read_adapter
