@@ -11,6 +11,7 @@ import gc
 import random
 import threading
 import weakref
+from functools import partial
 
 import pytest
 import torch
@@ -22,6 +23,7 @@ from tinytune import (
     IA3Config,
     InvalidConfigError,
     LinearIA3Layer,
+    LinearLoraLayer,
     LoraConfig,
     MixedBatchError,
 )
@@ -232,6 +234,12 @@ def test_rows_equal_plain_calls_across_eviction_cycles():
     assert w.slot_stats()["resident"] == []
     row_names = ["l3", "save", "ia3", "l3"]
     torch.testing.assert_close(mixed(w, ids, row_names), per_row(w, ids, row_names), atol=2e-5, rtol=1e-5)
+    # a dtype change of the whole wrapper: the stacks follow (resident or not)
+    w.to(torch.float64)
+    for row_names in (["l3", "ia3", "l0", "__base__"], ["l1", "l5", "mix", "l1"]):
+        out = mixed(w, ids, row_names)
+        assert out.dtype == torch.float64
+        torch.testing.assert_close(out, per_row(w, ids, row_names))
 
 
 def test_adapter_memory_lives_in_host_tier_and_device_memory_is_constant():
@@ -327,6 +335,28 @@ def test_hotswap_without_reserved_slots(files):
     same = w.adapters["a"]["lin0"].lora_A.weight
     w.hotswap_adapter(files["r4"], "a")
     assert w.adapters["a"]["lin0"].lora_A.weight is same
+
+
+def test_hotswap_tinytune_format_file_with_lora_and_ia3(tmp_path):
+    torch.manual_seed(0)
+    src = AdapterWrapper(MLP())
+    for name, r in (("m4", 4), ("m8", 8)):
+        src.add_adapter(name, activate=False)
+        src.add_adapter_layer(name, "lin0", partial(LinearLoraLayer, r=r, lora_alpha=r + 1, init_lora_weights=False))
+        src.add_adapter_layer(name, "lin1", partial(LinearIA3Layer, init_ia3_weights=False))
+        src.save_adapter(str(tmp_path / name), name)
+    base = MLP().eval()
+    w = AdapterWrapper(base)
+    w.reserve_adapter_slots(max_adapters=2, max_rank=8)
+    w.load_adapter(str(tmp_path / "m4"), "m", activate=False)
+    x = torch.randn(3, 10)
+    mixed(w, x, ["m", "__base__", "m"])
+    w.hotswap_adapter(str(tmp_path / "m8"), "m")
+    fresh = AdapterWrapper(MLP().eval())
+    fresh.model.load_state_dict(base.state_dict())
+    fresh.load_adapter(str(tmp_path / "m8"), "m", activate=False)
+    torch.testing.assert_close(mixed(w, x, ["m", "__base__", "m"]), mixed(fresh, x, ["m", "__base__", "m"]))
+    torch.testing.assert_close(per_row(w, x, ["m"] * 3), per_row(fresh, x, ["m"] * 3))
 
 
 # ----------------------------------------------------------------------------------------

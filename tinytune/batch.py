@@ -163,6 +163,9 @@ class SiteStacks:
             copies them (a throwaway stack).
         like: More layers to allocate stacks for (kinds, shapes, dtype, device),
             without putting them in slots.
+        device: Where to allocate the stacks (default: where the layers' parameters
+            are; reserved slots pass the module's device, their adapters' parameters
+            may be in host memory).
     """
 
     __slots__ = (
@@ -182,6 +185,8 @@ class SiteStacks:
         "max_rank",
         "dirty",
         "kinds",
+        "device",
+        "fixed",
     )
 
     def __init__(
@@ -191,6 +196,7 @@ class SiteStacks:
         max_rank: int | None = None,
         bind: bool = True,
         like: Sequence[AdapterLayer] = (),
+        device: torch.device | None = None,
     ) -> None:
         layers = list(layers)
         n = (len(layers) if capacity is None else capacity) + 1  # + identity slot
@@ -201,12 +207,17 @@ class SiteStacks:
         self.bound: list[tuple[nn.Parameter, ...]] = [()] * n
         self.copied: set[int] = set()
         self.dirty: set[int] = set()  # vacated slots still holding old values
-        device = None
+        # Reserved slots (a device given): parameters may live in host memory and move
+        # into their slots; otherwise a parameter on another device is copied, not bound.
+        self.fixed = device is not None
         for layer in [*layers, *like]:
+            if device is not None:
+                break
             params = _stack_params(layer, _stackable(layer)) if layer is not None else ()
             if params:
                 device = params[0].device
                 break
+        self.device = device
         self.ranks = torch.zeros(n, dtype=torch.int32, device=device)
         with torch.inference_mode(False), torch.no_grad():
             self._allocate([l for l in [*layers, *like] if l is not None])
@@ -231,7 +242,8 @@ class SiteStacks:
         n = self.size
         for kind, items in by_kind.items():
             params = [p for layer in items for p in _stack_params(layer, kind)]
-            dtype, device = _common_dtype(params), params[0].device
+            dtype = _common_dtype(params)
+            device = self.device if self.device is not None else params[0].device
             if kind in ("lora", "emb"):
                 r = self.max_rank or max(int(layer.r) for layer in items)
                 rows, width = _lora_dims(kind, items[0])
@@ -269,7 +281,7 @@ class SiteStacks:
         if stacks is None:
             return False
         ref = stacks[0] if kind in ("lora", "emb") else stacks
-        if any(p.dtype != ref.dtype or p.device != ref.device for p in params):
+        if any(p.dtype != ref.dtype or (p.device != ref.device and not self.fixed) for p in params):
             return False
         if kind in ("lora", "emb"):
             a, bt = stacks[0], stacks[1]
@@ -383,7 +395,8 @@ class SiteStacks:
         bound = []
         for p, v in zip(params, views):
             v.copy_(p.detach(), non_blocking=True)
-            if bind and p.dtype == v.dtype and p.device == v.device and p.shape == v.shape:
+            same_device = p.device == v.device or self.fixed
+            if bind and p.dtype == v.dtype and same_device and p.shape == v.shape:
                 if p.data_ptr() != v.data_ptr() or p.stride() != v.stride():
                     p.data = v
                 bound.append(p)

@@ -85,6 +85,7 @@ class SlotPool:
         self.local = threading.local()
         self.loads = 0
         self.evictions = 0
+        self.where: dict[str, tuple] = {}  # module path -> (device, dtype) at allocation
 
     @property
     def identity(self) -> int:
@@ -96,8 +97,13 @@ class SlotPool:
         st = self.stacks.get(path)
         if st is None:
             st = self.stacks[path] = SiteStacks(
-                (), capacity=self.capacity, max_rank=self.max_rank, like=[layer]
+                (),
+                capacity=self.capacity,
+                max_rank=self.max_rank,
+                like=[layer],
+                device=_module_device(self._wrapper(), path),
             )
+            self.where[path] = _module_where(self._wrapper(), path)
         elif _stackable(layer) is not None and not st.fits(layer):
             st.ensure([layer])
         return st
@@ -194,9 +200,22 @@ class SlotPool:
         self.known.pop(name, None)
         self.host.pop(name, None)
 
+    def _model_moved(self) -> bool:
+        """Whether the model changed device or dtype since the stacks were allocated (one
+        module checked: models move as a whole; ``_moved`` checks every module when
+        adapters change)."""
+        for path, where in self.where.items():
+            return _module_where(self._wrapper(), path) != where
+        return False
+
     def _moved(self, adapter: nn.Module) -> bool:
-        """Whether ``adapter`` has stackable parameters of another dtype or device than
-        the stacks of their module."""
+        """Whether the model moved to another device since the stacks were allocated,
+        or ``adapter`` has stackable parameters of another dtype than their stacks."""
+        wrapper = self._wrapper()
+        for path, st in self.stacks.items():
+            device = _module_device(wrapper, path)
+            if device is not None and st.device is not None and device != st.device:
+                return True
         for path, layer in adapter.items():
             st = self.stacks.get(path)
             kind = _stackable(layer)
@@ -204,7 +223,7 @@ class SlotPool:
                 continue
             stacks = getattr(st, kind)
             ref = stacks[0] if kind in ("lora", "emb") else stacks
-            if any(p.dtype != ref.dtype or p.device != ref.device for p in _stack_params(layer, kind)):
+            if any(p.dtype != ref.dtype for p in _stack_params(layer, kind)):
                 return True
         return False
 
@@ -214,7 +233,7 @@ class SlotPool:
         for st in self.stacks.values():
             for slot in range(st.size):
                 st.unbind(slot)
-        self.stacks = {}
+        self.stacks, self.where = {}, {}
         self.slot_of, self.sigs, self.known, self.host = {}, {}, {}, {}
         self.lru.clear()
         self.free = list(range(self.capacity - 1, -1, -1))
@@ -264,7 +283,7 @@ class SlotPool:
                 stale.append(name)
         for name in stale:
             check_fits(adapters[name], self.max_rank)
-        if any(self._moved(adapters[name]) for name in stale):
+        if self._model_moved() or any(self._moved(adapters[name]) for name in stale):
             # The model changed dtype or device (wrapper.to(...)): reallocate the stacks
             # like it (new tensors, as any dtype or device change needs).
             self._reset()
@@ -341,6 +360,26 @@ class SlotPool:
         }
 
 
+def _module_where(wrapper: nn.Module, path: str) -> tuple:
+    """``(device, dtype)`` of the adapted module ``path``'s first parameter."""
+    site = wrapper._sites.get(path)
+    for t in () if site is None else site.module.parameters():
+        return (t.device, t.dtype)
+    return (None, None)
+
+
+def _module_device(wrapper: nn.Module, path: str) -> torch.device | None:
+    """The device of the adapted module ``path`` (its first parameter or buffer)."""
+    site = wrapper._sites.get(path)
+    if site is None:
+        return None
+    for t in site.module.parameters():
+        return t.device
+    for t in site.module.buffers():
+        return t.device
+    return None
+
+
 class _Pins:
     """Slots a call in flight uses; released once, when the call ends."""
 
@@ -394,7 +433,14 @@ def reserve(wrapper: nn.Module, max_adapters: int, max_rank: int) -> None:
             for path, layer in adapter.items():
                 by_path.setdefault(path, []).append(layer)
         for path, layers in by_path.items():
-            pool.stacks[path] = SiteStacks((), capacity=max_adapters, max_rank=max_rank, like=layers)
+            pool.stacks[path] = SiteStacks(
+                (),
+                capacity=max_adapters,
+                max_rank=max_rank,
+                like=layers,
+                device=_module_device(wrapper, path),
+            )
+            pool.where[path] = _module_where(wrapper, path)
         for name, adapter in wrapper.adapters.items():
             pool.adopt(name, adapter)
         state.pool = pool
