@@ -9,15 +9,18 @@ How it works:
 
 * Per call, the names become a ``row_index`` tensor: the *slot* of each row's adapter.
 * Per adapted module, the adapters' layers of the stackable kinds (LoRA on linear and
-  embedding layers, IA³) are stacked once into rank-padded tensors with one slot per
-  adapter plus a last identity slot (see :mod:`tinytune.kernels.lora_mixed`, which holds
-  the tensor-only math that the PyTorch path and the fused kernels share). The stacks
-  are cached; every call checks the used adapters' parameters (identity, ``_version``
-  counters, data pointers) and scalings, so a training step or a load is never served
-  stale weights: changed values are restacked in place for the changed adapters only, a
-  changed structure (adapters, layers, parameter objects, dtype, device) restacks all. With autograd on
-  and trainable adapters, each call wraps the cached stacks in an autograd function that
-  routes their gradients back to the parameters they were built from.
+  embedding layers, IA³) are stacked into rank-padded tensors with one slot per adapter
+  plus a last identity slot (see :mod:`tinytune.kernels.lora_mixed`, which holds the
+  tensor-only math that the PyTorch path and the fused kernels share). The stacks are
+  the stacked parameters' storage (each parameter becomes a view of its slot, see
+  :class:`SiteStacks`), so in-place changes of values, by any means, are never served
+  stale; what a view cannot follow (new parameter objects, rebound ``.data``, a new
+  scaling) is compared on every call for the used adapters, which are then rewritten
+  in place; a changed structure (adapters, layers, ranks, dtype, device) restacks all.
+  With reserved slots (:mod:`tinytune.serving`) the stacks have a fixed shape and
+  adapters move between them and host memory. With autograd on and trainable adapters,
+  each call wraps the stacks in an autograd function that routes their gradients back
+  to the parameters.
 * The module's hook site hands each call to a per-site plan published in a
   thread-local slot for the duration of the call: the plan gathers each row's factors
   and runs batched matmuls, with no Python loop over rows or adapters. Other layers
