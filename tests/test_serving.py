@@ -256,11 +256,21 @@ def test_adapter_memory_lives_in_host_tier_and_device_memory_is_constant():
     steps = {b - a for a, b in zip(host, host[1:])}
     assert len(steps) == 1 and steps.pop() > 0  # linear in loaded adapters
     x = torch.randn(2, 10)
+    from tinytune.batch import _STATES
+
+    pool = _STATES[w].pool
+    tensors = {path: [id(t) for t in st.tensors()] for path, st in pool.stacks.items()}
     for pair in (["a0", "a1"], ["a2", "a3"], ["a1", "a4"]):
         torch.testing.assert_close(mixed(w, x, pair), per_row(w, x, pair))
         assert w.slot_stats()["device_bytes"] == device[0]
         assert w.slot_stats()["host_bytes"] == host[-1]
     assert w.slot_stats()["resident"] == ["a4", "a1"]
+    # the same tensors throughout; ranks shows each slot's true rank (0: empty, identity)
+    assert {path: [id(t) for t in st.tensors()] for path, st in pool.stacks.items()} == tensors
+    st = pool.stacks["lin0"]
+    assert st.ranks.dtype == torch.int32 and st.ranks.tolist() == [8, 8, 0]
+    w.delete_adapter("a4")
+    assert st.ranks.tolist() == [8, 0, 0]
 
 
 # ----------------------------------------------------------------------------------------
