@@ -9,15 +9,18 @@ How it works:
 
 * Per call, the names become a ``row_index`` tensor: the *slot* of each row's adapter.
 * Per adapted module, the adapters' layers of the stackable kinds (LoRA on linear and
-  embedding layers, IA³) are stacked once into rank-padded tensors with one slot per
-  adapter plus a last identity slot (see :mod:`tinytune.kernels.lora_mixed`, which holds
-  the tensor-only math that the PyTorch path and the fused kernels share). The stacks
-  are cached; every call checks the used adapters' parameters (identity, ``_version``
-  counters, data pointers) and scalings, so a training step or a load is never served
-  stale weights: changed values are restacked in place for the changed adapters only, a
-  changed structure (adapters, layers, parameter objects, dtype, device) restacks all. With autograd on
-  and trainable adapters, each call wraps the cached stacks in an autograd function that
-  routes their gradients back to the parameters they were built from.
+  embedding layers, IA³) are stacked into rank-padded tensors with one slot per adapter
+  plus a last identity slot (see :mod:`tinytune.kernels.lora_mixed`, which holds the
+  tensor-only math that the PyTorch path and the fused kernels share). The stacks are
+  the stacked parameters' storage (each parameter becomes a view of its slot, see
+  :class:`SiteStacks`), so in-place changes of values, by any means, are never served
+  stale; what a view cannot follow (new parameter objects, rebound ``.data``, a new
+  scaling) is compared on every call for the used adapters, which are then rewritten
+  in place; a changed structure (adapters, layers, ranks, dtype, device) restacks all.
+  With reserved slots (:mod:`tinytune.serving`) the stacks have a fixed shape and
+  adapters move between them and host memory. With autograd on and trainable adapters,
+  each call wraps the stacks in an autograd function that routes their gradients back
+  to the parameters.
 * The module's hook site hands each call to a per-site plan published in a
   thread-local slot for the duration of the call: the plan gathers each row's factors
   and runs batched matmuls, with no Python loop over rows or adapters. Other layers
@@ -100,19 +103,42 @@ def _common_dtype(tensors: list[torch.Tensor]) -> torch.dtype:
     return dtype
 
 
-def _pad_rank(t: torch.Tensor, r: int, dim: int) -> torch.Tensor:
-    if t.shape[dim] == r:
-        return t
-    pad = [0, 0] * (t.dim() - 1 - dim % t.dim()) + [0, r - t.shape[dim]]
-    return torch.nn.functional.pad(t, pad)
+def _lora_dims(kind: str, layer: AdapterLayer) -> tuple[int, int]:
+    """``(rows of A's stack entry, width of B^T's)`` of a LoRA layer: ``(in, out)`` for
+    linear LoRA, ``(num_embeddings, dim)`` for embedding LoRA."""
+    return int(layer.lora_A.weight.shape[1 if kind == "lora" else 0]), int(
+        layer.lora_B.weight.shape[0]
+    )
+
+
+def _stack_params(layer: AdapterLayer, kind: str | None) -> tuple[nn.Parameter, ...]:
+    """The parameters of ``layer`` that live in the stacks, looked up afresh (so a
+    replaced ``lora_B`` module or parameter is seen)."""
+    if kind in ("lora", "emb"):
+        a, b = layer._modules.get("lora_A"), layer._modules.get("lora_B")
+        if a is None or b is None:
+            return ()
+        return tuple(p for p in (a._parameters.get("weight"), b._parameters.get("weight")) if p is not None)
+    if kind is not None:
+        p = layer._parameters.get("ia3_l")
+        return () if p is None else (p,)
+    return ()
 
 
 class SiteStacks:
-    """The stacked adapter tensors of one module, for one slot order.
+    """The stacked adapter tensors of one module: one slot per adapter, plus a last
+    identity slot (``"__base__"`` rows, and adapters without a layer here).
 
-    Slot ``i`` is adapter ``names[i]``; the last slot (``len(names)``) is the identity,
-    used by ``"__base__"`` rows. Adapters without a layer of a kind at this module get
-    identity entries (zero LoRA factors, unit IA³ scales) in that kind's stack.
+    The stacks *are* the storage of the adapters' stackable parameters: after a layer is
+    put in a slot (:meth:`set_slot`), its ``lora_A.weight``, ``lora_B.weight`` or
+    ``ia3_l`` is a view of its slot (``param.data`` is rebound; the parameter object
+    stays the same). Every in-place change of a parameter (``.data.mul_``, ``copy_``,
+    ``load_state_dict``, any optimizer, fused or not) is therefore a change of the stack
+    itself, and the next mixed call cannot serve stale values. What a view cannot follow
+    (a new parameter object or module, ``param.data = other``, a new scaling) changes
+    the parameter's identity, data pointer, shape or a float, which
+    ``_AdapterSignature`` compares on every call. A parameter whose dtype or device
+    differs from its stack's is copied instead, and refreshed on every call that uses it.
 
     Attributes:
         lora: ``(a_stack (S, r, in), bt_stack (S, r, out), scale (S,), dropout (S,))``
@@ -121,13 +147,29 @@ class SiteStacks:
         emb: ``(a_stack (S, num, r), bt_stack (S, r, dim), scale (S,))`` or ``None``.
         ia3_pre: ``(S, in)`` input scales (feed-forward IA³) or ``None``.
         ia3_post: ``(S, out)`` output scales or ``None``.
+        ranks: ``(S,)`` int32 on the stacks' device: each slot's true LoRA rank (of the
+            ``lora`` or ``emb`` kind; a module has at most one), 0 for slots without
+            LoRA and for the identity slot. Kept current in place; fused kernels mask
+            the padded rank rows with it.
         others_pre, others_post: ``((slot, layer), ...)``: layers that run as
             themselves on their rows, those with a ``pre_forward`` / ``post_forward``.
         need_pre: Whether any layer here changes the module's inputs.
+        layers: The layer in each slot (``None``: identity).
 
     Args:
         layers: The layer of each adapter in slot order at this module (``None`` where
             an adapter has none).
+        capacity: Number of adapter slots (default ``len(layers)``); fixed for the
+            stacks' lifetime.
+        max_rank: Rank the LoRA stacks are padded to (default: the largest rank in
+            ``layers``).
+        bind: Make the layers' parameters views of their slots (default). ``False``
+            copies them (a throwaway stack).
+        like: More layers to allocate stacks for (kinds, shapes, dtype, device),
+            without putting them in slots.
+        device: Where to allocate the stacks (default: where the layers' parameters
+            are; reserved slots pass the module's device, their adapters' parameters
+            may be in host memory).
     """
 
     __slots__ = (
@@ -140,97 +182,272 @@ class SiteStacks:
         "others_post",
         "need_pre",
         "items",
+        "ranks",
+        "layers",
+        "bound",
+        "copied",
+        "max_rank",
+        "dirty",
+        "kinds",
+        "device",
+        "fixed",
     )
 
-    def __init__(self, layers: Sequence[AdapterLayer | None]) -> None:
-        n = len(layers) + 1  # + identity slot
+    def __init__(
+        self,
+        layers: Sequence[AdapterLayer | None],
+        capacity: int | None = None,
+        max_rank: int | None = None,
+        bind: bool = True,
+        like: Sequence[AdapterLayer] = (),
+        device: torch.device | None = None,
+    ) -> None:
+        layers = list(layers)
+        n = (len(layers) if capacity is None else capacity) + 1  # + identity slot
+        self.lora = self.emb = self.ia3_pre = self.ia3_post = None
+        self.max_rank = max_rank
+        self.layers: list[AdapterLayer | None] = [None] * n
+        self.kinds: list[str | None] = [None] * n  # _stackable() of each slot's layer
+        self.bound: list[tuple[nn.Parameter, ...]] = [()] * n
+        self.copied: set[int] = set()
+        self.dirty: set[int] = set()  # vacated slots still holding old values
+        # Reserved slots (a device given): parameters may live in host memory and move
+        # into their slots; otherwise a parameter on another device is copied, not bound.
+        self.fixed = device is not None
+        for layer in [*layers, *like]:
+            if device is not None:
+                break
+            params = _stack_params(layer, _stackable(layer)) if layer is not None else ()
+            if params:
+                device = params[0].device
+                break
+        self.device = device
+        self.ranks = torch.zeros(n, dtype=torch.int32, device=device)
+        with torch.inference_mode(False), torch.no_grad():
+            self._allocate([l for l in [*layers, *like] if l is not None])
+            for slot, layer in enumerate(layers):
+                if layer is not None:
+                    self._write(slot, layer, bind)
+        self.derive()
+
+    # --- allocation --------------------------------------------------------------------
+    @property
+    def size(self) -> int:
+        """Number of slots, the identity slot included."""
+        return len(self.layers)
+
+    def _allocate(self, layers: list[AdapterLayer]) -> None:
+        """Allocate the stacks of every kind ``layers`` have and this one lacks."""
+        by_kind: dict[str, list[AdapterLayer]] = {}
+        for layer in layers:
+            kind = _stackable(layer)
+            if kind is not None and getattr(self, kind) is None and _stack_params(layer, kind):
+                by_kind.setdefault(kind, []).append(layer)
+        n = self.size
+        for kind, items in by_kind.items():
+            params = [p for layer in items for p in _stack_params(layer, kind)]
+            dtype = _common_dtype(params)
+            device = self.device if self.device is not None else params[0].device
+            if kind in ("lora", "emb"):
+                r = self.max_rank or max(int(layer.r) for layer in items)
+                rows, width = _lora_dims(kind, items[0])
+                a_shape = (n, r, rows) if kind == "lora" else (n, rows, r)
+                stacks = (
+                    torch.zeros(a_shape, dtype=dtype, device=device),
+                    torch.zeros((n, r, width), dtype=dtype, device=device),
+                    # float64: the scalings are Python floats; each path casts to its
+                    # compute dtype.
+                    torch.zeros(n, dtype=torch.float64, device=device),
+                )
+                if kind == "lora":
+                    stacks += (torch.zeros(n, dtype=torch.float32, device=device),)
+                setattr(self, kind, stacks)
+            else:
+                width = items[0].ia3_l.numel()
+                setattr(self, kind, torch.ones((n, width), dtype=dtype, device=device))
+
+    def ensure(self, layers: Sequence[AdapterLayer]) -> None:
+        """Allocate the stacks of kinds that ``layers`` have and these stacks lack (new
+        tensors: compiled graphs that read these stacks recompile once)."""
+        with torch.inference_mode(False), torch.no_grad():
+            self._allocate(list(layers))
+        self.derive()
+
+    def fits(self, layer: AdapterLayer) -> bool:
+        """Whether ``layer`` can go into a slot without reallocating any stack."""
+        kind = _stackable(layer)
+        if kind is None:
+            return True
+        params = _stack_params(layer, kind)
+        if not params:
+            return False
+        stacks = getattr(self, kind)
+        if stacks is None:
+            return False
+        ref = stacks[0] if kind in ("lora", "emb") else stacks
+        if any(p.dtype != ref.dtype or (p.device != ref.device and not self.fixed) for p in params):
+            return False
+        if kind in ("lora", "emb"):
+            a, bt = stacks[0], stacks[1]
+            rows, width = _lora_dims(kind, layer)
+            r_stack = a.shape[1] if kind == "lora" else a.shape[2]
+            return (
+                layer.r <= r_stack
+                and rows == (a.shape[2] if kind == "lora" else a.shape[1])
+                and width == bt.shape[2]
+                and params[0].shape[0 if kind == "lora" else 1] == layer.r
+                and params[1].shape[1] == layer.r
+            )
+        return params[0].numel() == stacks.shape[1]
+
+    # --- slots -------------------------------------------------------------------------
+    def views(self, slot: int, layer: AdapterLayer) -> tuple[torch.Tensor, ...]:
+        """The views of slot ``slot`` that ``layer``'s stack parameters become, in the
+        order of ``_stack_params`` (same shapes as the parameters)."""
+        kind = _stackable(layer)
+        if kind in ("lora", "emb"):
+            a, bt = getattr(self, kind)[:2]
+            r = int(layer.r)
+            va = a[slot, :r] if kind == "lora" else a[slot, :, :r]
+            return va, bt[slot, :r].t()
+        return (getattr(self, kind)[slot].view(layer.ia3_l.shape),)
+
+    def set_slot(
+        self, slot: int, layer: AdapterLayer | None, bind: bool = True, derive: bool = True
+    ) -> None:
+        """Put ``layer`` in slot ``slot`` (``None``: identity), in place.
+
+        The previous occupant's parameters must have been moved out first (see
+        ``unbind``); ``layer`` must fit (see :meth:`fits`). With ``bind``, ``layer``'s
+        stack parameters become views of the slot. ``derive=False`` leaves the
+        bookkeeping attributes to a later :meth:`derive` (several slots at once).
+        """
+        self.unbind(slot)
+        with torch.inference_mode(False), torch.no_grad():
+            self._clear(slot)
+            if layer is not None:
+                self._write(slot, layer, bind)
+        if derive:
+            self.derive()
+
+    def refresh(self, slot: int) -> None:
+        """Copy again the values of a slot whose parameters are copies (not views)."""
+        layer = self.layers[slot]
+        if layer is None:
+            return
+        with torch.inference_mode(False), torch.no_grad():
+            for p, v in zip(_stack_params(layer, _stackable(layer)), self.views(slot, layer)):
+                if v.data_ptr() != p.data_ptr():
+                    v.copy_(p.detach())
+
+    def unbind(self, slot: int, into: Any = None) -> None:
+        """Give the parameters viewing slot ``slot`` storage of their own again.
+
+        Args:
+            slot: The slot.
+            into: ``param -> tensor`` (same shape) to copy each parameter into, e.g. its
+                host-memory buffer; default: a fresh contiguous copy on its device.
+        """
+        if not self.bound[slot]:
+            return
+        with torch.inference_mode(False), torch.no_grad():
+            for p in self.bound[slot]:
+                if into is None:
+                    p.data = p.data.clone(memory_format=torch.contiguous_format)
+                else:
+                    buf = into(p)
+                    buf.copy_(p.data)
+                    p.data = buf
+        self.bound[slot] = ()
+
+    def vacate(self, slot: int, derive: bool = True) -> None:
+        """Empty slot ``slot`` without clearing its values (no row may index it until
+        :meth:`set_slot` fills or clears it); its parameters must have been moved out."""
+        self.unbind(slot)
+        self.layers[slot] = None
+        self.kinds[slot] = None
+        self.copied.discard(slot)
+        self.dirty.add(slot)
+        self.ranks[slot] = 0
+        if derive:
+            self.derive()
+
+    def _clear(self, slot: int) -> None:
+        self.dirty.discard(slot)
+        for kind in ("lora", "emb"):
+            stacks = getattr(self, kind)
+            if stacks is not None:
+                for t in stacks:
+                    t[slot].zero_()
+        for kind in ("ia3_pre", "ia3_post"):
+            stack = getattr(self, kind)
+            if stack is not None:
+                stack[slot].fill_(1.0)
+        self.ranks[slot] = 0
+        self.layers[slot] = None
+        self.kinds[slot] = None
+        self.bound[slot] = ()
+        self.copied.discard(slot)
+
+    def _write(self, slot: int, layer: AdapterLayer, bind: bool) -> None:
+        self.layers[slot] = layer
+        kind = self.kinds[slot] = _stackable(layer)
+        if kind is None:
+            return
+        params = _stack_params(layer, kind)
+        views = self.views(slot, layer)
+        bound = []
+        for p, v in zip(params, views):
+            v.copy_(p.detach(), non_blocking=True)
+            same_device = p.device == v.device or self.fixed
+            if bind and p.dtype == v.dtype and same_device and p.shape == v.shape:
+                if p.data_ptr() != v.data_ptr() or p.stride() != v.stride():
+                    p.data = v
+                bound.append(p)
+        self.bound[slot] = tuple(bound)
+        if len(bound) != len(params):
+            self.copied.add(slot)
+        if kind in ("lora", "emb"):
+            stacks = getattr(self, kind)
+            stacks[2][slot] = float(layer.scaling)
+            if kind == "lora":
+                stacks[3][slot] = float(layer.lora_dropout)
+            self.ranks[slot] = int(layer.r)
+
+    def derive(self) -> None:
+        """Re-derive the per-slot bookkeeping from ``layers`` (after a slot changed).
+
+        One plain pass: it runs for every slot written, so it stays cheap."""
         by_kind: dict[str, list[tuple[int, AdapterLayer]]] = {}
-        others: list[tuple[int, AdapterLayer]] = []
-        for slot, layer in enumerate(layers):
+        pre: list[tuple[int, AdapterLayer]] = []
+        post: list[tuple[int, AdapterLayer]] = []
+        dropout = False
+        for slot, (layer, kind) in enumerate(zip(self.layers, self.kinds)):
             if layer is None:
                 continue
-            kind = _stackable(layer)
             if kind is None:
-                others.append((slot, layer))
+                if layer.uses_pre_forward:
+                    pre.append((slot, layer))
+                if layer.uses_post_forward:
+                    post.append((slot, layer))
             else:
                 by_kind.setdefault(kind, []).append((slot, layer))
-        self.lora = self.emb = self.ia3_pre = self.ia3_post = None
-        self.has_dropout = False
-        self.items = by_kind  # kind -> [(slot, layer)], to route gradients (with_grads)
-        if "lora" in by_kind:
-            items = by_kind["lora"]
-            self.lora = self._lora_stacks(items, n, emb=False)
-            self.has_dropout = any(layer.lora_dropout > 0 for _, layer in items)
-        if "emb" in by_kind:
-            self.emb = self._lora_stacks(by_kind["emb"], n, emb=True)[:3]
-        for kind in ("ia3_pre", "ia3_post"):
-            if kind in by_kind:
-                items = by_kind[kind]
-                vecs = [layer.ia3_l.reshape(-1) for _, layer in items]
-                ref = vecs[0]
-                stack = torch.ones(n, ref.shape[0], dtype=_common_dtype(vecs), device=ref.device)
-                slots = torch.tensor([s for s, _ in items], device=ref.device)
-                stack = stack.index_copy(0, slots, torch.stack([v.to(stack.dtype) for v in vecs]))
-                setattr(self, kind, stack)
-        self.others_pre = tuple((s, l) for s, l in others if l.uses_pre_forward)
-        self.others_post = tuple((s, l) for s, l in others if l.uses_post_forward)
-        self.need_pre = any(layer is not None and layer.uses_pre_forward for layer in layers)
+                dropout = dropout or (kind == "lora" and layer.lora_dropout > 0)
+        self.items = by_kind  # kind -> [(slot, layer)], to route gradients (_with_grads)
+        self.has_dropout = dropout
+        self.others_pre = tuple(pre)
+        self.others_post = tuple(post)
+        # With an input-IA³ stack every row goes through it (ones for the others), so
+        # the pre-hook is needed whoever is in the slots: keeps the hooks stable.
+        self.need_pre = self.ia3_pre is not None or bool(self.others_pre)
 
-    @staticmethod
-    def _lora_stacks(items: list[tuple[int, AdapterLayer]], n: int, emb: bool) -> tuple:
-        r = max(layer.r for _, layer in items)
-        if emb:
-            # lora_A: Embedding (num, r) -> (num, r) per slot; lora_B: Linear (dim, r) -> (r, dim)
-            a_list = [_pad_rank(layer.lora_A.weight, r, 1) for _, layer in items]
-        else:
-            # lora_A: Linear (r, in); lora_B: Linear (out, r) -> B^T (r, out)
-            a_list = [_pad_rank(layer.lora_A.weight, r, 0) for _, layer in items]
-        bt_list = [_pad_rank(layer.lora_B.weight.t(), r, 0) for _, layer in items]
-        dtype = _common_dtype(a_list + bt_list)
-        device = a_list[0].device
-        slots = torch.tensor([s for s, _ in items], device=device)
-        a_vals = torch.stack([a.to(dtype) for a in a_list])
-        bt_vals = torch.stack([b.to(dtype) for b in bt_list])
-        # Identity (zero) factors in every other slot.
-        a_stack = a_vals.new_zeros((n,) + tuple(a_vals.shape[1:])).index_copy(0, slots, a_vals)
-        bt_stack = bt_vals.new_zeros((n,) + tuple(bt_vals.shape[1:])).index_copy(0, slots, bt_vals)
-        scales, dropouts = [0.0] * n, [0.0] * n
-        for s, layer in items:
-            scales[s], dropouts[s] = float(layer.scaling), float(layer.lora_dropout)
-        # float64: the scalings are Python floats; each path casts to its compute dtype.
-        scale = torch.tensor(scales, dtype=torch.float64, device=device)
-        dropout = torch.tensor(dropouts, dtype=torch.float32, device=device)
-        return a_stack, bt_stack, scale, dropout
-
-
-def _restack_slots(st: SiteStacks, updates: dict[int, AdapterLayer]) -> None:
-    """Rewrite the slots in ``updates`` of ``st`` from their layers' current values, in
-    place (same structure: layers, ranks, parameter objects).
-
-    In place, so the cost follows the changed adapters, not the loaded ones. Autograd
-    never saves the stacks (only gathers from them), so graphs of earlier calls are not
-    affected; a call running meanwhile on another thread may see the new values, as it
-    would see a parameter changed under it in any model.
-    """
-    for kind in ("lora", "emb"):
-        items = [(s, layer) for s, layer in st.items.get(kind, ()) if s in updates]
-        if not items:
-            continue
-        a, bt, scale, *rest = getattr(st, kind)
-        for s, layer in items:
-            a[s].zero_()
-            (a[s][:, : layer.r] if kind == "emb" else a[s, : layer.r]).copy_(layer.lora_A.weight)
-            bt[s].zero_()
-            bt[s, : layer.r].copy_(layer.lora_B.weight.t())
-            scale[s] = float(layer.scaling)
-            if rest:
-                rest[0][s] = float(layer.lora_dropout)
-        if rest:
-            st.has_dropout = bool((rest[0] > 0).any())
-    for kind in ("ia3_pre", "ia3_post"):
-        for s, layer in st.items.get(kind, ()):
-            if s in updates:
-                getattr(st, kind)[s].copy_(layer.ia3_l.reshape(-1))
+    def tensors(self) -> list[torch.Tensor]:
+        """Every tensor this object allocated (for memory accounting)."""
+        out = [self.ranks]
+        for kind in ("lora", "emb"):
+            out.extend(getattr(self, kind) or ())
+        out.extend(t for t in (self.ia3_pre, self.ia3_post) if t is not None)
+        return out
 
 
 class _StackGrads(torch.autograd.Function):
@@ -308,69 +525,77 @@ def _with_grads(st: SiteStacks, used_slots: set[int]) -> SiteStacks:
     return new
 
 
-def _stacked_params(layer: AdapterLayer) -> list[nn.Parameter]:
-    kind = _stackable(layer)
-    if kind in ("lora", "emb"):
-        return [layer.lora_A.weight, layer.lora_B.weight]
-    if kind is not None:
-        return [layer.ia3_l]
-    return []
-
-
 class _AdapterSignature:
-    """What the stacks of one adapter were built from, to detect any later change."""
+    """What an adapter's slots were written from, to detect what views cannot follow.
 
-    __slots__ = ("adapter", "n_layers", "checks", "floats")
+    In-place changes of values need no check: the parameters are views of the stacks.
+    This compares, per layer, the layer objects, the parameter objects (looked up afresh
+    through ``lora_A`` / ``lora_B`` / ``ia3_l``), their data pointers and shapes (a
+    ``param.data = ...`` rebinding) and the floats (``scaling``, ``lora_dropout``).
+    """
 
-    def __init__(self, adapter: nn.Module) -> None:
+    __slots__ = ("adapter", "layers", "entries", "copies")
+
+    def __init__(self, adapter: nn.Module, copies: bool = False) -> None:
         self.adapter = adapter
-        self.n_layers = len(adapter.layers)
-        checks = []
-        floats = []
-        for layer in adapter.layers.values():
-            for owner in (getattr(layer, "lora_A", None), getattr(layer, "lora_B", None), layer):
-                if owner is None:
-                    continue
-                for pname, p in owner._parameters.items():
-                    if p is not None and (owner is not layer or pname == "ia3_l"):
-                        checks.append((owner._parameters, pname, p, p._version, p.data_ptr()))
-            floats.append(
-                (layer, getattr(layer, "scaling", None), getattr(layer, "lora_dropout", None))
+        self.layers = tuple(adapter.layers.values())
+        entries = []
+        for layer in self.layers:
+            params = _stack_params(layer, _stackable(layer))
+            entries.append(
+                (
+                    layer,
+                    params,
+                    tuple((p.data_ptr(), p.shape) for p in params),
+                    getattr(layer, "scaling", None),
+                    getattr(layer, "lora_dropout", None),
+                )
             )
-        self.checks = tuple(checks)
-        self.floats = tuple(floats)
+        self.entries = tuple(entries)
+        self.copies = copies  # some slot of this adapter holds copies, not views
 
-    def check(self, adapter: nn.Module) -> str:
-        """``"fresh"``; ``"values"`` if only parameter values or scalings changed (an
-        optimizer step, a load into the parameters); else ``"structure"``."""
-        if adapter is not self.adapter or len(adapter.layers) != self.n_layers:
-            return "structure"
-        status = "fresh"
-        for params, pname, p, version, ptr in self.checks:
-            # A new data pointer: new storage (.to(), a dtype or device change).
-            if params.get(pname) is not p or p.data_ptr() != ptr:
-                return "structure"
-            if p._version != version:
-                status = "values"
-        for layer, scaling, dropout in self.floats:
-            if (
-                getattr(layer, "scaling", None) != scaling
-                or getattr(layer, "lora_dropout", None) != dropout
-            ):
-                status = "values"
-        return status
+    def fresh(self, adapter: nn.Module) -> bool:
+        """Whether the slots written from ``adapter`` still show it exactly."""
+        if adapter is not self.adapter:
+            return False
+        layers = adapter.layers._modules
+        if len(layers) != len(self.layers):
+            return False
+        for live, (layer, params, where, scaling, dropout) in zip(layers.values(), self.entries):
+            if live is not layer:
+                return False
+            now = _stack_params(layer, _stackable(layer))
+            if len(now) != len(params):
+                return False
+            for p, q, (ptr, shape) in zip(now, params, where):
+                if p is not q or p.data_ptr() != ptr or p.shape != shape:
+                    return False
+            if getattr(layer, "scaling", None) != scaling or getattr(layer, "lora_dropout", None) != dropout:
+                return False
+        return True
+
+    def requires_grad(self) -> bool:
+        return any(p.requires_grad for entry in self.entries for p in entry[1])
 
 
 class _WrapperState:
-    """Per-wrapper cache of stacks (for all loaded adapters) and the arming lock."""
+    """Per-wrapper cache of stacks, and the lock that guards it.
+
+    Without reserved slots (``pool is None``), one slot per loaded adapter, in the
+    order of ``wrapper.adapters``; with them, ``pool`` (a
+    :class:`tinytune.serving.SlotPool`) owns the stacks and the slots.
+    """
 
     def __init__(self) -> None:
-        self.lock = threading.Lock()
+        self.lock = threading.RLock()
         self.names: tuple[str, ...] = ()
         self.slot: dict[str, int] = {}
         self.sigs: dict[str, _AdapterSignature] = {}
         self.stacks: dict[str, SiteStacks] = {}
         self.sites: dict[str, Any] = {}
+        self.pool: Any = None
+        self.recent: dict[str, None] = {}  # names in order of use, most recent last
+        self.loads = 0
 
 
 _STATES: "weakref.WeakKeyDictionary[nn.Module, _WrapperState]" = weakref.WeakKeyDictionary()
@@ -387,19 +612,72 @@ def _wrapper_state(wrapper: nn.Module) -> _WrapperState:
     return state
 
 
-def clear_cache(wrapper: nn.Module) -> None:
-    """Free the stacked adapter tensors cached for ``wrapper``'s mixed calls.
+def _release_unreserved(state: _WrapperState) -> None:
+    """Give every stacked parameter its own storage again and drop the stacks."""
+    for st in state.stacks.values():
+        for slot in range(st.size):
+            st.unbind(slot)
+    state.names, state.slot, state.sigs, state.stacks, state.sites = (), {}, {}, {}, {}
+    state.recent = {}
 
-    The cache holds a second copy of every loaded adapter's stackable weights; it is
-    rebuilt on the next mixed call that needs it.
+
+def clear_cache(wrapper: nn.Module) -> None:
+    """Free the mixed-batch stacks of ``wrapper``.
+
+    The stacks hold the adapters' stackable weights themselves (their parameters are
+    views of them), so this first gives every such parameter its own storage again
+    (a copy), then drops the stacks; the next mixed call builds them again. With
+    reserved slots (``reserve_adapter_slots``) it empties every slot instead (the
+    adapters move to host memory) and keeps the reserved stacks.
 
     Args:
         wrapper: An ``AdapterWrapper``.
     """
     state = _STATES.get(wrapper)
-    if state is not None:
-        with state.lock:
-            state.names, state.slot, state.sigs, state.stacks, state.sites = (), {}, {}, {}, {}
+    if state is None:
+        return
+    with state.lock:
+        if state.pool is not None:
+            state.pool.evict_all()
+        else:
+            _release_unreserved(state)
+
+
+def forget_adapter(wrapper: nn.Module, name: str, adapter: nn.Module) -> None:
+    """Drop every reference the mixed-batch cache holds to a deleted adapter.
+
+    Its parameters get storage of their own again (whoever still holds the adapter
+    keeps working values); its slots are emptied. Without reserved slots the other
+    adapters' stacks are rebuilt (smaller) by the next mixed call.
+
+    Args:
+        wrapper: The ``AdapterWrapper``.
+        name: The adapter's name.
+        adapter: The deleted ``Adapter``.
+    """
+    state = _STATES.get(wrapper)
+    if state is None:
+        return
+    with state.lock:
+        if state.pool is not None:
+            from .serving import arm_hooks
+
+            state.pool.forget(name)
+            arm_hooks(wrapper, state.pool)
+            return
+        slot = state.slot.get(name)
+        if slot is not None:
+            for st in state.stacks.values():
+                if st.layers[slot] is not None:
+                    st.set_slot(slot, None)
+        state.sigs.pop(name, None)
+        state.recent.pop(name, None)
+        state.names = ()  # restack (without it) on the next call
+        # Free the stacks now once at least half their slots are dead (each restack is a
+        # copy of the live adapters, so deleting many adapters in a row stays linear).
+        dead = sum(1 for n in state.slot if n not in wrapper.adapters)
+        if dead * 2 >= len(state.slot):
+            _release_unreserved(state)
 
 
 def _build_stacks(sites: dict[str, Any], names: Sequence[str]) -> dict[str, SiteStacks]:
@@ -414,47 +692,84 @@ def _build_stacks(sites: dict[str, Any], names: Sequence[str]) -> dict[str, Site
     return stacks
 
 
+def _rewrite(state: _WrapperState, adapters: Any, name: str) -> bool:
+    """Rewrite ``name``'s slots in place from its layers; ``False`` if they do not fit
+    (then everything must be restacked)."""
+    slot = state.slot[name]
+    adapter = adapters[name]
+    layers = dict(adapter.items())
+    for path, st in state.stacks.items():
+        layer = layers.get(path)
+        if layer is not None and not st.fits(layer):
+            return False
+    if any(path not in state.stacks for path in layers):
+        return False
+    for path, st in state.stacks.items():
+        layer = layers.get(path)
+        if layer is not None or st.layers[slot] is not None:
+            st.set_slot(slot, layer)
+    return True
+
+
+def _sign(state: _WrapperState, adapters: Any, name: str) -> None:
+    slot = state.slot[name]
+    copies = any(slot in st.copied for st in state.stacks.values())
+    state.sigs[name] = _AdapterSignature(adapters[name], copies)
+
+
 def _cached_stacks(
     wrapper: Any, state: _WrapperState, used: Sequence[str]
-) -> tuple[dict[str, int], dict[str, SiteStacks]]:
-    """Stacks over every loaded adapter, brought up to date for the used adapters.
+) -> tuple[dict[str, int], dict[str, SiteStacks], Any]:
+    """Stacks with every used adapter in a slot, showing its current values.
 
-    Changed values of a used adapter restack its slots only; any change of structure
-    (adapters added or deleted, new layers or parameter objects, a dtype or device
-    change) restacks everything.
+    Without reserved slots, every loaded adapter has a slot. In-place changes of values
+    are seen without any work (the parameters are views of the stacks); a used adapter
+    whose parameters were replaced or rebound, or whose scaling changed, is rewritten in
+    place; a change of structure (adapters added or deleted, a layer that does not fit
+    the stacks, a dtype or device change) restacks everything.
     """
+    if state.pool is not None:
+        return state.pool.prepare(used)
     adapters = wrapper.adapters
     names = tuple(adapters.keys())
-    stale: list[str] | None = None
-    if names == state.names and state.sites == wrapper._sites:
-        stale = []
+    rebuild = names != state.names or state.sites != wrapper._sites
+    if not rebuild:
         for name in used:
-            sig = state.sigs.get(name)
-            status = "structure" if sig is None else sig.check(adapters[name])
-            if status == "structure":
-                stale = None
+            sig = state.sigs[name]
+            if sig.fresh(adapters[name]):
+                if sig.copies:
+                    slot = state.slot[name]
+                    for st in state.stacks.values():
+                        if slot in st.copied:
+                            st.refresh(slot)
+                continue
+            if not _rewrite(state, adapters, name):
+                rebuild = True
                 break
-            if status == "values":
-                stale.append(name)
-    if stale is None:
-        stacks = _build_stacks(wrapper._sites, names)
-        state.sigs = {name: _AdapterSignature(adapters[name]) for name in names}
+            state.loads += 1
+            _sign(state, adapters, name)
+    if rebuild:
+        old = state.stacks
+        state.stacks = _build_stacks(wrapper._sites, names)
+        # Parameters of adapters no longer stacked (none, unless deleted behind the
+        # wrapper's back) must not keep viewing the old stacks.
+        kept = {id(layer) for st in state.stacks.values() for layer in st.layers}
+        for st in old.values():
+            for slot, layer in enumerate(st.layers):
+                if layer is not None and id(layer) not in kept:
+                    st.unbind(slot)
         state.names = names
         state.slot = {name: i for i, name in enumerate(names)}
-        state.stacks = stacks
         state.sites = dict(wrapper._sites)
-    elif stale:
-        updates: dict[str, dict[int, AdapterLayer]] = {}
-        for name in stale:
-            for path, layer in adapters[name].items():
-                updates.setdefault(path, {})[state.slot[name]] = layer
-        with torch.no_grad():
-            for path, slots in updates.items():
-                if path in state.stacks:
-                    _restack_slots(state.stacks[path], slots)
-        for name in stale:
-            state.sigs[name] = _AdapterSignature(adapters[name])
-    return state.slot, state.stacks
+        state.sigs = {}
+        for name in names:
+            _sign(state, adapters, name)
+        state.loads += len(names)
+        state.recent = {n: None for n in state.recent if n in state.slot}
+    for name in used:
+        state.recent.pop(name, None)
+        state.recent[name] = None
+    return state.slot, state.stacks, None
 
 
 # ----------------------------------------------------------------------------------------
@@ -732,14 +1047,21 @@ def _needs_autograd(state: _WrapperState, used: Sequence[str]) -> bool:
     """Whether the stacks must carry gradients to the used adapters' parameters."""
     if not torch.is_grad_enabled():
         return False
-    return any(check[2].requires_grad for name in used for check in state.sigs[name].checks)
+    sigs = state.sigs if state.pool is None else state.pool.sigs
+    return any(sigs[name].requires_grad() for name in used)
 
 
 @torch.compiler.disable
 def _prepare(
     wrapper: Any, fn: Any, adapter_names: Any, args: tuple, kwargs: dict
-) -> list[tuple[Any, _SitePlan]]:
-    """Validate the call and build every site's plan. Changes nothing visible."""
+) -> tuple[list[tuple[Any, _SitePlan]], Any]:
+    """Validate the call and build every site's plan. Changes nothing visible (with
+    reserved slots, it may load and evict adapters, which changes no result).
+
+    Returns:
+        The plans, and the reserved slots pinned for the call (``None`` without
+        reservation), to release when it ends.
+    """
     wrapper._model()  # raises if unloaded
     names = _validate(wrapper, adapter_names, args, kwargs)
     num_beams = kwargs.get("num_beams")
@@ -749,24 +1071,32 @@ def _prepare(
     used = list(dict.fromkeys(n for n in names if n != BASE_ADAPTER_NAME))
     state = _wrapper_state(wrapper)
     with state.lock:
-        slot_of, stacks = _cached_stacks(wrapper, state, used)
-        base_slot = len(slot_of)
-        if _needs_autograd(state, used):
-            used_slots = {slot_of[name] for name in used}
-            stacks = {path: _with_grads(st, used_slots) for path, st in stacks.items()}
-        sites = dict(wrapper._sites)
-        added = False
-        for path, site in sites.items():
-            added |= site.prepare_mixed(stacks[path].need_pre if path in stacks else False)
-        note_layout = getattr(type(wrapper), "_note_hook_layout", None)
-        if added and note_layout is not None:
-            # The wrapper numbers its hook layout so that compiled graphs of its forward
-            # are guarded on it (torch.compile does not guard on empty hook dicts).
-            note_layout(wrapper)
-    slots = [slot_of.get(name, base_slot) for name in names]
-    device = _device_of_sites(wrapper, _first_tensor(args, kwargs))
-    call = _Call(torch.tensor(slots, dtype=torch.long, device=device), slots, base_slot)
-    return [(site, _SitePlan(path, stacks.get(path, _EMPTY), call)) for path, site in sites.items()]
+        slot_of, stacks, pins = _cached_stacks(wrapper, state, used)
+        try:
+            base_slot = len(slot_of) if state.pool is None else state.pool.identity
+            if _needs_autograd(state, used):
+                used_slots = {slot_of[name] for name in used}
+                stacks = {path: _with_grads(st, used_slots) for path, st in stacks.items()}
+            sites = dict(wrapper._sites)
+            added = False
+            for path, site in sites.items():
+                added |= site.prepare_mixed(stacks[path].need_pre if path in stacks else False)
+            note_layout = getattr(type(wrapper), "_note_hook_layout", None)
+            if added and note_layout is not None:
+                # The wrapper numbers its hook layout so that compiled graphs of its forward
+                # are guarded on it (torch.compile does not guard on empty hook dicts).
+                note_layout(wrapper)
+            slots = [slot_of.get(name, base_slot) for name in names]
+            device = _device_of_sites(wrapper, _first_tensor(args, kwargs))
+            # Shape (batch,) whatever the assignment: no recompile for a new one.
+            row_index = torch.tensor(slots, dtype=torch.long, device=device)
+        except BaseException:
+            if pins is not None:
+                pins.release()
+            raise
+    call = _Call(row_index, slots, base_slot)
+    plans = [(site, _SitePlan(path, stacks.get(path, _EMPTY), call)) for path, site in sites.items()]
+    return plans, pins
 
 
 _EMPTY = SiteStacks(())
@@ -797,12 +1127,12 @@ def mixed_call(
             module does not see the batch along dimension 0.
         AdapterStateError: If any adapter is merged, or the wrapper is unloaded.
     """
-    plans = _prepare(wrapper, fn, adapter_names, args, kwargs)
+    plans, pins = _prepare(wrapper, fn, adapter_names, args, kwargs)
     outer = _publish(plans)
     try:
         return fn(*args, **kwargs)
     finally:
-        _retract(plans, outer)
+        _retract(plans, outer, pins)
 
 
 # Publishing and retracting run eagerly (outside any compiled graph): they are the
@@ -821,7 +1151,7 @@ def _publish(plans: list[tuple[Any, _SitePlan]]) -> list[Any]:
 
 
 @torch.compiler.disable
-def _retract(plans: list[tuple[Any, _SitePlan]], outer: list[Any]) -> None:
+def _retract(plans: list[tuple[Any, _SitePlan]], outer: list[Any], pins: Any = None) -> None:
     # Restore exactly what was there, absent or not: compiled graphs guard on the
     # attribute's presence, so a thread that never made a mixed call and one that made
     # some must look the same outside them.
@@ -830,3 +1160,5 @@ def _retract(plans: list[tuple[Any, _SitePlan]], outer: list[Any]) -> None:
             del site._local.mixed
         else:
             site._local.mixed = previous
+    if pins is not None:
+        pins.release()

@@ -57,7 +57,7 @@ from .layers import (
     lora_layer_for,
 )
 
-__all__ = ["save_adapter", "load_adapter", "CONFIG_NAME", "WEIGHTS_NAME", "LEGACY_WEIGHTS_NAME"]
+__all__ = ["save_adapter", "load_adapter", "read_adapter", "CONFIG_NAME", "WEIGHTS_NAME", "LEGACY_WEIGHTS_NAME"]
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -525,6 +525,34 @@ def load_adapter(
             implement (``use_dora``, ``bias``, ...), or an unsupported ``peft_type``.
     """
     wrapper._check_new_name(adapter_name)
+    adapter = read_adapter(
+        wrapper,
+        path,
+        adapter_name,
+        custom_layers=custom_layers,
+        check_fingerprint=check_fingerprint,
+        is_trainable=is_trainable,
+    )
+    wrapper._attach(adapter, activate)
+
+
+def read_adapter(
+    wrapper: Any,
+    path: str | os.PathLike,
+    adapter_name: str = "default",
+    *,
+    custom_layers: Mapping[str, Callable[..., AdapterLayer]] | Iterable[type] | None = None,
+    check_fingerprint: bool = True,
+    is_trainable: bool = True,
+) -> Any:
+    """Read and check an adapter directory and build its :class:`~tinytune.Adapter`
+    for ``wrapper``'s model, without attaching it (``load_adapter`` and
+    ``hotswap_adapter`` attach or copy it). Arguments and errors as in
+    :func:`load_adapter`; the name is not checked.
+
+    Returns:
+        The new, unattached ``Adapter``, its layers on their modules' devices.
+    """
     model = wrapper._model()
     directory = Path(path)
     config, config_file = _read_config(directory)
@@ -569,7 +597,7 @@ def load_adapter(
         if device is not None:
             layer.to(device)
         adapter.layers[_key(layer_path)] = layer
-    wrapper._attach(adapter, activate)
+    return adapter
 
 
 class _LoadContext:

@@ -301,12 +301,18 @@ class AdapterWrapper(nn.Module):
         device = _device_of(module)
         if device is not None:
             instance.to(device)
+        from . import serving
+
+        probe = Adapter(adapter_name)
+        probe.layers[_key(layer_name)] = instance
+        serving.check_attach(self, probe)  # a rank above reserved slots' max_rank
         adapter.layers[_key(layer_name)] = instance
         site = self._sites.get(layer_name)
         if site is None:
             site = self._sites[layer_name] = HookSite(layer_name, module)
         site.layers[adapter_name] = instance
         self._refresh()
+        serving.on_attach(self, adapter_name)
         return instance
 
     # ------------------------------------------------------------------------------------
@@ -371,8 +377,13 @@ class AdapterWrapper(nn.Module):
             site.layers.pop(adapter_name, None)
         if adapter_name in self._active:
             self._active.remove(adapter_name)
+        adapter = self.adapters[adapter_name]
         del self.adapters[adapter_name]
         self._refresh()
+        from .batch import forget_adapter
+
+        # The mixed-batch stacks must not keep the deleted adapter (or its memory) alive.
+        forget_adapter(self, adapter_name, adapter)
 
     # ------------------------------------------------------------------------------------
     # merging and unloading
@@ -558,6 +569,76 @@ class AdapterWrapper(nn.Module):
         return mixed_call(self, fn, adapter_names, args, kwargs)
 
     # ------------------------------------------------------------------------------------
+    # serving many adapters (see tinytune/serving.py)
+    # ------------------------------------------------------------------------------------
+    def reserve_adapter_slots(self, max_adapters: int, max_rank: int) -> None:
+        """Give the mixed-batch stacks a fixed shape: ``max_adapters`` slots, LoRA padded
+        to ``max_rank``, allocated once on the model's device.
+
+        From now on any number of adapters may be loaded; those not in a slot keep
+        their LoRA/IA³ weights in host memory (pinned when the model is on CUDA). A call
+        with ``adapter_names=`` brings the adapters it names into slots, least recently
+        used out first, copying only those (asynchronously on CUDA, ordered before the
+        call's kernels). Loading, hot-swapping, evicting or changing an adapter never
+        changes a stack's shape or identity, so a compiled model does not recompile for
+        it and a captured CUDA graph stays valid. Calling it again re-reserves.
+
+        Args:
+            max_adapters: Number of adapter slots (distinct adapters one call may use).
+            max_rank: Largest LoRA rank an adapter may have.
+
+        Raises:
+            InvalidConfigError: If an argument is not a positive integer, or a loaded
+                adapter has a rank above ``max_rank`` (nothing changes then).
+            AdapterStateError: If the wrapper is unloaded.
+        """
+        from .serving import reserve
+
+        reserve(self, max_adapters, max_rank)
+
+    def hotswap_adapter(self, path: str, adapter_name: str, **kwargs: Any) -> None:
+        """Replace the weights (and scaling) of an existing adapter, in place, from a
+        saved adapter directory (PEFT's or tinytune's format).
+
+        Everything is read and checked before anything changes. The new adapter may
+        have another rank and ``lora_alpha`` as long as it targets the same modules with
+        the same kinds of layers (and, with reserved slots, fits ``max_rank``). With
+        reserved slots its slot is rewritten in place, so a compiled model serving
+        mixed batches does not recompile. Parameters keep their identity where the rank
+        is unchanged; a new rank brings new ``lora_A`` / ``lora_B`` modules.
+
+        Args:
+            path: The adapter directory.
+            adapter_name: The loaded adapter to replace.
+            **kwargs: ``custom_layers``, ``check_fingerprint``, ``is_trainable``, as in
+                :meth:`load_adapter`.
+
+        Raises:
+            AdapterNotFoundError: If there is no such adapter.
+            AdapterStateError: If it is merged.
+            AdapterFileError: If the file targets other modules or other kinds of layers,
+                or cannot be read (see :meth:`load_adapter`).
+            InvalidConfigError: If its rank exceeds the reserved ``max_rank``.
+        """
+        from .serving import hotswap
+
+        hotswap(self, path, adapter_name, **kwargs)
+
+    def slot_stats(self) -> dict[str, Any]:
+        """Memory and traffic of the mixed-batch stacks.
+
+        Returns:
+            A plain dict: ``device_bytes`` (the stacks, on the model's device),
+            ``host_bytes`` (the host tier: weights of adapters kept outside the slots),
+            ``resident`` (names of adapters in slots, most recently used first),
+            ``loads`` (adapters written into a slot so far), ``evictions``, and
+            ``max_adapters`` / ``max_rank`` (``None`` without reserved slots).
+        """
+        from .serving import stats
+
+        return stats(self)
+
+    # ------------------------------------------------------------------------------------
     # files (PEFT's on-disk format; see tinytune/io.py)
     # ------------------------------------------------------------------------------------
     def save_adapter(self, path: str, adapter_name: str = "default") -> None:
@@ -662,7 +743,10 @@ class AdapterWrapper(nn.Module):
         return modules[layer_name]
 
     def _attach(self, adapter: Adapter, activate: bool) -> None:
+        from . import serving
+
         model = self._model()
+        serving.check_attach(self, adapter)  # before anything changes
         modules = dict(model.named_modules())
         self.adapters[adapter.name] = adapter
         for path, layer in adapter.items():
@@ -673,6 +757,7 @@ class AdapterWrapper(nn.Module):
         if activate:
             self._active.append(adapter.name)
         self._refresh()
+        serving.on_attach(self, adapter.name)
 
     def _refresh(self) -> None:
         """Re-derive every site's hook chain from the active and merged adapters."""

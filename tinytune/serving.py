@@ -1,0 +1,606 @@
+"""Serving many adapters: fixed adapter slots, a host-memory tier, LRU eviction.
+
+After ``wrapper.reserve_adapter_slots(max_adapters, max_rank)`` the mixed-batch stacks
+of every adapted module (see :class:`tinytune.batch.SiteStacks`) have a fixed shape:
+``max_adapters`` slots padded to ``max_rank``, plus the identity slot, allocated once.
+Any number of adapters may be loaded; the stackable weights (LoRA factors, IA³ scales)
+of an adapter that is not in a slot live in host memory (pinned when the model is on
+CUDA), in a buffer per parameter that the parameter itself uses as its storage. A mixed
+call brings the adapters it names into slots, least recently used out first:
+
+* loading copies the adapter's host buffers into its slot (asynchronously from pinned
+  memory on CUDA, on the current stream, so ordered before the call's kernels) and
+  makes its parameters views of the slot;
+* evicting copies the slot back into the host buffers (the parameters may have been
+  changed in place while resident) and makes them the parameters' storage again.
+
+No tensor of the stacks ever changes shape or identity, so a compiled model does not
+recompile and a captured CUDA graph stays valid. Slots that a call in flight on another
+thread uses are never evicted under it: a call that needs them waits.
+
+Layers that are not stacked (``modules_to_save`` copies, Conv2d LoRA, custom
+``AdapterLayer`` s) run as themselves on their rows; they take a slot (for the row
+index) but no slot memory, and stay where they are.
+"""
+
+from __future__ import annotations
+
+import threading
+import weakref
+from collections import OrderedDict
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+from .batch import SiteStacks, _AdapterSignature, _stack_params, _stackable
+from .errors import InvalidConfigError, MixedBatchError
+
+__all__ = ["SlotPool", "check_fits"]
+
+# How long a call waits for slots that calls on other threads are using.
+_WAIT_S = 60.0
+
+
+def check_fits(adapter: Any, max_rank: int) -> None:
+    """Refuse an adapter with a LoRA rank above ``max_rank``.
+
+    Raises:
+        InvalidConfigError: Naming the first layer whose rank is too high.
+    """
+    for path, layer in adapter.items():
+        r = getattr(layer, "r", None)
+        if _stackable(layer) in ("lora", "emb") and isinstance(r, int) and r > max_rank:
+            raise InvalidConfigError(
+                f"Adapter {adapter.name!r} has rank {r} on {path!r}, above max_rank="
+                f"{max_rank} reserved by reserve_adapter_slots(); nothing was changed. "
+                f"Call reserve_adapter_slots(max_adapters, max_rank={r}) (or more) first, "
+                "or use an adapter of a lower rank."
+            )
+
+
+class SlotPool:
+    """The reserved slots of one wrapper, and the host tier behind them.
+
+    Args:
+        wrapper: The ``AdapterWrapper``.
+        capacity: Number of adapter slots.
+        max_rank: Rank every LoRA stack is padded to.
+        lock: The wrapper state's lock (guards everything here).
+    """
+
+    def __init__(self, wrapper: nn.Module, capacity: int, max_rank: int, lock: Any) -> None:
+        self._wrapper = weakref.ref(wrapper)
+        self.capacity = capacity
+        self.max_rank = max_rank
+        self.stacks: dict[str, SiteStacks] = {}
+        self.slot_of: dict[str, int] = {}
+        self.lru: "OrderedDict[str, None]" = OrderedDict()  # resident, most recent last
+        self.free: list[int] = list(range(capacity - 1, -1, -1))
+        self.sigs: dict[str, _AdapterSignature] = {}  # resident adapters
+        self.known: dict[str, nn.Module] = {}  # adapter objects adopted into the host tier
+        self.host: dict[str, dict[int, tuple[nn.Parameter, torch.Tensor]]] = {}
+        self.inflight = [0] * capacity
+        self.cond = threading.Condition(lock)
+        self.local = threading.local()
+        self.loads = 0
+        self.evictions = 0
+        self.where: dict[str, tuple] = {}  # module path -> (device, dtype) at allocation
+
+    @property
+    def identity(self) -> int:
+        return self.capacity
+
+    # --- the host tier -----------------------------------------------------------------
+    def _site_stacks(self, path: str, layer: Any) -> SiteStacks:
+        """The stacks of ``path``, allocating them (or a missing kind) on first use."""
+        st = self.stacks.get(path)
+        if st is None:
+            st = self.stacks[path] = SiteStacks(
+                (),
+                capacity=self.capacity,
+                max_rank=self.max_rank,
+                like=[layer],
+                device=_module_device(self._wrapper(), path),
+            )
+            self.where[path] = _module_where(self._wrapper(), path)
+        elif _stackable(layer) is not None and not st.fits(layer):
+            st.ensure([layer])
+        return st
+
+    def adopt(self, name: str, adapter: nn.Module) -> None:
+        """Take a (new or changed) adapter into the host tier: each stackable parameter
+        gets a host buffer, laid out like its slot view, as its storage."""
+        buffers: dict[int, tuple[nn.Parameter, torch.Tensor]] = {}
+        old = self.host.get(name, {})
+        with torch.inference_mode(False), torch.no_grad():
+            for path, layer in adapter.items():
+                kind = _stackable(layer)
+                st = self._site_stacks(path, layer)
+                if kind is None:
+                    continue
+                for p, v in zip(_stack_params(layer, kind), st.views(0, layer)):
+                    if p.dtype != v.dtype or p.shape != v.shape:
+                        continue  # copied into its slot instead (see SiteStacks)
+                    kept = old.get(id(p))
+                    if kept is not None and kept[0] is p and p.data_ptr() == kept[1].data_ptr():
+                        buffers[id(p)] = kept
+                        continue
+                    buf = self._buffer_like(v)
+                    buf.copy_(p.detach())
+                    if name not in self.slot_of:
+                        p.data = buf
+                    buffers[id(p)] = (p, buf)
+        self.host[name] = buffers
+        self.known[name] = adapter
+
+    def _buffer_like(self, view: torch.Tensor) -> torch.Tensor:
+        pin = view.is_cuda
+        return torch.empty_strided(
+            view.size(), view.stride(), dtype=view.dtype, device="cpu", pin_memory=pin
+        )
+
+    def _host_buffer(self, name: str, p: nn.Parameter) -> torch.Tensor:
+        kept = self.host.setdefault(name, {}).get(id(p))
+        if kept is None or kept[0] is not p or kept[1].shape != p.shape:
+            kept = (p, self._buffer_like(p.data))
+            self.host[name][id(p)] = kept
+        return kept[1]
+
+    # --- slots -------------------------------------------------------------------------
+    def _load(self, name: str, slot: int) -> None:
+        adapter = self.known[name]
+        layers = dict(adapter.items())
+        for path, layer in layers.items():
+            st = self.stacks.get(path)  # allocated when the adapter was adopted
+            st = st if st is not None else self._site_stacks(path, layer)
+            st.set_slot(slot, layer, derive=False)
+        for path, st in self.stacks.items():
+            if path not in layers and slot in st.dirty:
+                st.set_slot(slot, None, derive=False)  # identity where it has no layer
+        self.slot_of[name] = slot
+        self.lru[name] = None
+        self.sigs[name] = _AdapterSignature(
+            adapter, any(slot in st.copied for st in self.stacks.values())
+        )
+        self.loads += 1
+
+    def _evict(self, name: str, keep_host: bool = True) -> int:
+        slot = self.slot_of.pop(name)
+        self.lru.pop(name, None)
+        self.sigs.pop(name, None)
+        for st in self.stacks.values():
+            if st.layers[slot] is not None:
+                if keep_host:
+                    st.unbind(slot, into=lambda p: self._host_buffer(name, p))
+                # Unbinds what is left into fresh copies; the values stay until the slot
+                # is filled (no row indexes a free slot), which saves a pass over them.
+                st.vacate(slot, derive=False)
+        self.free.append(slot)
+        return slot
+
+    def evict_all(self) -> None:
+        """Move every resident adapter to the host tier."""
+        for name in list(self.slot_of):
+            self._evict(name)
+            self.evictions += 1
+        self.derive()
+
+    def derive(self) -> None:
+        """Bring every module's bookkeeping up to date after slots changed."""
+        for st in self.stacks.values():
+            st.derive()
+
+    def forget(self, name: str) -> None:
+        """Drop a deleted adapter: its slot is freed, its host buffers released (its
+        parameters keep their values, in storage of their own)."""
+        if name in self.slot_of:
+            self._evict(name, keep_host=False)
+            self.derive()
+        self.known.pop(name, None)
+        self.host.pop(name, None)
+
+    def _model_moved(self) -> bool:
+        """Whether the model changed device or dtype since the stacks were allocated (one
+        module checked: models move as a whole; ``_moved`` checks every module when
+        adapters change)."""
+        for path, where in self.where.items():
+            return _module_where(self._wrapper(), path) != where
+        return False
+
+    def _moved(self, adapter: nn.Module) -> bool:
+        """Whether the model moved to another device since the stacks were allocated,
+        or ``adapter`` has stackable parameters of another dtype than their stacks."""
+        wrapper = self._wrapper()
+        for path, st in self.stacks.items():
+            device = _module_device(wrapper, path)
+            if device is not None and st.device is not None and device != st.device:
+                return True
+        for path, layer in adapter.items():
+            st = self.stacks.get(path)
+            kind = _stackable(layer)
+            if st is None or kind is None or getattr(st, kind) is None:
+                continue
+            stacks = getattr(st, kind)
+            ref = stacks[0] if kind in ("lora", "emb") else stacks
+            if any(p.dtype != ref.dtype for p in _stack_params(layer, kind)):
+                return True
+        return False
+
+    def _reset(self) -> None:
+        """Forget every slot and stack; parameters keep their values in storage of
+        their own. (Stacks are not cleared: calls in flight may still read them.)"""
+        for st in self.stacks.values():
+            for slot in range(st.size):
+                st.unbind(slot)
+        self.stacks, self.where = {}, {}
+        self.slot_of, self.sigs, self.known, self.host = {}, {}, {}, {}
+        self.lru.clear()
+        self.free = list(range(self.capacity - 1, -1, -1))
+
+    def _pin(self, slots: list[int]) -> "_Pins":
+        for s in slots:
+            self.inflight[s] += 1
+        self.local.count = getattr(self.local, "count", 0) + len(slots)
+        return _Pins(self, slots)
+
+    def _unpin(self, slots: list[int]) -> None:
+        with self.cond:
+            for s in slots:
+                self.inflight[s] -= 1
+            self.local.count = getattr(self.local, "count", 0) - len(slots)
+            self.cond.notify_all()
+
+    def prepare(self, used: Sequence[str]) -> tuple[dict[str, int], dict[str, SiteStacks], "_Pins"]:
+        """Bring the ``used`` adapters into slots (LRU eviction) and pin those slots for
+        the call. Validates before changing anything.
+
+        Returns:
+            ``(slot of each resident adapter, stacks by module path, pins)``; release the
+            pins when the call ends.
+
+        Raises:
+            MixedBatchError: If the call names more distinct adapters than there are
+                slots, or its slots stay busy with other threads' calls.
+            InvalidConfigError: If a used adapter has a layer of rank above
+                ``max_rank`` (changed by hand after loading).
+        """
+        wrapper = self._wrapper()
+        adapters = wrapper.adapters
+        if len(used) > self.capacity:
+            raise MixedBatchError(
+                f"This call names {len(used)} distinct adapters, but only {self.capacity} "
+                f"adapter slots are reserved: it needs {len(used)} slots. Split the batch "
+                f"into calls of at most {self.capacity} distinct adapters, or call "
+                f"reserve_adapter_slots({len(used)}, {self.max_rank}). Nothing was changed."
+            )
+        stale = []
+        for name in used:
+            adapter = adapters[name]
+            if self.known.get(name) is not adapter:
+                stale.append(name)
+            elif name in self.slot_of and not self.sigs[name].fresh(adapter):
+                stale.append(name)
+        for name in stale:
+            check_fits(adapters[name], self.max_rank)
+        if self._model_moved() or any(self._moved(adapters[name]) for name in stale):
+            # The model changed dtype or device (wrapper.to(...)): reallocate the stacks
+            # like it (new tensors, as any dtype or device change needs).
+            self._reset()
+            stale = list(used)
+        used_set = set(used)
+        need = [n for n in used if n not in self.slot_of]
+        while True:
+            evictable = [
+                n for n in self.lru if n not in used_set and not self.inflight[self.slot_of[n]]
+            ]
+            if len(self.free) + len(evictable) >= len(need):
+                break
+            if getattr(self.local, "count", 0):
+                raise MixedBatchError(
+                    "A mixed call made inside another one on the same thread needs adapter "
+                    "slots that the outer call is using; reserve more slots "
+                    "(reserve_adapter_slots) or make the inner call outside. Nothing was "
+                    "changed."
+                )
+            if not self.cond.wait(_WAIT_S):
+                raise MixedBatchError(
+                    f"Timed out after {_WAIT_S:.0f} s waiting for {len(need)} free adapter "
+                    "slots: calls on other threads hold them. Reserve more slots "
+                    "(reserve_adapter_slots). Nothing was changed."
+                )
+            need = [n for n in used if n not in self.slot_of]
+        # From here on, nothing can fail for a reason of the caller's.
+        for name in stale:
+            was = self.slot_of.get(name)
+            if was is not None:
+                self._evict(name, keep_host=False)
+            self.adopt(name, adapters[name])
+            if was is not None:
+                self.free.remove(was)
+                self._load(name, was)
+                self.loads -= 1  # a rewrite in place, not a load from the host tier
+        for name in used:
+            if name in self.slot_of:
+                self.lru.move_to_end(name)
+                if self.sigs[name].copies:
+                    slot = self.slot_of[name]
+                    for st in self.stacks.values():
+                        if slot in st.copied:
+                            st.refresh(slot)
+                continue
+            if self.free:
+                slot = self.free.pop()
+            else:
+                victim = next(
+                    n for n in self.lru if n not in used_set and not self.inflight[self.slot_of[n]]
+                )
+                self._evict(victim)
+                self.evictions += 1
+                slot = self.free.pop()
+            self._load(name, slot)
+        if stale or need:
+            self.derive()
+        pins = self._pin([self.slot_of[n] for n in used])
+        return dict(self.slot_of), self.stacks, pins
+
+    def stats(self) -> dict[str, Any]:
+        device = sum(t.numel() * t.element_size() for st in self.stacks.values() for t in st.tensors())
+        host = sum(
+            buf.untyped_storage().nbytes() for bufs in self.host.values() for _, buf in bufs.values()
+        )
+        return {
+            "device_bytes": int(device),
+            "host_bytes": int(host),
+            "resident": list(reversed(self.lru)),
+            "loads": self.loads,
+            "evictions": self.evictions,
+            "max_adapters": self.capacity,
+            "max_rank": self.max_rank,
+        }
+
+
+def _module_where(wrapper: nn.Module, path: str) -> tuple:
+    """``(device, dtype)`` of the adapted module ``path``'s first parameter."""
+    site = wrapper._sites.get(path)
+    for t in () if site is None else site.module.parameters():
+        return (t.device, t.dtype)
+    return (None, None)
+
+
+def _module_device(wrapper: nn.Module, path: str) -> torch.device | None:
+    """The device of the adapted module ``path`` (its first parameter or buffer)."""
+    site = wrapper._sites.get(path)
+    if site is None:
+        return None
+    for t in site.module.parameters():
+        return t.device
+    for t in site.module.buffers():
+        return t.device
+    return None
+
+
+class _Pins:
+    """Slots a call in flight uses; released once, when the call ends."""
+
+    __slots__ = ("pool", "slots")
+
+    def __init__(self, pool: SlotPool, slots: list[int]) -> None:
+        self.pool = pool
+        self.slots = slots
+
+    def release(self) -> None:
+        slots, self.slots = self.slots, []
+        if slots:
+            self.pool._unpin(slots)
+
+
+# ----------------------------------------------------------------------------------------
+# what AdapterWrapper's methods call
+# ----------------------------------------------------------------------------------------
+def pool_of(wrapper: nn.Module) -> SlotPool | None:
+    """The wrapper's reserved slots, or ``None``."""
+    from .batch import _STATES
+
+    state = _STATES.get(wrapper)
+    return None if state is None else state.pool
+
+
+def reserve(wrapper: nn.Module, max_adapters: int, max_rank: int) -> None:
+    """See ``AdapterWrapper.reserve_adapter_slots``."""
+    from .batch import _release_unreserved, _wrapper_state
+
+    for what, value in (("max_adapters", max_adapters), ("max_rank", max_rank)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise InvalidConfigError(
+                f"{what} must be a positive integer, got {value!r}; e.g. "
+                "reserve_adapter_slots(max_adapters=16, max_rank=64)."
+            )
+    wrapper._model()  # raises if unloaded
+    for adapter in wrapper.adapters.values():
+        check_fits(adapter, max_rank)
+    state = _wrapper_state(wrapper)
+    with state.lock:
+        if state.pool is not None:
+            state.pool._reset()
+        else:
+            _release_unreserved(state)
+        pool = SlotPool(wrapper, max_adapters, max_rank, state.lock)
+        # Allocate every module's stacks now, from all loaded adapters' layers, so that
+        # later loads of adapters on the same modules allocate nothing.
+        by_path: dict[str, list] = {}
+        for adapter in wrapper.adapters.values():
+            for path, layer in adapter.items():
+                by_path.setdefault(path, []).append(layer)
+        for path, layers in by_path.items():
+            pool.stacks[path] = SiteStacks(
+                (),
+                capacity=max_adapters,
+                max_rank=max_rank,
+                like=layers,
+                device=_module_device(wrapper, path),
+            )
+            pool.where[path] = _module_where(wrapper, path)
+        for name, adapter in wrapper.adapters.items():
+            pool.adopt(name, adapter)
+        state.pool = pool
+        arm_hooks(wrapper, pool)
+
+
+def check_attach(wrapper: nn.Module, adapter: Any) -> None:
+    """Refuse, before anything changes, an adapter the reserved slots cannot hold."""
+    pool = pool_of(wrapper)
+    if pool is not None:
+        check_fits(adapter, pool.max_rank)
+
+
+def on_attach(wrapper: nn.Module, name: str) -> None:
+    """Move a new (or grown) adapter's stackable weights to the host tier."""
+    pool = pool_of(wrapper)
+    if pool is not None:
+        with pool.cond:
+            if name not in pool.slot_of:
+                pool.adopt(name, wrapper.adapters[name])
+            arm_hooks(wrapper, pool)
+
+
+def arm_hooks(wrapper: nn.Module, pool: SlotPool) -> None:
+    """Register the hooks mixed calls need on every module with stacks, now.
+
+    A change of the active adapters re-derives each module's hooks and drops the ones
+    only mixed calls use; the next mixed call would add them back, but a compiled
+    forward reads the hook layout before that and would recompile. Serving with
+    reserved slots keeps them (without a mixed call in flight they do nothing).
+    """
+    added = False
+    for path, site in wrapper._sites.items():
+        st = pool.stacks.get(path)
+        if st is not None:
+            added |= site.prepare_mixed(st.need_pre)
+    if added:
+        wrapper._note_hook_layout()
+
+
+def stats(wrapper: nn.Module) -> dict[str, Any]:
+    """See ``AdapterWrapper.slot_stats``."""
+    from .batch import _STATES
+
+    state = _STATES.get(wrapper)
+    if state is not None and state.pool is not None:
+        with state.lock:
+            return state.pool.stats()
+    out: dict[str, Any] = {
+        "device_bytes": 0,
+        "host_bytes": 0,
+        "resident": [],
+        "loads": 0,
+        "evictions": 0,
+        "max_adapters": None,
+        "max_rank": None,
+    }
+    if state is None:
+        return out
+    with state.lock:
+        live = [n for n in state.names if n in wrapper.adapters]
+        recent = [n for n in reversed(state.recent) if n in live]
+        out["device_bytes"] = int(
+            sum(t.numel() * t.element_size() for st in state.stacks.values() for t in st.tensors())
+        )
+        out["resident"] = recent + [n for n in live if n not in recent]
+        out["loads"] = state.loads
+    return out
+
+
+def hotswap(wrapper: nn.Module, path: Any, adapter_name: str, **kwargs: Any) -> None:
+    """See ``AdapterWrapper.hotswap_adapter``."""
+    # Normal tensors even when called inside inference_mode: the new weights may train.
+    with torch.inference_mode(False):
+        _hotswap(wrapper, path, adapter_name, **kwargs)
+
+
+def _hotswap(wrapper: nn.Module, path: Any, adapter_name: str, **kwargs: Any) -> None:
+    from .batch import _wrapper_state
+    from .errors import AdapterFileError, AdapterStateError
+    from .io import _layer_config, read_adapter
+    from .layers import LinearIA3Layer, LoraLayer
+
+    old = wrapper._adapter(adapter_name)
+    if adapter_name in wrapper._merged:
+        raise AdapterStateError(
+            f"Adapter {adapter_name!r} is merged; call unmerge_adapters() before hot-swapping it."
+        )
+    new = read_adapter(wrapper, path, adapter_name, **kwargs)
+    old_paths, new_paths = set(old.layer_names), set(new.layer_names)
+    if old_paths != new_paths:
+        extra, missing = sorted(new_paths - old_paths), sorted(old_paths - new_paths)
+        raise AdapterFileError(
+            f"The adapter at {str(path)!r} does not target the same modules as adapter "
+            f"{adapter_name!r}: it adds {extra!r} and lacks {missing!r}. hotswap_adapter "
+            "replaces weights in place, so the modules must match; load it under a new "
+            "name with load_adapter() instead. Nothing was changed."
+        )
+    for p in old.layer_names:
+        o, n = old[p], new[p]
+        if type(o) is not type(n):
+            raise AdapterFileError(
+                f"The adapter at {str(path)!r} has a {type(n).__name__} on {p!r} where adapter "
+                f"{adapter_name!r} has a {type(o).__name__}; hotswap_adapter needs the same "
+                "kind of layer on every module. Nothing was changed."
+            )
+        if isinstance(o, LinearIA3Layer) and o.is_feedforward != n.is_feedforward:
+            raise AdapterFileError(
+                f"The IA³ layer on {p!r} scales the {'input' if n.is_feedforward else 'output'} "
+                f"in {str(path)!r} but the {'input' if o.is_feedforward else 'output'} in adapter "
+                f"{adapter_name!r}; hotswap_adapter cannot change that. Nothing was changed."
+            )
+        if not isinstance(o, (LoraLayer, LinearIA3Layer)):
+            same = {k: t.shape for k, t in o.state_dict().items()} == {
+                k: t.shape for k, t in n.state_dict().items()
+            }
+            try:
+                same = same and _layer_config(p, o) == _layer_config(p, n)
+            except Exception:  # noqa: BLE001 - a layer without a storable config
+                same = False
+            if not same:
+                raise AdapterFileError(
+                    f"The {type(o).__name__} on {p!r} in {str(path)!r} has other settings or "
+                    f"tensor shapes than adapter {adapter_name!r}'s; hotswap_adapter can only "
+                    "replace its values. Nothing was changed."
+                )
+    check_attach(wrapper, new)
+    state = _wrapper_state(wrapper)
+    with state.lock, torch.no_grad():
+        for p in old.layer_names:
+            o, n = old[p], new[p]
+            if isinstance(o, LoraLayer):
+                if o.r == n.r and o.lora_A.weight.shape == n.lora_A.weight.shape:
+                    o.lora_A.weight.copy_(n.lora_A.weight)
+                    o.lora_B.weight.copy_(n.lora_B.weight)
+                else:
+                    grad = o.lora_A.weight.requires_grad
+                    o.lora_A, o.lora_B = n.lora_A, n.lora_B
+                    o.lora_A.requires_grad_(grad)
+                    o.lora_B.requires_grad_(grad)
+                    o.r = n.r
+                o.lora_alpha, o.use_rslora = n.lora_alpha, n.use_rslora
+                o.lora_dropout = n.lora_dropout
+                o.scaling = n.scaling
+            else:
+                theirs = n.state_dict()
+                for k, t in o.state_dict(keep_vars=True).items():
+                    t.copy_(theirs[k])
+        old.config = new.config
+        old.peft_extras = new.peft_extras
+        pool = state.pool
+        if pool is not None and adapter_name in pool.known:
+            slot = pool.slot_of.get(adapter_name)
+            if slot is not None:
+                # Rewrite its slot in place now (the stacks keep shape and identity).
+                pool._evict(adapter_name, keep_host=False)
+                pool.free.remove(slot)
+                pool.adopt(adapter_name, old)
+                pool._load(adapter_name, slot)
+                pool.loads -= 1
+                pool.derive()
+            else:
+                pool.adopt(adapter_name, old)
