@@ -4,7 +4,7 @@ Adapters never replace, add or patch a module of the base model: they run as for
 hooks, and removing the hooks gives back the original model, bit for bit.
 """
 
-from .config import AdapterConfig, IA3Config, LoraConfig
+from .config import AdapterConfig, IA3Config, LoraConfig, TaskType
 from .errors import (
     AdapterExistsError,
     AdapterFileError,
@@ -18,6 +18,7 @@ from .errors import (
     MixedBatchError,
     NoMatchingModulesError,
     TinytuneError,
+    UnsupportedArgumentError,
     UnsupportedModuleError,
 )
 from .layers import (
@@ -30,6 +31,7 @@ from .layers import (
     ModulesToSaveLayer,
 )
 from .wrapper import BASE_ADAPTER_NAME, Adapter, AdapterWrapper
+from .compat import get_peft_model
 
 __version__ = "0.1.0"
 
@@ -58,6 +60,9 @@ __all__ = [
     "MixedBatchError",
     "ModulesToSaveLayer",
     "NoMatchingModulesError",
+    "TaskType",
     "TinytuneError",
+    "UnsupportedArgumentError",
     "UnsupportedModuleError",
+    "get_peft_model",
 ]
