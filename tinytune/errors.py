@@ -25,8 +25,15 @@ class UnsupportedArgumentError(TinytuneError, TypeError):
     as ``save_pretrained(..., safe_serialization=False)``; the message names it."""
 
 
-class AdapterExistsError(TinytuneError, ValueError):
-    """An adapter with this name already exists."""
+class AdapterExistsError(TinytuneError, ValueError, KeyError):
+    """An adapter with this name already exists.
+
+    Also a ``KeyError``, which the prototype raised for a taken name.
+    """
+
+    def __str__(self) -> str:
+        # KeyError's str() is repr(message), which would wrap the message in quotes.
+        return str(self.args[0]) if len(self.args) == 1 else super().__str__()
 
 
 class AdapterNotFoundError(TinytuneError, KeyError, ValueError):

@@ -8,7 +8,8 @@ An adapter is a directory with two files:
   (``base_model.model.<dotted module path>.lora_A.weight``, ``...ia3_l``, ...).
 
 Adapters that PEFT can express (LoRA or IA³, optionally with ``modules_to_save``) are
-written exactly as PEFT writes them, so PEFT, vLLM and other PEFT readers load them.
+written exactly as PEFT writes them, so PEFT and other PEFT readers load them (vLLM
+only plain LoRA files without ``modules_to_save``; see the README).
 Anything else (LoRA and IA³ mixed in one adapter, custom :class:`AdapterLayer` s,
 per-layer settings PEFT has no field for) is written with ``"peft_type": "TINYTUNE"``
 and a ``"tinytune"`` block that lists every layer; PEFT refuses such a file loudly

@@ -24,7 +24,7 @@ from typing import Any, Sequence
 import torch
 
 from .config import AdapterConfig, LoraConfig
-from .errors import AdapterExistsError, InvalidConfigError, UnsupportedModuleError
+from .errors import InvalidConfigError, UnsupportedModuleError
 from .layers import (
     AdapterLayer,
     Conv2dLoraLayer,
@@ -153,9 +153,10 @@ def add_weighted_adapter(
     else:
         new_rank = svd_rank or max(ranks)
 
-    first = next(l for l in per_path[next(iter(per_path))].values())
+    # Dropout and rsLoRA of the new layers: the first adapter's, as PEFT copies its config.
     first = next(
-        (l for _, l in sources[0].items() if isinstance(l, LoraLayer)), first
+        (l for _, l in sources[0].items() if isinstance(l, LoraLayer)),
+        next(iter(per_path[next(iter(per_path))].values())),
     )
     model_modules = {path: wrapper._sites[path].module for path in list(per_path) + list(saves)}
     built: list[tuple[str, AdapterLayer]] = []
@@ -218,8 +219,6 @@ def add_weighted_adapter(
         if device is not None:
             layer.to(device)
         adapter.layers[_key(path)] = layer
-    if adapter_name in wrapper.adapters:  # pragma: no cover - checked above
-        raise AdapterExistsError(f"An adapter named {adapter_name!r} already exists.")
     # Not activated, as in PEFT: call set_adapter(adapter_name) to use it.
     wrapper._attach(adapter, False)
 
