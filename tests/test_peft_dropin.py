@@ -300,9 +300,9 @@ def test_save_pretrained_layout_and_keywords(tmp_path):
     assert not (tmp_path / "some" / "adapter_config.json").exists()
     assert (tmp_path / "some" / "b" / "adapter_model.safetensors").is_file()
     fresh = AdapterWrapper(w.unload())
-    for name in ("default", "b", "c"):
-        sub = tmp_path / "all" if name == "default" else tmp_path / "all" / name
-        fresh.load_adapter(sub, adapter_name=name)
+    fresh.load_adapter(tmp_path / "all")
+    fresh.load_adapter(tmp_path / "all" / "b", adapter_name="b")
+    fresh.load_adapter(tmp_path / "all", adapter_name="c", subfolder="c")  # PEFT's keyword
     w.swap_base_model(Tower())  # put the originals on a copy to compare
     w.model.load_state_dict(fresh.model.state_dict())
     for name in ("default", "b", "c"):
@@ -437,7 +437,7 @@ def test_layer_selection_at_creation_matches_peft(llama, kwargs):
 
 def test_layers_to_transform_needs_a_list_target():
     for target in (".*q_proj", "all-linear"):  # PEFT refuses both
-        with pytest.raises(InvalidConfigError, match="regex string"):
+        with pytest.raises(InvalidConfigError, match="is a string, a regex or .all-linear."):
             LoraConfig(target_modules=target, layers_to_transform=[0])
         with pytest.raises(ValueError):
             peft.LoraConfig(target_modules=target, layers_to_transform=[0])

@@ -568,6 +568,8 @@ def load_adapter(
         cfg = None
     elif peft_type in ("LORA", "IA3"):
         cfg = _config_from_peft(config, config_file)
+        # As PEFT's from_pretrained: the config says whether the adapter trains.
+        cfg.inference_mode = not bool(is_trainable)
         layers = _build_peft(ctx, cfg)
     else:
         raise InvalidConfigError(

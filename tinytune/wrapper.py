@@ -753,9 +753,17 @@ class AdapterWrapper(nn.Module):
     def load_adapter(
         self, path: str, adapter_name: str = "default", activate: bool = True, **kwargs: Any
     ) -> None:
-        """Load an adapter saved by PEFT or tinytune; activates it like ``add_adapter``."""
+        """Load an adapter saved by PEFT or tinytune; activates it like ``add_adapter``.
+
+        ``subfolder=`` (PEFT's keyword) reads ``path/subfolder``, where
+        ``save_pretrained`` puts the adapters other than ``"default"``. The other
+        keywords are those of :func:`tinytune.io.load_adapter`.
+        """
         from .io import load_adapter
 
+        subfolder = kwargs.pop("subfolder", None)
+        if subfolder:
+            path = os.path.join(path, subfolder)
         load_adapter(self, path, adapter_name, activate=activate, **kwargs)
 
     def save_pretrained(
