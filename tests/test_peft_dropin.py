@@ -107,10 +107,8 @@ def user_script(lib: types.SimpleNamespace, base: nn.Module, out: str) -> dict:
     """A PEFT user's fine-tuning script; ``lib`` only swaps the imports."""
     LoraConfig, get_peft_model, PeftModel = lib.LoraConfig, lib.get_peft_model, lib.PeftModel
     r: dict = {}
-    config = LoraConfig(
-        task_type="CAUSAL_LM", inference_mode=False, r=8, lora_alpha=32, lora_dropout=0.1,
-        target_modules=["q_proj", "v_proj"],
-    )
+    # PEFT's quick tour: no target_modules, the architecture's defaults (q_proj, v_proj).
+    config = LoraConfig(task_type="CAUSAL_LM", inference_mode=False, r=8, lora_alpha=32, lora_dropout=0.1)
     model = get_peft_model(copy.deepcopy(base), config)
     same_weights(model, "default")
     buf = io.StringIO()
@@ -199,6 +197,32 @@ def test_get_peft_model_returns_the_wrapper_and_inference_mode_freezes(llama):
     assert not any(p.requires_grad for p in w.adapters["frozen"].adapter_parameters())
     theirs = peft.get_peft_model(copy.deepcopy(llama), peft.LoraConfig(inference_mode=True, r=4, target_modules=["v_proj"]))
     assert not any(p.requires_grad for p in theirs.parameters())
+
+
+@pytest.mark.parametrize("kind", ["lora", "ia3"])
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_default_targets_per_architecture_as_peft(llama, kind, arch):
+    if arch == "gpt2":
+        torch.manual_seed(0)
+        base = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_embd=32, n_layer=2, n_head=2, vocab_size=50, n_positions=16)).eval()
+    else:
+        base = llama
+    ours_cfg = LoraConfig(r=2) if kind == "lora" else IA3Config()
+    theirs_cfg = peft.LoraConfig(r=2) if kind == "lora" else peft.IA3Config()
+    ours = get_peft_model(copy.deepcopy(base), ours_cfg)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = peft.get_peft_model(copy.deepcopy(base), theirs_cfg)
+    key = ".lora_A." if kind == "lora" else ".ia3_l."
+    peft_shapes = {n[len("base_model.model."):].split(key)[0]: tuple(p.shape)
+                   for n, p in theirs.named_parameters() if key in n}
+    ours_shapes = {path: tuple((l.lora_A.weight if kind == "lora" else l.ia3_l).shape)
+                   for path, l in ours.adapters["default"].items()}
+    assert ours_shapes == peft_shapes and peft_shapes
+    assert ours_cfg.target_modules is None  # the user's config is left as it was
+    assert sorted(ours.peft_config["default"].target_modules) == sorted(theirs.peft_config["default"].target_modules)
+    with pytest.raises(InvalidConfigError, match="no default targets"):
+        AdapterWrapper.from_config(Tower(), LoraConfig())
 
 
 def test_task_type_is_checked():

@@ -12,6 +12,7 @@ thing here:
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import enum
 import numbers
@@ -426,6 +427,73 @@ class IA3Config(AdapterConfig):
         return LinearIA3Layer(
             is_feedforward=self.is_feedforward(name), init_ia3_weights=self.init_ia3_weights
         )
+
+
+# PEFT's per-architecture defaults for a config without target_modules (keyed by a
+# transformers model's ``config.model_type``), for the common text models.
+_LORA_DEFAULT_TARGETS: dict[str, list[str]] = {
+    **dict.fromkeys(
+        ["llama", "mistral", "mixtral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text",
+         "opt", "bart", "gptj", "gpt_neo", "stablelm"],
+        ["q_proj", "v_proj"],
+    ),
+    "t5": ["q", "v"],
+    "mt5": ["q", "v"],
+    "gpt2": ["c_attn"],
+    "gpt_bigcode": ["c_attn"],
+    "bloom": ["query_key_value"],
+    "gpt_neox": ["query_key_value"],
+    "falcon": ["query_key_value"],
+    "bert": ["query", "value"],
+    "roberta": ["query", "value"],
+    "xlm-roberta": ["query", "value"],
+    "electra": ["query", "value"],
+    "deberta-v2": ["query_proj", "value_proj"],
+    "phi": ["q_proj", "v_proj", "fc1", "fc2"],
+}
+# IA³: (target_modules, feedforward_modules).
+_IA3_DEFAULTS: dict[str, tuple[list[str], list[str]]] = {
+    "llama": (["k_proj", "v_proj", "down_proj"], ["down_proj"]),
+    "mistral": (["k_proj", "v_proj", "down_proj"], ["down_proj"]),
+    "mixtral": (["k_proj", "v_proj", "w2"], ["w2"]),
+    **dict.fromkeys(["qwen2", "qwen3", "gemma", "gemma2"], (["q_proj", "v_proj", "down_proj"], ["down_proj"])),
+    "gpt2": (["c_attn", "mlp.c_proj"], ["mlp.c_proj"]),
+    "opt": (["q_proj", "k_proj", "fc2"], ["fc2"]),
+    "bart": (["q_proj", "v_proj", "fc2"], ["fc2"]),
+    "t5": (["k", "v", "wo"], ["wo"]),
+    "bert": (["key", "value", "output.dense"], ["output.dense"]),
+    "roberta": (["key", "value", "output.dense"], ["output.dense"]),
+    "phi": (["q_proj", "v_proj", "fc2"], ["fc2"]),
+    "falcon": (["query_key_value", "dense_4h_to_h"], ["dense_4h_to_h"]),
+    "gpt_neox": (["query_key_value", "dense_4h_to_h"], ["dense_4h_to_h"]),
+    "bloom": (["query_key_value", "mlp.dense_4h_to_h"], ["mlp.dense_4h_to_h"]),
+}
+
+
+def with_model_defaults(config: AdapterConfig, model: nn.Module) -> AdapterConfig:
+    """``config`` with PEFT's per-architecture defaults filled in where it leaves them
+    out: ``target_modules`` (and IA³'s ``feedforward_modules``) for a transformers model
+    whose ``config.model_type`` PEFT knows (``"llama"``: ``["q_proj", "v_proj"]``, ...).
+    Returns ``config`` itself when nothing is filled in, else a filled copy."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if not isinstance(model_type, str):
+        return config
+    changes: dict[str, Any] = {}
+    if isinstance(config, IA3Config) and model_type in _IA3_DEFAULTS:
+        targets, ff = _IA3_DEFAULTS[model_type]
+        if config.target_modules is None:
+            changes["target_modules"] = list(targets)
+        if config.feedforward_modules is None:
+            changes["feedforward_modules"] = list(ff)
+    elif isinstance(config, LoraConfig) and config.target_modules is None:
+        if model_type in _LORA_DEFAULT_TARGETS:
+            changes["target_modules"] = list(_LORA_DEFAULT_TARGETS[model_type])
+    if not changes:
+        return config
+    filled = copy.copy(config)
+    for key, value in changes.items():
+        setattr(filled, key, value)
+    return filled
 
 
 def layer_factory(layer: Any) -> Callable[[], nn.Module]:

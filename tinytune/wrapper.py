@@ -302,6 +302,10 @@ class AdapterWrapper(nn.Module):
                 f"tinytune.IA3Config, ...), got {cls.__module__}.{cls.__qualname__}.{hint}"
             )
         model = self._model()
+        from .config import with_model_defaults
+
+        # PEFT's defaults for a transformers model when target_modules is left out.
+        config = with_model_defaults(config, model)
         named = [(n, m) for n, m in model.named_modules() if n]
         save_names = config.modules_to_save or []
         to_save = [(n, m) for n, m in named if name_matches(n, save_names)]
@@ -337,11 +341,13 @@ class AdapterWrapper(nn.Module):
                 f"{', '.join(repr(n) for n in leaf_names[:8])}."
             )
         if config.target_modules is None and not save_names:
-            # PEFT falls back on per-architecture defaults here; tinytune has none.
+            # PEFT's per-architecture defaults did not apply (not a transformers model, or
+            # an architecture outside the table in tinytune/config.py).
             raise InvalidConfigError(
-                "The config names no target_modules and no modules_to_save: pass "
-                "target_modules, e.g. ['q_proj', 'v_proj'] for Llama-style models, "
-                "['c_attn'] for GPT-2, or 'all-linear'."
+                "The config names no target_modules and no modules_to_save, and this model "
+                "has no default targets (they exist for transformers models such as Llama, "
+                "GPT-2, Mistral, Qwen, BERT, T5): pass target_modules, e.g. ['q_proj', "
+                "'v_proj'] for Llama-style models, ['c_attn'] for GPT-2, or 'all-linear'."
             )
         from .config import TASK_HEAD_MODULES
 
