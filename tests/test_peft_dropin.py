@@ -225,6 +225,16 @@ def test_default_targets_per_architecture_as_peft(llama, kind, arch):
         AdapterWrapper.from_config(Tower(), LoraConfig())
 
 
+def test_get_peft_model_upcasts_half_precision_adapters_as_peft(tower):
+    base = Tower().to(torch.bfloat16)
+    w = get_peft_model(base, LoraConfig(target_modules=["q_proj"], modules_to_save=["head"], init_lora_weights=False))
+    assert {p.dtype for p in w.adapters["default"]["layers.0.q_proj"].parameters()} == {torch.float32}
+    assert w.adapters["default"]["head"].mimic.weight.dtype == torch.bfloat16  # copies keep theirs
+    assert w(torch.tensor([[1, 2]])).dtype == torch.bfloat16
+    kept = get_peft_model(Tower().to(torch.bfloat16), LoraConfig(target_modules=["q_proj"]), autocast_adapter_dtype=False)
+    assert kept.adapters["default"]["layers.0.q_proj"].lora_A.weight.dtype == torch.bfloat16
+
+
 def test_task_type_is_checked():
     with pytest.raises(InvalidConfigError, match="task types"):
         LoraConfig(task_type="CAUSAL", target_modules=["q"])

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from .config import AdapterConfig
+from .layers import ModulesToSaveLayer
 from .wrapper import AdapterWrapper
 
 __all__ = ["get_peft_model"]
@@ -33,8 +34,9 @@ def get_peft_model(
         adapter_name: The adapter's name.
         mixed: Accepted for PEFT's mixed models; every tinytune wrapper mixes adapter
             types already.
-        autocast_adapter_dtype: As in PEFT: adapter weights created in float16 or
-            bfloat16 (a half-precision base model) are upcast to float32.
+        autocast_adapter_dtype: As in PEFT: adapter weights (LoRA factors, IA³
+            scales; not ``modules_to_save`` copies) created in float16 or bfloat16 (a
+            half-precision base model) are upcast to float32.
         revision: Recorded as the adapter's ``revision`` in saved files.
         low_cpu_mem_usage: Accepted; adapters are always created directly on the
             adapted module's device.
@@ -49,6 +51,8 @@ def get_peft_model(
     adapter = wrapper.adapters[adapter_name]
     if autocast_adapter_dtype:
         for _, layer in adapter.items():
+            if isinstance(layer, ModulesToSaveLayer):
+                continue  # PEFT upcasts the adapter factors only, not trained copies
             for param in layer.parameters():
                 if param.dtype in (torch.float16, torch.bfloat16):
                     param.data = param.data.float()
