@@ -70,7 +70,10 @@ class _LayerDict(nn.ModuleDict):
     user sees shows the dotted path instead: ``named_parameters()`` /
     ``named_modules()`` / ``state_dict()`` keys (``adapters.default.layers.model.
     layers.0.self_attn.q_proj.lora_A.weight``), ``load_state_dict``, ``repr`` and
-    ``get_submodule``/``get_parameter`` with those names.
+    ``get_submodule``/``get_parameter`` with those names. (One adapter with layers on
+    both a module and one of its children, ``block`` and ``block.fc``, is the exception
+    for ``get_submodule``: ``...layers.block`` is the first layer, so the walk cannot go
+    on to ``fc``; names and ``state_dict`` still work.)
     """
 
     def named_modules(self, memo=None, prefix: str = "", remove_duplicate: bool = True):
