@@ -1107,9 +1107,12 @@ def test_peft_config_passed_to_tinytune_says_which_config_to_use():
 
 
 def test_config_without_targets_says_what_to_pass():
-    """PEFT fills in per-architecture targets; tinytune must say to name them."""
+    """PEFT fills in per-architecture targets (issue 14: tinytune too, for the
+    architectures PEFT knows); for other models tinytune must say to name them."""
+    w = AdapterWrapper.from_config(tiny_llama(), LoraConfig(r=8, task_type="CAUSAL_LM"))
+    assert sorted({p.rsplit(".", 1)[-1] for p in w.adapters["default"].layer_names}) == ["q_proj", "v_proj"]
     with pytest.raises(tinytune.InvalidConfigError, match="target_modules, e.g."):
-        AdapterWrapper.from_config(tiny_llama(), LoraConfig(r=8, task_type="CAUSAL_LM"))
+        AdapterWrapper.from_config(nn.Sequential(nn.Linear(4, 4)), LoraConfig(r=8, task_type="CAUSAL_LM"))
 
 
 @pytest.mark.parametrize("bad", [None, 3])

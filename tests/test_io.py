@@ -248,7 +248,7 @@ def test_hand_built_ia3_gets_short_target_names(tmp_path):
     w = AdapterWrapper(make())
     w.add_adapter("a")
     for i in range(2):
-        w.add_adapter_layer("a", f"blocks.{i}.q", LinearIA3Layer)
+        w.add_adapter_layer("a", f"blocks.{i}.q", functools.partial(LinearIA3Layer, is_feedforward=False))
         w.add_adapter_layer("a", f"blocks.{i}.down", functools.partial(LinearIA3Layer, is_feedforward=True))
     randomise(w)
     w.save_adapter(tmp_path, "a")

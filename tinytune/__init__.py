@@ -4,7 +4,7 @@ Adapters never replace, add or patch a module of the base model: they run as for
 hooks, and removing the hooks gives back the original model, bit for bit.
 """
 
-from .config import AdapterConfig, IA3Config, LoraConfig
+from .config import AdapterConfig, IA3Config, LoraConfig, TaskType
 from .dispatch import get_kernel_mode, kernel_mode, set_kernel_mode
 from .errors import (
     AdapterExistsError,
@@ -20,6 +20,7 @@ from .errors import (
     MixedBatchError,
     NoMatchingModulesError,
     TinytuneError,
+    UnsupportedArgumentError,
     UnsupportedModuleError,
 )
 from .layers import (
@@ -32,6 +33,7 @@ from .layers import (
     ModulesToSaveLayer,
 )
 from .wrapper import BASE_ADAPTER_NAME, Adapter, AdapterWrapper
+from .compat import get_peft_model
 
 __version__ = "0.1.0"
 
@@ -61,9 +63,12 @@ __all__ = [
     "MixedBatchError",
     "ModulesToSaveLayer",
     "NoMatchingModulesError",
+    "TaskType",
     "TinytuneError",
+    "UnsupportedArgumentError",
     "UnsupportedModuleError",
     "get_kernel_mode",
+    "get_peft_model",
     "kernel_mode",
     "set_kernel_mode",
 ]

@@ -12,7 +12,9 @@ thing here:
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import enum
 import numbers
 import re
 from dataclasses import dataclass, field
@@ -22,7 +24,35 @@ from torch import nn
 
 from .errors import InvalidConfigError, UnsupportedModuleError
 
-__all__ = ["AdapterConfig", "LoraConfig", "IA3Config", "name_matches"]
+__all__ = ["AdapterConfig", "LoraConfig", "IA3Config", "TaskType", "name_matches"]
+
+
+class TaskType(str, enum.Enum):
+    """PEFT's task types (``task_type=TaskType.CAUSAL_LM`` or ``"CAUSAL_LM"``).
+
+    Informational, except that the classification tasks train the model's head, as in
+    PEFT: ``SEQ_CLS`` and ``TOKEN_CLS`` add ``"classifier"`` and ``"score"`` to
+    ``modules_to_save``, ``QUESTION_ANS`` adds ``"qa_outputs"`` (the names present in
+    the model are used).
+    """
+
+    SEQ_CLS = "SEQ_CLS"
+    SEQ_2_SEQ_LM = "SEQ_2_SEQ_LM"
+    CAUSAL_LM = "CAUSAL_LM"
+    TOKEN_CLS = "TOKEN_CLS"
+    QUESTION_ANS = "QUESTION_ANS"
+    FEATURE_EXTRACTION = "FEATURE_EXTRACTION"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+#: Heads PEFT trains for each task type (PeftModelForSequenceClassification, ...).
+TASK_HEAD_MODULES: dict[str, tuple[str, ...]] = {
+    "SEQ_CLS": ("classifier", "score"),
+    "TOKEN_CLS": ("classifier", "score"),
+    "QUESTION_ANS": ("qa_outputs",),
+}
 
 
 def name_matches(name: str, targets: str | list[str] | tuple[str, ...] | None) -> bool:
@@ -61,20 +91,58 @@ class AdapterConfig:
             a list of names or name suffixes, or ``"all-linear"``.
         modules_to_save: Modules trained as a full copy (a classifier head, say). The
             original module is left untouched until the adapter is merged.
-        task_type: Informational, as in PEFT (``"CAUSAL_LM"``, ...); kept when saving.
+        task_type: A :class:`TaskType` or its name, as in PEFT; kept when saving.
+            ``SEQ_CLS``/``TOKEN_CLS``/``QUESTION_ANS`` add the model's classification
+            head to ``modules_to_save`` (see :class:`TaskType`).
+        exclude_modules: Modules never adapted, even if ``target_modules`` selects them:
+            a full-match regex or a list of names/suffixes (PEFT's rule).
+        inference_mode: ``True`` creates the adapter frozen (``requires_grad=False``),
+            as PEFT does.
+        mimic_layers: The prototype's name for ``modules_to_save``; its entries are
+            added to ``modules_to_save``.
     """
 
     target_modules: str | list[str] | None = None
     modules_to_save: list[str] | None = None
     task_type: str | None = None
+    exclude_modules: str | list[str] | None = None
+    inference_mode: bool = False
+    mimic_layers: list[str] | None = None
 
     peft_type: ClassVar[str] = ""
 
     def __post_init__(self) -> None:
         self.target_modules = _as_target_list(self.target_modules)
         self.modules_to_save = _as_target_list(self.modules_to_save)
+        self.exclude_modules = _as_target_list(self.exclude_modules)
         if isinstance(self.modules_to_save, str):
             self.modules_to_save = [self.modules_to_save]
+        mimic = _as_target_list(self.mimic_layers)
+        if isinstance(mimic, str):
+            mimic = [mimic]
+        if mimic:
+            self.mimic_layers = list(mimic)
+            self.modules_to_save = list(self.modules_to_save or []) + [
+                m for m in mimic if m not in (self.modules_to_save or [])
+            ]
+        if isinstance(self.task_type, TaskType):
+            self.task_type = self.task_type.value
+        if self.task_type is not None and self.task_type not in TaskType.__members__:
+            raise InvalidConfigError(
+                f"task_type={self.task_type!r} is not one of PEFT's task types "
+                f"{list(TaskType.__members__)!r}; pass one of them or None."
+            )
+        heads = TASK_HEAD_MODULES.get(self.task_type or "", ())
+        if heads:
+            # As PeftModelForSequenceClassification does: train the head, whichever of
+            # these names the model uses (names the model lacks are skipped).
+            self.modules_to_save = list(self.modules_to_save or []) + [
+                h for h in heads if h not in (self.modules_to_save or [])
+            ]
+        if not isinstance(self.inference_mode, bool):
+            raise InvalidConfigError(
+                f"inference_mode must be True or False, got {self.inference_mode!r}."
+            )
         if self.target_modules is not None and not isinstance(self.target_modules, (str, list)):
             raise InvalidConfigError(
                 f"target_modules must be a regex string or a list of module names, got "
@@ -84,13 +152,39 @@ class AdapterConfig:
             raise InvalidConfigError("target_modules is an empty list: name at least one module.")
 
     def matches(self, name: str, module: nn.Module, model: nn.Module | None = None) -> bool:
-        """Whether ``target_modules`` selects the module called ``name``."""
+        """Whether ``target_modules`` selects the module called ``name`` (after
+        ``exclude_modules`` and, for LoRA, ``layers_to_transform``), by PEFT's rules."""
+        if self.exclude_modules and name_matches(name, self.exclude_modules):
+            return False
         if self.target_modules == "all-linear":
             if not _is_linear(module):
                 return False
             out = _output_layer_name(model) if model is not None else None
             return name != out
-        return name_matches(name, self.target_modules)
+        if isinstance(self.target_modules, str):
+            # PEFT applies layers_to_transform to lists only (a regex says it all).
+            return name_matches(name, self.target_modules)
+        return name_matches(name, self.target_modules) and self._in_layers(name)
+
+    def _in_layers(self, name: str) -> bool:
+        """PEFT's ``layers_to_transform``/``layers_pattern`` filter (LoRA only)."""
+        indexes = getattr(self, "layers_to_transform", None)
+        if indexes is None or (isinstance(indexes, list) and not indexes):
+            return True
+        pattern = getattr(self, "layers_pattern", None)
+        match = None
+        if not pattern:
+            # The first numbered component (not a nested one such as an expert index).
+            match = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", name)
+        else:
+            for p in [pattern] if isinstance(pattern, str) else pattern:
+                match = re.match(rf"(?:^|.*?\.){p}\.(?P<idx>\d+)\.", name)
+                if match is not None:
+                    break
+        if match is None:
+            return False
+        index = int(match.group("idx"))
+        return index == indexes if isinstance(indexes, int) else index in indexes
 
     def make_layer(self, name: str, module: nn.Module) -> nn.Module:
         """Build the (not yet attached) adapter layer for the module called ``name``."""
@@ -99,6 +193,8 @@ class AdapterConfig:
     def to_dict(self) -> dict[str, Any]:
         """The config's fields as a JSON-friendly dict (with ``peft_type``)."""
         out = dataclasses.asdict(self)
+        # Folded into modules_to_save; PEFT has no such field.
+        out.pop("mimic_layers", None)
         out["peft_type"] = self.peft_type
         return out
 
@@ -143,9 +239,18 @@ class LoraConfig(AdapterConfig):
             ``Conv1D`` does. Detected automatically for ``Conv1D``.
         rank_pattern: Per-module rank overrides, ``{name regex: r}``.
         alpha_pattern: Per-module alpha overrides, ``{name regex: alpha}``.
-        init_lora_weights: ``True`` for the paper's init (B = 0, the adapter starts as a
-            no-op); ``False`` for a random B (useful in tests).
+        init_lora_weights: ``True`` for the paper's init (A Kaiming-uniform, B = 0: the
+            adapter starts as a no-op); ``"gaussian"`` for A ~ N(0, 1/r²), B = 0 (PEFT's
+            option); ``False`` for a random B (useful in tests). PEFT's data-driven or
+            base-rewriting inits (``"pissa"``, ``"olora"``, ``"loftq"``, ``"corda"``,
+            ``"eva"``, ...) are refused here, when the config is made.
         bias: Only ``"none"`` is supported.
+        layers_to_transform: Only adapt layers with these indexes (an int or a list),
+            PEFT's rule: the index is the first number in the dotted name
+            (``model.layers.3.self_attn.q_proj`` is layer 3), or the number after
+            ``layers_pattern``. Needs a list ``target_modules``.
+        layers_pattern: The name before the layer index (``"layers"``, ``"h"``), or a
+            list of them; needs ``layers_to_transform``.
     """
 
     r: int = 8
@@ -155,8 +260,10 @@ class LoraConfig(AdapterConfig):
     fan_in_fan_out: bool = False
     rank_pattern: dict[str, int] = field(default_factory=dict)
     alpha_pattern: dict[str, float] = field(default_factory=dict)
-    init_lora_weights: bool = True
+    init_lora_weights: bool | str = True
     bias: str = "none"
+    layers_to_transform: int | list[int] | None = None
+    layers_pattern: str | list[str] | None = None
 
     peft_type: ClassVar[str] = "LORA"
 
@@ -181,6 +288,30 @@ class LoraConfig(AdapterConfig):
             raise InvalidConfigError(
                 f"bias={self.bias!r} is not supported: tinytune trains no bias; use bias='none' "
                 "or put the module in modules_to_save."
+            )
+        self.init_lora_weights = check_init_lora_weights(self.init_lora_weights)
+        self.layers_to_transform = _as_target_list(self.layers_to_transform)
+        self.layers_pattern = _as_target_list(self.layers_pattern)
+        layers = self.layers_to_transform
+        if layers is not None and not (
+            (isinstance(layers, int) and not isinstance(layers, bool))
+            or (isinstance(layers, list) and all(isinstance(i, int) for i in layers))
+        ):
+            raise InvalidConfigError(
+                f"layers_to_transform must be a layer index or a list of them, got {layers!r}."
+            )
+        if isinstance(self.target_modules, str):
+            for what in ("layers_to_transform", "layers_pattern"):
+                if getattr(self, what) is not None:
+                    raise InvalidConfigError(
+                        f"{what} cannot be used when target_modules is a string, a regex or 'all-linear' (as in "
+                        "PEFT): put the layer indexes in the regex, or pass target_modules as "
+                        "a list of names."
+                    )
+        if self.layers_pattern and self.layers_to_transform is None:
+            raise InvalidConfigError(
+                "layers_pattern needs layers_to_transform (as in PEFT): pass the layer "
+                "indexes to adapt, e.g. layers_to_transform=[0, 1]."
             )
 
     def rank_for(self, name: str) -> int:
@@ -208,6 +339,35 @@ class LoraConfig(AdapterConfig):
             use_rslora=self.use_rslora,
             init_lora_weights=self.init_lora_weights,
         )
+
+
+# init_lora_weights values PEFT computes from data or by rewriting the base weights.
+_REFUSED_INITS = ("pissa", "olora", "loftq", "corda", "eva", "lora_ga", "orthogonal")
+
+
+def check_init_lora_weights(init: Any) -> bool | str:
+    """Validate ``init_lora_weights``: ``True``, ``False`` or ``"gaussian"``.
+
+    Raises:
+        InvalidConfigError: For PEFT's other inits, which tinytune cannot run (PiSSA,
+            OLoRA, LoftQ, CorDA rewrite the base weights; EVA and LoRA-GA need data),
+            and for unknown values.
+    """
+    if isinstance(init, bool):
+        return init
+    if isinstance(init, str) and init.lower() == "gaussian":
+        return "gaussian"
+    if isinstance(init, str) and init.lower().startswith(_REFUSED_INITS):
+        raise InvalidConfigError(
+            f"init_lora_weights={init!r} is not supported: tinytune never rewrites the base "
+            "model's weights (PiSSA, OLoRA, LoftQ and CorDA do) and does not run data-driven "
+            "inits (EVA, LoRA-GA) or orthogonal init, so the adapter would train from another "
+            "start than you asked for. Use init_lora_weights=True, 'gaussian' or False, or "
+            "initialise with PEFT, save, and load the file with load_adapter()."
+        )
+    raise InvalidConfigError(
+        f"init_lora_weights must be True, False or 'gaussian', got {init!r}."
+    )
 
 
 def _check_rank(r: Any, what: str) -> None:
@@ -267,6 +427,73 @@ class IA3Config(AdapterConfig):
         return LinearIA3Layer(
             is_feedforward=self.is_feedforward(name), init_ia3_weights=self.init_ia3_weights
         )
+
+
+# PEFT's per-architecture defaults for a config without target_modules (keyed by a
+# transformers model's ``config.model_type``), for the common text models.
+_LORA_DEFAULT_TARGETS: dict[str, list[str]] = {
+    **dict.fromkeys(
+        ["llama", "mistral", "mixtral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text",
+         "opt", "bart", "gptj", "gpt_neo", "stablelm"],
+        ["q_proj", "v_proj"],
+    ),
+    "t5": ["q", "v"],
+    "mt5": ["q", "v"],
+    "gpt2": ["c_attn"],
+    "gpt_bigcode": ["c_attn"],
+    "bloom": ["query_key_value"],
+    "gpt_neox": ["query_key_value"],
+    "falcon": ["query_key_value"],
+    "bert": ["query", "value"],
+    "roberta": ["query", "value"],
+    "xlm-roberta": ["query", "value"],
+    "electra": ["query", "value"],
+    "deberta-v2": ["query_proj", "value_proj"],
+    "phi": ["q_proj", "v_proj", "fc1", "fc2"],
+}
+# IA³: (target_modules, feedforward_modules).
+_IA3_DEFAULTS: dict[str, tuple[list[str], list[str]]] = {
+    "llama": (["k_proj", "v_proj", "down_proj"], ["down_proj"]),
+    "mistral": (["k_proj", "v_proj", "down_proj"], ["down_proj"]),
+    "mixtral": (["k_proj", "v_proj", "w2"], ["w2"]),
+    **dict.fromkeys(["qwen2", "qwen3", "gemma", "gemma2"], (["q_proj", "v_proj", "down_proj"], ["down_proj"])),
+    "gpt2": (["c_attn", "mlp.c_proj"], ["mlp.c_proj"]),
+    "opt": (["q_proj", "k_proj", "fc2"], ["fc2"]),
+    "bart": (["q_proj", "v_proj", "fc2"], ["fc2"]),
+    "t5": (["k", "v", "wo"], ["wo"]),
+    "bert": (["key", "value", "output.dense"], ["output.dense"]),
+    "roberta": (["key", "value", "output.dense"], ["output.dense"]),
+    "phi": (["q_proj", "v_proj", "fc2"], ["fc2"]),
+    "falcon": (["query_key_value", "dense_4h_to_h"], ["dense_4h_to_h"]),
+    "gpt_neox": (["query_key_value", "dense_4h_to_h"], ["dense_4h_to_h"]),
+    "bloom": (["query_key_value", "mlp.dense_4h_to_h"], ["mlp.dense_4h_to_h"]),
+}
+
+
+def with_model_defaults(config: AdapterConfig, model: nn.Module) -> AdapterConfig:
+    """``config`` with PEFT's per-architecture defaults filled in where it leaves them
+    out: ``target_modules`` (and IA³'s ``feedforward_modules``) for a transformers model
+    whose ``config.model_type`` PEFT knows (``"llama"``: ``["q_proj", "v_proj"]``, ...).
+    Returns ``config`` itself when nothing is filled in, else a filled copy."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if not isinstance(model_type, str):
+        return config
+    changes: dict[str, Any] = {}
+    if isinstance(config, IA3Config) and model_type in _IA3_DEFAULTS:
+        targets, ff = _IA3_DEFAULTS[model_type]
+        if config.target_modules is None:
+            changes["target_modules"] = list(targets)
+        if config.feedforward_modules is None:
+            changes["feedforward_modules"] = list(ff)
+    elif isinstance(config, LoraConfig) and config.target_modules is None:
+        if model_type in _LORA_DEFAULT_TARGETS:
+            changes["target_modules"] = list(_LORA_DEFAULT_TARGETS[model_type])
+    if not changes:
+        return config
+    filled = copy.copy(config)
+    for key, value in changes.items():
+        setattr(filled, key, value)
+    return filled
 
 
 def layer_factory(layer: Any) -> Callable[[], nn.Module]:

@@ -2,7 +2,7 @@
 
 Every error tinytune raises for bad input is a subclass of :class:`TinytuneError` and
 also of the matching built-in type (``ValueError``, ``TypeError``, ``LookupError``,
-``RuntimeError``), so existing ``except ValueError`` code keeps working. Messages say
+``RuntimeError``, ``KeyError``), so existing ``except ValueError`` code keeps working. Messages say
 what to do next.
 """
 
@@ -20,16 +20,39 @@ class InvalidConfigError(TinytuneError, ValueError):
     """A config or layer argument is out of range (for example ``r <= 0``)."""
 
 
-class AdapterExistsError(TinytuneError, ValueError):
-    """An adapter with this name already exists."""
+class UnsupportedArgumentError(TinytuneError, TypeError):
+    """A keyword argument (or value) that PEFT accepts but tinytune cannot honour, such
+    as ``save_pretrained(..., safe_serialization=False)``; the message names it."""
 
 
-class AdapterNotFoundError(TinytuneError, LookupError):
-    """No adapter with this name exists."""
+class AdapterExistsError(TinytuneError, ValueError, KeyError):
+    """An adapter with this name already exists.
+
+    Also a ``KeyError``, which the prototype raised for a taken name.
+    """
+
+    def __str__(self) -> str:
+        # KeyError's str() is repr(message), which would wrap the message in quotes.
+        return str(self.args[0]) if len(self.args) == 1 else super().__str__()
 
 
-class LayerNotFoundError(TinytuneError, LookupError):
-    """A dotted layer path names no module of the base model."""
+class AdapterNotFoundError(TinytuneError, KeyError, ValueError):
+    """No adapter with this name exists.
+
+    A ``KeyError`` (what the prototype's users catch) and a ``ValueError`` (what PEFT
+    raises for an unknown adapter name), so either ``except`` clause keeps working.
+    """
+
+    def __str__(self) -> str:
+        # KeyError's str() is repr(message), which would wrap the message in quotes.
+        return str(self.args[0]) if len(self.args) == 1 else super().__str__()
+
+
+class LayerNotFoundError(TinytuneError, LookupError, AttributeError):
+    """A dotted layer path names no module of the base model.
+
+    Also an ``AttributeError``, which the prototype raised for an unknown layer.
+    """
 
 
 class LayerAlreadyAdaptedError(TinytuneError, ValueError):

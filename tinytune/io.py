@@ -8,7 +8,8 @@ An adapter is a directory with two files:
   (``base_model.model.<dotted module path>.lora_A.weight``, ``...ia3_l``, ...).
 
 Adapters that PEFT can express (LoRA or IA³, optionally with ``modules_to_save``) are
-written exactly as PEFT writes them, so PEFT, vLLM and other PEFT readers load them.
+written exactly as PEFT writes them, so PEFT and other PEFT readers load them (vLLM
+only plain LoRA files without ``modules_to_save``; see the README).
 Anything else (LoRA and IA³ mixed in one adapter, custom :class:`AdapterLayer` s,
 per-layer settings PEFT has no field for) is written with ``"peft_type": "TINYTUNE"``
 and a ``"tinytune"`` block that lists every layer; PEFT refuses such a file loudly
@@ -57,7 +58,15 @@ from .layers import (
     lora_layer_for,
 )
 
-__all__ = ["save_adapter", "load_adapter", "read_adapter", "CONFIG_NAME", "WEIGHTS_NAME", "LEGACY_WEIGHTS_NAME"]
+__all__ = [
+    "save_adapter",
+    "save_adapters",
+    "load_adapter",
+    "read_adapter",
+    "CONFIG_NAME",
+    "WEIGHTS_NAME",
+    "LEGACY_WEIGHTS_NAME",
+]
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -134,6 +143,20 @@ def save_adapter(wrapper: Any, path: str | os.PathLike, adapter_name: str = "def
             its constructor takes arguments, or a result JSON cannot hold). Nothing is
             written then.
     """
+    save_adapters(wrapper, [(adapter_name, path)])
+
+
+def save_adapters(wrapper: Any, items: list[tuple[str, Any]], write: bool = True) -> None:
+    """Save several adapters, ``[(adapter name, directory), ...]``: every adapter is
+    serialised and checked before the first file is written (``write=False``: check
+    only). Raises as :func:`save_adapter`."""
+    prepared = [_prepare_save(wrapper, name, path) for name, path in items]
+    if write:
+        for args in prepared:
+            _write_adapter(*args)
+
+
+def _prepare_save(wrapper: Any, adapter_name: str, path: Any) -> tuple:
     adapter = wrapper._adapter(adapter_name)
     model = wrapper._model()
     if len(adapter) == 0:
@@ -151,6 +174,10 @@ def save_adapter(wrapper: Any, path: str | os.PathLike, adapter_name: str = "def
             f"Cannot save adapter {adapter_name!r} to {str(directory)!r}: it is a file. "
             "Pass a directory path."
         )
+    return directory, tensors, config_bytes, metadata
+
+
+def _write_adapter(directory: Path, tensors: dict, config_bytes: bytes, metadata: dict) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     # Weights first: if the process dies between the two renames, the new weights carry
     # the fingerprint of the new config and the loader refuses the old config beside
@@ -577,6 +604,8 @@ def read_adapter(
         cfg = None
     elif peft_type in ("LORA", "IA3"):
         cfg = _config_from_peft(config, config_file)
+        # As PEFT's from_pretrained: the config says whether the adapter trains.
+        cfg.inference_mode = not bool(is_trainable)
         layers = _build_peft(ctx, cfg)
     else:
         raise InvalidConfigError(

@@ -159,7 +159,8 @@ class LoraLayer(AdapterLayer):
             (not used by EmbeddingLoraLayer, as in PEFT).
         use_rslora: Rank-stabilised scaling.
         init_lora_weights: ``True``: B (or the embedding's A) starts at zero, so a new
-            adapter is a no-op. ``False``: both factors random.
+            adapter is a no-op. ``"gaussian"``: the same, but A ~ N(0, 1/r²) (PEFT's
+            option; embeddings as with ``True``). ``False``: both factors random.
     """
 
     def __init__(
@@ -182,7 +183,9 @@ class LoraLayer(AdapterLayer):
         self.lora_alpha = lora_alpha
         self.lora_dropout = float(lora_dropout)
         self.use_rslora = use_rslora
-        self.init_lora_weights = init_lora_weights
+        from .config import check_init_lora_weights
+
+        self.init_lora_weights = check_init_lora_weights(init_lora_weights)
         self.scaling = lora_alpha / (math.sqrt(r) if use_rslora else r)
 
     # ``scaling`` lives twice: as a Python float, which eager code passes to ``addmm``
@@ -228,6 +231,13 @@ class LoraLayer(AdapterLayer):
         if device is not None and self.scaling_tensor.device != device:
             self.scaling_tensor = self.scaling_tensor.to(device)
 
+    def _init_a(self, weight: torch.Tensor) -> None:
+        """PEFT's init of A: Kaiming-uniform, or N(0, 1/r²) for ``"gaussian"``."""
+        if self.init_lora_weights == "gaussian":
+            nn.init.normal_(weight, std=1 / self.r)
+        else:
+            nn.init.kaiming_uniform_(weight, a=math.sqrt(5))
+
     def _dropout(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
         if self.lora_dropout and module.training:
             return F.dropout(x, self.lora_dropout, training=True)
@@ -267,7 +277,7 @@ class LinearLoraLayer(LoraLayer):
         self._place_scaling(target)
         self.lora_A = nn.Linear(fan_in, self.r, bias=False, **kw)
         self.lora_B = nn.Linear(self.r, fan_out, bias=False, **kw)
-        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+        self._init_a(self.lora_A.weight)
         if self.init_lora_weights:
             nn.init.zeros_(self.lora_B.weight)
         else:
@@ -367,7 +377,7 @@ class Conv2dLoraLayer(LoraLayer):
             **kw,
         )
         self.lora_B = nn.Conv2d(self.r, target.out_channels, 1, bias=False, **kw)
-        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+        self._init_a(self.lora_A.weight)
         if self.init_lora_weights:
             nn.init.zeros_(self.lora_B.weight)
         else:
@@ -400,16 +410,19 @@ def lora_layer_for(module: nn.Module) -> type[LoraLayer] | None:
 class LinearIA3Layer(AdapterLayer):
     """IA³ for ``nn.Linear`` and transformers' ``Conv1D``: learned per-feature scales.
 
-    With ``is_feedforward=False`` the output is scaled, ``y * l`` with ``ia3_l`` of
-    shape ``(out_features, 1)``; with ``is_feedforward=True`` the input is scaled,
-    ``W (x * l)`` with ``ia3_l`` of shape ``(1, in_features)`` (PEFT's shapes).
+    With ``is_feedforward=True`` (the default, as in the prototype) the input is
+    scaled, ``W (x * l)`` with ``ia3_l`` of shape ``(1, in_features)``; with
+    ``is_feedforward=False`` the output is scaled, ``y * l`` with ``ia3_l`` of shape
+    ``(out_features, 1)`` (PEFT's shapes). ``IA3Config`` chooses per module by PEFT's
+    rule (``feedforward_modules``), and files use PEFT's name ``ia3_l``; the
+    prototype's name ``ia3_weight`` reads the same parameter.
 
     Args:
-        is_feedforward: Scale the input instead of the output.
+        is_feedforward: Scale the input (``True``) or the output (``False``).
         init_ia3_weights: ``True``: start at 1 (a no-op). ``False``: random scales.
     """
 
-    def __init__(self, is_feedforward: bool = False, init_ia3_weights: bool = True) -> None:
+    def __init__(self, is_feedforward: bool = True, init_ia3_weights: bool = True) -> None:
         super().__init__()
         self.is_feedforward = is_feedforward
         self.init_ia3_weights = init_ia3_weights
@@ -425,6 +438,11 @@ class LinearIA3Layer(AdapterLayer):
         if not self.init_ia3_weights:
             with torch.no_grad():
                 self.ia3_l.normal_(1.0, 0.2)
+
+    @property
+    def ia3_weight(self) -> nn.Parameter:
+        """The prototype's name for ``ia3_l`` (the same parameter)."""
+        return self.ia3_l
 
     @property
     def uses_pre_forward(self) -> bool:
@@ -477,15 +495,24 @@ def _drop_hooks(module: nn.Module) -> None:
 class ModulesToSaveLayer(AdapterLayer):
     """A trainable full copy of a module (``modules_to_save``): its output replaces the
     original's while the adapter is active. Merging copies its weights into the
-    original, which stays untouched until then."""
+    original, which stays untouched until then.
+
+    The copy is the child ``mimic`` (the prototype's name, so its parameters read
+    ``...lin1.mimic.weight``); ``module_copy`` is the same module.
+    """
 
     def reset_params(self, prefix: str, target: nn.Module) -> None:
-        self.module_copy = copy.deepcopy(target)
-        _drop_hooks(self.module_copy)
-        self.module_copy.requires_grad_(True)
+        self.mimic = copy.deepcopy(target)
+        _drop_hooks(self.mimic)
+        self.mimic.requires_grad_(True)
+
+    @property
+    def module_copy(self) -> nn.Module:
+        """The trained copy of the module (the child ``mimic``)."""
+        return self.mimic
 
     def post_forward(self, module, args, kwargs, output):
-        return self.module_copy(*args, **kwargs)
+        return self.mimic(*args, **kwargs)
 
     def merge(self, module: nn.Module) -> None:
         with torch.no_grad():

@@ -9,7 +9,9 @@ its ``state_dict`` bit-identical to before.
 
 from __future__ import annotations
 
+import collections
 import contextlib
+import os
 from typing import Any, Iterator, Sequence
 
 import torch
@@ -46,6 +48,96 @@ def _path(key: str) -> str:
     return key.replace("/", ".")
 
 
+class _PathPrefix(nn.Module):
+    """A step along a dotted layer path inside an :class:`_LayerDict` (``get_submodule``
+    walks ``layers.model.layers.0...`` one name at a time); owns nothing."""
+
+    def __init__(self, owner: "_LayerDict", prefix: str) -> None:
+        super().__init__()
+        self.__dict__["_owner"] = owner  # not registered as a child
+        self.__dict__["_prefix"] = prefix
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("_"):
+            return super().__getattr__(name)
+        return self.__dict__["_owner"]._lookup(f"{self.__dict__['_prefix']}.{name}")
+
+
+class _LayerDict(nn.ModuleDict):
+    """The layers of an :class:`Adapter`, keyed by module path.
+
+    ``nn.ModuleDict`` keys cannot hold dots, so paths are stored with ``/``; everything a
+    user sees shows the dotted path instead: ``named_parameters()`` /
+    ``named_modules()`` / ``state_dict()`` keys (``adapters.default.layers.model.
+    layers.0.self_attn.q_proj.lora_A.weight``), ``load_state_dict``, ``repr`` and
+    ``get_submodule``/``get_parameter`` with those names. (One adapter with layers on
+    both a module and one of its children, ``block`` and ``block.fc``, is the exception
+    for ``get_submodule``: ``...layers.block`` is the first layer, so the walk cannot go
+    on to ``fc``; names and ``state_dict`` still work.)
+    """
+
+    def named_modules(self, memo=None, prefix: str = "", remove_duplicate: bool = True):
+        if memo is None:
+            memo = set()
+        if remove_duplicate:
+            if self in memo:
+                return
+            memo.add(self)
+        yield prefix, self
+        for key, module in self._modules.items():
+            if module is None:
+                continue
+            sub = prefix + ("." if prefix else "") + _path(key)
+            yield from module.named_modules(memo, sub, remove_duplicate)
+
+    def state_dict(self, *args: Any, destination: Any = None, prefix: str = "", keep_vars: bool = False):
+        if args:  # the legacy positional form (destination, prefix, keep_vars)
+            return super().state_dict(*args, destination=destination, prefix=prefix, keep_vars=keep_vars)
+        if destination is None:
+            destination = collections.OrderedDict()
+            destination._metadata = collections.OrderedDict()  # type: ignore[attr-defined]
+        for key, module in self._modules.items():
+            if module is not None:
+                module.state_dict(destination=destination, prefix=f"{prefix}{_path(key)}.", keep_vars=keep_vars)
+        return destination
+
+    def _load_from_state_dict(self, state_dict, prefix, *args: Any) -> None:
+        # Rename "<prefix><dotted path>.x" to the stored "<prefix><key>.x" before the
+        # children look for their entries; the longest paths first, so a layer on
+        # "a.b" never takes the keys of one on "a.b.c".
+        for key in sorted(self._modules, key=len, reverse=True):
+            dotted = f"{prefix}{_path(key)}."
+            stored = f"{prefix}{key}."
+            if dotted == stored:
+                continue
+            for name in [n for n in state_dict if n.startswith(dotted)]:
+                state_dict[stored + name[len(dotted):]] = state_dict.pop(name)
+        super()._load_from_state_dict(state_dict, prefix, *args)
+
+    def _lookup(self, path: str) -> nn.Module:
+        modules = self.__dict__.get("_modules") or {}
+        key = _key(path)
+        if key in modules:
+            return modules[key]
+        if any(k.startswith(key + "/") for k in modules):
+            return _PathPrefix(self, path)
+        raise AttributeError(f"This adapter has no layer on {path!r}.")
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name.startswith("_") or not self.__dict__.get("_modules"):
+                raise
+            return self._lookup(name)
+
+    def __repr__(self) -> str:
+        lines = [f"({_path(k)}): " + nn.modules.module._addindent(repr(m), 2) for k, m in self._modules.items()]
+        if not lines:
+            return f"{type(self).__name__}()"
+        return f"{type(self).__name__}(\n  " + "\n  ".join(lines) + "\n)"
+
+
 class Adapter(nn.Module):
     """One named adapter: a set of adapter layers, keyed by dotted module name.
 
@@ -58,7 +150,7 @@ class Adapter(nn.Module):
         super().__init__()
         self.name = name
         self.config = config
-        self.layers = nn.ModuleDict()
+        self.layers = _LayerDict()
         # PEFT config fields carried through a load and a re-save unchanged
         # (task_type, base_model_name_or_path, revision); see tinytune/io.py.
         self.peft_extras: dict[str, Any] = {}
@@ -213,6 +305,10 @@ class AdapterWrapper(nn.Module):
                 f"tinytune.IA3Config, ...), got {cls.__module__}.{cls.__qualname__}.{hint}"
             )
         model = self._model()
+        from .config import with_model_defaults
+
+        # PEFT's defaults for a transformers model when target_modules is left out.
+        config = with_model_defaults(config, model)
         named = [(n, m) for n, m in model.named_modules() if n]
         save_names = config.modules_to_save or []
         to_save = [(n, m) for n, m in named if name_matches(n, save_names)]
@@ -227,19 +323,44 @@ class AdapterWrapper(nn.Module):
         ]
         leaf_names = [n for n, m in named if not list(m.children())]
         if config.target_modules is not None and not targets:
+            hint = ""
+            if isinstance(config.target_modules, str) and config.target_modules != "all-linear":
+                short = config.target_modules.rsplit(".", 1)[-1]
+                hint = (
+                    " A string target_modules is a regular expression that must match the "
+                    f"whole dotted module name (re.fullmatch), so {config.target_modules!r} does "
+                    f"not match 'layers.0.{short}'; to match by name, pass a list: "
+                    f"target_modules=[{short!r}] (or a regex such as '.*{short}')."
+                )
+            filters = [
+                f for f in ("exclude_modules", "layers_to_transform")
+                if getattr(config, f, None) not in (None, [])
+            ]
+            if filters:
+                hint += f" Check {' and '.join(filters)} too."
             raise NoMatchingModulesError(
                 f"target_modules={config.target_modules!r} matches no module of "
-                f"{type(model).__name__}. Module names look like: "
+                f"{type(model).__name__}.{hint} Module names look like: "
                 f"{', '.join(repr(n) for n in leaf_names[:8])}."
             )
         if config.target_modules is None and not save_names:
-            # PEFT falls back on per-architecture defaults here; tinytune has none.
+            # PEFT's per-architecture defaults did not apply (not a transformers model, or
+            # an architecture outside the table in tinytune/config.py).
             raise InvalidConfigError(
-                "The config names no target_modules and no modules_to_save: pass "
-                "target_modules, e.g. ['q_proj', 'v_proj'] for Llama-style models, "
-                "['c_attn'] for GPT-2, or 'all-linear'."
+                "The config names no target_modules and no modules_to_save, and this model "
+                "has no default targets (they exist for transformers models such as Llama, "
+                "GPT-2, Mistral, Qwen, BERT, T5): pass target_modules, e.g. ['q_proj', "
+                "'v_proj'] for Llama-style models, ['c_attn'] for GPT-2, or 'all-linear'."
             )
-        missing = [s for s in save_names if not any(name_matches(n, [s]) for n, _ in named)]
+        from .config import TASK_HEAD_MODULES
+
+        # The heads a task_type adds are optional: models name them differently.
+        optional = TASK_HEAD_MODULES.get(config.task_type or "", ())
+        missing = [
+            s
+            for s in save_names
+            if s not in optional and not any(name_matches(n, [s]) for n, _ in named)
+        ]
         if missing:
             raise NoMatchingModulesError(
                 f"modules_to_save entries {missing!r} match no module.{suggest(missing[0], leaf_names)}"
@@ -255,6 +376,9 @@ class AdapterWrapper(nn.Module):
             built.append((name, layer))
         adapter = Adapter(adapter_name, config)
         for name, layer in built:
+            if config.inference_mode:
+                # PEFT's inference_mode=True: the adapter is created frozen.
+                layer.requires_grad_(False)
             adapter.layers[_key(name)] = layer
         self._attach(adapter, activate)
 
@@ -362,6 +486,27 @@ class AdapterWrapper(nn.Module):
         return self._active[0] if self._active else None
 
     @property
+    def peft_config(self) -> dict[str, AdapterConfig | None]:
+        """``{adapter name: its config}``, as PEFT's ``peft_config`` (``None`` for an
+        adapter built by hand with :meth:`add_adapter_layer`)."""
+        return {name: adapter.config for name, adapter in self.adapters.items()}
+
+    @property
+    def base_model(self) -> "AdapterWrapper":
+        """The wrapper itself, as PEFT's ``PeftModel.base_model`` is the tuner around your
+        model: ``wrapper.base_model.model`` is your model. Use :meth:`get_base_model`
+        for the model itself."""
+        return self
+
+    def get_base_model(self) -> nn.Module:
+        """The wrapped model (PEFT's ``get_base_model()``), with the adapter hooks on it.
+
+        Raises:
+            AdapterStateError: After ``unload()`` (the wrapper holds no model then).
+        """
+        return self._model()
+
+    @property
     def merged_adapters(self) -> list[str]:
         """The adapters currently folded into the base weights, in merge order."""
         return list(self._merged)
@@ -426,6 +571,53 @@ class AdapterWrapper(nn.Module):
             self._refresh()
             raise
         self._refresh()
+
+    def merge_adapter(self, adapter_names: str | Sequence[str] | None = None) -> None:
+        """PEFT's name for :meth:`merge_adapters`."""
+        self.merge_adapters(adapter_names)
+
+    def unmerge_adapter(self) -> None:
+        """PEFT's name for :meth:`unmerge_adapters` (undo every merge)."""
+        self.unmerge_adapters()
+
+    def add_weighted_adapter(
+        self,
+        adapters: Sequence[str],
+        weights: Sequence[float],
+        adapter_name: str,
+        combination_type: str = "svd",
+        svd_rank: int | None = None,
+        svd_clamp: float | None = None,
+        svd_full_matrices: bool = True,
+        svd_driver: str | None = None,
+        density: float | None = None,
+        majority_sign_method: str = "total",
+    ) -> None:
+        """Add a LoRA adapter combining ``adapters`` with ``weights`` (PEFT's method, same
+        arguments and, for ``"linear"``, ``"cat"`` and ``"svd"``, the same result).
+
+        ``"cat"`` stacks the weighted factors (rank = sum of ranks; exactly
+        ``Σ wᵢ ΔWᵢ``); ``"svd"`` keeps the top ``svd_rank`` (default: the largest rank)
+        singular directions of ``Σ wᵢ ΔWᵢ``; ``"linear"`` sums the factors, each scaled
+        by ``√|wᵢ sᵢ|`` (same ranks only; an approximation). The new adapter has
+        ``r = lora_alpha =`` the new rank and is not activated (as in PEFT): call
+        ``set_adapter(adapter_name)``. ``density``/``majority_sign_method`` belong to
+        PEFT's TIES/DARE types, which tinytune does not implement.
+
+        Raises:
+            AdapterExistsError: If ``adapter_name`` is taken (PEFT silently keeps the old).
+            AdapterNotFoundError: For an unknown adapter.
+            InvalidConfigError: For weights that are not one number per adapter, another
+                ``combination_type``, ``"linear"`` with different ranks, or two adapters
+                training a copy of the same module (``modules_to_save``).
+            UnsupportedModuleError: If an adapter has non-LoRA layers (IA³, custom).
+        """
+        from .weighted import add_weighted_adapter
+
+        add_weighted_adapter(
+            self, adapters, weights, adapter_name, combination_type, svd_rank, svd_clamp,
+            svd_full_matrices, svd_driver, density, majority_sign_method,
+        )
 
     def unmerge_adapters(self, adapter_names: str | Sequence[str] | None = None) -> None:
         """Undo merges (default: all), restoring the original weights bit-exactly."""
@@ -651,14 +843,103 @@ class AdapterWrapper(nn.Module):
     def load_adapter(
         self, path: str, adapter_name: str = "default", activate: bool = True, **kwargs: Any
     ) -> None:
-        """Load an adapter saved by PEFT or tinytune; activates it like ``add_adapter``."""
+        """Load an adapter saved by PEFT or tinytune; activates it like ``add_adapter``.
+
+        ``subfolder=`` (PEFT's keyword) reads ``path/subfolder``, where
+        ``save_pretrained`` puts the adapters other than ``"default"``. The other
+        keywords are those of :func:`tinytune.io.load_adapter`.
+        """
         from .io import load_adapter
 
+        subfolder = kwargs.pop("subfolder", None)
+        if subfolder:
+            path = os.path.join(path, subfolder)
         load_adapter(self, path, adapter_name, activate=activate, **kwargs)
 
-    def save_pretrained(self, save_directory: str, adapter_name: str = "default") -> None:
-        """PEFT's name for :meth:`save_adapter`."""
-        self.save_adapter(save_directory, adapter_name)
+    def save_pretrained(
+        self,
+        save_directory: str,
+        safe_serialization: bool = True,
+        selected_adapters: Sequence[str] | None = None,
+        save_embedding_layers: str | bool = "auto",
+        is_main_process: bool = True,
+        path_initial_model_for_weight_conversion: str | None = None,
+        *,
+        adapter_name: str | None = None,
+        **kwargs: Any,
+    ) -> None:
+        """Save adapters in PEFT's layout: ``"default"`` in ``save_directory`` itself,
+        every other adapter in ``save_directory/<name>``.
+
+        Args:
+            save_directory: The directory (created if missing).
+            safe_serialization: Must be ``True``: tinytune writes safetensors only.
+            selected_adapters: The adapters to save (default: all, as in PEFT).
+            save_embedding_layers: ``"auto"`` or ``False``. tinytune never changes base
+                weights, so there are no embedding layers to save; ``True`` is refused.
+            is_main_process: ``False`` writes nothing (the other ranks of a
+                distributed run), as in PEFT.
+            path_initial_model_for_weight_conversion: PEFT's PiSSA/OLoRA conversion;
+                must be ``None`` (tinytune has no such adapters).
+            adapter_name: tinytune's older form: save this one adapter into
+                ``save_directory`` itself (not with ``selected_adapters``).
+
+        Raises:
+            AdapterNotFoundError: For an unknown name in ``selected_adapters``.
+            UnsupportedArgumentError: For the values above that tinytune refuses, and
+                for any other PEFT keyword (named in the message).
+            AdapterFileError: See :meth:`save_adapter`. Every adapter is checked before
+                any file is written.
+        """
+        from .errors import UnsupportedArgumentError
+        from .io import save_adapters
+
+        if kwargs:
+            raise UnsupportedArgumentError(
+                f"save_pretrained() got {sorted(kwargs)!r}, which tinytune does not support. "
+                "It accepts save_directory, safe_serialization=True, selected_adapters, "
+                "save_embedding_layers ('auto' or False), is_main_process, and "
+                "adapter_name; nothing was written."
+            )
+        if safe_serialization is not True:
+            raise UnsupportedArgumentError(
+                f"save_pretrained(safe_serialization={safe_serialization!r}) is not supported: "
+                "tinytune writes safetensors only (pickle files can run code when loaded). "
+                "Leave safe_serialization=True; nothing was written."
+            )
+        if save_embedding_layers not in ("auto", False):
+            raise UnsupportedArgumentError(
+                f"save_pretrained(save_embedding_layers={save_embedding_layers!r}) is not "
+                "supported: tinytune never changes the base model's embedding weights, so there "
+                "are none to save. Use 'auto' or False; nothing was written."
+            )
+        if path_initial_model_for_weight_conversion is not None:
+            raise UnsupportedArgumentError(
+                "save_pretrained(path_initial_model_for_weight_conversion=...) converts PEFT's "
+                "PiSSA/OLoRA adapters, which tinytune does not make; drop the argument. Nothing "
+                "was written."
+            )
+        if adapter_name is not None:
+            if selected_adapters is not None:
+                raise UnsupportedArgumentError(
+                    "Pass either adapter_name (one adapter, saved in save_directory itself) or "
+                    "selected_adapters (PEFT's layout), not both; nothing was written."
+                )
+            items = [(adapter_name, save_directory)]
+        else:
+            if selected_adapters is None:
+                names = list(self.adapters)
+            elif isinstance(selected_adapters, str):
+                names = [selected_adapters]
+            else:
+                names = list(selected_adapters)
+            for name in names:
+                self._adapter(name)
+            items = [
+                (name, save_directory if name == "default" else os.path.join(save_directory, name))
+                for name in names
+            ]
+        save_adapters(self, items, write=bool(is_main_process))
 
     @classmethod
     def from_pretrained(
@@ -681,7 +962,14 @@ class AdapterWrapper(nn.Module):
             model = self.__dict__.get("_modules", {}).get("model")
             if model is None:
                 raise
-            return getattr(model, name)
+            try:
+                return getattr(model, name)
+            except AttributeError:
+                raise AttributeError(
+                    f"'{type(self).__name__}' object has no attribute {name!r}, and neither "
+                    f"has its base model ({type(model).__name__}), where the wrapper looks up "
+                    "attributes it does not have."
+                ) from None
 
     # ------------------------------------------------------------------------------------
     # internals

@@ -1,0 +1,12 @@
+"""The prototype's module names (``from tinytune.base import AdapterConfig, AdapterLayer``).
+
+``MimicLayer``, the prototype's trained copy of a module, is :class:`ModulesToSaveLayer`.
+"""
+
+from .config import AdapterConfig
+from .layers import AdapterLayer, ModulesToSaveLayer
+from .wrapper import Adapter
+
+MimicLayer = ModulesToSaveLayer
+
+__all__ = ["AdapterConfig", "AdapterLayer", "Adapter", "MimicLayer", "ModulesToSaveLayer"]

@@ -1,0 +1,6 @@
+"""The prototype's module names (``from tinytune.ia3 import IA3Config, LinearIA3Layer``)."""
+
+from .config import IA3Config
+from .layers import LinearIA3Layer
+
+__all__ = ["IA3Config", "LinearIA3Layer"]
