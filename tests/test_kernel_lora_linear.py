@@ -235,7 +235,8 @@ CONFIGS = _configs()
 @needs_kernels
 @pytest.mark.parametrize(
     "m_pick,r,dtype,cfg", CONFIGS,
-    ids=[f"{c['case']}-{str(d)[6:]}-r{r}-{c['BLOCK_M']}x{c['BLOCK_N']}x{c['BLOCK_K']}" for _, r, d, c in CONFIGS],
+    ids=[f"{c['case']}{'-fused' if c['shrink_in_loop'] else ''}-{str(d)[6:]}-r{r}-{c['BLOCK_M']}x{c['BLOCK_N']}x{c['BLOCK_K']}"
+         for _, r, d, c in CONFIGS],
 )  # fmt: skip
 def test_every_config(m_pick, r, dtype, cfg):
     """Each configuration the launcher can choose, forced on small odd shapes."""
