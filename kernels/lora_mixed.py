@@ -398,6 +398,23 @@ if HAS_TRITON:
             tl.store(hp_ptr + split * stride_hs + m * stride_hm + offs_r, acc * sc, mask=r_mask)
 
     @triton.jit
+    def _gather_expand(acc, hp_ptr, bt_rows, rank, offs_m, m_mask, n_mask, r_lo, r_hi, SPLIT,
+                       stride_hs, stride_hm, stride_br, BLOCK_M: tl.constexpr):
+        """acc += h[:, r] B[s]^T[r, :] for r in [r_lo, r_hi), per token, its own slot s.
+
+        h is summed over the shrink's K-splits on the fly; rows whose slot has a smaller
+        rank (identity rows: rank 0) load nothing.
+        """
+        for r in range(r_lo, r_hi):
+            live = m_mask & (r < rank)
+            h = tl.zeros([BLOCK_M], dtype=tl.float32)
+            for split in range(0, SPLIT):
+                h += tl.load(hp_ptr + split * stride_hs + offs_m * stride_hm + r, mask=live, other=0.0)
+            bv = tl.load(bt_rows + r * stride_br, mask=live[:, None] & n_mask[None, :], other=0.0)
+            acc += h[:, None] * bv.to(tl.float32)
+        return acc
+
+    @triton.jit
     def _mixed_rows_kernel(
         # pointers
         x_ptr,  # (B, T, K)
@@ -444,6 +461,7 @@ if HAS_TRITON:
         HAS_L_OUT: tl.constexpr,
         DOT_FP32: tl.constexpr,
         SPLIT_K: tl.constexpr,
+        SPREAD_LORA: tl.constexpr,  # each K-split adds a rank slice (needs no l_out)
         BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr,
@@ -455,7 +473,8 @@ if HAS_TRITON:
         programs (serial split-K): each stores its fp32 partial tile, and the last to
         arrive at a tile's counter sums them and runs the epilogue. That keeps every SM streaming W, and each program reads only its K-chunk
         of x (x re-reads from L2 would otherwise cost more than W itself).
-        The epilogue walks the rank up to the largest true rank in the tile, gathering
+        The expand walks the rank up to the largest true rank in the tile (split over the
+        K-splits when there is no l_out, else after the reduction), gathering
         row r of each token's B[s]^T (tokens of one slot share the cache lines; tokens
         whose slot is shorter, and identity tokens, load nothing).
         """
@@ -497,6 +516,18 @@ if HAS_TRITON:
                 acc = tl.dot(xv.to(tl.float32), wv.to(tl.float32), acc, input_precision="ieee")
             else:
                 acc = tl.dot(xv.to(wv.dtype), wv, acc)
+        if HAS_LORA:
+            rank = tl.load(rank_ptr + s, mask=m_mask, other=0)
+            r_top = tl.max(rank, axis=0)
+            bt_rows = bt_ptr + s[:, None] * stride_bs + offs_n[None, :] * stride_bn
+        if SPREAD_LORA:
+            # The expand is linear: without l_out it can go into the partial tiles, a
+            # slice of the rank per K-split, instead of all of it after the reduction.
+            per = (r_top + SPLIT_K - 1) // SPLIT_K
+            r_lo = split_id * per
+            acc = _gather_expand(acc, hp_ptr, bt_rows, rank, offs_m, m_mask, n_mask, r_lo,
+                                 tl.minimum(r_top, r_lo + per), SPLIT, stride_hs, stride_hm,
+                                 stride_br, BLOCK_M)
         last = True
         if SPLIT_K > 1:
             tiles = tl.num_programs(0) * tl.num_programs(1)
@@ -526,16 +557,9 @@ if HAS_TRITON:
                 )
                 acc = acc * lo.to(tl.float32)
             if HAS_LORA:
-                rank = tl.load(rank_ptr + s, mask=m_mask, other=0)
-                r_hi = tl.max(rank, axis=0)
-                bt_rows = bt_ptr + s[:, None] * stride_bs + offs_n[None, :] * stride_bn
-                for r in range(0, r_hi):
-                    live = m_mask & (r < rank)
-                    h = tl.zeros([BLOCK_M], dtype=tl.float32)
-                    for split in range(0, SPLIT):
-                        h += tl.load(hp_ptr + split * stride_hs + offs_m * stride_hm + r, mask=live, other=0.0)
-                    bv = tl.load(bt_rows + r * stride_br, mask=live[:, None] & n_mask[None, :], other=0.0)
-                    acc += h[:, None] * bv.to(tl.float32)
+                if not SPREAD_LORA:
+                    acc = _gather_expand(acc, hp_ptr, bt_rows, rank, offs_m, m_mask, n_mask, 0,
+                                         r_top, SPLIT, stride_hs, stride_hm, stride_br, BLOCK_M)
             tl.store(
                 y_ptr + b[:, None] * stride_yb + t[:, None] * stride_yt + offs_n[None, :] * stride_yn,
                 acc.to(y_ptr.dtype.element_ty),
@@ -1034,6 +1058,7 @@ def _launch(
             *x3.stride(), stride_wn, stride_wk, *bt_strides, *hp_strides,
             *lin_strides, *lout_strides, *y3.stride(),
             **flags, DOT_FP32=dot_fp32, SPLIT_K=split_k,
+            SPREAD_LORA=has_lora and split_k > 1 and l_out_stack is None,
             BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
         )
@@ -1193,7 +1218,7 @@ def report_configs() -> list:
                 "stride_los": "i32", "stride_lon": "constexpr", "stride_yb": "i32",
                 "stride_yt": "i32", "stride_yn": "constexpr",
             }
-            sig.update({name: "constexpr" for name in (*flags, "DOT_FP32", "SPLIT_K", "BLOCK_M", "BLOCK_N", "BLOCK_K")})
+            sig.update({name: "constexpr" for name in (*flags, "DOT_FP32", "SPLIT_K", "SPREAD_LORA", "BLOCK_M", "BLOCK_N", "BLOCK_K")})
             # d = 4096 on 132 SMs (the launcher's _split_k for one M-tile); no split once
             # the tiles fill the GPU (larger M).
             tiles = triton.cdiv(4096, cfg["BLOCK_N"])
@@ -1203,7 +1228,8 @@ def report_configs() -> list:
                     kernel="_mixed_rows_kernel", fn=_mixed_rows_kernel, signature=sig,
                     constexprs=dict(T=1, stride_xk=1, stride_wk=1, stride_bn=1, stride_lik=1,
                                     stride_lon=1, stride_yn=1, **fl, DOT_FP32=fp32,
-                                    SPLIT_K=split_k, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
+                                    SPLIT_K=split_k, SPREAD_LORA=split_k > 1 and not fl["HAS_L_OUT"],
+                                    BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
                                     BLOCK_K=cfg["BLOCK_K"]),
                     divisible_by_16=["x_ptr", "w_ptr", "bias_ptr", "row_ptr", "rank_ptr", "bt_ptr",
                                      "hp_ptr", "lin_ptr", "lout_ptr", "y_ptr", "ws_ptr", "cnt_ptr",
