@@ -30,6 +30,7 @@ from .errors import (
 )
 from .hooks import HookSite, hook_layout_id
 from .layers import AdapterLayer, ModulesToSaveLayer
+from .training import present_forward_signature
 
 __all__ = ["Adapter", "AdapterWrapper", "BASE_ADAPTER_NAME"]
 
@@ -147,6 +148,9 @@ class AdapterWrapper(nn.Module):
         # Which modules carry hooks, as a small int (see _note_hook_layout).
         self._hook_layout = hook_layout_id(())
         self._freeze(model)
+        # inspect.signature(wrapper.forward) shows the base model's parameters (for HF
+        # Trainer's remove_unused_columns); see tinytune/training.py.
+        present_forward_signature(self, model)
 
     # ------------------------------------------------------------------------------------
     # construction
@@ -492,6 +496,7 @@ class AdapterWrapper(nn.Module):
             self._restore_grad_flags()
         self.model = new_model
         self._freeze(new_model)
+        present_forward_signature(self, new_model)
         for path, site in self._sites.items():
             site.module = moved[path]
             site.chain = ()
@@ -734,6 +739,7 @@ class AdapterWrapper(nn.Module):
             site.chain = ()
         self._restore_grad_flags()
         self.model = None
+        present_forward_signature(self, None)
         return model
 
     def _freeze(self, model: nn.Module) -> None:

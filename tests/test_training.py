@@ -1,0 +1,219 @@
+"""Drop-in training: Hugging Face Trainer, mixed precision, gradient checkpointing,
+gradient accumulation, a compiled training step, resuming (tiny models, CPU only)."""
+
+from __future__ import annotations
+
+import inspect
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+transformers = pytest.importorskip("transformers")
+peft = pytest.importorskip("peft")
+
+from safetensors.torch import load_file  # noqa: E402
+
+from tinytune import AdapterFileError, AdapterWrapper, IA3Config, LoraConfig  # noqa: E402
+from tinytune.training import (  # noqa: E402
+    AdapterTrainer,
+    cast_adapter_dtype,
+    load_adapter_weights,
+)
+
+from conftest import MLP  # noqa: E402
+
+VOCAB = 64
+
+
+def tiny_llama(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    cfg = transformers.LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
+    return transformers.LlamaForCausalLM(cfg)
+
+
+def wrapped_llama(seed: int = 0, **lora) -> AdapterWrapper:
+    base = tiny_llama(seed)
+    torch.manual_seed(seed + 100)
+    cfg = LoraConfig(target_modules=["q_proj", "v_proj"], r=4, lora_alpha=8, **lora)
+    return AdapterWrapper.from_config(base, cfg)
+
+
+class Rows(torch.utils.data.Dataset):
+    """A plain torch dataset of dicts, with one column the model does not take."""
+
+    def __init__(self, n: int = 16, seq: int = 8, seed: int = 0) -> None:
+        g = torch.Generator().manual_seed(seed)
+        self.ids = torch.randint(0, VOCAB, (n, seq), generator=g)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i: int) -> dict:
+        ids = self.ids[i]
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids, "text": f"row {i}"}
+
+
+def args(tmp_path: Path, **kw) -> "transformers.TrainingArguments":
+    kw.setdefault("per_device_train_batch_size", 4)
+    return transformers.TrainingArguments(output_dir=str(tmp_path), **kw)
+
+
+def adapter_state(wrapper: AdapterWrapper) -> dict[str, torch.Tensor]:
+    return {k: p.detach().clone() for k, p in wrapper.named_adapter_parameters()}
+
+
+def assert_states_close(a: dict, b: dict, atol: float = 1e-6) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=atol, rtol=0, msg=k)
+
+
+# --------------------------------------------------------------------------------------
+# the forward signature
+# --------------------------------------------------------------------------------------
+def test_wrapper_presents_the_base_models_forward_signature():
+    w = wrapped_llama()
+    params = inspect.signature(w.forward).parameters
+    base = inspect.signature(w.model.forward).parameters
+    assert list(params)[: len(base) - 1] == list(base)[:-1]  # all but **kwargs, in order
+    assert {"input_ids", "attention_mask", "labels", "adapter_names"} <= set(params)
+    assert params["adapter_names"].kind is inspect.Parameter.KEYWORD_ONLY
+    assert list(params.values())[-1].kind is inspect.Parameter.VAR_KEYWORD
+    # A plain module: its own parameter names, and the call is unchanged.
+    mlp = AdapterWrapper.from_config(MLP().eval(), LoraConfig(target_modules="lin0"))
+    assert list(inspect.signature(mlp.forward).parameters) == ["X", "adapter_names"]
+    x = torch.randn(3, 10)
+    torch.testing.assert_close(mlp(x), mlp.forward(X=x))
+    # Unloading shows the plain signature again; swapping a base model shows the new one.
+    base_model = mlp.unload()
+    assert list(inspect.signature(mlp.forward).parameters) == ["args", "kwargs"]
+    mlp.swap_base_model(base_model)
+    assert "X" in inspect.signature(mlp.forward).parameters
+
+
+def test_plain_trainer_with_default_arguments_trains(tmp_path):
+    # Used to fail: "The batch received was empty" (every column dropped).
+    w = wrapped_llama()
+    before = adapter_state(w)
+    trainer = transformers.Trainer(model=w, args=args(tmp_path, max_steps=2), train_dataset=Rows())
+    trainer.train()
+    after = adapter_state(w)
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    assert all(not p.requires_grad for p in w.model.parameters())
+
+
+# --------------------------------------------------------------------------------------
+# AdapterTrainer: files
+# --------------------------------------------------------------------------------------
+def test_trainer_save_model_writes_peft_adapter_files_only(tmp_path):
+    w = wrapped_llama()
+    trainer = AdapterTrainer(model=w, args=args(tmp_path / "run"), train_dataset=Rows())
+    trainer.train()  # default arguments: 3 epochs
+    out = tmp_path / "final"
+    trainer.save_model(str(out))
+    files = sorted(os.listdir(out))
+    assert files == ["adapter_config.json", "adapter_model.safetensors", "training_args.bin"]
+    keys = set(load_file(str(out / "adapter_model.safetensors")))
+    assert keys == {
+        f"base_model.model.model.layers.{i}.self_attn.{m}.lora_{ab}.weight"
+        for i in range(2)
+        for m in ("q_proj", "v_proj")
+        for ab in "AB"
+    }
+    assert json.loads((out / "adapter_config.json").read_text())["peft_type"] == "LORA"
+
+    ids = Rows()[0]["input_ids"][None]
+    w.eval()
+    with torch.no_grad():
+        want = w(input_ids=ids).logits
+        # tinytune reads it back ...
+        again = AdapterWrapper.from_pretrained(tiny_llama(), str(out)).eval()
+        torch.testing.assert_close(again(input_ids=ids).logits, want, atol=1e-5, rtol=1e-5)
+        # ... and so does PEFT.
+        pm = peft.PeftModel.from_pretrained(tiny_llama(), str(out)).eval()
+        torch.testing.assert_close(pm(input_ids=ids).logits, want, atol=1e-5, rtol=1e-5)
+
+
+def test_trainer_saves_other_adapters_in_subdirectories_as_peft_does(tmp_path):
+    w = wrapped_llama()
+    w.add_adapter_from_config(IA3Config(target_modules=["down_proj"], feedforward_modules=["down_proj"]), "ia3")
+    trainer = AdapterTrainer(model=w, args=args(tmp_path / "run", max_steps=1), train_dataset=Rows())
+    trainer.train()
+    trainer.save_model(str(tmp_path / "out"))
+    assert (tmp_path / "out" / "adapter_model.safetensors").is_file()
+    assert (tmp_path / "out" / "ia3" / "adapter_model.safetensors").is_file()
+    assert not (tmp_path / "out" / "model.safetensors").exists()
+
+
+def test_every_checkpoint_holds_adapter_files_and_resuming_continues_identically(tmp_path):
+    data = Rows()
+    # Uninterrupted: 4 steps, a checkpoint every 2.
+    full = wrapped_llama()
+    kw = dict(max_steps=4, save_steps=2, learning_rate=1e-2)
+    AdapterTrainer(model=full, args=args(tmp_path / "a", **kw), train_dataset=data).train()
+    for step in (2, 4):
+        ckpt = tmp_path / "a" / f"checkpoint-{step}"
+        names = set(os.listdir(ckpt))
+        assert {"adapter_config.json", "adapter_model.safetensors", "optimizer.pt", "trainer_state.json"} <= names
+        assert not names & {"model.safetensors", "pytorch_model.bin"}
+
+    # Interrupted after step 2, resumed from its checkpoint in a fresh process-like setup
+    # (a new model built the same way, so its adapters start where the run's did).
+    resumed = wrapped_llama()
+    t = AdapterTrainer(model=resumed, args=args(tmp_path / "a", **kw), train_dataset=data)
+    params = [p for _, p in resumed.named_adapter_parameters()]
+    t.train(resume_from_checkpoint=str(tmp_path / "a" / "checkpoint-2"))
+    # Resuming loaded the weights in place: the optimizer trained the same tensors.
+    assert [p for _, p in resumed.named_adapter_parameters()] == params
+    assert_states_close(adapter_state(resumed), adapter_state(full))
+
+
+def test_load_best_model_at_end_restores_the_best_checkpoints_adapter(tmp_path):
+    w = wrapped_llama()
+    run = tmp_path / "run"
+    trainer = AdapterTrainer(
+        model=w,
+        args=args(
+            run, max_steps=4, save_steps=1, eval_strategy="steps", eval_steps=1,
+            load_best_model_at_end=True, learning_rate=5e-2,
+        ),
+        train_dataset=Rows(),
+        eval_dataset=Rows(n=4, seed=1),
+    )
+    trainer.train()
+    best = trainer.state.best_model_checkpoint
+    assert best is not None and "eval_loss" in trainer.state.log_history[0]
+    losses = {h["step"]: h["eval_loss"] for h in trainer.state.log_history if "eval_loss" in h}
+    assert best.endswith(f"checkpoint-{min(losses, key=losses.get)}")
+    saved = load_file(os.path.join(best, "adapter_model.safetensors"))
+    for path, layer in w.adapters["default"].items():
+        torch.testing.assert_close(layer.lora_A.weight, saved[f"base_model.model.{path}.lora_A.weight"])
+        torch.testing.assert_close(layer.lora_B.weight, saved[f"base_model.model.{path}.lora_B.weight"])
+
+
+def test_load_adapter_weights_refuses_another_adapter_and_changes_nothing(tmp_path):
+    w = wrapped_llama()
+    w.save_adapter(str(tmp_path / "same"))
+    other = AdapterWrapper.from_config(tiny_llama(), LoraConfig(target_modules=["q_proj"], r=2))
+    other.save_adapter(str(tmp_path / "other"))
+    before = adapter_state(w)
+    with pytest.raises(AdapterFileError, match="different adapter"):
+        load_adapter_weights(w, tmp_path / "other")
+    assert_states_close(adapter_state(w), before, atol=0)
+    with torch.no_grad():
+        for p in w.adapter_parameters():
+            p.add_(1.0)
+    load_adapter_weights(w, tmp_path / "same")
+    assert_states_close(adapter_state(w), before, atol=0)
