@@ -217,3 +217,146 @@ def test_load_adapter_weights_refuses_another_adapter_and_changes_nothing(tmp_pa
             p.add_(1.0)
     load_adapter_weights(w, tmp_path / "same")
     assert_states_close(adapter_state(w), before, atol=0)
+
+
+# --------------------------------------------------------------------------------------
+# precision
+# --------------------------------------------------------------------------------------
+def sgd_steps(model, batches, lr=0.1, steps=3):
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=lr)
+    for _ in range(steps):
+        for ids in batches:
+            opt.zero_grad()
+            model(input_ids=ids, labels=ids).loss.backward()
+            opt.step()
+
+
+def test_bf16_base_with_fp32_adapter_weights_trains_and_saves(tmp_path):
+    base = tiny_llama().to(torch.bfloat16)
+    cfg = LoraConfig(target_modules=["q_proj", "v_proj"], r=4, modules_to_save=["lm_head"])
+    w = AdapterWrapper.from_config(base, cfg, autocast_adapter_dtype=True)
+    lora = [p for n, p in w.named_adapter_parameters() if "lora_" in n]
+    assert lora and all(p.dtype == torch.float32 and p.requires_grad for p in lora)
+    # The modules_to_save copy stays in the base dtype, as in PEFT.
+    assert w.adapters["default"]["lm_head"].module_copy.weight.dtype == torch.bfloat16
+    assert all(p.dtype == torch.bfloat16 for p in w.model.parameters())
+    before = adapter_state(w)
+    ids = Rows(n=4)[0]["input_ids"][None]
+    w.train()
+    out = w(input_ids=ids, labels=ids)
+    assert out.logits.dtype == torch.bfloat16
+    out.loss.backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in lora)
+    sgd_steps(w, [ids], steps=2)
+    changed = [k for k, v in adapter_state(w).items() if "lora_B" in k and not torch.equal(v, before[k])]
+    assert len(changed) == 4
+    w.save_adapter(str(tmp_path / "a"))
+    saved = load_file(str(tmp_path / "a" / "adapter_model.safetensors"))
+    assert saved["base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"].dtype == torch.float32
+    # Loading with the option gives fp32 weights on a bf16 base again; without, bf16 ones.
+    again = AdapterWrapper.from_pretrained(tiny_llama().to(torch.bfloat16), str(tmp_path / "a"), autocast_adapter_dtype=True)
+    assert again.adapters["default"]["model.layers.0.self_attn.q_proj"].lora_A.weight.dtype == torch.float32
+    plain = AdapterWrapper.from_config(tiny_llama().to(torch.bfloat16), LoraConfig(target_modules=["q_proj"]))
+    assert next(plain.adapter_parameters()).dtype == torch.bfloat16
+    cast_adapter_dtype(plain)
+    assert next(plain.adapter_parameters()).dtype == torch.float32
+
+
+def test_cpu_autocast_bf16_trains_fp32_adapters_close_to_fp32():
+    ids = Rows(n=4)[0]["input_ids"][None].repeat(2, 1)
+    ref = wrapped_llama(init_lora_weights=False)
+    amp = wrapped_llama(init_lora_weights=False)
+    ref.train(), amp.train()
+    loss_ref = ref(input_ids=ids, labels=ids).loss
+    loss_ref.backward()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = amp(input_ids=ids, labels=ids)
+    assert out.logits.dtype == torch.bfloat16
+    out.loss.backward()
+    torch.testing.assert_close(out.loss.float(), loss_ref, atol=5e-2, rtol=2e-2)
+    for (name, p), (_, q) in zip(amp.named_adapter_parameters(), ref.named_adapter_parameters()):
+        assert p.dtype == torch.float32 and p.grad.dtype == torch.float32, name
+        # bf16 matmuls: about 3 significant digits, so compare directions.
+        cos = torch.nn.functional.cosine_similarity(p.grad.flatten(), q.grad.flatten(), dim=0)
+        assert cos > 0.99, (name, cos)
+
+
+# --------------------------------------------------------------------------------------
+# gradient checkpointing, accumulation
+# --------------------------------------------------------------------------------------
+def adapter_grads(model, ids) -> dict[str, torch.Tensor]:
+    model.zero_grad(set_to_none=True)
+    model(input_ids=ids, labels=ids).loss.backward()
+    return {n: p.grad.clone() for n, p in model.named_adapter_parameters()}
+
+
+@pytest.mark.parametrize("use_reentrant", [False, True])
+def test_gradient_checkpointing_enable_on_the_wrapper_reaches_the_base_model(use_reentrant):
+    ids = Rows(n=4)[0]["input_ids"][None].repeat(2, 1)
+    w = wrapped_llama(init_lora_weights=False).train()
+    want = adapter_grads(w, ids)
+    w.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": use_reentrant})
+    assert w.model.model.gradient_checkpointing and w.is_gradient_checkpointing
+    # With a frozen base, the first checkpointed block's input must require grad
+    # (transformers hooks the input embeddings, as PEFT arranges); else no adapter
+    # inside a reentrant checkpoint would get a gradient.
+    got = adapter_grads(w, ids)
+    assert_states_close(got, want, atol=1e-6)
+    assert all(v.abs().sum() > 0 for k, v in got.items())
+
+
+def test_torch_utils_checkpoint_around_adapted_blocks():
+    from conftest import Tower
+
+    torch.manual_seed(0)
+    tower = Tower()
+    w = AdapterWrapper.from_config(tower, LoraConfig(target_modules=["q_proj", "down_proj"], init_lora_weights=False))
+    ids = torch.randint(0, 32, (4, 6))
+
+    def run(checkpointed: bool) -> dict[str, torch.Tensor]:
+        w.zero_grad(set_to_none=True)
+        x = tower.embed(ids)
+        for block in tower.layers:
+            x = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False) if checkpointed else block(x)
+        tower.head(x).square().mean().backward()
+        return {n: p.grad.clone() for n, p in w.named_adapter_parameters()}
+
+    assert_states_close(run(True), run(False), atol=1e-7)
+
+
+def test_gradient_accumulation_in_trainer_equals_one_full_batch(tmp_path):
+    # Trainer passes num_items_in_batch because the wrapper's signature shows the base
+    # model's **kwargs, so accumulated micro-batches give exactly the full-batch step.
+    results = []
+    for i, (bs, ga) in enumerate([(8, 1), (4, 2)]):
+        w = wrapped_llama()
+        a = args(tmp_path / str(i), max_steps=1, per_device_train_batch_size=bs, gradient_accumulation_steps=ga, learning_rate=1e-2)
+        AdapterTrainer(model=w, args=a, train_dataset=Rows(n=8)).train()
+        results.append(adapter_state(w))
+    assert_states_close(results[0], results[1], atol=1e-6)
+    assert any(not torch.equal(v, adapter_state(wrapped_llama())[k]) for k, v in results[0].items())
+
+
+# --------------------------------------------------------------------------------------
+# compiled training step
+# --------------------------------------------------------------------------------------
+def test_compiled_training_steps_match_eager():
+    from conftest import Tower
+
+    def make():
+        torch.manual_seed(0)
+        return AdapterWrapper.from_config(Tower(), LoraConfig(target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+
+    ids = torch.randint(0, 32, (4, 6), generator=torch.Generator().manual_seed(2))
+    target = torch.randn(4, 6, 3, generator=torch.Generator().manual_seed(3))
+    results = []
+    for compiled in (False, True):
+        w = make().train()
+        model = torch.compile(w, fullgraph=True) if compiled else w
+        opt = torch.optim.AdamW(list(w.adapter_parameters()), lr=1e-2)
+        for _ in range(3):
+            opt.zero_grad()
+            nn.functional.mse_loss(model(ids), target).backward()
+            opt.step()
+        results.append(adapter_state(w))
+    assert_states_close(results[1], results[0], atol=1e-5)

@@ -134,14 +134,26 @@ def cast_adapter_dtype(
         raise InvalidConfigError(f"dtype must be a floating-point torch.dtype, got {dtype!r}.")
     names = list(wrapper.adapters) if adapter_name is None else [wrapper._adapter(adapter_name).name]
     for name in names:
-        for _, layer in wrapper.adapters[name].items():
-            for module in layer.modules():
-                for pname, param in list(module._parameters.items()):
-                    if param is not None and param.dtype in (torch.float16, torch.bfloat16):
-                        # A new Parameter (as nn.Module.to does): keeps requires_grad.
-                        module._parameters[pname] = nn.Parameter(
-                            param.detach().to(dtype), requires_grad=param.requires_grad
-                        )
+        upcast_layers((layer for _, layer in wrapper.adapters[name].items()), dtype)
+
+
+def upcast_layers(layers: Iterator[nn.Module], dtype: torch.dtype = torch.float32) -> None:
+    """Store the float16/bfloat16 parameters of ``layers`` in ``dtype`` (see
+    :func:`cast_adapter_dtype`); other parameters are left alone."""
+    from .layers import ModulesToSaveLayer
+
+    for layer in layers:
+        if isinstance(layer, ModulesToSaveLayer):
+            # A full copy of a base module: it stays in the base dtype, so its output
+            # fits the rest of the model (PEFT does not upcast these either).
+            continue
+        for module in layer.modules():
+            for pname, param in list(module._parameters.items()):
+                if param is not None and param.dtype in (torch.float16, torch.bfloat16):
+                    # A new Parameter (as nn.Module.to does): keeps requires_grad.
+                    module._parameters[pname] = nn.Parameter(
+                        param.detach().to(dtype), requires_grad=param.requires_grad
+                    )
 
 
 # ======================================================================================

@@ -157,12 +157,24 @@ class AdapterWrapper(nn.Module):
     # ------------------------------------------------------------------------------------
     @classmethod
     def from_config(
-        cls, model: nn.Module, config: AdapterConfig, adapter_name: str = "default"
+        cls,
+        model: nn.Module,
+        config: AdapterConfig,
+        adapter_name: str = "default",
+        *,
+        autocast_adapter_dtype: bool = False,
     ) -> "AdapterWrapper":
-        """Wrap ``model`` and add one adapter built from ``config``."""
+        """Wrap ``model`` and add one adapter built from ``config``.
+
+        ``autocast_adapter_dtype=True`` stores the adapter's weights in float32 when the
+        base model is float16/bfloat16 (PEFT's option; see
+        :func:`tinytune.training.cast_adapter_dtype`).
+        """
         wrapper = cls(model)
         try:
-            wrapper.add_adapter_from_config(config, adapter_name)
+            wrapper.add_adapter_from_config(
+                config, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype
+            )
         except BaseException:
             wrapper._restore_grad_flags()
             raise
@@ -193,9 +205,17 @@ class AdapterWrapper(nn.Module):
             self._active.append(adapter_name)
 
     def add_adapter_from_config(
-        self, config: AdapterConfig, adapter_name: str = "default", activate: bool = True
+        self,
+        config: AdapterConfig,
+        adapter_name: str = "default",
+        activate: bool = True,
+        *,
+        autocast_adapter_dtype: bool = False,
     ) -> None:
         """Add an adapter with a layer on every module that ``config`` targets.
+
+        ``autocast_adapter_dtype=True``: float16/bfloat16 adapter weights (built in the
+        base weights' dtype) are stored in float32 instead, as PEFT's option does.
 
         Raises:
             AdapterExistsError: If the name is taken.
@@ -260,6 +280,10 @@ class AdapterWrapper(nn.Module):
         adapter = Adapter(adapter_name, config)
         for name, layer in built:
             adapter.layers[_key(name)] = layer
+        if autocast_adapter_dtype:
+            from .training import upcast_layers
+
+            upcast_layers(layer for _, layer in built)
         self._attach(adapter, activate)
 
     def add_adapter_layer(self, adapter_name: str, layer_name: str, layer: Any) -> AdapterLayer:
@@ -575,10 +599,19 @@ class AdapterWrapper(nn.Module):
     def load_adapter(
         self, path: str, adapter_name: str = "default", activate: bool = True, **kwargs: Any
     ) -> None:
-        """Load an adapter saved by PEFT or tinytune; activates it like ``add_adapter``."""
+        """Load an adapter saved by PEFT or tinytune; activates it like ``add_adapter``.
+
+        ``autocast_adapter_dtype=True`` stores float16/bfloat16 weights in float32 (PEFT's
+        option); other keyword arguments go to :func:`tinytune.io.load_adapter`.
+        """
         from .io import load_adapter
 
+        autocast = kwargs.pop("autocast_adapter_dtype", False)
         load_adapter(self, path, adapter_name, activate=activate, **kwargs)
+        if autocast:
+            from .training import cast_adapter_dtype
+
+            cast_adapter_dtype(self, adapter_name)
 
     def save_pretrained(self, save_directory: str, adapter_name: str = "default") -> None:
         """PEFT's name for :meth:`save_adapter`."""
