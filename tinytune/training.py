@@ -282,6 +282,74 @@ def save_all_adapters(wrapper: nn.Module, path: str | os.PathLike) -> list[str]:
     return written
 
 
+# ======================================================================================
+# saving from a sharded run
+# ======================================================================================
+def save_adapter_distributed(
+    wrapper: nn.Module, path: str | os.PathLike, adapter_name: str = "default", rank: int | None = None
+) -> None:
+    """Save an adapter whose parameters are sharded (FSDP2, tensor parallelism).
+
+    Every rank must call this (gathering a sharded parameter is a collective); rank 0
+    writes a normal adapter directory (``adapter_config.json`` +
+    ``adapter_model.safetensors``, the same files one process would write), atomically,
+    as :meth:`~tinytune.AdapterWrapper.save_adapter` does. Plain (replicated)
+    parameters, as under DDP, are written as they are. The other ranks wait at a barrier
+    until the files are in place, so a rank may read them right after.
+
+    Args:
+        wrapper: The :class:`~tinytune.AdapterWrapper` (or the FSDP2 module it became).
+        path: The directory to write.
+        adapter_name: The adapter to save.
+        rank: The writing decision's rank; by default ``torch.distributed.get_rank()``
+            (0 when torch.distributed is not initialised: then this is ``save_adapter``).
+
+    Raises:
+        AdapterNotFoundError, AdapterFileError: As ``save_adapter``, on every rank.
+    """
+    import torch.distributed as dist
+
+    distributed = dist.is_available() and dist.is_initialized()
+    if rank is None:
+        rank = dist.get_rank() if distributed else 0
+    adapter = wrapper._adapter(adapter_name)
+    with _full_parameters(adapter):
+        if rank == 0:
+            wrapper.save_adapter(str(path), adapter_name)
+    if distributed:
+        dist.barrier()
+
+
+class _full_parameters:
+    """Context manager: the adapter's sharded (DTensor) parameters replaced by plain
+    parameters holding the gathered full tensors, put back on exit (even after an
+    error). Gathering is a collective, in a fixed order (the adapter's), on every rank."""
+
+    def __init__(self, adapter: nn.Module) -> None:
+        self.adapter = adapter
+        self.swapped: list[tuple[nn.Module, str, nn.Parameter]] = []
+
+    def __enter__(self) -> None:
+        dtensor = _dtensor_type()
+        if dtensor is None:
+            return
+        try:
+            for module in self.adapter.modules():
+                for name, param in list(module._parameters.items()):
+                    if isinstance(param, dtensor):
+                        full = param.full_tensor().detach()
+                        module._parameters[name] = nn.Parameter(full, requires_grad=False)
+                        self.swapped.append((module, name, param))
+        except BaseException:
+            self.__exit__(None, None, None)
+            raise
+
+    def __exit__(self, *exc: Any) -> None:
+        while self.swapped:
+            module, name, param = self.swapped.pop()
+            module._parameters[name] = param
+
+
 def __getattr__(name: str) -> Any:
     # AdapterTrainer needs transformers; import it only when asked for.
     if name == "AdapterTrainer":
