@@ -94,18 +94,21 @@ def batches(steps: int = 3, rows: int = 4, seq: int = 8) -> list[torch.Tensor]:
     return [torch.randint(0, VOCAB, (rows, seq), generator=g) for _ in range(steps)]
 
 
-def train(model: nn.Module, params, data, lr: float = 1e-2) -> None:
-    opt = torch.optim.AdamW(params, lr=lr)
+def train(model: nn.Module, params, data, sgd: bool = False) -> None:
+    # AdamW divides each gradient element by its own running size, which magnifies the
+    # last-bit differences of a sharded reduction order on elements whose gradients are
+    # tiny; SGD shows the gradients themselves.
+    opt = torch.optim.SGD(params, lr=0.5) if sgd else torch.optim.AdamW(params, lr=1e-2)
     for ids in data:
         opt.zero_grad()
         model(input_ids=ids, labels=ids).loss.backward()
         opt.step()
 
 
-def reference_state() -> dict[str, torch.Tensor]:
+def reference_state(sgd: bool = False) -> dict[str, torch.Tensor]:
     """One process, whole batches."""
     w = wrapped()
-    train(w, list(w.adapter_parameters()), batches())
+    train(w, list(w.adapter_parameters()), batches(), sgd=sgd)
     return {k: p.detach().clone() for k, p in w.named_adapter_parameters()}
 
 
@@ -168,3 +171,94 @@ def test_fsdp2_training_equals_one_process_on_the_whole_batch(tmp_path):
     for k, p in again.named_adapter_parameters():
         torch.testing.assert_close(p, want[k], atol=1e-5, rtol=0, msg=k)
     assert "lora_A" in next(iter(load_file(str(tmp_path / "adapter" / "adapter_model.safetensors"))))
+
+
+# --------------------------------------------------------------------------------------
+# tensor parallelism
+# --------------------------------------------------------------------------------------
+def tp_plan() -> dict:
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
+
+    plan = {}
+    for i in range(2):
+        p = f"model.layers.{i}."
+        for name in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.gate_proj", "mlp.up_proj"):
+            plan[p + name] = ColwiseParallel()
+        plan[p + "self_attn.o_proj"] = RowwiseParallel()
+        plan[p + "mlp.down_proj"] = RowwiseParallel()
+    return plan
+
+
+def tp_worker(rank: int, tmp: Path) -> None:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Replicate, Shard
+    from torch.distributed.tensor.parallel import parallelize_module
+
+    from tinytune import IA3Config, MixedBatchError, UnsupportedModuleError
+    from tinytune.training import parallelize_adapters
+
+    mesh = init_device_mesh("cpu", (WORLD,))
+    ids = batches()[0]
+    want = wrapped().eval()
+    with torch.no_grad():
+        want_logits = want(input_ids=ids).logits
+    results = {}
+    for order in ("wrap_first", "parallelize_first"):
+        if order == "wrap_first":  # tinytune's hooks run before the TP layers' own hooks
+            w = wrapped()
+            parallelize_module(w.model, mesh, tp_plan())
+        else:  # ... or after them
+            base = tiny_llama(0)
+            parallelize_module(base, mesh, tp_plan())
+            torch.manual_seed(1)
+            w = AdapterWrapper.from_config(base, LoraConfig(init_lora_weights=False, **LORA))
+        assert parallelize_adapters(w) == 10
+        layers = w.adapters["default"]
+        q = layers["model.layers.0.self_attn.q_proj"]  # column-parallel: B on its output dim
+        assert q.lora_A.weight.placements == (Replicate(),) and q.lora_B.weight.placements == (Shard(0),)
+        down = layers["model.layers.0.mlp.down_proj"]  # row-parallel: A on its input dim
+        assert down.lora_A.weight.placements == (Shard(1),) and down.lora_B.weight.placements == (Replicate(),)
+        assert down.lora_A.weight.to_local().shape == (4, 16)
+        w.eval()
+        with torch.no_grad():
+            torch.testing.assert_close(w(input_ids=ids).logits, want_logits, atol=1e-5, rtol=1e-5)
+        w.train()
+        # Every rank sees the whole batch (tensor parallelism splits the layers, not the data).
+        train(w, list(w.adapter_parameters()), batches(), sgd=True)
+        assert all(isinstance(p, DTensor) for p in w.adapter_parameters())
+        save_adapter_distributed(w, tmp / order)
+        results[order] = {k: p.full_tensor().detach().clone() for k, p in w.named_adapter_parameters()}
+        # Mixed batches are refused clearly.
+        try:
+            w(input_ids=ids[:2], adapter_names=["default", "__base__"])
+        except MixedBatchError as exc:
+            assert "tensor parallelism" in str(exc)
+        else:
+            raise AssertionError("mixed batch on a TP adapter was not refused")
+    # IA3 on a parallelized module is refused, and nothing changes.
+    base = tiny_llama(0)
+    parallelize_module(base, mesh, tp_plan())
+    w = AdapterWrapper.from_config(base, IA3Config(target_modules=["q_proj"]))
+    try:
+        parallelize_adapters(w)
+    except UnsupportedModuleError as exc:
+        assert "LinearIA3Layer" in str(exc) and "q_proj" in str(exc)
+    else:
+        raise AssertionError("IA3 on a TP module was not refused")
+    assert not any(isinstance(p, DTensor) for p in w.adapter_parameters())
+    if rank == 0:
+        torch.save(results, tmp / "state.pt")
+
+
+def test_tensor_parallel_lora_equals_the_unsharded_model(tmp_path):
+    run_workers(tp_worker, tmp_path)
+    want = reference_state(sgd=True)
+    results = torch.load(tmp_path / "state.pt")
+    for order, got in results.items():
+        assert got.keys() == want.keys()
+        for k in want:
+            torch.testing.assert_close(got[k], want[k], atol=1e-5, rtol=0, msg=f"{order}: {k}")
+        saved = load_file(str(tmp_path / order / "adapter_model.safetensors"))
+        a = saved["base_model.model.model.layers.0.mlp.down_proj.lora_A.weight"]
+        assert a.shape == (4, 32)  # gathered: the full input dimension
+        torch.testing.assert_close(a, want["default.model.layers.0.mlp.down_proj.lora_A.weight"], atol=1e-5, rtol=0)

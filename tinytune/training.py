@@ -37,6 +37,7 @@ __all__ = [
     "AdapterTrainer",
     "cast_adapter_dtype",
     "load_adapter_weights",
+    "parallelize_adapters",
     "present_forward_signature",
     "save_adapter_distributed",
 ]
@@ -348,6 +349,116 @@ class _full_parameters:
         while self.swapped:
             module, name, param = self.swapped.pop()
             module._parameters[name] = param
+
+
+# ======================================================================================
+# tensor parallelism
+# ======================================================================================
+def parallelize_adapters(wrapper: nn.Module) -> int:
+    """Shard LoRA factors to match a base model parallelized with
+    ``torch.distributed.tensor.parallel.parallelize_module``.
+
+    Call it on every rank after ``parallelize_module`` (before or after wrapping). For
+    each adapted module whose weight is a ``DTensor`` (1-D mesh):
+
+    * ``ColwiseParallel`` (weight ``Shard(0)``, the output dimension): ``lora_B`` is
+      sharded on its output dimension, ``lora_A`` is replicated; each rank computes the
+      LoRA update of its own output columns, no communication.
+    * ``RowwiseParallel`` (weight ``Shard(1)``, the input dimension): ``lora_A`` is
+      sharded on its input dimension, ``lora_B`` is replicated; each rank's partial
+      ``x A^T B^T`` joins the layer's own partial sum, reduced by the layer's all-reduce
+      (if tinytune's hook runs after the layer's output was already reduced, which
+      happens when the adapter was added after parallelizing, the update is all-reduced
+      on its own).
+    * replicated weights: both factors replicated.
+
+    The factors' values are taken from rank 0 (``distribute_tensor``), so all ranks
+    start alike. Gradients and optimizer states of sharded factors are sharded alike;
+    :func:`save_adapter_distributed` gathers full weights for saving, and
+    :func:`load_adapter_weights` loads full weights back into the shards.
+
+    Args:
+        wrapper: The :class:`~tinytune.AdapterWrapper`.
+
+    Returns:
+        The number of adapter layers placed on a tensor-parallel mesh.
+
+    Raises:
+        UnsupportedModuleError: If a tensor-parallel module carries an adapter layer other
+            than LoRA on ``nn.Linear`` (IA³, ``modules_to_save``, custom layers, Conv1D),
+            or its weight's sharding is not ``Shard(0)``, ``Shard(1)`` or ``Replicate()``
+            on a 1-D mesh. Nothing is changed then.
+    """
+    from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
+
+    from .errors import UnsupportedModuleError
+    from .layers import LinearLoraLayer
+
+    model = wrapper._model()
+    modules = dict(model.named_modules())
+    todo: list[tuple[nn.Module, Any, list, list]] = []
+    for adapter_name, adapter in wrapper.adapters.items():
+        for path, layer in adapter.items():
+            weight = getattr(modules.get(path), "weight", None)
+            if not isinstance(weight, DTensor):
+                continue
+            where = f"adapter {adapter_name!r} on tensor-parallel module {path!r}"
+            if not isinstance(layer, LinearLoraLayer) or layer.fan_in_fan_out:
+                raise UnsupportedModuleError(
+                    f"The {type(layer).__name__} of {where} cannot be sharded: tinytune "
+                    "supports LoRA on nn.Linear under tensor parallelism. Target the "
+                    "parallelized modules with LoRA only, or keep this adapter on modules "
+                    "that are not parallelized. Nothing was changed."
+                )
+            mesh, placements = weight.device_mesh, tuple(weight.placements)
+            if mesh.ndim != 1 or placements[0] not in (Shard(0), Shard(1), Replicate()):
+                raise UnsupportedModuleError(
+                    f"The weight of {path!r} is sharded as {placements} on a {mesh.ndim}-D "
+                    f"mesh; {where} supports ColwiseParallel (Shard(0)), RowwiseParallel "
+                    "(Shard(1)) or replicated weights on a 1-D mesh. Nothing was changed."
+                )
+            if placements[0] == Shard(0):
+                a_pl, b_pl = [Replicate()], [Shard(0)]
+            elif placements[0] == Shard(1):
+                a_pl, b_pl = [Shard(1)], [Replicate()]
+            else:
+                a_pl, b_pl = [Replicate()], [Replicate()]
+            todo.append((layer, mesh, a_pl, b_pl))
+    for layer, mesh, a_pl, b_pl in todo:
+        for sub, pl in ((layer.lora_A, a_pl), (layer.lora_B, b_pl)):
+            param = sub.weight
+            if isinstance(param, DTensor):
+                continue
+            sub.weight = nn.Parameter(
+                distribute_tensor(param.detach(), mesh, pl), requires_grad=param.requires_grad
+            )
+    if todo:
+        # Read by the wrapper to refuse mixed batches (adapter_names=), whose stacked
+        # kernels take plain tensors.
+        wrapper.__dict__["_tensor_parallel"] = True
+    return len(todo)
+
+
+def tp_lora_post_forward(layer: Any, module: nn.Module, x: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
+    """LoRA's ``output + s * (x A^T) B^T`` with DTensor factors (see
+    :func:`parallelize_adapters`); called by ``LinearLoraLayer.post_forward``."""
+    from torch.distributed.tensor import DTensor, Replicate
+
+    a, b = layer.lora_A.weight, layer.lora_B.weight
+    if not isinstance(x, DTensor):
+        # The module itself was not parallelized: its input is the same on every rank.
+        x = DTensor.from_local(x, a.device_mesh, [Replicate()], run_check=False)
+    x = layer._dropout(module, x)
+    if x.dtype != a.dtype:
+        x = x.to(a.dtype)
+    delta = torch.nn.functional.linear(torch.nn.functional.linear(x, a), b) * layer._scaling
+    if isinstance(output, DTensor):
+        # Before the layer's output hook: a colwise output is Shard(-1) like delta, a
+        # rowwise one Partial like delta, which the layer's all-reduce then sums.
+        return output + delta.to(output.dtype)
+    if any(p.is_partial() for p in delta.placements):
+        delta = delta.redistribute(delta.device_mesh, [Replicate()])
+    return output + delta.to_local().to(output.dtype)
 
 
 def __getattr__(name: str) -> Any:

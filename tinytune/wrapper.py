@@ -584,6 +584,15 @@ class AdapterWrapper(nn.Module):
     def _mixed_call(self, fn: Any, adapter_names: Sequence[str], args: tuple, kwargs: dict) -> Any:
         from .batch import mixed_call
 
+        if self.__dict__.get("_tensor_parallel"):
+            from .errors import MixedBatchError
+
+            raise MixedBatchError(
+                "Mixed batches (adapter_names=) are not supported on adapters sharded for "
+                "tensor parallelism (tinytune.training.parallelize_adapters); run one "
+                "adapter per call with set_active_adapters(), or gather the model first."
+            )
+
         return mixed_call(self, fn, adapter_names, args, kwargs)
 
     # ------------------------------------------------------------------------------------
