@@ -47,8 +47,12 @@ def _entry(rank: int, fn_name: str, tmp: str, world: int) -> None:
         dist.destroy_process_group()
 
 
-def run_workers(fn, tmp_path: Path, world: int = WORLD, timeout: float = TIMEOUT) -> None:
-    """Run ``fn(rank, tmp_path)`` in ``world`` fresh processes; fail on error or timeout."""
+def run_workers(fn, tmp_path: Path, world: int = WORLD, timeout: float = TIMEOUT, expect_exit: int | None = None) -> None:
+    """Run ``fn(rank, tmp_path)`` in ``world`` fresh processes; fail on error or timeout.
+
+    With ``expect_exit``, a worker must end the run by exiting with that code (a rank
+    dying on purpose); the launcher then stops the others, as torchrun would.
+    """
     import torch.multiprocessing as mp
 
     ctx = mp.start_processes(
@@ -58,10 +62,16 @@ def run_workers(fn, tmp_path: Path, world: int = WORLD, timeout: float = TIMEOUT
     try:
         while not ctx.join(timeout=1):
             if time.monotonic() > deadline:
-                pytest.fail(f"{fn.__name__}: workers still running after {timeout}s (a hang?)")
+                raise RuntimeError(f"{fn.__name__}: workers still running after {timeout}s (a hang?)")
+        if expect_exit is not None:
+            raise RuntimeError(f"{fn.__name__}: no worker exited with code {expect_exit}")
+    except mp.ProcessExitedException as exc:
+        if exc.exit_code != expect_exit:
+            errors = "\n".join(p.read_text() for p in sorted(tmp_path.glob("error-*.txt")))
+            raise RuntimeError(f"{fn.__name__} failed in a worker:\n{errors or exc}") from None
     except mp.ProcessRaisedException as exc:
         errors = "\n".join(p.read_text() for p in sorted(tmp_path.glob("error-*.txt")))
-        pytest.fail(f"{fn.__name__} failed in a worker:\n{errors or exc}")
+        raise RuntimeError(f"{fn.__name__} failed in a worker:\n{errors or exc}") from None
     finally:
         for p in ctx.processes:
             if p.is_alive():
@@ -105,10 +115,10 @@ def train(model: nn.Module, params, data, sgd: bool = False) -> None:
         opt.step()
 
 
-def reference_state(sgd: bool = False) -> dict[str, torch.Tensor]:
+def reference_state(sgd: bool = False, steps: int = 3) -> dict[str, torch.Tensor]:
     """One process, whole batches."""
     w = wrapped()
-    train(w, list(w.adapter_parameters()), batches(), sgd=sgd)
+    train(w, list(w.adapter_parameters()), batches(steps), sgd=sgd)
     return {k: p.detach().clone() for k, p in w.named_adapter_parameters()}
 
 
@@ -157,8 +167,8 @@ def fsdp_worker(rank: int, tmp: Path) -> None:
         torch.save(before, tmp / "state.pt")
 
 
-def test_fsdp2_training_equals_one_process_on_the_whole_batch(tmp_path):
-    run_workers(fsdp_worker, tmp_path)
+def test_fsdp2_training_equals_one_process_on_the_whole_batch(dist_run):
+    tmp_path = scenario_dir(dist_run, "fsdp_worker")
     want = reference_state()
     got = torch.load(tmp_path / "state.pt")
     assert got.keys() == want.keys()
@@ -250,8 +260,8 @@ def tp_worker(rank: int, tmp: Path) -> None:
         torch.save(results, tmp / "state.pt")
 
 
-def test_tensor_parallel_lora_equals_the_unsharded_model(tmp_path):
-    run_workers(tp_worker, tmp_path)
+def test_tensor_parallel_lora_equals_the_unsharded_model(dist_run):
+    tmp_path = scenario_dir(dist_run, "tp_worker")
     want = reference_state(sgd=True)
     results = torch.load(tmp_path / "state.pt")
     for order, got in results.items():
@@ -262,3 +272,86 @@ def test_tensor_parallel_lora_equals_the_unsharded_model(tmp_path):
         a = saved["base_model.model.model.layers.0.mlp.down_proj.lora_A.weight"]
         assert a.shape == (4, 32)  # gathered: the full input dimension
         torch.testing.assert_close(a, want["default.model.layers.0.mlp.down_proj.lora_A.weight"], atol=1e-5, rtol=0)
+
+
+# --------------------------------------------------------------------------------------
+# a rank dying mid-run
+# --------------------------------------------------------------------------------------
+CRASH_EXIT = 17
+
+
+def crash_worker(rank: int, tmp: Path) -> None:
+    from torch.distributed.fsdp import fully_shard
+
+    import tinytune.io as tio
+
+    w = wrapped()
+    for block in w.model.model.layers:
+        fully_shard(block)
+    fully_shard(w)
+    opt = torch.optim.SGD(list(w.adapter_parameters()), lr=0.5)
+    for step, ids in enumerate(batches(4)[:3], start=1):
+        ids = rank_rows(ids, rank)
+        opt.zero_grad()
+        w(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+        if step == 2:
+            save_adapter_distributed(w, tmp / "ckpt")
+    if rank == 0:
+        # Rank 0 dies half-way through writing the next save: the weights file is
+        # partly written when the process ends (no Python cleanup runs).
+        def die(tensors, tmp_file, metadata):
+            tmp_file.write_bytes(b"\x00" * 100)
+            os._exit(CRASH_EXIT)
+
+        tio._write_safetensors = die
+    save_adapter_distributed(w, tmp / "ckpt")  # rank 1 then waits until the launcher stops it
+
+
+def all_scenarios(rank: int, tmp: Path) -> None:
+    # One set of processes for every scenario: starting Python, torch and transformers
+    # twice per test would cost more than the tests themselves.
+    for name in ("fsdp_worker", "tp_worker", "crash_worker"):
+        sub = tmp / name
+        sub.mkdir(exist_ok=True)
+        globals()[name](rank, sub)
+        if rank == 0:
+            (sub / "done").touch()
+        dist.barrier()
+
+
+@pytest.fixture(scope="module")
+def dist_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("dist")
+    try:
+        run_workers(all_scenarios, tmp, expect_exit=CRASH_EXIT)
+    except RuntimeError as exc:
+        return tmp, str(exc)
+    return tmp, None
+
+
+def scenario_dir(dist_run, name: str) -> Path:
+    tmp, error = dist_run
+    done = (tmp / name / "done").exists() or name == "crash_worker"
+    if error is not None and (not done or name == "crash_worker"):
+        pytest.fail(f"the distributed run failed before {name} finished:\n{error}")
+    return tmp / name
+
+
+def test_a_rank_dying_mid_save_leaves_the_last_adapter_intact_and_resuming_matches(dist_run):
+    ckpt = scenario_dir(dist_run, "crash_worker") / "ckpt"
+    names = os.listdir(ckpt)
+    assert {"adapter_config.json", "adapter_model.safetensors"} <= set(names)
+    assert any(n.endswith(".tmp") for n in names)  # the interrupted write, never renamed
+    # The files are the step-2 save, intact: they load, and hold what 2 full-batch steps give.
+    after2 = reference_state(sgd=True, steps=2)
+    resumed = AdapterWrapper.from_pretrained(tiny_llama(), str(ckpt))
+    for k, p in resumed.named_adapter_parameters():
+        torch.testing.assert_close(p, after2[k], atol=1e-5, rtol=0, msg=k)
+    # Resuming from it (in place, into a freshly built model) gives the uninterrupted run.
+    w = wrapped()
+    load_adapter_weights(w, ckpt)
+    train(w, list(w.adapter_parameters()), batches(4)[2:], sgd=True)
+    want = reference_state(sgd=True, steps=4)
+    for k, p in w.named_adapter_parameters():
+        torch.testing.assert_close(p.detach(), want[k], atol=1e-5, rtol=0, msg=k)
