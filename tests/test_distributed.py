@@ -7,6 +7,7 @@ test runs its workers with a deadline, so a hang fails the test instead of block
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import time
@@ -275,6 +276,36 @@ def test_tensor_parallel_lora_equals_the_unsharded_model(dist_run):
 
 
 # --------------------------------------------------------------------------------------
+# the example script (examples/fsdp_finetune.py, run by torchrun in the README)
+# --------------------------------------------------------------------------------------
+EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "fsdp_finetune.py"
+
+
+def example_worker(rank: int, tmp: Path) -> None:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("fsdp_finetune", EXAMPLE)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    small = ["--rows", "4", "--seq", "8", "--save-every", "2"]
+    example.main(["--out", str(tmp / "full"), "--steps", "4", *small])
+    # Stopped after step 2, then resumed from its checkpoint (adapters + optimizer shards).
+    example.main(["--out", str(tmp / "resumed"), "--steps", "2", *small])
+    example.main(["--out", str(tmp / "resumed"), "--steps", "4", "--resume", *small])
+
+
+def test_example_script_trains_saves_and_resumes_exactly(dist_run):
+    tmp = scenario_dir(dist_run, "example_worker")
+    full = load_file(str(tmp / "full" / "adapter_model.safetensors"))
+    resumed = load_file(str(tmp / "resumed" / "adapter_model.safetensors"))
+    assert full.keys() == resumed.keys() and len(full) == 18
+    for k in full:
+        torch.testing.assert_close(resumed[k], full[k], atol=1e-6, rtol=0, msg=k)
+    assert any(k.endswith("lora_B.weight") and full[k].abs().sum() > 0 for k in full)
+    assert json.loads((tmp / "full" / "checkpoint" / "step.json").read_text()) == {"step": 4}
+
+
+# --------------------------------------------------------------------------------------
 # a rank dying mid-run
 # --------------------------------------------------------------------------------------
 CRASH_EXIT = 17
@@ -311,7 +342,7 @@ def crash_worker(rank: int, tmp: Path) -> None:
 def all_scenarios(rank: int, tmp: Path) -> None:
     # One set of processes for every scenario: starting Python, torch and transformers
     # twice per test would cost more than the tests themselves.
-    for name in ("fsdp_worker", "tp_worker", "crash_worker"):
+    for name in ("fsdp_worker", "tp_worker", "example_worker", "crash_worker"):
         sub = tmp / name
         sub.mkdir(exist_ok=True)
         globals()[name](rank, sub)
