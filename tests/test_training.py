@@ -107,7 +107,7 @@ def test_plain_trainer_with_default_arguments_trains(tmp_path):
     # Used to fail: "The batch received was empty" (every column dropped).
     w = wrapped_llama()
     before = adapter_state(w)
-    trainer = transformers.Trainer(model=w, args=args(tmp_path, max_steps=2), train_dataset=Rows())
+    trainer = transformers.Trainer(model=w, args=transformers.TrainingArguments(str(tmp_path), max_steps=2), train_dataset=Rows())
     trainer.train()
     after = adapter_state(w)
     assert any(not torch.equal(before[k], after[k]) for k in before)
@@ -119,8 +119,9 @@ def test_plain_trainer_with_default_arguments_trains(tmp_path):
 # --------------------------------------------------------------------------------------
 def test_trainer_save_model_writes_peft_adapter_files_only(tmp_path):
     w = wrapped_llama()
-    trainer = AdapterTrainer(model=w, args=args(tmp_path / "run"), train_dataset=Rows())
-    trainer.train()  # default arguments: 3 epochs
+    default_args = transformers.TrainingArguments(output_dir=str(tmp_path / "run"))
+    trainer = AdapterTrainer(model=w, args=default_args, train_dataset=Rows(n=8))
+    trainer.train()  # default arguments: 3 epochs of one batch of 8
     out = tmp_path / "final"
     trainer.save_model(str(out))
     files = sorted(os.listdir(out))
