@@ -3,9 +3,11 @@ gradient accumulation, a compiled training step, resuming (tiny models, CPU only
 
 from __future__ import annotations
 
+import copy
 import inspect
 import json
 import os
+import pickle
 from pathlib import Path
 
 import pytest
@@ -96,6 +98,11 @@ def test_wrapper_presents_the_base_models_forward_signature():
     assert list(inspect.signature(mlp.forward).parameters) == ["X", "adapter_names"]
     x = torch.randn(3, 10)
     torch.testing.assert_close(mlp(x), mlp.forward(X=x))
+    # Copies and pickles show it too.
+    for copied in (copy.deepcopy(mlp), pickle.loads(pickle.dumps(mlp))):
+        assert list(inspect.signature(copied.forward).parameters) == ["X", "adapter_names"]
+        assert copied.forward.__self__ is copied
+        torch.testing.assert_close(copied(x), mlp(x))
     # Unloading shows the plain signature again; swapping a base model shows the new one.
     base_model = mlp.unload()
     assert list(inspect.signature(mlp.forward).parameters) == ["args", "kwargs"]

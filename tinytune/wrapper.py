@@ -640,6 +640,17 @@ class AdapterWrapper(nn.Module):
             raise
         return wrapper
 
+    def __getstate__(self) -> dict:
+        # The per-instance ``forward`` (the base model's signature, see
+        # tinytune/training.py) is derived state: rebuilt on unpickling / deep copies.
+        state = self.__dict__.copy()
+        state.pop("forward", None)
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        present_forward_signature(self, self._modules.get("model"))
+
     def __getattr__(self, name: str) -> Any:
         try:
             return super().__getattr__(name)
