@@ -33,7 +33,13 @@ from transformers import Trainer
 from transformers.trainer import TRAINING_ARGS_NAME
 from transformers.utils import can_return_loss, find_labels
 
-from .training import load_adapter_weights, save_all_adapters, saved_adapter_dirs
+from .training import (
+    _dtensor_type,
+    load_adapter_weights,
+    save_adapter_distributed,
+    save_all_adapters,
+    saved_adapter_dirs,
+)
 from .wrapper import AdapterWrapper
 
 __all__ = ["AdapterTrainer"]
@@ -75,12 +81,23 @@ class AdapterTrainer(Trainer):
             super()._save(output_dir, state_dict)
             return
         output_dir = output_dir if output_dir is not None else self.args.output_dir
+        dtensor = _dtensor_type()
+        sharded = dtensor is not None and any(isinstance(p, dtensor) for p in wrapper.adapter_parameters())
+        if sharded:
+            # Gathering shards is a collective: every rank takes part, the main one writes.
+            for name, adapter in wrapper.adapters.items():
+                if len(adapter):
+                    where = output_dir if name == "default" else os.path.join(output_dir, name)
+                    save_adapter_distributed(wrapper, where, name, rank=0 if self.args.should_save else 1)
         if not self.args.should_save:
             return
         os.makedirs(output_dir, exist_ok=True)
-        save_all_adapters(wrapper, output_dir)
-        if self.processing_class is not None:
-            self.processing_class.save_pretrained(output_dir)
+        if not sharded:
+            save_all_adapters(wrapper, output_dir)
+        # ``processing_class`` since transformers 4.46, ``tokenizer`` before.
+        processor = getattr(self, "processing_class", None) or getattr(self, "tokenizer", None)
+        if processor is not None:
+            processor.save_pretrained(output_dir)
         torch.save(self.args, os.path.join(output_dir, TRAINING_ARGS_NAME))
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:

@@ -13,8 +13,8 @@ parameters are ordinary ``nn.Parameter`` s that any optimizer trains. This modul
   what resuming from a checkpoint needs;
 * :func:`save_adapter_distributed`: save from a sharded run (FSDP2 / tensor parallel):
   every rank gathers, rank 0 writes a normal adapter directory;
-* :func:`lora_tensor_parallel_plan` / :func:`shard_adapters_for_tensor_parallel`: LoRA
-  factors sharded to match ``ColwiseParallel`` / ``RowwiseParallel`` layers;
+* :func:`parallelize_adapters`: LoRA factors sharded to match ``ColwiseParallel`` /
+  ``RowwiseParallel`` layers (tensor parallelism);
 * ``AdapterTrainer`` (in :mod:`tinytune.hf_trainer`, importable from here): a
   ``transformers.Trainer`` that saves and loads adapter files.
 """
@@ -31,7 +31,7 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
-from .errors import AdapterFileNotFoundError, InvalidConfigError
+from .errors import InvalidConfigError
 
 __all__ = [
     "AdapterTrainer",
@@ -40,6 +40,8 @@ __all__ = [
     "parallelize_adapters",
     "present_forward_signature",
     "save_adapter_distributed",
+    "save_all_adapters",
+    "saved_adapter_dirs",
 ]
 
 _P = inspect.Parameter
