@@ -238,6 +238,13 @@ def tp_worker(rank: int, tmp: Path) -> None:
         assert all(isinstance(p, DTensor) for p in w.adapter_parameters())
         save_adapter_distributed(w, tmp / order)
         results[order] = {k: p.full_tensor().detach().clone() for k, p in w.named_adapter_parameters()}
+        # Loading the saved full weights back into the shards, in place.
+        with torch.no_grad():
+            for p in w.adapter_parameters():
+                p.zero_()
+        load_adapter_weights(w, tmp / order)
+        for k, p in w.named_adapter_parameters():
+            assert torch.equal(p.full_tensor(), results[order][k]), k
         # Mixed batches are refused clearly.
         try:
             w(input_ids=ids[:2], adapter_names=["default", "__base__"])

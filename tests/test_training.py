@@ -345,6 +345,15 @@ def test_gradient_accumulation_in_trainer_equals_one_full_batch(tmp_path):
     assert any(not torch.equal(v, adapter_state(wrapped_llama())[k]) for k, v in results[0].items())
 
 
+def test_trainer_activation_checkpointing_argument_reaches_the_base_model(tmp_path):
+    w = wrapped_llama()
+    before = adapter_state(w)
+    a = args(tmp_path, max_steps=1, activation_checkpointing=True)
+    AdapterTrainer(model=w, args=a, train_dataset=Rows(n=4)).train()
+    assert w.model.model.gradient_checkpointing
+    assert any(not torch.equal(v, before[k]) for k, v in adapter_state(w).items() if "lora_B" in k)
+
+
 # --------------------------------------------------------------------------------------
 # compiled training step
 # --------------------------------------------------------------------------------------
