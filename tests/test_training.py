@@ -377,3 +377,29 @@ def test_compiled_training_steps_match_eager():
         results.append(adapter_state(w))
     assert_states_close(results[1], results[0], atol=1e-5)
     assert not torch.equal(results[1]["default.0.lora_B.weight"], make().adapters["default"]["0"].lora_B.weight)
+
+
+def test_single_process_helpers_and_bad_input(tmp_path):
+    from tinytune import AdapterNotFoundError, InvalidConfigError
+    from tinytune.training import save_adapter_distributed
+
+    w = wrapped_llama(init_lora_weights=False)
+    # Without torch.distributed initialised, save_adapter_distributed is save_adapter.
+    save_adapter_distributed(w, tmp_path / "d")
+    w.save_adapter(str(tmp_path / "s"))
+    from safetensors import safe_open
+
+    assert (tmp_path / "d" / "adapter_config.json").read_text() == (tmp_path / "s" / "adapter_config.json").read_text()
+    d, s = (load_file(str(tmp_path / x / "adapter_model.safetensors")) for x in "ds")
+    assert d.keys() == s.keys() and all(torch.equal(d[k], s[k]) for k in d)
+    # (metadata compared as dicts: safetensors writes its entries in no fixed order)
+    metas = [safe_open(str(tmp_path / x / "adapter_model.safetensors"), "pt").metadata() for x in "ds"]
+    assert metas[0] == metas[1]
+    before = adapter_state(w)
+    with pytest.raises(InvalidConfigError, match="floating-point"):
+        cast_adapter_dtype(w, dtype=torch.int8)
+    with pytest.raises(AdapterNotFoundError):
+        cast_adapter_dtype(w, "nope")
+    with pytest.raises(AdapterNotFoundError):
+        load_adapter_weights(w, tmp_path / "s", "nope")
+    assert_states_close(adapter_state(w), before, atol=0)
