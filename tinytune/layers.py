@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import math
 import numbers
+import sys
 from typing import Any
 
 import torch
@@ -42,6 +43,14 @@ def replace_first_input(args: tuple, kwargs: dict, x: torch.Tensor) -> tuple[tup
         return (x, *args[1:]), kwargs
     key = next(iter(kwargs))
     return args, {**kwargs, key: x}
+
+
+def _is_dtensor(t: torch.Tensor) -> bool:
+    """Whether ``t`` is a ``torch.distributed.tensor.DTensor`` (sharded), without
+    importing torch.distributed: if that module is not loaded, no DTensor exists."""
+    mod = sys.modules.get("torch.distributed.tensor")
+    cls = getattr(mod, "DTensor", None) if mod is not None else None
+    return cls is not None and isinstance(t, cls)
 
 
 def is_conv1d(module: nn.Module) -> bool:
@@ -284,8 +293,13 @@ class LinearLoraLayer(LoraLayer):
             nn.init.kaiming_uniform_(self.lora_B.weight, a=math.sqrt(5))
 
     def post_forward(self, module, args, kwargs, output):
-        x = self._dropout(module, first_input(args, kwargs))
         a = self.lora_A.weight
+        if not torch.compiler.is_compiling() and _is_dtensor(a):
+            # Tensor parallelism (tinytune.training.parallelize_adapters).
+            from .training import tp_lora_post_forward
+
+            return tp_lora_post_forward(self, module, first_input(args, kwargs), output)
+        x = self._dropout(module, first_input(args, kwargs))
         b = self.lora_B.weight
         if x.dtype != a.dtype:
             x = x.to(a.dtype)

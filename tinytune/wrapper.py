@@ -32,6 +32,7 @@ from .errors import (
 )
 from .hooks import HookSite, hook_layout_id
 from .layers import AdapterLayer, ModulesToSaveLayer
+from .training import present_forward_signature
 
 __all__ = ["Adapter", "AdapterWrapper", "BASE_ADAPTER_NAME"]
 
@@ -239,18 +240,33 @@ class AdapterWrapper(nn.Module):
         # Which modules carry hooks, as a small int (see _note_hook_layout).
         self._hook_layout = hook_layout_id(())
         self._freeze(model)
+        # inspect.signature(wrapper.forward) shows the base model's parameters (for HF
+        # Trainer's remove_unused_columns); see tinytune/training.py.
+        present_forward_signature(self, model)
 
     # ------------------------------------------------------------------------------------
     # construction
     # ------------------------------------------------------------------------------------
     @classmethod
     def from_config(
-        cls, model: nn.Module, config: AdapterConfig, adapter_name: str = "default"
+        cls,
+        model: nn.Module,
+        config: AdapterConfig,
+        adapter_name: str = "default",
+        *,
+        autocast_adapter_dtype: bool = False,
     ) -> "AdapterWrapper":
-        """Wrap ``model`` and add one adapter built from ``config``."""
+        """Wrap ``model`` and add one adapter built from ``config``.
+
+        ``autocast_adapter_dtype=True`` stores the adapter's weights in float32 when the
+        base model is float16/bfloat16 (PEFT's option; see
+        :func:`tinytune.training.cast_adapter_dtype`).
+        """
         wrapper = cls(model)
         try:
-            wrapper.add_adapter_from_config(config, adapter_name)
+            wrapper.add_adapter_from_config(
+                config, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype
+            )
         except BaseException:
             wrapper._restore_grad_flags()
             raise
@@ -281,9 +297,17 @@ class AdapterWrapper(nn.Module):
             self._active.append(adapter_name)
 
     def add_adapter_from_config(
-        self, config: AdapterConfig, adapter_name: str = "default", activate: bool = True
+        self,
+        config: AdapterConfig,
+        adapter_name: str = "default",
+        activate: bool = True,
+        *,
+        autocast_adapter_dtype: bool = False,
     ) -> None:
         """Add an adapter with a layer on every module that ``config`` targets.
+
+        ``autocast_adapter_dtype=True``: float16/bfloat16 adapter weights (built in the
+        base weights' dtype) are stored in float32 instead, as PEFT's option does.
 
         Raises:
             AdapterExistsError: If the name is taken.
@@ -380,6 +404,10 @@ class AdapterWrapper(nn.Module):
                 # PEFT's inference_mode=True: the adapter is created frozen.
                 layer.requires_grad_(False)
             adapter.layers[_key(name)] = layer
+        if autocast_adapter_dtype:
+            from .training import upcast_layers
+
+            upcast_layers(layer for _, layer in built)
         self._attach(adapter, activate)
 
     def add_adapter_layer(self, adapter_name: str, layer_name: str, layer: Any) -> AdapterLayer:
@@ -695,6 +723,7 @@ class AdapterWrapper(nn.Module):
             self._restore_grad_flags()
         self.model = new_model
         self._freeze(new_model)
+        present_forward_signature(self, new_model)
         for path, site in self._sites.items():
             site.module = moved[path]
             site.chain = ()
@@ -757,6 +786,15 @@ class AdapterWrapper(nn.Module):
 
     def _mixed_call(self, fn: Any, adapter_names: Sequence[str], args: tuple, kwargs: dict) -> Any:
         from .batch import mixed_call
+
+        if self.__dict__.get("_tensor_parallel"):
+            from .errors import MixedBatchError
+
+            raise MixedBatchError(
+                "Mixed batches (adapter_names=) are not supported on adapters sharded for "
+                "tensor parallelism (tinytune.training.parallelize_adapters); run one "
+                "adapter per call with set_active_adapters(), or gather the model first."
+            )
 
         return mixed_call(self, fn, adapter_names, args, kwargs)
 
@@ -846,15 +884,21 @@ class AdapterWrapper(nn.Module):
         """Load an adapter saved by PEFT or tinytune; activates it like ``add_adapter``.
 
         ``subfolder=`` (PEFT's keyword) reads ``path/subfolder``, where
-        ``save_pretrained`` puts the adapters other than ``"default"``. The other
-        keywords are those of :func:`tinytune.io.load_adapter`.
+        ``save_pretrained`` puts the adapters other than ``"default"``.
+        ``autocast_adapter_dtype=True`` stores float16/bfloat16 weights in float32 (PEFT's
+        option). The other keywords are those of :func:`tinytune.io.load_adapter`.
         """
         from .io import load_adapter
 
         subfolder = kwargs.pop("subfolder", None)
         if subfolder:
             path = os.path.join(path, subfolder)
+        autocast = kwargs.pop("autocast_adapter_dtype", False)
         load_adapter(self, path, adapter_name, activate=activate, **kwargs)
+        if autocast:
+            from .training import cast_adapter_dtype
+
+            cast_adapter_dtype(self, adapter_name)
 
     def save_pretrained(
         self,
@@ -954,6 +998,17 @@ class AdapterWrapper(nn.Module):
             wrapper._restore_grad_flags()
             raise
         return wrapper
+
+    def __getstate__(self) -> dict:
+        # The per-instance ``forward`` (the base model's signature, see
+        # tinytune/training.py) is derived state: rebuilt on unpickling / deep copies.
+        state = self.__dict__.copy()
+        state.pop("forward", None)
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        present_forward_signature(self, self._modules.get("model"))
 
     def __getattr__(self, name: str) -> Any:
         try:
@@ -1107,6 +1162,7 @@ class AdapterWrapper(nn.Module):
             site.chain = ()
         self._restore_grad_flags()
         self.model = None
+        present_forward_signature(self, None)
         return model
 
     def _freeze(self, model: nn.Module) -> None:
