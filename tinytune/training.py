@@ -88,21 +88,28 @@ def present_forward_signature(wrapper: nn.Module, model: nn.Module | None) -> No
         shown = sig.replace(parameters=[_P("self", _P.POSITIONAL_OR_KEYWORD), *params])
     except ValueError:  # a parameter called "self", say: keep the plain signature
         return
-    key = str(shown)
+    base = type(wrapper).forward
+    key = (str(shown), base)
     with _FORWARDS_LOCK:
         fn = _FORWARDS.get(key)
         if fn is None:
-            fn = _FORWARDS[key] = _forward_with(shown)
+            fn = _FORWARDS[key] = _forward_with(base, shown)
     wrapper.__dict__["forward"] = types.MethodType(fn, wrapper)
 
 
-def _forward_with(signature: inspect.Signature) -> types.FunctionType:
-    def forward(self: Any, *args: Any, **kwargs: Any) -> Any:
-        return type(self).forward(self, *args, **kwargs)
-
+def _forward_with(base: types.FunctionType, signature: inspect.Signature) -> types.FunctionType:
+    # A copy of the class's forward sharing its code object, not a function that calls
+    # it: torch.compile then traces exactly the class's forward (same guards, same cache
+    # entry) instead of one more frame that re-packs **kwargs, which made dynamo guard on
+    # the values of adapter_names and recompile for every new assignment.
+    forward = types.FunctionType(
+        base.__code__, base.__globals__, base.__name__, base.__defaults__, base.__closure__
+    )
+    forward.__kwdefaults__ = base.__kwdefaults__
+    forward.__dict__.update(base.__dict__)
     forward.__signature__ = signature  # type: ignore[attr-defined]
-    forward.__doc__ = "Call the base model (with the active adapters applied)."
-    forward.__qualname__ = "AdapterWrapper.forward"
+    forward.__doc__ = base.__doc__
+    forward.__qualname__ = base.__qualname__
     return forward
 
 
