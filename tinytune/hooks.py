@@ -21,6 +21,7 @@ inside the compiled model.
 
 from __future__ import annotations
 
+import hashlib
 import threading
 from typing import Any, Iterable
 
@@ -31,31 +32,27 @@ from .layers import AdapterLayer
 
 __all__ = ["HookSite", "hook_layout_id"]
 
-# Process-wide numbering of hook layouts, so that one number means one layout in every
-# wrapper: compiled graphs of different wrappers share the code of AdapterWrapper.forward,
-# and a graph is reused for any wrapper whose guards pass.
-_LAYOUT_IDS: dict[tuple, int] = {}
-_LAYOUT_LOCK = threading.Lock()
-
-
 def hook_layout_id(sites: Iterable["HookSite"]) -> int:
     """A number naming which modules carry how many hooks, equal for equal layouts.
+
+    The number is a 62-bit digest of the layout, so one number means one layout in
+    every wrapper of the process (compiled graphs of different wrappers share the code
+    of ``AdapterWrapper.forward``, and a graph is reused for any wrapper whose guards
+    pass) without a process-wide registry that would grow with every layout ever seen.
+    Two different layouts share a number with probability about 2**-62.
 
     Args:
         sites: The hook sites of one wrapper.
 
     Returns:
-        A small non-negative int, the same for every set of sites with the same module
+        A non-negative int, the same for every set of sites with the same module
         paths and the same numbers of forward pre-hooks and forward hooks on them.
     """
-    layout = tuple(
-        sorted(
-            (s.path, len(s.module._forward_pre_hooks), len(s.module._forward_hooks))
-            for s in sites
-        )
+    layout = sorted(
+        (s.path, len(s.module._forward_pre_hooks), len(s.module._forward_hooks)) for s in sites
     )
-    with _LAYOUT_LOCK:
-        return _LAYOUT_IDS.setdefault(layout, len(_LAYOUT_IDS))
+    digest = hashlib.blake2b(repr(layout).encode("utf-8", "surrogatepass"), digest_size=8)
+    return int.from_bytes(digest.digest(), "little") >> 2
 
 
 class _CallStack(threading.local):
@@ -84,6 +81,15 @@ class HookSite:
         self.layers: dict[str, AdapterLayer] = {}  # adapter name -> layer
         self.chain: tuple[AdapterLayer, ...] = ()  # active, unmerged; innermost first
         self._handles: list[RemovableHandle] = []
+        # Hooks added for mixed calls in flight (prepare_mixed), removed by the last
+        # release_mixed: a module with no active adapter carries no hook between calls.
+        self._mixed_handles: list[RemovableHandle] = []
+        self._mixed_users = 0
+        self._mixed_need_pre = False
+        # The always_call hook that pops the per-thread input stack (see set_chain),
+        # and the hook id it always registers under.
+        self._pop_handle: RemovableHandle | None = None
+        self._pop_id: int | None = None
         self._pres: tuple[tuple[int, AdapterLayer], ...] = ()
         self._posts: tuple[tuple[int, AdapterLayer], ...] = ()
         self._needs_stack = False
@@ -108,18 +114,25 @@ class HookSite:
             i_pre < i_post for i_pre, _ in self._pres for i_post, _ in self._posts
         )
         if self._pres:
-            self._register_pre()
+            self._register_pre(self._handles)
         if self._posts:
-            self._register_post()
+            self._register_post(self._handles)
+        if self._needs_stack:
+            # Pops the inputs the pre-hook pushed, even when forward raises (torch runs
+            # always_call hooks then), so failing calls leave nothing on the stack. It
+            # runs after the post-hook (registered after it).
+            self._pop_handle = self._register_pop()
+        if self._mixed_users:
+            self._add_mixed_hooks(self._mixed_need_pre)
 
-    def _register_pre(self) -> None:
+    def _register_pre(self, into: list) -> None:
         hook = self.module.register_forward_pre_hook(self._pre_hook, with_kwargs=True)
-        self._handles.append(hook)
+        into.append(hook)
         self._has_pre = True
 
-    def _register_post(self) -> None:
+    def _register_post(self, into: list) -> None:
         post = self._post_hook_single if self._single_post() else self._post_hook
-        self._handles.append(self.module.register_forward_hook(post, with_kwargs=True))
+        into.append(self.module.register_forward_hook(post, with_kwargs=True))
         self._has_post = True
 
     def prepare_mixed(self, need_pre: bool) -> bool:
@@ -131,30 +144,79 @@ class HookSite:
         Returns:
             Whether a hook was added.
 
-        Hooks are only added, never removed and re-added, so a plain call running on
-        another thread meanwhile never sees the module without its chain's hooks. Extra
-        hooks stay until the next change of the chain (``set_chain``) re-derives them.
+        Each call must be paired with :meth:`release_mixed` (in a ``finally``). The
+        chain's own hooks are never removed and re-added, so a plain call running on
+        another thread meanwhile never sees the module without them; the extra hooks
+        stay while any mixed call (on any thread) still uses them.
         """
+        self._mixed_users += 1
+        self._mixed_need_pre |= need_pre
+        return self._add_mixed_hooks(need_pre)
+
+    def _add_mixed_hooks(self, need_pre: bool) -> bool:
         added = False
         if need_pre and not self._has_pre:
-            self._register_pre()
+            self._register_pre(self._mixed_handles)
             added = True
         if not self._has_post:
-            self._register_post()
+            self._register_post(self._mixed_handles)
             added = True
         return added
+
+    def release_mixed(self) -> bool:
+        """End one mixed call's use of the hooks; the last one removes the extra hooks.
+
+        Returns:
+            Whether a hook was removed.
+        """
+        self._mixed_users = max(0, self._mixed_users - 1)
+        if self._mixed_users:
+            return False
+        self._mixed_need_pre = False
+        if not self._mixed_handles:
+            return False
+        while self._mixed_handles:
+            self._mixed_handles.pop().remove()
+        self._has_pre = bool(self._handles) and bool(self._pres)
+        self._has_post = bool(self._handles) and bool(self._posts)
+        return True
 
     def _single_post(self) -> bool:
         return len(self._posts) == 1 and not self._needs_stack
 
+    def _register_pop(self) -> RemovableHandle:
+        module = self.module
+        handle = module.register_forward_hook(self._pop_views, with_kwargs=True, always_call=True)
+        if self._pop_id is None:
+            self._pop_id = handle.id
+        elif handle.id != self._pop_id:
+            # torch.compile guards on the ids of always_call hooks: re-registering under
+            # a new id would recompile every time the chain changes (merge, unmerge,
+            # switching adapters). Re-key the hook to the site's first id, so a layout
+            # seen before reuses its graph. Ids come from one global counter, so the
+            # old id is still unique.
+            for d in (
+                module._forward_hooks,
+                module._forward_hooks_with_kwargs,
+                module._forward_hooks_always_called,
+            ):
+                d[self._pop_id] = d.pop(handle.id)
+            handle.id = self._pop_id
+        return handle
+
     def remove_hooks(self) -> None:
         while self._handles:
             self._handles.pop().remove()
+        while self._mixed_handles:
+            self._mixed_handles.pop().remove()
+        if self._pop_handle is not None:
+            self._pop_handle.remove()
+            self._pop_handle = None
         self._has_pre = self._has_post = False
 
     @property
     def hooked(self) -> bool:
-        return bool(self._handles)
+        return bool(self._handles) or bool(self._mixed_handles)
 
     # --- the hooks ---------------------------------------------------------------------
     def _pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
@@ -163,10 +225,11 @@ class HookSite:
             return plan.pre(module, args, kwargs)
         if self._needs_stack:
             views: dict[int, tuple[tuple, dict]] = {len(self.chain): (args, kwargs)}
+            # Pushed before any pre_forward can raise: _pop_views pops it either way.
+            self._stack().append(views)
             for i, layer in reversed(self._pres):
                 args, kwargs = _checked_pre(layer, layer.pre_forward(module, args, kwargs))
                 views[i] = (args, kwargs)
-            self._stack().append(views)
             return args, kwargs
         for _, layer in reversed(self._pres):
             args, kwargs = _checked_pre(layer, layer.pre_forward(module, args, kwargs))
@@ -195,7 +258,7 @@ class HookSite:
                     raise _returned_none(layer, "post_forward", "return output")
                 output = new
             return output
-        views = self._stack().pop()
+        views = self._stack()[-1]  # popped by _pop_views, which runs next
         # The inputs seen by layer i: after the pre-forwards of layers i, i+1, ...
         # (outer layers), i.e. the view recorded at the nearest pre index >= i; the
         # original inputs are recorded at index len(chain).
@@ -211,6 +274,12 @@ class HookSite:
                 raise _returned_none(layer, "post_forward", "return output")
             output = new
         return output
+
+    def _pop_views(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        if getattr(self._local, "mixed", None) is None:
+            stack = self._stack()
+            if stack:
+                stack.pop()
 
     def _stack(self) -> list:
         stack = getattr(self._local, "stack", None)

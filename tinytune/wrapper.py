@@ -10,6 +10,7 @@ its ``state_dict`` bit-identical to before.
 from __future__ import annotations
 
 import contextlib
+import re
 from typing import Any, Iterator, Sequence
 
 import torch
@@ -38,12 +39,23 @@ BASE_ADAPTER_NAME = "__base__"
 
 
 def _key(path: str) -> str:
-    # nn.ModuleDict keys cannot contain dots.
-    return path.replace(".", "/")
+    # nn.ModuleDict keys cannot contain dots, so dots become "/". A "/" (or "%") inside
+    # a module name (legal in nn.ModuleDict) is percent-escaped first, so every path
+    # maps back to itself; so is a first character that would make the key a
+    # ModuleDict attribute ("keys", "items", "training", ...). Ordinary names keep
+    # their old keys ("layers/0/q_proj"), so existing state dicts still load.
+    key = path.replace("%", "%25").replace("/", "%2F").replace(".", "/")
+    if hasattr(nn.ModuleDict, key) or key in _MODULE_DICT_ATTRS:
+        key = f"%{ord(key[0]):02X}{key[1:]}"
+    return key
 
 
 def _path(key: str) -> str:
-    return key.replace("/", ".")
+    return re.sub(r"%([0-9A-F]{2})", lambda m: chr(int(m.group(1), 16)), key.replace("/", "."))
+
+
+# Instance attributes of every nn.ModuleDict (hasattr on the class misses them).
+_MODULE_DICT_ATTRS = frozenset(vars(nn.ModuleDict()))
 
 
 class Adapter(nn.Module):
@@ -140,6 +152,8 @@ class AdapterWrapper(nn.Module):
         self.model = model
         self.adapters = nn.ModuleDict()
         self._active: list[str] = []
+        # Depth of nested disable_adapter() blocks: while > 0 no adapter runs (see there).
+        self._disabled = 0
         self._sites: dict[str, HookSite] = {}
         self._merged: list[str] = []  # merge order
         self._backups: dict[str, dict[str, torch.Tensor]] = {}  # path -> original tensors
@@ -328,6 +342,15 @@ class AdapterWrapper(nn.Module):
     def disable_adapter(self) -> Iterator[None]:
         """Context manager: run the bare base model inside it (PEFT's name).
 
+        Inside the block no adapter runs, including rows of a mixed call
+        (``adapter_names=``), as in PEFT. The adapter state stays the wrapper's own:
+        ``active_adapters`` keeps reporting the active set, and calls made inside the
+        block act on it for good: ``set_active_adapters``, ``add_adapter(activate=True)``
+        and ``delete_adapter`` change the set that applies again when the block exits
+        (nothing is reverted on exit). Merging inside the block is refused (the merged
+        update would live in the weights, so the block would no longer run the base
+        model). Blocks may nest.
+
         Raises:
             AdapterStateError: If an adapter is merged (its update lives in the weights).
         """
@@ -336,13 +359,12 @@ class AdapterWrapper(nn.Module):
                 f"Adapters {self._merged!r} are merged into the weights; call "
                 "unmerge_adapters() before disabling adapters."
             )
-        previous = self._active
-        self._active = []
+        self._disabled += 1
         self._refresh()
         try:
             yield
         finally:
-            self._active = previous
+            self._disabled -= 1
             self._refresh()
 
     @property
@@ -380,15 +402,41 @@ class AdapterWrapper(nn.Module):
     def merge_adapters(self, adapter_names: str | Sequence[str] | None = None) -> None:
         """Fold adapters into the base weights (default: the active ones).
 
-        The original weights are kept, so :meth:`unmerge_adapters` restores them
-        bit-exactly. A merged adapter runs no hook at all.
+        Before a module's first merge its tensors are copied to host (CPU) memory, so
+        :meth:`unmerge_adapters` restores them bit-exactly while the model's device
+        holds no second copy; the update itself is added in row chunks, so the extra
+        device memory at any moment is a fraction of one module's weight. A merged
+        adapter runs no hook at all.
 
         Raises:
             AdapterNotFoundError: For an unknown name.
             MergeNotSupportedError: If a layer cannot merge, or its module's weights are
                 tied to another module's (merging would change both); nothing is merged
                 then.
+            AdapterStateError: Inside a ``disable_adapter()`` block.
         """
+        todo = self._mergeable(adapter_names)
+        before = list(self._merged)
+        try:
+            for name in todo:
+                self._merge_one(name)
+        except BaseException:
+            self._restore_all()
+            self._merged = []
+            for name in before:
+                self._merge_one(name)
+            self._refresh()
+            raise
+        self._refresh()
+
+    def _mergeable(self, adapter_names: str | Sequence[str] | None) -> list[str]:
+        """The adapters a merge would fold in, checked first so a refused merge changes
+        nothing."""
+        if self._disabled:
+            raise AdapterStateError(
+                "Adapters are disabled (inside a disable_adapter() block); merge after the "
+                "block exits."
+            )
         names = self._active if adapter_names is None else self._names(adapter_names)
         todo = [n for n in names if n not in self._merged]
         owners: dict[int, list[str]] | None = None
@@ -403,21 +451,14 @@ class AdapterWrapper(nn.Module):
                 if owners is None:
                     owners = _param_owners(self._model())
                 _check_not_tied(path, name, self._sites[path].module, owners)
-        before = list(self._merged)
-        try:
-            for name in todo:
-                self._merge_one(name)
-        except BaseException:
-            self._restore_all()
-            self._merged = []
-            for name in before:
-                self._merge_one(name)
-            self._refresh()
-            raise
-        self._refresh()
+        return todo
 
     def unmerge_adapters(self, adapter_names: str | Sequence[str] | None = None) -> None:
-        """Undo merges (default: all), restoring the original weights bit-exactly."""
+        """Undo merges (default: all), restoring the original weights bit-exactly.
+
+        The saved host copies are copied back in place: no device memory is allocated
+        (adapters that stay merged are then merged again).
+        """
         names = list(self._merged) if adapter_names is None else self._names(adapter_names)
         keep = [n for n in self._merged if n not in names]
         self._restore_all()
@@ -440,9 +481,21 @@ class AdapterWrapper(nn.Module):
         return self._detach(model)
 
     def merge_and_unload(self) -> nn.Module:
-        """Merge the active adapters, remove every hook and return the base model."""
+        """Merge the active adapters, remove every hook and return the base model.
+
+        No weight is copied: the updates are added in place (in row chunks), and copies
+        saved by earlier ``merge_adapters()`` calls are dropped. Every check runs before
+        the first weight changes; an error while writing (out of memory, say) can leave
+        weights partly merged, since there is no copy to restore.
+
+        Raises:
+            MergeNotSupportedError, AdapterStateError: As :meth:`merge_adapters`;
+                nothing changes then.
+        """
         model = self._model()
-        self.merge_adapters()
+        todo = self._mergeable(None)
+        for name in todo:
+            self._merge_one(name, backup=False)
         self._backups.clear()
         self._merged = []
         for adapter in self.adapters.values():
@@ -501,6 +554,47 @@ class AdapterWrapper(nn.Module):
                     layer.to(device)
         self._refresh()
         return old
+
+    # ------------------------------------------------------------------------------------
+    # state_dict: the same whether merged or not
+    # ------------------------------------------------------------------------------------
+    def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        """The wrapper's state: base model tensors and every adapter's tensors.
+
+        While adapters are merged, the base entries of merged modules are the original
+        (unmerged) tensors, taken from the host copies the merge saved (so they are CPU
+        tensors): a state dict means the same thing merged or not, and loading it into a
+        fresh wrapper applies each adapter once. (PEFT returns the merged weights there,
+        which a fresh wrapper would then adapt a second time.)
+        """
+        sd = super().state_dict(*args, **kwargs)
+        if self._backups:
+            prefix = kwargs.get("prefix", args[1] if len(args) > 1 else "")
+            for path, saved in self._backups.items():
+                for k, t in saved.items():
+                    key = f"{prefix}model.{path}.{k}"
+                    if key in sd:
+                        sd[key] = t
+        return sd
+
+    def load_state_dict(self, state_dict: Any, strict: bool = True, assign: bool = False) -> Any:
+        """Load a state dict from :meth:`state_dict` (base tensors unmerged).
+
+        On a merged wrapper the merged adapters are unmerged first, the state is
+        loaded, and they are merged again on top of the loaded base weights (with the
+        loaded adapter weights), so unmerging later gives back the loaded base weights.
+        """
+        merged = list(self._merged)
+        if merged:
+            self._restore_all()
+            self._merged = []
+        try:
+            return super().load_state_dict(state_dict, strict=strict, assign=assign)
+        finally:
+            if merged:
+                for name in merged:
+                    self._merge_one(name)
+                self._refresh()
 
     # ------------------------------------------------------------------------------------
     # parameters
@@ -664,6 +758,12 @@ class AdapterWrapper(nn.Module):
     def _attach(self, adapter: Adapter, activate: bool) -> None:
         model = self._model()
         modules = dict(model.named_modules())
+        missing = [path for path in adapter.layer_names if path not in modules]
+        if missing:  # checked before anything is registered
+            raise LayerNotFoundError(
+                f"{type(model).__name__} has no module {missing[0]!r}; use a dotted name "
+                f"from named_modules().{suggest(missing[0], [n for n in modules if n])}"
+            )
         self.adapters[adapter.name] = adapter
         for path, layer in adapter.items():
             site = self._sites.get(path)
@@ -687,7 +787,7 @@ class AdapterWrapper(nn.Module):
             chain = tuple(
                 site.layers[name]
                 for name in self._active
-                if name in site.layers and name not in self._merged
+                if name in site.layers and name not in self._merged and not self._disabled
             )
             site.set_chain(chain)
         self._note_hook_layout()
@@ -706,12 +806,14 @@ class AdapterWrapper(nn.Module):
         """
         self._hook_layout = hook_layout_id(self._sites.values())
 
-    def _merge_one(self, adapter_name: str) -> None:
+    def _merge_one(self, adapter_name: str, backup: bool = True) -> None:
         for path, layer in self._adapter(adapter_name).items():
             module = self._sites[path].module
-            if path not in self._backups:
+            if backup and path not in self._backups:
+                # Host memory: an exact copy on the model's device would double it.
                 self._backups[path] = {
-                    k: t.detach().clone() for k, t in module.state_dict(keep_vars=True).items()
+                    k: t.detach().to("cpu", copy=True)
+                    for k, t in module.state_dict(keep_vars=True).items()
                 }
             layer.merge(module)
             layer.merged = True
