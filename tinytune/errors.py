@@ -77,3 +77,13 @@ def suggest(name: str, candidates: Iterable[str], n: int = 3) -> str:
 class MixedBatchError(TinytuneError, ValueError):
     """A mixed-batch call (``adapter_names=``) does not fit its inputs: the list's
     length is not the batch size, or a module sees a batch dimension of another size."""
+
+
+class ConfigTypeError(InvalidConfigError, TypeError):
+    """A config or layer argument has the wrong type (a number where names belong, a
+    string where a bool belongs). Also an ``InvalidConfigError`` and a ``TypeError``."""
+
+
+class AdapterSaveError(AdapterFileError, OSError):
+    """An adapter cannot be written where asked (the path is a file, a dangling
+    symlink, or not writable). Also an ``AdapterFileError`` and an ``OSError``."""

@@ -185,11 +185,12 @@ class LoraLayer(AdapterLayer):
         init_lora_weights: bool = True,
     ) -> None:
         super().__init__()
-        if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
-            raise InvalidConfigError(f"r must be a positive integer, got {r!r}.")
+        from .config import _check_bool, _check_number, _check_rank
+
+        _check_rank(r, "r")
         for what, value in (("lora_alpha", lora_alpha), ("lora_dropout", lora_dropout)):
-            if isinstance(value, bool) or not isinstance(value, numbers.Real):
-                raise InvalidConfigError(f"{what} must be a number, got {value!r}.")
+            _check_number(value, what)
+        _check_bool(use_rslora, "use_rslora")
         if not 0.0 <= float(lora_dropout) < 1.0:
             raise InvalidConfigError(f"lora_dropout must be in [0, 1), got {lora_dropout}.")
         self.r = r

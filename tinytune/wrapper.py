@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import re
+import weakref
 from typing import Any, Iterator, Sequence
 
 import torch
@@ -140,6 +141,7 @@ class AdapterWrapper(nn.Module):
             raise TypeError(f"AdapterWrapper needs an nn.Module, got {type(model).__name__}.")
         if isinstance(model, AdapterWrapper):
             raise TypeError("This model is already an AdapterWrapper: add adapters to it directly.")
+        _check_not_wrapped(model, None)
         hooked = _hooked_by_tinytune(model)
         if hooked is not None:
             # Typically a notebook cell run twice: both wrappers' adapters would apply, and
@@ -161,6 +163,7 @@ class AdapterWrapper(nn.Module):
         # Which modules carry hooks, as a small int (see _note_hook_layout).
         self._hook_layout = hook_layout_id(())
         self._freeze(model)
+        _WRAPPED[model] = weakref.ref(self)
 
     # ------------------------------------------------------------------------------------
     # construction
@@ -175,6 +178,7 @@ class AdapterWrapper(nn.Module):
             wrapper.add_adapter_from_config(config, adapter_name)
         except BaseException:
             wrapper._restore_grad_flags()
+            _WRAPPED.pop(model, None)
             raise
         return wrapper
 
@@ -261,7 +265,7 @@ class AdapterWrapper(nn.Module):
         built: list[tuple[str, AdapterLayer]] = []
         for name, module in targets:
             layer = config.make_layer(name, module)
-            layer.reset_params(name, module)
+            _reset_params(layer, name, module)
             built.append((name, layer))
         for name, module in to_save:
             layer = ModulesToSaveLayer()
@@ -311,7 +315,7 @@ class AdapterWrapper(nn.Module):
                 "This layer instance is already attached; pass a class or a factory to "
                 "create a fresh layer for each module."
             )
-        instance.reset_params(layer_name, module)
+        _reset_params(instance, layer_name, module)
         device = _device_of(module)
         if device is not None:
             instance.to(device)
@@ -521,6 +525,7 @@ class AdapterWrapper(nn.Module):
             )
         if not isinstance(new_model, nn.Module):
             raise TypeError(f"new_model must be an nn.Module, got {type(new_model).__name__}.")
+        _check_not_wrapped(new_model, self)
         hooked = _hooked_by_tinytune(new_model, own=list(self._sites.values()))
         if hooked is not None:
             raise AdapterStateError(
@@ -537,14 +542,17 @@ class AdapterWrapper(nn.Module):
                 )
             new = new_modules[path]
             _check_same_shape(path, site.module, new)
+            _check_same_dtypes(path, list(site.layers.values()), new)
             moved[path] = new
         old = self.model
         for site in self._sites.values():
             site.remove_hooks()
         if old is not None:
             self._restore_grad_flags()
+            _WRAPPED.pop(old, None)
         self.model = new_model
         self._freeze(new_model)
+        _WRAPPED[new_model] = weakref.ref(self)
         for path, site in self._sites.items():
             site.module = moved[path]
             site.chain = ()
@@ -684,6 +692,7 @@ class AdapterWrapper(nn.Module):
             wrapper.load_adapter(path, adapter_name, **kwargs)
         except BaseException:
             wrapper._restore_grad_flags()
+            _WRAPPED.pop(model, None)
             raise
         return wrapper
 
@@ -714,6 +723,13 @@ class AdapterWrapper(nn.Module):
         if "." in adapter_name or adapter_name == BASE_ADAPTER_NAME:
             raise InvalidConfigError(
                 f"adapter_name {adapter_name!r} is reserved or contains a dot; pick another name."
+            )
+        if adapter_name not in self.adapters and hasattr(self.adapters, adapter_name):
+            # nn.ModuleDict refuses names of its own attributes with a bare KeyError.
+            raise InvalidConfigError(
+                f"adapter_name {adapter_name!r} is reserved (a method or attribute of "
+                "torch's nn.ModuleDict, which holds the adapters); pick another name, e.g. "
+                f"{adapter_name + '_adapter'!r}."
             )
         if adapter_name in self.adapters:
             raise AdapterExistsError(
@@ -836,6 +852,7 @@ class AdapterWrapper(nn.Module):
             site.chain = ()
         self._restore_grad_flags()
         self.model = None
+        _WRAPPED.pop(model, None)
         return model
 
     def _freeze(self, model: nn.Module) -> None:
@@ -879,6 +896,24 @@ def _check_not_tied(path: str, adapter_name: str, module: nn.Module, owners: dic
             )
 
 
+# base model -> the wrapper holding it, so a second wrapper is refused even when the
+# first has no hook on the model (its adapters inactive): the second would record the
+# first one's frozen requires_grad flags as the originals.
+_WRAPPED: "weakref.WeakKeyDictionary[nn.Module, weakref.ref]" = weakref.WeakKeyDictionary()
+
+
+def _check_not_wrapped(model: nn.Module, own: "AdapterWrapper | None") -> None:
+    ref = _WRAPPED.get(model)
+    other = ref() if ref is not None else None
+    if other is None or other is own or other._modules.get("model") is not model:
+        return
+    raise AdapterStateError(
+        f"This {type(model).__name__} is already wrapped by another AdapterWrapper (its "
+        "adapters may be inactive, so it carries no hook). Add adapters to that wrapper, "
+        "or call its unload() (or merge_and_unload()) first, or wrap a fresh model."
+    )
+
+
 def _hooked_by_tinytune(model: nn.Module, own: Sequence[HookSite] = ()) -> str | None:
     """The name of the first module holding a hook of a tinytune HookSite (other than
     ``own``), if any."""
@@ -890,6 +925,22 @@ def _hooked_by_tinytune(model: nn.Module, own: Sequence[HookSite] = ()) -> str |
                 if isinstance(site, HookSite) and id(site) not in own_ids:
                     return name
     return None
+
+
+def _reset_params(layer: AdapterLayer, name: str, module: nn.Module) -> None:
+    """``layer.reset_params``, turning an allocation failure (an absurd rank) into an
+    error that says what to change."""
+    try:
+        layer.reset_params(name, module)
+    except (RuntimeError, MemoryError) as exc:
+        if not (isinstance(exc, MemoryError) or "alloc" in str(exc) or "out of memory" in str(exc)):
+            raise
+        r = getattr(layer, "r", None)
+        raise InvalidConfigError(
+            f"Out of memory creating the {type(layer).__name__} on {name!r}"
+            f"{f' with r={r}' if r is not None else ''}: {str(exc).splitlines()[0][:200]} "
+            "Use a smaller rank (rank_pattern sets it per module) or free memory."
+        ) from None
 
 
 def _device_of(module: nn.Module) -> torch.device | None:
@@ -913,4 +964,34 @@ def _check_same_shape(path: str, old: nn.Module, new: nn.Module) -> None:
             f"Module {path!r} has shapes {new_shapes} in the new base model but {old_shapes} "
             "in the old one; swap_base_model needs the same shapes."
         )
+    # The module's settings (a Conv2d's stride, padding, dilation, groups; an
+    # Embedding's padding_idx; ...), which adapter layers copied when they were built
+    # (a Conv2d LoRA's A, a modules_to_save copy).
+    if old.extra_repr() != new.extra_repr():
+        raise UnsupportedModuleError(
+            f"Module {path!r} is {type(new).__name__}({new.extra_repr()}) in the new base model "
+            f"but {type(old).__name__}({old.extra_repr()}) in the old one; its adapters were "
+            "built for the old settings. swap_base_model needs modules with the same settings."
+        )
+
+
+def _check_same_dtypes(path: str, layers: Sequence[AdapterLayer], new: nn.Module) -> None:
+    """A ``modules_to_save`` copy replaces the module's output, so it must compute in
+    the new module's dtypes (a float32 copy in a bfloat16 model would hand float32 to
+    the next layer)."""
+    new_dtypes = {k: v.dtype for k, v in new.state_dict().items()}
+    for layer in layers:
+        if isinstance(layer, ModulesToSaveLayer):
+            copy_dtypes = {k: v.dtype for k, v in layer.module_copy.state_dict().items()}
+            if copy_dtypes != new_dtypes:
+                raise UnsupportedModuleError(
+                    f"Module {path!r} has dtypes {_fmt_dtypes(new_dtypes)} in the new base model, "
+                    f"but its modules_to_save copy has {_fmt_dtypes(copy_dtypes)}. Convert the "
+                    "new model to the copy's dtype, or convert the wrapper first "
+                    "(wrapper.to(dtype) converts the copies too), then swap."
+                )
+
+
+def _fmt_dtypes(dtypes: dict) -> str:
+    return "{" + ", ".join(f"{k}: {str(v).replace('torch.', '')}" for k, v in dtypes.items()) + "}"
 
