@@ -552,7 +552,7 @@ def test_chunked_merge_equals_whole_merge(dtype, fan_in_fan_out):
         layer.fan_in_fan_out = True
         lin.weight = nn.Parameter(lin.weight.detach().t().contiguous())
     whole = (lin.weight.float() + layer.delta_weight()).to(dtype)
-    assert len(row_chunks(lin.weight)) >= 4  # each chunk at most a quarter of the weight
+    assert len(row_chunks(lin.weight)) >= 8  # each chunk at most an eighth of the weight
     with torch.no_grad():
         layer.merge(lin)
     torch.testing.assert_close(lin.weight, whole, rtol=0, atol=1e-6 if dtype == torch.float32 else 0)
@@ -564,7 +564,7 @@ def test_row_chunks_bound_the_temporaries():
     assert chunks[0][0] == 0 and chunks[-1][1] == 1000
     assert all(a < b for a, b in chunks)
     biggest = max(b - a for a, b in chunks) * 300 * 4  # fp32 bytes
-    assert biggest <= w.numel() * w.element_size() // 4
+    assert biggest <= w.numel() * w.element_size() // 8
     assert row_chunks(torch.empty(1, 5)) == [(0, 1)]
 
 

@@ -47,13 +47,13 @@ def replace_first_input(args: tuple, kwargs: dict, x: torch.Tensor) -> tuple[tup
 def row_chunks(weight: torch.Tensor, max_bytes: int = 64 << 20) -> list[tuple[int, int]]:
     """``(start, stop)`` row ranges of ``weight`` (dim 0) for chunked in-place updates.
 
-    Each chunk's fp32 copy is at most a quarter of the weight's own size (and at most
-    ``max_bytes``), at least one row: a merge's temporaries then stay well under one
-    weight, whatever the dtype.
+    Each chunk's fp32 copy is at most an eighth of the weight's own size (and at most
+    ``max_bytes``), at least one row: a merge's few fp32 temporaries per chunk then
+    stay well under one weight, whatever the dtype.
     """
     rows = weight.shape[0] if weight.dim() else 1
     row_fp32 = 4 * max(1, weight.numel() // max(rows, 1))
-    budget = min(weight.numel() * weight.element_size() // 4, max_bytes)
+    budget = min(weight.numel() * weight.element_size() // 8, max_bytes)
     step = max(1, budget // row_fp32)
     return [(i, min(rows, i + step)) for i in range(0, rows, step)]
 
@@ -327,8 +327,8 @@ class LinearLoraLayer(LoraLayer):
     def delta_rows(self, start: int, stop: int) -> torch.Tensor:
         a, b = self.lora_A.weight.float(), self.lora_B.weight.float()
         if self.fan_in_fan_out:  # weight (in, out): rows are input features
-            return (b @ a[:, start:stop]).t() * self.scaling
-        return (b[start:stop] @ a) * self.scaling
+            return (b @ a[:, start:stop]).t().mul_(self.scaling)
+        return (b[start:stop] @ a).mul_(self.scaling)
 
 
 class EmbeddingLoraLayer(LoraLayer):
@@ -373,7 +373,7 @@ class EmbeddingLoraLayer(LoraLayer):
 
     def delta_rows(self, start: int, stop: int) -> torch.Tensor:
         a = self.lora_A.weight[start:stop].float()
-        return (a @ self.lora_B.weight.float().t()) * self.scaling
+        return (a @ self.lora_B.weight.float().t()).mul_(self.scaling)
 
 
 class Conv2dLoraLayer(LoraLayer):
