@@ -595,3 +595,18 @@ def test_mixed_rows_within_the_measured_ulp_bound_across_seeds(dtype, ulps):
 
     worst = max(measure(dtype, seed) for seed in range(3))
     assert worst <= ulps
+
+
+def test_subclass_overriding_only_delta_weight_merges_its_own_delta():
+    class Doubled(tinytune.LinearLoraLayer):
+        def delta_weight(self):
+            return 2 * super().delta_weight()
+
+    torch.manual_seed(0)
+    lin = nn.Linear(16, 24)
+    layer = Doubled(r=2, init_lora_weights=False)
+    layer.reset_params("lin", lin)
+    expected = lin.weight.detach() + layer.delta_weight()  # twice the plain LoRA update
+    with torch.no_grad():
+        layer.merge(lin)
+    torch.testing.assert_close(lin.weight, expected, rtol=0, atol=1e-6)

@@ -16,7 +16,6 @@ Bounded (few examples, short sequences) so it stays fast.
 from __future__ import annotations
 
 import contextlib
-import copy
 import tempfile
 
 import pytest

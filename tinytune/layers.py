@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import copy
 import math
-import numbers
 from typing import Any
 
 import torch
@@ -42,6 +41,10 @@ def replace_first_input(args: tuple, kwargs: dict, x: torch.Tensor) -> tuple[tup
         return (x, *args[1:]), kwargs
     key = next(iter(kwargs))
     return args, {**kwargs, key: x}
+
+
+def _definer(mro: tuple, name: str) -> type:
+    return next(c for c in mro if name in c.__dict__)
 
 
 def row_chunks(weight: torch.Tensor, max_bytes: int = 64 << 20) -> list[tuple[int, int]]:
@@ -263,9 +266,17 @@ class LoraLayer(AdapterLayer):
         # Row chunks, so the fp32 temporaries stay a fraction of one weight (see
         # row_chunks): a merge never doubles a large weight on its device.
         weight = module.weight
+        mro = type(self).__mro__
+        by_rows = mro.index(_definer(mro, "delta_rows")) <= mro.index(_definer(mro, "delta_weight"))
         with torch.no_grad():
+            # A subclass that overrides delta_weight but not delta_rows gets its own
+            # delta, computed whole (delta_rows would compute the parent's).
+            whole = None if by_rows else self.delta_weight().to(weight.device)
             for start, stop in row_chunks(weight):
-                d = self.delta_rows(start, stop).to(weight.device)
+                if whole is None:
+                    d = self.delta_rows(start, stop).to(weight.device)
+                else:
+                    d = whole[start:stop].clone()
                 d.add_(weight[start:stop])  # the same fp32 sum as weight.float() + delta
                 weight[start:stop].copy_(d)
 

@@ -127,7 +127,8 @@ class AdapterWrapper(nn.Module):
 
     Raises:
         TypeError: If ``model`` is not an ``nn.Module`` or is already a wrapper.
-        AdapterStateError: If another wrapper's adapter hooks are still on ``model``.
+        AdapterStateError: If another wrapper holds ``model`` (even with no hook on it,
+            its adapters inactive) or its adapter hooks are still on it.
 
     Example:
         >>> wrapper = AdapterWrapper.from_config(model, LoraConfig(target_modules=["q_proj"]))
@@ -517,7 +518,9 @@ class AdapterWrapper(nn.Module):
             AdapterStateError: If an adapter is merged, or another wrapper's adapter hooks
                 are on ``new_model``.
             LayerNotFoundError / UnsupportedModuleError: If ``new_model`` lacks an
-                adapted module or has one of another type or shape. Nothing changes then.
+                adapted module or has one of another type, shape or settings (a
+                ``Conv2d``'s stride, padding, ...: its ``extra_repr``), or dtypes other
+                than a ``modules_to_save`` copy's there. Nothing changes then.
         """
         if self._merged:
             raise AdapterStateError(
