@@ -312,8 +312,7 @@ def test_graph_of_one_wrapper_is_not_reused_for_another_with_other_hooks():
     assert counter.frame_count == 2
 
 
-def test_fresh_wrapper_without_adapters_has_its_own_layout(monkeypatch):
-    monkeypatch.setattr(tinytune.hooks, "_LAYOUT_IDS", {})  # number layouts from scratch
+def test_fresh_wrapper_without_adapters_has_its_own_layout():
     hooked, x, _ = wrap("mlp", "lora")
     model, _ = build("mlp")
     empty = AdapterWrapper(model)  # no adapter yet: no hook anywhere

@@ -1064,10 +1064,15 @@ def _prepare(
     """
     wrapper._model()  # raises if unloaded
     names = _validate(wrapper, adapter_names, args, kwargs)
-    num_beams = kwargs.get("num_beams")
-    if getattr(fn, "__name__", "") == "generate" and isinstance(num_beams, int) and num_beams > 1:
-        # generate() repeats each input row num_beams times, consecutively.
-        names = [name for name in names for _ in range(num_beams)]
+    if not names or getattr(wrapper, "_disabled", 0):
+        # An empty batch has no row to adapt; inside disable_adapter() no adapter runs
+        # (as in PEFT): both are plain calls.
+        return [], None
+    if getattr(fn, "__name__", "") == "generate":
+        repeat = _generate_expansion(fn, kwargs)
+        if repeat > 1:
+            # generate() repeats each input row this many times, consecutively.
+            names = [name for name in names for _ in range(repeat)]
     used = list(dict.fromkeys(n for n in names if n != BASE_ADAPTER_NAME))
     state = _wrapper_state(wrapper)
     with state.lock:
@@ -1078,14 +1083,6 @@ def _prepare(
                 used_slots = {slot_of[name] for name in used}
                 stacks = {path: _with_grads(st, used_slots) for path, st in stacks.items()}
             sites = dict(wrapper._sites)
-            added = False
-            for path, site in sites.items():
-                added |= site.prepare_mixed(stacks[path].need_pre if path in stacks else False)
-            note_layout = getattr(type(wrapper), "_note_hook_layout", None)
-            if added and note_layout is not None:
-                # The wrapper numbers its hook layout so that compiled graphs of its forward
-                # are guarded on it (torch.compile does not guard on empty hook dicts).
-                note_layout(wrapper)
             slots = [slot_of.get(name, base_slot) for name in names]
             device = _device_of_sites(wrapper, _first_tensor(args, kwargs))
             # Shape (batch,) whatever the assignment: no recompile for a new one.
@@ -1094,9 +1091,45 @@ def _prepare(
             if pins is not None:
                 pins.release()
             raise
-    call = _Call(row_index, slots, base_slot)
-    plans = [(site, _SitePlan(path, stacks.get(path, _EMPTY), call)) for path, site in sites.items()]
+        call = _Call(row_index, slots, base_slot)
+        plans = [
+            (site, _SitePlan(path, stacks.get(path, _EMPTY), call)) for path, site in sites.items()
+        ]
+        # Last step, nothing after it can fail: every site used here is released by
+        # _release, which removes the hooks added for this call once no call needs them.
+        added = False
+        for path, site in sites.items():
+            added |= site.prepare_mixed(stacks[path].need_pre if path in stacks else False)
+        if added:
+            _note_layout(wrapper)
     return plans, pins
+
+
+def _note_layout(wrapper: Any) -> None:
+    note_layout = getattr(type(wrapper), "_note_hook_layout", None)
+    if note_layout is not None:
+        # The wrapper numbers its hook layout so that compiled graphs of its forward
+        # are guarded on it (torch.compile does not guard on empty hook dicts).
+        note_layout(wrapper)
+
+
+def _generate_expansion(fn: Any, kwargs: dict) -> int:
+    """How many consecutive copies of each input row ``generate`` runs.
+
+    Beam search runs ``num_beams`` rows per input; sampling and greedy search run
+    ``num_return_sequences``. Read from the call's keywords, else its
+    ``generation_config``, else the model's (transformers' own precedence).
+    """
+    config = kwargs.get("generation_config")
+    if config is None:
+        config = getattr(getattr(fn, "__self__", None), "generation_config", None)
+
+    def setting(name: str) -> int:
+        value = kwargs.get(name, getattr(config, name, None))
+        return value if isinstance(value, int) and not isinstance(value, bool) and value > 1 else 1
+
+    beams = setting("num_beams")
+    return beams if beams > 1 else setting("num_return_sequences")
 
 
 _EMPTY = SiteStacks(())
@@ -1128,11 +1161,14 @@ def mixed_call(
         AdapterStateError: If any adapter is merged, or the wrapper is unloaded.
     """
     plans, pins = _prepare(wrapper, fn, adapter_names, args, kwargs)
-    outer = _publish(plans)
     try:
-        return fn(*args, **kwargs)
+        outer = _publish(plans)
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            _retract(plans, outer)
     finally:
-        _retract(plans, outer, pins)
+        _release(wrapper, plans, pins)
 
 
 # Publishing and retracting run eagerly (outside any compiled graph): they are the
@@ -1151,7 +1187,7 @@ def _publish(plans: list[tuple[Any, _SitePlan]]) -> list[Any]:
 
 
 @torch.compiler.disable
-def _retract(plans: list[tuple[Any, _SitePlan]], outer: list[Any], pins: Any = None) -> None:
+def _retract(plans: list[tuple[Any, _SitePlan]], outer: list[Any]) -> None:
     # Restore exactly what was there, absent or not: compiled graphs guard on the
     # attribute's presence, so a thread that never made a mixed call and one that made
     # some must look the same outside them.
@@ -1160,5 +1196,23 @@ def _retract(plans: list[tuple[Any, _SitePlan]], outer: list[Any], pins: Any = N
             del site._local.mixed
         else:
             site._local.mixed = previous
-    if pins is not None:
-        pins.release()
+
+
+@torch.compiler.disable
+def _release(wrapper: Any, plans: list[tuple[Any, _SitePlan]], pins: Any) -> None:
+    # Remove the hooks this call added (once no other thread's call still uses them),
+    # so modules whose adapters are inactive carry no hook between calls; with reserved
+    # slots, unpin this call's slots.
+    try:
+        if not plans:
+            return
+        state = _wrapper_state(wrapper)
+        with state.lock:
+            removed = False
+            for site, _ in plans:
+                removed |= site.release_mixed()
+            if removed and wrapper._modules.get("model") is not None:
+                _note_layout(wrapper)
+    finally:
+        if pins is not None:
+            pins.release()

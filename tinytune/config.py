@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import enum
+import math
 import numbers
 import re
 from dataclasses import dataclass, field
@@ -22,7 +23,7 @@ from typing import Any, Callable, ClassVar
 
 from torch import nn
 
-from .errors import InvalidConfigError, UnsupportedModuleError
+from .errors import ConfigTypeError, InvalidConfigError, UnsupportedModuleError
 
 __all__ = ["AdapterConfig", "LoraConfig", "IA3Config", "TaskType", "name_matches"]
 
@@ -78,8 +79,39 @@ def pattern_key(patterns: dict[str, Any], name: str) -> str | None:
 
 def _as_target_list(value: Any) -> Any:
     if isinstance(value, (set, tuple)):
-        return sorted(value) if isinstance(value, set) else list(value)
+        return sorted(value, key=str) if isinstance(value, set) else list(value)
     return value
+
+
+def _check_targets(value: Any, what: str, allow_none: bool = True) -> None:
+    """A regex string or a list of name strings; every regex must compile."""
+    if value is None and allow_none:
+        return
+    if isinstance(value, str):
+        _check_regex(value, what)
+        return
+    if not isinstance(value, list):
+        raise ConfigTypeError(
+            f"{what} must be a regex string or a list of module names, got "
+            f"{type(value).__name__} ({value!r})."
+        )
+    bad = [v for v in value if not isinstance(v, str)]
+    if bad:
+        raise ConfigTypeError(
+            f"{what} must hold module names as strings, got {bad[0]!r} "
+            f"({type(bad[0]).__name__}); e.g. {what}=['q_proj', 'v_proj']."
+        )
+
+
+def _check_regex(pattern: str, what: str) -> None:
+    try:
+        re.compile(pattern)
+    except re.error as exc:
+        raise InvalidConfigError(
+            f"{what}={pattern!r} is not a valid regular expression ({exc}). A string is "
+            "matched as a regex against the whole module name; pass a list of names "
+            "instead to match names literally."
+        ) from None
 
 
 @dataclass
@@ -117,6 +149,8 @@ class AdapterConfig:
         self.exclude_modules = _as_target_list(self.exclude_modules)
         if isinstance(self.modules_to_save, str):
             self.modules_to_save = [self.modules_to_save]
+        _check_targets(self.target_modules, "target_modules")
+        _check_targets(self.modules_to_save, "modules_to_save")
         mimic = _as_target_list(self.mimic_layers)
         if isinstance(mimic, str):
             mimic = [mimic]
@@ -276,12 +310,21 @@ class LoraConfig(AdapterConfig):
                     f"{what} must be a dict {{module name regex: value}}, got "
                     f"{type(getattr(self, what)).__name__}."
                 )
+        for what in ("rank_pattern", "alpha_pattern"):
+            for key in getattr(self, what):
+                if not isinstance(key, str):
+                    raise ConfigTypeError(
+                        f"{what} keys must be module name regexes (strings), got {key!r}."
+                    )
+                _check_regex(key, f"{what} key")
         for key, r in self.rank_pattern.items():
             _check_rank(r, f"rank_pattern[{key!r}]")
         _check_number(self.lora_alpha, "lora_alpha")
         for key, alpha in self.alpha_pattern.items():
             _check_number(alpha, f"alpha_pattern[{key!r}]")
         _check_number(self.lora_dropout, "lora_dropout")
+        for what in ("use_rslora", "fan_in_fan_out"):
+            _check_bool(getattr(self, what), what)
         if not 0.0 <= float(self.lora_dropout) < 1.0:
             raise InvalidConfigError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}.")
         if self.bias != "none":
@@ -368,17 +411,34 @@ def check_init_lora_weights(init: Any) -> bool | str:
     raise InvalidConfigError(
         f"init_lora_weights must be True, False or 'gaussian', got {init!r}."
     )
+#: Ranks at or above this are refused up front (torch sizes overflow far below what
+#: such factors would need; a LoRA rank is typically 4..256).
+MAX_RANK = 2**31
 
 
 def _check_rank(r: Any, what: str) -> None:
     if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
         raise InvalidConfigError(f"{what} must be a positive integer, got {r!r}.")
+    if r >= MAX_RANK:
+        raise InvalidConfigError(
+            f"{what}={r} is absurdly large (at least 2**31); LoRA ranks are typically "
+            "4 to 256. Pick a smaller rank."
+        )
 
 
 def _check_number(value: Any, what: str) -> None:
     # Caught here, not later as a bare TypeError from ``alpha / r`` in a layer.
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise InvalidConfigError(f"{what} must be a number, got {value!r}.")
+    if not math.isfinite(float(value)):
+        # A nan/inf scale would turn every merged weight into nan.
+        raise InvalidConfigError(f"{what} must be a finite number, got {value!r}.")
+
+
+def _check_bool(value: Any, what: str) -> None:
+    # "no" or "false" are truthy strings: they would silently switch the option on.
+    if not isinstance(value, bool):
+        raise ConfigTypeError(f"{what} must be True or False, got {value!r}.")
 
 
 @dataclass
@@ -404,6 +464,9 @@ class IA3Config(AdapterConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         self.feedforward_modules = _as_target_list(self.feedforward_modules)
+        _check_targets(self.feedforward_modules, "feedforward_modules")
+        for what in ("fan_in_fan_out", "init_ia3_weights"):
+            _check_bool(getattr(self, what), what)
         ff, targets = self.feedforward_modules, self.target_modules
         if isinstance(ff, list) and isinstance(targets, list) and not set(ff) <= set(targets):
             raise InvalidConfigError(

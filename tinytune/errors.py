@@ -107,3 +107,11 @@ class KernelUnavailableError(TinytuneError, RuntimeError):
     (a custom ``AdapterLayer``, an unsupported module or dtype, a gradient is needed,
     Triton is missing, ...). The message names the module and the reason; kernel mode
     ``"auto"`` runs such layers on the PyTorch path instead."""
+class ConfigTypeError(InvalidConfigError, TypeError):
+    """A config or layer argument has the wrong type (a number where names belong, a
+    string where a bool belongs). Also an ``InvalidConfigError`` and a ``TypeError``."""
+
+
+class AdapterSaveError(AdapterFileError, OSError):
+    """An adapter cannot be written where asked (the path is a file, a dangling
+    symlink, or not writable). Also an ``AdapterFileError`` and an ``OSError``."""

@@ -30,6 +30,7 @@ that path (and forward hooks registered before tinytune's, the empty output).
 
 from __future__ import annotations
 
+import hashlib
 import threading
 from typing import Any, Iterable
 
@@ -42,31 +43,27 @@ from .layers import AdapterLayer, first_input, replace_first_input
 
 __all__ = ["HookSite", "hook_layout_id"]
 
-# Process-wide numbering of hook layouts, so that one number means one layout in every
-# wrapper: compiled graphs of different wrappers share the code of AdapterWrapper.forward,
-# and a graph is reused for any wrapper whose guards pass.
-_LAYOUT_IDS: dict[tuple, int] = {}
-_LAYOUT_LOCK = threading.Lock()
-
-
 def hook_layout_id(sites: Iterable["HookSite"]) -> int:
     """A number naming which modules carry how many hooks, equal for equal layouts.
+
+    The number is a 62-bit digest of the layout, so one number means one layout in
+    every wrapper of the process (compiled graphs of different wrappers share the code
+    of ``AdapterWrapper.forward``, and a graph is reused for any wrapper whose guards
+    pass) without a process-wide registry that would grow with every layout ever seen.
+    Two different layouts share a number with probability about 2**-62.
 
     Args:
         sites: The hook sites of one wrapper.
 
     Returns:
-        A small non-negative int, the same for every set of sites with the same module
+        A non-negative int, the same for every set of sites with the same module
         paths and the same numbers of forward pre-hooks and forward hooks on them.
     """
-    layout = tuple(
-        sorted(
-            (s.path, len(s.module._forward_pre_hooks), len(s.module._forward_hooks))
-            for s in sites
-        )
+    layout = sorted(
+        (s.path, len(s.module._forward_pre_hooks), len(s.module._forward_hooks)) for s in sites
     )
-    with _LAYOUT_LOCK:
-        return _LAYOUT_IDS.setdefault(layout, len(_LAYOUT_IDS))
+    digest = hashlib.blake2b(repr(layout).encode("utf-8", "surrogatepass"), digest_size=8)
+    return int.from_bytes(digest.digest(), "little") >> 2
 
 
 class _CallStack(threading.local):
@@ -95,6 +92,11 @@ class HookSite:
         self.layers: dict[str, AdapterLayer] = {}  # adapter name -> layer
         self.chain: tuple[AdapterLayer, ...] = ()  # active, unmerged; innermost first
         self._handles: list[RemovableHandle] = []
+        # Hooks added for mixed calls in flight (prepare_mixed), removed by the last
+        # release_mixed: a module with no active adapter carries no hook between calls.
+        self._mixed_handles: list[RemovableHandle] = []
+        self._mixed_users = 0
+        self._mixed_need_pre = False
         self._pres: tuple[tuple[int, AdapterLayer], ...] = ()
         self._posts: tuple[tuple[int, AdapterLayer], ...] = ()
         self._needs_stack = False
@@ -132,22 +134,33 @@ class HookSite:
         )
         self._chain_reason = dispatch.chain_reason(self.module, chain)
         self._chain_params = tuple(dispatch.chain_params(chain))
-        # The fused path needs both hooks, whatever the chain's layers use.
-        fused = bool(chain) and self._fusable and self._chain_reason is None
-        want_pre = bool(self._pres) or fused
-        want_post = self._post_kind() if (self._posts or fused) else False
-        if self._handles and (want_pre, want_post) == (self._has_pre, self._has_post):
+        want_pre, want_post = self._wanted()
+        if (
+            self._handles
+            and not self._mixed_handles
+            and (want_pre, want_post) == (self._has_pre, self._has_post)
+        ):
             # The registered hooks read the chain when called: keep them.
             return
         self.remove_hooks()
         if want_pre:
-            self._register_pre()
+            self._register_pre(self._handles)
         if want_post:
-            self._register_post()
+            self._register_post(self._handles)
+        if self._mixed_users:
+            self._add_mixed_hooks(self._mixed_need_pre)
 
-    def _register_pre(self) -> None:
+    def _wanted(self) -> tuple[bool, str | bool]:
+        """The hooks the active chain needs: (pre-hook?, post-hook kind or False)."""
+        # The fused path needs both hooks, whatever the chain's layers use.
+        fused = bool(self.chain) and self._fusable and self._chain_reason is None
+        want_pre = bool(self._pres) or fused
+        want_post = self._post_kind() if (self._posts or fused) else False
+        return want_pre, want_post
+
+    def _register_pre(self, into: list) -> None:
         hook = self.module.register_forward_pre_hook(self._pre_hook, with_kwargs=True)
-        self._handles.append(hook)
+        into.append(hook)
         self._has_pre = True
 
     def _post_kind(self) -> str:
@@ -156,10 +169,10 @@ class HookSite:
         single = self._single_post() and not (self._fusable or self._needs_stack)
         return "_post_hook_single" if single else "_post_hook"
 
-    def _register_post(self) -> None:
+    def _register_post(self, into: list) -> None:
         kind = self._post_kind()
         hook = getattr(self, kind)
-        self._handles.append(self.module.register_forward_hook(hook, with_kwargs=True))
+        into.append(self.module.register_forward_hook(hook, with_kwargs=True))
         self._has_post = kind
 
     def prepare_mixed(self, need_pre: bool) -> bool:
@@ -171,18 +184,42 @@ class HookSite:
         Returns:
             Whether a hook was added.
 
-        Hooks are only added, never removed and re-added, so a plain call running on
-        another thread meanwhile never sees the module without its chain's hooks. Extra
-        hooks stay until the next change of the chain (``set_chain``) re-derives them.
+        Each call must be paired with :meth:`release_mixed` (in a ``finally``). The
+        chain's own hooks are never removed and re-added, so a plain call running on
+        another thread meanwhile never sees the module without them; the extra hooks
+        stay while any mixed call (on any thread) still uses them.
         """
+        self._mixed_users += 1
+        self._mixed_need_pre |= need_pre
+        return self._add_mixed_hooks(need_pre)
+
+    def _add_mixed_hooks(self, need_pre: bool) -> bool:
         added = False
         if (need_pre or self._fusable) and not self._has_pre:
-            self._register_pre()
+            self._register_pre(self._mixed_handles)
             added = True
         if not self._has_post:
-            self._register_post()
+            self._register_post(self._mixed_handles)
             added = True
         return added
+
+    def release_mixed(self) -> bool:
+        """End one mixed call's use of the hooks; the last one removes the extra hooks.
+
+        Returns:
+            Whether a hook was removed.
+        """
+        self._mixed_users = max(0, self._mixed_users - 1)
+        if self._mixed_users:
+            return False
+        self._mixed_need_pre = False
+        if not self._mixed_handles:
+            return False
+        while self._mixed_handles:
+            self._mixed_handles.pop().remove()
+        want_pre, want_post = self._wanted() if self._handles else (False, False)
+        self._has_pre, self._has_post = want_pre, want_post
+        return True
 
     def _single_post(self) -> bool:
         return len(self._posts) == 1 and not self._needs_stack
@@ -190,11 +227,13 @@ class HookSite:
     def remove_hooks(self) -> None:
         while self._handles:
             self._handles.pop().remove()
+        while self._mixed_handles:
+            self._mixed_handles.pop().remove()
         self._has_pre = self._has_post = False
 
     @property
     def hooked(self) -> bool:
-        return bool(self._handles)
+        return bool(self._handles) or bool(self._mixed_handles)
 
     # --- the hooks ---------------------------------------------------------------------
     # What a pre-hook hands its post-hook (the fused path's real input, or the input views

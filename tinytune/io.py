@@ -43,6 +43,8 @@ from .config import AdapterConfig, IA3Config, LoraConfig, name_matches
 from .errors import (
     AdapterFileError,
     AdapterFileNotFoundError,
+    AdapterSaveError,
+    ConfigTypeError,
     InvalidConfigError,
     suggest,
 )
@@ -174,16 +176,35 @@ def _prepare_save(wrapper: Any, adapter_name: str, path: Any) -> tuple:
             f"Cannot save adapter {adapter_name!r} to {str(directory)!r}: it is a file. "
             "Pass a directory path."
         )
-    return directory, tensors, config_bytes, metadata
+    return adapter_name, directory, tensors, config_bytes, metadata
 
 
-def _write_adapter(directory: Path, tensors: dict, config_bytes: bytes, metadata: dict) -> None:
-    directory.mkdir(parents=True, exist_ok=True)
-    # Weights first: if the process dies between the two renames, the new weights carry
-    # the fingerprint of the new config and the loader refuses the old config beside
-    # them, instead of loading a mix of two adapters.
-    _atomic_write(directory / WEIGHTS_NAME, lambda tmp: _write_safetensors(tensors, tmp, metadata))
-    _atomic_write(directory / CONFIG_NAME, lambda tmp: tmp.write_bytes(config_bytes))
+def _write_adapter(
+    adapter_name: str, directory: Path, tensors: dict, config_bytes: bytes, metadata: dict
+) -> None:
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        # Weights first: if the process dies between the two renames, the new weights
+        # carry the fingerprint of the new config and the loader refuses the old config
+        # beside them, instead of loading a mix of two adapters.
+        _atomic_write(
+            directory / WEIGHTS_NAME, lambda tmp: _write_safetensors(tensors, tmp, metadata)
+        )
+        _atomic_write(directory / CONFIG_NAME, lambda tmp: tmp.write_bytes(config_bytes))
+    except OSError as exc:
+        hint = (
+            "it is a symlink to a missing target; remove the link or create its target"
+            if directory.is_symlink() and not directory.exists()
+            else "a part of the path is a file, not a directory"
+            if isinstance(exc, (NotADirectoryError, FileExistsError))
+            else "check that the directory is writable and the disk has space"
+        )
+        error = AdapterSaveError(
+            f"Cannot save adapter {adapter_name!r} to {str(directory)!r}: "
+            f"{exc.strerror or exc} ({hint}). Any earlier adapter files there are unchanged."
+        )
+        error.errno, error.strerror, error.filename = exc.errno, str(error.args[0]), exc.filename
+        raise error from exc
     _fsync_dir(directory)
 
 
@@ -581,6 +602,7 @@ def read_adapter(
         The new, unattached ``Adapter``, its layers on their modules' devices.
     """
     model = wrapper._model()
+    registry = _registry(custom_layers)  # checked whatever the file's format
     directory = Path(path)
     config, config_file = _read_config(directory)
     tensors, metadata, weights_file = _read_weights(directory)
@@ -600,7 +622,7 @@ def read_adapter(
     ctx = _LoadContext(model, config_file, weights_file, tensors)
     peft_type = config.get("peft_type")
     if peft_type == "TINYTUNE":
-        layers = _build_tinytune(ctx, config, _registry(custom_layers))
+        layers = _build_tinytune(ctx, config, registry)
         cfg = None
     elif peft_type in ("LORA", "IA3"):
         cfg = _config_from_peft(config, config_file)
@@ -725,6 +747,23 @@ class _LoadContext:
 # --------------------------------------------------------------------------------------
 # reading files
 # --------------------------------------------------------------------------------------
+_MAX_JSON_DEPTH = 32
+
+
+def _json_depth(value: Any) -> int:
+    """Nesting depth of a parsed JSON value, without recursion."""
+    depth, todo = 0, [(value, 1)]
+    while todo:
+        item, level = todo.pop()
+        if isinstance(item, (dict, list)):
+            depth = max(depth, level)
+            if level > _MAX_JSON_DEPTH:
+                break
+            children = item.values() if isinstance(item, dict) else item
+            todo.extend((child, level + 1) for child in children)
+    return depth
+
+
 def _read_config(directory: Path) -> tuple[dict[str, Any], Path]:
     if not directory.is_dir():
         raise AdapterFileNotFoundError(
@@ -741,6 +780,13 @@ def _read_config(directory: Path) -> tuple[dict[str, Any], Path]:
         config = json.loads(file.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, ValueError) as exc:
         raise AdapterFileError(f"{file} is not valid JSON ({exc}); the file is corrupt.") from None
+    except RecursionError:
+        config = None
+    if config is None or _json_depth(config) > _MAX_JSON_DEPTH:
+        raise AdapterFileError(
+            f"{file} nests JSON deeper than {_MAX_JSON_DEPTH} levels; an adapter config is a "
+            "few levels deep, so the file is corrupt or hostile. Save the adapter again."
+        )
     if not isinstance(config, dict):
         raise AdapterFileError(f"{file} must hold a JSON object, got {type(config).__name__}.")
     return config, file
@@ -941,10 +987,15 @@ def _registry(custom_layers: Any) -> dict[str, Callable[..., AdapterLayer]]:
         return dict(custom_layers)
     if isinstance(custom_layers, type):
         custom_layers = [custom_layers]
+    if isinstance(custom_layers, (str, bytes)) or not isinstance(custom_layers, Iterable):
+        raise ConfigTypeError(
+            "custom_layers must be a mapping {type name: class or factory} or a list of "
+            f"AdapterLayer classes; got {type(custom_layers).__name__} ({custom_layers!r})."
+        )
     out = {}
     for cls in custom_layers:
         if not isinstance(cls, type):
-            raise TypeError(
+            raise ConfigTypeError(
                 "custom_layers must be a mapping {type name: class or factory} or a list of "
                 f"AdapterLayer classes; got an item of type {type(cls).__name__}."
             )

@@ -51,6 +51,22 @@ def _is_dtensor(t: torch.Tensor) -> bool:
     mod = sys.modules.get("torch.distributed.tensor")
     cls = getattr(mod, "DTensor", None) if mod is not None else None
     return cls is not None and isinstance(t, cls)
+def _definer(mro: tuple, name: str) -> type:
+    return next(c for c in mro if name in c.__dict__)
+
+
+def row_chunks(weight: torch.Tensor, max_bytes: int = 64 << 20) -> list[tuple[int, int]]:
+    """``(start, stop)`` row ranges of ``weight`` (dim 0) for chunked in-place updates.
+
+    Each chunk's fp32 copy is at most an eighth of the weight's own size (and at most
+    ``max_bytes``), at least one row: a merge's few fp32 temporaries per chunk then
+    stay well under one weight, whatever the dtype.
+    """
+    rows = weight.shape[0] if weight.dim() else 1
+    row_fp32 = 4 * max(1, weight.numel() // max(rows, 1))
+    budget = min(weight.numel() * weight.element_size() // 8, max_bytes)
+    step = max(1, budget // row_fp32)
+    return [(i, min(rows, i + step)) for i in range(0, rows, step)]
 
 
 def is_conv1d(module: nn.Module) -> bool:
@@ -181,11 +197,12 @@ class LoraLayer(AdapterLayer):
         init_lora_weights: bool = True,
     ) -> None:
         super().__init__()
-        if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
-            raise InvalidConfigError(f"r must be a positive integer, got {r!r}.")
+        from .config import _check_bool, _check_number, _check_rank
+
+        _check_rank(r, "r")
         for what, value in (("lora_alpha", lora_alpha), ("lora_dropout", lora_dropout)):
-            if isinstance(value, bool) or not isinstance(value, numbers.Real):
-                raise InvalidConfigError(f"{what} must be a number, got {value!r}.")
+            _check_number(value, what)
+        _check_bool(use_rslora, "use_rslora")
         if not 0.0 <= float(lora_dropout) < 1.0:
             raise InvalidConfigError(f"lora_dropout must be in [0, 1), got {lora_dropout}.")
         self.r = r
@@ -256,10 +273,30 @@ class LoraLayer(AdapterLayer):
         """The update ``scaling * B A`` in the target weight's layout, in fp32."""
         raise NotImplementedError
 
+    def delta_rows(self, start: int, stop: int) -> torch.Tensor:
+        """Rows ``start:stop`` (along dim 0 of the target weight) of :meth:`delta_weight`.
+
+        Subclasses compute just those rows, so a merge never holds the whole fp32 update.
+        """
+        return self.delta_weight()[start:stop]
+
     def merge(self, module: nn.Module) -> None:
+        # Row chunks, so the fp32 temporaries stay a fraction of one weight (see
+        # row_chunks): a merge never doubles a large weight on its device.
         weight = module.weight
+        mro = type(self).__mro__
+        by_rows = mro.index(_definer(mro, "delta_rows")) <= mro.index(_definer(mro, "delta_weight"))
         with torch.no_grad():
-            weight.copy_((weight.float() + self.delta_weight().to(weight.device)).to(weight.dtype))
+            # A subclass that overrides delta_weight but not delta_rows gets its own
+            # delta, computed whole (delta_rows would compute the parent's).
+            whole = None if by_rows else self.delta_weight().to(weight.device)
+            for start, stop in row_chunks(weight):
+                if whole is None:
+                    d = self.delta_rows(start, stop).to(weight.device)
+                else:
+                    d = whole[start:stop].clone()
+                d.add_(weight[start:stop])  # the same fp32 sum as weight.float() + delta
+                weight[start:stop].copy_(d)
 
     def extra_repr(self) -> str:
         return f"r={self.r}, lora_alpha={self.lora_alpha}, scaling={self.scaling:g}"
@@ -321,6 +358,12 @@ class LinearLoraLayer(LoraLayer):
         delta = (self.lora_B.weight.float() @ self.lora_A.weight.float()) * self.scaling
         return delta.t() if self.fan_in_fan_out else delta
 
+    def delta_rows(self, start: int, stop: int) -> torch.Tensor:
+        a, b = self.lora_A.weight.float(), self.lora_B.weight.float()
+        if self.fan_in_fan_out:  # weight (in, out): rows are input features
+            return (b @ a[:, start:stop]).t().mul_(self.scaling)
+        return (b[start:stop] @ a).mul_(self.scaling)
+
 
 class EmbeddingLoraLayer(LoraLayer):
     """LoRA for ``nn.Embedding``: ``E[x] + s * B(A[x])``.
@@ -361,6 +404,10 @@ class EmbeddingLoraLayer(LoraLayer):
     def delta_weight(self) -> torch.Tensor:
         a = self.lora_A.weight.float()  # (num_embeddings, r)
         return (a @ self.lora_B.weight.float().t()) * self.scaling
+
+    def delta_rows(self, start: int, stop: int) -> torch.Tensor:
+        a = self.lora_A.weight[start:stop].float()
+        return (a @ self.lora_B.weight.float().t()).mul_(self.scaling)
 
 
 class Conv2dLoraLayer(LoraLayer):
@@ -408,6 +455,11 @@ class Conv2dLoraLayer(LoraLayer):
         b = self.lora_B.weight.float()  # (out, r, 1, 1)
         delta = torch.einsum("or,rikl->oikl", b[:, :, 0, 0], a)
         return delta * self.scaling
+
+    def delta_rows(self, start: int, stop: int) -> torch.Tensor:
+        a = self.lora_A.weight.float()
+        b = self.lora_B.weight[start:stop].float()
+        return torch.einsum("or,rikl->oikl", b[:, :, 0, 0], a) * self.scaling
 
 
 def lora_layer_for(module: nn.Module) -> type[LoraLayer] | None:
@@ -477,12 +529,11 @@ class LinearIA3Layer(AdapterLayer):
         scale = self.ia3_l.detach().view(-1).float()
         weight = module.weight
         # Linear stores W as (out, in), Conv1D as (in, out).
-        if self.is_feedforward != self.fan_in_fan_out:
-            w = weight.float() * scale.view(1, -1)
-        else:
-            w = weight.float() * scale.view(-1, 1)
+        per_column = self.is_feedforward != self.fan_in_fan_out
         with torch.no_grad():
-            weight.copy_(w.to(weight.dtype))
+            for start, stop in row_chunks(weight):
+                s = scale.view(1, -1) if per_column else scale[start:stop].view(-1, 1)
+                weight[start:stop].copy_(weight[start:stop].float() * s)
             bias = getattr(module, "bias", None)
             if not self.is_feedforward and bias is not None:
                 bias.copy_((bias.float() * scale).to(bias.dtype))

@@ -12,6 +12,8 @@ from __future__ import annotations
 import collections
 import contextlib
 import os
+import re
+import weakref
 from typing import Any, Iterator, Sequence
 
 import torch
@@ -41,12 +43,23 @@ BASE_ADAPTER_NAME = "__base__"
 
 
 def _key(path: str) -> str:
-    # nn.ModuleDict keys cannot contain dots.
-    return path.replace(".", "/")
+    # nn.ModuleDict keys cannot contain dots, so dots become "/". A "/" (or "%") inside
+    # a module name (legal in nn.ModuleDict) is percent-escaped first, so every path
+    # maps back to itself; so is a first character that would make the key a
+    # ModuleDict attribute ("keys", "items", "training", ...). Ordinary names keep
+    # their old keys ("layers/0/q_proj"), so existing state dicts still load.
+    key = path.replace("%", "%25").replace("/", "%2F").replace(".", "/")
+    if hasattr(nn.ModuleDict, key) or key in _MODULE_DICT_ATTRS:
+        key = f"%{ord(key[0]):02X}{key[1:]}"
+    return key
 
 
 def _path(key: str) -> str:
-    return key.replace("/", ".")
+    return re.sub(r"%([0-9A-F]{2})", lambda m: chr(int(m.group(1), 16)), key.replace("/", "."))
+
+
+# Instance attributes of every nn.ModuleDict (hasattr on the class misses them).
+_MODULE_DICT_ATTRS = frozenset(vars(nn.ModuleDict()))
 
 
 class _PathPrefix(nn.Module):
@@ -207,7 +220,8 @@ class AdapterWrapper(nn.Module):
 
     Raises:
         TypeError: If ``model`` is not an ``nn.Module`` or is already a wrapper.
-        AdapterStateError: If another wrapper's adapter hooks are still on ``model``.
+        AdapterStateError: If another wrapper holds ``model`` (even with no hook on it,
+            its adapters inactive) or its adapter hooks are still on it.
 
     Example:
         >>> wrapper = AdapterWrapper.from_config(model, LoraConfig(target_modules=["q_proj"]))
@@ -221,6 +235,7 @@ class AdapterWrapper(nn.Module):
             raise TypeError(f"AdapterWrapper needs an nn.Module, got {type(model).__name__}.")
         if isinstance(model, AdapterWrapper):
             raise TypeError("This model is already an AdapterWrapper: add adapters to it directly.")
+        _check_not_wrapped(model, None)
         hooked = _hooked_by_tinytune(model)
         if hooked is not None:
             # Typically a notebook cell run twice: both wrappers' adapters would apply, and
@@ -233,6 +248,8 @@ class AdapterWrapper(nn.Module):
         self.model = model
         self.adapters = nn.ModuleDict()
         self._active: list[str] = []
+        # Depth of nested disable_adapter() blocks: while > 0 no adapter runs (see there).
+        self._disabled = 0
         self._sites: dict[str, HookSite] = {}
         self._merged: list[str] = []  # merge order
         self._backups: dict[str, dict[str, torch.Tensor]] = {}  # path -> original tensors
@@ -243,6 +260,7 @@ class AdapterWrapper(nn.Module):
         # inspect.signature(wrapper.forward) shows the base model's parameters (for HF
         # Trainer's remove_unused_columns); see tinytune/training.py.
         present_forward_signature(self, model)
+        _WRAPPED[model] = weakref.ref(self)
 
     # ------------------------------------------------------------------------------------
     # construction
@@ -269,6 +287,7 @@ class AdapterWrapper(nn.Module):
             )
         except BaseException:
             wrapper._restore_grad_flags()
+            _WRAPPED.pop(model, None)
             raise
         return wrapper
 
@@ -392,7 +411,7 @@ class AdapterWrapper(nn.Module):
         built: list[tuple[str, AdapterLayer]] = []
         for name, module in targets:
             layer = config.make_layer(name, module)
-            layer.reset_params(name, module)
+            _reset_params(layer, name, module)
             built.append((name, layer))
         for name, module in to_save:
             layer = ModulesToSaveLayer()
@@ -449,7 +468,7 @@ class AdapterWrapper(nn.Module):
                 "This layer instance is already attached; pass a class or a factory to "
                 "create a fresh layer for each module."
             )
-        instance.reset_params(layer_name, module)
+        _reset_params(instance, layer_name, module)
         device = _device_of(module)
         if device is not None:
             instance.to(device)
@@ -486,6 +505,15 @@ class AdapterWrapper(nn.Module):
     def disable_adapter(self) -> Iterator[None]:
         """Context manager: run the bare base model inside it (PEFT's name).
 
+        Inside the block no adapter runs, including rows of a mixed call
+        (``adapter_names=``), as in PEFT. The adapter state stays the wrapper's own:
+        ``active_adapters`` keeps reporting the active set, and calls made inside the
+        block act on it for good: ``set_active_adapters``, ``add_adapter(activate=True)``
+        and ``delete_adapter`` change the set that applies again when the block exits
+        (nothing is reverted on exit). Merging inside the block is refused (the merged
+        update would live in the weights, so the block would no longer run the base
+        model). Blocks may nest.
+
         Raises:
             AdapterStateError: If an adapter is merged (its update lives in the weights).
         """
@@ -494,13 +522,12 @@ class AdapterWrapper(nn.Module):
                 f"Adapters {self._merged!r} are merged into the weights; call "
                 "unmerge_adapters() before disabling adapters."
             )
-        previous = self._active
-        self._active = []
+        self._disabled += 1
         self._refresh()
         try:
             yield
         finally:
-            self._active = previous
+            self._disabled -= 1
             self._refresh()
 
     @property
@@ -564,15 +591,41 @@ class AdapterWrapper(nn.Module):
     def merge_adapters(self, adapter_names: str | Sequence[str] | None = None) -> None:
         """Fold adapters into the base weights (default: the active ones).
 
-        The original weights are kept, so :meth:`unmerge_adapters` restores them
-        bit-exactly. A merged adapter runs no hook at all.
+        Before a module's first merge its tensors are copied to host (CPU) memory, so
+        :meth:`unmerge_adapters` restores them bit-exactly while the model's device
+        holds no second copy; the update itself is added in row chunks, so the extra
+        device memory at any moment is a fraction of one module's weight. A merged
+        adapter runs no hook at all.
 
         Raises:
             AdapterNotFoundError: For an unknown name.
             MergeNotSupportedError: If a layer cannot merge, or its module's weights are
                 tied to another module's (merging would change both); nothing is merged
                 then.
+            AdapterStateError: Inside a ``disable_adapter()`` block.
         """
+        todo = self._mergeable(adapter_names)
+        before = list(self._merged)
+        try:
+            for name in todo:
+                self._merge_one(name)
+        except BaseException:
+            self._restore_all()
+            self._merged = []
+            for name in before:
+                self._merge_one(name)
+            self._refresh()
+            raise
+        self._refresh()
+
+    def _mergeable(self, adapter_names: str | Sequence[str] | None) -> list[str]:
+        """The adapters a merge would fold in, checked first so a refused merge changes
+        nothing."""
+        if self._disabled:
+            raise AdapterStateError(
+                "Adapters are disabled (inside a disable_adapter() block); merge after the "
+                "block exits."
+            )
         names = self._active if adapter_names is None else self._names(adapter_names)
         todo = [n for n in names if n not in self._merged]
         owners: dict[int, list[str]] | None = None
@@ -587,18 +640,7 @@ class AdapterWrapper(nn.Module):
                 if owners is None:
                     owners = _param_owners(self._model())
                 _check_not_tied(path, name, self._sites[path].module, owners)
-        before = list(self._merged)
-        try:
-            for name in todo:
-                self._merge_one(name)
-        except BaseException:
-            self._restore_all()
-            self._merged = []
-            for name in before:
-                self._merge_one(name)
-            self._refresh()
-            raise
-        self._refresh()
+        return todo
 
     def merge_adapter(self, adapter_names: str | Sequence[str] | None = None) -> None:
         """PEFT's name for :meth:`merge_adapters`."""
@@ -648,7 +690,11 @@ class AdapterWrapper(nn.Module):
         )
 
     def unmerge_adapters(self, adapter_names: str | Sequence[str] | None = None) -> None:
-        """Undo merges (default: all), restoring the original weights bit-exactly."""
+        """Undo merges (default: all), restoring the original weights bit-exactly.
+
+        The saved host copies are copied back in place: no device memory is allocated
+        (adapters that stay merged are then merged again).
+        """
         names = list(self._merged) if adapter_names is None else self._names(adapter_names)
         keep = [n for n in self._merged if n not in names]
         self._restore_all()
@@ -671,9 +717,21 @@ class AdapterWrapper(nn.Module):
         return self._detach(model)
 
     def merge_and_unload(self) -> nn.Module:
-        """Merge the active adapters, remove every hook and return the base model."""
+        """Merge the active adapters, remove every hook and return the base model.
+
+        No weight is copied: the updates are added in place (in row chunks), and copies
+        saved by earlier ``merge_adapters()`` calls are dropped. Every check runs before
+        the first weight changes; an error while writing (out of memory, say) can leave
+        weights partly merged, since there is no copy to restore.
+
+        Raises:
+            MergeNotSupportedError, AdapterStateError: As :meth:`merge_adapters`;
+                nothing changes then.
+        """
         model = self._model()
-        self.merge_adapters()
+        todo = self._mergeable(None)
+        for name in todo:
+            self._merge_one(name, backup=False)
         self._backups.clear()
         self._merged = []
         for adapter in self.adapters.values():
@@ -691,7 +749,9 @@ class AdapterWrapper(nn.Module):
             AdapterStateError: If an adapter is merged, or another wrapper's adapter hooks
                 are on ``new_model``.
             LayerNotFoundError / UnsupportedModuleError: If ``new_model`` lacks an
-                adapted module or has one of another type or shape. Nothing changes then.
+                adapted module or has one of another type, shape or settings (a
+                ``Conv2d``'s stride, padding, ...: its ``extra_repr``), or dtypes other
+                than a ``modules_to_save`` copy's there. Nothing changes then.
         """
         if self._merged:
             raise AdapterStateError(
@@ -699,6 +759,7 @@ class AdapterWrapper(nn.Module):
             )
         if not isinstance(new_model, nn.Module):
             raise TypeError(f"new_model must be an nn.Module, got {type(new_model).__name__}.")
+        _check_not_wrapped(new_model, self)
         hooked = _hooked_by_tinytune(new_model, own=list(self._sites.values()))
         if hooked is not None:
             raise AdapterStateError(
@@ -715,15 +776,18 @@ class AdapterWrapper(nn.Module):
                 )
             new = new_modules[path]
             _check_same_shape(path, site.module, new)
+            _check_same_dtypes(path, list(site.layers.values()), new)
             moved[path] = new
         old = self.model
         for site in self._sites.values():
             site.remove_hooks()
         if old is not None:
             self._restore_grad_flags()
+            _WRAPPED.pop(old, None)
         self.model = new_model
         self._freeze(new_model)
         present_forward_signature(self, new_model)
+        _WRAPPED[new_model] = weakref.ref(self)
         for path, site in self._sites.items():
             site.module = moved[path]
             site.chain = ()
@@ -733,6 +797,47 @@ class AdapterWrapper(nn.Module):
                     layer.to(device)
         self._refresh()
         return old
+
+    # ------------------------------------------------------------------------------------
+    # state_dict: the same whether merged or not
+    # ------------------------------------------------------------------------------------
+    def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        """The wrapper's state: base model tensors and every adapter's tensors.
+
+        While adapters are merged, the base entries of merged modules are the original
+        (unmerged) tensors, taken from the host copies the merge saved (so they are CPU
+        tensors): a state dict means the same thing merged or not, and loading it into a
+        fresh wrapper applies each adapter once. (PEFT returns the merged weights there,
+        which a fresh wrapper would then adapt a second time.)
+        """
+        sd = super().state_dict(*args, **kwargs)
+        if self._backups:
+            prefix = kwargs.get("prefix", args[1] if len(args) > 1 else "")
+            for path, saved in self._backups.items():
+                for k, t in saved.items():
+                    key = f"{prefix}model.{path}.{k}"
+                    if key in sd:
+                        sd[key] = t
+        return sd
+
+    def load_state_dict(self, state_dict: Any, strict: bool = True, assign: bool = False) -> Any:
+        """Load a state dict from :meth:`state_dict` (base tensors unmerged).
+
+        On a merged wrapper the merged adapters are unmerged first, the state is
+        loaded, and they are merged again on top of the loaded base weights (with the
+        loaded adapter weights), so unmerging later gives back the loaded base weights.
+        """
+        merged = list(self._merged)
+        if merged:
+            self._restore_all()
+            self._merged = []
+        try:
+            return super().load_state_dict(state_dict, strict=strict, assign=assign)
+        finally:
+            if merged:
+                for name in merged:
+                    self._merge_one(name)
+                self._refresh()
 
     # ------------------------------------------------------------------------------------
     # parameters
@@ -996,6 +1101,7 @@ class AdapterWrapper(nn.Module):
             wrapper.load_adapter(path, adapter_name, **kwargs)
         except BaseException:
             wrapper._restore_grad_flags()
+            _WRAPPED.pop(model, None)
             raise
         return wrapper
 
@@ -1045,6 +1151,13 @@ class AdapterWrapper(nn.Module):
             raise InvalidConfigError(
                 f"adapter_name {adapter_name!r} is reserved or contains a dot; pick another name."
             )
+        if adapter_name not in self.adapters and hasattr(self.adapters, adapter_name):
+            # nn.ModuleDict refuses names of its own attributes with a bare KeyError.
+            raise InvalidConfigError(
+                f"adapter_name {adapter_name!r} is reserved (a method or attribute of "
+                "torch's nn.ModuleDict, which holds the adapters); pick another name, e.g. "
+                f"{adapter_name + '_adapter'!r}."
+            )
         if adapter_name in self.adapters:
             raise AdapterExistsError(
                 f"An adapter named {adapter_name!r} already exists; pick another name or "
@@ -1091,6 +1204,12 @@ class AdapterWrapper(nn.Module):
         model = self._model()
         serving.check_attach(self, adapter)  # before anything changes
         modules = dict(model.named_modules())
+        missing = [path for path in adapter.layer_names if path not in modules]
+        if missing:  # checked before anything is registered
+            raise LayerNotFoundError(
+                f"{type(model).__name__} has no module {missing[0]!r}; use a dotted name "
+                f"from named_modules().{suggest(missing[0], [n for n in modules if n])}"
+            )
         self.adapters[adapter.name] = adapter
         for path, layer in adapter.items():
             site = self._sites.get(path)
@@ -1115,7 +1234,7 @@ class AdapterWrapper(nn.Module):
             chain = tuple(
                 site.layers[name]
                 for name in self._active
-                if name in site.layers and name not in self._merged
+                if name in site.layers and name not in self._merged and not self._disabled
             )
             site.set_chain(chain)
         self._note_hook_layout()
@@ -1134,12 +1253,14 @@ class AdapterWrapper(nn.Module):
         """
         self._hook_layout = hook_layout_id(self._sites.values())
 
-    def _merge_one(self, adapter_name: str) -> None:
+    def _merge_one(self, adapter_name: str, backup: bool = True) -> None:
         for path, layer in self._adapter(adapter_name).items():
             module = self._sites[path].module
-            if path not in self._backups:
+            if backup and path not in self._backups:
+                # Host memory: an exact copy on the model's device would double it.
                 self._backups[path] = {
-                    k: t.detach().clone() for k, t in module.state_dict(keep_vars=True).items()
+                    k: t.detach().to("cpu", copy=True)
+                    for k, t in module.state_dict(keep_vars=True).items()
                 }
             layer.merge(module)
             layer.merged = True
@@ -1163,6 +1284,7 @@ class AdapterWrapper(nn.Module):
         self._restore_grad_flags()
         self.model = None
         present_forward_signature(self, None)
+        _WRAPPED.pop(model, None)
         return model
 
     def _freeze(self, model: nn.Module) -> None:
@@ -1206,6 +1328,24 @@ def _check_not_tied(path: str, adapter_name: str, module: nn.Module, owners: dic
             )
 
 
+# base model -> the wrapper holding it, so a second wrapper is refused even when the
+# first has no hook on the model (its adapters inactive): the second would record the
+# first one's frozen requires_grad flags as the originals.
+_WRAPPED: "weakref.WeakKeyDictionary[nn.Module, weakref.ref]" = weakref.WeakKeyDictionary()
+
+
+def _check_not_wrapped(model: nn.Module, own: "AdapterWrapper | None") -> None:
+    ref = _WRAPPED.get(model)
+    other = ref() if ref is not None else None
+    if other is None or other is own or other._modules.get("model") is not model:
+        return
+    raise AdapterStateError(
+        f"This {type(model).__name__} is already wrapped by another AdapterWrapper (its "
+        "adapters may be inactive, so it carries no hook). Add adapters to that wrapper, "
+        "or call its unload() (or merge_and_unload()) first, or wrap a fresh model."
+    )
+
+
 def _hooked_by_tinytune(model: nn.Module, own: Sequence[HookSite] = ()) -> str | None:
     """The name of the first module holding a hook of a tinytune HookSite (other than
     ``own``), if any."""
@@ -1217,6 +1357,22 @@ def _hooked_by_tinytune(model: nn.Module, own: Sequence[HookSite] = ()) -> str |
                 if isinstance(site, HookSite) and id(site) not in own_ids:
                     return name
     return None
+
+
+def _reset_params(layer: AdapterLayer, name: str, module: nn.Module) -> None:
+    """``layer.reset_params``, turning an allocation failure (an absurd rank) into an
+    error that says what to change."""
+    try:
+        layer.reset_params(name, module)
+    except (RuntimeError, MemoryError) as exc:
+        if not (isinstance(exc, MemoryError) or "alloc" in str(exc) or "out of memory" in str(exc)):
+            raise
+        r = getattr(layer, "r", None)
+        raise InvalidConfigError(
+            f"Out of memory creating the {type(layer).__name__} on {name!r}"
+            f"{f' with r={r}' if r is not None else ''}: {str(exc).splitlines()[0][:200]} "
+            "Use a smaller rank (rank_pattern sets it per module) or free memory."
+        ) from None
 
 
 def _device_of(module: nn.Module) -> torch.device | None:
@@ -1240,4 +1396,34 @@ def _check_same_shape(path: str, old: nn.Module, new: nn.Module) -> None:
             f"Module {path!r} has shapes {new_shapes} in the new base model but {old_shapes} "
             "in the old one; swap_base_model needs the same shapes."
         )
+    # The module's settings (a Conv2d's stride, padding, dilation, groups; an
+    # Embedding's padding_idx; ...), which adapter layers copied when they were built
+    # (a Conv2d LoRA's A, a modules_to_save copy).
+    if old.extra_repr() != new.extra_repr():
+        raise UnsupportedModuleError(
+            f"Module {path!r} is {type(new).__name__}({new.extra_repr()}) in the new base model "
+            f"but {type(old).__name__}({old.extra_repr()}) in the old one; its adapters were "
+            "built for the old settings. swap_base_model needs modules with the same settings."
+        )
+
+
+def _check_same_dtypes(path: str, layers: Sequence[AdapterLayer], new: nn.Module) -> None:
+    """A ``modules_to_save`` copy replaces the module's output, so it must compute in
+    the new module's dtypes (a float32 copy in a bfloat16 model would hand float32 to
+    the next layer)."""
+    new_dtypes = {k: v.dtype for k, v in new.state_dict().items()}
+    for layer in layers:
+        if isinstance(layer, ModulesToSaveLayer):
+            copy_dtypes = {k: v.dtype for k, v in layer.module_copy.state_dict().items()}
+            if copy_dtypes != new_dtypes:
+                raise UnsupportedModuleError(
+                    f"Module {path!r} has dtypes {_fmt_dtypes(new_dtypes)} in the new base model, "
+                    f"but its modules_to_save copy has {_fmt_dtypes(copy_dtypes)}. Convert the "
+                    "new model to the copy's dtype, or convert the wrapper first "
+                    "(wrapper.to(dtype) converts the copies too), then swap."
+                )
+
+
+def _fmt_dtypes(dtypes: dict) -> str:
+    return "{" + ", ".join(f"{k}: {str(v).replace('torch.', '')}" for k, v in dtypes.items()) + "}"
 
