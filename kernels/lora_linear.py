@@ -284,10 +284,11 @@ _DECODE_N64 = dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, GROUP_M=1, num_warps=8, 
 _DECODE_F32 = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, GROUP_M=1, num_warps=4, num_stages=3)
 DECODE_FUSED_MAX_RANK_F32 = 16
 # Prefill: 64x128 tiles up to 256 rows (enough programs to fill the SMs; K steps of 32
-# on sm_80, where 64 spills at large ranks); above, the
-# matmul tutorial's 128x256x64 / 8 warps / 3 stages on sm_90 (wgmma), and 128x128 on
-# sm_80, where 128x256 spills. The epilogue adds h Bᵀ in rank chunks of 16: wider chunks
-# spill next to the fp32 accumulator (128x256 on sm_90; 64x128 on sm_80).
+# on sm_80, where 64 spills at large ranks); above, the matmul tutorial's 128x256x64 /
+# 8 warps / 3 stages on sm_90 (wgmma), and 128x128 on sm_80, where 128x256 spills. The
+# epilogue adds h Bᵀ in rank chunks of 16: wider chunks spill next to the fp32
+# accumulator (128x256 on sm_90; 64x128 on sm_80). Parts with less shared memory than
+# sm_90's 227 KiB (sm_86/89/120) take the sm_80 tiles.
 _PREFILL_SMALL_SM90 = dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=4)
 _PREFILL_SMALL_SM80 = dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=32, GROUP_M=8, num_warps=4, num_stages=4)
 _PREFILL_LARGE_SM90 = dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3)
@@ -340,6 +341,7 @@ def _pick_config(m: int, n: int, k: int, r: int, dtype: torch.dtype, arch: int =
     r_pad = _r_pad(r)
     f32 = dtype == torch.float32
     decode = m <= DECODE_MAX_M
+    sm90_tiles = arch >= 90 and _SMEM.get(arch, _SMEM_DEFAULT) >= _SMEM[90]
     if decode:
         if f32:
             gemm = dict(_DECODE_F32)
@@ -350,9 +352,9 @@ def _pick_config(m: int, n: int, k: int, r: int, dtype: torch.dtype, arch: int =
     elif f32:
         gemm = dict(_PREFILL_F32)
     elif m <= PREFILL_LARGE_MIN_M:
-        gemm = dict(_PREFILL_SMALL_SM90 if arch >= 90 else _PREFILL_SMALL_SM80)
+        gemm = dict(_PREFILL_SMALL_SM90 if sm90_tiles else _PREFILL_SMALL_SM80)
     else:
-        gemm = dict(_PREFILL_LARGE_SM90 if arch >= 90 else _PREFILL_LARGE_SM80)
+        gemm = dict(_PREFILL_LARGE_SM90 if sm90_tiles else _PREFILL_LARGE_SM80)
     max_fused = DECODE_FUSED_MAX_RANK_F32 if f32 else DECODE_FUSED_MAX_RANK
     shrink_in_loop = r > 0 and decode and r_pad <= max_fused
     cfg = dict(
