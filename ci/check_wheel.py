@@ -75,8 +75,9 @@ def main() -> int:
         site_dir = run(
             [str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"]
         ).stdout.strip()
-        run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-index",
-             "--target", site_dir, str(wheel)])
+        # pip --python installs into the probe as its own pip would: console scripts too.
+        run([sys.executable, "-m", "pip", "--python", str(py), "install", "-q", "--no-deps",
+             "--no-index", str(wheel)])
         # After the probe's own site-packages, so the wheel's tinytune wins.
         (Path(site_dir) / "zz_running_env.pth").write_text("\n".join(running_site_dirs()) + "\n")
         probe = "import tinytune, tinytune.kernels; print(tinytune.kernels.__file__)"
@@ -84,7 +85,16 @@ def main() -> int:
         if not out.startswith(site_dir):
             print(f"FAIL: tinytune.kernels imported from {out}, not from the venv {site_dir}")
             return 1
-        print(f"ok: {wheel.name} holds only tinytune/ (with tinytune/kernels/), imports from {site_dir}")
+        script = env_dir / "bin" / "tinytune-bench"
+        if not script.is_file():
+            print("FAIL: the wheel installs no tinytune-bench console script")
+            return 1
+        usage = run([str(script), "--help"], cwd=tmp).stdout
+        if "usage: tinytune-bench" not in usage:
+            print(f"FAIL: tinytune-bench --help printed:\n{usage}")
+            return 1
+        print(f"ok: {wheel.name} holds only tinytune/ (with tinytune/kernels/), imports from {site_dir}, "
+              "installs tinytune-bench")
     return 0
 
 

@@ -105,7 +105,9 @@ class Attention(nn.Module):
             p(x).view(b, t, self.heads, d // self.heads).transpose(1, 2)
             for p in (self.q_proj, self.k_proj, self.v_proj)
         )
-        o = F.scaled_dot_product_attention(q, k, v, is_causal=t > 1)
+        # is_causal as a constant: a test on the token count would be a SymBool under
+        # dynamic shapes and break the compiled graph (one token is causal either way).
+        o = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         return self.o_proj(o.transpose(1, 2).reshape(b, t, d))
 
 
@@ -214,6 +216,7 @@ def time_cases(
     threads: int | None = None,
     warmup: int = 2,
     min_time: float = 0.01,
+    repeats: int = 1,
     seed: int = 0,
     progress: Callable[[str], None] | None = None,
 ) -> dict[str, list[float]]:
@@ -230,9 +233,12 @@ def time_cases(
             ``torch.utils.benchmark.Timer``.
         threads: Torch threads for CPU timing (default: the current setting).
         warmup: Untimed calls per case before calibration.
-        min_time: Seconds one measurement should last at least.
+        min_time: Seconds one measurement should last at least (0: one call).
+        repeats: Measurements per case per round; the round keeps the fastest (1: no
+            choice; more filters out interruptions by other processes).
         seed: Seed of the shuffles.
-        progress: Called with a short label after each warm-up and each round.
+        progress: Called with a short label after each warm-up and each round (and with
+            ``(label, False)`` before each warm-up starts).
 
     Returns:
         name -> list of ``rounds`` per-call times in seconds, round ``i`` at index ``i``.
@@ -241,6 +247,8 @@ def time_cases(
     measure = _timer(device, threads or torch.get_num_threads())
     calls: dict[str, int] = {}
     for name, fn in cases.items():
+        if progress:
+            progress(f"warm-up {name}", False)
         for _ in range(warmup):
             fn()
         t = measure(fn, 1)
@@ -253,7 +261,7 @@ def time_cases(
     for r in range(rounds):
         rng.shuffle(order)
         for name in order:
-            times[name].append(measure(cases[name], calls[name]))
+            times[name].append(min(measure(cases[name], calls[name]) for _ in range(repeats)))
         if progress:
             progress(f"round {r + 1}/{rounds}")
     return times
@@ -414,6 +422,7 @@ class Settings:
     min_time: float
     peft: bool
     quick: bool
+    peft_requested: bool | None = None
     out: str | None = None
     skipped: dict[str, str] = field(default_factory=dict)
 
@@ -427,7 +436,8 @@ def build_parser() -> argparse.ArgumentParser:
         "decoder-only transformer.",
     )
     p.add_argument("--quick", action="store_true",
-                   help="a small model, two token sizes and few rounds (about a minute on a CPU)")
+                   help="a small model (hidden 128, one layer), 64x1 and 64x16 tokens, 5 rounds, torch.compile "
+                   "at the first token count only, PEFT eager only (about a minute on a 2-core CPU)")
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if present, else cpu)")
     p.add_argument("--dtype", default=None,
                    help="float32, bfloat16 or float16 (default: bfloat16 on CUDA, float32 on CPU)")
@@ -552,6 +562,7 @@ def _settings(a: argparse.Namespace) -> Settings:
         compile=a.compile, threads=a.threads or (1 if not cuda else torch.get_num_threads()),
         rounds=a.rounds or (5 if a.quick else 30 if cuda else 15), warmup=2 if a.quick else 3,
         min_time=0.002 if a.quick else 0.02, peft=use_peft, quick=a.quick, out=a.out,
+        peft_requested=a.peft,
     )
 
 
@@ -713,14 +724,25 @@ def make_variants(s: Settings, m: Models) -> tuple[list[Variant], dict[str, str]
             # "auto": the fused kernels where they run (CUDA), the PyTorch path elsewhere
             variants.append(Variant(f"mixed {k}{tag}", "mixed", compiled, k, "auto",
                                     mixed(unmerged, assignments[k])))
-        if m.peft is not None:
+        if m.peft is None:
+            if not compiled:
+                skipped["PEFT"] = "--no-peft" if s.peft_requested is False else \
+                    "peft is not installed (pip install 'tinytune[bench]')"
+        elif compiled and s.quick:
+            skipped["PEFT compiled"] = "--quick leaves it out (compiling PEFT takes about 20 s more on a CPU)"
+        else:
             peft_model = wrap(m.peft)
             variants.append(Variant(f"PEFT unmerged{tag}", "peft-unmerged", compiled, None, "-", plain(peft_model)))
-            for k in s.distinct:
-                variants.append(Variant(f"PEFT mixed {k}{tag}", "peft-mixed", compiled, k, "-",
-                                        mixed(peft_model, assignments[k])))
-        elif not compiled:
-            skipped["PEFT"] = "peft is not installed (pip install 'tinytune[bench]')" if s.peft is False else "--no-peft"
+            if compiled:
+                # PEFT's adapter_names path loops over the batch's adapters in Python:
+                # dynamo unrolls the loop and recompiles for every new assignment
+                # (47 s for one adapter, 190 s for 16 on a 2-core CPU, the limit soon hit).
+                skipped["PEFT mixed compiled"] = ("PEFT's adapter_names loop recompiles for every assignment "
+                                                  "(minutes per variant); timed eager only")
+            else:
+                for k in s.distinct:
+                    variants.append(Variant(f"PEFT mixed {k}", "peft-mixed", False, k, "-",
+                                            mixed(peft_model, assignments[k])))
     return variants, skipped
 
 
@@ -728,7 +750,8 @@ def _tolerance(dtype: torch.dtype) -> float:
     return {torch.float32: 2e-4, torch.bfloat16: 5e-2, torch.float16: 1e-2}[dtype]
 
 
-def check_outputs(variants: list[Variant], s: Settings, ids: torch.Tensor) -> dict[str, float]:
+def check_outputs(variants: list[Variant], s: Settings, ids: torch.Tensor,
+                  progress: Callable[[str], None] | None = None) -> dict[str, float]:
     """Check that variants that should agree do, before anything is timed.
 
     Returns:
@@ -739,9 +762,14 @@ def check_outputs(variants: list[Variant], s: Settings, ids: torch.Tensor) -> di
     """
     dtype = getattr(torch, s.dtype)
     tol = _tolerance(dtype)
+    outs = {}
     with torch.inference_mode():
-        outs = {v.name: v.call(ids).float().clone() for v in variants}
-    by_name = {v.name: v for v in variants}
+        for v in variants:
+            if progress:
+                progress(f"first call of {v.name}" + (" (compiling)" if v.compiled else ""), False)
+            outs[v.name] = v.call(ids).float().clone()
+            if progress:
+                progress(f"first call of {v.name}", True)
     diffs: dict[str, float] = {}
 
     def same(a: str, b: str) -> None:
@@ -761,7 +789,6 @@ def check_outputs(variants: list[Variant], s: Settings, ids: torch.Tensor) -> di
         # the adapters must change the output, or the comparisons above prove nothing
         assert float((outs["bare"] - outs["unmerged torch"]).abs().max()) > 10 * tol, \
             "the adapters do not change the logits: the benchmark would compare equal models"
-    del by_name
     return diffs
 
 
@@ -789,22 +816,34 @@ def run(s: Settings, *, progress: bool = True) -> dict[str, Any]:
     for key in ("recompile_limit", "cache_size_limit", "accumulated_recompile_limit", "accumulated_cache_size_limit"):
         if hasattr(dynamo_config, key):
             setattr(dynamo_config, key, max(getattr(dynamo_config, key), 256))
+    bar = tqdm(total=1, desc="tinytune-bench", unit="step", disable=not progress, dynamic_ncols=True, leave=False)
+    bar.set_postfix_str(f"building the models ({s.adapters} adapters{', and PEFT' if s.peft else ''})")
+    bar.refresh()
     models = build_models(s)
     variants, skipped = make_variants(s, models)
     per_shape = 2 * len(variants) + s.rounds + 1
-    bar = tqdm(total=per_shape * len(s.tokens), desc="tinytune-bench", unit="step", disable=not progress,
-               dynamic_ncols=True, leave=False)
+    bar.total = 1 + per_shape * len(s.tokens)
+    bar.update(1)
     shapes: list[dict[str, Any]] = []
-    for t in s.tokens:
+    all_variants = variants
+    for i, t in enumerate(s.tokens):
+        variants = all_variants
+        if s.quick and i > 0 and any(v.compiled for v in variants):
+            # Compiling is most of a quick run's time (about a minute on a 2-core CPU).
+            variants = [v for v in all_variants if not v.compiled]
+            skipped[f"compiled variants at {s.rows}x{t} tokens"] = \
+                "--quick compiles at the first token count only"
+            bar.total -= 2 * (len(all_variants) - len(variants))
         g = torch.Generator().manual_seed(t)
         ids = torch.randint(0, s.vocab, (s.rows, t), generator=g).to(device)
-        bar.set_postfix_str(f"{s.rows}x{t} tokens: checking outputs (compiles)")
-        checks = check_outputs(variants, s, ids)
-        bar.update(len(variants) + 1)
 
-        def step(label: str, t=t) -> None:
-            bar.set_postfix_str(f"{s.rows}x{t} tokens: {label}")
-            bar.update(1)
+        def step(label: str, done: bool = True, t=t) -> None:
+            bar.set_postfix_str(f"{s.rows}x{t} tokens: {label}", refresh=not done)
+            if done:
+                bar.update(1)
+
+        checks = check_outputs(variants, s, ids, progress=step)
+        step("outputs checked")
 
         cases = {v.name: (lambda v=v: v.call(ids)) for v in variants}
         with torch.inference_mode():
@@ -821,7 +860,7 @@ def run(s: Settings, *, progress: bool = True) -> dict[str, Any]:
             entry.update(kind=v.kind, compiled=v.compiled, distinct_adapters=v.distinct, kernels=v.kernels,
                          tokens_per_s=s.rows * t / (entry["median_ms"] / 1e3))
             stats[v.name] = entry
-        if s.compile:
+        if "bare compiled" in times:
             extra = summarize({"bare compiled": times["bare compiled"], "bare": times["bare"]},
                               {"eager bare": "bare"})["bare compiled"]["ratio"]["eager bare"]
         else:
@@ -916,8 +955,8 @@ def write_plots(res: dict[str, Any], out: Path) -> list[Path]:
         for name in names:
             if shapes[0]["variants"][name]["compiled"] != compiled:
                 continue
-            xs = [sh["tokens"] for sh in shapes]
-            ys = [sh["variants"][name]["median_ms"] for sh in shapes]
+            xs = [sh["tokens"] for sh in shapes if name in sh["variants"]]
+            ys = [sh["variants"][name]["median_ms"] for sh in shapes if name in sh["variants"]]
             style = "--" if "PEFT" in name else "-"
             ax.plot(xs, ys, style, marker="o", markersize=3, label=name.removesuffix(" compiled"))
         ax.set_xscale("log")
