@@ -1,8 +1,9 @@
 """Build tinytune's wheel, install it into a fresh venv and import it from there.
 
 Checks what a checkout cannot show: the kernels install as ``tinytune.kernels`` (the
-top-level name ``kernels`` belongs to another PyPI package), and the installed package
-imports without the source tree.
+top-level name ``kernels`` belongs to another PyPI package), the installed package
+imports without the source tree, and the ``tinytune-bench`` console script is installed
+and starts (``--help``).
 
 The probe venv is created without ``--system-site-packages``: that flag would expose the
 *base* interpreter's packages (not the running venv's), so the check would pass or fail

@@ -39,6 +39,8 @@ def test_flags_parse(tmp_path):
     assert (s.device, s.dtype, s.rank, s.hidden, s.layers) == ("cpu", "bfloat16", 2, 32, 3)
     assert s.distinct == [1, 4] and s.rows == 4 and s.tokens == [1, 8]
     assert (s.compile, s.threads, s.rounds, s.peft, s.quick) == (False, 2, 3, False, True)
+    assert parse_args(["--quick"]).compile is False  # quick: eager only, unless asked
+    assert parse_args(["--quick", "--compile"]).compile is True
     assert s.out == str(tmp_path / "o")
     assert not (tmp_path / "o").exists()  # parsing writes nothing
 
@@ -124,7 +126,9 @@ def test_tiny_run_writes_results_and_plots_and_nothing_in_the_repo(tmp_path):
     assert res["environment"]["versions"]["torch"] == torch.__version__
     assert "git_sha" in res["environment"] and res["environment"]["device"] == "cpu"
     assert [sh["tokens_per_row"] for sh in res["shapes"]] == [1, 2]
-    for shape in res["shapes"]:
+    blocks = result.stdout.split(" token(s) = ")[1:]  # the table's block of each token count
+    assert len(blocks) == len(res["shapes"])
+    for shape, block in zip(res["shapes"], blocks):
         names = set(shape["variants"])
         assert {"bare", "merged", "unmerged torch", "mixed 1", "mixed 4"} <= names
         if res["settings"]["peft"]:
@@ -134,7 +138,24 @@ def test_tiny_run_writes_results_and_plots_and_nothing_in_the_repo(tmp_path):
             assert len(v["samples_ms"]) == 1 and v["median_ms"] > 0
             assert set(v["ratio"]) == {"bare", "merged"}
             # the printed table shows the same medians and ratios as the file
-            line = next(ln for ln in result.stdout.splitlines() if ln.startswith(name + "  "))
+            line = next(ln for ln in block.splitlines() if ln.startswith(name + "  "))
             assert f"{v['median_ms']:.3f}" in line and f"{v['ratio']['bare']['median']:.3f}" in line
     assert "unmerged fused" in res["skipped"]  # CPU: said, not silently dropped
     assert "tinytune-bench" in result.stdout and "torch threads: 1" in result.stdout
+
+
+def test_tiny_compiled_run_checks_compiled_against_eager(tmp_path):
+    # Two token counts: the second recompiles with dynamic shapes, where a graph break
+    # inside the model once let the compiled wrapper run the bare model's graph.
+    argv = [sys.executable, "-m", "tinytune.benchmark", "--device", "cpu", "--hidden", "16", "--layers", "1",
+            "--rank", "2", "--adapters", "4", "--tokens", "1,2", "--rounds", "1", "--compile", "--no-peft",
+            "--out", str(tmp_path)]
+    result = subprocess.run(argv, capture_output=True, text=True, cwd=tmp_path, timeout=900)
+    assert result.returncode == 0, result.stdout + result.stderr[-3000:]
+    res = json.loads((tmp_path / "results.json").read_text())
+    for shape in res["shapes"]:
+        checks = shape["checks_max_abs_diff"]
+        for name in ("bare", "merged", "unmerged torch", "mixed 1", "mixed 4"):
+            assert f"{name} compiled == {name}" in checks
+            assert shape["variants"][f"{name} compiled"]["compiled"] is True
+        assert shape["compiled_bare_over_eager_bare"]["median"] > 0

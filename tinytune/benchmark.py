@@ -436,8 +436,9 @@ def build_parser() -> argparse.ArgumentParser:
         "decoder-only transformer.",
     )
     p.add_argument("--quick", action="store_true",
-                   help="a small model (hidden 128, one layer), 64x1 and 64x16 tokens, 5 rounds, torch.compile "
-                   "at the first token count only, PEFT eager only (about a minute on a 2-core CPU)")
+                   help="a small model (hidden 128, one layer), 64x1 and 64x16 tokens, 5 rounds, eager only "
+                   "(--quick --compile adds torch.compile at the first token count); about a minute "
+                   "on a 2-core CPU")
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if present, else cpu)")
     p.add_argument("--dtype", default=None,
                    help="float32, bfloat16 or float16 (default: bfloat16 on CUDA, float32 on CPU)")
@@ -451,8 +452,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="rows per batch (default: the largest number of distinct adapters)")
     p.add_argument("--tokens", type=_positive_list, default=None,
                    help="tokens per row, comma-separated (default CPU 1,8,32; CUDA 1,16,128,512; --quick 1,16)")
-    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
-                   help="also time every variant under torch.compile (default: on)")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="also time every variant under torch.compile (default: on, off with --quick)")
     p.add_argument("--peft", action=argparse.BooleanOptionalAction, default=None,
                    help="also time PEFT with the same weights (default: when peft is installed)")
     p.add_argument("--threads", type=_positive, default=None,
@@ -559,7 +560,7 @@ def _settings(a: argparse.Namespace) -> Settings:
         intermediate=hidden * 43 // 16 if hidden >= 16 else 2 * hidden,  # 1376 for 512, as in the other studies
         vocab=1024 if not a.quick else 512, rank=a.rank or 16, adapters=adapters, distinct=distinct,
         rows=rows, tokens=a.tokens or ([1, 16] if a.quick else [1, 16, 128, 512] if cuda else [1, 8, 32]),
-        compile=a.compile, threads=a.threads or (1 if not cuda else torch.get_num_threads()),
+        compile=a.compile if a.compile is not None else not a.quick, threads=a.threads or (1 if not cuda else torch.get_num_threads()),
         rounds=a.rounds or (5 if a.quick else 30 if cuda else 15), warmup=2 if a.quick else 3,
         min_time=0.002 if a.quick else 0.02, peft=use_peft, quick=a.quick, out=a.out,
         peft_requested=a.peft,
@@ -821,6 +822,9 @@ def run(s: Settings, *, progress: bool = True) -> dict[str, Any]:
     bar.refresh()
     models = build_models(s)
     variants, skipped = make_variants(s, models)
+    if not s.compile:
+        skipped["compiled variants"] = ("--quick runs eager only (add --compile to include them)" if s.quick
+                                        else "--no-compile")
     per_shape = 2 * len(variants) + s.rounds + 1
     bar.total = 1 + per_shape * len(s.tokens)
     bar.update(1)
@@ -950,7 +954,11 @@ def write_plots(res: dict[str, Any], out: Path) -> list[Path]:
     names = list(shapes[0]["variants"])
     paths = []
 
-    fig, axes = plt.subplots(1, 2, figsize=(13, 5.5), sharey=True)
+    # one color per variant in both panels; PEFT dashed
+    base_names = list(dict.fromkeys(n.removesuffix(" compiled") for n in names))
+    cmap = plt.get_cmap("tab20")
+    colors = {n: cmap(i % 20) for i, n in enumerate(base_names)}
+    fig, axes = plt.subplots(1, 2, figsize=(14, 6), sharey=True)
     for ax, compiled in zip(axes, (False, True)):
         for name in names:
             if shapes[0]["variants"][name]["compiled"] != compiled:
@@ -958,14 +966,18 @@ def write_plots(res: dict[str, Any], out: Path) -> list[Path]:
             xs = [sh["tokens"] for sh in shapes if name in sh["variants"]]
             ys = [sh["variants"][name]["median_ms"] for sh in shapes if name in sh["variants"]]
             style = "--" if "PEFT" in name else "-"
-            ax.plot(xs, ys, style, marker="o", markersize=3, label=name.removesuffix(" compiled"))
+            short = name.removesuffix(" compiled")
+            ax.plot(xs, ys, style, marker="o", markersize=4, color=colors[short], label=short)
+        if ax.lines:
+            ax.legend(fontsize=7, ncol=2)
+        else:
+            ax.text(0.5, 0.5, "not timed", transform=ax.transAxes, ha="center")
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_xlabel(f"tokens per forward ({shapes[0]['rows']} rows)")
         ax.set_title("compiled" if compiled else "eager")
         ax.grid(True, which="both", alpha=0.3)
     axes[0].set_ylabel("median latency (ms)")
-    axes[-1].legend(fontsize=7, ncol=2)
     fig.suptitle(f"tinytune-bench: latency vs tokens ({label})")
     fig.tight_layout()
     paths.append(out / "latency_vs_tokens.png")
@@ -976,12 +988,12 @@ def write_plots(res: dict[str, Any], out: Path) -> list[Path]:
     fig, axes = plt.subplots(1, len(shapes), figsize=(4.5 * len(shapes), 4.5), squeeze=False)
     for ax, sh in zip(axes[0], shapes):
         v = sh["variants"]
-        for prefix, style in (("mixed", "-"), ("PEFT mixed", "--")):
-            for tag in ("", " compiled"):
-                key = [f"{prefix} {k}{tag}" for k in distinct]
-                if all(k in v for k in key):
-                    ax.plot(distinct, [v[k]["median_ms"] for k in key], style, marker="o",
-                            label=f"{'tinytune' if prefix == 'mixed' else 'PEFT'} adapter_names{tag}")
+        for prefix, tag, style, color in (("mixed", "", "-", "C0"), ("mixed", " compiled", "-.", "C2"),
+                                          ("PEFT mixed", "", "--", "C1"), ("PEFT mixed", " compiled", ":", "C3")):
+            key = [f"{prefix} {k}{tag}" for k in distinct]
+            if all(k in v for k in key):
+                ax.plot(distinct, [v[k]["median_ms"] for k in key], style, marker="o", color=color,
+                        label=f"{'tinytune' if prefix == 'mixed' else 'PEFT'} adapter_names{tag}")
         for ref, color in (("bare", "gray"), ("merged", "black")):
             if ref in v:
                 ax.axhline(v[ref]["median_ms"], color=color, linestyle=":", label=f"{ref} (eager)")
@@ -990,8 +1002,8 @@ def write_plots(res: dict[str, Any], out: Path) -> list[Path]:
         ax.set_xlabel("distinct adapters in the batch")
         ax.set_title(f"{sh['rows']} rows x {sh['tokens_per_row']} token(s)")
         ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=7)
     axes[0][0].set_ylabel("median latency (ms)")
-    axes[0][-1].legend(fontsize=7)
     fig.suptitle(f"tinytune-bench: mixed batches ({label})")
     fig.tight_layout()
     paths.append(out / "latency_vs_adapters.png")
