@@ -159,3 +159,20 @@ def test_tiny_compiled_run_checks_compiled_against_eager(tmp_path):
             assert f"{name} compiled == {name}" in checks
             assert shape["variants"][f"{name} compiled"]["compiled"] is True
         assert shape["compiled_bare_over_eager_bare"]["median"] > 0
+
+
+def test_variants_that_must_agree_are_checked_before_timing():
+    from tinytune.benchmark import OutputMismatchError, Variant, check_outputs
+
+    s = parse_args(["--device", "cpu", "--no-peft", "--adapters", "4"])
+    x = torch.zeros(2, 1, 3)
+
+    def variant(name, value):
+        return Variant(name, name, False, None, "-", lambda ids, v=value: x + v)
+
+    ok = [variant("bare", 0.0), variant("merged", 1.0), variant("unmerged torch", 1.0)]
+    assert check_outputs(ok, s, x)["merged == unmerged torch"] == 0.0
+    with pytest.raises(OutputMismatchError, match="merged and unmerged torch"):
+        check_outputs([variant("bare", 0.0), variant("merged", 1.0), variant("unmerged torch", 1.5)], s, x)
+    with pytest.raises(OutputMismatchError, match="do not change the logits"):
+        check_outputs([variant("bare", 1.0), variant("merged", 1.0), variant("unmerged torch", 1.0)], s, x)

@@ -54,6 +54,7 @@ from .errors import TinytuneError
 
 __all__ = [
     "BenchmarkError",
+    "OutputMismatchError",
     "TinyDecoder",
     "TARGETS",
     "environment",
@@ -70,6 +71,10 @@ DISTINCT = (1, 4, 16, 64)
 
 class BenchmarkError(TinytuneError, ValueError):
     """A ``tinytune-bench`` argument is out of range or does not fit the machine."""
+
+
+class OutputMismatchError(TinytuneError, RuntimeError):
+    """Two variants that must compute the same logits do not: nothing is timed."""
 
 
 # --------------------------------------------------------------------------- the model
@@ -759,7 +764,8 @@ def check_outputs(variants: list[Variant], s: Settings, ids: torch.Tensor,
         check name -> largest absolute difference seen.
 
     Raises:
-        AssertionError: Outputs differ beyond the dtype's tolerance.
+        OutputMismatchError: Outputs differ beyond the dtype's tolerance, or the adapters
+            do not change the output at all.
     """
     dtype = getattr(torch, s.dtype)
     tol = _tolerance(dtype)
@@ -776,7 +782,11 @@ def check_outputs(variants: list[Variant], s: Settings, ids: torch.Tensor,
     def same(a: str, b: str) -> None:
         if a in outs and b in outs:
             diffs[f"{a} == {b}"] = float((outs[a] - outs[b]).abs().max())
-            torch.testing.assert_close(outs[a], outs[b], atol=tol, rtol=tol, msg=lambda m: f"{a} vs {b}: {m}")
+            try:
+                torch.testing.assert_close(outs[a], outs[b], atol=tol, rtol=tol)
+            except AssertionError as exc:
+                raise OutputMismatchError(f"{a} and {b} give different logits, so timing them would compare "
+                                          f"different computations: {' '.join(str(exc).split())}") from None
 
     for v in variants:
         if v.compiled:
@@ -788,8 +798,9 @@ def check_outputs(variants: list[Variant], s: Settings, ids: torch.Tensor,
         same(f"PEFT mixed {k}", f"mixed {k}")
     if "bare" in outs and "unmerged torch" in outs:
         # the adapters must change the output, or the comparisons above prove nothing
-        assert float((outs["bare"] - outs["unmerged torch"]).abs().max()) > 10 * tol, \
-            "the adapters do not change the logits: the benchmark would compare equal models"
+        if float((outs["bare"] - outs["unmerged torch"]).abs().max()) <= 10 * tol:
+            raise OutputMismatchError("the adapters do not change the logits: the benchmark would compare "
+                                      "equal models")
     return diffs
 
 
@@ -817,7 +828,9 @@ def run(s: Settings, *, progress: bool = True) -> dict[str, Any]:
     for key in ("recompile_limit", "cache_size_limit", "accumulated_recompile_limit", "accumulated_cache_size_limit"):
         if hasattr(dynamo_config, key):
             setattr(dynamo_config, key, max(getattr(dynamo_config, key), 256))
-    bar = tqdm(total=1, desc="tinytune-bench", unit="step", disable=not progress, dynamic_ncols=True, leave=False)
+    # disable=None: a bar on a terminal, none in a log file
+    bar = tqdm(total=1, desc="tinytune-bench", unit="step", disable=None if progress else True,
+               dynamic_ncols=True, leave=False)
     bar.set_postfix_str(f"building the models ({s.adapters} adapters{', and PEFT' if s.peft else ''})")
     bar.refresh()
     models = build_models(s)
@@ -1019,10 +1032,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         argv: Arguments without the program name (default: ``sys.argv[1:]``).
 
     Returns:
-        Exit status (0). Bad input exits with status 2 and a one-line message.
+        Exit status: 0, or 1 when variants that must agree give different outputs. Bad
+        input exits with status 2 and a one-line message.
     """
     s = parse_args(argv)
-    res = run(s, progress=True)
+    try:
+        res = run(s, progress=True)
+    except OutputMismatchError as exc:
+        print(f"tinytune-bench: error: {exc}", file=sys.stderr)
+        return 1
     print(format_table(res))
     if s.out is not None:
         out = Path(s.out)
