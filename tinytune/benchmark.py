@@ -822,6 +822,7 @@ def run(s: Settings, *, progress: bool = True) -> dict[str, Any]:
     started = time.time()
     device = torch.device(s.device)
     torch.set_num_threads(s.threads)
+    env = environment(device)  # at the start: the code that runs, not HEAD at the end
     # Every wrapper shares one forward: give dynamo room for all the variants' graphs
     # instead of silently falling back to eager when the default limit (8) is reached.
     dynamo_config = torch._dynamo.config
@@ -898,7 +899,7 @@ def run(s: Settings, *, progress: bool = True) -> dict[str, Any]:
                    "mode (eager or compiled); spread = 25th-75th percentile; "
                    + ("CUDA events, synchronised; compiled = torch.compile(mode='reduce-overhead'), "
                       "CUDA graphs" if device.type == "cuda" else "torch.utils.benchmark.Timer")),
-        "environment": environment(device),
+        "environment": env,
         "skipped": skipped,
         "shapes": shapes,
         "wall_s": time.time() - started,
