@@ -39,8 +39,7 @@ def test_flags_parse(tmp_path):
     assert (s.device, s.dtype, s.rank, s.hidden, s.layers) == ("cpu", "bfloat16", 2, 32, 3)
     assert s.distinct == [1, 4] and s.rows == 4 and s.tokens == [1, 8]
     assert (s.compile, s.threads, s.rounds, s.peft, s.quick) == (False, 2, 3, False, True)
-    assert parse_args(["--quick"]).compile is False  # quick: eager only, unless asked
-    assert parse_args(["--quick", "--compile"]).compile is True
+    assert parse_args(["--quick"]).compile is True
     assert s.out == str(tmp_path / "o")
     assert not (tmp_path / "o").exists()  # parsing writes nothing
 

@@ -441,9 +441,8 @@ def build_parser() -> argparse.ArgumentParser:
         "decoder-only transformer.",
     )
     p.add_argument("--quick", action="store_true",
-                   help="a small model (hidden 128, one layer), 64x1 and 64x16 tokens, 5 rounds, eager only "
-                   "(--quick --compile adds torch.compile at the first token count); about a minute "
-                   "on a 2-core CPU")
+                   help="a small model (hidden 128, one layer), 64x1 and 64x16 tokens, 5 rounds, torch.compile "
+                   "at the first token count only, PEFT eager only: under a minute on a 2-core CPU")
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if present, else cpu)")
     p.add_argument("--dtype", default=None,
                    help="float32, bfloat16 or float16 (default: bfloat16 on CUDA, float32 on CPU)")
@@ -457,8 +456,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="rows per batch (default: the largest number of distinct adapters)")
     p.add_argument("--tokens", type=_positive_list, default=None,
                    help="tokens per row, comma-separated (default CPU 1,8,32; CUDA 1,16,128,512; --quick 1,16)")
-    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                   help="also time every variant under torch.compile (default: on, off with --quick)")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
+                   help="also time every variant under torch.compile (default: on)")
     p.add_argument("--peft", action=argparse.BooleanOptionalAction, default=None,
                    help="also time PEFT with the same weights (default: when peft is installed)")
     p.add_argument("--threads", type=_positive, default=None,
@@ -565,7 +564,7 @@ def _settings(a: argparse.Namespace) -> Settings:
         intermediate=hidden * 43 // 16 if hidden >= 16 else 2 * hidden,  # 1376 for 512, as in the other studies
         vocab=1024 if not a.quick else 512, rank=a.rank or 16, adapters=adapters, distinct=distinct,
         rows=rows, tokens=a.tokens or ([1, 16] if a.quick else [1, 16, 128, 512] if cuda else [1, 8, 32]),
-        compile=a.compile if a.compile is not None else not a.quick, threads=a.threads or (1 if not cuda else torch.get_num_threads()),
+        compile=a.compile, threads=a.threads or (1 if not cuda else torch.get_num_threads()),
         rounds=a.rounds or (5 if a.quick else 30 if cuda else 15), warmup=2 if a.quick else 3,
         min_time=0.002 if a.quick else 0.02, peft=use_peft, quick=a.quick, out=a.out,
         peft_requested=a.peft,
@@ -837,8 +836,7 @@ def run(s: Settings, *, progress: bool = True) -> dict[str, Any]:
     models = build_models(s)
     variants, skipped = make_variants(s, models)
     if not s.compile:
-        skipped["compiled variants"] = ("--quick runs eager only (add --compile to include them)" if s.quick
-                                        else "--no-compile")
+        skipped["compiled variants"] = "--no-compile"
     per_shape = 2 * len(variants) + s.rounds + 1
     bar.total = 1 + per_shape * len(s.tokens)
     bar.update(1)
