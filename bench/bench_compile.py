@@ -36,7 +36,6 @@ import os
 import platform
 import random
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -49,6 +48,9 @@ sys.path.insert(0, str(ROOT))  # benchmark the checkout this file lives in
 
 import tinytune  # noqa: E402
 from tinytune import AdapterWrapper, LinearLoraLayer, LoraConfig  # noqa: E402
+from tinytune.benchmark import _cpu_name as cpu_name  # noqa: E402
+from tinytune.benchmark import _git_sha as git_sha  # noqa: E402
+from tinytune.benchmark import time_cases  # noqa: E402
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -129,35 +131,6 @@ def make_lora_ops(shape: dict, wrapper: AdapterWrapper):
     return run
 
 
-def git_sha() -> str:
-    try:
-        sha = subprocess.run(
-            ["git", "-C", str(ROOT), "rev-parse", "HEAD"],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no"],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
-        return sha + ("-dirty" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
 def quartiles(values: list[float]) -> dict:
     q = statistics.quantiles(values, n=4) if len(values) >= 2 else [values[0]] * 3
     return {"median": statistics.median(values), "p25": q[0], "p75": q[2]}
@@ -192,8 +165,10 @@ def main(argv: list[str] | None = None) -> dict:
     if args.seq is not None:
         shape["seq"] = args.seq
     rounds = args.rounds or (4 if args.quick else 25)
+    # A new file per run by default: the tracked results are never overwritten.
     out_path = args.out or ROOT / "bench" / "results" / (
-        "compile_cpu_quick.json" if args.quick else "compile_cpu.json"
+        ("compile_cpu_quick_" if args.quick else "compile_cpu_")
+        + time.strftime("%Y%m%d_%H%M%S") + ".json"
     )
     torch.set_num_threads(1)
 
@@ -241,22 +216,11 @@ def main(argv: list[str] | None = None) -> dict:
         assert not torch.allclose(ref["eager_bare"], ref["eager_unmerged"], atol=1e-3), (
             "LoRA is a no-op"
         )
-        for fn in cases.values():  # warm-up
-            for _ in range(2):
-                fn(ids) if fn is not cases["lora_ops"] else fn()
-
-        times: dict[str, list[float]] = {k: [] for k in cases}
-        for _ in range(rounds):
-            order = list(cases)
-            random.shuffle(order)
-            for k in order:
-                fn = cases[k]
-                best = float("inf")
-                for _ in range(args.reps):
-                    t0 = time.perf_counter()
-                    fn() if k == "lora_ops" else fn(ids)
-                    best = min(best, time.perf_counter() - t0)
-                times[k].append(best)
+        # tinytune-bench's timing code: warm-up, shuffled rounds, the fastest of --reps
+        # single calls per case per round.
+        calls = {k: (fn if k == "lora_ops" else (lambda fn=fn: fn(ids))) for k, fn in cases.items()}
+        times = time_cases(calls, rounds, warmup=2, min_time=0.0, repeats=args.reps,
+                           seed=random.randrange(1 << 30))
 
     def ratio(a: str, b: str) -> dict:
         return quartiles([x / y for x, y in zip(times[a], times[b], strict=True)])

@@ -29,13 +29,10 @@ import argparse
 import copy
 import datetime as dt
 import json
-import os
 import platform
 import random
 import statistics
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -49,6 +46,9 @@ import transformers  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 import tinytune  # noqa: E402
+from tinytune.benchmark import _cpu_name as cpu_name  # noqa: E402
+from tinytune.benchmark import _git_sha as git_sha  # noqa: E402
+from tinytune.benchmark import time_cases  # noqa: E402
 from tinytune import AdapterWrapper, LoraConfig  # noqa: E402
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -103,18 +103,8 @@ def adapter_bytes(wrapper: AdapterWrapper, name: str) -> int:
 
 
 def time_case(fns: dict, rounds: int, warmup: int = 2) -> dict:
-    for _ in range(warmup):
-        for fn in fns.values():
-            fn()
-    times = {k: [] for k in fns}
-    for _ in range(rounds):
-        order = list(fns)
-        random.shuffle(order)
-        for k in order:
-            t0 = time.perf_counter()
-            fns[k]()
-            times[k].append(time.perf_counter() - t0)
-    return times
+    """One call per measurement, interleaved rounds: tinytune-bench's timing code."""
+    return time_cases(fns, rounds, warmup=warmup, min_time=0.0, seed=random.randrange(1 << 30))
 
 
 def ratio_stats(num: list[float], den: list[float]) -> dict:
@@ -168,34 +158,6 @@ def run_case(bare, ours, theirs, names_all, rows, tokens, distinct, rounds, labe
         flush=True,
     )
     return result
-
-
-def git_sha() -> str:
-    try:
-        out = subprocess.run(
-            ["git", "-C", str(ROOT), "rev-parse", "HEAD"],
-            capture_output=True,
-            text=True,
-            check=True,
-        )
-        dirty = subprocess.run(
-            ["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no"],
-            capture_output=True,
-            text=True,
-        ).stdout.strip()
-        return out.stdout.strip() + ("-dirty" if dirty else "")
-    except Exception:
-        return "unknown"
-
-
-def cpu_name() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def main() -> None:
