@@ -256,6 +256,9 @@ class AdapterWrapper(nn.Module):
         self._grad_flags: dict[str, bool] = {}
         # Which modules carry hooks, as a small int (see _note_hook_layout).
         self._hook_layout = hook_layout_id(())
+        # Set by reserve_adapter_slots(): plain calls then bring the active adapters
+        # into slots first (see tinytune/serving.py); without it they cost nothing more.
+        self._slots_reserved = False
         self._freeze(model)
         # inspect.signature(wrapper.forward) shows the base model's parameters (for HF
         # Trainer's remove_unused_columns); see tinytune/training.py.
@@ -876,6 +879,10 @@ class AdapterWrapper(nn.Module):
             adapter_names = kwargs.pop("adapter_names")
             if adapter_names is not None:
                 return self._mixed_call(model, adapter_names, args, kwargs)
+        if self._slots_reserved:
+            from .serving import plain_call
+
+            return plain_call(self, model, args, kwargs)
         return model(*args, **kwargs)
 
     def generate(self, *args: Any, **kwargs: Any) -> Any:
@@ -887,6 +894,10 @@ class AdapterWrapper(nn.Module):
             adapter_names = kwargs.pop("adapter_names")
             if adapter_names is not None:
                 return self._mixed_call(model.generate, adapter_names, args, kwargs)
+        if self._slots_reserved:
+            from .serving import plain_call
+
+            return plain_call(self, model.generate, args, kwargs)
         return model.generate(*args, **kwargs)
 
     def _mixed_call(self, fn: Any, adapter_names: Sequence[str], args: tuple, kwargs: dict) -> Any:
@@ -1254,6 +1265,19 @@ class AdapterWrapper(nn.Module):
         self._hook_layout = hook_layout_id(self._sites.values())
 
     def _merge_one(self, adapter_name: str, backup: bool = True) -> None:
+        from .serving import pin_adapters
+
+        # With reserved slots, an adapter outside a slot has its weights in host memory:
+        # merge it from its slot (on the model's device) instead.
+        pins = pin_adapters(self, [adapter_name]) if self._slots_reserved else None
+        try:
+            self._merge_layers(adapter_name, backup)
+        finally:
+            if pins is not None:
+                pins.release()
+        self._merged.append(adapter_name)
+
+    def _merge_layers(self, adapter_name: str, backup: bool) -> None:
         for path, layer in self._adapter(adapter_name).items():
             module = self._sites[path].module
             if backup and path not in self._backups:
@@ -1264,7 +1288,6 @@ class AdapterWrapper(nn.Module):
                 }
             layer.merge(module)
             layer.merged = True
-        self._merged.append(adapter_name)
 
     def _restore_all(self) -> None:
         with torch.no_grad():
