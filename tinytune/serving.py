@@ -14,9 +14,15 @@ call brings the adapters it names into slots, least recently used out first:
 * evicting copies the slot back into the host buffers (the parameters may have been
   changed in place while resident) and makes them the parameters' storage again.
 
+A plain call (no ``adapter_names``) and a merge bring the active (or merged) adapters
+into slots the same way before reading their parameters (see :func:`plain_call`), so
+they never hand a kernel a host tensor.
+
 No tensor of the stacks ever changes shape or identity, so a compiled model does not
-recompile and a captured CUDA graph stays valid. Slots that a call in flight on another
-thread uses are never evicted under it: a call that needs them waits.
+recompile and the stacks a captured CUDA graph reads stay valid (the row index is a
+new tensor per call; README, "Serving many adapters", says what capturing takes). Slots
+that a call in flight on another thread uses are never evicted under it: a call that
+needs them waits.
 
 Layers that are not stacked (``modules_to_save`` copies, Conv2d LoRA, custom
 ``AdapterLayer`` s) run as themselves on their rows; they take a slot (for the row

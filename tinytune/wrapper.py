@@ -871,7 +871,17 @@ class AdapterWrapper(nn.Module):
     # running
     # ------------------------------------------------------------------------------------
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        """Call the base model (with the active adapters applied)."""
+        """Call the base model (with the active adapters applied).
+
+        With ``adapter_names=[...]`` (one name per batch row) each row runs with its own
+        adapter (see ``tinytune.batch``). With reserved slots (:meth:`reserve_adapter_slots`)
+        a plain call first brings the active adapters into slots and pins them for the
+        call.
+
+        Raises:
+            MixedBatchError: With reserved slots, if more adapters are active (unmerged)
+                than there are slots; nothing changes then.
+        """
         model = self._model()
         if self._hook_layout < 0:  # never true: the read makes torch.compile guard on it
             raise AdapterStateError("Corrupt hook layout; rebuild the wrapper.")
@@ -925,9 +935,13 @@ class AdapterWrapper(nn.Module):
         their LoRA/IA³ weights in host memory (pinned when the model is on CUDA). A call
         with ``adapter_names=`` brings the adapters it names into slots, least recently
         used out first, copying only those (asynchronously on CUDA, ordered before the
-        call's kernels). Loading, hot-swapping, evicting or changing an adapter never
-        changes a stack's shape or identity, so a compiled model does not recompile for
-        it and a captured CUDA graph stays valid. Calling it again re-reserves.
+        call's kernels). A plain call (``forward`` or ``generate`` without
+        ``adapter_names``) and ``merge_adapters`` bring the active (or merged) adapters
+        into slots the same way first, so they never read host memory. Loading,
+        hot-swapping, evicting or changing an adapter never changes a stack's shape or
+        identity, so a compiled model does not recompile for it and the stacks a
+        captured CUDA graph reads stay valid (README, "Serving many adapters", says
+        what capturing mixed calls takes). Calling it again re-reserves.
 
         Args:
             max_adapters: Number of adapter slots (distinct adapters one call may use).
