@@ -716,3 +716,72 @@ def test_compiled_plain_calls_reload_the_active_adapter_without_recompiling(tmp_
     finally:
         dynamo.reset()
     assert len(graphs) == n
+
+
+def test_ia3_merge_and_plain_call_from_the_host_tier():
+    torch.manual_seed(0)
+    w = AdapterWrapper(MLP().eval())
+    w.reserve_adapter_slots(max_adapters=1, max_rank=4)
+    cfg = IA3Config(target_modules=["lin0", "lin1"], feedforward_modules=["lin1"], init_ia3_weights=False)
+    w.add_adapter_from_config(cfg, "ia3", activate=False)
+    w.add_adapter_from_config(lora(4), "other", activate=False)
+    x = torch.randn(2, 10)
+    ref = plain(w, x, "ia3")
+    mixed(w, x, ["other", "other"])  # ia3 to the host tier
+    host = _host_storages(w)
+    assert "ia3" in host.values() and w.slot_stats()["resident"] == ["other"]
+    w.set_active_adapters("ia3")
+    reads = _ReadsOf()
+    with torch.no_grad(), reads:
+        out = w(x)
+    assert not reads.storages & host.keys()
+    torch.testing.assert_close(out, ref)
+    mixed(w, x, ["other", "other"])
+    with reads:
+        w.merge_adapters()  # IA³ multiplies the weight by its scales: from the slot
+    assert not reads.storages & host.keys()
+    w.set_active_adapters([])
+    with torch.no_grad():
+        torch.testing.assert_close(w(x), ref)
+
+
+def test_plain_call_pins_its_adapter_against_other_threads():
+    torch.manual_seed(0)
+    model = MLP().eval()
+    w = AdapterWrapper(model)
+    w.reserve_adapter_slots(max_adapters=1, max_rank=4)
+    for name in "ab":
+        w.add_adapter_from_config(lora(4), name, activate=False)
+    x = torch.randn(2, 10)
+    ref_a, ref_b = plain(w, x, "a"), per_row(w, x, ["b", "b"])
+    w.set_active_adapters("a")
+    inside, release = threading.Event(), threading.Event()
+    results = {}
+
+    def hold(module, args, output):
+        if threading.current_thread().name == "held":
+            inside.set()
+            assert release.wait(20)
+
+    handle = model.lin1.register_forward_hook(hold)
+
+    def run_plain():
+        with torch.no_grad():
+            results["a"] = w(x)
+
+    held = threading.Thread(target=run_plain, name="held")
+    held.start()
+    try:
+        assert inside.wait(20)
+        # the only slot is pinned by the plain call: a mixed call for "b" must wait
+        waiting = threading.Thread(target=lambda: results.setdefault("b", mixed(w, x, ["b", "b"])))
+        waiting.start()
+        waiting.join(0.5)
+        assert waiting.is_alive() and w.slot_stats()["resident"] == ["a"]
+    finally:
+        release.set()
+        held.join(20)
+    waiting.join(20)
+    handle.remove()
+    torch.testing.assert_close(results["a"], ref_a)
+    torch.testing.assert_close(results["b"], ref_b)
