@@ -1138,6 +1138,7 @@ class AdapterWrapper(nn.Module):
         return state
 
     def __setstate__(self, state: dict) -> None:
+        state.setdefault("_slots_reserved", False)  # pickled before it existed
         super().__setstate__(state)
         present_forward_signature(self, self._modules.get("model"))
 
