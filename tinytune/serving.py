@@ -14,9 +14,15 @@ call brings the adapters it names into slots, least recently used out first:
 * evicting copies the slot back into the host buffers (the parameters may have been
   changed in place while resident) and makes them the parameters' storage again.
 
+A plain call (no ``adapter_names``) and a merge bring the active (or merged) adapters
+into slots the same way before reading their parameters (see :func:`plain_call`), so
+they never hand a kernel a host tensor.
+
 No tensor of the stacks ever changes shape or identity, so a compiled model does not
-recompile and a captured CUDA graph stays valid. Slots that a call in flight on another
-thread uses are never evicted under it: a call that needs them waits.
+recompile and the stacks a captured CUDA graph reads stay valid (the row index is a
+new tensor per call; README, "Serving many adapters", says what capturing takes). Slots
+that a call in flight on another thread uses are never evicted under it: a call that
+needs them waits.
 
 Layers that are not stacked (``modules_to_save`` copies, Conv2d LoRA, custom
 ``AdapterLayer`` s) run as themselves on their rows; they take a slot (for the row
@@ -251,9 +257,16 @@ class SlotPool:
             self.local.count = getattr(self.local, "count", 0) - len(slots)
             self.cond.notify_all()
 
-    def prepare(self, used: Sequence[str]) -> tuple[dict[str, int], dict[str, SiteStacks], "_Pins"]:
+    def prepare(
+        self, used: Sequence[str], plain: bool = False
+    ) -> tuple[dict[str, int], dict[str, SiteStacks], "_Pins"]:
         """Bring the ``used`` adapters into slots (LRU eviction) and pin those slots for
         the call. Validates before changing anything.
+
+        Args:
+            used: The adapters the call runs, each once.
+            plain: The call is a plain call (or a merge) running the active adapters,
+                not a mixed call naming them (only changes the error messages).
 
         Returns:
             ``(slot of each resident adapter, stacks by module path, pins)``; release the
@@ -267,6 +280,14 @@ class SlotPool:
         """
         wrapper = self._wrapper()
         adapters = wrapper.adapters
+        if len(used) > self.capacity and plain:
+            raise MixedBatchError(
+                f"{len(used)} adapters are active ({list(used)!r}) and a plain call runs "
+                f"them all from adapter slots, but only {self.capacity} slots are reserved: "
+                f"it needs {len(used)}. Activate at most {self.capacity} adapters, merge "
+                f"some, or call reserve_adapter_slots({len(used)}, {self.max_rank}). "
+                "Nothing was changed."
+            )
         if len(used) > self.capacity:
             raise MixedBatchError(
                 f"This call names {len(used)} distinct adapters, but only {self.capacity} "
@@ -298,7 +319,7 @@ class SlotPool:
                 break
             if getattr(self.local, "count", 0):
                 raise MixedBatchError(
-                    "A mixed call made inside another one on the same thread needs adapter "
+                    "A call made inside another one on the same thread needs adapter "
                     "slots that the outer call is using; reserve more slots "
                     "(reserve_adapter_slots) or make the inner call outside. Nothing was "
                     "changed."
@@ -444,7 +465,60 @@ def reserve(wrapper: nn.Module, max_adapters: int, max_rank: int) -> None:
         for name, adapter in wrapper.adapters.items():
             pool.adopt(name, adapter)
         state.pool = pool
+        # Read by forward/generate (a plain attribute, so a compiled forward guards on
+        # it like on any other): only then do plain calls pin their adapters' slots.
+        wrapper._slots_reserved = True
         arm_hooks(wrapper, pool)
+
+
+def pin_adapters(wrapper: nn.Module, names: Sequence[str]) -> "_Pins | None":
+    """Bring ``names`` into slots (unless already there) and pin them until released.
+
+    Plain calls and merges read the adapters' parameters themselves; with reserved
+    slots an adapter outside a slot has them in host memory, which the model's device
+    cannot read (CUDA raises a device mismatch). In a slot they are views of the
+    device stacks. Returns ``None`` without reserved slots (nothing to do).
+
+    Raises:
+        MixedBatchError: If there are more ``names`` than slots, or their slots stay
+            busy with other threads' calls (nothing changes then).
+        InvalidConfigError: If an adapter was changed to a rank above ``max_rank``.
+    """
+    pool = pool_of(wrapper)
+    if pool is None or not names:
+        return None
+    with pool.cond:
+        return pool.prepare(list(dict.fromkeys(names)), plain=True)[2]
+
+
+@torch.compiler.disable
+def _pin_active(wrapper: nn.Module) -> "_Pins | None":
+    # Host-side bookkeeping, outside any compiled graph (as batch._prepare): compiled
+    # code never guards on it. Merged adapters run no hook; disabled ones none at all.
+    if wrapper._disabled:
+        return None
+    merged = wrapper._merged
+    return pin_adapters(wrapper, [n for n in wrapper._active if n not in merged])
+
+
+@torch.compiler.disable
+def _unpin(pins: "_Pins | None") -> None:
+    if pins is not None:
+        pins.release()
+
+
+def plain_call(wrapper: nn.Module, fn: Any, args: tuple, kwargs: dict) -> Any:
+    """``fn(*args, **kwargs)`` with the active adapters resident and pinned (reserved
+    slots only; ``AdapterWrapper.forward`` and ``generate`` call it then).
+
+    Their parameters are then views of the device stacks for the whole call, and no
+    mixed call on another thread evicts them under it.
+    """
+    pins = _pin_active(wrapper)
+    try:
+        return fn(*args, **kwargs)
+    finally:
+        _unpin(pins)
 
 
 def check_attach(wrapper: nn.Module, adapter: Any) -> None:

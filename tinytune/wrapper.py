@@ -256,6 +256,9 @@ class AdapterWrapper(nn.Module):
         self._grad_flags: dict[str, bool] = {}
         # Which modules carry hooks, as a small int (see _note_hook_layout).
         self._hook_layout = hook_layout_id(())
+        # Set by reserve_adapter_slots(): plain calls then bring the active adapters
+        # into slots first (see tinytune/serving.py); without it they cost nothing more.
+        self._slots_reserved = False
         self._freeze(model)
         # inspect.signature(wrapper.forward) shows the base model's parameters (for HF
         # Trainer's remove_unused_columns); see tinytune/training.py.
@@ -868,7 +871,17 @@ class AdapterWrapper(nn.Module):
     # running
     # ------------------------------------------------------------------------------------
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        """Call the base model (with the active adapters applied)."""
+        """Call the base model (with the active adapters applied).
+
+        With ``adapter_names=[...]`` (one name per batch row) each row runs with its own
+        adapter (see ``tinytune.batch``). With reserved slots (:meth:`reserve_adapter_slots`)
+        a plain call first brings the active adapters into slots and pins them for the
+        call.
+
+        Raises:
+            MixedBatchError: With reserved slots, if more adapters are active (unmerged)
+                than there are slots; nothing changes then.
+        """
         model = self._model()
         if self._hook_layout < 0:  # never true: the read makes torch.compile guard on it
             raise AdapterStateError("Corrupt hook layout; rebuild the wrapper.")
@@ -876,6 +889,10 @@ class AdapterWrapper(nn.Module):
             adapter_names = kwargs.pop("adapter_names")
             if adapter_names is not None:
                 return self._mixed_call(model, adapter_names, args, kwargs)
+        if self._slots_reserved:
+            from .serving import plain_call
+
+            return plain_call(self, model, args, kwargs)
         return model(*args, **kwargs)
 
     def generate(self, *args: Any, **kwargs: Any) -> Any:
@@ -887,6 +904,10 @@ class AdapterWrapper(nn.Module):
             adapter_names = kwargs.pop("adapter_names")
             if adapter_names is not None:
                 return self._mixed_call(model.generate, adapter_names, args, kwargs)
+        if self._slots_reserved:
+            from .serving import plain_call
+
+            return plain_call(self, model.generate, args, kwargs)
         return model.generate(*args, **kwargs)
 
     def _mixed_call(self, fn: Any, adapter_names: Sequence[str], args: tuple, kwargs: dict) -> Any:
@@ -914,9 +935,13 @@ class AdapterWrapper(nn.Module):
         their LoRA/IA³ weights in host memory (pinned when the model is on CUDA). A call
         with ``adapter_names=`` brings the adapters it names into slots, least recently
         used out first, copying only those (asynchronously on CUDA, ordered before the
-        call's kernels). Loading, hot-swapping, evicting or changing an adapter never
-        changes a stack's shape or identity, so a compiled model does not recompile for
-        it and a captured CUDA graph stays valid. Calling it again re-reserves.
+        call's kernels). A plain call (``forward`` or ``generate`` without
+        ``adapter_names``) and ``merge_adapters`` bring the active (or merged) adapters
+        into slots the same way first, so they never read host memory. Loading,
+        hot-swapping, evicting or changing an adapter never changes a stack's shape or
+        identity, so a compiled model does not recompile for it and the stacks a
+        captured CUDA graph reads stay valid (README, "Serving many adapters", says
+        what capturing mixed calls takes). Calling it again re-reserves.
 
         Args:
             max_adapters: Number of adapter slots (distinct adapters one call may use).
@@ -1113,6 +1138,7 @@ class AdapterWrapper(nn.Module):
         return state
 
     def __setstate__(self, state: dict) -> None:
+        state.setdefault("_slots_reserved", False)  # pickled before it existed
         super().__setstate__(state)
         present_forward_signature(self, self._modules.get("model"))
 
@@ -1254,6 +1280,19 @@ class AdapterWrapper(nn.Module):
         self._hook_layout = hook_layout_id(self._sites.values())
 
     def _merge_one(self, adapter_name: str, backup: bool = True) -> None:
+        from .serving import pin_adapters
+
+        # With reserved slots, an adapter outside a slot has its weights in host memory:
+        # merge it from its slot (on the model's device) instead.
+        pins = pin_adapters(self, [adapter_name]) if self._slots_reserved else None
+        try:
+            self._merge_layers(adapter_name, backup)
+        finally:
+            if pins is not None:
+                pins.release()
+        self._merged.append(adapter_name)
+
+    def _merge_layers(self, adapter_name: str, backup: bool) -> None:
         for path, layer in self._adapter(adapter_name).items():
             module = self._sites[path].module
             if backup and path not in self._backups:
@@ -1264,7 +1303,6 @@ class AdapterWrapper(nn.Module):
                 }
             layer.merge(module)
             layer.merged = True
-        self._merged.append(adapter_name)
 
     def _restore_all(self) -> None:
         with torch.no_grad():
