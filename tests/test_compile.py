@@ -430,3 +430,24 @@ def test_merged_compiles_to_bare_graph(model_kind):
     assert len(unmerged_ops) > len(bare_ops)
     torch.testing.assert_close(merged_out, unmerged_out, rtol=1e-4, atol=1e-5)
     assert not torch.allclose(merged_out, bare_out)
+
+
+def test_compiled_mixed_call_after_a_bare_instance_of_the_same_class_was_compiled():
+    """The mixed call must stay one compiled frame: had it graph-broken inside a try
+    block, dynamo would run it eagerly and compile the base model's forward as a frame
+    of its own, reusing the graph of a hook-less instance of the same class (what
+    tinytune-bench does: bare, merged, then unmerged and mixed, all compiled)."""
+    from tinytune.benchmark import build_models, parse_args
+
+    s = parse_args(["--device", "cpu", "--hidden", "16", "--layers", "1", "--rank", "2",
+                    "--adapters", "4", "--no-peft"])
+    m = build_models(s)
+    ids = torch.randint(0, 100, (s.rows, 1))
+    names = [m.names[0]] * (s.rows - 1) + ["__base__"]
+    with torch.inference_mode():
+        expected = m.unmerged(ids, adapter_names=names)
+        torch.compile(m.bare)(ids)
+        torch.compile(m.merged)(ids)
+        compiled = torch.compile(m.unmerged)
+        compiled(ids)
+        torch.testing.assert_close(compiled(ids, adapter_names=names), expected)

@@ -1161,14 +1161,14 @@ def mixed_call(
         AdapterStateError: If any adapter is merged, or the wrapper is unloaded.
     """
     plans, pins = _prepare(wrapper, fn, adapter_names, args, kwargs)
+    # No graph break inside a try block: dynamo cannot resume a compiled frame there and
+    # would run this whole frame eagerly, so the model's forward would become a frame of
+    # its own, whose cached graph another instance of the same class may have compiled.
+    outer = _begin(wrapper, plans, pins)
     try:
-        outer = _publish(plans)
-        try:
-            return fn(*args, **kwargs)
-        finally:
-            _retract(plans, outer)
+        return fn(*args, **kwargs)
     finally:
-        _release(wrapper, plans, pins)
+        _end(wrapper, plans, outer, pins)
 
 
 # Publishing and retracting run eagerly (outside any compiled graph): they are the
@@ -1216,3 +1216,22 @@ def _release(wrapper: Any, plans: list[tuple[Any, _SitePlan]], pins: Any) -> Non
     finally:
         if pins is not None:
             pins.release()
+
+
+@torch.compiler.disable
+def _begin(wrapper: Any, plans: list[tuple[Any, _SitePlan]], pins: Any) -> list[Any]:
+    """Publish the call's plans; if that fails, undo what ``_prepare`` did."""
+    try:
+        return _publish(plans)
+    except BaseException:
+        _release(wrapper, plans, pins)
+        raise
+
+
+@torch.compiler.disable
+def _end(wrapper: Any, plans: list[tuple[Any, _SitePlan]], outer: list[Any], pins: Any) -> None:
+    """Retract the call's plans, then release its hooks and pinned slots."""
+    try:
+        _retract(plans, outer)
+    finally:
+        _release(wrapper, plans, pins)
