@@ -38,7 +38,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from harness import LLAMA_PROJECTIONS, interleaved, llama, markdown_table, write_results  # noqa: E402
 
 from tinytune import AdapterWrapper, LoraConfig  # noqa: E402
-from tinytune.batch import _STATES, _cached_stacks, _stack_params, _stackable, clear_cache  # noqa: E402
+from tinytune.batch import _STATES, _cached_stacks, _stack_params, clear_cache  # noqa: E402
+from tinytune.layers import layer_kind  # noqa: E402
 
 RANK = 16
 
@@ -245,7 +246,7 @@ def check_section(base, reps: int) -> dict:
         slot = state.slot[name]
         for path, layer in w.adapters[name].items():
             st = state.stacks[path]
-            for p, v in zip(_stack_params(layer, _stackable(layer)), st.views(slot, layer)):
+            for p, v in zip(_stack_params(layer, layer_kind(layer)), st.views(slot, layer)):
                 views.append((v, p.detach().clone()))
 
     def copy_used():

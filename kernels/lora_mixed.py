@@ -39,8 +39,6 @@ This module imports torch (and triton, when present) only, never tinytune.
 from __future__ import annotations
 
 import itertools
-import math
-import os
 from typing import Optional
 
 import torch

@@ -58,10 +58,8 @@ from .kernels.lora_mixed import (
 )
 from .layers import (
     AdapterLayer,
-    EmbeddingLoraLayer,
-    LinearIA3Layer,
-    LinearLoraLayer,
     first_input,
+    layer_kind,
     replace_first_input,
 )
 
@@ -73,29 +71,6 @@ __all__ = ["BASE_ADAPTER_NAME", "SiteStacks", "clear_cache", "mixed_call"]
 # ----------------------------------------------------------------------------------------
 # stacks: one per adapted module, for one slot order
 # ----------------------------------------------------------------------------------------
-def _stackable(layer: AdapterLayer) -> str | None:
-    """The stacked kind of ``layer``, or ``None`` if it must run as itself.
-
-    A subclass that overrides the forward methods keeps its own behaviour, so only
-    layers whose forward methods are the built-in ones are stacked.
-    """
-    cls = type(layer)
-    if isinstance(layer, LinearLoraLayer) and cls.post_forward is LinearLoraLayer.post_forward:
-        return "lora"
-    if (
-        isinstance(layer, EmbeddingLoraLayer)
-        and cls.post_forward is EmbeddingLoraLayer.post_forward
-    ):
-        return "emb"
-    if (
-        isinstance(layer, LinearIA3Layer)
-        and cls.pre_forward is LinearIA3Layer.pre_forward
-        and cls.post_forward is LinearIA3Layer.post_forward
-    ):
-        return "ia3_pre" if layer.is_feedforward else "ia3_post"
-    return None
-
-
 def _common_dtype(tensors: list[torch.Tensor]) -> torch.dtype:
     dtype = tensors[0].dtype
     for t in tensors[1:]:
@@ -207,7 +182,7 @@ class SiteStacks:
         self.lora = self.emb = self.ia3_pre = self.ia3_post = None
         self.max_rank = max_rank
         self.layers: list[AdapterLayer | None] = [None] * n
-        self.kinds: list[str | None] = [None] * n  # _stackable() of each slot's layer
+        self.kinds: list[str | None] = [None] * n  # layer_kind() of each slot's layer
         self.bound: list[tuple[nn.Parameter, ...]] = [()] * n
         self.copied: set[int] = set()
         self.dirty: set[int] = set()  # vacated slots still holding old values
@@ -217,7 +192,7 @@ class SiteStacks:
         for layer in [*layers, *like]:
             if device is not None:
                 break
-            params = _stack_params(layer, _stackable(layer)) if layer is not None else ()
+            params = _stack_params(layer, layer_kind(layer)) if layer is not None else ()
             if params:
                 device = params[0].device
                 break
@@ -240,7 +215,7 @@ class SiteStacks:
         """Allocate the stacks of every kind ``layers`` have and this one lacks."""
         by_kind: dict[str, list[AdapterLayer]] = {}
         for layer in layers:
-            kind = _stackable(layer)
+            kind = layer_kind(layer)
             if kind is not None and getattr(self, kind) is None and _stack_params(layer, kind):
                 by_kind.setdefault(kind, []).append(layer)
         n = self.size
@@ -275,7 +250,7 @@ class SiteStacks:
 
     def fits(self, layer: AdapterLayer) -> bool:
         """Whether ``layer`` can go into a slot without reallocating any stack."""
-        kind = _stackable(layer)
+        kind = layer_kind(layer)
         if kind is None:
             return True
         params = _stack_params(layer, kind)
@@ -304,7 +279,7 @@ class SiteStacks:
     def views(self, slot: int, layer: AdapterLayer) -> tuple[torch.Tensor, ...]:
         """The views of slot ``slot`` that ``layer``'s stack parameters become, in the
         order of ``_stack_params`` (same shapes as the parameters)."""
-        kind = _stackable(layer)
+        kind = layer_kind(layer)
         if kind in ("lora", "emb"):
             a, bt = getattr(self, kind)[:2]
             r = int(layer.r)
@@ -336,7 +311,7 @@ class SiteStacks:
         if layer is None:
             return
         with torch.inference_mode(False), torch.no_grad():
-            for p, v in zip(_stack_params(layer, _stackable(layer)), self.views(slot, layer)):
+            for p, v in zip(_stack_params(layer, layer_kind(layer)), self.views(slot, layer)):
                 if v.data_ptr() != p.data_ptr():
                     v.copy_(p.detach())
 
@@ -391,7 +366,7 @@ class SiteStacks:
 
     def _write(self, slot: int, layer: AdapterLayer, bind: bool) -> None:
         self.layers[slot] = layer
-        kind = self.kinds[slot] = _stackable(layer)
+        kind = self.kinds[slot] = layer_kind(layer)
         if kind is None:
             return
         params = _stack_params(layer, kind)
@@ -541,7 +516,7 @@ class _AdapterSignature:
         self.layers = tuple(adapter.layers.values())
         entries = []
         for layer in self.layers:
-            params = _stack_params(layer, _stackable(layer))
+            params = _stack_params(layer, layer_kind(layer))
             entries.append(
                 (
                     layer,
@@ -564,7 +539,7 @@ class _AdapterSignature:
         for live, (layer, params, where, scaling, dropout) in zip(layers.values(), self.entries):
             if live is not layer:
                 return False
-            now = _stack_params(layer, _stackable(layer))
+            now = _stack_params(layer, layer_kind(layer))
             if len(now) != len(params):
                 return False
             for p, q, (ptr, shape) in zip(now, params, where):

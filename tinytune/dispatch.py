@@ -49,6 +49,7 @@ from torch import nn
 from torch.nn.modules import module as _torch_module
 
 from .errors import InvalidConfigError, KernelUnavailableError
+from . import layers
 from .layers import LinearIA3Layer, LinearLoraLayer, is_conv1d
 
 __all__ = ["MODES", "get_kernel_mode", "kernel_mode", "set_kernel_mode"]
@@ -253,16 +254,8 @@ def machine_reason() -> str:
 def layer_kind(layer: nn.Module) -> str | None:
     """``"lora"``, ``"ia3_pre"`` or ``"ia3_post"`` for built-in layers the kernel can
     run (forward methods not overridden), else ``None``."""
-    cls = type(layer)
-    if isinstance(layer, LinearLoraLayer) and cls.post_forward is LinearLoraLayer.post_forward:
-        return "lora"
-    if (
-        isinstance(layer, LinearIA3Layer)
-        and cls.pre_forward is LinearIA3Layer.pre_forward
-        and cls.post_forward is LinearIA3Layer.post_forward
-    ):
-        return "ia3_pre" if layer.is_feedforward else "ia3_post"
-    return None
+    kind = layers.layer_kind(layer)
+    return None if kind == "emb" else kind
 
 
 def module_reason(module: nn.Module) -> str | None:

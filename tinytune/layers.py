@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import copy
 import math
-import numbers
 import sys
 from typing import Any
 
@@ -584,3 +583,28 @@ class ModulesToSaveLayer(AdapterLayer):
             src = self.module_copy.state_dict()
             for name, tensor in module.state_dict(keep_vars=True).items():
                 tensor.copy_(src[name])
+
+
+def layer_kind(layer: AdapterLayer) -> str | None:
+    """How ``layer`` can be batched or fused: ``"lora"``, ``"emb"``, ``"ia3_pre"`` or
+    ``"ia3_post"``, or ``None`` if it must run as itself (mixed batches stack these
+    kinds; the fused kernels take all but ``"emb"``).
+
+    A subclass that overrides the forward methods keeps its own behaviour, so only
+    layers whose forward methods are the built-in ones are stacked.
+    """
+    cls = type(layer)
+    if isinstance(layer, LinearLoraLayer) and cls.post_forward is LinearLoraLayer.post_forward:
+        return "lora"
+    if (
+        isinstance(layer, EmbeddingLoraLayer)
+        and cls.post_forward is EmbeddingLoraLayer.post_forward
+    ):
+        return "emb"
+    if (
+        isinstance(layer, LinearIA3Layer)
+        and cls.pre_forward is LinearIA3Layer.pre_forward
+        and cls.post_forward is LinearIA3Layer.post_forward
+    ):
+        return "ia3_pre" if layer.is_feedforward else "ia3_post"
+    return None

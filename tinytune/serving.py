@@ -39,7 +39,8 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from .batch import SiteStacks, _AdapterSignature, _stack_params, _stackable
+from .batch import SiteStacks, _AdapterSignature, _stack_params
+from .layers import layer_kind
 from .errors import InvalidConfigError, MixedBatchError
 
 __all__ = ["SlotPool", "check_fits"]
@@ -56,7 +57,7 @@ def check_fits(adapter: Any, max_rank: int) -> None:
     """
     for path, layer in adapter.items():
         r = getattr(layer, "r", None)
-        if _stackable(layer) in ("lora", "emb") and isinstance(r, int) and r > max_rank:
+        if layer_kind(layer) in ("lora", "emb") and isinstance(r, int) and r > max_rank:
             raise InvalidConfigError(
                 f"Adapter {adapter.name!r} has rank {r} on {path!r}, above max_rank="
                 f"{max_rank} reserved by reserve_adapter_slots(); nothing was changed. "
@@ -110,7 +111,7 @@ class SlotPool:
                 device=_module_device(self._wrapper(), path),
             )
             self.where[path] = _module_where(self._wrapper(), path)
-        elif _stackable(layer) is not None and not st.fits(layer):
+        elif layer_kind(layer) is not None and not st.fits(layer):
             st.ensure([layer])
         return st
 
@@ -121,7 +122,7 @@ class SlotPool:
         old = self.host.get(name, {})
         with torch.inference_mode(False), torch.no_grad():
             for path, layer in adapter.items():
-                kind = _stackable(layer)
+                kind = layer_kind(layer)
                 st = self._site_stacks(path, layer)
                 if kind is None:
                     continue
@@ -224,7 +225,7 @@ class SlotPool:
                 return True
         for path, layer in adapter.items():
             st = self.stacks.get(path)
-            kind = _stackable(layer)
+            kind = layer_kind(layer)
             if st is None or kind is None or getattr(st, kind) is None:
                 continue
             stacks = getattr(st, kind)
