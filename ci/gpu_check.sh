@@ -38,6 +38,16 @@ rm -f "$OUT"/shard_* "$OUT"/tests_*.xml "$OUT"/test_ids.txt "$OUT"/gpu_bench.jso
     "$OUT"/gpu_bench_mixed.json "$OUT"/env.json "$OUT"/steps.json "$OUT"/summary.md
 # Everything printed also goes to OUT_DIR/gpu_check.log.
 exec > >(tee "$OUT/gpu_check.log") 2>&1
+TEE_PID=$!
+SHIM=""
+# On exit: remove the package shim (if any), then let tee write the last lines before
+# the script's own exit (whoever runs it may stop reading when it exits).
+cleanup() {
+    [ -n "$SHIM" ] && rm -rf "$SHIM"
+    exec 1>&- 2>&-
+    wait "$TEE_PID" 2>/dev/null
+}
+trap cleanup EXIT
 
 BENCH_ARGS=()
 if [ "$DRY" = "1" ]; then
@@ -90,7 +100,6 @@ if [ "$DRY" = "1" ] || ! (cd /tmp && "$PY" -c "
 import os, sys, tinytune.kernels as k
 sys.exit(0 if os.path.realpath(os.path.dirname(k.__file__)) == os.path.realpath('$ROOT/kernels') else 1)" 2>/dev/null); then
     SHIM="$(mktemp -d)"
-    trap 'rm -rf "$SHIM"' EXIT
     mkdir "$SHIM/tinytune"
     ln -s "$ROOT"/tinytune/*.py "$SHIM/tinytune/"
     ln -s "$ROOT/kernels" "$SHIM/tinytune/kernels"

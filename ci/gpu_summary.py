@@ -163,7 +163,7 @@ def target_table(name: str, data, rows_key: str, exit_status) -> list[str]:
         lines.append(f"- error: {e}")
     if data.get("skipped"):
         lines.append(f"- skipped at the deadline: {len(data['skipped'])} points ({', '.join(data['skipped'])})")
-    return lines
+    return lines if lines[-1] == "" else lines + [""]
 
 
 def point_table(data, rows_key: str) -> list[str]:
