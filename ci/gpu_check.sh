@@ -145,7 +145,7 @@ else
             mapfile -t IDS < "$OUT/shard_$i.txt"
             if [ "${#IDS[@]}" -eq 0 ]; then echo 0 > "$OUT/shard_$i.rc"; exit 0; fi
             # SIGINT first: pytest then stops and still writes its JUnit file (partial results).
-            timeout -s INT -k 5 "$T_TESTS" "$PY" -m pytest -q -p no:cacheprovider --rootdir "$ROOT" \
+            timeout -s INT -k 5 "$T_TESTS" "$PY" -m pytest -q -p no:cacheprovider --rootdir "$ROOT" --durations=5 \
                 --junitxml "$OUT/tests_$i.xml" "${IDS[@]}" > "$OUT/shard_$i.log" 2>&1
             echo $? > "$OUT/shard_$i.rc"
         ) &
@@ -165,6 +165,7 @@ else
     echo "gpu_check: tests $([ $tests_rc -eq 0 ] && echo passed || echo FAILED) after ${SECONDS} s (logs: $OUT/shard_*.log)"
 fi
 [ "$tests_rc" -ne 0 ] && status=1
+T_AFTER_TESTS=$SECONDS
 
 echo
 MIXED="$ROOT/ci/gpu_bench_mixed.py"
@@ -202,8 +203,8 @@ else
     echo "== 3/3 ci/gpu_bench_mixed.py not present: skipped =="
 fi
 
-printf '{"tests": %s, "gpu_bench": %s, "gpu_bench_mixed": %s, "status": %s, "seconds": %s}\n' \
-    "$tests_rc" "$bench_rc" "$mixed_rc" "$status" "$SECONDS" > "$OUT/steps.json"
+printf '{"tests": %s, "gpu_bench": %s, "gpu_bench_mixed": %s, "status": %s, "seconds": %s, "seconds_after_tests": %s}\n' \
+    "$tests_rc" "$bench_rc" "$mixed_rc" "$status" "$SECONDS" "$T_AFTER_TESTS" > "$OUT/steps.json"
 echo
 echo "== summary (also in $OUT/summary.md) =="
 "$PY" "$ROOT/ci/gpu_summary.py" "$OUT" || echo "gpu_check: the summary failed (see above)"

@@ -90,7 +90,8 @@ def test_table(out: Path, steps: dict, root: str, native: bool) -> list[str]:
     for b in broken:
         notes.append(f"unreadable JUnit file {b}")
     if "tests" in steps:
-        notes.append(f"test step exit status {steps['tests']}")
+        after = steps.get("seconds_after_tests")
+        notes.append(f"test step exit status {steps['tests']}" + (f"; tests done {after} s into the script" if after is not None else ""))
     return lines + [""] + [f"- {n}" for n in notes]
 
 
