@@ -23,6 +23,7 @@ from torch import nn
 
 import tinytune
 import tinytune.dispatch as dispatch
+from tinytune.kernels import HAS_TRITON
 from tinytune import (
     AdapterLayer,
     AdapterWrapper,
@@ -39,14 +40,27 @@ from conftest import ConvNet, Tower, hook_count
 transformers = pytest.importorskip("transformers")
 
 CUDA = torch.cuda.is_available()
-DEVICE = "cuda" if CUDA else "cpu"
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+# Natively on a GPU (ci/gpu_check.sh runs this file there) every model and input is a
+# CUDA tensor; under the interpreter (the README's test command) CPU tensors, also on a
+# machine that has a GPU (as the kernel tests do).
+DEVICE = "cuda" if CUDA and not INTERPRET else "cpu"
 needs_kernels = pytest.mark.skipif(
     not (dispatch.fusion_possible() and (CUDA or INTERPRET)),
     reason="needs Triton and a CUDA device or TRITON_INTERPRET=1",
 )
-# Relative to the logits' scale: fp32 differs only by summation order; bf16 inputs are
-# rounded to 8 bits of mantissa in either path, so layers' outputs differ by a few ulps.
+needs_cuda = pytest.mark.skipif(
+    DEVICE != "cuda" or not dispatch.fusion_possible(),
+    reason="needs Triton and a CUDA device, without TRITON_INTERPRET (ci/gpu_check.sh runs it)",
+)
+# Relative to the logits' scale. fp32: both paths compute in fp32, no TF32 (the kernels'
+# dots use input_precision="ieee"; torch's default for fp32 matmuls on CUDA is also full
+# fp32), so they differ only by summation order. bf16: the kernels multiply bf16 operands
+# exactly and accumulate in fp32, on GPU tensor cores as on the interpreter (which upcasts
+# them), and round once; the PyTorch path rounds each intermediate (x Aᵀ, its scaled
+# product with Bᵀ, the sum) to bf16's 8-bit mantissa, so the layers' outputs differ by a
+# few bf16 ulps, which the following layers carry to the logits. The same holds on a GPU:
+# the K of these tiny models is too small for cuBLAS's reduced-precision split-K.
 TOL = {torch.float32: 2e-5, torch.bfloat16: 3e-2}
 
 
@@ -275,6 +289,10 @@ def _custom(model):
     ],
 )
 def test_triton_mode_refuses_with_a_reason(case, match, tower, monkeypatch):
+    if case in ("dtype", "grad", "dropout", "cpu") and not HAS_TRITON:
+        pytest.skip("without Triton every call is refused for that reason first")
+    if case in ("dtype", "grad", "dropout") and not (CUDA or INTERPRET):
+        pytest.skip("no CUDA and no TRITON_INTERPRET=1: every call is refused as a CPU call first")
     x = torch.randint(0, 32, (2, 3))
     if case == "custom":
         w = _custom(tower)
@@ -313,11 +331,11 @@ def test_triton_mode_refuses_with_a_reason(case, match, tower, monkeypatch):
 
 
 def test_triton_mode_refuses_conv2d():
-    model = ConvNet().eval()
+    model = ConvNet().eval().to(DEVICE)
     w = AdapterWrapper.from_config(model, LoraConfig(target_modules=["conv"]))
     with torch.no_grad(), tinytune.kernel_mode("triton"):
         with pytest.raises(KernelUnavailableError, match="Conv2d"):
-            w(torch.randn(1, 3, 6, 6))
+            w(torch.randn(1, 3, 6, 6, device=DEVICE))
 
 
 # ----------------------------------------------------------------------------------------
@@ -442,9 +460,11 @@ def test_module_sees_an_empty_batch(monkeypatch):
 
 @needs_kernels
 def test_auto_falls_back_per_layer(monkeypatch):
-    """'auto' on a device it considers (CUDA; here the CPU, for the test) runs the layers
-    the kernels can run fused and the others on PyTorch, in one forward."""
-    monkeypatch.setattr(dispatch, "_auto_device", lambda x: True)
+    """'auto' on a device it considers (CUDA; on a CPU-only machine the CPU, for the
+    test) runs the layers the kernels can run fused and the others on PyTorch, in one
+    forward."""
+    if DEVICE == "cpu":  # on a GPU: the real rule, CUDA tensors
+        monkeypatch.setattr(dispatch, "_auto_device", lambda x: True)
     model = Tower().eval()
     w = AdapterWrapper.from_config(model, LoraConfig(target_modules=["q_proj", "v_proj", "embed"]))
     w.add_adapter("c")
@@ -540,6 +560,39 @@ def test_compile_fullgraph_triton_mode():
     torch._dynamo.reset()
 
 
+@needs_cuda
+def test_cuda_graph_capture_triton_mode(monkeypatch):
+    """The fused path inside a CUDA graph: capture fails on a host sync or a host-to-device
+    copy in the hooks or the kernels, and replays must recompute from the current input
+    and adapter weights (the op inputs, IA³ folded into B here, are built in the graph)."""
+    model = Tower().eval().to(DEVICE)
+    w = AdapterWrapper.from_config(model, LoraConfig(target_modules=["q_proj", "up_proj"]))
+    w.add_adapter_from_config(IA3Config(target_modules=["up_proj"]), "ia3")
+    w.set_active_adapters(["default", "ia3"])
+    randomise(w)
+    static_x = torch.randint(0, 32, (2, 3)).to(DEVICE)
+    count = Count(monkeypatch)
+    graph = torch.cuda.CUDAGraph()
+    with torch.no_grad(), tinytune.kernel_mode("triton"):
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up outside the capture: Triton compiles
+            w(static_x)
+        torch.cuda.current_stream().wait_stream(side)
+        with torch.cuda.graph(graph):
+            static_out = w(static_x)
+    assert count.single == 2 * 4  # q_proj, up_proj of both blocks; warm-up and capture
+    for seed in (1, 2):
+        x = torch.randint(0, 32, (2, 3), generator=torch.Generator().manual_seed(seed)).to(DEVICE)
+        randomise(w, seed=seed)  # in place: the graph reads the parameters' memory
+        static_x.copy_(x)
+        graph.replay()
+        with torch.no_grad(), tinytune.kernel_mode("torch"):
+            ref = w(x)
+        assert_close(static_out, ref, torch.float32)
+    assert count.single == 2 * 4 and stacks_empty(w)  # replays run no Python
+
+
 # ----------------------------------------------------------------------------------------
 # mixed batches (adapter_names=) in mode 'triton'
 # ----------------------------------------------------------------------------------------
@@ -588,13 +641,13 @@ def test_mixed_generate_triton_mode_matches_torch(monkeypatch):
 
 @needs_kernels
 def test_mixed_triton_mode_refuses_custom_and_embedding_layers(tower):
-    w = AdapterWrapper.from_config(tower, LoraConfig(target_modules=["q_proj", "embed"]), "a")
-    x = torch.randint(0, 32, (2, 3))
+    w = AdapterWrapper.from_config(tower.to(DEVICE), LoraConfig(target_modules=["q_proj", "embed"]), "a")
+    x = torch.randint(0, 32, (2, 3)).to(DEVICE)
     snap = state(w)
     with torch.no_grad(), tinytune.kernel_mode("triton"):
         with pytest.raises(KernelUnavailableError, match="Embedding"):
             w(x, adapter_names=["a", "__base__"])
-    w2 = _custom(copy.deepcopy(Tower().eval()))
+    w2 = _custom(copy.deepcopy(Tower().eval().to(DEVICE)))
     with torch.no_grad(), tinytune.kernel_mode("triton"):
         with pytest.raises(KernelUnavailableError, match="Shift"):
             w2(x, adapter_names=["c", "__base__"])
