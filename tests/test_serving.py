@@ -7,6 +7,7 @@ active (``"__base__"``: none active).
 
 from __future__ import annotations
 
+import copy
 import gc
 import random
 import threading
@@ -785,3 +786,37 @@ def test_plain_call_pins_its_adapter_against_other_threads():
     handle.remove()
     torch.testing.assert_close(results["a"], ref_a)
     torch.testing.assert_close(results["b"], ref_b)
+
+
+def test_add_weighted_adapter_reads_its_sources_from_their_slots(tmp_path):
+    torch.manual_seed(0)
+    base = MLP().eval()
+    ref = AdapterWrapper(copy.deepcopy(base))  # the same, without reserved slots
+    w = AdapterWrapper(base)
+    w.reserve_adapter_slots(max_adapters=2, max_rank=8)
+    for i in range(4):
+        w.add_adapter_from_config(lora(4), f"a{i}", activate=False)
+    x = torch.randn(3, 10)
+    mixed(w, x, ["a2", "a3", "a2"])  # a0 and a1 sit in the host tier
+    assert not _in_slot(w, "a0") and not _in_slot(w, "a1")
+    for name in ("a0", "a1"):
+        ref.add_adapter_from_config(lora(4), name, activate=False)
+        with torch.no_grad():
+            for (_, p), (_, q) in zip(
+                ref.adapters[name].named_adapter_parameters(),
+                w.adapters[name].named_adapter_parameters(),
+            ):
+                p.copy_(q)
+    ref.add_weighted_adapter(["a0", "a1"], [0.7, 0.3], "mix", combination_type="cat")
+    host = _host_storages(w)
+    reads = _ReadsOf()
+    with reads:
+        w.add_weighted_adapter(["a0", "a1"], [0.7, 0.3], "mix", combination_type="cat")
+    assert not reads.storages & host.keys(), "add_weighted_adapter read the host tier"
+    from tinytune.batch import _STATES
+
+    assert not any(_STATES[w].pool.inflight)  # pins released
+    torch.testing.assert_close(plain(w, x, "mix"), plain(ref, x, "mix"))
+    with pytest.raises(MixedBatchError):  # three sources, two slots: nothing changes
+        w.add_weighted_adapter(["a0", "a1", "a2"], [1, 1, 1], "mix3", combination_type="cat")
+    assert "mix3" not in w.adapters

@@ -684,13 +684,26 @@ class AdapterWrapper(nn.Module):
                 ``combination_type``, ``"linear"`` with different ranks, or two adapters
                 training a copy of the same module (``modules_to_save``).
             UnsupportedModuleError: If an adapter has non-LoRA layers (IA³, custom).
+            MixedBatchError: With reserved slots, if ``adapters`` are more than the slots
+                (each is brought into a slot while it is read); nothing changes then.
         """
+        from .serving import pin_adapters
         from .weighted import add_weighted_adapter
 
-        add_weighted_adapter(
-            self, adapters, weights, adapter_name, combination_type, svd_rank, svd_clamp,
-            svd_full_matrices, svd_driver, density, majority_sign_method,
-        )
+        pins = None
+        if self._slots_reserved and isinstance(adapters, (list, tuple)):
+            # With reserved slots, sources outside a slot have their weights in host
+            # memory: combine them from their slots (on the model's device) instead.
+            names = [n for n in adapters if isinstance(n, str) and n in self.adapters]
+            pins = pin_adapters(self, names) if len(names) == len(adapters) else None
+        try:
+            add_weighted_adapter(
+                self, adapters, weights, adapter_name, combination_type, svd_rank, svd_clamp,
+                svd_full_matrices, svd_driver, density, majority_sign_method,
+            )
+        finally:
+            if pins is not None:
+                pins.release()
 
     def unmerge_adapters(self, adapter_names: str | Sequence[str] | None = None) -> None:
         """Undo merges (default: all), restoring the original weights bit-exactly.
