@@ -25,6 +25,18 @@ class MLP(nn.Module):
         return X
 
 
+class SmallMLP(nn.Module):
+    """Issue 13's model: lin0 10 -> 32, relu, lin1 32 -> 4."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin0 = nn.Linear(10, 32)
+        self.lin1 = nn.Linear(32, 4)
+
+    def forward(self, x):
+        return self.lin1(torch.relu(self.lin0(x)))
+
+
 class Block(nn.Module):
     def __init__(self, d: int = 16) -> None:
         super().__init__()

@@ -24,19 +24,8 @@ from tinytune import (
 )
 from tinytune.layers import row_chunks
 
+from conftest import SmallMLP as Small
 from conftest import assert_state_equal, hook_count, randomize, snapshot
-
-
-class Small(nn.Module):
-    """The issue's MLP: lin0 10->32, relu, lin1 32->4."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.lin0 = nn.Linear(10, 32)
-        self.lin1 = nn.Linear(32, 4)
-
-    def forward(self, x):
-        return self.lin1(torch.relu(self.lin0(x)))
 
 
 def small() -> nn.Module:

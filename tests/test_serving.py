@@ -30,19 +30,8 @@ from tinytune import (
 )
 from tinytune.batch import clear_cache
 
+from conftest import SmallMLP as MLP
 from conftest import Tower
-
-
-class MLP(nn.Module):
-    """The issue's model: lin0 10 -> 32, relu, lin1 32 -> 4."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.lin0 = nn.Linear(10, 32)
-        self.lin1 = nn.Linear(32, 4)
-
-    def forward(self, x):
-        return self.lin1(torch.relu(self.lin0(x)))
 
 
 def lora(r: int, alpha: float | None = None, targets=("lin0", "lin1"), **kw) -> LoraConfig:

@@ -34,15 +34,7 @@ from hypothesis.stateful import (  # noqa: E402
 
 from tinytune import AdapterWrapper, IA3Config, LoraConfig, TinytuneError  # noqa: E402
 
-
-class Small(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.lin0 = nn.Linear(10, 32)
-        self.lin1 = nn.Linear(32, 4)
-
-    def forward(self, x):
-        return self.lin1(torch.relu(self.lin0(x)))
+from conftest import SmallMLP as Small  # noqa: E402
 
 
 torch.manual_seed(0)
