@@ -35,7 +35,6 @@ import random
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 HBM_BPS = 4.8e12
@@ -74,52 +73,6 @@ def roofline(rows: int, tokens: int, d: int, r: int, distinct: int, elem: int = 
     gathered = 3 * rows * 2 * r * d * elem  # index_select writes + bmm reads, A and B^T
     pytorch = max((w + io + adapters + gathered + 2 * io) / HBM_BPS, (flops + lora_flops) / TC_FLOPS)
     return {"merged_s": merged, "fused_s": fused, "pytorch_s": pytorch}
-
-
-class Timer:
-    """Seconds per call: CUDA graph replays timed with CUDA events, or the wall clock."""
-
-    def __init__(self, cuda: bool):
-        self.cuda = cuda
-
-    def prepare(self, fns):
-        import torch
-
-        if not self.cuda:
-            return fns
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for fn in fns:  # warm-up outside the capture: Triton compiles, cuBLAS chooses
-                fn()
-                fn()
-        torch.cuda.current_stream().wait_stream(side)
-        torch.cuda.synchronize()
-        graphs = []
-        for fn in fns:
-            g = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(g):
-                fn()
-            graphs.append(g)
-        torch.cuda.synchronize()
-        return [g.replay for g in graphs]
-
-    def time(self, replay, iters: int) -> float:
-        import torch
-
-        if self.cuda:
-            start = torch.cuda.Event(enable_timing=True)
-            end = torch.cuda.Event(enable_timing=True)
-            start.record()
-            for _ in range(iters):
-                replay()
-            end.record()
-            end.synchronize()
-            return start.elapsed_time(end) / 1e3 / iters
-        t0 = time.perf_counter()
-        for _ in range(iters):
-            replay()
-        return (time.perf_counter() - t0) / iters
 
 
 def bench_case(L, timer, device, dtype, rows, tokens, distinct, d, r, rounds):
@@ -246,6 +199,8 @@ def main(argv=None) -> int:
     cases = [(decode_rows, 1, n) for n in (1, 4, 16, 64)] + [(prefill[0], prefill[1], 4)]
     if args.dry_run:
         cases = [(rows, tokens, min(n, rows)) for rows, tokens, n in cases]
+    from gpu_bench import Timer  # the same CUDA-graph timing as the single-adapter bench
+
     timer = Timer(cuda and not args.dry_run)
     random.seed(0)
     name = torch.cuda.get_device_name(0) if cuda else "cpu (dry run: not a GPU measurement)"
