@@ -536,10 +536,14 @@ def _settings(a: argparse.Namespace) -> Settings:
     if rows < max(distinct):
         raise BenchmarkError(f"--rows {rows} is fewer than the {max(distinct)} distinct adapters a batch "
                              f"needs; pass --rows {max(distinct)} or more, or fewer --adapters")
-    if a.peft:
+    if a.peft is not False:
         try:
             import peft  # noqa: F401
-        except ImportError:
+
+            have_peft = True
+        except Exception:  # noqa: BLE001 - absent or broken: run without it (unless --peft)
+            have_peft = False
+        if a.peft and not have_peft:
             raise BenchmarkError("--peft: peft is not installed (pip install peft)")
     if a.out is not None:
         try:
@@ -550,14 +554,7 @@ def _settings(a: argparse.Namespace) -> Settings:
         out = Path(a.out)
         if out.exists() and not out.is_dir():
             raise BenchmarkError(f"--out {a.out}: exists and is not a directory")
-    if a.peft is None:
-        try:
-            import peft  # noqa: F401
-            use_peft = True
-        except Exception:  # noqa: BLE001 - absent or broken: run without it
-            use_peft = False
-    else:
-        use_peft = a.peft
+    use_peft = have_peft if a.peft is None else a.peft
     return Settings(
         device=str(device), dtype=str(dtype).removeprefix("torch."), hidden=hidden,
         layers=a.layers or (1 if a.quick else 2), heads=heads,
