@@ -18,6 +18,7 @@ downloaded, and tinytune can only come from the wheel.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import site
 import subprocess
@@ -67,8 +68,9 @@ def main() -> int:
         if tops != {"tinytune"}:
             print(f"FAIL: top-level names in the wheel: {sorted(tops)}")
             return 1
-        if "tinytune/kernels/__init__.py" not in names:
-            print("FAIL: tinytune/kernels/__init__.py is missing from the wheel")
+        kernel_files = {f"tinytune/kernels/{p.name}" for p in (ROOT / "kernels").glob("*.py")}
+        if not kernel_files <= set(names):
+            print(f"FAIL: missing from the wheel: {sorted(kernel_files - set(names))}")
             return 1
         env_dir = tmp_path / "venv"
         venv.EnvBuilder(system_site_packages=False, with_pip=False).create(env_dir)
@@ -81,11 +83,21 @@ def main() -> int:
              "--no-index", str(wheel)])
         # After the probe's own site-packages, so the wheel's tinytune wins.
         (Path(site_dir) / "zz_running_env.pth").write_text("\n".join(running_site_dirs()) + "\n")
-        probe = "import tinytune, tinytune.kernels; print(tinytune.kernels.__file__)"
+        probe = "import tinytune.kernels.lora_linear as m; print(m.__file__)"
         out = run([str(py), "-I", "-c", probe], cwd=tmp).stdout.strip()
         if not out.startswith(site_dir):
             print(f"FAIL: tinytune.kernels imported from {out}, not from the venv {site_dir}")
             return 1
+        # Hugging Face's PyPI package `kernels` (a transformers dependency) stays reachable
+        # next to the installed tinytune, from the source tree's root as well.
+        hf_probe = "import kernels, transformers; print(getattr(kernels, '__file__', None))"
+        if importlib.util.find_spec("kernels") is not None:
+            for cwd, code in ((tmp, "import tinytune.kernels.lora_linear; " + hf_probe),
+                              (str(ROOT), hf_probe)):
+                out = run([str(py), "-c", code], cwd=cwd).stdout.strip()
+                if out == "None" or not out.startswith(tuple(running_site_dirs())):
+                    print(f"FAIL: `import kernels` from {cwd} found {out}, not Hugging Face's")
+                    return 1
         script = env_dir / "bin" / "tinytune-bench"
         if not script.is_file():
             print("FAIL: the wheel installs no tinytune-bench console script")

@@ -49,6 +49,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import types
 from pathlib import Path
 
 
@@ -67,20 +68,21 @@ LAUNCH_S = 2e-6  # assumed cost of each extra dependent kernel in a CUDA graph (
 
 
 def _kernel_package():
-    """The kernels package of this checkout (installed as tinytune.kernels, or loaded by path)."""
+    """The kernels package of this checkout (installed as tinytune.kernels, or loaded by path).
+
+    ``kernels/`` has no ``__init__.py`` (see ``kernels/triton_support.py``): loaded by path,
+    it becomes a package object whose ``__path__`` is the folder.
+    """
     try:
         pkg = importlib.import_module("tinytune.kernels")
-        if Path(pkg.__file__).resolve().parent == KERNELS_DIR:
+        if KERNELS_DIR in [Path(p).resolve() for p in pkg.__path__]:
             return pkg.__name__
     except Exception:
         pass
     name = "_tinytune_kernels_checkout"
-    spec = importlib.util.spec_from_file_location(
-        name, KERNELS_DIR / "__init__.py", submodule_search_locations=[str(KERNELS_DIR)]
-    )
-    mod = importlib.util.module_from_spec(spec)
+    mod = types.ModuleType(name)
+    mod.__path__ = [str(KERNELS_DIR)]
     sys.modules[name] = mod
-    spec.loader.exec_module(mod)
     return name
 
 
@@ -89,7 +91,7 @@ def discover() -> list[dict]:
     pkg = _kernel_package()
     records = []
     for path in sorted(KERNELS_DIR.glob("*.py")):
-        if path.stem == "__init__":
+        if path.stem == "triton_support":
             continue
         mod = importlib.import_module(f"{pkg}.{path.stem}")
         fn = getattr(mod, "report_configs", None)

@@ -40,13 +40,7 @@ from typing import Optional
 
 import torch
 
-try:
-    import triton
-    import triton.language as tl
-
-    HAS_TRITON = True
-except Exception:  # pragma: no cover - depends on the platform
-    HAS_TRITON = False
+from .triton_support import HAS_TRITON, tl, triton
 
 __all__ = ["torch_lora_linear", "lora_linear", "report_configs"]
 

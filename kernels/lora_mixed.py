@@ -43,13 +43,7 @@ from typing import Optional
 
 import torch
 
-try:  # Triton is optional: without it the op runs torch_lora_mixed_linear.
-    import triton
-    import triton.language as tl
-
-    HAS_TRITON = True
-except Exception:  # pragma: no cover - depends on the platform
-    HAS_TRITON = False
+from .triton_support import HAS_TRITON, tl, triton
 
 __all__ = [
     "lora_mixed_linear",

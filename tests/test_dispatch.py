@@ -23,7 +23,7 @@ from torch import nn
 
 import tinytune
 import tinytune.dispatch as dispatch
-from tinytune.kernels import HAS_TRITON
+from tinytune.kernels.triton_support import HAS_TRITON
 from tinytune import (
     AdapterLayer,
     AdapterWrapper,
@@ -236,7 +236,7 @@ def test_env_var_in_a_new_process_and_without_triton():
     code = (
         "import sys; sys.modules['triton'] = None\n"  # import triton -> ImportError
         "import torch, tinytune\n"
-        "from tinytune.kernels import HAS_TRITON\n"
+        "from tinytune.kernels.triton_support import HAS_TRITON\n"
         "assert not HAS_TRITON\n"
         "assert tinytune.get_kernel_mode() == 'torch', tinytune.get_kernel_mode()\n"
         "m = torch.nn.Sequential(torch.nn.Linear(4, 4))\n"

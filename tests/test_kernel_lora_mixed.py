@@ -18,7 +18,7 @@ import pytest
 import torch
 from torch import nn
 
-from tinytune.kernels import HAS_TRITON
+from tinytune.kernels.triton_support import HAS_TRITON
 from tinytune.kernels import lora_mixed as lm
 from tinytune.kernels.lora_mixed import lora_mixed_linear, torch_lora_mixed_linear
 

@@ -6,6 +6,8 @@ import pathlib
 import subprocess
 import sys
 
+import pytest
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
@@ -28,3 +30,29 @@ def test_pyproject_pins_a_torch_range_the_cpu_wheel_and_the_gpu_box_satisfy():
     for version in ("2.13.0", "2.11.0"):
         assert torch_req.specifier.contains(version), version
     assert not torch_req.specifier.contains("2.15.0")
+
+
+def test_top_level_kernels_folder_does_not_hide_hugging_faces_kernels():
+    """``python -m pytest`` and ``python -c`` put the repository root first on sys.path;
+    transformers imports the PyPI package ``kernels`` and must get that one, not our folder."""
+    import importlib.metadata
+    import importlib.util
+
+    if importlib.util.find_spec("transformers") is None:
+        pytest.skip("transformers is not installed")
+    assert not (ROOT / "kernels" / "__init__.py").exists(), "a regular package would shadow"
+    code = (
+        "import sys, pathlib\n"
+        "import transformers, kernels, tinytune.kernels.lora_linear as ours\n"
+        "from transformers import LlamaConfig, LlamaForCausalLM\n"
+        "assert pathlib.Path(ours.__file__).resolve().parent == pathlib.Path('kernels').resolve()\n"
+        "print(getattr(kernels, '__file__', None))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 0, result.stderr
+    found = result.stdout.strip()
+    try:
+        importlib.metadata.distribution("kernels")  # Hugging Face's, a transformers dependency
+    except importlib.metadata.PackageNotFoundError:
+        return
+    assert found != "None" and not found.startswith(str(ROOT)), found

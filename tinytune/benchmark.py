@@ -580,14 +580,21 @@ def _kernel_mode(mode: str):
     return contextlib.nullcontext()
 
 
+def _has_triton() -> bool:
+    try:
+        from tinytune.kernels.triton_support import HAS_TRITON
+    except ImportError:  # an older tinytune
+        return False
+    return HAS_TRITON
+
+
 def _fused_unavailable(device: torch.device) -> str | None:
     """Why the fused Triton path cannot be timed here, or None when it can."""
     import tinytune
-    from tinytune import kernels
 
     if device.type != "cuda":
         return "the fused Triton kernels run on CUDA only"
-    if not getattr(kernels, "HAS_TRITON", False):
+    if not _has_triton():
         return "Triton is not installed (pip install 'tinytune[triton]')"
     if not hasattr(tinytune, "kernel_mode"):
         return "this tinytune has no kernel_mode() to select the fused path"

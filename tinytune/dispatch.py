@@ -208,7 +208,7 @@ def _load() -> None:
     if _Kernels.loaded:
         return
     _Kernels.interpret = _interpret()
-    from .kernels import HAS_TRITON
+    from .kernels.triton_support import HAS_TRITON
 
     if not HAS_TRITON:
         _Kernels.reason = (
