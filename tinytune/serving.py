@@ -593,9 +593,11 @@ def hotswap(wrapper: nn.Module, path: Any, adapter_name: str, **kwargs: Any) -> 
         _hotswap(wrapper, path, adapter_name, **kwargs)
 
 
-def _hotswap(wrapper: nn.Module, path: Any, adapter_name: str, **kwargs: Any) -> None:
+def _hotswap(
+    wrapper: nn.Module, path: Any, adapter_name: str, is_trainable: Any = None, **kwargs: Any
+) -> None:
     from .batch import _wrapper_state
-    from .errors import AdapterFileError, AdapterStateError
+    from .errors import AdapterFileError, AdapterStateError, ConfigTypeError
     from .io import _layer_config, read_adapter
     from .layers import LinearIA3Layer, LoraLayer
 
@@ -604,7 +606,16 @@ def _hotswap(wrapper: nn.Module, path: Any, adapter_name: str, **kwargs: Any) ->
         raise AdapterStateError(
             f"Adapter {adapter_name!r} is merged; call unmerge_adapters() before hot-swapping it."
         )
-    new = read_adapter(wrapper, path, adapter_name, **kwargs)
+    if is_trainable is None:
+        # PEFT's hotswap_adapter copies into the old parameters, which keep their
+        # requires_grad: the swapped adapter trains exactly if the old one did.
+        is_trainable = any(p.requires_grad for p in old.parameters())
+    elif not isinstance(is_trainable, bool):
+        raise ConfigTypeError(
+            f"is_trainable must be True, False or None (keep the adapter's current "
+            f"setting), got {is_trainable!r}."
+        )
+    new = read_adapter(wrapper, path, adapter_name, is_trainable=is_trainable, **kwargs)
     old_paths, new_paths = set(old.layer_names), set(new.layer_names)
     if old_paths != new_paths:
         extra, missing = sorted(new_paths - old_paths), sorted(old_paths - new_paths)
@@ -652,11 +663,12 @@ def _hotswap(wrapper: nn.Module, path: Any, adapter_name: str, **kwargs: Any) ->
                     o.lora_A.weight.copy_(n.lora_A.weight)
                     o.lora_B.weight.copy_(n.lora_B.weight)
                 else:
-                    grad = o.lora_A.weight.requires_grad
-                    o.lora_A, o.lora_B = n.lora_A, n.lora_B
-                    o.lora_A.requires_grad_(grad)
-                    o.lora_B.requires_grad_(grad)
+                    # The adapter's dtype stays (e.g. fp32 from autocast_adapter_dtype
+                    # over a bf16 base), as in the same-rank copy above.
+                    o.lora_A = n.lora_A.to(o.lora_A.weight.dtype)
+                    o.lora_B = n.lora_B.to(o.lora_B.weight.dtype)
                     o.r = n.r
+                o.requires_grad_(is_trainable)
                 o.lora_alpha, o.use_rslora = n.lora_alpha, n.use_rslora
                 o.lora_dropout = n.lora_dropout
                 o.scaling = n.scaling
@@ -664,6 +676,10 @@ def _hotswap(wrapper: nn.Module, path: Any, adapter_name: str, **kwargs: Any) ->
                 theirs = n.state_dict()
                 for k, t in o.state_dict(keep_vars=True).items():
                     t.copy_(theirs[k])
+                o.requires_grad_(is_trainable)
+            site = wrapper._sites.get(p)
+            if site is not None:
+                site.layers_changed()
         old.config = new.config
         old.peft_extras = new.peft_extras
         pool = state.pool

@@ -983,8 +983,11 @@ class AdapterWrapper(nn.Module):
         Args:
             path: The adapter directory.
             adapter_name: The loaded adapter to replace.
-            **kwargs: ``custom_layers``, ``check_fingerprint``, ``is_trainable``, as in
-                :meth:`load_adapter`.
+            **kwargs: ``custom_layers`` and ``check_fingerprint``, as in
+                :meth:`load_adapter`; ``is_trainable``: ``True``/``False`` makes the
+                swapped adapter's parameters trainable or frozen (``requires_grad``);
+                ``None`` (default) keeps them as they were, as PEFT's
+                ``hotswap_adapter`` does. The adapter keeps its dtype.
 
         Raises:
             AdapterNotFoundError: If there is no such adapter.
@@ -992,6 +995,7 @@ class AdapterWrapper(nn.Module):
             AdapterFileError: If the file targets other modules or other kinds of layers,
                 or cannot be read (see :meth:`load_adapter`).
             InvalidConfigError: If its rank exceeds the reserved ``max_rank``.
+            ConfigTypeError: If ``is_trainable`` is not a bool or ``None``.
         """
         from .serving import hotswap
 
