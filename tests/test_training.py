@@ -302,6 +302,26 @@ def test_a_resume_failing_on_the_second_adapter_changes_nothing(tmp_path, two_ad
     assert not any(p.requires_grad for p in w.adapters["extra"].parameters())
 
 
+def test_load_all_adapters_removes_the_adapters_it_added_when_a_later_one_cannot_be_added(tmp_path):
+    from tinytune import InvalidConfigError
+
+    w = wrapped_llama()
+    w.save_adapter(str(tmp_path))
+    for name, r in [("a_small", 4), ("b_big", 8)]:  # added in this order
+        AdapterWrapper.from_config(tiny_llama(), LoraConfig(target_modules=["q_proj"], r=r)).save_adapter(
+            str(tmp_path / name)
+        )
+    w.reserve_adapter_slots(max_adapters=4, max_rank=4)  # b_big does not fit
+    with torch.no_grad():
+        for p in w.adapter_parameters():
+            p.add_(1.0)
+    before = adapter_state(w)
+    with pytest.raises(InvalidConfigError, match="max_rank"):
+        load_all_adapters(w, tmp_path)
+    assert list(w.adapters) == ["default"]
+    assert_states_close(adapter_state(w), before, atol=0)
+
+
 # --------------------------------------------------------------------------------------
 # precision
 # --------------------------------------------------------------------------------------
