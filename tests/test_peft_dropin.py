@@ -199,12 +199,36 @@ def test_get_peft_model_returns_the_wrapper_and_inference_mode_freezes(llama):
     assert not any(p.requires_grad for p in theirs.parameters())
 
 
+def test_default_target_tables_equal_peft_key_by_key():
+    # tinytune keeps copies (peft is optional); a PEFT release that adds or changes an
+    # architecture fails here. gpt_neo, gptj, llama4, ... once had LoRA defaults but no IA3.
+    from peft.utils import constants
+
+    from tinytune import config as ours
+
+    pairs = [
+        (ours._LORA_DEFAULT_TARGETS, constants.TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING),
+        (ours._IA3_DEFAULT_TARGETS, constants.TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING),
+        (ours._IA3_DEFAULT_FEEDFORWARD, constants.TRANSFORMERS_MODELS_TO_IA3_FEEDFORWARD_MODULES_MAPPING),
+    ]
+    for table, theirs in pairs:
+        assert sorted(table) == sorted(theirs)
+        for model_type, targets in theirs.items():
+            assert table[model_type] == targets, model_type
+
+
 @pytest.mark.parametrize("kind", ["lora", "ia3"])
-@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "gpt_neo"])
 def test_default_targets_per_architecture_as_peft(llama, kind, arch):
+    torch.manual_seed(0)
     if arch == "gpt2":
-        torch.manual_seed(0)
         base = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_embd=32, n_layer=2, n_head=2, vocab_size=50, n_positions=16)).eval()
+    elif arch == "gpt_neo":  # had LoRA defaults but no IA3 ones
+        cfg = transformers.GPTNeoConfig(
+            vocab_size=50, hidden_size=32, num_layers=2, num_heads=2,
+            attention_types=[[["global", "local"], 1]], max_position_embeddings=16,
+        )
+        base = transformers.GPTNeoForCausalLM(cfg).eval()
     else:
         base = llama
     ours_cfg = LoraConfig(r=2) if kind == "lora" else IA3Config()

@@ -492,44 +492,112 @@ class IA3Config(AdapterConfig):
         )
 
 
-# PEFT's per-architecture defaults for a config without target_modules (keyed by a
-# transformers model's ``config.model_type``), for the common text models.
-_LORA_DEFAULT_TARGETS: dict[str, list[str]] = {
-    **dict.fromkeys(
-        ["llama", "mistral", "mixtral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text",
-         "opt", "bart", "gptj", "gpt_neo", "stablelm"],
-        ["q_proj", "v_proj"],
-    ),
+# PEFT's per-architecture defaults for a config without target_modules, keyed by a
+# transformers model's ``config.model_type``: copies of peft.utils.constants'
+# TRANSFORMERS_MODELS_TO_{LORA_TARGET,IA3_TARGET,IA3_FEEDFORWARD}_MODULES_MAPPING (peft is
+# only a test extra, so tinytune keeps its own; tests/test_peft_dropin.py compares them
+# key by key with the installed peft). A string is a regex over the whole dotted name.
+_LORA_DEFAULT_TARGETS: dict[str, str | list[str]] = {
     "t5": ["q", "v"],
     "mt5": ["q", "v"],
+    "bart": ["q_proj", "v_proj"],
     "gpt2": ["c_attn"],
-    "gpt_bigcode": ["c_attn"],
     "bloom": ["query_key_value"],
+    "blip-2": ["q", "v", "q_proj", "v_proj"],
+    "opt": ["q_proj", "v_proj"],
+    "gptj": ["q_proj", "v_proj"],
     "gpt_neox": ["query_key_value"],
-    "falcon": ["query_key_value"],
+    "gpt_neo": ["q_proj", "v_proj"],
     "bert": ["query", "value"],
     "roberta": ["query", "value"],
     "xlm-roberta": ["query", "value"],
     "electra": ["query", "value"],
     "deberta-v2": ["query_proj", "value_proj"],
+    "deberta": ["in_proj"],
+    "layoutlm": ["query", "value"],
+    "llama": ["q_proj", "v_proj"],
+    "llama4": ["q_proj", "v_proj"],
+    "chatglm": ["query_key_value"],
+    "gpt_bigcode": ["c_attn"],
+    "mpt": ["Wqkv"],
+    "RefinedWebModel": ["query_key_value"],
+    "RefinedWeb": ["query_key_value"],
+    "falcon": ["query_key_value"],
+    "btlm": ["c_proj", "c_attn"],
+    "codegen": ["qkv_proj"],
+    "mistral": ["q_proj", "v_proj"],
+    "mixtral": ["q_proj", "v_proj"],
+    "stablelm": ["q_proj", "v_proj"],
     "phi": ["q_proj", "v_proj", "fc1", "fc2"],
+    "gemma": ["q_proj", "v_proj"],
+    "gemma2": ["q_proj", "v_proj"],
+    "gemma3_text": ["q_proj", "v_proj"],
+    "gemma4": r".*language_model\..*\.(q_proj|v_proj)",
+    "qwen2": ["q_proj", "v_proj"],
+    "qwen3": ["q_proj", "v_proj"],
+    "nemotron_h": ["q_proj", "k_proj", "v_proj", "o_proj"],
+    "rwkv": ["key", "value", "receptance", "output"],
+    "rwkv7": ["r_proj", "k_proj", "v_proj", "o_proj", "key", "value"],
 }
-# IA³: (target_modules, feedforward_modules).
-_IA3_DEFAULTS: dict[str, tuple[list[str], list[str]]] = {
-    "llama": (["k_proj", "v_proj", "down_proj"], ["down_proj"]),
-    "mistral": (["k_proj", "v_proj", "down_proj"], ["down_proj"]),
-    "mixtral": (["k_proj", "v_proj", "w2"], ["w2"]),
-    **dict.fromkeys(["qwen2", "qwen3", "gemma", "gemma2"], (["q_proj", "v_proj", "down_proj"], ["down_proj"])),
-    "gpt2": (["c_attn", "mlp.c_proj"], ["mlp.c_proj"]),
-    "opt": (["q_proj", "k_proj", "fc2"], ["fc2"]),
-    "bart": (["q_proj", "v_proj", "fc2"], ["fc2"]),
-    "t5": (["k", "v", "wo"], ["wo"]),
-    "bert": (["key", "value", "output.dense"], ["output.dense"]),
-    "roberta": (["key", "value", "output.dense"], ["output.dense"]),
-    "phi": (["q_proj", "v_proj", "fc2"], ["fc2"]),
-    "falcon": (["query_key_value", "dense_4h_to_h"], ["dense_4h_to_h"]),
-    "gpt_neox": (["query_key_value", "dense_4h_to_h"], ["dense_4h_to_h"]),
-    "bloom": (["query_key_value", "mlp.dense_4h_to_h"], ["mlp.dense_4h_to_h"]),
+_IA3_DEFAULT_TARGETS: dict[str, list[str]] = {
+    "t5": ["k", "v", "wo"],
+    "mt5": ["k", "v", "wi_1"],
+    "gpt2": ["c_attn", "mlp.c_proj"],
+    "bloom": ["query_key_value", "mlp.dense_4h_to_h"],
+    "roberta": ["key", "value", "output.dense"],
+    "opt": ["q_proj", "k_proj", "fc2"],
+    "gptj": ["q_proj", "v_proj", "fc_out"],
+    "gpt_neox": ["query_key_value", "dense_4h_to_h"],
+    "gpt_neo": ["q_proj", "v_proj", "c_proj"],
+    "bart": ["q_proj", "v_proj", "fc2"],
+    "gpt_bigcode": ["c_attn", "mlp.c_proj"],
+    "llama": ["k_proj", "v_proj", "down_proj"],
+    "llama4": ["q_proj", "v_proj", "down_proj"],
+    "mistral": ["k_proj", "v_proj", "down_proj"],
+    "mixtral": ["k_proj", "v_proj", "w2"],
+    "bert": ["key", "value", "output.dense"],
+    "deberta-v2": ["key_proj", "value_proj", "output.dense"],
+    "deberta": ["in_proj", "output.dense"],
+    "RefinedWebModel": ["query_key_value", "dense_4h_to_h"],
+    "RefinedWeb": ["query_key_value", "dense_4h_to_h"],
+    "falcon": ["query_key_value", "dense_4h_to_h"],
+    "phi": ["q_proj", "v_proj", "fc2"],
+    "gemma": ["q_proj", "v_proj", "down_proj"],
+    "gemma2": ["q_proj", "v_proj", "down_proj"],
+    "gemma3_text": ["q_proj", "v_proj", "down_proj"],
+    "qwen2": ["q_proj", "v_proj", "down_proj"],
+    "qwen3": ["q_proj", "v_proj", "down_proj"],
+}
+# PEFT's mt5 entry is empty (wi_1 is a target but not treated as feed-forward): copied
+# as it is, since the point of these tables is PEFT's result.
+_IA3_DEFAULT_FEEDFORWARD: dict[str, list[str]] = {
+    "t5": ["wo"],
+    "mt5": [],
+    "gpt2": ["mlp.c_proj"],
+    "bloom": ["mlp.dense_4h_to_h"],
+    "roberta": ["output.dense"],
+    "opt": ["fc2"],
+    "gptj": ["fc_out"],
+    "gpt_neox": ["dense_4h_to_h"],
+    "gpt_neo": ["c_proj"],
+    "bart": ["fc2"],
+    "gpt_bigcode": ["mlp.c_proj"],
+    "llama": ["down_proj"],
+    "llama4": ["down_proj"],
+    "mistral": ["down_proj"],
+    "mixtral": ["w2"],
+    "bert": ["output.dense"],
+    "deberta-v2": ["output.dense"],
+    "deberta": ["output.dense"],
+    "RefinedWeb": ["dense_4h_to_h"],
+    "RefinedWebModel": ["dense_4h_to_h"],
+    "falcon": ["dense_4h_to_h"],
+    "phi": ["fc2"],
+    "gemma": ["down_proj"],
+    "gemma2": ["down_proj"],
+    "gemma3_text": ["down_proj"],
+    "qwen2": ["down_proj"],
+    "qwen3": ["down_proj"],
 }
 
 
@@ -541,16 +609,18 @@ def with_model_defaults(config: AdapterConfig, model: nn.Module) -> AdapterConfi
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     if not isinstance(model_type, str):
         return config
+    if isinstance(config, IA3Config):
+        tables = {"target_modules": _IA3_DEFAULT_TARGETS, "feedforward_modules": _IA3_DEFAULT_FEEDFORWARD}
+    elif isinstance(config, LoraConfig):
+        tables = {"target_modules": _LORA_DEFAULT_TARGETS}
+    else:
+        return config
     changes: dict[str, Any] = {}
-    if isinstance(config, IA3Config) and model_type in _IA3_DEFAULTS:
-        targets, ff = _IA3_DEFAULTS[model_type]
-        if config.target_modules is None:
-            changes["target_modules"] = list(targets)
-        if config.feedforward_modules is None:
-            changes["feedforward_modules"] = list(ff)
-    elif isinstance(config, LoraConfig) and config.target_modules is None:
-        if model_type in _LORA_DEFAULT_TARGETS:
-            changes["target_modules"] = list(_LORA_DEFAULT_TARGETS[model_type])
+    for field, table in tables.items():
+        default = table.get(model_type)
+        if getattr(config, field) is None and default is not None:
+            # A copy: a user editing the filled config must not edit the table.
+            changes[field] = default if isinstance(default, str) else list(default)
     if not changes:
         return config
     filled = copy.copy(config)

@@ -10,7 +10,8 @@ parameters are ordinary ``nn.Parameter`` s that any optimizer trains. This modul
   ``autocast_adapter_dtype``);
 * :func:`load_adapter_weights`: load saved adapter files *into* an existing adapter, in
   place (parameters keep their identity, so an optimizer holding them keeps working):
-  what resuming from a checkpoint needs;
+  what resuming from a checkpoint needs; :func:`load_all_adapters` does it for every
+  adapter of a checkpoint, all checked before any is changed;
 * :func:`save_adapter_distributed`: save from a sharded run (FSDP2 / tensor parallel):
   every rank gathers, rank 0 writes a normal adapter directory;
 * :func:`parallelize_adapters`: LoRA factors sharded to match ``ColwiseParallel`` /
@@ -37,6 +38,7 @@ __all__ = [
     "AdapterTrainer",
     "cast_adapter_dtype",
     "load_adapter_weights",
+    "load_all_adapters",
     "parallelize_adapters",
     "present_forward_signature",
     "save_adapter_distributed",
@@ -191,6 +193,14 @@ def load_adapter_weights(wrapper: nn.Module, path: str | os.PathLike, adapter_na
             corrupt, or describe a different adapter (other modules, settings, shapes).
             Nothing is changed then.
     """
+    _copy_pairs(_checked_weights(wrapper, path, adapter_name))
+
+
+def _checked_weights(
+    wrapper: nn.Module, path: str | os.PathLike, adapter_name: str
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``(parameter, saved value)`` for every parameter of adapter ``adapter_name``,
+    after every check of :func:`load_adapter_weights`; nothing is copied yet."""
     from . import io as tio
 
     adapter = wrapper._adapter(adapter_name)
@@ -231,6 +241,10 @@ def load_adapter_weights(wrapper: nn.Module, path: str | os.PathLike, adapter_na
             f"{weights_file} holds tensors adapter {adapter_name!r} has no place for, e.g. "
             f"{extra[0]!r}; it belongs to another adapter. Nothing was loaded."
         )
+    return pairs
+
+
+def _copy_pairs(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
     with torch.no_grad():
         for param, value in pairs:
             _copy_into(param, value)
@@ -290,6 +304,65 @@ def save_all_adapters(wrapper: nn.Module, path: str | os.PathLike) -> list[str]:
         wrapper.save_adapter(str(path) if name == "default" else os.path.join(path, name), name)
         written.append(name)
     return written
+
+
+def load_all_adapters(wrapper: nn.Module, path: str | os.PathLike) -> list[str]:
+    """Load a directory written by :func:`save_all_adapters` (a checkpoint) back into
+    ``wrapper``, all or nothing: what resuming a run needs.
+
+    Every adapter of the wrapper that has layers must be saved there (``"default"`` in
+    ``path``, any other in ``path/<name>``); its weights are copied in place, as
+    :func:`load_adapter_weights` does. An adapter saved there that the wrapper lacks is
+    added, inactive and frozen (as PEFT's ``Trainer`` integration loads it). Every file
+    is read and checked before anything changes, so a failure leaves all adapters as
+    they were.
+
+    Args:
+        wrapper: The :class:`~tinytune.AdapterWrapper`.
+        path: The directory (a ``Trainer`` checkpoint, say).
+
+    Returns:
+        The names of the adapters loaded or added.
+
+    Raises:
+        AdapterFileNotFoundError: If an adapter of the wrapper has no complete files in
+            ``path`` (the message names the missing file).
+        AdapterFileError, InvalidConfigError: If a saved adapter is corrupt, describes a
+            different adapter, or cannot be added (see :func:`load_adapter_weights` and
+            :meth:`~tinytune.AdapterWrapper.load_adapter`). Nothing is changed then.
+    """
+    from .errors import AdapterFileNotFoundError
+    from .io import read_adapter
+
+    root = Path(path)
+    saved = saved_adapter_dirs(root)
+    pairs: list[tuple[torch.Tensor, torch.Tensor]] = []
+    in_place = [name for name, adapter in wrapper.adapters.items() if len(adapter) or name in saved]
+    for name in in_place:
+        where = saved.get(name, root if name == "default" else root / name)
+        try:
+            pairs += _checked_weights(wrapper, where, name)
+        except AdapterFileNotFoundError as exc:
+            raise AdapterFileNotFoundError(
+                f"Cannot load adapter {name!r} of the model from {str(root)!r}: {exc} Load a "
+                "directory that holds every adapter of the model (AdapterTrainer's "
+                "checkpoints do), or delete the adapters it does not hold. Nothing was loaded."
+            ) from None
+    new = []
+    for name in sorted(set(saved) - set(wrapper.adapters)):
+        wrapper._check_new_name(name)
+        new.append(read_adapter(wrapper, saved[name], name, is_trainable=False))
+    attached: list[str] = []
+    try:
+        for adapter in new:
+            wrapper._attach(adapter, False)
+            attached.append(adapter.name)
+    except BaseException:
+        for name in attached:
+            wrapper.delete_adapter(name)
+        raise
+    _copy_pairs(pairs)
+    return in_place + attached
 
 
 # ======================================================================================
