@@ -807,8 +807,11 @@ def test_add_weighted_adapter_reads_its_sources_from_their_slots(tmp_path):
 
     assert not any(_STATES[w].pool.inflight)  # pins released
     torch.testing.assert_close(plain(w, x, "mix"), plain(ref, x, "mix"))
-    with pytest.raises(MixedBatchError):  # three sources, two slots: nothing changes
+    # three sources, two slots: nothing changes, and the message speaks of the sources
+    # (they are not active adapters)
+    with pytest.raises(MixedBatchError, match="add_weighted_adapter reads its 3 source") as info:
         w.add_weighted_adapter(["a0", "a1", "a2"], [1, 1, 1], "mix3", combination_type="cat")
+    assert "active" not in str(info.value)
     assert "mix3" not in w.adapters
 
 

@@ -23,7 +23,7 @@ from typing import Any, Callable, ClassVar
 
 from torch import nn
 
-from .errors import ConfigTypeError, InvalidConfigError, UnsupportedModuleError
+from .errors import ConfigTypeError, InvalidConfigError, UnsupportedModuleError, check_bool, wrong_type
 
 __all__ = ["AdapterConfig", "LoraConfig", "IA3Config", "TaskType", "name_matches"]
 
@@ -154,6 +154,7 @@ class AdapterConfig:
         mimic = _as_target_list(self.mimic_layers)
         if isinstance(mimic, str):
             mimic = [mimic]
+        _check_targets(mimic, "mimic_layers")
         if mimic:
             self.mimic_layers = list(mimic)
             self.modules_to_save = list(self.modules_to_save or []) + [
@@ -161,6 +162,11 @@ class AdapterConfig:
             ]
         if isinstance(self.task_type, TaskType):
             self.task_type = self.task_type.value
+        if self.task_type is not None and not isinstance(self.task_type, str):
+            raise wrong_type(
+                "task_type", f"a TaskType, one of its names {list(TaskType.__members__)!r}, or None",
+                self.task_type,
+            )
         if self.task_type is not None and self.task_type not in TaskType.__members__:
             raise InvalidConfigError(
                 f"task_type={self.task_type!r} is not one of PEFT's task types "
@@ -324,7 +330,7 @@ class LoraConfig(AdapterConfig):
             _check_number(alpha, f"alpha_pattern[{key!r}]")
         _check_number(self.lora_dropout, "lora_dropout")
         for what in ("use_rslora", "fan_in_fan_out"):
-            _check_bool(getattr(self, what), what)
+            check_bool(getattr(self, what), what)
         if not 0.0 <= float(self.lora_dropout) < 1.0:
             raise InvalidConfigError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}.")
         if self.bias != "none":
@@ -335,6 +341,7 @@ class LoraConfig(AdapterConfig):
         self.init_lora_weights = check_init_lora_weights(self.init_lora_weights)
         self.layers_to_transform = _as_target_list(self.layers_to_transform)
         self.layers_pattern = _as_target_list(self.layers_pattern)
+        _check_targets(self.layers_pattern, "layers_pattern")
         layers = self.layers_to_transform
         if layers is not None and not (
             (isinstance(layers, int) and not isinstance(layers, bool))
@@ -435,12 +442,6 @@ def _check_number(value: Any, what: str) -> None:
         raise InvalidConfigError(f"{what} must be a finite number, got {value!r}.")
 
 
-def _check_bool(value: Any, what: str) -> None:
-    # "no" or "false" are truthy strings: they would silently switch the option on.
-    if not isinstance(value, bool):
-        raise ConfigTypeError(f"{what} must be True or False, got {value!r}.")
-
-
 @dataclass
 class IA3Config(AdapterConfig):
     """IA³: learned per-feature scales, initialised to 1.
@@ -466,7 +467,7 @@ class IA3Config(AdapterConfig):
         self.feedforward_modules = _as_target_list(self.feedforward_modules)
         _check_targets(self.feedforward_modules, "feedforward_modules")
         for what in ("fan_in_fan_out", "init_ia3_weights"):
-            _check_bool(getattr(self, what), what)
+            check_bool(getattr(self, what), what)
         ff, targets = self.feedforward_modules, self.target_modules
         if isinstance(ff, list) and isinstance(targets, list) and not set(ff) <= set(targets):
             raise InvalidConfigError(
@@ -635,8 +636,8 @@ def layer_factory(layer: Any) -> Callable[[], nn.Module]:
         return lambda: layer
     if callable(layer):
         return layer
-    raise TypeError(
-        f"layer must be an AdapterLayer instance, an AdapterLayer subclass, or a callable "
-        f"returning one; got {type(layer).__name__}."
+    raise wrong_type(
+        "layer", "an AdapterLayer instance, an AdapterLayer subclass, or a callable returning "
+        "one (functools.partial(LinearLoraLayer, r=16))", layer,
     )
 

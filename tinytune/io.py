@@ -44,8 +44,12 @@ from .errors import (
     AdapterFileError,
     AdapterFileNotFoundError,
     AdapterSaveError,
+    AdapterStateError,
     ConfigTypeError,
     InvalidConfigError,
+    check_bool,
+    check_path,
+    check_wrapper,
     suggest,
 )
 from .layers import (
@@ -57,6 +61,7 @@ from .layers import (
     LoraLayer,
     ModulesToSaveLayer,
     is_conv1d,
+    is_dtensor,
     lora_layer_for,
 )
 
@@ -152,6 +157,7 @@ def save_adapters(wrapper: Any, items: list[tuple[str, Any]], write: bool = True
     """Save several adapters, ``[(adapter name, directory), ...]``: every adapter is
     serialised and checked before the first file is written (``write=False``: check
     only). Raises as :func:`save_adapter`."""
+    check_wrapper(wrapper)
     prepared = [_prepare_save(wrapper, name, path) for name, path in items]
     if write:
         for args in prepared:
@@ -160,7 +166,16 @@ def save_adapters(wrapper: Any, items: list[tuple[str, Any]], write: bool = True
 
 def _prepare_save(wrapper: Any, adapter_name: str, path: Any) -> tuple:
     adapter = wrapper._adapter(adapter_name)
+    path = check_path(path)
     model = wrapper._model()
+    if any(is_dtensor(p) for p in adapter.parameters()):
+        # Reading a shard's storage fails deep in torch; gathering needs every rank.
+        raise AdapterStateError(
+            f"Adapter {adapter_name!r} has sharded parameters (FSDP2 or tensor parallelism), "
+            "which save_adapter cannot write from one process. Call "
+            "tinytune.training.save_adapter_distributed(wrapper, path, adapter_name) on "
+            "every rank instead: it gathers the full weights and rank 0 writes them."
+        )
     if len(adapter) == 0:
         raise AdapterFileError(
             f"Adapter {adapter_name!r} has no layers, so there is nothing to save; add layers "
@@ -572,7 +587,8 @@ def load_adapter(
         InvalidConfigError: If the config uses a PEFT option tinytune does not
             implement (``use_dora``, ``bias``, ...), or an unsupported ``peft_type``.
     """
-    wrapper._check_new_name(adapter_name)
+    check_wrapper(wrapper)._check_new_name(adapter_name)
+    check_bool(activate, "activate")
     adapter = read_adapter(
         wrapper,
         path,
@@ -601,9 +617,11 @@ def read_adapter(
     Returns:
         The new, unattached ``Adapter``, its layers on their modules' devices.
     """
-    model = wrapper._model()
+    model = check_wrapper(wrapper)._model()
     registry = _registry(custom_layers)  # checked whatever the file's format
-    directory = Path(path)
+    check_bool(check_fingerprint, "check_fingerprint")
+    check_bool(is_trainable, "is_trainable")
+    directory = Path(check_path(path))
     config, config_file = _read_config(directory)
     tensors, metadata, weights_file = _read_weights(directory)
     if check_fingerprint and FINGERPRINT_KEY in metadata:
@@ -697,10 +715,13 @@ class _LoadContext:
                         "the adapter was trained for a differently shaped model, or its config "
                         "(r, rank_pattern) does not match its weights."
                     )
-                if not (value.is_floating_point() or value.is_complex()) and param.is_floating_point():
+                if not value.is_floating_point() and param.is_floating_point():
+                    # Integer, bool and complex values would be truncated or lose their
+                    # imaginary part in the copy.
                     raise AdapterFileError(
                         f"Key {key!r} in {self.weights_file} holds {value.dtype} values where "
-                        f"{param.dtype} is expected."
+                        f"{param.dtype} is expected; an adapter file holds real floating-point "
+                        "tensors. Save the adapter again from a model with real weights."
                     )
                 param.copy_(value.t() if transposed else value)
                 self.used.add(key)
@@ -1022,6 +1043,12 @@ def _build_tinytune(
         if not isinstance(entry, dict) or not isinstance(entry.get("module"), str):
             raise AdapterFileError(f"{file}: every entry of tinytune.layers needs a 'module' string.")
         path, type_name = entry["module"], entry.get("type")
+        if not isinstance(type_name, str):
+            raise AdapterFileError(
+                f"{file}: the 'type' of the layer on {path!r} must be a layer type name (a "
+                f"string such as 'LinearLoraLayer'), got {type_name!r}; the file is corrupt or "
+                "was edited by hand. Save the adapter again."
+            )
         args = entry.get("config") or {}
         if path in seen:
             raise AdapterFileError(f"{file} lists module {path!r} twice.")

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import InvalidConfigError, MergeNotSupportedError, UnsupportedModuleError
+from .errors import InvalidConfigError, MergeNotSupportedError, UnsupportedModuleError, check_bool
 
 __all__ = [
     "AdapterLayer",
@@ -44,7 +44,7 @@ def replace_first_input(args: tuple, kwargs: dict, x: torch.Tensor) -> tuple[tup
     return args, {**kwargs, key: x}
 
 
-def _is_dtensor(t: torch.Tensor) -> bool:
+def is_dtensor(t: torch.Tensor) -> bool:
     """Whether ``t`` is a ``torch.distributed.tensor.DTensor`` (sharded), without
     importing torch.distributed: if that module is not loaded, no DTensor exists."""
     mod = sys.modules.get("torch.distributed.tensor")
@@ -196,12 +196,12 @@ class LoraLayer(AdapterLayer):
         init_lora_weights: bool = True,
     ) -> None:
         super().__init__()
-        from .config import _check_bool, _check_number, _check_rank
+        from .config import _check_number, _check_rank
 
         _check_rank(r, "r")
         for what, value in (("lora_alpha", lora_alpha), ("lora_dropout", lora_dropout)):
             _check_number(value, what)
-        _check_bool(use_rslora, "use_rslora")
+        check_bool(use_rslora, "use_rslora")
         if not 0.0 <= float(lora_dropout) < 1.0:
             raise InvalidConfigError(f"lora_dropout must be in [0, 1), got {lora_dropout}.")
         self.r = r
@@ -347,7 +347,7 @@ class LinearLoraLayer(LoraLayer):
             a, bt = padded  # never touch lora_A/lora_B: compiled code would guard on r
         else:
             a, bt = self.lora_A.weight, self.lora_B.weight.t()
-            if not torch.compiler.is_compiling() and _is_dtensor(a):
+            if not torch.compiler.is_compiling() and is_dtensor(a):
                 # Tensor parallelism (tinytune.training.parallelize_adapters).
                 from .training import tp_lora_post_forward
 

@@ -259,7 +259,7 @@ class SlotPool:
             self.cond.notify_all()
 
     def prepare(
-        self, used: Sequence[str], plain: bool = False
+        self, used: Sequence[str], plain: bool = False, combining: bool = False
     ) -> tuple[dict[str, int], dict[str, SiteStacks], "_Pins"]:
         """Bring the ``used`` adapters into slots (LRU eviction) and pin those slots for
         the call. Validates before changing anything.
@@ -268,6 +268,8 @@ class SlotPool:
             used: The adapters the call runs, each once.
             plain: The call is a plain call (or a merge) running the active adapters,
                 not a mixed call naming them (only changes the error messages).
+            combining: ``used`` are the sources of ``add_weighted_adapter`` (only
+                changes the error messages).
 
         Returns:
             ``(slot of each resident adapter, stacks by module path, pins)``; release the
@@ -281,6 +283,14 @@ class SlotPool:
         """
         wrapper = self._wrapper()
         adapters = wrapper.adapters
+        if len(used) > self.capacity and combining:
+            raise MixedBatchError(
+                f"add_weighted_adapter reads its {len(used)} source adapters ({list(used)!r}) "
+                f"from adapter slots, but only {self.capacity} slots are reserved: it needs "
+                f"{len(used)}. Combine at most {self.capacity} adapters at a time (combine "
+                f"the result again), or call reserve_adapter_slots({len(used)}, "
+                f"{self.max_rank}). Nothing was changed."
+            )
         if len(used) > self.capacity and plain:
             raise MixedBatchError(
                 f"{len(used)} adapters are active ({list(used)!r}) and a plain call runs "
@@ -472,13 +482,15 @@ def reserve(wrapper: nn.Module, max_adapters: int, max_rank: int) -> None:
         arm_hooks(wrapper, pool)
 
 
-def pin_adapters(wrapper: nn.Module, names: Sequence[str]) -> "_Pins | None":
+def pin_adapters(wrapper: nn.Module, names: Sequence[str], combining: bool = False) -> "_Pins | None":
     """Bring ``names`` into slots (unless already there) and pin them until released.
 
     Plain calls and merges read the adapters' parameters themselves; with reserved
     slots an adapter outside a slot has them in host memory, which the model's device
     cannot read (CUDA raises a device mismatch). In a slot they are views of the
     device stacks. Returns ``None`` without reserved slots (nothing to do).
+    ``combining``: ``names`` are the sources of ``add_weighted_adapter`` (for the
+    error message).
 
     Raises:
         MixedBatchError: If there are more ``names`` than slots, or their slots stay
@@ -489,7 +501,7 @@ def pin_adapters(wrapper: nn.Module, names: Sequence[str]) -> "_Pins | None":
     if pool is None or not names:
         return None
     with pool.cond:
-        return pool.prepare(list(dict.fromkeys(names)), plain=True)[2]
+        return pool.prepare(list(dict.fromkeys(names)), plain=True, combining=combining)[2]
 
 
 @torch.compiler.disable

@@ -32,7 +32,7 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
-from .errors import InvalidConfigError
+from .errors import InvalidConfigError, check_path, check_wrapper, wrong_type
 
 __all__ = [
     "AdapterTrainer",
@@ -203,8 +203,8 @@ def _checked_weights(
     after every check of :func:`load_adapter_weights`; nothing is copied yet."""
     from . import io as tio
 
-    adapter = wrapper._adapter(adapter_name)
-    directory = Path(path)
+    adapter = check_wrapper(wrapper)._adapter(adapter_name)
+    directory = Path(check_path(path))
     config, config_file = tio._read_config(directory)
     tensors, _, weights_file = tio._read_weights(directory)
     ours, _ = tio._serialise(adapter, wrapper._model())
@@ -279,7 +279,7 @@ def saved_adapter_dirs(path: str | os.PathLike) -> dict[str, Path]:
     """
     from .io import CONFIG_NAME, WEIGHTS_NAME
 
-    root = Path(path)
+    root = Path(check_path(path))
     found: dict[str, Path] = {}
     if (root / CONFIG_NAME).is_file() and (root / WEIGHTS_NAME).is_file():
         found["default"] = root
@@ -297,11 +297,13 @@ def save_all_adapters(wrapper: nn.Module, path: str | os.PathLike) -> list[str]:
     Returns:
         The names of the adapters written.
     """
+    check_wrapper(wrapper)
+    path = check_path(path)
     written = []
     for name, adapter in wrapper.adapters.items():
         if len(adapter) == 0:
             continue
-        wrapper.save_adapter(str(path) if name == "default" else os.path.join(path, name), name)
+        wrapper.save_adapter(path if name == "default" else os.path.join(path, name), name)
         written.append(name)
     return written
 
@@ -392,13 +394,17 @@ def save_adapter_distributed(
     """
     import torch.distributed as dist
 
+    check_wrapper(wrapper)
+    path = check_path(path)
+    if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int)):
+        raise wrong_type("rank", "an int (this process's rank) or None", rank)
     distributed = dist.is_available() and dist.is_initialized()
     if rank is None:
         rank = dist.get_rank() if distributed else 0
     adapter = wrapper._adapter(adapter_name)
     with _full_parameters(adapter):
         if rank == 0:
-            wrapper.save_adapter(str(path), adapter_name)
+            wrapper.save_adapter(path, adapter_name)
     if distributed:
         dist.barrier()
 
@@ -476,7 +482,7 @@ def parallelize_adapters(wrapper: nn.Module) -> int:
     from .errors import UnsupportedModuleError
     from .layers import LinearLoraLayer
 
-    model = wrapper._model()
+    model = check_wrapper(wrapper)._model()
     modules = dict(model.named_modules())
     todo: list[tuple[nn.Module, Any, list, list]] = []
     for adapter_name, adapter in wrapper.adapters.items():

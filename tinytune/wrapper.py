@@ -10,6 +10,7 @@ its ``state_dict`` bit-identical to before.
 from __future__ import annotations
 
 import collections
+import collections.abc
 import contextlib
 import os
 import re
@@ -30,7 +31,10 @@ from .errors import (
     MergeNotSupportedError,
     NoMatchingModulesError,
     UnsupportedModuleError,
+    check_bool,
+    check_path,
     suggest,
+    wrong_type,
 )
 from .hooks import HookSite, hook_layout_id
 from .layers import AdapterLayer, ModulesToSaveLayer
@@ -219,7 +223,7 @@ class AdapterWrapper(nn.Module):
         model: The base model. It is used in place, not copied.
 
     Raises:
-        TypeError: If ``model`` is not an ``nn.Module`` or is already a wrapper.
+        ConfigTypeError: If ``model`` is not an ``nn.Module`` or is already a wrapper.
         AdapterStateError: If another wrapper holds ``model`` (even with no hook on it,
             its adapters inactive) or its adapter hooks are still on it.
 
@@ -232,9 +236,12 @@ class AdapterWrapper(nn.Module):
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
         if not isinstance(model, nn.Module):
-            raise TypeError(f"AdapterWrapper needs an nn.Module, got {type(model).__name__}.")
+            raise wrong_type("model", "a torch nn.Module (the base model to adapt)", model)
         if isinstance(model, AdapterWrapper):
-            raise TypeError("This model is already an AdapterWrapper: add adapters to it directly.")
+            raise wrong_type(
+                "model", "a base model, not an AdapterWrapper", model,
+                " Add adapters to this wrapper directly (add_adapter_from_config).",
+            )
         _check_not_wrapped(model, None)
         hooked = _hooked_by_tinytune(model)
         if hooked is not None:
@@ -303,16 +310,16 @@ class AdapterWrapper(nn.Module):
 
         Raises:
             AdapterExistsError: If the name is taken.
-            TypeError: If ``activate`` is not a bool (PEFT's ``add_adapter(name, config)``
-                passes a config there; use :meth:`add_adapter_from_config`).
+            ConfigTypeError: If ``activate`` is not a bool (PEFT's ``add_adapter(name,
+                config)`` passes a config there; use :meth:`add_adapter_from_config`).
         """
         self._check_new_name(adapter_name)
         if not isinstance(activate, bool):
             # PEFT's add_adapter(adapter_name, peft_config) would land a config here and
             # silently create an empty adapter.
-            raise TypeError(
-                f"activate must be True or False, got {type(activate).__name__}. To add an "
-                "adapter from a config, call add_adapter_from_config(config, adapter_name)."
+            raise wrong_type(
+                "activate", "True or False", activate,
+                " To add an adapter from a config, call add_adapter_from_config(config, adapter_name).",
             )
         self.adapters[adapter_name] = Adapter(adapter_name)
         if activate:
@@ -333,6 +340,8 @@ class AdapterWrapper(nn.Module):
 
         Raises:
             AdapterExistsError: If the name is taken.
+            ConfigTypeError: If ``config`` is not a tinytune config (a dict, PEFT's
+                ``LoraConfig``, ...) or ``activate``/``autocast_adapter_dtype`` not a bool.
             NoMatchingModulesError: If ``target_modules`` or ``modules_to_save`` match
                 no module.
             UnsupportedModuleError: If a matched module cannot be adapted.
@@ -346,10 +355,16 @@ class AdapterWrapper(nn.Module):
                     f" This is PEFT's {cls.__name__}; use tinytune's, which takes the same "
                     "fields: from tinytune import LoraConfig, IA3Config."
                 )
-            raise TypeError(
-                f"config must be a tinytune AdapterConfig (tinytune.LoraConfig, "
-                f"tinytune.IA3Config, ...), got {cls.__module__}.{cls.__qualname__}.{hint}"
+            elif isinstance(config, dict):
+                hint = " To build one from a dict of fields: tinytune.LoraConfig(**fields)."
+            raise wrong_type(
+                "config",
+                "a tinytune AdapterConfig (tinytune.LoraConfig, tinytune.IA3Config, ...)",
+                config,
+                f" (a {cls.__module__}.{cls.__qualname__}){hint}",
             )
+        check_bool(activate, "activate")
+        check_bool(autocast_adapter_dtype, "autocast_adapter_dtype")
         model = self._model()
         from .config import with_model_defaults
 
@@ -462,9 +477,11 @@ class AdapterWrapper(nn.Module):
             )
         instance = layer_factory(layer)()
         if not isinstance(instance, AdapterLayer):
-            raise TypeError(
-                f"layer must produce an AdapterLayer, got {type(instance).__name__}; subclass "
-                "tinytune.AdapterLayer."
+            raise wrong_type(
+                "layer", "an AdapterLayer, or a class or factory that returns one", instance,
+                " (what the factory returned; a factory must return the layer, e.g. "
+                "lambda: LinearLoraLayer(r=16), and a custom layer must subclass "
+                "tinytune.AdapterLayer)",
             )
         if any(instance is l for a in self.adapters.values() for _, l in a.items()):
             raise LayerAlreadyAdaptedError(
@@ -695,7 +712,7 @@ class AdapterWrapper(nn.Module):
             # With reserved slots, sources outside a slot have their weights in host
             # memory: combine them from their slots (on the model's device) instead.
             names = [n for n in adapters if isinstance(n, str) and n in self.adapters]
-            pins = pin_adapters(self, names) if len(names) == len(adapters) else None
+            pins = pin_adapters(self, names, combining=True) if len(names) == len(adapters) else None
         try:
             add_weighted_adapter(
                 self, adapters, weights, adapter_name, combination_type, svd_rank, svd_clamp,
@@ -774,7 +791,7 @@ class AdapterWrapper(nn.Module):
                 f"Adapters {self._merged!r} are merged; call unmerge_adapters() before swapping."
             )
         if not isinstance(new_model, nn.Module):
-            raise TypeError(f"new_model must be an nn.Module, got {type(new_model).__name__}.")
+            raise wrong_type("new_model", "a torch nn.Module", new_model)
         _check_not_wrapped(new_model, self)
         hooked = _hooked_by_tinytune(new_model, own=list(self._sites.values()))
         if hooked is not None:
@@ -843,6 +860,12 @@ class AdapterWrapper(nn.Module):
         loaded, and they are merged again on top of the loaded base weights (with the
         loaded adapter weights), so unmerging later gives back the loaded base weights.
         """
+        if not isinstance(state_dict, collections.abc.Mapping):
+            raise wrong_type(
+                "state_dict", "a dict of tensors (what wrapper.state_dict() returns)", state_dict
+            )
+        check_bool(strict, "strict")
+        check_bool(assign, "assign")
         merged = list(self._merged)
         if merged:
             self._restore_all()
@@ -1037,9 +1060,10 @@ class AdapterWrapper(nn.Module):
         """
         from .io import load_adapter
 
+        path = check_path(path)
         subfolder = kwargs.pop("subfolder", None)
         if subfolder:
-            path = os.path.join(path, subfolder)
+            path = os.path.join(path, check_path(subfolder, "subfolder"))
         autocast = kwargs.pop("autocast_adapter_dtype", False)
         load_adapter(self, path, adapter_name, activate=activate, **kwargs)
         if autocast:
@@ -1098,7 +1122,9 @@ class AdapterWrapper(nn.Module):
                 "tinytune writes safetensors only (pickle files can run code when loaded). "
                 "Leave safe_serialization=True; nothing was written."
             )
-        if save_embedding_layers not in ("auto", False):
+        save_directory = check_path(save_directory, "save_directory")
+        check_bool(is_main_process, "is_main_process")
+        if not (save_embedding_layers == "auto" or save_embedding_layers is False):
             raise UnsupportedArgumentError(
                 f"save_pretrained(save_embedding_layers={save_embedding_layers!r}) is not "
                 "supported: tinytune never changes the base model's embedding weights, so there "
@@ -1118,19 +1144,12 @@ class AdapterWrapper(nn.Module):
                 )
             items = [(adapter_name, save_directory)]
         else:
-            if selected_adapters is None:
-                names = list(self.adapters)
-            elif isinstance(selected_adapters, str):
-                names = [selected_adapters]
-            else:
-                names = list(selected_adapters)
-            for name in names:
-                self._adapter(name)
+            names = list(self.adapters) if selected_adapters is None else self._names(selected_adapters)
             items = [
                 (name, save_directory if name == "default" else os.path.join(save_directory, name))
                 for name in names
             ]
-        save_adapters(self, items, write=bool(is_main_process))
+        save_adapters(self, items, write=is_main_process)
 
     @classmethod
     def from_pretrained(
@@ -1215,17 +1234,16 @@ class AdapterWrapper(nn.Module):
             )
         return self.adapters[adapter_name]  # type: ignore[return-value]
 
-    def _names(self, adapter_names: str | Sequence[str]) -> list[str]:
+    def _names(self, adapter_names: str | Sequence[str], what: str = "adapter_names") -> list[str]:
         if isinstance(adapter_names, str):
             names = [adapter_names]
         else:
             try:
                 names = list(adapter_names)
             except TypeError:
-                raise TypeError(
-                    f"Expected an adapter name or a list of names (an empty list for none), "
-                    f"got {type(adapter_names).__name__}; existing adapters: "
-                    f"{list(self.adapters)!r}."
+                raise wrong_type(
+                    what, "an adapter name or a list of names (an empty list for none)",
+                    adapter_names, f" Existing adapters: {list(self.adapters)!r}.",
                 ) from None
         for name in names:
             self._adapter(name)
