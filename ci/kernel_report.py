@@ -434,12 +434,6 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if not args.summarize and not args.out:
         ap.error("--out is required (or --summarize JSON)")
-    # Only when run as the script (importing this module changes nothing): the kernels
-    # must be JIT functions, not the interpreter's wrappers, to be compiled, and the test
-    # command sets TRITON_INTERPRET=1 for everything it runs. Triton 3.9 warns when
-    # TRITON_DEFAULT_FP_FUSION is unset; 1 keeps its (and the JIT's) default.
-    os.environ.pop("TRITON_INTERPRET", None)
-    os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     if args.summarize:
         reports = [json.loads(Path(p).read_text()) for p in args.summarize]
         for results in reports:
@@ -449,6 +443,12 @@ def main(argv=None) -> int:
             print()
             print_comparison(reports)
         return 1 if any(problems(r) for rs in reports for r in rs) else 0
+    # Only when compiling (importing this module or --summarize changes nothing): the kernels
+    # must be JIT functions, not the interpreter's wrappers, to be compiled, and the test
+    # command sets TRITON_INTERPRET=1 for everything it runs. Triton 3.9 warns when
+    # TRITON_DEFAULT_FP_FUSION is unset; 1 keeps its (and the JIT's) default.
+    os.environ.pop("TRITON_INTERPRET", None)
+    os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     try:
         import triton  # noqa: F401
     except Exception as exc:

@@ -127,7 +127,9 @@ def test_summarize_two_reports_side_by_side(tmp_path, capsys):
     for name, rs in (("new", new), ("old", old)):
         paths += ["--summarize", str(tmp_path / f"{name}.json")]
         (tmp_path / f"{name}.json").write_text(json.dumps(rs))
+    before = os.environ.get("TRITON_INTERPRET")
     assert kernel_report.main(paths) == 1  # the old report's failure misses a target
+    assert os.environ.get("TRITON_INTERPRET") == before  # later tests still interpret
     out = capsys.readouterr().out
     assert "| | Triton 9.9.0 | Triton 3.6.0 |" in out
     assert "| compiled | 1 | 0 |" in out and "| failed to compile | 0 | 1 |" in out
