@@ -22,6 +22,7 @@ Usage::
 
     python bench/bench_compile.py            # full: about a minute on one CPU core
     python bench/bench_compile.py --quick    # a smaller model, a few rounds (smoke run)
+    python bench/bench_compile.py --quick --compiled unmerged  # one compile (the test's smoke)
     python bench/bench_compile.py --markdown bench/results/compile_cpu.json  # README table
     python bench/bench_compile.py --batch 1 --seq 1 --reps 20 \
         --out bench/results/compile_cpu_1token.json  # per-op overheads dominate
@@ -149,6 +150,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--batch", type=int, default=None, help="override the batch size")
     parser.add_argument("--seq", type=int, default=None, help="override the tokens per row")
     parser.add_argument(
+        "--compiled",
+        default="bare,merged,unmerged",
+        help="the compiled cases to run (comma-separated; each costs a compile); ratios "
+        "and the README table need all three",
+    )
+    parser.add_argument(
         "--markdown",
         type=Path,
         default=None,
@@ -195,11 +202,11 @@ def main(argv: list[str] | None = None) -> dict:
         generator=torch.Generator().manual_seed(1),
     )
     eager = {"eager_bare": bare, "eager_merged": merged, "eager_unmerged": unmerged}
-    compiled = {
-        "compiled_bare": torch.compile(bare, fullgraph=True),
-        "compiled_merged": torch.compile(merged, fullgraph=True),
-        "compiled_unmerged": torch.compile(unmerged, fullgraph=True),
-    }
+    models = {"bare": bare, "merged": merged, "unmerged": unmerged}
+    wanted = [c for c in args.compiled.split(",") if c]
+    if not wanted or set(wanted) - set(models):
+        parser.error(f"--compiled takes a comma-separated subset of {','.join(models)}, not {args.compiled!r}")
+    compiled = {f"compiled_{c}": torch.compile(models[c], fullgraph=True) for c in models if c in wanted}
     cases = {**eager, **compiled, "lora_ops": make_lora_ops(shape, unmerged)}
 
     compile_s = {}
@@ -225,15 +232,30 @@ def main(argv: list[str] | None = None) -> dict:
     def ratio(a: str, b: str) -> dict:
         return quartiles([x / y for x, y in zip(times[a], times[b], strict=True)])
 
+    ratio_cases = [
+        ("eager_merged", "eager_bare"),
+        ("eager_unmerged", "eager_merged"),
+        ("compiled_bare", "eager_bare"),
+        ("compiled_merged", "compiled_bare"),
+        ("compiled_unmerged", "compiled_merged"),
+        ("compiled_unmerged", "eager_unmerged"),
+    ]
+    ratios = {f"{a}/{b}": ratio(a, b) for a, b in ratio_cases if a in times and b in times}
+
     flops = flop_counts(shape, unmerged)
     # What is left of compiled_unmerged - compiled_merged once the LoRA arithmetic is
     # paid for, as a fraction of compiled_merged.
-    beyond = [
-        (unm - mer - lo) / mer
-        for unm, mer, lo in zip(
-            times["compiled_unmerged"], times["compiled_merged"], times["lora_ops"], strict=True
+    complete = len(compiled) == len(models)
+    if complete:
+        ratios["(compiled_merged+lora_ops)/compiled_merged"] = quartiles(
+            [(mer + lo) / mer for mer, lo in zip(times["compiled_merged"], times["lora_ops"], strict=True)]
         )
-    ]
+        beyond = [
+            (unm - mer - lo) / mer
+            for unm, mer, lo in zip(
+                times["compiled_unmerged"], times["compiled_merged"], times["lora_ops"], strict=True
+            )
+        ]
     result = {
         "benchmark": "bench/bench_compile.py",
         "quick": args.quick,
@@ -252,21 +274,8 @@ def main(argv: list[str] | None = None) -> dict:
         "git_sha": git_sha(),
         "compile_seconds_first_call": compile_s,
         "ms_median": {k: 1e3 * statistics.median(v) for k, v in times.items()},
-        "ratios": {
-            "eager_merged/eager_bare": ratio("eager_merged", "eager_bare"),
-            "eager_unmerged/eager_merged": ratio("eager_unmerged", "eager_merged"),
-            "compiled_bare/eager_bare": ratio("compiled_bare", "eager_bare"),
-            "compiled_merged/compiled_bare": ratio("compiled_merged", "compiled_bare"),
-            "compiled_unmerged/compiled_merged": ratio("compiled_unmerged", "compiled_merged"),
-            "compiled_unmerged/eager_unmerged": ratio("compiled_unmerged", "eager_unmerged"),
-            "(compiled_merged+lora_ops)/compiled_merged": quartiles(
-                [
-                    (mer + lo) / mer
-                    for mer, lo in zip(times["compiled_merged"], times["lora_ops"], strict=True)
-                ]
-            ),
-        },
-        "compiled_unmerged_beyond_lora_ops_fraction": quartiles(beyond),
+        "ratios": ratios,
+        "compiled_unmerged_beyond_lora_ops_fraction": quartiles(beyond) if complete else None,
         "flops": flops,
         "expected_ratio_from_flops": {
             "1+lora/adapted_linears": 1 + flops["lora_share_of_adapted_linears"],
@@ -276,7 +285,8 @@ def main(argv: list[str] | None = None) -> dict:
     out_path.parent.mkdir(parents=True, exist_ok=True)
     out_path.write_text(json.dumps(result, indent=2) + "\n")
     print_table(result)
-    print("\n" + markdown_table(result))
+    if complete:
+        print("\n" + markdown_table(result))
     print(f"\nwrote {os.path.relpath(out_path, Path.cwd())}")
     return result
 
@@ -299,13 +309,15 @@ def print_table(r: dict) -> None:
         "compiled_unmerged",
         "lora_ops",
     ):
-        print(f"{k:<20}{ms[k]:>12.2f}")
+        if k in ms:
+            print(f"{k:<20}{ms[k]:>12.2f}")
     print(f"\n{'ratio (per round)':<46}{'median':>8}{'p25':>8}{'p75':>8}")
     for k, q in r["ratios"].items():
         print(f"{k:<46}{q['median']:>8.3f}{q['p25']:>8.3f}{q['p75']:>8.3f}")
     b = r["compiled_unmerged_beyond_lora_ops_fraction"]
-    label = "compiled unmerged beyond LoRA ops (frac.)"
-    print(f"{label:<46}{b['median']:>8.3f}{b['p25']:>8.3f}{b['p75']:>8.3f}")
+    if b is not None:
+        label = "compiled unmerged beyond LoRA ops (frac.)"
+        print(f"{label:<46}{b['median']:>8.3f}{b['p25']:>8.3f}{b['p75']:>8.3f}")
     e = r["expected_ratio_from_flops"]
     print(
         f"1 + LoRA FLOPs / adapted-linear FLOPs = {e['1+lora/adapted_linears']:.3f}; "

@@ -1,6 +1,7 @@
 """Compile every fused-kernel configuration for sm_80 and sm_90a on this machine (no GPU).
 
-    python ci/kernel_report.py --out DIR [--quick] [--arch 80,90]
+    python ci/kernel_report.py --out DIR [--quick] [--arch 80,90] [--also-with PYTHON]
+    python ci/kernel_report.py --summarize REPORT.json [--summarize OTHER.json]
 
 Triton's own compiler produces PTX and a cubin for a GPU target without a GPU
 (``triton.compile(ASTSource(...), target=GPUTarget("cuda", 90, 32))``, the third field being the warp size). For each
@@ -10,6 +11,12 @@ backend ``bin/``), the shared memory the kernel needs (``metadata.shared``) and 
 the PTX uses ``wgmma`` (sm_90 warpgroup tensor cores), ``mma.sync`` or no tensor cores.
 It writes ``DIR/kernel_report.json``, prints a table, and prints the H200 roofline
 prediction of merged / fused / unmerged layers for the GPU benchmark shapes.
+
+A configuration that fails to compile is recorded with its error (and misses its
+targets) instead of stopping the run. ``--also-with PYTHON`` runs the same report under
+another interpreter (e.g. a venv with an older Triton) into ``DIR/also-with/`` and
+prints both reports' totals side by side, one column per Triton version;
+``--summarize`` given two reports prints the same comparison without compiling.
 
 Registry contract: every module ``kernels/<name>.py`` may define ``report_configs()``
 returning a list of dicts with these keys:
@@ -34,7 +41,9 @@ returning a list of dicts with these keys:
 Records in ``kernel_report.json``: ``kernel``, ``case``, ``variant``, ``arch``
 (``"sm_80"``/``"sm_90a"``), ``config``, ``registers``, ``spill_bytes`` (the stack frame
 from cuobjdump: Triton kernels make no calls, so a stack frame means spilled registers),
-``shared_bytes``, ``shared_limit``, ``mma``, ``compile_s``, ``module``.
+``shared_bytes``, ``shared_limit``, ``mma``, ``compile_s``, ``module``, ``triton`` (the
+version that compiled it). A failed compile keeps ``kernel`` to ``config``, ``module``
+and ``triton`` and has ``error`` (the exception's type and message) instead of the measurements.
 """
 
 from __future__ import annotations
@@ -173,8 +182,54 @@ def compile_record(rec: dict, arch: int) -> dict:
     }
 
 
+def error_record(rec: dict, arch: int, exc: BaseException) -> dict:
+    """The report record of a configuration whose compile raised ``exc``."""
+    msg = " ".join(str(exc).split())  # compiler errors span lines; the table needs one
+    return {
+        "kernel": rec["kernel"],
+        "module": rec.get("module", ""),
+        "case": rec.get("case", ""),
+        "variant": rec.get("variant", ""),
+        "arch": "sm_90a" if arch == 90 else f"sm_{arch}",
+        "config": dict(rec["config"]),
+        "error": f"{type(exc).__name__}: {msg[:500]}",
+    }
+
+
+def compile_all(records: list[dict], archs: list[int], compile_fn=None) -> list[dict]:
+    """Compile every record for its archs; a failing compile becomes an error record.
+
+    Args:
+        records: registry records (see the module docstring).
+        archs: compute capabilities to compile for (a record's ``archs`` narrows them).
+        compile_fn: ``(record, arch) -> report record``; ``compile_record`` by default.
+
+    Returns:
+        One report record per (record, arch), each tagged with the Triton version.
+    """
+    import triton
+
+    compile_fn = compile_fn or compile_record
+    results = []
+    t0 = time.perf_counter()
+    for i, rec in enumerate(records):
+        for arch in archs:
+            if arch in rec.get("archs", archs):
+                try:
+                    out = compile_fn(rec, arch)
+                except Exception as exc:  # one bad configuration must not hide the others
+                    out = error_record(rec, arch, exc)
+                    print(f"  sm_{arch}: {out['error'][:200]}", file=sys.stderr, flush=True)
+                results.append(dict(out, triton=triton.__version__))
+        print(f"[{i + 1}/{len(records)}] {rec['kernel']} {rec.get('case', '')} {rec.get('variant', '')} "
+              f"({time.perf_counter() - t0:.0f} s)", file=sys.stderr, flush=True)  # fmt: skip
+    return results
+
+
 def problems(r: dict) -> list[str]:
     """Targets a report record misses (empty when all are met)."""
+    if "error" in r:
+        return [f"compile failed: {r['error']}"]
     out = []
     if r["spill_bytes"]:
         out.append(f"spills {r['spill_bytes']} B")
@@ -197,6 +252,10 @@ def print_table(results: list[dict]) -> None:
         c = r["config"]
         tile = f"{c['BLOCK_M']}x{c['BLOCK_N']}x{c['BLOCK_K']}"
         bad = problems(r)
+        if "error" in r:
+            print(f"{r['kernel']:<20} {r['case']:<16} {r['variant']:<20} {r['arch']:<7} {tile:<12} "
+                  f"{c['num_warps']:>2} {c['num_stages']:>2} {bad[0]}")  # fmt: skip
+            continue
         print(
             f"{r['kernel']:<20} {r['case']:<16} {r['variant']:<20} {r['arch']:<7} {tile:<12} "
             f"{c['num_warps']:>2} {c['num_stages']:>2} {r['registers']:>5} {r['spill_bytes']:>5} "
@@ -216,13 +275,20 @@ def print_summary(results: list[dict]) -> None:
     hdr = f"| arch | kernel | case | dtype | tile (BMxBNxBK, warps, stages) | configs | registers | spills (B) | shared KiB | mma | targets |"
     print(hdr)
     print("|" + "---|" * 11)
-    for (arch, kern, case, dt, tile), rs in groups.items():
+    for (arch, kern, case, dt, tile), all_rs in groups.items():
+        rs = [r for r in all_rs if "error" not in r]
+        if not rs:
+            print(f"| {arch} | {kern} | {case} | {dt} | {tile} | {len(all_rs)} | - | - | - | - | "
+                  f"{len(all_rs)} FAILED to compile |")  # fmt: skip
+            continue
         regs = sorted(r["registers"] for r in rs)
         smem = max(r["shared_bytes"] for r in rs) / 1024
         mma = "/".join(sorted({r["mma"] for r in rs}))
         ok = "met" if not any(problems(r) for r in rs) else "MISSED"
+        if len(rs) < len(all_rs):
+            ok = f"{len(all_rs) - len(rs)} FAILED to compile"
         rng = f"{regs[0]}-{regs[-1]}" if regs[0] != regs[-1] else f"{regs[0]}"
-        print(f"| {arch} | {kern} | {case} | {dt} | {tile} | {len(rs)} | {rng} | "
+        print(f"| {arch} | {kern} | {case} | {dt} | {tile} | {len(all_rs)} | {rng} | "
               f"{max(r['spill_bytes'] for r in rs)} | {smem:.1f} | {mma} | {ok} |")  # fmt: skip
 
 
@@ -295,14 +361,89 @@ def print_roofline() -> list[dict]:
     return rows
 
 
+def totals(results: list[dict]) -> dict:
+    """One report's totals (the rows of the side-by-side comparison)."""
+    ok = [r for r in results if "error" not in r]
+    out = {
+        "triton": "/".join(sorted({r.get("triton", "?") for r in results})) or "?",
+        "compiled": len(ok),
+        "failed to compile": len(results) - len(ok),
+        "missing a target": sum(1 for r in results if problems(r)),
+        "configs with spills": sum(1 for r in ok if r["spill_bytes"]),
+        "max spill (B)": max((r["spill_bytes"] for r in ok), default=0),
+        "max registers": max((r["registers"] for r in ok), default=0),
+    }
+    for arch in sorted({r["arch"] for r in results}):
+        out[f"max shared KiB {arch}"] = round(max((r["shared_bytes"] for r in ok if r["arch"] == arch), default=0) / 1024, 1)
+    for mma in ("wgmma", "mma.sync", "none"):
+        out[f"mma {mma}"] = sum(1 for r in ok if r["mma"] == mma)
+    return out
+
+
+def print_comparison(reports: list[list[dict]]) -> list[dict]:
+    """Print the totals of several reports side by side (a column per Triton version)."""
+    cols = [totals(r) for r in reports]
+    rows = list(dict.fromkeys(k for c in cols for k in c if k != "triton"))
+    print("| | " + " | ".join(f"Triton {c['triton']}" for c in cols) + " |")
+    print("|---|" + "---|" * len(cols))
+    for k in rows:
+        print(f"| {k} | " + " | ".join(str(c.get(k, "-")) for c in cols) + " |")
+    failed = [r for rs in reports for r in rs if "error" in r]
+    for r in failed:
+        c = r["config"]
+        print(f"Triton {r.get('triton', '?')}: {r['kernel']} {r['case']} {r['variant']} {r['arch']} "
+              f"{c['BLOCK_M']}x{c['BLOCK_N']}x{c['BLOCK_K']} w{c['num_warps']} s{c['num_stages']}: {r['error']}")  # fmt: skip
+    return cols
+
+
+def print_report(results: list[dict]) -> None:
+    print_table(results)
+    print()
+    print("Summary (ranges over ranks and weight layouts):")
+    print_summary(results)
+
+
+def run_also_with(python: str, out: Path, argv: list[str]) -> list[dict]:
+    """Run this script under ``python`` (another Triton) with ``--out out/also-with``.
+
+    Returns its records; raises RuntimeError when it wrote no report.
+    """
+    sub = out / "also-with"
+    sub.mkdir(parents=True, exist_ok=True)
+    report = sub / "kernel_report.json"
+    report.unlink(missing_ok=True)  # a stale report must not pass for this run's
+    print(f"kernel_report: running the report under {python} into {sub}", file=sys.stderr, flush=True)
+    with open(sub / "stdout.txt", "w") as log:
+        proc = subprocess.run([python, str(Path(__file__).resolve()), "--out", str(sub), *argv], stdout=log)
+    if not report.exists():
+        raise RuntimeError(f"{python} wrote no report (exit {proc.returncode}); see {sub / 'stdout.txt'}")
+    return json.loads(report.read_text())
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--out", required=True, help="directory for kernel_report.json")
+    ap.add_argument("--out", help="directory for kernel_report.json (required unless --summarize)")
     ap.add_argument("--quick", action="store_true", help="only the records marked quick (fast subset)")
     ap.add_argument("--arch", default="80,90", help="comma-separated compute capabilities (80,90)")
-    ap.add_argument("--summarize", metavar="JSON", help="print the tables of an existing kernel_report.json; compile nothing")
+    ap.add_argument("--summarize", metavar="JSON", action="append",
+                    help="print the tables of an existing kernel_report.json; compile nothing. "
+                         "Given twice, also print both reports' totals side by side")  # fmt: skip
+    ap.add_argument("--also-with", metavar="PYTHON",
+                    help="also run the report under this interpreter (another Triton, e.g. a venv's "
+                         "bin/python) into OUT/also-with/ and print both side by side")  # fmt: skip
     args = ap.parse_args(argv)
-    # Only when run as the script (importing this module changes nothing): the kernels
+    if not args.summarize and not args.out:
+        ap.error("--out is required (or --summarize JSON)")
+    if args.summarize:
+        reports = [json.loads(Path(p).read_text()) for p in args.summarize]
+        for results in reports:
+            print_report(results)
+        print_roofline()
+        if len(reports) > 1:
+            print()
+            print_comparison(reports)
+        return 1 if any(problems(r) for rs in reports for r in rs) else 0
+    # Only when compiling (importing this module or --summarize changes nothing): the kernels
     # must be JIT functions, not the interpreter's wrappers, to be compiled, and the test
     # command sets TRITON_INTERPRET=1 for everything it runs. Triton 3.9 warns when
     # TRITON_DEFAULT_FP_FUSION is unset; 1 keeps its (and the JIT's) default.
@@ -313,14 +454,6 @@ def main(argv=None) -> int:
     except Exception as exc:
         print(f"kernel_report: Triton is not installed ({exc}); pip install triton", file=sys.stderr)
         return 2
-    if args.summarize:
-        results = json.loads(Path(args.summarize).read_text())
-        print_table(results)
-        print()
-        print("Summary (ranges over ranks and weight layouts):")
-        print_summary(results)
-        print_roofline()
-        return 1 if any(problems(r) for r in results) else 0
     archs = [int(a) for a in args.arch.split(",") if a]
     records = discover()
     if args.quick:
@@ -328,30 +461,33 @@ def main(argv=None) -> int:
     if not records:
         print("kernel_report: no report_configs() records found in kernels/", file=sys.stderr)
         return 2
-    results = []
-    t0 = time.perf_counter()
-    for i, rec in enumerate(records):
-        for arch in archs:
-            if arch in rec.get("archs", archs):
-                results.append(compile_record(rec, arch))
-        print(f"[{i + 1}/{len(records)}] {rec['kernel']} {rec.get('case', '')} {rec.get('variant', '')} "
-              f"({time.perf_counter() - t0:.0f} s)", file=sys.stderr, flush=True)  # fmt: skip
+    results = compile_all(records, archs)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "kernel_report.json").write_text(json.dumps(results, indent=1))
-    print_table(results)
-    print()
-    print("Summary (ranges over ranks and weight layouts):")
-    print_summary(results)
+    print_report(results)
     roof = print_roofline()
     (out / "roofline_h200.json").write_text(json.dumps(roof, indent=1))
-    bad = [r for r in results if problems(r)]
+    reports = [results]
+    if args.also_with:
+        sub_argv = ["--arch", args.arch] + (["--quick"] if args.quick else [])
+        try:
+            reports.append(run_also_with(args.also_with, out, sub_argv))
+        except (OSError, RuntimeError) as exc:
+            print(f"kernel_report: --also-with failed: {exc}", file=sys.stderr)
+            return 2
+        print()
+        print(f"Report under {args.also_with}:")
+        print_report(reports[1])
+        print()
+        cols = print_comparison(reports)
+        (out / "comparison.json").write_text(json.dumps(cols, indent=1))
     print()
-    print(
-        f"{len(results)} compiles, {len(bad)} missing a target; "
-        f"report: {out / 'kernel_report.json'}"
-    )
-    return 1 if bad else 0
+    for rs, path in zip(reports, [out, out / "also-with"]):
+        t = totals(rs)
+        print(f"Triton {t['triton']}: {len(rs)} compiles, {t['failed to compile']} failed, "
+              f"{t['missing a target']} missing a target; report: {path / 'kernel_report.json'}")  # fmt: skip
+    return 1 if any(problems(r) for rs in reports for r in rs) else 0
 
 
 if __name__ == "__main__":

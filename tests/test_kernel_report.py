@@ -81,3 +81,56 @@ def test_roofline_model():
     assert 1.04 < p["fused"] / p["merged"] < 1.06
     p = kernel_report.roofline(8192, 4096, 14336, 16)
     assert 1.01 < p["fused"] / p["merged"] < 1.025
+
+
+def _fake_ok(rec, arch):
+    """A compiled record without compiling (the measurements of a met target)."""
+    return {"kernel": rec["kernel"], "module": "", "case": rec["case"], "variant": rec["variant"],
+            "arch": "sm_90a" if arch == 90 else f"sm_{arch}", "config": dict(rec["config"]),
+            "registers": 100, "spill_bytes": 0, "shared_bytes": 4096, "shared_limit": 232448,
+            "mma": "wgmma", "compile_s": 0.0}  # fmt: skip
+
+
+def test_a_failing_compile_is_recorded_and_the_run_goes_on(capsys):
+    cfg = {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "num_warps": 4, "num_stages": 3}
+    real = kernel_report.discover()[0]
+    # A signature without the kernel's arguments: compile_record raises before compiling.
+    bad = dict(real, kernel="broken", case="prefill", variant="bf16", config=cfg, signature={}, archs=[90])
+    good = {"kernel": "good", "case": "prefill", "variant": "bf16", "config": cfg}
+
+    def compile_fn(rec, arch):
+        return _fake_ok(rec, arch) if rec["kernel"] == "good" else kernel_report.compile_record(rec, arch)
+
+    results = kernel_report.compile_all([bad, good], [80, 90], compile_fn)
+    # bad compiles only for its archs (90); good for both; good comes after the failure.
+    assert [(r["kernel"], r["arch"]) for r in results] == [("broken", "sm_90a"), ("good", "sm_80"), ("good", "sm_90a")]
+    err = results[0]
+    assert err["error"].startswith("ValueError: broken: signature lacks") and "registers" not in err
+    assert err["config"] == cfg and err["triton"] and all(r["triton"] == err["triton"] for r in results)
+    assert kernel_report.problems(err) == [f"compile failed: {err['error']}"]
+    assert all(kernel_report.problems(r) == [] for r in results[1:])
+    t = kernel_report.totals(results)
+    assert (t["compiled"], t["failed to compile"], t["missing a target"], t["mma wgmma"]) == (2, 1, 1, 2)
+    capsys.readouterr()
+    kernel_report.print_report(results)
+    out = capsys.readouterr().out
+    assert "compile failed: ValueError: broken" in out
+    assert "| sm_90a | broken | prefill | bf16 | 64x64x64 w4 s3 | 1 | - | - | - | - | 1 FAILED to compile |" in out
+
+
+def test_summarize_two_reports_side_by_side(tmp_path, capsys):
+    cfg = {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "num_warps": 4, "num_stages": 3}
+    rec = {"kernel": "k", "case": "prefill", "variant": "bf16", "config": cfg}
+    new = [dict(_fake_ok(rec, 90), triton="9.9.0")]
+    old = [dict(kernel_report.error_record(rec, 90, RuntimeError("PassManager::run\nfailed")), triton="3.6.0")]
+    paths = []
+    for name, rs in (("new", new), ("old", old)):
+        paths += ["--summarize", str(tmp_path / f"{name}.json")]
+        (tmp_path / f"{name}.json").write_text(json.dumps(rs))
+    before = os.environ.get("TRITON_INTERPRET")
+    assert kernel_report.main(paths) == 1  # the old report's failure misses a target
+    assert os.environ.get("TRITON_INTERPRET") == before  # later tests still interpret
+    out = capsys.readouterr().out
+    assert "| | Triton 9.9.0 | Triton 3.6.0 |" in out
+    assert "| compiled | 1 | 0 |" in out and "| failed to compile | 0 | 1 |" in out
+    assert "Triton 3.6.0: k prefill bf16 sm_90a 64x64x64 w4 s3: RuntimeError: PassManager::run failed" in out

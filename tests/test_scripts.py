@@ -4,8 +4,9 @@ The scripts are discovered by globbing those folders, so a new script without a 
 here fails ``test_every_script_has_a_smoke_case``. Each case runs the script in a
 subprocess from the repository root, as the README shows it, with TRITON_INTERPRET=1 (as
 the test command runs), the smallest arguments it has and a timeout; the results go to a
-temporary directory, never into the checkout. A script that another test already runs is
-listed in COVERED with that test file, which must name it.
+temporary directory, never into the checkout. A script that another test (or another
+script's smoke case: ci/gpu_check.sh runs both GPU benchmarks) already runs is listed in
+COVERED with that file, which must name it.
 """
 
 from __future__ import annotations
@@ -33,8 +34,8 @@ def _free_port() -> str:
 # arguments each script has, so the whole file stays within about a minute.
 SMOKE: dict[str, tuple[list[str], dict[str, str]]] = {
     "bench/bench_compile.py": (
-        [PY, "bench/bench_compile.py", "--quick", "--rounds", "1", "--reps", "1", "--batch", "1",
-         "--seq", "2", "--out", "{tmp}/compile.json"], {}),
+        [PY, "bench/bench_compile.py", "--quick", "--compiled", "unmerged", "--rounds", "1", "--reps", "1",
+         "--batch", "1", "--seq", "2", "--out", "{tmp}/compile.json"], {}),
     "bench/bench_dispatch.py": ([PY, "bench/bench_dispatch.py", "--rounds", "2", "--inner", "2"], {}),
     "bench/bench_merge_memory.py": ([PY, "bench/bench_merge_memory.py", "--layers", "1", "--dim", "64"], {}),
     "bench/bench_mixed.py": ([PY, "bench/bench_mixed.py", "--smoke"], {}),
@@ -45,9 +46,8 @@ SMOKE: dict[str, tuple[list[str], dict[str, str]]] = {
          "bench/test_bench_layers.py"], {}),
     "ci/declared_deps.py": ([PY, "ci/declared_deps.py", "-c", "import tinytune; print(tinytune.__version__)"], {}),
     "ci/fresh_venv.sh": (["bash", "ci/fresh_venv.sh", "--help"], {}),  # a real run installs for minutes
-    "ci/gpu_bench.py": ([PY, "ci/gpu_bench.py", "--dry-run", "--quick", "--out", "{tmp}/gpu_bench.json"], {}),
-    "ci/gpu_bench_mixed.py": (
-        [PY, "ci/gpu_bench_mixed.py", "--dry-run", "--rounds", "1", "--out", "{tmp}/gpu_bench_mixed.json"], {}),
+    # Its --smoke steps run ci/gpu_bench.py --dry-run --quick and ci/gpu_bench_mixed.py
+    # --dry-run --rounds 1 (their smoke arguments), and it fails when either does.
     "ci/gpu_check.sh": (["bash", "ci/gpu_check.sh", "--smoke", "{tmp}/gpu_check"], {"GPU_CHECK_DRY_RUN": "1"}),
     # A one-process FSDP run, started as torchrun would start it.
     "examples/fsdp_finetune.py": (
@@ -56,9 +56,12 @@ SMOKE: dict[str, tuple[list[str], dict[str, str]]] = {
         {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "{port}"}),
 }  # fmt: skip
 
-# Scripts that another test file runs in full (it must name the script).
+# Scripts that another test file, or a script with a smoke case here, runs (it must name
+# the script): running them twice would only double the time.
 COVERED = {
     "ci/check_wheel.py": "tests/test_packaging.py",
+    "ci/gpu_bench.py": "ci/gpu_check.sh",
+    "ci/gpu_bench_mixed.py": "ci/gpu_check.sh",
     "ci/gpu_summary.py": "tests/test_gpu_summary.py",
     "ci/kernel_report.py": "tests/test_kernel_report.py",
 }
@@ -82,6 +85,7 @@ def test_every_script_has_a_smoke_case():
     assert not set(SMOKE) & set(COVERED)
     for script, test in COVERED.items():
         assert Path(script).name in (ROOT / test).read_text(), f"{test} does not run {script}"
+        assert test.startswith("tests/") or test in SMOKE, f"{test} (runs {script}) is not run by the tests"
 
 
 @pytest.mark.parametrize("script", sorted(SMOKE))
