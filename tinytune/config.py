@@ -15,8 +15,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import enum
-import math
-import numbers
 import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar
@@ -24,6 +22,10 @@ from typing import Any, Callable, ClassVar
 from torch import nn
 
 from .errors import ConfigTypeError, InvalidConfigError, UnsupportedModuleError
+from .util import MAX_RANK, check_init_lora_weights  # noqa: F401 - MAX_RANK: public here too
+from .util import check_bool as _check_bool
+from .util import check_number as _check_number
+from .util import check_rank as _check_rank
 
 __all__ = ["AdapterConfig", "LoraConfig", "IA3Config", "TaskType", "name_matches"]
 
@@ -385,62 +387,6 @@ class LoraConfig(AdapterConfig):
 
 
 # init_lora_weights values PEFT computes from data or by rewriting the base weights.
-_REFUSED_INITS = ("pissa", "olora", "loftq", "corda", "eva", "lora_ga", "orthogonal")
-
-
-def check_init_lora_weights(init: Any) -> bool | str:
-    """Validate ``init_lora_weights``: ``True``, ``False`` or ``"gaussian"``.
-
-    Raises:
-        InvalidConfigError: For PEFT's other inits, which tinytune cannot run (PiSSA,
-            OLoRA, LoftQ, CorDA rewrite the base weights; EVA and LoRA-GA need data),
-            and for unknown values.
-    """
-    if isinstance(init, bool):
-        return init
-    if isinstance(init, str) and init.lower() == "gaussian":
-        return "gaussian"
-    if isinstance(init, str) and init.lower().startswith(_REFUSED_INITS):
-        raise InvalidConfigError(
-            f"init_lora_weights={init!r} is not supported: tinytune never rewrites the base "
-            "model's weights (PiSSA, OLoRA, LoftQ and CorDA do) and does not run data-driven "
-            "inits (EVA, LoRA-GA) or orthogonal init, so the adapter would train from another "
-            "start than you asked for. Use init_lora_weights=True, 'gaussian' or False, or "
-            "initialise with PEFT, save, and load the file with load_adapter()."
-        )
-    raise InvalidConfigError(
-        f"init_lora_weights must be True, False or 'gaussian', got {init!r}."
-    )
-#: Ranks at or above this are refused up front (torch sizes overflow far below what
-#: such factors would need; a LoRA rank is typically 4..256).
-MAX_RANK = 2**31
-
-
-def _check_rank(r: Any, what: str) -> None:
-    if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
-        raise InvalidConfigError(f"{what} must be a positive integer, got {r!r}.")
-    if r >= MAX_RANK:
-        raise InvalidConfigError(
-            f"{what}={r} is absurdly large (at least 2**31); LoRA ranks are typically "
-            "4 to 256. Pick a smaller rank."
-        )
-
-
-def _check_number(value: Any, what: str) -> None:
-    # Caught here, not later as a bare TypeError from ``alpha / r`` in a layer.
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise InvalidConfigError(f"{what} must be a number, got {value!r}.")
-    if not math.isfinite(float(value)):
-        # A nan/inf scale would turn every merged weight into nan.
-        raise InvalidConfigError(f"{what} must be a finite number, got {value!r}.")
-
-
-def _check_bool(value: Any, what: str) -> None:
-    # "no" or "false" are truthy strings: they would silently switch the option on.
-    if not isinstance(value, bool):
-        raise ConfigTypeError(f"{what} must be True or False, got {value!r}.")
-
-
 @dataclass
 class IA3Config(AdapterConfig):
     """IA³: learned per-feature scales, initialised to 1.

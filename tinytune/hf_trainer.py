@@ -33,13 +33,13 @@ from transformers import Trainer
 from transformers.trainer import TRAINING_ARGS_NAME
 from transformers.utils import can_return_loss, find_labels
 
-from .training import (
-    _dtensor_type,
+from .checkpoints import (
     load_adapter_weights,
     save_adapter_distributed,
     save_all_adapters,
     saved_adapter_dirs,
 )
+from .util import adapter_dir, dtensor_type
 from .wrapper import AdapterWrapper
 
 __all__ = ["AdapterTrainer"]
@@ -81,13 +81,13 @@ class AdapterTrainer(Trainer):
             super()._save(output_dir, state_dict)
             return
         output_dir = output_dir if output_dir is not None else self.args.output_dir
-        dtensor = _dtensor_type()
+        dtensor = dtensor_type()
         sharded = dtensor is not None and any(isinstance(p, dtensor) for p in wrapper.adapter_parameters())
         if sharded:
             # Gathering shards is a collective: every rank takes part, the main one writes.
             for name, adapter in wrapper.adapters.items():
                 if len(adapter):
-                    where = output_dir if name == "default" else os.path.join(output_dir, name)
+                    where = adapter_dir(output_dir, name)
                     save_adapter_distributed(wrapper, where, name, rank=0 if self.args.should_save else 1)
         if not self.args.should_save:
             return

@@ -39,6 +39,7 @@ from typing import Any, Callable, Iterable, Iterator, Mapping
 import torch
 from torch import nn
 
+from .adapter import Adapter, layer_key
 from .config import AdapterConfig, IA3Config, LoraConfig, name_matches
 from .errors import (
     AdapterFileError,
@@ -48,6 +49,7 @@ from .errors import (
     InvalidConfigError,
     suggest,
 )
+from .util import CONFIG_NAME, LEGACY_WEIGHTS_NAME, WEIGHTS_NAME, device_of
 from .layers import (
     AdapterLayer,
     Conv2dLoraLayer,
@@ -63,16 +65,19 @@ from .layers import (
 __all__ = [
     "save_adapter",
     "save_adapters",
-    "load_adapter",
     "read_adapter",
+    "read_config",
+    "read_weights",
+    "serialise",
+    "fingerprint",
+    "tensor_map",
+    "layer_config",
+    "INFORMATIONAL",
     "CONFIG_NAME",
     "WEIGHTS_NAME",
     "LEGACY_WEIGHTS_NAME",
 ]
 
-CONFIG_NAME = "adapter_config.json"
-WEIGHTS_NAME = "adapter_model.safetensors"
-LEGACY_WEIGHTS_NAME = "adapter_model.bin"
 
 #: Prefix PEFT puts before every key (``PeftModel.base_model.model`` is the user's model).
 KEY_PREFIX = "base_model.model."
@@ -93,7 +98,7 @@ _BUILTIN_NAMES = {cls: name for name, cls in _BUILTIN_TYPES.items()}
 
 # PEFT config fields that describe where the adapter came from; they never change what
 # it computes. Kept out of the fingerprint so that editing them by hand stays harmless.
-_INFORMATIONAL = {
+INFORMATIONAL = {
     "base_model_name_or_path",
     "revision",
     "task_type",
@@ -105,7 +110,7 @@ _INFORMATIONAL = {
 _CARRIED = ("base_model_name_or_path", "revision", "task_type")
 # PEFT fields that only matter while initialising or choosing modules, not for loading
 # trained weights: the saved keys already say which modules are adapted.
-_INERT = _INFORMATIONAL | {
+_INERT = INFORMATIONAL | {
     "init_lora_weights",
     "init_ia3_weights",
     "loftq_config",
@@ -124,7 +129,7 @@ _INERT = _INFORMATIONAL | {
 # ======================================================================================
 # saving
 # ======================================================================================
-def save_adapter(wrapper: Any, path: str | os.PathLike, adapter_name: str = "default") -> None:
+def save_adapter(adapter: Any, model: nn.Module, path: str | os.PathLike) -> None:
     """Save one adapter as ``adapter_config.json`` + ``adapter_model.safetensors``.
 
     Plain LoRA and IA³ adapters (with ``modules_to_save``) are written in PEFT's format,
@@ -133,10 +138,11 @@ def save_adapter(wrapper: Any, path: str | os.PathLike, adapter_name: str = "def
     layer (see the README); no layer is ever left out.
 
     Args:
-        wrapper: The :class:`~tinytune.AdapterWrapper` holding the adapter.
+        adapter: The :class:`~tinytune.adapter.Adapter` to save. Its name is not
+            stored (as in PEFT).
+        model: The base model it adapts.
         path: Directory to write into; created if missing. Other files in it are kept;
             the two adapter files are replaced atomically, each one by a rename.
-        adapter_name: The adapter to save. The name itself is not stored (as in PEFT).
 
     Raises:
         AdapterNotFoundError: If there is no such adapter.
@@ -145,30 +151,29 @@ def save_adapter(wrapper: Any, path: str | os.PathLike, adapter_name: str = "def
             its constructor takes arguments, or a result JSON cannot hold). Nothing is
             written then.
     """
-    save_adapters(wrapper, [(adapter_name, path)])
+    save_adapters(model, [(adapter, path)])
 
 
-def save_adapters(wrapper: Any, items: list[tuple[str, Any]], write: bool = True) -> None:
-    """Save several adapters, ``[(adapter name, directory), ...]``: every adapter is
+def save_adapters(model: nn.Module, items: list[tuple[Any, Any]], write: bool = True) -> None:
+    """Save several adapters of ``model``, ``[(adapter, directory), ...]``: every adapter is
     serialised and checked before the first file is written (``write=False``: check
     only). Raises as :func:`save_adapter`."""
-    prepared = [_prepare_save(wrapper, name, path) for name, path in items]
+    prepared = [_prepare_save(adapter, model, path) for adapter, path in items]
     if write:
         for args in prepared:
             _write_adapter(*args)
 
 
-def _prepare_save(wrapper: Any, adapter_name: str, path: Any) -> tuple:
-    adapter = wrapper._adapter(adapter_name)
-    model = wrapper._model()
+def _prepare_save(adapter: Any, model: nn.Module, path: Any) -> tuple:
+    adapter_name = adapter.name
     if len(adapter) == 0:
         raise AdapterFileError(
             f"Adapter {adapter_name!r} has no layers, so there is nothing to save; add layers "
             "with add_adapter_layer() first."
         )
-    config, tensors = _serialise(adapter, model)
+    config, tensors = serialise(adapter, model)
     config_bytes = (json.dumps(config, indent=2, sort_keys=False) + "\n").encode("utf-8")
-    metadata = {"format": "pt", FINGERPRINT_KEY: _fingerprint(json.loads(config_bytes))}
+    metadata = {"format": "pt", FINGERPRINT_KEY: fingerprint(json.loads(config_bytes))}
 
     directory = Path(path)
     if directory.exists() and not directory.is_dir():
@@ -208,7 +213,7 @@ def _write_adapter(
     _fsync_dir(directory)
 
 
-def _serialise(adapter: Any, model: nn.Module) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+def serialise(adapter: Any, model: nn.Module) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """The config dict and the tensors (PEFT keys) for ``adapter``; raises before writing."""
     modules = dict(model.named_modules())
     peft_cfg = _peft_config_dict(adapter, model, modules)
@@ -219,7 +224,7 @@ def _serialise(adapter: Any, model: nn.Module) -> tuple[dict[str, Any], dict[str
 
     tensors: dict[str, torch.Tensor] = {}
     for path, layer in adapter.items():
-        for suffix, (param, transposed) in _tensor_map(layer).items():
+        for suffix, (param, transposed) in tensor_map(layer).items():
             t = param.detach()
             t = t.t() if transposed else t
             # A fresh contiguous CPU copy: safetensors refuses shared or strided storage.
@@ -234,7 +239,7 @@ def _serialise(adapter: Any, model: nn.Module) -> tuple[dict[str, Any], dict[str
         entry: dict[str, Any] = {"module": path, "type": _type_name(layer)}
         if type(layer) not in _BUILTIN_NAMES:
             entry["python_class"] = f"{type(layer).__module__}.{type(layer).__qualname__}"
-        entry["config"] = _layer_config(path, layer)
+        entry["config"] = layer_config(path, layer)
         layers.append(entry)
     config = {
         "peft_type": "TINYTUNE",
@@ -248,7 +253,7 @@ def _type_name(layer: AdapterLayer) -> str:
     return _BUILTIN_NAMES.get(type(layer), type(layer).__qualname__)
 
 
-def _layer_config(path: str, layer: AdapterLayer) -> dict[str, Any]:
+def layer_config(path: str, layer: AdapterLayer) -> dict[str, Any]:
     """Constructor arguments recorded for one layer of a TINYTUNE-format file."""
     # The built-in layers, and subclasses that keep their constructor (a LoRA that
     # changes only post_forward, say): the constructor's arguments are known attributes.
@@ -306,7 +311,7 @@ def _layer_config(path: str, layer: AdapterLayer) -> dict[str, Any]:
     return cfg
 
 
-def _tensor_map(layer: AdapterLayer) -> dict[str, tuple[torch.Tensor, bool]]:
+def tensor_map(layer: AdapterLayer) -> dict[str, tuple[torch.Tensor, bool]]:
     """File key suffix -> (the layer's tensor, whether the file stores its transpose).
 
     Builtin layers use PEFT's names and layouts; custom layers their own state_dict.
@@ -519,9 +524,9 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def _fingerprint(config: dict[str, Any]) -> str:
+def fingerprint(config: dict[str, Any]) -> str:
     """sha256 of the config's meaningful fields, in a canonical JSON form."""
-    core = {k: v for k, v in config.items() if k not in _INFORMATIONAL}
+    core = {k: v for k, v in config.items() if k not in INFORMATIONAL}
     text = json.dumps(core, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
@@ -529,63 +534,8 @@ def _fingerprint(config: dict[str, Any]) -> str:
 # ======================================================================================
 # loading
 # ======================================================================================
-def load_adapter(
-    wrapper: Any,
-    path: str | os.PathLike,
-    adapter_name: str = "default",
-    activate: bool = True,
-    *,
-    custom_layers: Mapping[str, Callable[..., AdapterLayer]] | Iterable[type] | None = None,
-    check_fingerprint: bool = True,
-    is_trainable: bool = True,
-) -> None:
-    """Load an adapter saved by PEFT or tinytune and attach it to the wrapper.
-
-    Reads ``adapter_config.json`` and ``adapter_model.safetensors`` only (never
-    pickle). The keys in the weights file say which modules are adapted; the config
-    gives each layer its settings (``lora_alpha``, ``alpha_pattern``, ``use_rslora``,
-    ...). The whole adapter is built and checked first; any error leaves the wrapper
-    and base model exactly as they were.
-
-    Args:
-        wrapper: The :class:`~tinytune.AdapterWrapper` to load into.
-        path: The adapter directory.
-        adapter_name: Name for the loaded adapter; must be new.
-        activate: Add it to the active adapters, as ``add_adapter`` does.
-        custom_layers: Classes (or factories) for the custom layers of a TINYTUNE-format
-            file: a mapping ``{type name in the file: class or factory}``, or an
-            iterable of classes, keyed by ``__qualname__``. Each is called with the
-            keyword arguments its ``get_config()`` returned at save time. Nothing named
-            in the file is ever imported.
-        check_fingerprint: Refuse a config that does not match the fingerprint a
-            tinytune-written weights file records (an interrupted save, or a config
-            edited by hand). Set ``False`` to accept a deliberate edit.
-        is_trainable: Whether the loaded adapter's parameters require grad (PEFT's
-            argument; unlike PEFT, tinytune loads adapters trainable by default).
-
-    Raises:
-        AdapterExistsError: If ``adapter_name`` is taken.
-        AdapterFileNotFoundError: If the directory or one of the two files is missing.
-        AdapterFileError: For a legacy ``adapter_model.bin``, a corrupt or truncated
-            file, a key that names no module, a tensor of the wrong shape, a missing
-            tensor, or a custom layer type with no class passed in ``custom_layers``.
-        InvalidConfigError: If the config uses a PEFT option tinytune does not
-            implement (``use_dora``, ``bias``, ...), or an unsupported ``peft_type``.
-    """
-    wrapper._check_new_name(adapter_name)
-    adapter = read_adapter(
-        wrapper,
-        path,
-        adapter_name,
-        custom_layers=custom_layers,
-        check_fingerprint=check_fingerprint,
-        is_trainable=is_trainable,
-    )
-    wrapper._attach(adapter, activate)
-
-
 def read_adapter(
-    wrapper: Any,
+    model: nn.Module,
     path: str | os.PathLike,
     adapter_name: str = "default",
     *,
@@ -594,20 +544,19 @@ def read_adapter(
     is_trainable: bool = True,
 ) -> Any:
     """Read and check an adapter directory and build its :class:`~tinytune.Adapter`
-    for ``wrapper``'s model, without attaching it (``load_adapter`` and
+    for ``model``, without attaching it (``AdapterWrapper.load_adapter`` and
     ``hotswap_adapter`` attach or copy it). Arguments and errors as in
-    :func:`load_adapter`; the name is not checked.
+    :meth:`tinytune.AdapterWrapper.load_adapter`; the name is not checked.
 
     Returns:
         The new, unattached ``Adapter``, its layers on their modules' devices.
     """
-    model = wrapper._model()
     registry = _registry(custom_layers)  # checked whatever the file's format
     directory = Path(path)
-    config, config_file = _read_config(directory)
-    tensors, metadata, weights_file = _read_weights(directory)
+    config, config_file = read_config(directory)
+    tensors, metadata, weights_file = read_weights(directory)
     if check_fingerprint and FINGERPRINT_KEY in metadata:
-        if metadata[FINGERPRINT_KEY] != _fingerprint(config):
+        if metadata[FINGERPRINT_KEY] != fingerprint(config):
             raise AdapterFileError(
                 f"{config_file} does not belong to {weights_file}: the weights were written "
                 "with another config (a save was interrupted, or the config was edited by "
@@ -638,16 +587,14 @@ def read_adapter(
     if not layers:
         raise AdapterFileError(f"{weights_file} holds no adapter tensors; nothing to load.")
 
-    from .wrapper import Adapter, _device_of, _key
-
     adapter = Adapter(adapter_name, cfg)
     adapter.peft_extras = {k: config[k] for k in _CARRIED if config.get(k) is not None}
     for layer_path, layer in layers:
         layer.requires_grad_(bool(is_trainable))
-        device = _device_of(ctx.modules[layer_path])
+        device = device_of(ctx.modules[layer_path])
         if device is not None:
             layer.to(device)
-        adapter.layers[_key(layer_path)] = layer
+        adapter.layers[layer_key(layer_path)] = layer
     return adapter
 
 
@@ -676,7 +623,7 @@ class _LoadContext:
     def fill(self, path: str, layer: AdapterLayer, legacy_infix: str | None = None) -> None:
         """Copy the file's tensors into ``layer`` (fresh, unattached), checking shapes."""
         with torch.no_grad():
-            for suffix, (param, transposed) in _tensor_map(layer).items():
+            for suffix, (param, transposed) in tensor_map(layer).items():
                 key = f"{KEY_PREFIX}{path}.{suffix}"
                 if key not in self.tensors and legacy_infix is not None:
                     legacy = f"{KEY_PREFIX}{path}.{legacy_infix}.{suffix}"
@@ -764,7 +711,7 @@ def _json_depth(value: Any) -> int:
     return depth
 
 
-def _read_config(directory: Path) -> tuple[dict[str, Any], Path]:
+def read_config(directory: Path) -> tuple[dict[str, Any], Path]:
     if not directory.is_dir():
         raise AdapterFileNotFoundError(
             f"No adapter directory at {str(directory)!r}; pass the directory that holds "
@@ -792,7 +739,7 @@ def _read_config(directory: Path) -> tuple[dict[str, Any], Path]:
     return config, file
 
 
-def _read_weights(directory: Path) -> tuple[dict[str, torch.Tensor], dict[str, str], Path]:
+def read_weights(directory: Path) -> tuple[dict[str, torch.Tensor], dict[str, str], Path]:
     file = directory / WEIGHTS_NAME
     if not file.is_file():
         legacy = directory / LEGACY_WEIGHTS_NAME

@@ -39,9 +39,11 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from .batch import SiteStacks, _AdapterSignature, _stack_params
-from .layers import layer_kind
-from .errors import InvalidConfigError, MixedBatchError
+from .stacks import STATES, AdapterSignature, SiteStacks, release_unreserved, stack_params, state_of
+from .errors import AdapterFileError, AdapterStateError, InvalidConfigError, MixedBatchError
+from .io import layer_config, read_adapter
+from .layers import LinearIA3Layer, LoraLayer, layer_kind
+from .util import device_of
 
 __all__ = ["SlotPool", "check_fits"]
 
@@ -84,7 +86,7 @@ class SlotPool:
         self.slot_of: dict[str, int] = {}
         self.lru: "OrderedDict[str, None]" = OrderedDict()  # resident, most recent last
         self.free: list[int] = list(range(capacity - 1, -1, -1))
-        self.sigs: dict[str, _AdapterSignature] = {}  # resident adapters
+        self.sigs: dict[str, AdapterSignature] = {}  # resident adapters
         self.known: dict[str, nn.Module] = {}  # adapter objects adopted into the host tier
         self.host: dict[str, dict[int, tuple[nn.Parameter, torch.Tensor]]] = {}
         self.inflight = [0] * capacity
@@ -126,7 +128,7 @@ class SlotPool:
                 st = self._site_stacks(path, layer)
                 if kind is None:
                     continue
-                for p, v in zip(_stack_params(layer, kind), st.views(0, layer)):
+                for p, v in zip(stack_params(layer, kind), st.views(0, layer)):
                     if p.dtype != v.dtype or p.shape != v.shape:
                         continue  # copied into its slot instead (see SiteStacks)
                     kept = old.get(id(p))
@@ -167,7 +169,7 @@ class SlotPool:
                 st.set_slot(slot, None, derive=False)  # identity where it has no layer
         self.slot_of[name] = slot
         self.lru[name] = None
-        self.sigs[name] = _AdapterSignature(
+        self.sigs[name] = AdapterSignature(
             adapter, any(slot in st.copied for st in self.stacks.values())
         )
         self.loads += 1
@@ -230,7 +232,7 @@ class SlotPool:
                 continue
             stacks = getattr(st, kind)
             ref = stacks[0] if kind in ("lora", "emb") else stacks
-            if any(p.dtype != ref.dtype for p in _stack_params(layer, kind)):
+            if any(p.dtype != ref.dtype for p in stack_params(layer, kind)):
                 return True
         return False
 
@@ -384,7 +386,7 @@ class SlotPool:
 
 def _module_where(wrapper: nn.Module, path: str) -> tuple:
     """``(device, dtype)`` of the adapted module ``path``'s first parameter."""
-    site = wrapper._sites.get(path)
+    site = wrapper.registry.sites.get(path)
     for t in () if site is None else site.module.parameters():
         return (t.device, t.dtype)
     return (None, None)
@@ -392,14 +394,8 @@ def _module_where(wrapper: nn.Module, path: str) -> tuple:
 
 def _module_device(wrapper: nn.Module, path: str) -> torch.device | None:
     """The device of the adapted module ``path`` (its first parameter or buffer)."""
-    site = wrapper._sites.get(path)
-    if site is None:
-        return None
-    for t in site.module.parameters():
-        return t.device
-    for t in site.module.buffers():
-        return t.device
-    return None
+    site = wrapper.registry.sites.get(path)
+    return None if site is None else device_of(site.module)
 
 
 class _Pins:
@@ -422,31 +418,27 @@ class _Pins:
 # ----------------------------------------------------------------------------------------
 def pool_of(wrapper: nn.Module) -> SlotPool | None:
     """The wrapper's reserved slots, or ``None``."""
-    from .batch import _STATES
-
-    state = _STATES.get(wrapper)
+    state = STATES.get(wrapper)
     return None if state is None else state.pool
 
 
 def reserve(wrapper: nn.Module, max_adapters: int, max_rank: int) -> None:
     """See ``AdapterWrapper.reserve_adapter_slots``."""
-    from .batch import _release_unreserved, _wrapper_state
-
     for what, value in (("max_adapters", max_adapters), ("max_rank", max_rank)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise InvalidConfigError(
                 f"{what} must be a positive integer, got {value!r}; e.g. "
                 "reserve_adapter_slots(max_adapters=16, max_rank=64)."
             )
-    wrapper._model()  # raises if unloaded
+    wrapper.registry.model()  # raises if unloaded
     for adapter in wrapper.adapters.values():
         check_fits(adapter, max_rank)
-    state = _wrapper_state(wrapper)
+    state = state_of(wrapper)
     with state.lock:
         if state.pool is not None:
             state.pool._reset()
         else:
-            _release_unreserved(state)
+            release_unreserved(state)
         pool = SlotPool(wrapper, max_adapters, max_rank, state.lock)
         # Allocate every module's stacks now, from all loaded adapters' layers, so that
         # later loads of adapters on the same modules allocate nothing.
@@ -468,7 +460,7 @@ def reserve(wrapper: nn.Module, max_adapters: int, max_rank: int) -> None:
         state.pool = pool
         # Read by forward/generate (a plain attribute, so a compiled forward guards on
         # it like on any other): only then do plain calls pin their adapters' slots.
-        wrapper._slots_reserved = True
+        wrapper.registry.slots_reserved = True
         arm_hooks(wrapper, pool)
 
 
@@ -496,10 +488,10 @@ def pin_adapters(wrapper: nn.Module, names: Sequence[str]) -> "_Pins | None":
 def _pin_active(wrapper: nn.Module) -> "_Pins | None":
     # Host-side bookkeeping, outside any compiled graph (as batch._prepare): compiled
     # code never guards on it. Merged adapters run no hook; disabled ones none at all.
-    if wrapper._disabled:
+    if wrapper.registry.disabled:
         return None
-    merged = wrapper._merged
-    return pin_adapters(wrapper, [n for n in wrapper._active if n not in merged])
+    merged = wrapper.registry.merged
+    return pin_adapters(wrapper, [n for n in wrapper.registry.active if n not in merged])
 
 
 @torch.compiler.disable
@@ -548,19 +540,17 @@ def arm_hooks(wrapper: nn.Module, pool: SlotPool) -> None:
     reserved slots keeps them (without a mixed call in flight they do nothing).
     """
     added = False
-    for path, site in wrapper._sites.items():
+    for path, site in wrapper.registry.sites.items():
         st = pool.stacks.get(path)
         if st is not None:
             added |= site.prepare_mixed(st.need_pre)
     if added:
-        wrapper._note_hook_layout()
+        wrapper.registry.note_hook_layout()
 
 
 def stats(wrapper: nn.Module) -> dict[str, Any]:
     """See ``AdapterWrapper.slot_stats``."""
-    from .batch import _STATES
-
-    state = _STATES.get(wrapper)
+    state = STATES.get(wrapper)
     if state is not None and state.pool is not None:
         with state.lock:
             return state.pool.stats()
@@ -594,17 +584,12 @@ def hotswap(wrapper: nn.Module, path: Any, adapter_name: str, **kwargs: Any) -> 
 
 
 def _hotswap(wrapper: nn.Module, path: Any, adapter_name: str, **kwargs: Any) -> None:
-    from .batch import _wrapper_state
-    from .errors import AdapterFileError, AdapterStateError
-    from .io import _layer_config, read_adapter
-    from .layers import LinearIA3Layer, LoraLayer
-
-    old = wrapper._adapter(adapter_name)
-    if adapter_name in wrapper._merged:
+    old = wrapper.registry.get(adapter_name)
+    if adapter_name in wrapper.registry.merged:
         raise AdapterStateError(
             f"Adapter {adapter_name!r} is merged; call unmerge_adapters() before hot-swapping it."
         )
-    new = read_adapter(wrapper, path, adapter_name, **kwargs)
+    new = read_adapter(wrapper.registry.model(), path, adapter_name, **kwargs)
     old_paths, new_paths = set(old.layer_names), set(new.layer_names)
     if old_paths != new_paths:
         extra, missing = sorted(new_paths - old_paths), sorted(old_paths - new_paths)
@@ -633,7 +618,7 @@ def _hotswap(wrapper: nn.Module, path: Any, adapter_name: str, **kwargs: Any) ->
                 k: t.shape for k, t in n.state_dict().items()
             }
             try:
-                same = same and _layer_config(p, o) == _layer_config(p, n)
+                same = same and layer_config(p, o) == layer_config(p, n)
             except Exception:  # noqa: BLE001 - a layer without a storable config
                 same = False
             if not same:
@@ -643,7 +628,7 @@ def _hotswap(wrapper: nn.Module, path: Any, adapter_name: str, **kwargs: Any) ->
                     "replace its values. Nothing was changed."
                 )
     check_attach(wrapper, new)
-    state = _wrapper_state(wrapper)
+    state = state_of(wrapper)
     with state.lock, torch.no_grad():
         for p in old.layer_names:
             o, n = old[p], new[p]
@@ -679,3 +664,31 @@ def _hotswap(wrapper: nn.Module, path: Any, adapter_name: str, **kwargs: Any) ->
                 pool.derive()
             else:
                 pool.adopt(adapter_name, old)
+
+
+class SlotHooks:
+    """What the adapter registry calls, while it attaches or merges adapters, to keep
+    the reserved slots right (see :class:`tinytune.registry.AdapterRegistry`)."""
+
+    __slots__ = ("wrapper",)
+
+    def __init__(self, wrapper: nn.Module) -> None:
+        self.wrapper = wrapper
+
+    def check_attach(self, adapter: Any) -> None:
+        """See :func:`check_attach`."""
+        check_attach(self.wrapper, adapter)
+
+    def on_attach(self, name: str) -> None:
+        """See :func:`on_attach`."""
+        on_attach(self.wrapper, name)
+
+    def pin(self, names: Sequence[str]) -> "_Pins | None":
+        """See :func:`pin_adapters`."""
+        return pin_adapters(self.wrapper, names)
+
+
+def slot_hooks(wrapper: nn.Module) -> SlotHooks | None:
+    """The registry's ``slots`` argument for ``wrapper``: ``None`` without reserved
+    slots (then attaching and merging need nothing from them)."""
+    return SlotHooks(wrapper) if pool_of(wrapper) is not None else None

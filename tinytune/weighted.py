@@ -19,12 +19,15 @@ from __future__ import annotations
 import dataclasses
 import math
 import numbers
-from typing import Any, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
+from torch import nn
 
+from .adapter import Adapter, layer_key
 from .config import AdapterConfig, LoraConfig
 from .errors import InvalidConfigError, UnsupportedModuleError
+from .util import device_of
 from .layers import (
     AdapterLayer,
     Conv2dLoraLayer,
@@ -70,7 +73,8 @@ def _delta(layer: LoraLayer) -> torch.Tensor:
 
 
 def add_weighted_adapter(
-    wrapper: Any,
+    get_adapter: Callable[[str], Any],
+    modules: Mapping[str, nn.Module],
     adapters: Sequence[str],
     weights: Sequence[float],
     adapter_name: str,
@@ -81,16 +85,23 @@ def add_weighted_adapter(
     svd_driver: str | None = None,
     density: float | None = None,
     majority_sign_method: str = "total",
-) -> None:
-    """Add ``adapter_name``, a LoRA adapter combining ``adapters`` with ``weights``.
+) -> Adapter:
+    """Build (not attach) ``adapter_name``, a LoRA adapter combining ``adapters`` with
+    ``weights``; the caller checks the new name first.
 
-    See :meth:`tinytune.AdapterWrapper.add_weighted_adapter`.
+    See :meth:`tinytune.AdapterWrapper.add_weighted_adapter` for the other arguments.
+
+    Args:
+        get_adapter: Looks up a source adapter by name (raises for an unknown one).
+        modules: ``{module path: module}`` of the adapted modules.
+
+    Returns:
+        The new ``Adapter`` (not activated, as in PEFT), on its modules' devices.
     """
-    wrapper._check_new_name(adapter_name)
     adapters = [adapters] if isinstance(adapters, str) else list(adapters)
     if not adapters:
         raise InvalidConfigError("adapters is empty: name the adapters to combine.")
-    sources = [wrapper._adapter(name) for name in adapters]
+    sources = [get_adapter(name) for name in adapters]
     if isinstance(weights, (str, bytes)) or not hasattr(weights, "__len__"):
         raise InvalidConfigError(f"weights must be a list of numbers, got {weights!r}.")
     weights = list(weights)
@@ -122,7 +133,7 @@ def add_weighted_adapter(
         for path, layer in adapter.items():
             if isinstance(layer, ModulesToSaveLayer):
                 saves.setdefault(path, []).append(name)
-            elif type(layer) in (lora_layer_for(wrapper._sites[path].module),) and isinstance(layer, LoraLayer):
+            elif type(layer) in (lora_layer_for(modules[path]),) and isinstance(layer, LoraLayer):
                 per_path.setdefault(path, {})[name] = layer
             else:
                 raise UnsupportedModuleError(
@@ -158,7 +169,7 @@ def add_weighted_adapter(
         (l for _, l in sources[0].items() if isinstance(l, LoraLayer)),
         next(iter(per_path[next(iter(per_path))].values())),
     )
-    model_modules = {path: wrapper._sites[path].module for path in list(per_path) + list(saves)}
+    model_modules = {path: modules[path] for path in list(per_path) + list(saves)}
     built: list[tuple[str, AdapterLayer]] = []
     for path, present in per_path.items():
         module = model_modules[path]
@@ -211,16 +222,13 @@ def add_weighted_adapter(
         built.append((path, layer))
 
     config = _combined_config(sources, new_rank)
-    from .wrapper import Adapter, _device_of, _key
-
     adapter = Adapter(adapter_name, config)
     for path, layer in built:
-        device = _device_of(model_modules[path])
+        device = device_of(model_modules[path])
         if device is not None:
             layer.to(device)
-        adapter.layers[_key(path)] = layer
-    # Not activated, as in PEFT: call set_adapter(adapter_name) to use it.
-    wrapper._attach(adapter, False)
+        adapter.layers[layer_key(path)] = layer
+    return adapter
 
 
 def _svd(
