@@ -47,11 +47,11 @@ def load_adapter_weights(wrapper: nn.Module, path: str | os.PathLike, adapter_na
             corrupt, or describe a different adapter (other modules, settings, shapes).
             Nothing is changed then.
     """
-    adapter = wrapper._adapter(adapter_name)
+    adapter = wrapper.registry.get(adapter_name)
     directory = Path(path)
     config, config_file = tio.read_config(directory)
     tensors, _, weights_file = tio.read_weights(directory)
-    ours, _ = tio.serialise(adapter, wrapper._model())
+    ours, _ = tio.serialise(adapter, wrapper.registry.model())
     ours = {k: v for k, v in ours.items() if k not in tio.INFORMATIONAL}
     theirs = {k: v for k, v in config.items() if k not in tio.INFORMATIONAL}
     if tio.fingerprint(ours) != tio.fingerprint(theirs):
@@ -166,7 +166,7 @@ def save_adapter_distributed(
     distributed = dist.is_available() and dist.is_initialized()
     if rank is None:
         rank = dist.get_rank() if distributed else 0
-    adapter = wrapper._adapter(adapter_name)
+    adapter = wrapper.registry.get(adapter_name)
     with _full_parameters(adapter):
         if rank == 0:
             wrapper.save_adapter(str(path), adapter_name)

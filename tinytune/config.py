@@ -22,6 +22,7 @@ from typing import Any, Callable, ClassVar
 from torch import nn
 
 from .errors import ConfigTypeError, InvalidConfigError, UnsupportedModuleError
+from .layers import LinearIA3Layer, bypasses_forward, lora_layer_for
 from .util import MAX_RANK, check_init_lora_weights  # noqa: F401 - MAX_RANK: public here too
 from .util import check_bool as _check_bool
 from .util import check_number as _check_number
@@ -236,8 +237,6 @@ class AdapterConfig:
 
 
 def _is_linear(module: nn.Module) -> bool:
-    from .layers import bypasses_forward
-
     # "all-linear" skips nn.MultiheadAttention's out_proj: hooks on it never run.
     if bypasses_forward(module):
         return False
@@ -368,8 +367,6 @@ class LoraConfig(AdapterConfig):
         return self.lora_alpha if key is None else self.alpha_pattern[key]
 
     def make_layer(self, name: str, module: nn.Module) -> nn.Module:
-        from .layers import lora_layer_for
-
         cls = lora_layer_for(module)
         if cls is None:
             raise UnsupportedModuleError(
@@ -424,8 +421,6 @@ class IA3Config(AdapterConfig):
         return name_matches(name, self.feedforward_modules)
 
     def make_layer(self, name: str, module: nn.Module) -> nn.Module:
-        from .layers import LinearIA3Layer
-
         # nn.Linear subclasses that hooks cannot reach are refused, with the reason, by
         # LinearIA3Layer.reset_params.
         if not (_is_linear(module) or isinstance(module, nn.Linear)):

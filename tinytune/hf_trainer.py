@@ -65,7 +65,7 @@ class AdapterTrainer(Trainer):
         super().__init__(*args, **kwargs)
         wrapper = self._adapter_wrapper(self.model)
         if wrapper is not None and self.args.label_names is None:
-            base = type(wrapper._model())
+            base = type(wrapper.registry.model())
             self.label_names = find_labels(base)
             self.can_return_loss = can_return_loss(base)
 

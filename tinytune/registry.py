@@ -108,9 +108,38 @@ class AdapterRegistry:
         self.restore_grad_flags()
         _WRAPPED.pop(model, None)
 
+    def model(self) -> nn.Module:
+        """The base model.
+
+        Raises:
+            AdapterStateError: After ``unload()`` (no model then).
+        """
+        model = self.base
+        if model is None:
+            raise AdapterStateError(
+                "This wrapper has no base model (it was unloaded); attach one with "
+                "swap_base_model(model)."
+            )
+        return model
+
     def set_model(self, model: nn.Module) -> None:
         """Hold ``model`` (after ``swap_base_model`` checked it)."""
         self.base = model
+
+    def add_adapter(self, adapter_name: str = "default", activate: bool = True) -> None:
+        """See ``AdapterWrapper.add_adapter``."""
+        self.check_new_name(adapter_name)
+        if not isinstance(activate, bool):
+            # PEFT's add_adapter(adapter_name, peft_config) would land a config here and
+            # silently create an empty adapter.
+            raise TypeError(
+                f"activate must be True or False, got {type(activate).__name__}. To add an "
+                "adapter from a config, call add_adapter_from_config(config, adapter_name)."
+            )
+        self.adapters[adapter_name] = Adapter(adapter_name)
+        if activate:
+            self.active.append(adapter_name)
+
 
     def add_adapter_layer(
         self, adapter_name: str, layer_name: str, layer: Any, slots: Any = None
@@ -248,22 +277,9 @@ class AdapterRegistry:
                 layer.merged = False
         return self.detach(model)
 
-    def merge_and_unload(self) -> nn.Module:
-        """Merge the active adapters, remove every hook and return the base model.
-
-        No weight is copied: the updates are added in place (in row chunks), and copies
-        saved by earlier ``merge_adapters()`` calls are dropped. Every check runs before
-        the first weight changes; an error while writing (out of memory, say) can leave
-        weights partly merged, since there is no copy to restore.
-
-        Raises:
-            MergeNotSupportedError, AdapterStateError: As :meth:`merge_adapters`;
-                nothing changes then.
-        """
-        model = self.model()
-        todo = self.mergeable(None)
-        for name in todo:
-            self.merge_one(name, backup=False)
+    def unload_merged(self, model: nn.Module) -> nn.Module:
+        """The end of ``merge_and_unload``, once every adapter is merged without a
+        backup: drop the host copies of earlier merges and detach."""
         self.backups.clear()
         self.merged = []
         for adapter in self.adapters.values():

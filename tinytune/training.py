@@ -76,7 +76,7 @@ def cast_adapter_dtype(
     """
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise InvalidConfigError(f"dtype must be a floating-point torch.dtype, got {dtype!r}.")
-    names = list(wrapper.adapters) if adapter_name is None else [wrapper._adapter(adapter_name).name]
+    names = list(wrapper.adapters) if adapter_name is None else [wrapper.registry.get(adapter_name).name]
     for name in names:
         upcast_layers((layer for _, layer in wrapper.adapters[name].items()), dtype)
 
@@ -121,7 +121,7 @@ def parallelize_adapters(wrapper: nn.Module) -> int:
     """
     from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
 
-    model = wrapper._model()
+    model = wrapper.registry.model()
     modules = dict(model.named_modules())
     todo: list[tuple[nn.Module, Any, list, list]] = []
     for adapter_name, adapter in wrapper.adapters.items():
@@ -162,7 +162,7 @@ def parallelize_adapters(wrapper: nn.Module) -> int:
     if todo:
         # Read by the wrapper to refuse mixed batches (adapter_names=), whose stacked
         # kernels take plain tensors.
-        wrapper.__dict__["_tensor_parallel"] = True
+        wrapper.registry.tensor_parallel = True
     return len(todo)
 
 
