@@ -35,6 +35,10 @@ Under ``torch.compile`` every shape in the model's graph depends only on the bat
 and the loaded adapters, never on which row uses which adapter, so changing the
 assignment does not recompile; ``modules_to_save`` and custom layers then run every
 loaded copy at their module on the whole batch and select rows with a mask.
+
+Floor 7: imports ``errors``, ``util``, ``layers``, ``adapter``, ``dispatch``,
+``stacks``, ``serving`` and the tensor-only ``kernels``; reaches the adapters through
+``wrapper.registry``.
 """
 
 from __future__ import annotations

@@ -8,6 +8,8 @@ thing here:
 * as a list, a name matches when it equals an entry or ends with ``"." + entry``;
 * ``"all-linear"`` selects every linear layer except the model's output layer
   (``get_output_embeddings()`` for transformers models, else the last linear layer).
+
+Floor 2: imports ``errors``, ``util`` and ``layers`` (``make_layer`` builds layers).
 """
 
 from __future__ import annotations

@@ -4,6 +4,8 @@ Every error tinytune raises for bad input is a subclass of :class:`TinytuneError
 also of the matching built-in type (``ValueError``, ``TypeError``, ``LookupError``,
 ``RuntimeError``, ``KeyError``), so existing ``except ValueError`` code keeps working. Messages say
 what to do next.
+
+Floor 0: imports nothing from tinytune.
 """
 
 from __future__ import annotations

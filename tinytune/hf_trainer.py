@@ -20,6 +20,9 @@ It also takes ``label_names`` from the base model's class (``Trainer`` reads the
 the model's class, which for a wrapper has no ``labels`` parameter), so evaluation
 reports ``eval_loss`` with default arguments. Models that are not wrappers are handed to
 ``Trainer`` unchanged.
+
+Floor 8b (training helpers): imports ``util``, ``checkpoints`` and ``wrapper`` (and
+transformers).
 """
 
 from __future__ import annotations

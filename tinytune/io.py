@@ -21,6 +21,10 @@ the wrapper and the base model untouched. Saving writes each file under a tempor
 name and renames it into place; the weights file records a fingerprint of the config
 it belongs to, so a save interrupted between the two renames is detected on load
 instead of pairing new weights with an old config.
+
+Floor 4 (beside ``hooks`` and ``weighted``): imports ``errors``, ``util``, ``layers``,
+``config`` and ``adapter``. Takes a model and ``Adapter`` objects, returns an
+``Adapter``; never calls back into the wrapper.
 """
 
 from __future__ import annotations

@@ -3,6 +3,8 @@
 An :class:`AdapterLayer` never owns or replaces the module it adapts. It is handed the
 module in each call: ``pre_forward`` may change the module's inputs, ``post_forward``
 may change its output, ``merge`` may fold the layer into the module's weights.
+
+Floor 1: imports ``errors`` and ``util`` only.
 """
 
 from __future__ import annotations

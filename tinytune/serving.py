@@ -27,6 +27,9 @@ needs them waits.
 Layers that are not stacked (``modules_to_save`` copies, Conv2d LoRA, custom
 ``AdapterLayer`` s) run as themselves on their rows; they take a slot (for the row
 index) but no slot memory, and stay where they are.
+
+Floor 6: imports ``errors``, ``util``, ``layers``, ``io`` and ``stacks``; reaches the
+adapters through ``wrapper.registry`` (:mod:`tinytune.registry`) without importing it.
 """
 
 from __future__ import annotations

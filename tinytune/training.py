@@ -17,6 +17,9 @@ parameters are ordinary ``nn.Parameter`` s that any optimizer trains. This modul
   ``RowwiseParallel`` layers (tensor parallelism);
 * ``AdapterTrainer`` (in :mod:`tinytune.hf_trainer`, importable from here): a
   ``transformers.Trainer`` that saves and loads adapter files.
+
+Floor 9 (training helpers): imports ``errors``, ``util``, ``layers`` and
+``checkpoints``; ``hf_trainer`` only inside ``__getattr__`` (it needs transformers).
 """
 
 from __future__ import annotations

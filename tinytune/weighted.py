@@ -12,6 +12,10 @@ outputs here:
 
 The new adapter has ``r = lora_alpha = new rank`` (``use_rslora`` and dropout from the
 first adapter), like PEFT's.
+
+Floor 4 (beside ``hooks`` and ``io``): imports ``errors``, ``util``, ``layers``,
+``config`` and ``adapter``. Takes the source adapters and modules, returns an
+``Adapter``; never calls back into the wrapper.
 """
 
 from __future__ import annotations
