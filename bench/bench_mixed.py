@@ -55,17 +55,14 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 RANK, ALPHA = 16, 32
 
 
-def build(n_adapters: int, seed: int = 0):
+MODEL = {"hidden_size": 512, "intermediate_size": 1376, "num_hidden_layers": 2}
+SMOKE_MODEL = {"hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 1}
+
+
+def build(n_adapters: int, seed: int = 0, model: dict = MODEL):
     """The bare model, the tinytune wrapper and the PEFT model, with identical weights."""
     torch.manual_seed(seed)
-    cfg = LlamaConfig(
-        hidden_size=512,
-        intermediate_size=1376,
-        num_hidden_layers=2,
-        num_attention_heads=8,
-        num_key_value_heads=8,
-        vocab_size=1024,
-    )
+    cfg = LlamaConfig(num_attention_heads=8, num_key_value_heads=8, vocab_size=1024, **model)
     base = LlamaForCausalLM(cfg).eval()
     bare = copy.deepcopy(base)
     ours = AdapterWrapper(copy.deepcopy(base))
@@ -166,9 +163,16 @@ def main() -> None:
     parser.add_argument(
         "--out", default=None, help="JSON path (default bench/results/mixed_<date>.json)"
     )
+    parser.add_argument("--smoke", action="store_true",
+                        help="a tiny model, 4 adapters, two cases of one round: checks that it runs")  # fmt: skip
     args = parser.parse_args()
     torch.set_num_threads(1)
     random.seed(0)
+    if args.smoke:
+        bare, ours, theirs, names = build(4, model=SMOKE_MODEL)
+        for rows, tokens in ((8, 1), (2, 4)):
+            run_case(bare, ours, theirs, names, rows, tokens, 2, 1, f"smoke {rows}x{tokens}, 2 of 4 loaded")
+        return
     bare, ours, theirs, names = build(64)
     results = []
     r_dec, r_pre = (10, 4) if args.quick else (40, 12)

@@ -1,6 +1,7 @@
 """Serving many adapters (issue 10): memory, slot loads, and a Zipf-popularity serving loop.
 
-Run: ``python bench/bench_serving.py`` (``--quick`` for a short run). One torch thread,
+Run: ``python bench/bench_serving.py`` (``--quick`` for a short run; ``--smoke --out
+PATH`` runs every section on a tiny model in seconds, for the test command). One torch thread,
 the Llama-style model of ``bench_mixed.py`` (hidden 512, intermediate 1376, 2 layers,
 vocab 1024), LoRA r=16 on all seven projections, random nonzero factors (fp32, 1.25 MB
 per adapter). Results: ``bench/results/serving_cpu.json``.
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import random
 import statistics
 import sys
@@ -34,14 +36,52 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import LLAMA_PROJECTIONS, interleaved, llama, markdown_table, write_results  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # run from a checkout without installing
+    sys.path.insert(0, str(ROOT))
 
 from tinytune import AdapterWrapper, LoraConfig  # noqa: E402
 from tinytune.batch import _STATES, _cached_stacks, _stack_params, clear_cache  # noqa: E402
+from tinytune.benchmark import environment, summarize, time_cases  # noqa: E402
 from tinytune.layers import layer_kind  # noqa: E402
 
 RANK = 16
+LLAMA_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+# The benchmark's sizes; --smoke shrinks every one (it checks that the script runs).
+FULL = {"hidden": 512, "intermediate": 1376, "layers": 2, "vocab": 1024, "served": 200, "slots": 16,
+        "counts": [1, 16, 64, 256], "loads": (1, 16, 256), "restacks": (1, 16, 64), "checked": 40}
+SMOKE = {"hidden": 64, "intermediate": 96, "layers": 1, "vocab": 128, "served": 16, "slots": 8,
+         "counts": [1, 10], "loads": (1, 10), "restacks": (1, 10), "checked": 3}
+
+
+def llama(size: dict, seed: int = 0):
+    """A small random-weight LlamaForCausalLM built from a config (nothing downloaded)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        hidden_size=size["hidden"], intermediate_size=size["intermediate"],
+        num_hidden_layers=size["layers"], num_attention_heads=8, num_key_value_heads=8,
+        vocab_size=size["vocab"], max_position_embeddings=512,
+    )  # fmt: skip
+    return LlamaForCausalLM(config).eval()
+
+
+def interleaved(cases: dict, reference: str, rounds: int, warmup: int, seed: int) -> dict:
+    """tinytune-bench's interleaved timing (one call per measurement): per case the median
+    ms per call and the median, p25 and p75 of its per-round ratio to ``reference``."""
+    times = time_cases(cases, rounds, warmup=warmup, min_time=0.0, seed=seed)
+    out = {}
+    for name, s in summarize(times, {"ref": reference}).items():
+        r = s["ratio"]["ref"]
+        out[name] = {"median_ms": s["median_ms"], "ratio": r["median"], "ratio_p25": r["p25"],
+                     "ratio_p75": r["p75"]}  # fmt: skip
+    return out
+
+
+def markdown_table(rows: list[list[str]], header: list[str]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
 
 
 def add_adapters(w: AdapterWrapper, names: list[str], seed: int) -> None:
@@ -71,11 +111,11 @@ def median_us(fn, reps: int, setup=None) -> tuple[float, float, float]:
     return statistics.median(times), q[0], q[2]
 
 
-def memory_section(base, counts: list[int]) -> dict:
+def memory_section(base, size: dict, counts: list[int]) -> dict:
     w = AdapterWrapper(copy.deepcopy(base))
-    w.reserve_adapter_slots(max_adapters=16, max_rank=RANK)
+    w.reserve_adapter_slots(max_adapters=size["slots"], max_rank=RANK)
     rows, done = [], 0
-    ids = torch.randint(0, 1024, (2, 4))
+    ids = torch.randint(0, size["vocab"], (2, 4))
     for n in counts:
         add_adapters(w, [f"a{i}" for i in range(done, n)], seed=n)
         done = n
@@ -86,7 +126,7 @@ def memory_section(base, counts: list[int]) -> dict:
     plain = []
     u = AdapterWrapper(copy.deepcopy(base))
     done = 0
-    for n in [c for c in counts if c <= 64]:
+    for n in [c for c in counts if c <= size["restacks"][-1]]:
         add_adapters(u, [f"a{i}" for i in range(done, n)], seed=n)
         done = n
         with torch.inference_mode():
@@ -95,12 +135,12 @@ def memory_section(base, counts: list[int]) -> dict:
     return {"reserved": rows, "unreserved": plain, "adapter_bytes": adapter_bytes(w, "a0")}
 
 
-def load_section(base, reps: int) -> dict:
+def load_section(base, size: dict, reps: int) -> dict:
     w = AdapterWrapper(copy.deepcopy(base))
-    w.reserve_adapter_slots(max_adapters=16, max_rank=RANK)
+    w.reserve_adapter_slots(max_adapters=size["slots"], max_rank=RANK)
     pool = _STATES[w].pool
     out, done = [], 0
-    for n in (1, 16, 256):
+    for n in size["loads"]:
         add_adapters(w, [f"a{i}" for i in range(done, n)], seed=n)
         done = n
         names = [f"a{i}" for i in range(n)]
@@ -113,11 +153,11 @@ def load_section(base, reps: int) -> dict:
 
         med, p25, p75 = median_us(one_load, reps, setup=lambda: clear_cache(w))
         out.append({"loaded": n, "load_us": med, "p25": p25, "p75": p75})
-    size = adapter_bytes(w, "a0")
+    nbytes = adapter_bytes(w, "a0")
     # Without reservation: one more adapter restacks every loaded one.
     restack = []
-    ids = torch.randint(0, 1024, (1, 4))
-    for n in (1, 16, 64):
+    ids = torch.randint(0, size["vocab"], (1, 4))
+    for n in size["restacks"]:
         u = AdapterWrapper(copy.deepcopy(base))
         add_adapters(u, [f"a{i}" for i in range(n)], seed=n)
         with torch.inference_mode():
@@ -131,7 +171,7 @@ def load_section(base, reps: int) -> dict:
 
         med, p25, p75 = median_us(restack_all, max(3, reps // 4))
         restack.append({"loaded": n, "restack_us": med, "p25": p25, "p75": p75})
-    return {"reserved": out, "unreserved_restack": restack, "adapter_bytes": size}
+    return {"reserved": out, "unreserved_restack": restack, "adapter_bytes": nbytes}
 
 
 def zipf_requests(n_adapters: int, n_requests: int, rows: int, seed: int) -> list[list[str]]:
@@ -143,15 +183,15 @@ def zipf_requests(n_adapters: int, n_requests: int, rows: int, seed: int) -> lis
     return [rng.choices(names, weights=weights, k=rows) for _ in range(n_requests)]
 
 
-def serving_section(base, rounds: int, block: int) -> dict:
-    n, rows, tokens = 200, 8, 4
+def serving_section(base, size: dict, rounds: int, block: int) -> dict:
+    n, rows, tokens = size["served"], 8, 4
     names = [f"a{i}" for i in range(n)]
     w = AdapterWrapper(copy.deepcopy(base))
-    w.reserve_adapter_slots(max_adapters=16, max_rank=RANK)
+    w.reserve_adapter_slots(max_adapters=size["slots"], max_rank=RANK)
     add_adapters(w, names, seed=1)
     u = AdapterWrapper(copy.deepcopy(base))  # the same adapters, no reservation
     add_adapters(u, names, seed=1)
-    ids = torch.randint(0, 1024, (rows, tokens), generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(0, size["vocab"], (rows, tokens), generator=torch.Generator().manual_seed(0))
 
     def plain_call(req):
         outs = []
@@ -162,7 +202,7 @@ def serving_section(base, rounds: int, block: int) -> dict:
         return torch.cat(outs)
 
     # Correctness: every row of every checked request equals its plain call.
-    check = zipf_requests(n, 40, rows, seed=99)
+    check = zipf_requests(n, size["checked"], rows, seed=99)
     worst = 0.0
     with torch.inference_mode():
         for req in check:
@@ -172,7 +212,9 @@ def serving_section(base, rounds: int, block: int) -> dict:
             torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4)
             torch.testing.assert_close(u(ids, adapter_names=req).logits, ref, atol=1e-4, rtol=1e-4)
 
-    stream = zipf_requests(n, block * (rounds + 2), rows, seed=7)
+    # Each measurement of time_cases also makes two untimed calls (torch's Timer warms up),
+    # so a round takes three blocks; the stream wraps around rather than running dry.
+    stream = zipf_requests(n, block * 3 * (rounds + 2), rows, seed=7)
     cursor = {"reserved": 0, "unreserved": 0, "plain": 0}
     uses = {"n": 0}
 
@@ -181,7 +223,7 @@ def serving_section(base, rounds: int, block: int) -> dict:
             start = cursor[kind]
             cursor[kind] += block
             with torch.inference_mode():
-                for req in stream[start : start + block]:
+                for req in (stream[(start + i) % len(stream)] for i in range(block)):
                     if kind == "reserved":
                         uses["n"] += len(set(req))
                         w(ids, adapter_names=req)
@@ -202,7 +244,7 @@ def serving_section(base, rounds: int, block: int) -> dict:
     per_call = {k: v["median_ms"] / block for k, v in timing.items()}
     return {
         "adapters": n,
-        "slots": 16,
+        "slots": size["slots"],
         "rows": rows,
         "tokens": tokens,
         "checked_requests": len(check),
@@ -218,15 +260,15 @@ def serving_section(base, rounds: int, block: int) -> dict:
     }
 
 
-def check_section(base, reps: int) -> dict:
-    names = [f"a{i}" for i in range(64)]
-    used = names[:16]
+def check_section(base, size: dict, reps: int) -> dict:
+    names = [f"a{i}" for i in range(4 * size["slots"])]
+    used = names[: size["slots"]]
     w = AdapterWrapper(copy.deepcopy(base))
     add_adapters(w, names, seed=5)
     r = AdapterWrapper(copy.deepcopy(base))
-    r.reserve_adapter_slots(max_adapters=16, max_rank=RANK)
+    r.reserve_adapter_slots(max_adapters=size["slots"], max_rank=RANK)
     add_adapters(r, names, seed=5)
-    ids = torch.randint(0, 1024, (16, 1))
+    ids = torch.randint(0, size["vocab"], (len(used), 1))
     with torch.inference_mode():
         w(ids, adapter_names=used)
         r(ids, adapter_names=used)
@@ -262,27 +304,35 @@ def check_section(base, reps: int) -> dict:
         ("check_unreserved", check_unreserved),
         ("check_reserved", check_reserved),
         ("copy_used_slots", copy_used),
-        ("decode_call_16x1", call),
+        (f"decode_call_{len(used)}x1", call),
     ):
         med, p25, p75 = median_us(fn, reps)
         out[name] = {"us": med, "p25": p25, "p75": p75}
     return out
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--quick", action="store_true")
-    args = parser.parse_args()
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer rounds, up to 64 adapters loaded")
+    parser.add_argument("--smoke", action="store_true", help="a tiny model and few adapters: checks that it runs")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="results JSON (default bench/results/serving_cpu[_quick].json)")  # fmt: skip
+    args = parser.parse_args(argv)
     torch.set_num_threads(1)
-    base = llama()
-    quick = args.quick
+    size = SMOKE if args.smoke else FULL
+    base = llama(size)
+    quick = args.quick or args.smoke
+    counts = size["counts"][:-1] if args.quick else size["counts"]
     result = {
-        "memory": memory_section(base, [1, 16, 64] if quick else [1, 16, 64, 256]),
-        "load": load_section(base, reps=10 if quick else 40),
-        "serving": serving_section(base, rounds=3 if quick else 9, block=10),
-        "check": check_section(base, reps=20 if quick else 100),
+        "memory": memory_section(base, size, counts),
+        "load": load_section(base, size, reps=3 if args.smoke else 10 if quick else 40),
+        "serving": serving_section(base, size, rounds=1 if args.smoke else 3 if quick else 9,
+                                   block=2 if args.smoke else 10),  # fmt: skip
+        "check": check_section(base, size, reps=3 if args.smoke else 20 if quick else 100),
     }
-    path = write_results("serving_cpu" + ("_quick" if quick else ""), result)
+    path = args.out or ROOT / "bench" / "results" / ("serving_cpu" + ("_quick" if quick else "") + ".json")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"env": environment(), "size": size, **result}, indent=2))
     mem = result["memory"]
     print(markdown_table(
         [[str(r["loaded"]), str(r["device_bytes"]), str(r["host_bytes"])] for r in mem["reserved"]],

@@ -5,9 +5,18 @@
 # A separate CI step, not part of the test command: it installs everything from the
 # package index and runs the whole suite (about 10 minutes on a 2-core machine).
 #
+# No pip cache (PIP_NO_CACHE_DIR for every pip call of the README's commands): each run
+# resolves and downloads the newest versions that pyproject.toml allows, so the next
+# upstream release that breaks us breaks this check first.
+#
 #   bash ci/fresh_venv.sh            # uses python3 from PATH
 #   PYTHON=python3.12 bash ci/fresh_venv.sh
 set -euo pipefail
+if [ "${1:-}" = "-h" ] || [ "${1:-}" = "--help" ]; then
+    sed -n '2,/^set -euo/p' "$0" | grep '^#' | sed 's/^# \{0,1\}//'
+    exit 0
+fi
+export PIP_NO_CACHE_DIR=1
 root="$(cd "$(dirname "$0")/.." && pwd)"
 work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT

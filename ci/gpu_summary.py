@@ -2,9 +2,11 @@
 
     python ci/gpu_summary.py OUT_DIR        # gpu_check.sh runs it last
 
-Reads what gpu_check.sh left in OUT_DIR (``env.json``, ``steps.json``, the test shards'
-JUnit files ``tests_*.xml`` and id lists ``shard_*.txt``, ``gpu_bench.json``,
-``gpu_bench_mixed.json``), prints the summary and writes it to ``OUT_DIR/summary.md``.
+Reads what gpu_check.sh left in OUT_DIR (``env.json``, ``steps.json``, the tests' JUnit
+file ``tests.xml`` (the shards' merged) and the ids of every test it ran
+``test_ids.txt``, ``gpu_bench.json``, ``gpu_bench_mixed.json``; a run cut short during the
+tests leaves per-shard ``shards/tests_*.xml`` and ``shards/shard_*.txt`` instead, read as
+well), prints the summary and writes it to ``OUT_DIR/summary.md``.
 Standard library only; a missing or broken file is reported as such, never skipped
 silently. Exit status 0 (the verdict is gpu_check.sh's).
 """
@@ -45,7 +47,7 @@ def test_table(out: Path, steps: dict, root: str, native: bool) -> list[str]:
         counts.setdefault(f, dict(passed=0, failed=0, errors=0, skipped=0, no_result=0))[key] += 1
 
     broken = []
-    for xml in sorted(out.glob("tests_*.xml")):
+    for xml in [*sorted(out.glob("tests.xml")), *sorted(out.glob("shards/tests_*.xml"))]:
         try:
             tree = ET.parse(xml).getroot()
         except Exception as exc:  # noqa: BLE001
@@ -66,13 +68,14 @@ def test_table(out: Path, steps: dict, root: str, native: bool) -> list[str]:
             else:
                 bump(f, "passed")
     # Tests of a shard that timed out or crashed have no JUnit record.
-    for ids in sorted(out.glob("shard_*.txt")):
+    for ids in [*sorted(out.glob("test_ids.txt")), *sorted(out.glob("shards/shard_*.txt"))]:
         for line in ids.read_text().splitlines():
             if "::" not in line:
                 continue
             nodeid = line[len(root) + 1 :] if root and line.startswith(root + "/") else line
             f, name = _file_of(nodeid), nodeid.split("::")[-1]
             if (f, name) not in seen:
+                seen.add((f, name))  # listed twice when a cut run left both files
                 bump(f, "no_result")
     lines = [f"| tests ({'native' if native else 'interpreter'}) | passed | failed | errors | skipped | no result |", "|---|---:|---:|---:|---:|---:|"]
     total = dict(passed=0, failed=0, errors=0, skipped=0, no_result=0)
@@ -86,7 +89,7 @@ def test_table(out: Path, steps: dict, root: str, native: bool) -> list[str]:
         lines.append("| (no test results found) | | | | | |")
     notes = []
     if total["no_result"]:
-        notes.append(f"{total['no_result']} tests have no result: their shard timed out or crashed (see shard_*.log).")
+        notes.append(f"{total['no_result']} tests have no result: their shard timed out or crashed (see gpu_check.log).")
     for b in broken:
         notes.append(f"unreadable JUnit file {b}")
     if "tests" in steps:

@@ -490,6 +490,54 @@ def test_auto_falls_back_per_layer(monkeypatch):
 
 
 @needs_kernels
+def test_rank_above_the_kernel_limit_falls_back_per_module(monkeypatch):
+    """lora_linear takes a total rank up to 256: 'auto' runs a module whose active LoRAs
+    add up to more (one of r=300, or 200 + 100 concatenated) on PyTorch and the others
+    fused; 'triton' refuses naming the module and the rank. Mixed calls (lora_mixed,
+    which walks the rank in blocks) still run fused at rank 300."""
+    if DEVICE == "cpu":  # on a GPU: the real rule, CUDA tensors
+        monkeypatch.setattr(dispatch, "_auto_device", lambda x: True)
+    w = AdapterWrapper(Tower().eval().to(DEVICE))
+    q0, v0 = "layers.0.q_proj", "layers.0.v_proj"
+    w.add_adapter_from_config(LoraConfig(r=300, target_modules=[q0]), "big")
+    w.add_adapter_from_config(LoraConfig(r=4, target_modules=[v0]), "small")
+    w.add_adapter_from_config(LoraConfig(r=200, target_modules=[v0]), "r200", activate=False)
+    w.add_adapter_from_config(LoraConfig(r=100, target_modules=[v0]), "r100", activate=False)
+    randomise(w)
+    x = torch.randint(0, 32, (2, 3)).to(DEVICE)
+    count = Count(monkeypatch)
+    with torch.no_grad():
+        with tinytune.kernel_mode("torch"):
+            ref = w(x)
+        out = w(x)  # auto
+        assert count.single == 1  # v_proj; q_proj (rank 300) on PyTorch
+        assert_close(out, ref, torch.float32)
+        with tinytune.kernel_mode("triton"), pytest.raises(KernelUnavailableError) as err:
+            w(x)
+        assert q0 in str(err.value) and "300" in str(err.value)
+        w.set_active_adapters(["r200", "r100"])  # 300 at v_proj, concatenated
+        with tinytune.kernel_mode("torch"):
+            ref = w(x)
+        count.single = 0
+        assert_close(w(x), ref, torch.float32)
+        assert count.single == 0
+        with tinytune.kernel_mode("triton"), pytest.raises(KernelUnavailableError) as err:
+            w(x)
+        assert v0 in str(err.value) and "300 (200 + 100)" in str(err.value)
+        w.set_active_adapters("r200")  # alone it fits
+        with tinytune.kernel_mode("torch"):
+            ref = w(x)
+        assert_close(w(x), ref, torch.float32)
+        assert count.single == 1
+        names = ["big", "__base__"]
+        with tinytune.kernel_mode("torch"):
+            ref = w(x, adapter_names=names)
+        with tinytune.kernel_mode("triton"):
+            assert_close(w(x, adapter_names=names), ref, torch.float32)
+        assert count.mixed == 2  # q_proj (rank 300) and v_proj (identity rows), fused
+
+
+@needs_kernels
 def test_nothing_left_behind_after_an_exception(monkeypatch):
     """A forward that raises between the pre-hook (which took the real input) and the
     post-hook leaves no call state: nothing on the thread-local stacks, and the inputs

@@ -24,7 +24,7 @@ if not dist.is_available() or not dist.is_gloo_available():
 
 from safetensors.torch import load_file  # noqa: E402
 
-from tinytune import AdapterWrapper, LoraConfig  # noqa: E402
+from tinytune import AdapterStateError, AdapterWrapper, LoraConfig  # noqa: E402
 from tinytune.training import load_adapter_weights, save_adapter_distributed  # noqa: E402
 
 WORLD = 2
@@ -154,6 +154,10 @@ def fsdp_worker(rank: int, tmp: Path) -> None:
     # Only adapter parameters got gradients and optimizer state.
     assert all(p.grad is None for p in w.model.parameters())
     assert set(opt.state) == set(params)
+    # save_adapter alone cannot gather the shards: a tinytune error naming the call to use
+    with pytest.raises(AdapterStateError, match="save_adapter_distributed"):
+        w.save_adapter(tmp / f"plain-{rank}")
+    assert not (tmp / f"plain-{rank}").exists()
     save_adapter_distributed(w, tmp / "adapter")
     # Loading back into the sharded adapter, in place (what resuming does).
     before = {k: p.full_tensor().clone() for k, p in w.named_adapter_parameters()}

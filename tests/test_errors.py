@@ -198,3 +198,105 @@ def test_peft_style_config_arguments_are_accepted():
     assert cfg.task_type == "CAUSAL_LM"
     with pytest.raises(tinytune.InvalidConfigError, match="bias"):
         LoraConfig(target_modules=["q_proj"], bias="all")
+
+
+# --------------------------------------------------------------------------------------
+# wrong types anywhere in the public API (issue 17): a TinytuneError naming what to pass
+# --------------------------------------------------------------------------------------
+class _WithGenerate(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+
+    def forward(self, x):
+        return self.lin(x)
+
+    def generate(self, x):
+        return self(x)
+
+
+def _generate(adapter_names):
+    w = AdapterWrapper.from_config(_WithGenerate(), LoraConfig(target_modules=["lin"]))
+    return w.generate(torch.zeros(2, 4), adapter_names=adapter_names)
+
+
+def _wrong_type_calls(tmp):
+    from tinytune import io as tio, training
+
+    peft = pytest.importorskip("peft")
+    lora = LoraConfig(target_modules=["v_proj"])
+    return [
+        ("AdapterWrapper(5)", lambda w: AdapterWrapper(5), "nn.Module"),
+        ("AdapterWrapper(wrapper)", lambda w: AdapterWrapper(w), "not an AdapterWrapper"),
+        ("from_config model None", lambda w: AdapterWrapper.from_config(None, lora), "nn.Module"),
+        ("get_peft_model model str", lambda w: tinytune.get_peft_model("gpt2", lora), "nn.Module"),
+        ("set_active_adapters(None)", lambda w: w.set_active_adapters(None), "list of names"),
+        ("set_adapter(3)", lambda w: w.set_adapter(3), "list of names"),
+        ("merge_adapters(1.5)", lambda w: w.merge_adapters(1.5), "list of names"),
+        ("unmerge_adapters(0)", lambda w: w.unmerge_adapters(0), "list of names"),
+        ("forward adapter_names='a'", lambda w: w(torch.zeros(2, 3, dtype=torch.long), adapter_names="default"),
+         r"\['default'\] \* batch_size"),
+        ("forward adapter_names=5", lambda w: w(torch.zeros(2, 3, dtype=torch.long), adapter_names=5), "one adapter name per batch row"),
+        ("generate adapter_names='a'", lambda w: _generate("default"), "one adapter name per batch row"),
+        ("config dict", lambda w: w.add_adapter_from_config({"target_modules": ["v_proj"]}, "x"), r"LoraConfig\(\*\*fields\)"),
+        ("config PEFT LoraConfig", lambda w: w.add_adapter_from_config(peft.LoraConfig(target_modules=["v_proj"]), "x"),
+         "from tinytune import LoraConfig"),
+        ("get_peft_model PEFT config", lambda w: tinytune.get_peft_model(nn.Linear(2, 2), peft.LoraConfig()), "PEFT's LoraConfig"),
+        ("add_adapter_from_config activate str", lambda w: w.add_adapter_from_config(lora, "x", "yes"), "True or False"),
+        ("autocast_adapter_dtype None", lambda w: w.add_adapter_from_config(lora, "x", autocast_adapter_dtype=None), "True or False"),
+        ("add_adapter activate config", lambda w: w.add_adapter("x", lora), "add_adapter_from_config"),
+        ("layer factory returns None", lambda w: w.add_adapter_layer("default", "head", lambda: None), "must return the layer"),
+        ("layer is an int", lambda w: w.add_adapter_layer("default", "head", 3), "AdapterLayer"),
+        ("swap_base_model(None)", lambda w: w.swap_base_model(None), "nn.Module"),
+        ("load_state_dict(None)", lambda w: w.load_state_dict(None), "dict of tensors"),
+        ("load_state_dict strict str", lambda w: w.load_state_dict(w.state_dict(), strict="no"), "True or False"),
+        ("load_adapter(None)", lambda w: w.load_adapter(None, "x"), "directory path"),
+        ("load_adapter subfolder int", lambda w: w.load_adapter(tmp, "x", subfolder=3), "subfolder"),
+        ("load_adapter activate tensor", lambda w: w.load_adapter(tmp, "x", torch.ones(2)), "True or False"),
+        ("load_adapter is_trainable None", lambda w: w.load_adapter(tmp, "x", is_trainable=None), "True or False"),
+        ("load_adapter check_fingerprint str", lambda w: w.load_adapter(tmp, "x", check_fingerprint="no"), "True or False"),
+        ("from_pretrained path int", lambda w: AdapterWrapper.from_pretrained(nn.Linear(2, 2), 5), "directory path"),
+        ("save_adapter(None)", lambda w: w.save_adapter(None), "directory path"),
+        ("save_adapter([])", lambda w: w.save_adapter([]), "directory path"),
+        ("save_pretrained(None)", lambda w: w.save_pretrained(None), "save_directory"),
+        ("save_pretrained selected_adapters 3", lambda w: w.save_pretrained(tmp + "/sp", selected_adapters=3), "list of names"),
+        ("save_pretrained is_main_process tensor", lambda w: w.save_pretrained(tmp + "/sp", is_main_process=torch.ones(2)), "True or False"),
+        ("save_pretrained save_embedding_layers tensor", lambda w: w.save_pretrained(tmp + "/sp", save_embedding_layers=torch.ones(2)), "save_embedding_layers"),
+        ("hotswap_adapter(None)", lambda w: w.hotswap_adapter(None, "default"), "directory path"),
+        # io takes data since issue 18 (an Adapter and the base model, never the wrapper)
+        ("io.save_adapter given a model as the adapter", lambda w: tio.save_adapter(w.model, w.model, tmp + "/x"), "AdapterWrapper"),
+        ("io.save_adapter model None", lambda w: tio.save_adapter(w.adapters["default"], None, tmp + "/x"), "nn.Module"),
+        ("io.read_adapter on None", lambda w: tio.read_adapter(None, tmp, "x"), "AdapterWrapper"),
+        ("training.load_adapter_weights(None)", lambda w: training.load_adapter_weights(w, None), "directory path"),
+        ("training.save_all_adapters(3)", lambda w: training.save_all_adapters(w, 3), "directory path"),
+        ("training.saved_adapter_dirs(None)", lambda w: training.saved_adapter_dirs(None), "directory path"),
+        ("training.save_adapter_distributed rank tensor", lambda w: training.save_adapter_distributed(w, tmp + "/d", rank=torch.ones(2)), "rank"),
+        ("training.parallelize_adapters(None)", lambda w: training.parallelize_adapters(None), "AdapterWrapper"),
+        ("add_weighted_adapter adapters None", lambda w: w.add_weighted_adapter(None, [1.0], "x"), "adapters must be"),
+        ("add_weighted_adapter svd_clamp 5", lambda w: w.add_weighted_adapter(["default"], [1.0], "x", svd_clamp=5), r"\[0, 1\]"),
+        ("add_weighted_adapter svd_full_matrices None", lambda w: w.add_weighted_adapter(["default"], [1.0], "x", svd_full_matrices=None), "True or False"),
+        ("add_weighted_adapter svd_driver 3", lambda w: w.add_weighted_adapter(["default"], [1.0], "x", svd_driver=3), "gesvd"),
+        ("add_weighted_adapter svd_driver on CPU", lambda w: w.add_weighted_adapter(["default", "default2"], [1.0, 1.0], "x", svd_driver="gesvd"), "CUDA"),
+        ("LoraConfig task_type list", lambda w: LoraConfig(target_modules=["q_proj"], task_type=["CAUSAL_LM"]), "TaskType"),
+        ("IA3Config task_type dict", lambda w: IA3Config(target_modules=["q_proj"], task_type={}), "TaskType"),
+        ("LoraConfig mimic_layers int", lambda w: LoraConfig(target_modules=["q_proj"], mimic_layers=3), "mimic_layers"),
+        ("LoraConfig layers_pattern tensor", lambda w: LoraConfig(target_modules=["q_proj"], layers_to_transform=[0], layers_pattern=torch.ones(2)), "layers_pattern"),
+    ]
+
+
+def _wrong_type_ids():
+    return [c[0] for c in _wrong_type_calls("/nonexistent")]
+
+
+@pytest.mark.parametrize("index", range(len(_wrong_type_ids())), ids=_wrong_type_ids())
+def test_wrong_type_raises_tinytune_error_saying_what_to_pass(wrapped, tmp_path, index):
+    wrapped.add_adapter_from_config(LoraConfig(target_modules=["q_proj"], r=2), "default2")
+    wrapped.save_adapter(tmp_path / "saved", "default")
+    _, call, fragment = _wrong_type_calls(str(tmp_path / "saved"))[index]
+    before = fingerprint(wrapped)
+    files = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    with pytest.raises(tinytune.TinytuneError, match=fragment) as info:
+        call(wrapped)
+    assert isinstance(info.value, (TypeError, ValueError, RuntimeError))
+    assert_same(before, fingerprint(wrapped))
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == files

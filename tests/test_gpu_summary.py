@@ -10,6 +10,8 @@ import importlib.util
 import json
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 _spec = importlib.util.spec_from_file_location("gpu_summary", ROOT / "ci" / "gpu_summary.py")
 gpu_summary = importlib.util.module_from_spec(_spec)
@@ -30,19 +32,27 @@ def _bench_row(m, fm, uf, targets, rel_err=1e-3):
                 rel_err=rel_err, targets=targets)  # fmt: skip
 
 
-def _write_run(out: Path, root: str, mixed: bool = True) -> None:
+def _write_run(out: Path, root: str, mixed: bool = True, cut: bool = False) -> None:
+    """A finished run's files (the shards' JUnit files merged into tests.xml, the ids in
+    test_ids.txt), or with ``cut`` those of a run cut short during the tests (shards/)."""
     (out / "env.json").write_text(json.dumps(
         {"device": "NVIDIA H200, sm_90", "torch": "2.11.0", "triton": "3.6.0", "python": "3.12",
          "git": "0123456789abcdef", "root": root, "dry_run": False, "date": "2026-12-01 10:00 UTC"}))  # fmt: skip
     (out / "steps.json").write_text(json.dumps(
         {"tests": 1, "gpu_bench": 1, "gpu_bench_mixed": 0 if mixed else "absent", "status": 1, "seconds": 250}))  # fmt: skip
-    (out / "tests_0.xml").write_text(JUNIT)
     ids = ["tests/test_kernel_lora_linear.py::test_a[x-1]", "tests/test_kernel_lora_linear.py::test_b",
            "tests/test_dispatch.py::test_c", "tests/test_dispatch.py::test_d",
            "tests/test_dispatch.py::test_e[cpu-CPU tensor]"]  # fmt: skip
-    (out / "shard_0.txt").write_text("".join(f"{root}/{i}\n" for i in ids))
-    # A shard that timed out before writing its JUnit file.
-    (out / "shard_1.txt").write_text(f"{root}/tests/test_kernel_lora_mixed.py::test_f\n")
+    # test_f: its shard timed out before writing its JUnit file.
+    timed_out = f"{root}/tests/test_kernel_lora_mixed.py::test_f\n"
+    if cut:
+        (out / "shards").mkdir()
+        (out / "shards" / "tests_0.xml").write_text(JUNIT)
+        (out / "shards" / "shard_0.txt").write_text("".join(f"{root}/{i}\n" for i in ids))
+        (out / "shards" / "shard_1.txt").write_text(timed_out)
+    else:
+        (out / "tests.xml").write_text(JUNIT)
+        (out / "test_ids.txt").write_text("".join(f"{root}/{i}\n" for i in ids) + timed_out)
     rows = [
         _bench_row(1, 1.03, 1.5, ["ok fused/merged<=1.05", "ok unmerged/fused>=1.3"]),
         _bench_row(16, 1.07, 1.2, ["MISS fused/merged<=1.05", "MISS unmerged/fused>=1.3"]),
@@ -69,9 +79,10 @@ def _rows(text: str, first_cell: str) -> list[list[str]]:
     ]
 
 
-def test_summary_tables(tmp_path, capsys):
+@pytest.mark.parametrize("cut", [False, True], ids=["finished", "cut during the tests"])
+def test_summary_tables(tmp_path, capsys, cut):
     root = "/src/tinytune"
-    _write_run(tmp_path, root)
+    _write_run(tmp_path, root, cut=cut)
     assert gpu_summary.main([str(tmp_path)]) == 0
     text = capsys.readouterr().out
     assert (tmp_path / "summary.md").read_text() == text
@@ -101,10 +112,10 @@ def test_summary_tables(tmp_path, capsys):
 def test_summary_reports_missing_results(tmp_path, capsys):
     _write_run(tmp_path, "/src/tinytune", mixed=False)
     (tmp_path / "gpu_bench.json").unlink()
-    (tmp_path / "tests_0.xml").write_text("<testsuites><testsuite")  # truncated
+    (tmp_path / "tests.xml").write_text("<testsuites><testsuite")  # truncated
     assert gpu_summary.main([str(tmp_path)]) == 0
     text = capsys.readouterr().out
-    assert "unreadable JUnit file tests_0.xml" in text
+    assert "unreadable JUnit file tests.xml" in text
     assert _rows(text, "**all**") == [["**all**", "0", "0", "0", "0", "6"]]
     assert "no results file: the step did not run or did not finish" in text
     assert "Per-row adapters" not in text  # gpu_bench_mixed.py absent from the checkout

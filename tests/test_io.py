@@ -10,6 +10,7 @@ import functools
 import json
 import os
 import pickle
+import re
 
 import copy
 
@@ -734,3 +735,27 @@ def test_peft_style_pretrained_aliases(tmp_path):
     with pytest.raises(FileNotFoundError):
         AdapterWrapper.from_pretrained(fresh, str(tmp_path / "missing"))
     assert all(p.requires_grad for p in fresh.parameters())
+
+
+@pytest.mark.parametrize("dtype", [torch.int32, torch.bool, torch.complex64])
+def test_non_real_float_tensors_are_refused(saved, victim, dtype):
+    # complex values would lose their imaginary part in the copy (issue 17)
+    key = "base_model.model.blocks.0.q.lora_A.weight"
+    _rewrite(saved, lambda t: t.__setitem__(key, t[key].to(dtype)))
+    before = snapshot(victim)
+    with pytest.raises(AdapterFileError, match=rf"{re.escape(key)}.*{str(dtype).split('.')[-1]}"):
+        victim.load_adapter(saved)
+    assert_unchanged(victim, before)
+
+
+@pytest.mark.parametrize("bad_type", [["LinearLoraLayer"], {"name": "LinearLoraLayer"}, None])
+def test_layer_type_entry_that_is_not_a_string_is_refused(tmp_path, bad_type):
+    mixed_wrapper().save_adapter(tmp_path, "mix")
+    cfg = config_of(tmp_path)
+    cfg["tinytune"]["layers"][0]["type"] = bad_type
+    (tmp_path / "adapter_config.json").write_text(json.dumps(cfg))
+    dst = AdapterWrapper(make())
+    before = snapshot(dst)
+    with pytest.raises(AdapterFileError, match="'type' of the layer on"):
+        dst.load_adapter(tmp_path, custom_layers=[ScaleShift], check_fingerprint=False)
+    assert_unchanged(dst, before)

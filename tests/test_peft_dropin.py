@@ -199,12 +199,36 @@ def test_get_peft_model_returns_the_wrapper_and_inference_mode_freezes(llama):
     assert not any(p.requires_grad for p in theirs.parameters())
 
 
+def test_default_target_tables_equal_peft_key_by_key():
+    # tinytune keeps copies (peft is optional); a PEFT release that adds or changes an
+    # architecture fails here. gpt_neo, gptj, llama4, ... once had LoRA defaults but no IA3.
+    from peft.utils import constants
+
+    from tinytune import config as ours
+
+    pairs = [
+        (ours._LORA_DEFAULT_TARGETS, constants.TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING),
+        (ours._IA3_DEFAULT_TARGETS, constants.TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING),
+        (ours._IA3_DEFAULT_FEEDFORWARD, constants.TRANSFORMERS_MODELS_TO_IA3_FEEDFORWARD_MODULES_MAPPING),
+    ]
+    for table, theirs in pairs:
+        assert sorted(table) == sorted(theirs)
+        for model_type, targets in theirs.items():
+            assert table[model_type] == targets, model_type
+
+
 @pytest.mark.parametrize("kind", ["lora", "ia3"])
-@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "gpt_neo"])
 def test_default_targets_per_architecture_as_peft(llama, kind, arch):
+    torch.manual_seed(0)
     if arch == "gpt2":
-        torch.manual_seed(0)
         base = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_embd=32, n_layer=2, n_head=2, vocab_size=50, n_positions=16)).eval()
+    elif arch == "gpt_neo":  # had LoRA defaults but no IA3 ones
+        cfg = transformers.GPTNeoConfig(
+            vocab_size=50, hidden_size=32, num_layers=2, num_heads=2,
+            attention_types=[[["global", "local"], 1]], max_position_embeddings=16,
+        )
+        base = transformers.GPTNeoForCausalLM(cfg).eval()
     else:
         base = llama
     ours_cfg = LoraConfig(r=2) if kind == "lora" else IA3Config()
@@ -531,3 +555,56 @@ def test_nested_parameter_names_are_dotted_everywhere(tower):
     assert (missing, unexpected) == ([], [])
     ids = torch.tensor([[1, 2, 3]])
     torch.testing.assert_close(other(ids), w(ids))
+
+
+class _Thin(nn.Module):
+    """Modules narrower than the adapters' rank: 16 -> 3 and 4 -> 16."""
+
+    def __init__(self):
+        super().__init__()
+        self.down = nn.Linear(16, 3)
+        self.up = nn.Linear(3, 16)
+
+    def forward(self, x):
+        return self.up(self.down(x))
+
+
+@pytest.mark.parametrize("svd_rank", [None, 12])
+def test_svd_rank_above_a_module_dimension_is_clipped_as_peft(svd_rank, tmp_path):
+    torch.manual_seed(0)
+    base = _Thin().eval()
+    x = torch.randn(2, 16)
+    cfg = dict(r=8, lora_alpha=8, target_modules=["down", "up"], init_lora_weights=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pm = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(**cfg), adapter_name="a")
+        pm.add_adapter("b", peft.LoraConfig(**cfg))
+    w = AdapterWrapper.from_config(copy.deepcopy(base), LoraConfig(**cfg), "a")
+    w.add_adapter_from_config(LoraConfig(**cfg), "b")
+    with torch.no_grad():
+        for name in "ab":
+            for path, layer in w.adapters[name].items():
+                peft_layer = pm.base_model.model.get_submodule(path)
+                peft_layer.lora_A[name].weight.copy_(layer.lora_A.weight)
+                peft_layer.lora_B[name].weight.copy_(layer.lora_B.weight)
+    # PEFT's full_matrices=True fails on such modules; with False it clips the factors.
+    pm.add_weighted_adapter(["a", "b"], [0.7, -0.4], "mix", combination_type="svd",
+                            svd_rank=svd_rank, svd_full_matrices=False)
+    w.add_weighted_adapter(["a", "b"], [0.7, -0.4], "mix", combination_type="svd", svd_rank=svd_rank)
+    pm.set_adapter("mix")
+    w.set_adapter("mix")
+    assert w.adapters["mix"]["down"].r == 3 and w.adapters["mix"]["up"].r == 3
+    with torch.no_grad():
+        want = pm(x)
+        torch.testing.assert_close(w(x), want, atol=1e-5, rtol=1e-5)
+    # the clipped ranks are in the config, so the saved file loads back (here and in PEFT)
+    w.save_adapter(tmp_path / "mix", "mix")
+    w.load_adapter(tmp_path / "mix", "again")
+    w.set_adapter("again")
+    with torch.no_grad():
+        torch.testing.assert_close(w(x), want, atol=1e-5, rtol=1e-5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        loaded = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "mix"))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), want, atol=1e-5, rtol=1e-5)

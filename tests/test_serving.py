@@ -20,6 +20,7 @@ from torch import nn
 
 from tinytune import (
     AdapterFileError,
+    ConfigTypeError,
     AdapterWrapper,
     IA3Config,
     InvalidConfigError,
@@ -806,6 +807,97 @@ def test_add_weighted_adapter_reads_its_sources_from_their_slots(tmp_path):
 
     assert not any(_STATES[w].pool.inflight)  # pins released
     torch.testing.assert_close(plain(w, x, "mix"), plain(ref, x, "mix"))
-    with pytest.raises(MixedBatchError):  # three sources, two slots: nothing changes
+    # three sources, two slots: nothing changes, and the message speaks of the sources
+    # (they are not active adapters)
+    with pytest.raises(MixedBatchError, match="add_weighted_adapter reads its 3 source") as info:
         w.add_weighted_adapter(["a0", "a1", "a2"], [1, 1, 1], "mix3", combination_type="cat")
+    assert "active" not in str(info.value)
     assert "mix3" not in w.adapters
+
+
+def test_compiled_plain_calls_do_not_recompile_for_a_rank_changing_hotswap(files):
+    """Plain calls under reserved slots read the fixed-shape slots (zero past the rank),
+    so hot-swapping rank 4 -> 16 -> 4 into the active adapter recompiles nothing."""
+    import torch._dynamo as dynamo
+
+    torch.manual_seed(0)
+    base = MLP().eval()
+    w = AdapterWrapper(base)
+    w.reserve_adapter_slots(max_adapters=2, max_rank=16)
+    w.load_adapter(files["r4"], "a")
+    x = torch.randn(3, 10)
+
+    def fresh(path: str) -> torch.Tensor:
+        f = AdapterWrapper(MLP().eval())
+        f.model.load_state_dict(base.state_dict())
+        f.load_adapter(path, "a")
+        with torch.no_grad():
+            return f(x)
+
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    dynamo.reset()
+    compiled = torch.compile(w, backend=backend)
+    try:
+        with torch.no_grad():
+            torch.testing.assert_close(compiled(x), fresh(files["r4"]))
+            with dynamo.config.patch(error_on_recompile=True):
+                for path in (files["r16"], files["r4"], files["r8"]):
+                    w.hotswap_adapter(path, "a")
+                    out = compiled(x)
+                    torch.testing.assert_close(out, fresh(path))
+                    torch.testing.assert_close(out, w(x), atol=0, rtol=0)  # eager
+    finally:
+        dynamo.reset()
+    assert len(graphs) == 1
+
+
+@pytest.mark.parametrize("reserved", [False, True])
+def test_rank_changing_hotswap_keeps_the_adapters_dtype(files, reserved):
+    """An fp32 adapter over a bf16 base (autocast_adapter_dtype=True) stays fp32 when a
+    hot-swap changes its rank, as it does when the rank stays: it holds what
+    load_adapter(..., autocast_adapter_dtype=True) of the same file gives."""
+    w = AdapterWrapper(MLP().to(torch.bfloat16).eval())
+    if reserved:
+        w.reserve_adapter_slots(max_adapters=2, max_rank=16)
+    w.load_adapter(files["r4"], "a", autocast_adapter_dtype=True)
+    for path in (files["r16"], files["r4"]):
+        w.hotswap_adapter(path, "a")
+        assert {p.dtype for _, p in w.named_adapter_parameters()} == {torch.float32}
+        want = AdapterWrapper(MLP().to(torch.bfloat16).eval())
+        want.load_adapter(path, "a", autocast_adapter_dtype=True)
+        for (k, p), (_, q) in zip(w.named_adapter_parameters(), want.named_adapter_parameters()):
+            assert torch.equal(p.detach(), q.detach()), k
+    with torch.no_grad():
+        w(torch.randn(2, 10, dtype=torch.bfloat16))
+
+
+@pytest.mark.parametrize("path", ["r4", "r16"])  # same rank (copied in place), new rank
+def test_hotswap_is_trainable(files, path):
+    """is_trainable as in load_adapter: False freezes the swapped adapter, True makes it
+    trainable; left out, it keeps what it was (PEFT's hotswap_adapter copies into the old
+    parameters, which keep their requires_grad)."""
+    w = AdapterWrapper(MLP().eval())
+    w.load_adapter(files["r4"], "a", is_trainable=False)
+
+    def grads() -> set[bool]:
+        return {p.requires_grad for _, p in w.named_adapter_parameters()}
+
+    w.hotswap_adapter(files[path], "a")
+    assert grads() == {False} and w.adapters["a"].config.inference_mode
+    w.hotswap_adapter(files[path], "a", is_trainable=True)
+    assert grads() == {True} and not w.adapters["a"].config.inference_mode
+    w(torch.randn(2, 10)).sum().backward()
+    assert all(p.grad is not None for _, p in w.named_adapter_parameters())
+    w.hotswap_adapter(files[path], "a")
+    assert grads() == {True}
+    w.hotswap_adapter(files[path], "a", is_trainable=False)
+    assert grads() == {False} and w.adapters["a"].config.inference_mode
+    params = params_snapshot(w)
+    with pytest.raises(ConfigTypeError, match="is_trainable"):
+        w.hotswap_adapter(files["r16"], "a", is_trainable="yes")
+    assert_same_params(w, params) and grads() == {False}

@@ -8,6 +8,8 @@ import inspect
 import json
 import os
 import pickle
+import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -24,6 +26,7 @@ from tinytune.training import (  # noqa: E402
     AdapterTrainer,
     cast_adapter_dtype,
     load_adapter_weights,
+    load_all_adapters,
 )
 
 from conftest import MLP  # noqa: E402
@@ -224,6 +227,98 @@ def test_load_adapter_weights_refuses_another_adapter_and_changes_nothing(tmp_pa
         for p in w.adapter_parameters():
             p.add_(1.0)
     load_adapter_weights(w, tmp_path / "same")
+    assert_states_close(adapter_state(w), before, atol=0)
+
+
+def two_adapters(seed: int = 0) -> AdapterWrapper:
+    w = wrapped_llama(seed)
+    w.add_adapter_from_config(IA3Config(target_modules=["down_proj"], feedforward_modules=["down_proj"]), "ia3")
+    return w
+
+
+@pytest.fixture(scope="module")
+def two_adapter_checkpoint(tmp_path_factory) -> Path:
+    """A checkpoint of a run training "default" (LoRA) and "ia3" for 2 steps."""
+    run = tmp_path_factory.mktemp("run")
+    AdapterTrainer(model=two_adapters(), args=args(run, max_steps=2, save_steps=2), train_dataset=Rows()).train()
+    return run / "checkpoint-2"
+
+
+def perturbed_two_adapters() -> AdapterWrapper:
+    # Unlike the checkpoint's weights, so a partial load would show.
+    w = two_adapters()
+    with torch.no_grad():
+        for p in w.adapter_parameters():
+            p.add_(1.0)
+    return w
+
+
+@pytest.mark.parametrize(
+    "missing", ["adapter_model.safetensors", "adapter_config.json", "ia3/adapter_model.safetensors"]
+)
+def test_resuming_from_a_checkpoint_missing_an_adapter_file_raises_before_any_step(
+    tmp_path, two_adapter_checkpoint, missing
+):
+    # Used to train on from the current weights ("default" missing, "ia3" present), skip
+    # "ia3" silently, or raise transformers' bare "Can't find a valid checkpoint".
+    from tinytune import AdapterFileNotFoundError
+
+    ckpt = tmp_path / "checkpoint-2"
+    shutil.copytree(two_adapter_checkpoint, ckpt)
+    (ckpt / missing).unlink()
+    w = perturbed_two_adapters()
+    before = adapter_state(w)
+    t = AdapterTrainer(model=w, args=args(tmp_path / "b", max_steps=4, learning_rate=1e-2), train_dataset=Rows())
+    with pytest.raises(AdapterFileNotFoundError, match=re.escape(str(ckpt / missing))):
+        t.train(resume_from_checkpoint=str(ckpt))
+    assert t.state.global_step == 0
+    assert_states_close(adapter_state(w), before, atol=0)
+
+
+def test_a_resume_failing_on_the_second_adapter_changes_nothing(tmp_path, two_adapter_checkpoint):
+    ckpt = tmp_path / "checkpoint-2"
+    shutil.copytree(two_adapter_checkpoint, ckpt)
+    # An adapter the model lacks (would be added, frozen) ...
+    shutil.copytree(two_adapter_checkpoint / "ia3", ckpt / "extra")
+    # ... and an "ia3" that describes another adapter than the model's.
+    shutil.rmtree(ckpt / "ia3")
+    other = AdapterWrapper.from_config(tiny_llama(), IA3Config(target_modules=["up_proj"], feedforward_modules=[]))
+    other.save_adapter(str(ckpt / "ia3"))
+    w = perturbed_two_adapters()
+    before = adapter_state(w)
+    t = AdapterTrainer(model=w, args=args(tmp_path / "b", max_steps=4), train_dataset=Rows())
+    with pytest.raises(AdapterFileError, match="different adapter"):
+        t.train(resume_from_checkpoint=str(ckpt))
+    assert list(w.adapters) == ["default", "ia3"]
+    assert_states_close(adapter_state(w), before, atol=0)
+    # With "ia3" whole again, the same call loads everything.
+    shutil.rmtree(ckpt / "ia3")
+    shutil.copytree(two_adapter_checkpoint / "ia3", ckpt / "ia3")
+    assert load_all_adapters(w, ckpt) == ["default", "ia3", "extra"]
+    saved = load_file(str(ckpt / "adapter_model.safetensors"))
+    for path, layer in w.adapters["default"].items():
+        torch.testing.assert_close(layer.lora_A.weight, saved[f"base_model.model.{path}.lora_A.weight"])
+    assert "extra" not in w.active_adapters
+    assert not any(p.requires_grad for p in w.adapters["extra"].parameters())
+
+
+def test_load_all_adapters_removes_the_adapters_it_added_when_a_later_one_cannot_be_added(tmp_path):
+    from tinytune import InvalidConfigError
+
+    w = wrapped_llama()
+    w.save_adapter(str(tmp_path))
+    for name, r in [("a_small", 4), ("b_big", 8)]:  # added in this order
+        AdapterWrapper.from_config(tiny_llama(), LoraConfig(target_modules=["q_proj"], r=r)).save_adapter(
+            str(tmp_path / name)
+        )
+    w.reserve_adapter_slots(max_adapters=4, max_rank=4)  # b_big does not fit
+    with torch.no_grad():
+        for p in w.adapter_parameters():
+            p.add_(1.0)
+    before = adapter_state(w)
+    with pytest.raises(InvalidConfigError, match="max_rank"):
+        load_all_adapters(w, tmp_path)
+    assert list(w.adapters) == ["default"]
     assert_states_close(adapter_state(w), before, atol=0)
 
 

@@ -50,7 +50,7 @@ import torch
 from torch import nn
 
 from . import dispatch
-from .errors import AdapterNotFoundError, AdapterStateError, MixedBatchError, suggest
+from .errors import AdapterNotFoundError, AdapterStateError, MixedBatchError, suggest, wrong_type
 from .kernels.lora_mixed import (
     torch_embedding_lora_mixed,
     torch_ia3_mixed,
@@ -462,11 +462,13 @@ def _first_tensor(args: tuple, kwargs: dict) -> torch.Tensor | None:
 
 def _validate(wrapper: Any, adapter_names: Any, args: tuple, kwargs: dict) -> list[str]:
     if isinstance(adapter_names, str) or not isinstance(adapter_names, Sequence):
-        raise TypeError(
-            f"adapter_names must be a list with one adapter name per batch row, got "
-            f"{type(adapter_names).__name__}; for one adapter on every row use "
-            "set_active_adapters() instead."
+        hint = (
+            f" For one adapter on every row pass [{adapter_names!r}] * batch_size, or call "
+            "set_active_adapters() and leave adapter_names out."
+            if isinstance(adapter_names, str)
+            else " For one adapter on every row use set_active_adapters() instead."
         )
+        raise wrong_type("adapter_names", "a list with one adapter name per batch row", adapter_names, hint)
     names = list(adapter_names)
     known = wrapper.adapters
     for name in names:

@@ -1,7 +1,7 @@
 """Checkpoints of adapters: loading saved files into an existing adapter (resuming),
 PEFT's several-adapter layout, saving from a sharded run (FSDP2 / tensor parallel).
 
-Floor 7 (training helpers): imports ``errors``, ``util``, ``io`` and ``layers``; it
+Floor 7 (training helpers): imports ``errors``, ``util``, ``io`` and ``serving``; it
 takes an :class:`~tinytune.AdapterWrapper` as an argument (never imports it). Its
 names are re-exported by :mod:`tinytune.training`, and :mod:`tinytune.hf_trainer`
 uses them.
@@ -17,9 +17,17 @@ import torch
 from torch import nn
 
 from . import io as tio
+from .errors import AdapterFileNotFoundError, check_path, check_wrapper, wrong_type
+from .serving import slot_hooks
 from .util import adapter_dir, dtensor_type, holds_adapter
 
-__all__ = ["load_adapter_weights", "save_adapter_distributed", "save_all_adapters", "saved_adapter_dirs"]
+__all__ = [
+    "load_adapter_weights",
+    "load_all_adapters",
+    "save_adapter_distributed",
+    "save_all_adapters",
+    "saved_adapter_dirs",
+]
 
 
 # ======================================================================================
@@ -47,8 +55,16 @@ def load_adapter_weights(wrapper: nn.Module, path: str | os.PathLike, adapter_na
             corrupt, or describe a different adapter (other modules, settings, shapes).
             Nothing is changed then.
     """
-    adapter = wrapper.registry.get(adapter_name)
-    directory = Path(path)
+    _copy_pairs(_checked_weights(wrapper, path, adapter_name))
+
+
+def _checked_weights(
+    wrapper: nn.Module, path: str | os.PathLike, adapter_name: str
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``(parameter, saved value)`` for every parameter of adapter ``adapter_name``,
+    after every check of :func:`load_adapter_weights`; nothing is copied yet."""
+    adapter = check_wrapper(wrapper).registry.get(adapter_name)
+    directory = Path(check_path(path))
     config, config_file = tio.read_config(directory)
     tensors, _, weights_file = tio.read_weights(directory)
     ours, _ = tio.serialise(adapter, wrapper.registry.model())
@@ -85,6 +101,10 @@ def load_adapter_weights(wrapper: nn.Module, path: str | os.PathLike, adapter_na
             f"{weights_file} holds tensors adapter {adapter_name!r} has no place for, e.g. "
             f"{extra[0]!r}; it belongs to another adapter. Nothing was loaded."
         )
+    return pairs
+
+
+def _copy_pairs(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
     with torch.no_grad():
         for param, value in pairs:
             _copy_into(param, value)
@@ -109,7 +129,7 @@ def saved_adapter_dirs(path: str | os.PathLike) -> dict[str, Path]:
     Returns:
         ``{adapter name: directory}`` for every directory holding both adapter files.
     """
-    root = Path(path)
+    root = Path(check_path(path))
     found: dict[str, Path] = {}
     if holds_adapter(root):
         found["default"] = root
@@ -127,6 +147,8 @@ def save_all_adapters(wrapper: nn.Module, path: str | os.PathLike) -> list[str]:
     Returns:
         The names of the adapters written.
     """
+    check_wrapper(wrapper)
+    path = check_path(path)
     written = []
     for name, adapter in wrapper.adapters.items():
         if len(adapter) == 0:
@@ -134,6 +156,63 @@ def save_all_adapters(wrapper: nn.Module, path: str | os.PathLike) -> list[str]:
         wrapper.save_adapter(adapter_dir(path, name), name)
         written.append(name)
     return written
+
+
+def load_all_adapters(wrapper: nn.Module, path: str | os.PathLike) -> list[str]:
+    """Load a directory written by :func:`save_all_adapters` (a checkpoint) back into
+    ``wrapper``, all or nothing: what resuming a run needs.
+
+    Every adapter of the wrapper that has layers must be saved there (``"default"`` in
+    ``path``, any other in ``path/<name>``); its weights are copied in place, as
+    :func:`load_adapter_weights` does. An adapter saved there that the wrapper lacks is
+    added, inactive and frozen (as PEFT's ``Trainer`` integration loads it). Every file
+    is read and checked before anything changes, so a failure leaves all adapters as
+    they were.
+
+    Args:
+        wrapper: The :class:`~tinytune.AdapterWrapper`.
+        path: The directory (a ``Trainer`` checkpoint, say).
+
+    Returns:
+        The names of the adapters loaded or added.
+
+    Raises:
+        AdapterFileNotFoundError: If an adapter of the wrapper has no complete files in
+            ``path`` (the message names the missing file).
+        AdapterFileError, InvalidConfigError: If a saved adapter is corrupt, describes a
+            different adapter, or cannot be added (see :func:`load_adapter_weights` and
+            :meth:`~tinytune.AdapterWrapper.load_adapter`). Nothing is changed then.
+    """
+    registry = check_wrapper(wrapper).registry
+    root = Path(check_path(path))
+    saved = saved_adapter_dirs(root)
+    pairs: list[tuple[torch.Tensor, torch.Tensor]] = []
+    in_place = [name for name, adapter in wrapper.adapters.items() if len(adapter) or name in saved]
+    for name in in_place:
+        where = saved.get(name, root if name == "default" else root / name)
+        try:
+            pairs += _checked_weights(wrapper, where, name)
+        except AdapterFileNotFoundError as exc:
+            raise AdapterFileNotFoundError(
+                f"Cannot load adapter {name!r} of the model from {str(root)!r}: {exc} Load a "
+                "directory that holds every adapter of the model (AdapterTrainer's "
+                "checkpoints do), or delete the adapters it does not hold. Nothing was loaded."
+            ) from None
+    new = []
+    for name in sorted(set(saved) - set(wrapper.adapters)):
+        registry.check_new_name(name)
+        new.append(tio.read_adapter(registry.model(), saved[name], name, is_trainable=False))
+    attached: list[str] = []
+    try:
+        for adapter in new:
+            registry.attach(adapter, False, slots=slot_hooks(wrapper))
+            attached.append(adapter.name)
+    except BaseException:
+        for name in attached:
+            wrapper.delete_adapter(name)
+        raise
+    _copy_pairs(pairs)
+    return in_place + attached
 
 
 # ======================================================================================
@@ -163,13 +242,17 @@ def save_adapter_distributed(
     """
     import torch.distributed as dist
 
+    check_wrapper(wrapper)
+    path = check_path(path)
+    if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int)):
+        raise wrong_type("rank", "an int (this process's rank) or None", rank)
     distributed = dist.is_available() and dist.is_initialized()
     if rank is None:
         rank = dist.get_rank() if distributed else 0
     adapter = wrapper.registry.get(adapter_name)
     with _full_parameters(adapter):
         if rank == 0:
-            wrapper.save_adapter(str(path), adapter_name)
+            wrapper.save_adapter(path, adapter_name)
     if distributed:
         dist.barrier()
 

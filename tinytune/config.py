@@ -23,10 +23,9 @@ from typing import Any, Callable, ClassVar
 
 from torch import nn
 
-from .errors import ConfigTypeError, InvalidConfigError, UnsupportedModuleError
+from .errors import ConfigTypeError, InvalidConfigError, UnsupportedModuleError, check_bool, wrong_type
 from .layers import LinearIA3Layer, bypasses_forward, lora_layer_for
 from .util import MAX_RANK, check_init_lora_weights  # noqa: F401 - MAX_RANK: public here too
-from .util import check_bool as _check_bool
 from .util import check_number as _check_number
 from .util import check_rank as _check_rank
 
@@ -159,6 +158,7 @@ class AdapterConfig:
         mimic = _as_target_list(self.mimic_layers)
         if isinstance(mimic, str):
             mimic = [mimic]
+        _check_targets(mimic, "mimic_layers")
         if mimic:
             self.mimic_layers = list(mimic)
             self.modules_to_save = list(self.modules_to_save or []) + [
@@ -166,6 +166,11 @@ class AdapterConfig:
             ]
         if isinstance(self.task_type, TaskType):
             self.task_type = self.task_type.value
+        if self.task_type is not None and not isinstance(self.task_type, str):
+            raise wrong_type(
+                "task_type", f"a TaskType, one of its names {list(TaskType.__members__)!r}, or None",
+                self.task_type,
+            )
         if self.task_type is not None and self.task_type not in TaskType.__members__:
             raise InvalidConfigError(
                 f"task_type={self.task_type!r} is not one of PEFT's task types "
@@ -327,7 +332,7 @@ class LoraConfig(AdapterConfig):
             _check_number(alpha, f"alpha_pattern[{key!r}]")
         _check_number(self.lora_dropout, "lora_dropout")
         for what in ("use_rslora", "fan_in_fan_out"):
-            _check_bool(getattr(self, what), what)
+            check_bool(getattr(self, what), what)
         if not 0.0 <= float(self.lora_dropout) < 1.0:
             raise InvalidConfigError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}.")
         if self.bias != "none":
@@ -338,6 +343,7 @@ class LoraConfig(AdapterConfig):
         self.init_lora_weights = check_init_lora_weights(self.init_lora_weights)
         self.layers_to_transform = _as_target_list(self.layers_to_transform)
         self.layers_pattern = _as_target_list(self.layers_pattern)
+        _check_targets(self.layers_pattern, "layers_pattern")
         layers = self.layers_to_transform
         if layers is not None and not (
             (isinstance(layers, int) and not isinstance(layers, bool))
@@ -385,7 +391,6 @@ class LoraConfig(AdapterConfig):
         )
 
 
-# init_lora_weights values PEFT computes from data or by rewriting the base weights.
 @dataclass
 class IA3Config(AdapterConfig):
     """IA³: learned per-feature scales, initialised to 1.
@@ -411,7 +416,7 @@ class IA3Config(AdapterConfig):
         self.feedforward_modules = _as_target_list(self.feedforward_modules)
         _check_targets(self.feedforward_modules, "feedforward_modules")
         for what in ("fan_in_fan_out", "init_ia3_weights"):
-            _check_bool(getattr(self, what), what)
+            check_bool(getattr(self, what), what)
         ff, targets = self.feedforward_modules, self.target_modules
         if isinstance(ff, list) and isinstance(targets, list) and not set(ff) <= set(targets):
             raise InvalidConfigError(
@@ -435,44 +440,112 @@ class IA3Config(AdapterConfig):
         )
 
 
-# PEFT's per-architecture defaults for a config without target_modules (keyed by a
-# transformers model's ``config.model_type``), for the common text models.
-_LORA_DEFAULT_TARGETS: dict[str, list[str]] = {
-    **dict.fromkeys(
-        ["llama", "mistral", "mixtral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text",
-         "opt", "bart", "gptj", "gpt_neo", "stablelm"],
-        ["q_proj", "v_proj"],
-    ),
+# PEFT's per-architecture defaults for a config without target_modules, keyed by a
+# transformers model's ``config.model_type``: copies of peft.utils.constants'
+# TRANSFORMERS_MODELS_TO_{LORA_TARGET,IA3_TARGET,IA3_FEEDFORWARD}_MODULES_MAPPING (peft is
+# only a test extra, so tinytune keeps its own; tests/test_peft_dropin.py compares them
+# key by key with the installed peft). A string is a regex over the whole dotted name.
+_LORA_DEFAULT_TARGETS: dict[str, str | list[str]] = {
     "t5": ["q", "v"],
     "mt5": ["q", "v"],
+    "bart": ["q_proj", "v_proj"],
     "gpt2": ["c_attn"],
-    "gpt_bigcode": ["c_attn"],
     "bloom": ["query_key_value"],
+    "blip-2": ["q", "v", "q_proj", "v_proj"],
+    "opt": ["q_proj", "v_proj"],
+    "gptj": ["q_proj", "v_proj"],
     "gpt_neox": ["query_key_value"],
-    "falcon": ["query_key_value"],
+    "gpt_neo": ["q_proj", "v_proj"],
     "bert": ["query", "value"],
     "roberta": ["query", "value"],
     "xlm-roberta": ["query", "value"],
     "electra": ["query", "value"],
     "deberta-v2": ["query_proj", "value_proj"],
+    "deberta": ["in_proj"],
+    "layoutlm": ["query", "value"],
+    "llama": ["q_proj", "v_proj"],
+    "llama4": ["q_proj", "v_proj"],
+    "chatglm": ["query_key_value"],
+    "gpt_bigcode": ["c_attn"],
+    "mpt": ["Wqkv"],
+    "RefinedWebModel": ["query_key_value"],
+    "RefinedWeb": ["query_key_value"],
+    "falcon": ["query_key_value"],
+    "btlm": ["c_proj", "c_attn"],
+    "codegen": ["qkv_proj"],
+    "mistral": ["q_proj", "v_proj"],
+    "mixtral": ["q_proj", "v_proj"],
+    "stablelm": ["q_proj", "v_proj"],
     "phi": ["q_proj", "v_proj", "fc1", "fc2"],
+    "gemma": ["q_proj", "v_proj"],
+    "gemma2": ["q_proj", "v_proj"],
+    "gemma3_text": ["q_proj", "v_proj"],
+    "gemma4": r".*language_model\..*\.(q_proj|v_proj)",
+    "qwen2": ["q_proj", "v_proj"],
+    "qwen3": ["q_proj", "v_proj"],
+    "nemotron_h": ["q_proj", "k_proj", "v_proj", "o_proj"],
+    "rwkv": ["key", "value", "receptance", "output"],
+    "rwkv7": ["r_proj", "k_proj", "v_proj", "o_proj", "key", "value"],
 }
-# IA³: (target_modules, feedforward_modules).
-_IA3_DEFAULTS: dict[str, tuple[list[str], list[str]]] = {
-    "llama": (["k_proj", "v_proj", "down_proj"], ["down_proj"]),
-    "mistral": (["k_proj", "v_proj", "down_proj"], ["down_proj"]),
-    "mixtral": (["k_proj", "v_proj", "w2"], ["w2"]),
-    **dict.fromkeys(["qwen2", "qwen3", "gemma", "gemma2"], (["q_proj", "v_proj", "down_proj"], ["down_proj"])),
-    "gpt2": (["c_attn", "mlp.c_proj"], ["mlp.c_proj"]),
-    "opt": (["q_proj", "k_proj", "fc2"], ["fc2"]),
-    "bart": (["q_proj", "v_proj", "fc2"], ["fc2"]),
-    "t5": (["k", "v", "wo"], ["wo"]),
-    "bert": (["key", "value", "output.dense"], ["output.dense"]),
-    "roberta": (["key", "value", "output.dense"], ["output.dense"]),
-    "phi": (["q_proj", "v_proj", "fc2"], ["fc2"]),
-    "falcon": (["query_key_value", "dense_4h_to_h"], ["dense_4h_to_h"]),
-    "gpt_neox": (["query_key_value", "dense_4h_to_h"], ["dense_4h_to_h"]),
-    "bloom": (["query_key_value", "mlp.dense_4h_to_h"], ["mlp.dense_4h_to_h"]),
+_IA3_DEFAULT_TARGETS: dict[str, list[str]] = {
+    "t5": ["k", "v", "wo"],
+    "mt5": ["k", "v", "wi_1"],
+    "gpt2": ["c_attn", "mlp.c_proj"],
+    "bloom": ["query_key_value", "mlp.dense_4h_to_h"],
+    "roberta": ["key", "value", "output.dense"],
+    "opt": ["q_proj", "k_proj", "fc2"],
+    "gptj": ["q_proj", "v_proj", "fc_out"],
+    "gpt_neox": ["query_key_value", "dense_4h_to_h"],
+    "gpt_neo": ["q_proj", "v_proj", "c_proj"],
+    "bart": ["q_proj", "v_proj", "fc2"],
+    "gpt_bigcode": ["c_attn", "mlp.c_proj"],
+    "llama": ["k_proj", "v_proj", "down_proj"],
+    "llama4": ["q_proj", "v_proj", "down_proj"],
+    "mistral": ["k_proj", "v_proj", "down_proj"],
+    "mixtral": ["k_proj", "v_proj", "w2"],
+    "bert": ["key", "value", "output.dense"],
+    "deberta-v2": ["key_proj", "value_proj", "output.dense"],
+    "deberta": ["in_proj", "output.dense"],
+    "RefinedWebModel": ["query_key_value", "dense_4h_to_h"],
+    "RefinedWeb": ["query_key_value", "dense_4h_to_h"],
+    "falcon": ["query_key_value", "dense_4h_to_h"],
+    "phi": ["q_proj", "v_proj", "fc2"],
+    "gemma": ["q_proj", "v_proj", "down_proj"],
+    "gemma2": ["q_proj", "v_proj", "down_proj"],
+    "gemma3_text": ["q_proj", "v_proj", "down_proj"],
+    "qwen2": ["q_proj", "v_proj", "down_proj"],
+    "qwen3": ["q_proj", "v_proj", "down_proj"],
+}
+# PEFT's mt5 entry is empty (wi_1 is a target but not treated as feed-forward): copied
+# as it is, since the point of these tables is PEFT's result.
+_IA3_DEFAULT_FEEDFORWARD: dict[str, list[str]] = {
+    "t5": ["wo"],
+    "mt5": [],
+    "gpt2": ["mlp.c_proj"],
+    "bloom": ["mlp.dense_4h_to_h"],
+    "roberta": ["output.dense"],
+    "opt": ["fc2"],
+    "gptj": ["fc_out"],
+    "gpt_neox": ["dense_4h_to_h"],
+    "gpt_neo": ["c_proj"],
+    "bart": ["fc2"],
+    "gpt_bigcode": ["mlp.c_proj"],
+    "llama": ["down_proj"],
+    "llama4": ["down_proj"],
+    "mistral": ["down_proj"],
+    "mixtral": ["w2"],
+    "bert": ["output.dense"],
+    "deberta-v2": ["output.dense"],
+    "deberta": ["output.dense"],
+    "RefinedWeb": ["dense_4h_to_h"],
+    "RefinedWebModel": ["dense_4h_to_h"],
+    "falcon": ["dense_4h_to_h"],
+    "phi": ["fc2"],
+    "gemma": ["down_proj"],
+    "gemma2": ["down_proj"],
+    "gemma3_text": ["down_proj"],
+    "qwen2": ["down_proj"],
+    "qwen3": ["down_proj"],
 }
 
 
@@ -484,16 +557,18 @@ def with_model_defaults(config: AdapterConfig, model: nn.Module) -> AdapterConfi
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     if not isinstance(model_type, str):
         return config
+    if isinstance(config, IA3Config):
+        tables = {"target_modules": _IA3_DEFAULT_TARGETS, "feedforward_modules": _IA3_DEFAULT_FEEDFORWARD}
+    elif isinstance(config, LoraConfig):
+        tables = {"target_modules": _LORA_DEFAULT_TARGETS}
+    else:
+        return config
     changes: dict[str, Any] = {}
-    if isinstance(config, IA3Config) and model_type in _IA3_DEFAULTS:
-        targets, ff = _IA3_DEFAULTS[model_type]
-        if config.target_modules is None:
-            changes["target_modules"] = list(targets)
-        if config.feedforward_modules is None:
-            changes["feedforward_modules"] = list(ff)
-    elif isinstance(config, LoraConfig) and config.target_modules is None:
-        if model_type in _LORA_DEFAULT_TARGETS:
-            changes["target_modules"] = list(_LORA_DEFAULT_TARGETS[model_type])
+    for attr, table in tables.items():
+        default = table.get(model_type)
+        if getattr(config, attr) is None and default is not None:
+            # A copy: a user editing the filled config must not edit the table.
+            changes[attr] = default if isinstance(default, str) else list(default)
     if not changes:
         return config
     filled = copy.copy(config)
@@ -508,8 +583,8 @@ def layer_factory(layer: Any) -> Callable[[], nn.Module]:
         return lambda: layer
     if callable(layer):
         return layer
-    raise TypeError(
-        f"layer must be an AdapterLayer instance, an AdapterLayer subclass, or a callable "
-        f"returning one; got {type(layer).__name__}."
+    raise wrong_type(
+        "layer", "an AdapterLayer instance, an AdapterLayer subclass, or a callable returning "
+        "one (functools.partial(LinearLoraLayer, r=16))", layer,
     )
 

@@ -14,7 +14,9 @@ the active adapters, ``tinytune.kernels.lora_mixed`` for per-row adapters) when
   backward hooks (torch would rewrap its inputs),
 * every active adapter layer on it is a built-in ``LinearLoraLayer`` or
   ``LinearIA3Layer`` (not a custom ``AdapterLayer`` or a subclass overriding their
-  forward methods), and Triton is installed.
+  forward methods), and Triton is installed,
+* the active LoRAs' total rank (concatenated) is at most 256 (``lora_linear``'s limit;
+  mixed calls have none).
 
 Everything else (CPU tensors, training, other modules, custom layers) runs on the
 PyTorch path, layer by layer: one model may mix both.
@@ -205,6 +207,7 @@ class _Kernels:
     interpret = False
     lora_linear: Any = None
     lora_mixed_linear: Any = None
+    max_rank = 0  # the largest total rank lora_linear takes
 
 
 def _load() -> None:
@@ -220,9 +223,10 @@ def _load() -> None:
         )
     else:
         try:
-            from .kernels.lora_linear import lora_linear
+            from .kernels.lora_linear import MAX_RANK, lora_linear
             from .kernels.lora_mixed import lora_mixed_linear
 
+            _Kernels.max_rank = MAX_RANK
             _Kernels.lora_linear = lora_linear
             _Kernels.lora_mixed_linear = lora_mixed_linear
         except Exception as exc:  # pragma: no cover - a broken Triton install
@@ -286,6 +290,24 @@ def chain_reason(module: nn.Module, chain: Iterable[nn.Module]) -> str | None:
                 "methods run on the PyTorch path only)"
             )
     return None
+
+
+def rank_reason(chain: Iterable[nn.Module]) -> str | None:
+    """Why ``lora_linear`` cannot take the active LoRAs of one module: their total rank
+    (concatenated, as :func:`fused_inputs` passes them) is above its limit, or ``None``.
+
+    Checked per call: a hot-swap or a slot changes the rank without a new chain.
+    (Mixed calls run on ``lora_mixed_linear``, which walks any rank in blocks.)
+    """
+    ranks = [_factors(layer)[0].shape[0] for layer in chain if layers.layer_kind(layer) == "lora"]
+    if sum(ranks) <= _Kernels.max_rank:
+        return None
+    parts = " + ".join(map(str, ranks))
+    return (
+        f"the total LoRA rank of its active adapters is {sum(ranks)}"
+        f"{f' ({parts})' if len(ranks) > 1 else ''}, above the fused kernel's limit of "
+        f"{_Kernels.max_rank}"
+    )
 
 
 def _call_reason(
@@ -412,6 +434,16 @@ def _mul(a: torch.Tensor | None, b: torch.Tensor) -> torch.Tensor:
     return b if a is None else a * b
 
 
+def _factors(layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(A (r, K), B (N, r))`` of a LoRA layer; in reserved slots (without autograd)
+    its fixed-shape slot, padded with zero rows, so the rank a compiled graph sees stays
+    the same through a rank-changing hot-swap."""
+    padded = layer.padded_factors()
+    if padded is not None:
+        return padded[0], padded[1].t()
+    return layer.lora_A.weight, layer.lora_B.weight
+
+
 def fused_inputs(chain: tuple) -> tuple:
     """The kernel's adapter inputs for the active layers of one module.
 
@@ -432,15 +464,14 @@ def fused_inputs(chain: tuple) -> tuple:
     if len(chain) == 1 and fused_kind(chain[0]) == "lora":
         # The common case, without a copy: the scale as a stride-0 view of the layer's
         # fp32 scaling (the kernels take strides).
-        layer = chain[0]
-        a, b = layer.lora_A.weight, layer.lora_B.weight
-        return a, b, layer.scaling_tensor.expand(layer.r), None, None
+        a, b = _factors(chain[0])
+        return a, b, chain[0].scaling_tensor.expand(a.shape[0]), None, None
     terms: list[list] = []  # [A (r, K), B (N, r), layer, input scale, output scale]
     l_in = l_out = None
     for layer in chain:
         kind = fused_kind(layer)
         if kind == "lora":
-            terms.append([layer.lora_A.weight, layer.lora_B.weight, layer, None, None])
+            terms.append([*_factors(layer), layer, None, None])
         elif kind == "ia3_pre":
             # y(u) = f(l * u): every inner term sees the scaled input.
             lv = layer.ia3_l.reshape(-1)
@@ -462,7 +493,7 @@ def fused_inputs(chain: tuple) -> tuple:
             b = b.float() * d.float().unsqueeze(1)
         a_parts.append(a)
         b_parts.append(b)
-        s_parts.append(layer.scaling_tensor.expand(layer.r))
+        s_parts.append(layer.scaling_tensor.expand(a.shape[0]))
     if len(terms) == 1:
         return a_parts[0], b_parts[0], s_parts[0], l_in, l_out
     if len({t.dtype for t in a_parts + b_parts}) > 1:

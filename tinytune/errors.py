@@ -11,7 +11,8 @@ Floor 0: imports nothing from tinytune.
 from __future__ import annotations
 
 import difflib
-from typing import Iterable
+import os
+from typing import Any, Iterable
 
 
 class TinytuneError(Exception):
@@ -109,11 +110,68 @@ class KernelUnavailableError(TinytuneError, RuntimeError):
     (a custom ``AdapterLayer``, an unsupported module or dtype, a gradient is needed,
     Triton is missing, ...). The message names the module and the reason; kernel mode
     ``"auto"`` runs such layers on the PyTorch path instead."""
+
+
 class ConfigTypeError(InvalidConfigError, TypeError):
-    """A config or layer argument has the wrong type (a number where names belong, a
-    string where a bool belongs). Also an ``InvalidConfigError`` and a ``TypeError``."""
+    """An argument has the wrong type (a number where names belong, a string where a
+    bool belongs, ``None`` where a path belongs). Also an ``InvalidConfigError`` and a
+    ``TypeError``."""
 
 
 class AdapterSaveError(AdapterFileError, OSError):
     """An adapter cannot be written where asked (the path is a file, a dangling
     symlink, or not writable). Also an ``AdapterFileError`` and an ``OSError``."""
+
+
+# --------------------------------------------------------------------------------------
+# argument checks shared by every public call (so each says what to pass instead)
+# --------------------------------------------------------------------------------------
+def _shown(value: Any) -> str:
+    text = repr(value)
+    if len(text) > 60:
+        text = text[:57] + "..."
+    return f"{type(value).__name__} {text}"
+
+
+def wrong_type(what: str, expected: str, value: Any, hint: str = "") -> ConfigTypeError:
+    """The error for ``what`` (an argument) holding ``value`` where ``expected`` belongs.
+
+    Args:
+        what: The argument, as the user wrote it (``"adapter_names"``).
+        expected: What to pass instead (``"a list of adapter names"``).
+        value: What was passed.
+        hint: A further sentence, with its leading space.
+
+    Returns:
+        A :class:`ConfigTypeError` to raise.
+    """
+    return ConfigTypeError(f"{what} must be {expected}, got {_shown(value)}.{hint}")
+
+
+def check_bool(value: Any, what: str) -> bool:
+    """``value`` if it is ``True`` or ``False`` (a truthy string such as ``"no"`` would
+    silently switch an option on), else raise :class:`ConfigTypeError`."""
+    if not isinstance(value, bool):
+        raise wrong_type(what, "True or False", value)
+    return value
+
+
+def check_path(value: Any, what: str = "path") -> str:
+    """``value`` as a ``str`` path if it is a non-empty ``str`` or ``os.PathLike``,
+    else raise :class:`ConfigTypeError` (rather than ``os``'s bare ``TypeError``)."""
+    if isinstance(value, os.PathLike):
+        value = os.fspath(value)
+    if not isinstance(value, str) or not value:
+        raise wrong_type(what, "a directory path (a non-empty str or pathlib.Path)", value)
+    return value
+
+
+def check_wrapper(value: Any, what: str = "wrapper") -> Any:
+    """``value`` if it is a tinytune ``AdapterWrapper`` (duck-typed: this floor cannot
+    import the wrapper), else raise :class:`ConfigTypeError`."""
+    if getattr(value, "registry", None) is None or not hasattr(value, "adapters"):
+        raise wrong_type(
+            what, "a tinytune.AdapterWrapper", value,
+            " Wrap the model first: AdapterWrapper(model) or AdapterWrapper.from_config(model, config).",
+        )
+    return value

@@ -13,8 +13,9 @@ three places where ``Trainer`` handles model files:
   directory, any other adapter in a sub-directory of its name;
 * ``_load_from_checkpoint`` (``train(resume_from_checkpoint=...)``) and
   ``_load_best_model`` (``load_best_model_at_end=True``) copy the saved adapter weights
-  into the wrapper's adapters in place, so the optimizer state restored by ``Trainer``
-  still refers to the same parameters.
+  into the wrapper's adapters in place (``load_all_adapters``: all checked first, so a
+  missing or mismatched file raises before any step and changes nothing), so the
+  optimizer state restored by ``Trainer`` still refers to the same parameters.
 
 It also takes ``label_names`` from the base model's class (``Trainer`` reads them from
 the model's class, which for a wrapper has no ``labels`` parameter), so evaluation
@@ -34,10 +35,17 @@ import torch
 from torch import nn
 from transformers import Trainer
 from transformers.trainer import TRAINING_ARGS_NAME
-from transformers.utils import can_return_loss, find_labels
+from transformers.utils import (
+    SAFE_WEIGHTS_INDEX_NAME,
+    SAFE_WEIGHTS_NAME,
+    WEIGHTS_INDEX_NAME,
+    WEIGHTS_NAME,
+    can_return_loss,
+    find_labels,
+)
 
 from .checkpoints import (
-    load_adapter_weights,
+    load_all_adapters,
     save_adapter_distributed,
     save_all_adapters,
     saved_adapter_dirs,
@@ -105,25 +113,27 @@ class AdapterTrainer(Trainer):
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
         wrapper = self._adapter_wrapper(model if model is not None else self.model)
-        if wrapper is None or not saved_adapter_dirs(resume_from_checkpoint):
+        if wrapper is None or _full_model_checkpoint(resume_from_checkpoint):
             super()._load_from_checkpoint(resume_from_checkpoint, model)
             return
-        self._load_adapters(wrapper, resume_from_checkpoint)
+        load_all_adapters(wrapper, resume_from_checkpoint)
 
     def _load_best_model(self) -> None:
         wrapper = self._adapter_wrapper(self.model)
         best = self.state.best_model_checkpoint
-        if wrapper is None or best is None or not saved_adapter_dirs(best):
+        if wrapper is None or best is None or _full_model_checkpoint(best):
             super()._load_best_model()
             return
-        self._load_adapters(wrapper, best)
+        load_all_adapters(wrapper, best)
 
-    @staticmethod
-    def _load_adapters(wrapper: AdapterWrapper, directory: str) -> None:
-        for name, path in saved_adapter_dirs(directory).items():
-            if name in wrapper.adapters:
-                load_adapter_weights(wrapper, path, name)
-            else:
-                # An adapter saved by the run but not present now: load it as PEFT's
-                # Trainer integration does (inactive, frozen).
-                wrapper.load_adapter(str(path), name, activate=False, is_trainable=False)
+
+def _full_model_checkpoint(directory: str) -> bool:
+    """Whether ``directory`` holds a whole model's weights (written by a plain ``Trainer``)
+    and no adapter files: ``Trainer`` loads those itself. Any other directory is an
+    adapter checkpoint, even one whose adapter files are missing, which
+    ``load_all_adapters`` then reports by name instead of resuming from the current
+    weights."""
+    if saved_adapter_dirs(directory):
+        return False
+    names = (SAFE_WEIGHTS_NAME, WEIGHTS_NAME, SAFE_WEIGHTS_INDEX_NAME, WEIGHTS_INDEX_NAME)
+    return any(os.path.isfile(os.path.join(directory, name)) for name in names)

@@ -152,6 +152,11 @@ class HookSite:
         if self._mixed_users:
             self._add_mixed_hooks(self._mixed_need_pre)
 
+    def layers_changed(self) -> None:
+        """Re-read the active layers' parameters (a hot-swap gave a layer new ones)."""
+        self._chain_reason = dispatch.chain_reason(self.module, self.chain)
+        self._chain_params = tuple(dispatch.chain_params(self.chain))
+
     def _wanted(self) -> tuple[bool, str | bool]:
         """The hooks the active chain needs: (pre-hook?, post-hook kind or False)."""
         # The fused path needs both hooks, whatever the chain's layers use.
@@ -269,7 +274,7 @@ class HookSite:
             else:
                 fuse = dispatch.use_fused(
                     self.path,
-                    self._chain_reason,
+                    self._chain_reason or dispatch.rank_reason(self.chain),
                     module,
                     x,
                     self._chain_params,

@@ -49,11 +49,15 @@ from .errors import (
     AdapterFileError,
     AdapterFileNotFoundError,
     AdapterSaveError,
+    AdapterStateError,
     ConfigTypeError,
     InvalidConfigError,
+    check_bool,
+    check_path,
     suggest,
+    wrong_type,
 )
-from .util import CONFIG_NAME, LEGACY_WEIGHTS_NAME, WEIGHTS_NAME, device_of
+from .util import CONFIG_NAME, LEGACY_WEIGHTS_NAME, WEIGHTS_NAME, device_of, is_dtensor
 from .layers import (
     AdapterLayer,
     Conv2dLoraLayer,
@@ -130,6 +134,17 @@ _INERT = INFORMATIONAL | {
 }
 
 
+def check_model(model: Any) -> nn.Module:
+    """``model`` if it is an ``nn.Module`` (the base model), else raise
+    :class:`~tinytune.ConfigTypeError`: io takes the model, not the wrapper's name for it."""
+    if not isinstance(model, nn.Module):
+        raise wrong_type(
+            "model", "the base nn.Module (AdapterWrapper.get_base_model())", model,
+            " To load into or save from an AdapterWrapper, call its load_adapter() or save_adapter().",
+        )
+    return model
+
+
 # ======================================================================================
 # saving
 # ======================================================================================
@@ -162,6 +177,7 @@ def save_adapters(model: nn.Module, items: list[tuple[Any, Any]], write: bool = 
     """Save several adapters of ``model``, ``[(adapter, directory), ...]``: every adapter is
     serialised and checked before the first file is written (``write=False``: check
     only). Raises as :func:`save_adapter`."""
+    check_model(model)
     prepared = [_prepare_save(adapter, model, path) for adapter, path in items]
     if write:
         for args in prepared:
@@ -169,7 +185,21 @@ def save_adapters(model: nn.Module, items: list[tuple[Any, Any]], write: bool = 
 
 
 def _prepare_save(adapter: Any, model: nn.Module, path: Any) -> tuple:
+    if not isinstance(adapter, Adapter):
+        raise wrong_type(
+            "adapter", "a tinytune Adapter (wrapper.adapters[name])", adapter,
+            " To save an adapter by name call AdapterWrapper.save_adapter(path, adapter_name).",
+        )
     adapter_name = adapter.name
+    path = check_path(path)
+    if any(is_dtensor(p) for p in adapter.parameters()):
+        # Reading a shard's storage fails deep in torch; gathering needs every rank.
+        raise AdapterStateError(
+            f"Adapter {adapter_name!r} has sharded parameters (FSDP2 or tensor parallelism), "
+            "which save_adapter cannot write from one process. Call "
+            "tinytune.training.save_adapter_distributed(wrapper, path, adapter_name) on "
+            "every rank instead: it gathers the full weights and rank 0 writes them."
+        )
     if len(adapter) == 0:
         raise AdapterFileError(
             f"Adapter {adapter_name!r} has no layers, so there is nothing to save; add layers "
@@ -555,8 +585,11 @@ def read_adapter(
     Returns:
         The new, unattached ``Adapter``, its layers on their modules' devices.
     """
+    check_model(model)
     registry = _registry(custom_layers)  # checked whatever the file's format
-    directory = Path(path)
+    check_bool(check_fingerprint, "check_fingerprint")
+    check_bool(is_trainable, "is_trainable")
+    directory = Path(check_path(path))
     config, config_file = read_config(directory)
     tensors, metadata, weights_file = read_weights(directory)
     if check_fingerprint and FINGERPRINT_KEY in metadata:
@@ -648,10 +681,13 @@ class _LoadContext:
                         "the adapter was trained for a differently shaped model, or its config "
                         "(r, rank_pattern) does not match its weights."
                     )
-                if not (value.is_floating_point() or value.is_complex()) and param.is_floating_point():
+                if not value.is_floating_point() and param.is_floating_point():
+                    # Integer, bool and complex values would be truncated or lose their
+                    # imaginary part in the copy.
                     raise AdapterFileError(
                         f"Key {key!r} in {self.weights_file} holds {value.dtype} values where "
-                        f"{param.dtype} is expected."
+                        f"{param.dtype} is expected; an adapter file holds real floating-point "
+                        "tensors. Save the adapter again from a model with real weights."
                     )
                 param.copy_(value.t() if transposed else value)
                 self.used.add(key)
@@ -973,6 +1009,12 @@ def _build_tinytune(
         if not isinstance(entry, dict) or not isinstance(entry.get("module"), str):
             raise AdapterFileError(f"{file}: every entry of tinytune.layers needs a 'module' string.")
         path, type_name = entry["module"], entry.get("type")
+        if not isinstance(type_name, str):
+            raise AdapterFileError(
+                f"{file}: the 'type' of the layer on {path!r} must be a layer type name (a "
+                f"string such as 'LinearLoraLayer'), got {type_name!r}; the file is corrupt or "
+                "was edited by hand. Save the adapter again."
+            )
         args = entry.get("config") or {}
         if path in seen:
             raise AdapterFileError(f"{file} lists module {path!r} twice.")

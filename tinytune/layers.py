@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import InvalidConfigError, MergeNotSupportedError, UnsupportedModuleError
-from .util import check_bool, check_init_lora_weights, check_number, check_rank, is_dtensor
+from .errors import InvalidConfigError, MergeNotSupportedError, UnsupportedModuleError, check_bool
+from .util import check_init_lora_weights, check_number, check_rank, is_dtensor
 
 __all__ = [
     "AdapterLayer",
@@ -205,6 +205,19 @@ class LoraLayer(AdapterLayer):
         self.init_lora_weights = check_init_lora_weights(init_lora_weights)
         self.scaling = lora_alpha / (math.sqrt(r) if use_rslora else r)
 
+    #: ``(A, Bᵀ)`` padded to the reserved ``max_rank`` (rows past ``r`` are zero): views
+    #: of this layer's adapter slot, set while it is in one (see tinytune.serving).
+    #: Calls without autograd read these instead of ``lora_A``/``lora_B``, so a compiled
+    #: graph sees the same shapes whatever the rank (a rank-changing hot-swap does not
+    #: recompile). ``None`` outside reserved slots.
+    slot_factors: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def padded_factors(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """:attr:`slot_factors` when this call may read them (no gradient needed)."""
+        if self.slot_factors is None or torch.is_grad_enabled():
+            return None
+        return self.slot_factors
+
     # ``scaling`` lives twice: as a Python float, which eager code passes to ``addmm``
     # for free, and as a 0-dim tensor that compiled code reads. A float read by a
     # compiled graph is baked in as a constant and guarded on, so switching to an
@@ -321,27 +334,30 @@ class LinearLoraLayer(LoraLayer):
             nn.init.kaiming_uniform_(self.lora_B.weight, a=math.sqrt(5))
 
     def post_forward(self, module, args, kwargs, output):
-        a = self.lora_A.weight
-        if not torch.compiler.is_compiling() and is_dtensor(a):
-            # Tensor parallelism (tinytune.training.parallelize_adapters).
-            return tp_lora_post_forward(self, module, first_input(args, kwargs), output)
+        padded = self.padded_factors()
+        if padded is not None:
+            a, bt = padded  # never touch lora_A/lora_B: compiled code would guard on r
+        else:
+            a, bt = self.lora_A.weight, self.lora_B.weight.t()
+            if not torch.compiler.is_compiling() and is_dtensor(a):
+                # Tensor parallelism (tinytune.training.parallelize_adapters).
+                return tp_lora_post_forward(self, module, first_input(args, kwargs), output)
         x = self._dropout(module, first_input(args, kwargs))
-        b = self.lora_B.weight
         if x.dtype != a.dtype:
             x = x.to(a.dtype)
         h = F.linear(x, a)
-        if output.dim() >= 2 and output.dtype == b.dtype:
+        if output.dim() >= 2 and output.dtype == bt.dtype:
             # One GEMM with the add folded in: out + s * h @ B^T.
             out2d = output.reshape(-1, output.shape[-1])
             h2d = h.reshape(-1, h.shape[-1])
             if torch.compiler.is_compiling():
                 # The scale as a tensor (see LoraLayer.scaling), applied to the small
                 # (tokens, r) factor so the GEMM still accumulates into ``out``.
-                y = torch.addmm(out2d, h2d * self.scaling_tensor, b.t())
+                y = torch.addmm(out2d, h2d * self.scaling_tensor, bt)
             else:
-                y = torch.addmm(out2d, h2d, b.t(), alpha=self._scaling)
+                y = torch.addmm(out2d, h2d, bt, alpha=self._scaling)
             return y.view(output.shape)
-        return output + (F.linear(h, b) * self._scale()).to(output.dtype)
+        return output + (F.linear(h, bt.t()) * self._scale()).to(output.dtype)
 
     def delta_weight(self) -> torch.Tensor:
         delta = (self.lora_B.weight.float() @ self.lora_A.weight.float()) * self.scaling
@@ -379,16 +395,18 @@ class EmbeddingLoraLayer(LoraLayer):
 
     def post_forward(self, module, args, kwargs, output):
         ids = first_input(args, kwargs)
+        padded = self.padded_factors()
+        a, bt = padded if padded is not None else (self.lora_A.weight, self.lora_B.weight.t())
         h = F.embedding(
             ids,
-            self.lora_A.weight,
+            a,
             padding_idx=module.padding_idx,
             scale_grad_by_freq=module.scale_grad_by_freq,
             sparse=module.sparse,
         )
         # No dropout on embedding LoRA, as in PEFT: dropping token ids' rows is not what
         # lora_dropout means.
-        return output + (F.linear(h, self.lora_B.weight) * self._scale()).to(output.dtype)
+        return output + (F.linear(h, bt.t()) * self._scale()).to(output.dtype)
 
     def delta_weight(self) -> torch.Tensor:
         a = self.lora_A.weight.float()  # (num_embeddings, r)

@@ -29,6 +29,7 @@ from .errors import (
     MergeNotSupportedError,
     UnsupportedModuleError,
     suggest,
+    wrong_type,
 )
 from .hooks import HookSite, hook_layout_id
 from .layers import AdapterLayer, ModulesToSaveLayer
@@ -132,14 +133,13 @@ class AdapterRegistry:
         if not isinstance(activate, bool):
             # PEFT's add_adapter(adapter_name, peft_config) would land a config here and
             # silently create an empty adapter.
-            raise TypeError(
-                f"activate must be True or False, got {type(activate).__name__}. To add an "
-                "adapter from a config, call add_adapter_from_config(config, adapter_name)."
+            raise wrong_type(
+                "activate", "True or False", activate,
+                " To add an adapter from a config, call add_adapter_from_config(config, adapter_name).",
             )
         self.adapters[adapter_name] = Adapter(adapter_name)
         if activate:
             self.active.append(adapter_name)
-
 
     def add_adapter_layer(
         self, adapter_name: str, layer_name: str, layer: Any, slots: Any = None
@@ -159,9 +159,11 @@ class AdapterRegistry:
             )
         instance = layer_factory(layer)()
         if not isinstance(instance, AdapterLayer):
-            raise TypeError(
-                f"layer must produce an AdapterLayer, got {type(instance).__name__}; subclass "
-                "tinytune.AdapterLayer."
+            raise wrong_type(
+                "layer", "an AdapterLayer, or a class or factory that returns one", instance,
+                " (what the factory returned; a factory must return the layer, e.g. "
+                "lambda: LinearLoraLayer(r=16), and a custom layer must subclass "
+                "tinytune.AdapterLayer)",
             )
         if any(instance is l for a in self.adapters.values() for _, l in a.items()):
             raise LayerAlreadyAdaptedError(
@@ -306,7 +308,7 @@ class AdapterRegistry:
                 f"Adapters {self.merged!r} are merged; call unmerge_adapters() before swapping."
             )
         if not isinstance(new_model, nn.Module):
-            raise TypeError(f"new_model must be an nn.Module, got {type(new_model).__name__}.")
+            raise wrong_type("new_model", "a torch nn.Module", new_model)
         _check_not_wrapped(new_model, self)
         hooked = _hooked_by_tinytune(new_model, own=list(self.sites.values()))
         if hooked is not None:
@@ -373,17 +375,18 @@ class AdapterRegistry:
             )
         return self.adapters[adapter_name]  # type: ignore[return-value]
 
-    def names(self, adapter_names: str | Sequence[str]) -> list[str]:
+    def names(self, adapter_names: str | Sequence[str], what: str = "adapter_names") -> list[str]:
+        """``adapter_names`` as a list, every name checked to exist; ``what`` is the
+        argument's name in the error."""
         if isinstance(adapter_names, str):
             names = [adapter_names]
         else:
             try:
                 names = list(adapter_names)
             except TypeError:
-                raise TypeError(
-                    f"Expected an adapter name or a list of names (an empty list for none), "
-                    f"got {type(adapter_names).__name__}; existing adapters: "
-                    f"{list(self.adapters)!r}."
+                raise wrong_type(
+                    what, "an adapter name or a list of names (an empty list for none)",
+                    adapter_names, f" Existing adapters: {list(self.adapters)!r}.",
                 ) from None
         for name in names:
             self.get(name)

@@ -43,7 +43,7 @@ import torch
 from torch import nn
 
 from .stacks import STATES, AdapterSignature, SiteStacks, release_unreserved, stack_params, state_of
-from .errors import AdapterFileError, AdapterStateError, InvalidConfigError, MixedBatchError
+from .errors import AdapterFileError, AdapterStateError, InvalidConfigError, MixedBatchError, wrong_type
 from .io import layer_config, read_adapter
 from .layers import LinearIA3Layer, LoraLayer, layer_kind
 from .util import device_of
@@ -264,7 +264,7 @@ class SlotPool:
             self.cond.notify_all()
 
     def prepare(
-        self, used: Sequence[str], plain: bool = False
+        self, used: Sequence[str], plain: bool = False, combining: bool = False
     ) -> tuple[dict[str, int], dict[str, SiteStacks], "_Pins"]:
         """Bring the ``used`` adapters into slots (LRU eviction) and pin those slots for
         the call. Validates before changing anything.
@@ -273,6 +273,8 @@ class SlotPool:
             used: The adapters the call runs, each once.
             plain: The call is a plain call (or a merge) running the active adapters,
                 not a mixed call naming them (only changes the error messages).
+            combining: ``used`` are the sources of ``add_weighted_adapter`` (only
+                changes the error messages).
 
         Returns:
             ``(slot of each resident adapter, stacks by module path, pins)``; release the
@@ -286,6 +288,14 @@ class SlotPool:
         """
         wrapper = self._wrapper()
         adapters = wrapper.adapters
+        if len(used) > self.capacity and combining:
+            raise MixedBatchError(
+                f"add_weighted_adapter reads its {len(used)} source adapters ({list(used)!r}) "
+                f"from adapter slots, but only {self.capacity} slots are reserved: it needs "
+                f"{len(used)}. Combine at most {self.capacity} adapters at a time (combine "
+                f"the result again), or call reserve_adapter_slots({len(used)}, "
+                f"{self.max_rank}). Nothing was changed."
+            )
         if len(used) > self.capacity and plain:
             raise MixedBatchError(
                 f"{len(used)} adapters are active ({list(used)!r}) and a plain call runs "
@@ -467,13 +477,15 @@ def reserve(wrapper: nn.Module, max_adapters: int, max_rank: int) -> None:
         arm_hooks(wrapper, pool)
 
 
-def pin_adapters(wrapper: nn.Module, names: Sequence[str]) -> "_Pins | None":
+def pin_adapters(wrapper: nn.Module, names: Sequence[str], combining: bool = False) -> "_Pins | None":
     """Bring ``names`` into slots (unless already there) and pin them until released.
 
     Plain calls and merges read the adapters' parameters themselves; with reserved
     slots an adapter outside a slot has them in host memory, which the model's device
     cannot read (CUDA raises a device mismatch). In a slot they are views of the
     device stacks. Returns ``None`` without reserved slots (nothing to do).
+    ``combining``: ``names`` are the sources of ``add_weighted_adapter`` (for the
+    error message).
 
     Raises:
         MixedBatchError: If there are more ``names`` than slots, or their slots stay
@@ -484,7 +496,7 @@ def pin_adapters(wrapper: nn.Module, names: Sequence[str]) -> "_Pins | None":
     if pool is None or not names:
         return None
     with pool.cond:
-        return pool.prepare(list(dict.fromkeys(names)), plain=True)[2]
+        return pool.prepare(list(dict.fromkeys(names)), plain=True, combining=combining)[2]
 
 
 @torch.compiler.disable
@@ -586,13 +598,25 @@ def hotswap(wrapper: nn.Module, path: Any, adapter_name: str, **kwargs: Any) -> 
         _hotswap(wrapper, path, adapter_name, **kwargs)
 
 
-def _hotswap(wrapper: nn.Module, path: Any, adapter_name: str, **kwargs: Any) -> None:
+def _hotswap(
+    wrapper: nn.Module, path: Any, adapter_name: str, is_trainable: Any = None, **kwargs: Any
+) -> None:
     old = wrapper.registry.get(adapter_name)
     if adapter_name in wrapper.registry.merged:
         raise AdapterStateError(
             f"Adapter {adapter_name!r} is merged; call unmerge_adapters() before hot-swapping it."
         )
-    new = read_adapter(wrapper.registry.model(), path, adapter_name, **kwargs)
+    if is_trainable is None:
+        # PEFT's hotswap_adapter copies into the old parameters, which keep their
+        # requires_grad: the swapped adapter trains exactly if the old one did.
+        is_trainable = any(p.requires_grad for p in old.parameters())
+    elif not isinstance(is_trainable, bool):
+        raise wrong_type(
+            "is_trainable", "True, False or None (keep the adapter's current setting)", is_trainable
+        )
+    new = read_adapter(
+        wrapper.registry.model(), path, adapter_name, is_trainable=is_trainable, **kwargs
+    )
     old_paths, new_paths = set(old.layer_names), set(new.layer_names)
     if old_paths != new_paths:
         extra, missing = sorted(new_paths - old_paths), sorted(old_paths - new_paths)
@@ -640,11 +664,12 @@ def _hotswap(wrapper: nn.Module, path: Any, adapter_name: str, **kwargs: Any) ->
                     o.lora_A.weight.copy_(n.lora_A.weight)
                     o.lora_B.weight.copy_(n.lora_B.weight)
                 else:
-                    grad = o.lora_A.weight.requires_grad
-                    o.lora_A, o.lora_B = n.lora_A, n.lora_B
-                    o.lora_A.requires_grad_(grad)
-                    o.lora_B.requires_grad_(grad)
+                    # The adapter's dtype stays (e.g. fp32 from autocast_adapter_dtype
+                    # over a bf16 base), as in the same-rank copy above.
+                    o.lora_A = n.lora_A.to(o.lora_A.weight.dtype)
+                    o.lora_B = n.lora_B.to(o.lora_B.weight.dtype)
                     o.r = n.r
+                o.requires_grad_(is_trainable)
                 o.lora_alpha, o.use_rslora = n.lora_alpha, n.use_rslora
                 o.lora_dropout = n.lora_dropout
                 o.scaling = n.scaling
@@ -652,6 +677,10 @@ def _hotswap(wrapper: nn.Module, path: Any, adapter_name: str, **kwargs: Any) ->
                 theirs = n.state_dict()
                 for k, t in o.state_dict(keep_vars=True).items():
                     t.copy_(theirs[k])
+                o.requires_grad_(is_trainable)
+            site = wrapper.registry.sites.get(p)
+            if site is not None:
+                site.layers_changed()
         old.config = new.config
         old.peft_extras = new.peft_extras
         pool = state.pool

@@ -286,6 +286,9 @@ class SiteStacks:
             into: ``param -> tensor`` (same shape) to copy each parameter into, e.g. its
                 host-memory buffer; default: a fresh contiguous copy on its device.
         """
+        layer = self.layers[slot]
+        if getattr(layer, "slot_factors", None) is not None:
+            layer.slot_factors = None
         if not self.bound[slot]:
             return
         with torch.inference_mode(False), torch.no_grad():
@@ -347,6 +350,11 @@ class SiteStacks:
             self.copied.add(slot)
         if kind in ("lora", "emb"):
             stacks = getattr(self, kind)
+            if self.fixed and slot not in self.copied:
+                # Reserved slots: plain calls read the fixed-shape slot, which is the
+                # parameters' storage (LoraLayer.slot_factors), so a new rank never
+                # changes what a compiled graph sees.
+                layer.slot_factors = (stacks[0][slot], stacks[1][slot])
             stacks[2][slot] = float(layer.scaling)
             if kind == "lora":
                 stacks[3][slot] = float(layer.lora_dropout)

@@ -10,7 +10,8 @@ parameters are ordinary ``nn.Parameter`` s that any optimizer trains. This modul
   ``autocast_adapter_dtype``);
 * :func:`load_adapter_weights`: load saved adapter files *into* an existing adapter, in
   place (parameters keep their identity, so an optimizer holding them keeps working):
-  what resuming from a checkpoint needs;
+  what resuming from a checkpoint needs; :func:`load_all_adapters` does it for every
+  adapter of a checkpoint, all checked before any is changed;
 * :func:`save_adapter_distributed`: save from a sharded run (FSDP2 / tensor parallel):
   every rank gathers, rank 0 writes a normal adapter directory;
 * :func:`parallelize_adapters`: LoRA factors sharded to match ``ColwiseParallel`` /
@@ -31,11 +32,12 @@ from torch import nn
 
 from .checkpoints import (
     load_adapter_weights,
+    load_all_adapters,
     save_adapter_distributed,
     save_all_adapters,
     saved_adapter_dirs,
 )
-from .errors import InvalidConfigError, UnsupportedModuleError
+from .errors import InvalidConfigError, UnsupportedModuleError, check_wrapper
 from .layers import LinearLoraLayer, tp_lora_post_forward, upcast_layers  # noqa: F401 - re-exported
 from .util import present_forward_signature
 
@@ -43,6 +45,7 @@ __all__ = [
     "AdapterTrainer",
     "cast_adapter_dtype",
     "load_adapter_weights",
+    "load_all_adapters",
     "parallelize_adapters",
     "present_forward_signature",
     "save_adapter_distributed",
@@ -124,7 +127,7 @@ def parallelize_adapters(wrapper: nn.Module) -> int:
     """
     from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
 
-    model = wrapper.registry.model()
+    model = check_wrapper(wrapper).registry.model()
     modules = dict(model.named_modules())
     todo: list[tuple[nn.Module, Any, list, list]] = []
     for adapter_name, adapter in wrapper.adapters.items():

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import ConfigTypeError, InvalidConfigError
+from .errors import InvalidConfigError
 
 __all__ = [
     "CONFIG_NAME",
@@ -28,7 +28,6 @@ __all__ = [
     "MAX_RANK",
     "WEIGHTS_NAME",
     "adapter_dir",
-    "check_bool",
     "check_init_lora_weights",
     "check_number",
     "check_rank",
@@ -131,17 +130,6 @@ def check_number(value: Any, what: str) -> None:
     if not math.isfinite(float(value)):
         # A nan/inf scale would turn every merged weight into nan.
         raise InvalidConfigError(f"{what} must be a finite number, got {value!r}.")
-
-
-def check_bool(value: Any, what: str) -> None:
-    """Refuse anything but ``True`` or ``False``.
-
-    Raises:
-        ConfigTypeError: With ``what`` (the argument's name) in the message.
-    """
-    # "no" or "false" are truthy strings: they would silently switch the option on.
-    if not isinstance(value, bool):
-        raise ConfigTypeError(f"{what} must be True or False, got {value!r}.")
 
 
 # ======================================================================================

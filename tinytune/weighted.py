@@ -30,8 +30,8 @@ from torch import nn
 
 from .adapter import Adapter, layer_key
 from .config import AdapterConfig, LoraConfig
-from .errors import InvalidConfigError, UnsupportedModuleError
-from .util import device_of
+from .errors import InvalidConfigError, UnsupportedModuleError, check_bool, wrong_type
+from .util import check_number, device_of
 from .layers import (
     AdapterLayer,
     Conv2dLoraLayer,
@@ -45,6 +45,7 @@ __all__ = ["add_weighted_adapter", "COMBINATION_TYPES"]
 
 #: The combination types tinytune implements (PEFT's other ones are refused by name).
 COMBINATION_TYPES = ("linear", "cat", "svd")
+_SVD_DRIVERS = ("gesvd", "gesvdj", "gesvda")  # torch.linalg.svd's, cuSOLVER only
 _PEFT_ONLY = (
     "ties", "ties_svd", "dare_ties", "dare_linear", "dare_ties_svd", "dare_linear_svd",
     "magnitude_prune", "magnitude_prune_svd",
@@ -127,6 +128,15 @@ def add_weighted_adapter(
         )
     if svd_rank is not None and (isinstance(svd_rank, bool) or not isinstance(svd_rank, int) or svd_rank <= 0):
         raise InvalidConfigError(f"svd_rank must be a positive integer or None, got {svd_rank!r}.")
+    if svd_clamp is not None:
+        check_number(svd_clamp, "svd_clamp")
+        if not 0 <= svd_clamp <= 1:
+            raise InvalidConfigError(
+                f"svd_clamp is a quantile in [0, 1] (e.g. 0.99) or None, got {svd_clamp!r}."
+            )
+    check_bool(svd_full_matrices, "svd_full_matrices")
+    if svd_driver is not None and svd_driver not in _SVD_DRIVERS:
+        raise wrong_type("svd_driver", f"None or one of {list(_SVD_DRIVERS)!r} (CUDA only)", svd_driver)
     if len(adapters) == 1:
         combination_type = "linear"  # as in PEFT
 
@@ -175,12 +185,20 @@ def add_weighted_adapter(
     )
     model_modules = {path: modules[path] for path in list(per_path) + list(saves)}
     built: list[tuple[str, AdapterLayer]] = []
+    clipped: dict[str, int] = {}
     for path, present in per_path.items():
         module = model_modules[path]
         cls = lora_layer_for(module)
+        rank = new_rank
+        if combination_type == "svd":
+            # Σ wᵢ ΔWᵢ has rank at most min(out, in): beyond that the SVD has no more
+            # directions, and PEFT's factors come out with that many rows.
+            rank = min(new_rank, _max_rank(next(iter(present.values()))))
+            if rank < new_rank:
+                clipped[path] = rank
         layer = cls(
-            r=new_rank,
-            lora_alpha=new_rank,
+            r=rank,
+            lora_alpha=rank,
             lora_dropout=first.lora_dropout,
             use_rslora=first.use_rslora,
         )
@@ -213,7 +231,7 @@ def add_weighted_adapter(
                 a_new = ta if a_new is None else a_new + ta
                 b_new = tb if b_new is None else b_new + tb
         else:
-            a_new, b_new = _svd(layer, [(present[n], w) for n, w in used], new_rank,
+            a_new, b_new = _svd(layer, [(present[n], w) for n, w in used], rank,
                                 svd_clamp, svd_full_matrices, svd_driver)
         _set_factors(layer, a_new, b_new)
         built.append((path, layer))
@@ -225,7 +243,7 @@ def add_weighted_adapter(
         layer.reset_params(path, model_modules[path])
         built.append((path, layer))
 
-    config = _combined_config(sources, new_rank)
+    config = _combined_config(sources, new_rank, clipped)
     adapter = Adapter(adapter_name, config)
     for path, layer in built:
         device = device_of(model_modules[path])
@@ -249,6 +267,11 @@ def _svd(
     conv = isinstance(layer, Conv2dLoraLayer)
     if conv:
         delta = delta.flatten(start_dim=1) if delta.shape[2:4] != (1, 1) else delta.squeeze()
+    if driver is not None and delta.device.type != "cuda":
+        raise InvalidConfigError(
+            f"svd_driver={driver!r} selects a cuSOLVER routine, which only runs on CUDA; the "
+            f"adapters are on {delta.device.type}. Leave svd_driver=None."
+        )
     u, s, vh = torch.linalg.svd(delta, full_matrices=full_matrices, driver=driver)
     u = u[:, :new_rank] @ torch.diag(s[:new_rank])
     vh = vh[:new_rank, :]
@@ -260,9 +283,18 @@ def _svd(
     return vh, u
 
 
-def _combined_config(sources: list, new_rank: int) -> AdapterConfig | None:
+def _max_rank(layer: LoraLayer) -> int:
+    """The largest rank of a delta on ``layer``'s module: ``min(out, in)`` of its 2-D
+    form (a Conv2d's input dimension is ``in·kh·kw``)."""
+    a, b = _factors(layer)
+    return min(b.shape[0], math.prod(a.shape[1:]))
+
+
+def _combined_config(sources: list, new_rank: int, clipped: dict[str, int]) -> AdapterConfig | None:
     """PEFT's config for the combination: the first config with the new rank and the
-    union of the targets; ``None`` when the adapters have no common config form."""
+    union of the targets; ``None`` when the adapters have no common config form.
+    ``clipped`` (module path: rank) are the modules whose rank was clipped below the new
+    rank, recorded as ``rank_pattern`` and ``alpha_pattern`` (scale 1, as elsewhere)."""
     configs = [a.config for a in sources]
     if not all(type(c) is LoraConfig for c in configs):
         return None
@@ -279,8 +311,8 @@ def _combined_config(sources: list, new_rank: int) -> AdapterConfig | None:
             r=new_rank,
             lora_alpha=new_rank,
             target_modules=combined,
-            rank_pattern={},
-            alpha_pattern={},
+            rank_pattern=dict(clipped),
+            alpha_pattern={path: float(r) for path, r in clipped.items()},
         )
     except InvalidConfigError:
         return None

@@ -16,6 +16,7 @@ data and return an :class:`~tinytune.adapter.Adapter` (re-exported here).
 
 from __future__ import annotations
 
+import collections.abc
 import os
 from typing import Any, Iterator, Sequence
 
@@ -25,7 +26,14 @@ from . import serving
 from .adapter import BASE_ADAPTER_NAME, Adapter, build_adapter
 from .batch import forget_adapter, mixed_call
 from .config import AdapterConfig
-from .errors import AdapterStateError, MixedBatchError, UnsupportedArgumentError
+from .errors import (
+    AdapterStateError,
+    MixedBatchError,
+    UnsupportedArgumentError,
+    check_bool,
+    check_path,
+    wrong_type,
+)
 from .io import read_adapter, save_adapters
 from .layers import AdapterLayer, upcast_layers
 from .registry import AdapterRegistry
@@ -45,7 +53,7 @@ class AdapterWrapper(nn.Module):
         model: The base model. It is used in place, not copied.
 
     Raises:
-        TypeError: If ``model`` is not an ``nn.Module`` or is already a wrapper.
+        ConfigTypeError: If ``model`` is not an ``nn.Module`` or is already a wrapper.
         AdapterStateError: If another wrapper holds ``model`` (even with no hook on it,
             its adapters inactive) or its adapter hooks are still on it.
 
@@ -58,9 +66,12 @@ class AdapterWrapper(nn.Module):
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
         if not isinstance(model, nn.Module):
-            raise TypeError(f"AdapterWrapper needs an nn.Module, got {type(model).__name__}.")
+            raise wrong_type("model", "a torch nn.Module (the base model to adapt)", model)
         if isinstance(model, AdapterWrapper):
-            raise TypeError("This model is already an AdapterWrapper: add adapters to it directly.")
+            raise wrong_type(
+                "model", "a base model, not an AdapterWrapper", model,
+                " Add adapters to this wrapper directly (add_adapter_from_config).",
+            )
         adapters = nn.ModuleDict()
         registry = AdapterRegistry(model, adapters)  # refuses a model wrapped elsewhere
         self.model = model
@@ -108,8 +119,8 @@ class AdapterWrapper(nn.Module):
 
         Raises:
             AdapterExistsError: If the name is taken.
-            TypeError: If ``activate`` is not a bool (PEFT's ``add_adapter(name, config)``
-                passes a config there; use :meth:`add_adapter_from_config`).
+            ConfigTypeError: If ``activate`` is not a bool (PEFT's ``add_adapter(name,
+                config)`` passes a config there; use :meth:`add_adapter_from_config`).
         """
         self.registry.add_adapter(adapter_name, activate)
 
@@ -128,6 +139,8 @@ class AdapterWrapper(nn.Module):
 
         Raises:
             AdapterExistsError: If the name is taken.
+            ConfigTypeError: If ``config`` is not a tinytune config (a dict, PEFT's
+                ``LoraConfig``, ...) or ``activate``/``autocast_adapter_dtype`` not a bool.
             NoMatchingModulesError: If ``target_modules`` or ``modules_to_save`` match
                 no module.
             UnsupportedModuleError: If a matched module cannot be adapted.
@@ -141,10 +154,16 @@ class AdapterWrapper(nn.Module):
                     f" This is PEFT's {cls.__name__}; use tinytune's, which takes the same "
                     "fields: from tinytune import LoraConfig, IA3Config."
                 )
-            raise TypeError(
-                f"config must be a tinytune AdapterConfig (tinytune.LoraConfig, "
-                f"tinytune.IA3Config, ...), got {cls.__module__}.{cls.__qualname__}.{hint}"
+            elif isinstance(config, dict):
+                hint = " To build one from a dict of fields: tinytune.LoraConfig(**fields)."
+            raise wrong_type(
+                "config",
+                "a tinytune AdapterConfig (tinytune.LoraConfig, tinytune.IA3Config, ...)",
+                config,
+                f" (a {cls.__module__}.{cls.__qualname__}){hint}",
             )
+        check_bool(activate, "activate")
+        check_bool(autocast_adapter_dtype, "autocast_adapter_dtype")
         adapter = build_adapter(
             self.registry.model(), config, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype
         )
@@ -308,14 +327,12 @@ class AdapterWrapper(nn.Module):
             MixedBatchError: With reserved slots, if ``adapters`` are more than the slots
                 (each is brought into a slot while it is read); nothing changes then.
         """
-        pins = None
-        if self.registry.slots_reserved and isinstance(adapters, (list, tuple)):
-            # With reserved slots, sources outside a slot have their weights in host
-            # memory: combine them from their slots (on the model's device) instead.
-            names = [n for n in adapters if isinstance(n, str) and n in self.adapters]
-            pins = serving.pin_adapters(self, names) if len(names) == len(adapters) else None
+        self.registry.check_new_name(adapter_name)
+        adapters = self.registry.names(adapters, "adapters")
+        # With reserved slots, sources outside a slot have their weights in host memory:
+        # combine them from their slots (on the model's device) instead.
+        pins = serving.pin_adapters(self, adapters, combining=True)
         try:
-            self.registry.check_new_name(adapter_name)
             modules = {path: site.module for path, site in self.registry.sites.items()}
             adapter = add_weighted_adapter(
                 self.registry.get, modules, adapters, weights, adapter_name, combination_type,
@@ -415,6 +432,12 @@ class AdapterWrapper(nn.Module):
         loaded, and they are merged again on top of the loaded base weights (with the
         loaded adapter weights), so unmerging later gives back the loaded base weights.
         """
+        if not isinstance(state_dict, collections.abc.Mapping):
+            raise wrong_type(
+                "state_dict", "a dict of tensors (what wrapper.state_dict() returns)", state_dict
+            )
+        check_bool(strict, "strict")
+        check_bool(assign, "assign")
         registry = self.registry
         merged = list(registry.merged)
         if merged:
@@ -546,8 +569,11 @@ class AdapterWrapper(nn.Module):
         Args:
             path: The adapter directory.
             adapter_name: The loaded adapter to replace.
-            **kwargs: ``custom_layers``, ``check_fingerprint``, ``is_trainable``, as in
-                :meth:`load_adapter`.
+            **kwargs: ``custom_layers`` and ``check_fingerprint``, as in
+                :meth:`load_adapter`; ``is_trainable``: ``True``/``False`` makes the
+                swapped adapter's parameters trainable or frozen (``requires_grad``);
+                ``None`` (default) keeps them as they were, as PEFT's
+                ``hotswap_adapter`` does. The adapter keeps its dtype.
 
         Raises:
             AdapterNotFoundError: If there is no such adapter.
@@ -555,6 +581,7 @@ class AdapterWrapper(nn.Module):
             AdapterFileError: If the file targets other modules or other kinds of layers,
                 or cannot be read (see :meth:`load_adapter`).
             InvalidConfigError: If its rank exceeds the reserved ``max_rank``.
+            ConfigTypeError: If ``is_trainable`` is not a bool or ``None``.
         """
         serving.hotswap(self, path, adapter_name, **kwargs)
 
@@ -616,11 +643,13 @@ class AdapterWrapper(nn.Module):
             InvalidConfigError: If the config uses a PEFT option tinytune does not
                 implement (``use_dora``, ``bias``, ...), or an unsupported ``peft_type``.
         """
+        path = check_path(path)
         subfolder = kwargs.pop("subfolder", None)
         if subfolder:
-            path = os.path.join(path, subfolder)
+            path = os.path.join(path, check_path(subfolder, "subfolder"))
         autocast = kwargs.pop("autocast_adapter_dtype", False)
         self.registry.check_new_name(adapter_name)
+        check_bool(activate, "activate")
         adapter = read_adapter(self.registry.model(), path, adapter_name, **kwargs)
         self._attach(adapter, activate)
         if autocast:
@@ -674,7 +703,9 @@ class AdapterWrapper(nn.Module):
                 "tinytune writes safetensors only (pickle files can run code when loaded). "
                 "Leave safe_serialization=True; nothing was written."
             )
-        if save_embedding_layers not in ("auto", False):
+        save_directory = check_path(save_directory, "save_directory")
+        check_bool(is_main_process, "is_main_process")
+        if not (save_embedding_layers == "auto" or save_embedding_layers is False):
             raise UnsupportedArgumentError(
                 f"save_pretrained(save_embedding_layers={save_embedding_layers!r}) is not "
                 "supported: tinytune never changes the base model's embedding weights, so there "
@@ -694,16 +725,9 @@ class AdapterWrapper(nn.Module):
                 )
             items = [(adapter_name, save_directory)]
         else:
-            if selected_adapters is None:
-                names = list(self.adapters)
-            elif isinstance(selected_adapters, str):
-                names = [selected_adapters]
-            else:
-                names = list(selected_adapters)
-            for name in names:
-                self.registry.get(name)
+            names = list(self.adapters) if selected_adapters is None else self.registry.names(selected_adapters)
             items = [(name, adapter_dir(save_directory, name)) for name in names]
-        self._save(items, write=bool(is_main_process))
+        self._save(items, write=is_main_process)
 
     def _save(self, items: list[tuple[str, Any]], write: bool = True) -> None:
         """Write ``[(adapter name, directory), ...]``, every adapter checked first."""
