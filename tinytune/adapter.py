@@ -13,8 +13,8 @@ from typing import Any, Iterator
 
 from torch import nn
 
-from .config import TASK_HEAD_MODULES, AdapterConfig, name_matches, with_model_defaults
-from .errors import InvalidConfigError, NoMatchingModulesError, suggest
+from .config import TASK_HEAD_MODULES, AdapterConfig, check_config, name_matches, with_model_defaults
+from .errors import InvalidConfigError, NoMatchingModulesError, check_bool, suggest
 from .layers import AdapterLayer, ModulesToSaveLayer, upcast_layers
 
 __all__ = [
@@ -224,7 +224,11 @@ def build_adapter(
             module.
         InvalidConfigError: If the config names no targets and the model has no defaults.
         UnsupportedModuleError: If a matched module cannot be adapted.
+        ConfigTypeError: If ``config`` is not a tinytune config (a dict, PEFT's
+            ``LoraConfig``, ...) or ``autocast_adapter_dtype`` not a bool.
     """
+    check_config(config)
+    check_bool(autocast_adapter_dtype, "autocast_adapter_dtype")
     # PEFT's defaults for a transformers model when target_modules is left out.
     config = with_model_defaults(config, model)
     named = [(n, m) for n, m in model.named_modules() if n]

@@ -612,12 +612,19 @@ def mixed_call(
         Whatever ``fn`` returns.
 
     Raises:
-        TypeError: If ``adapter_names`` is not a list of names.
+        ConfigTypeError: If ``adapter_names`` is not a list of names.
         AdapterNotFoundError: If a name is neither a loaded adapter nor ``"__base__"``.
         MixedBatchError: If the list's length is not the batch size, or an adapted
             module does not see the batch along dimension 0.
         AdapterStateError: If any adapter is merged, or the wrapper is unloaded.
+        MixedBatchError: Also for adapters sharded for tensor parallelism.
     """
+    if wrapper.registry.tensor_parallel:
+        raise MixedBatchError(
+            "Mixed batches (adapter_names=) are not supported on adapters sharded for "
+            "tensor parallelism (tinytune.training.parallelize_adapters); run one "
+            "adapter per call with set_active_adapters(), or gather the model first."
+        )
     plans, pins = _prepare(wrapper, fn, adapter_names, args, kwargs)
     # No graph break inside a try block: dynamo cannot resume a compiled frame there and
     # would run this whole frame eagerly, so the model's forward would become a frame of

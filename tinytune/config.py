@@ -577,6 +577,29 @@ def with_model_defaults(config: AdapterConfig, model: nn.Module) -> AdapterConfi
     return filled
 
 
+def check_config(config: Any) -> AdapterConfig:
+    """``config`` if it is a tinytune :class:`AdapterConfig`, else raise
+    :class:`~tinytune.ConfigTypeError` saying what to pass (PEFT's configs and plain
+    dicts get a hint)."""
+    if isinstance(config, AdapterConfig):
+        return config
+    cls = type(config)
+    hint = ""
+    if cls.__module__.split(".")[0] == "peft":
+        hint = (
+            f" This is PEFT's {cls.__name__}; use tinytune's, which takes the same "
+            "fields: from tinytune import LoraConfig, IA3Config."
+        )
+    elif isinstance(config, dict):
+        hint = " To build one from a dict of fields: tinytune.LoraConfig(**fields)."
+    raise wrong_type(
+        "config",
+        "a tinytune AdapterConfig (tinytune.LoraConfig, tinytune.IA3Config, ...)",
+        config,
+        f" (a {cls.__module__}.{cls.__qualname__}){hint}",
+    )
+
+
 def layer_factory(layer: Any) -> Callable[[], nn.Module]:
     """Normalise what ``add_adapter_layer`` accepts into a zero-argument factory."""
     if isinstance(layer, nn.Module):

@@ -52,6 +52,7 @@ from .errors import (
     AdapterStateError,
     ConfigTypeError,
     InvalidConfigError,
+    UnsupportedArgumentError,
     check_bool,
     check_path,
     suggest,
@@ -71,6 +72,8 @@ from .layers import (
 )
 
 __all__ = [
+    "check_save_pretrained",
+    "load_options",
     "save_adapter",
     "save_adapters",
     "read_adapter",
@@ -566,6 +569,93 @@ def fingerprint(config: dict[str, Any]) -> str:
 
 
 # ======================================================================================
+# PEFT's save_pretrained / load_adapter arguments
+# ======================================================================================
+def check_save_pretrained(
+    save_directory: Any,
+    safe_serialization: Any = True,
+    selected_adapters: Any = None,
+    save_embedding_layers: Any = "auto",
+    is_main_process: Any = True,
+    path_initial_model_for_weight_conversion: Any = None,
+    adapter_name: Any = None,
+    unknown: Mapping[str, Any] | None = None,
+) -> str:
+    """Check the arguments of ``AdapterWrapper.save_pretrained`` (PEFT's, plus
+    tinytune's ``adapter_name``) before anything is written.
+
+    Args:
+        save_directory, safe_serialization, selected_adapters, save_embedding_layers,
+        is_main_process, path_initial_model_for_weight_conversion, adapter_name: As
+            passed to ``save_pretrained``.
+        unknown: Any other keyword arguments it got.
+
+    Returns:
+        ``save_directory`` as a ``str``.
+
+    Raises:
+        UnsupportedArgumentError: For values and keywords tinytune refuses (named in
+            the message).
+        ConfigTypeError: For a missing directory or a non-bool ``is_main_process``.
+    """
+    if unknown:
+        raise UnsupportedArgumentError(
+            f"save_pretrained() got {sorted(unknown)!r}, which tinytune does not support. "
+            "It accepts save_directory, safe_serialization=True, selected_adapters, "
+            "save_embedding_layers ('auto' or False), is_main_process, and "
+            "adapter_name; nothing was written."
+        )
+    if safe_serialization is not True:
+        raise UnsupportedArgumentError(
+            f"save_pretrained(safe_serialization={safe_serialization!r}) is not supported: "
+            "tinytune writes safetensors only (pickle files can run code when loaded). "
+            "Leave safe_serialization=True; nothing was written."
+        )
+    save_directory = check_path(save_directory, "save_directory")
+    check_bool(is_main_process, "is_main_process")
+    if not (save_embedding_layers == "auto" or save_embedding_layers is False):
+        raise UnsupportedArgumentError(
+            f"save_pretrained(save_embedding_layers={save_embedding_layers!r}) is not "
+            "supported: tinytune never changes the base model's embedding weights, so there "
+            "are none to save. Use 'auto' or False; nothing was written."
+        )
+    if path_initial_model_for_weight_conversion is not None:
+        raise UnsupportedArgumentError(
+            "save_pretrained(path_initial_model_for_weight_conversion=...) converts PEFT's "
+            "PiSSA/OLoRA adapters, which tinytune does not make; drop the argument. Nothing "
+            "was written."
+        )
+    if adapter_name is not None and selected_adapters is not None:
+        raise UnsupportedArgumentError(
+            "Pass either adapter_name (one adapter, saved in save_directory itself) or "
+            "selected_adapters (PEFT's layout), not both; nothing was written."
+        )
+    return save_directory
+
+
+def load_options(path: Any, kwargs: dict[str, Any]) -> tuple[str, bool, dict[str, Any]]:
+    """Split ``AdapterWrapper.load_adapter``'s PEFT keywords off ``kwargs``.
+
+    Args:
+        path: The adapter directory as passed.
+        kwargs: The other keyword arguments: ``subfolder`` (PEFT's: read
+            ``path/subfolder``) and ``autocast_adapter_dtype`` are taken from them.
+
+    Returns:
+        ``(directory to read, autocast_adapter_dtype, the keywords for read_adapter)``.
+
+    Raises:
+        ConfigTypeError: If ``path`` or ``subfolder`` is not a path.
+    """
+    kwargs = dict(kwargs)
+    path = check_path(path)
+    subfolder = kwargs.pop("subfolder", None)
+    if subfolder:
+        path = os.path.join(path, check_path(subfolder, "subfolder"))
+    return path, kwargs.pop("autocast_adapter_dtype", False), kwargs
+
+
+# ======================================================================================
 # loading
 # ======================================================================================
 def read_adapter(
@@ -579,11 +669,39 @@ def read_adapter(
 ) -> Any:
     """Read and check an adapter directory and build its :class:`~tinytune.Adapter`
     for ``model``, without attaching it (``AdapterWrapper.load_adapter`` and
-    ``hotswap_adapter`` attach or copy it). Arguments and errors as in
-    :meth:`tinytune.AdapterWrapper.load_adapter`; the name is not checked.
+    ``hotswap_adapter`` attach or copy it); the name is not checked.
+
+    Reads ``adapter_config.json`` and ``adapter_model.safetensors`` only (never
+    pickle). The keys in the weights file say which modules are adapted; the config
+    gives each layer its settings (``lora_alpha``, ``alpha_pattern``, ``use_rslora``,
+    ...). The whole adapter is built and checked here, so an error changes nothing.
+
+    Args:
+        model: The base model.
+        path: The adapter directory.
+        adapter_name: The new adapter's name.
+        custom_layers: Classes (or factories) for the custom layers of a TINYTUNE-format
+            file: a mapping ``{type name in the file: class or factory}``, or an
+            iterable of classes, keyed by ``__qualname__``. Each is called with the
+            keyword arguments its ``get_config()`` returned at save time. Nothing named
+            in the file is ever imported.
+        check_fingerprint: Refuse a config that does not match the fingerprint a
+            tinytune-written weights file records (an interrupted save, or a config
+            edited by hand). Set ``False`` to accept a deliberate edit.
+        is_trainable: Whether the loaded adapter's parameters require grad (PEFT's
+            argument; unlike PEFT, tinytune loads adapters trainable by default).
 
     Returns:
         The new, unattached ``Adapter``, its layers on their modules' devices.
+
+    Raises:
+        AdapterFileNotFoundError: If the directory or one of the two files is missing.
+        AdapterFileError: For a legacy ``adapter_model.bin``, a corrupt or truncated
+            file, a key that names no module, a tensor of the wrong shape, a missing
+            tensor, or a custom layer type with no class passed in ``custom_layers``.
+        InvalidConfigError: If the config uses a PEFT option tinytune does not
+            implement (``use_dora``, ``bias``, ...), or an unsupported ``peft_type``.
+        ConfigTypeError: For an argument of the wrong type.
     """
     check_model(model)
     registry = _registry(custom_layers)  # checked whatever the file's format

@@ -58,6 +58,13 @@ class AdapterRegistry:
     """
 
     def __init__(self, model: nn.Module, adapters: nn.ModuleDict) -> None:
+        if not isinstance(model, nn.Module):
+            raise wrong_type("model", "a torch nn.Module (the base model to adapt)", model)
+        if isinstance(getattr(model, "registry", None), AdapterRegistry):
+            raise wrong_type(
+                "model", "a base model, not an AdapterWrapper", model,
+                " Add adapters to this wrapper directly (add_adapter_from_config).",
+            )
         _check_not_wrapped(model, None)
         hooked = _hooked_by_tinytune(model)
         if hooked is not None:
@@ -213,7 +220,21 @@ class AdapterRegistry:
         return adapter
 
     def merge_adapters(self, adapter_names: str | Sequence[str] | None = None, slots: Any = None) -> None:
-        """See ``AdapterWrapper.merge_adapters``; ``slots`` as in :meth:`add_adapter_layer`."""
+        """Fold adapters into the base weights (default: the active ones).
+
+        Before a module's first merge its tensors are copied to host (CPU) memory, so
+        :meth:`unmerge_adapters` restores them bit-exactly while the model's device
+        holds no second copy; the update itself is added in row chunks, so the extra
+        device memory at any moment is a fraction of one module's weight. A merged
+        adapter runs no hook at all. ``slots`` as in :meth:`add_adapter_layer`.
+
+        Raises:
+            AdapterNotFoundError: For an unknown name.
+            MergeNotSupportedError: If a layer cannot merge, or its module's weights are
+                tied to another module's (merging would change both); nothing is merged
+                then.
+            AdapterStateError: Inside a ``disable_adapter()`` block.
+        """
         todo = self.mergeable(adapter_names)
         before = list(self.merged)
         try:
@@ -489,6 +510,36 @@ class AdapterRegistry:
                 for k, t in saved.items():
                     current[k].copy_(t)
         self.backups.clear()
+
+    @contextlib.contextmanager
+    def unmerged(self, slots: Any = None) -> Iterator[None]:
+        """Context manager: every merge undone inside the block (the original weights
+        back), the same adapters merged again on exit over what the block left there
+        (``load_state_dict``); ``slots`` as in :meth:`add_adapter_layer`."""
+        merged = list(self.merged)
+        if merged:
+            self.restore_all()
+            self.merged = []
+        try:
+            yield
+        finally:
+            if merged:
+                for name in merged:
+                    self.merge_one(name, slots=slots)
+                self.refresh()
+
+    def unmerged_state(self, state: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+        """``state`` (the wrapper's state dict, base keys ``<prefix>model.<path>.<name>``)
+        with the original tensors of merged modules, from the host copies the merges
+        saved (CPU tensors), in place of the merged ones: a state dict then means the
+        same merged or not. (PEFT's holds the merged weights, which a fresh wrapper
+        would adapt a second time.)"""
+        for path, saved in self.backups.items():
+            for k, t in saved.items():
+                key = f"{prefix}model.{path}.{k}"
+                if key in state:
+                    state[key] = t
+        return state
         for adapter in self.adapters.values():
             for _, layer in adapter.items():
                 layer.merged = False
@@ -516,7 +567,20 @@ class AdapterRegistry:
         self.grad_flags = {}
     @contextlib.contextmanager
     def disable_adapter(self) -> Iterator[None]:
-        """See ``AdapterWrapper.disable_adapter``."""
+        """Context manager: run the bare base model inside it (PEFT's name).
+
+        Inside the block no adapter runs, including rows of a mixed call
+        (``adapter_names=``), as in PEFT. The adapter state stays the wrapper's own:
+        ``active_adapters`` keeps reporting the active set, and calls made inside the
+        block act on it for good: ``set_active_adapters``, ``add_adapter(activate=True)``
+        and ``delete_adapter`` change the set that applies again when the block exits
+        (nothing is reverted on exit). Merging inside the block is refused (the merged
+        update would live in the weights, so the block would no longer run the base
+        model). Blocks may nest.
+
+        Raises:
+            AdapterStateError: If an adapter is merged (its update lives in the weights).
+        """
         if self.merged:
             raise AdapterStateError(
                 f"Adapters {self.merged!r} are merged into the weights; call "

@@ -34,10 +34,11 @@ adapters through ``wrapper.registry`` (:mod:`tinytune.registry`) without importi
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import weakref
 from collections import OrderedDict
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -436,7 +437,31 @@ def pool_of(wrapper: nn.Module) -> SlotPool | None:
 
 
 def reserve(wrapper: nn.Module, max_adapters: int, max_rank: int) -> None:
-    """See ``AdapterWrapper.reserve_adapter_slots``."""
+    """Give the mixed-batch stacks a fixed shape: ``max_adapters`` slots, LoRA padded
+    to ``max_rank``, allocated once on the model's device.
+
+    From now on any number of adapters may be loaded; those not in a slot keep
+    their LoRA/IA³ weights in host memory (pinned when the model is on CUDA). A call
+    with ``adapter_names=`` brings the adapters it names into slots, least recently
+    used out first, copying only those (asynchronously on CUDA, ordered before the
+    call's kernels). A plain call (``forward`` or ``generate`` without
+    ``adapter_names``) and ``merge_adapters`` bring the active (or merged) adapters
+    into slots the same way first, so they never read host memory. Loading,
+    hot-swapping, evicting or changing an adapter never changes a stack's shape or
+    identity, so a compiled model does not recompile for it and the stacks a
+    captured CUDA graph reads stay valid (README, "Serving many adapters", says
+    what capturing mixed calls takes). Calling it again re-reserves.
+
+    Args:
+        wrapper: The ``AdapterWrapper``.
+        max_adapters: Number of adapter slots (distinct adapters one call may use).
+        max_rank: Largest LoRA rank an adapter may have.
+
+    Raises:
+        InvalidConfigError: If an argument is not a positive integer, or a loaded
+            adapter has a rank above ``max_rank`` (nothing changes then).
+        AdapterStateError: If the wrapper is unloaded.
+    """
     for what, value in (("max_adapters", max_adapters), ("max_rank", max_rank)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise InvalidConfigError(
@@ -475,6 +500,17 @@ def reserve(wrapper: nn.Module, max_adapters: int, max_rank: int) -> None:
         # it like on any other): only then do plain calls pin their adapters' slots.
         wrapper.registry.slots_reserved = True
         arm_hooks(wrapper, pool)
+
+
+@contextlib.contextmanager
+def pinned(wrapper: nn.Module, names: Sequence[str], combining: bool = False) -> Iterator[None]:
+    """Context manager: :func:`pin_adapters` for the block, released on exit."""
+    pins = pin_adapters(wrapper, names, combining)
+    try:
+        yield
+    finally:
+        if pins is not None:
+            pins.release()
 
 
 def pin_adapters(wrapper: nn.Module, names: Sequence[str], combining: bool = False) -> "_Pins | None":
@@ -592,7 +628,34 @@ def stats(wrapper: nn.Module) -> dict[str, Any]:
 
 
 def hotswap(wrapper: nn.Module, path: Any, adapter_name: str, **kwargs: Any) -> None:
-    """See ``AdapterWrapper.hotswap_adapter``."""
+    """Replace the weights (and scaling) of an existing adapter, in place, from a
+    saved adapter directory (PEFT's or tinytune's format).
+
+    Everything is read and checked before anything changes. The new adapter may
+    have another rank and ``lora_alpha`` as long as it targets the same modules with
+    the same kinds of layers (and, with reserved slots, fits ``max_rank``). With
+    reserved slots its slot is rewritten in place, so a compiled model serving
+    mixed batches does not recompile. Parameters keep their identity where the rank
+    is unchanged; a new rank brings new ``lora_A`` / ``lora_B`` modules.
+
+    Args:
+        wrapper: The ``AdapterWrapper``.
+        path: The adapter directory.
+        adapter_name: The loaded adapter to replace.
+        **kwargs: ``custom_layers`` and ``check_fingerprint``, as in
+            :meth:`load_adapter`; ``is_trainable``: ``True``/``False`` makes the
+            swapped adapter's parameters trainable or frozen (``requires_grad``);
+            ``None`` (default) keeps them as they were, as PEFT's
+            ``hotswap_adapter`` does. The adapter keeps its dtype.
+
+    Raises:
+        AdapterNotFoundError: If there is no such adapter.
+        AdapterStateError: If it is merged.
+        AdapterFileError: If the file targets other modules or other kinds of layers,
+            or cannot be read (see :meth:`load_adapter`).
+        InvalidConfigError: If its rank exceeds the reserved ``max_rank``.
+        ConfigTypeError: If ``is_trainable`` is not a bool or ``None``.
+    """
     # Normal tensors even when called inside inference_mode: the new weights may train.
     with torch.inference_mode(False):
         _hotswap(wrapper, path, adapter_name, **kwargs)

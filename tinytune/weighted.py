@@ -92,16 +92,32 @@ def add_weighted_adapter(
     majority_sign_method: str = "total",
 ) -> Adapter:
     """Build (not attach) ``adapter_name``, a LoRA adapter combining ``adapters`` with
-    ``weights``; the caller checks the new name first.
+    ``weights`` (PEFT's method, same arguments and, for ``"linear"``, ``"cat"`` and
+    ``"svd"``, the same result); the caller checks the new name first.
 
-    See :meth:`tinytune.AdapterWrapper.add_weighted_adapter` for the other arguments.
+    ``"cat"`` stacks the weighted factors (rank = sum of ranks; exactly
+    ``Σ wᵢ ΔWᵢ``); ``"svd"`` keeps the top ``svd_rank`` (default: the largest rank)
+    singular directions of ``Σ wᵢ ΔWᵢ``; ``"linear"`` sums the factors, each scaled
+    by ``√|wᵢ sᵢ|`` (same ranks only; an approximation). The new adapter has
+    ``r = lora_alpha =`` the new rank and is not activated (as in PEFT): call
+    ``set_adapter(adapter_name)``. ``density``/``majority_sign_method`` belong to
+    PEFT's TIES/DARE types, which tinytune does not implement.
 
     Args:
         get_adapter: Looks up a source adapter by name (raises for an unknown one).
         modules: ``{module path: module}`` of the adapted modules.
+        adapters, weights, adapter_name, combination_type, svd_rank, svd_clamp,
+        svd_full_matrices, svd_driver, density, majority_sign_method: PEFT's.
 
     Returns:
         The new ``Adapter`` (not activated, as in PEFT), on its modules' devices.
+
+    Raises:
+        AdapterNotFoundError: For an unknown adapter (from ``get_adapter``).
+        InvalidConfigError: For weights that are not one number per adapter, another
+            ``combination_type``, ``"linear"`` with different ranks, or two adapters
+            training a copy of the same module (``modules_to_save``).
+        UnsupportedModuleError: If an adapter has non-LoRA layers (IA³, custom).
     """
     adapters = [adapters] if isinstance(adapters, str) else list(adapters)
     if not adapters:
