@@ -119,9 +119,8 @@ class AdapterWrapper(nn.Module):
 
         Raises:
             AdapterExistsError: If the name is taken.
-            ConfigTypeError: If ``activate`` is not a bool.
             ConfigTypeError, NoMatchingModulesError, UnsupportedModuleError: As
-                ``build_adapter`` (a config that is not tinytune's, for one).
+                ``build_adapter``; also ``ConfigTypeError`` for a non-bool ``activate``.
         """
         self.registry.check_new_name(adapter_name)
         check_bool(activate, "activate")
@@ -235,16 +234,14 @@ class AdapterWrapper(nn.Module):
         density: float | None = None,
         majority_sign_method: str = "total",
     ) -> None:
-        """Add a LoRA adapter combining ``adapters`` with ``weights`` (PEFT's method and
-        arguments; not activated, as in PEFT). See
-        :func:`tinytune.weighted.add_weighted_adapter`.
+        """Add a LoRA adapter combining ``adapters`` with ``weights``, not activated
+        (PEFT's method; see :func:`tinytune.weighted.add_weighted_adapter`).
 
         Raises:
             AdapterExistsError: If ``adapter_name`` is taken (PEFT silently keeps the old).
-            AdapterNotFoundError, InvalidConfigError, UnsupportedModuleError: As
-                ``weighted.add_weighted_adapter``.
-            MixedBatchError: With reserved slots, if ``adapters`` are more than the slots
-                (each is brought into a slot while it is read); nothing changes then.
+            AdapterNotFoundError, InvalidConfigError, UnsupportedModuleError: As there.
+            MixedBatchError: With reserved slots, if ``adapters`` are more than the slots;
+                nothing changes then.
         """
         self.registry.check_new_name(adapter_name)
         adapters = self.registry.names(adapters, "adapters")
