@@ -39,14 +39,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from kernel_report import BENCH_SHAPES, roofline, _kernel_package  # noqa: E402
+from kernel_report import BENCH_SHAPES, PEAKS, roofline, _kernel_package  # noqa: E402
 
-# name substring -> (HBM bytes/s, dense bf16 FLOP/s)
-PEAKS = {
-    "H200": (4.8e12, 989e12),
-    "H100": (3.35e12, 989e12),
-    "A100": (2.0e12, 312e12),
-}
 TARGET_DECODE = 1.05
 TARGET_PREFILL = 1.10
 TARGET_UNMERGED = 1.30

@@ -37,8 +37,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-HBM_BPS = 4.8e12
-TC_FLOPS = 989e12
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from kernel_report import PEAKS  # noqa: E402
+
+HBM_BPS, TC_FLOPS = PEAKS["H200"]
 TARGET_MERGED_16 = 1.25  # fused / merged at decode, 16 distinct adapters
 TARGET_PYTORCH = 2.0  # pytorch / fused at decode
 L2_BYTES = 60 * 2**20  # H200: 60 MiB (copies of the weights must not fit)

@@ -70,9 +70,15 @@ KERNELS_DIR = ROOT / "kernels"
 SHARED_LIMIT = {80: 166912, 90: 232448}
 REGISTER_FILE = 65536  # 32-bit registers per SM (and per block) on both
 
+# Peaks per GPU (name substring -> (HBM bytes/s, dense bf16 tensor-core FLOP/s)): the
+# one table every script in ci/ reads (gpu_bench.py, gpu_bench_mixed.py).
+PEAKS = {
+    "H200": (4.8e12, 989e12),
+    "H100": (3.35e12, 989e12),
+    "A100": (2.0e12, 312e12),
+}
 # H200 roofline (SXM): HBM3e bandwidth and dense bf16 tensor-core peak.
-H200_BW = 4.8e12
-H200_FLOPS = 989e12
+H200_BW, H200_FLOPS = PEAKS["H200"]
 LAUNCH_S = 2e-6  # assumed cost of each extra dependent kernel in a CUDA graph (not in the roofline)
 
 

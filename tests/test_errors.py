@@ -263,8 +263,10 @@ def _wrong_type_calls(tmp):
         ("save_pretrained is_main_process tensor", lambda w: w.save_pretrained(tmp + "/sp", is_main_process=torch.ones(2)), "True or False"),
         ("save_pretrained save_embedding_layers tensor", lambda w: w.save_pretrained(tmp + "/sp", save_embedding_layers=torch.ones(2)), "save_embedding_layers"),
         ("hotswap_adapter(None)", lambda w: w.hotswap_adapter(None, "default"), "directory path"),
-        ("io.save_adapter on a model", lambda w: tio.save_adapter(w.model, tmp + "/x"), "AdapterWrapper"),
-        ("io.load_adapter on None", lambda w: tio.load_adapter(None, tmp, "x"), "AdapterWrapper"),
+        # io takes data since issue 18 (an Adapter and the base model, never the wrapper)
+        ("io.save_adapter given a model as the adapter", lambda w: tio.save_adapter(w.model, w.model, tmp + "/x"), "AdapterWrapper"),
+        ("io.save_adapter model None", lambda w: tio.save_adapter(w.adapters["default"], None, tmp + "/x"), "nn.Module"),
+        ("io.read_adapter on None", lambda w: tio.read_adapter(None, tmp, "x"), "AdapterWrapper"),
         ("training.load_adapter_weights(None)", lambda w: training.load_adapter_weights(w, None), "directory path"),
         ("training.save_all_adapters(3)", lambda w: training.save_all_adapters(w, 3), "directory path"),
         ("training.saved_adapter_dirs(None)", lambda w: training.saved_adapter_dirs(None), "directory path"),

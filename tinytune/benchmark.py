@@ -25,6 +25,8 @@ events around the calls, synchronised, and compiled cases use CUDA graphs
 
 Everything here is also importable: :func:`time_cases` is the timing code that the focused
 studies in ``bench/`` reuse.
+
+Floor 10 (the ``tinytune-bench`` command): may import any tinytune module.
 """
 
 from __future__ import annotations
@@ -50,7 +52,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import tinytune
+
+from .config import LoraConfig
 from .errors import TinytuneError
+from .wrapper import AdapterWrapper
 
 __all__ = [
     "BenchmarkError",
@@ -344,8 +350,6 @@ def environment(device: torch.device | str = "cpu") -> dict[str, Any]:
     Returns:
         A JSON-friendly dict.
     """
-    import tinytune
-
     device = torch.device(device)
     versions: dict[str, str | None] = {
         "python": platform.python_version(), "torch": torch.__version__,
@@ -573,8 +577,6 @@ def _settings(a: argparse.Namespace) -> Settings:
 
 def _kernel_mode(mode: str):
     """``tinytune.kernel_mode(mode)`` where this tinytune has it; else nothing to set."""
-    import tinytune
-
     if hasattr(tinytune, "kernel_mode"):
         return tinytune.kernel_mode(mode)
     return contextlib.nullcontext()
@@ -590,8 +592,6 @@ def _has_triton() -> bool:
 
 def _fused_unavailable(device: torch.device) -> str | None:
     """Why the fused Triton path cannot be timed here, or None when it can."""
-    import tinytune
-
     if device.type != "cuda":
         return "the fused Triton kernels run on CUDA only"
     if not _has_triton():
@@ -613,8 +613,6 @@ class Models:
 
 def build_models(s: Settings) -> Models:
     """The bare model, merged and unmerged wrappers and PEFT's model, all with one set of weights."""
-    from . import AdapterWrapper, LoraConfig
-
     device, dtype = torch.device(s.device), getattr(torch, s.dtype)
     torch.manual_seed(0)
     base = TinyDecoder(s.vocab, s.hidden, s.layers, s.heads, s.intermediate).eval()

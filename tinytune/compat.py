@@ -1,4 +1,7 @@
-"""PEFT's entry point, for code written against PEFT: ``get_peft_model``."""
+"""PEFT's entry point, for code written against PEFT: ``get_peft_model``.
+
+Floor 10 (the package face): may import any tinytune module below it.
+"""
 
 from __future__ import annotations
 

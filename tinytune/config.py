@@ -8,6 +8,8 @@ thing here:
 * as a list, a name matches when it equals an entry or ends with ``"." + entry``;
 * ``"all-linear"`` selects every linear layer except the model's output layer
   (``get_output_embeddings()`` for transformers models, else the last linear layer).
+
+Floor 2: imports ``errors``, ``util`` and ``layers`` (``make_layer`` builds layers).
 """
 
 from __future__ import annotations
@@ -15,8 +17,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import enum
-import math
-import numbers
 import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar
@@ -24,6 +24,10 @@ from typing import Any, Callable, ClassVar
 from torch import nn
 
 from .errors import ConfigTypeError, InvalidConfigError, UnsupportedModuleError, check_bool, wrong_type
+from .layers import LinearIA3Layer, bypasses_forward, lora_layer_for
+from .util import MAX_RANK, check_init_lora_weights  # noqa: F401 - MAX_RANK: public here too
+from .util import check_number as _check_number
+from .util import check_rank as _check_rank
 
 __all__ = ["AdapterConfig", "LoraConfig", "IA3Config", "TaskType", "name_matches"]
 
@@ -240,8 +244,6 @@ class AdapterConfig:
 
 
 def _is_linear(module: nn.Module) -> bool:
-    from .layers import bypasses_forward
-
     # "all-linear" skips nn.MultiheadAttention's out_proj: hooks on it never run.
     if bypasses_forward(module):
         return False
@@ -373,8 +375,6 @@ class LoraConfig(AdapterConfig):
         return self.lora_alpha if key is None else self.alpha_pattern[key]
 
     def make_layer(self, name: str, module: nn.Module) -> nn.Module:
-        from .layers import lora_layer_for
-
         cls = lora_layer_for(module)
         if cls is None:
             raise UnsupportedModuleError(
@@ -389,57 +389,6 @@ class LoraConfig(AdapterConfig):
             use_rslora=self.use_rslora,
             init_lora_weights=self.init_lora_weights,
         )
-
-
-# init_lora_weights values PEFT computes from data or by rewriting the base weights.
-_REFUSED_INITS = ("pissa", "olora", "loftq", "corda", "eva", "lora_ga", "orthogonal")
-
-
-def check_init_lora_weights(init: Any) -> bool | str:
-    """Validate ``init_lora_weights``: ``True``, ``False`` or ``"gaussian"``.
-
-    Raises:
-        InvalidConfigError: For PEFT's other inits, which tinytune cannot run (PiSSA,
-            OLoRA, LoftQ, CorDA rewrite the base weights; EVA and LoRA-GA need data),
-            and for unknown values.
-    """
-    if isinstance(init, bool):
-        return init
-    if isinstance(init, str) and init.lower() == "gaussian":
-        return "gaussian"
-    if isinstance(init, str) and init.lower().startswith(_REFUSED_INITS):
-        raise InvalidConfigError(
-            f"init_lora_weights={init!r} is not supported: tinytune never rewrites the base "
-            "model's weights (PiSSA, OLoRA, LoftQ and CorDA do) and does not run data-driven "
-            "inits (EVA, LoRA-GA) or orthogonal init, so the adapter would train from another "
-            "start than you asked for. Use init_lora_weights=True, 'gaussian' or False, or "
-            "initialise with PEFT, save, and load the file with load_adapter()."
-        )
-    raise InvalidConfigError(
-        f"init_lora_weights must be True, False or 'gaussian', got {init!r}."
-    )
-#: Ranks at or above this are refused up front (torch sizes overflow far below what
-#: such factors would need; a LoRA rank is typically 4..256).
-MAX_RANK = 2**31
-
-
-def _check_rank(r: Any, what: str) -> None:
-    if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
-        raise InvalidConfigError(f"{what} must be a positive integer, got {r!r}.")
-    if r >= MAX_RANK:
-        raise InvalidConfigError(
-            f"{what}={r} is absurdly large (at least 2**31); LoRA ranks are typically "
-            "4 to 256. Pick a smaller rank."
-        )
-
-
-def _check_number(value: Any, what: str) -> None:
-    # Caught here, not later as a bare TypeError from ``alpha / r`` in a layer.
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise InvalidConfigError(f"{what} must be a number, got {value!r}.")
-    if not math.isfinite(float(value)):
-        # A nan/inf scale would turn every merged weight into nan.
-        raise InvalidConfigError(f"{what} must be a finite number, got {value!r}.")
 
 
 @dataclass
@@ -479,8 +428,6 @@ class IA3Config(AdapterConfig):
         return name_matches(name, self.feedforward_modules)
 
     def make_layer(self, name: str, module: nn.Module) -> nn.Module:
-        from .layers import LinearIA3Layer
-
         # nn.Linear subclasses that hooks cannot reach are refused, with the reason, by
         # LinearIA3Layer.reset_params.
         if not (_is_linear(module) or isinstance(module, nn.Linear)):
@@ -617,17 +564,40 @@ def with_model_defaults(config: AdapterConfig, model: nn.Module) -> AdapterConfi
     else:
         return config
     changes: dict[str, Any] = {}
-    for field, table in tables.items():
+    for attr, table in tables.items():
         default = table.get(model_type)
-        if getattr(config, field) is None and default is not None:
+        if getattr(config, attr) is None and default is not None:
             # A copy: a user editing the filled config must not edit the table.
-            changes[field] = default if isinstance(default, str) else list(default)
+            changes[attr] = default if isinstance(default, str) else list(default)
     if not changes:
         return config
     filled = copy.copy(config)
     for key, value in changes.items():
         setattr(filled, key, value)
     return filled
+
+
+def check_config(config: Any) -> AdapterConfig:
+    """``config`` if it is a tinytune :class:`AdapterConfig`, else raise
+    :class:`~tinytune.ConfigTypeError` saying what to pass (PEFT's configs and plain
+    dicts get a hint)."""
+    if isinstance(config, AdapterConfig):
+        return config
+    cls = type(config)
+    hint = ""
+    if cls.__module__.split(".")[0] == "peft":
+        hint = (
+            f" This is PEFT's {cls.__name__}; use tinytune's, which takes the same "
+            "fields: from tinytune import LoraConfig, IA3Config."
+        )
+    elif isinstance(config, dict):
+        hint = " To build one from a dict of fields: tinytune.LoraConfig(**fields)."
+    raise wrong_type(
+        "config",
+        "a tinytune AdapterConfig (tinytune.LoraConfig, tinytune.IA3Config, ...)",
+        config,
+        f" (a {cls.__module__}.{cls.__qualname__}){hint}",
+    )
 
 
 def layer_factory(layer: Any) -> Callable[[], nn.Module]:

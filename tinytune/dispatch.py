@@ -37,6 +37,9 @@ needed). :func:`set_kernel_mode` sets the process-wide mode; :func:`kernel_mode`
 for a ``with`` block on the calling thread only, so two threads can serve with different
 modes at once. Under ``torch.compile`` the mode is read while tracing and guarded on: a
 change of mode recompiles (or reuses a graph compiled for that mode).
+
+Floor 3 (beside ``adapter``): imports ``errors`` and ``layers``; the tensor-only
+``kernels`` are imported inside functions, only where Triton may be used.
 """
 
 from __future__ import annotations
@@ -255,7 +258,7 @@ def machine_reason() -> str:
     )
 
 
-def layer_kind(layer: nn.Module) -> str | None:
+def fused_kind(layer: nn.Module) -> str | None:
     """``"lora"``, ``"ia3_pre"`` or ``"ia3_post"`` for built-in layers the kernel can
     run (forward methods not overridden), else ``None``."""
     kind = layers.layer_kind(layer)
@@ -280,7 +283,7 @@ def chain_reason(module: nn.Module, chain: Iterable[nn.Module]) -> str | None:
     if reason is not None:
         return reason
     for layer in chain:
-        if layer_kind(layer) is None:
+        if fused_kind(layer) is None:
             return (
                 f"{type(layer).__name__} is not a built-in LinearLoraLayer/LinearIA3Layer "
                 "(custom AdapterLayers, modules_to_save and layers overriding forward "
@@ -296,7 +299,7 @@ def rank_reason(chain: Iterable[nn.Module]) -> str | None:
     Checked per call: a hot-swap or a slot changes the rank without a new chain.
     (Mixed calls run on ``lora_mixed_linear``, which walks any rank in blocks.)
     """
-    ranks = [_factors(layer)[0].shape[0] for layer in chain if layer_kind(layer) == "lora"]
+    ranks = [_factors(layer)[0].shape[0] for layer in chain if layers.layer_kind(layer) == "lora"]
     if sum(ranks) <= _Kernels.max_rank:
         return None
     parts = " + ".join(map(str, ranks))
@@ -435,7 +438,7 @@ def _factors(layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
     """``(A (r, K), B (N, r))`` of a LoRA layer; in reserved slots (without autograd)
     its fixed-shape slot, padded with zero rows, so the rank a compiled graph sees stays
     the same through a rank-changing hot-swap."""
-    padded = layer._padded()
+    padded = layer.padded_factors()
     if padded is not None:
         return padded[0], padded[1].t()
     return layer.lora_A.weight, layer.lora_B.weight
@@ -458,7 +461,7 @@ def fused_inputs(chain: tuple) -> tuple:
         ``(lora_a (R, K) | None, lora_b (N, R) | None, lora_scale (R,) fp32 | None,
         l_in (K,) | None, l_out (N,) | None)``.
     """
-    if len(chain) == 1 and layer_kind(chain[0]) == "lora":
+    if len(chain) == 1 and fused_kind(chain[0]) == "lora":
         # The common case, without a copy: the scale as a stride-0 view of the layer's
         # fp32 scaling (the kernels take strides).
         a, b = _factors(chain[0])
@@ -466,7 +469,7 @@ def fused_inputs(chain: tuple) -> tuple:
     terms: list[list] = []  # [A (r, K), B (N, r), layer, input scale, output scale]
     l_in = l_out = None
     for layer in chain:
-        kind = layer_kind(layer)
+        kind = fused_kind(layer)
         if kind == "lora":
             terms.append([*_factors(layer), layer, None, None])
         elif kind == "ia3_pre":

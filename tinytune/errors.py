@@ -4,6 +4,8 @@ Every error tinytune raises for bad input is a subclass of :class:`TinytuneError
 also of the matching built-in type (``ValueError``, ``TypeError``, ``LookupError``,
 ``RuntimeError``, ``KeyError``), so existing ``except ValueError`` code keeps working. Messages say
 what to do next.
+
+Floor 0: imports nothing from tinytune.
 """
 
 from __future__ import annotations
@@ -167,7 +169,7 @@ def check_path(value: Any, what: str = "path") -> str:
 def check_wrapper(value: Any, what: str = "wrapper") -> Any:
     """``value`` if it is a tinytune ``AdapterWrapper`` (duck-typed: this floor cannot
     import the wrapper), else raise :class:`ConfigTypeError`."""
-    if not callable(getattr(type(value), "_adapter", None)) or not hasattr(value, "adapters"):
+    if getattr(value, "registry", None) is None or not hasattr(value, "adapters"):
         raise wrong_type(
             what, "a tinytune.AdapterWrapper", value,
             " Wrap the model first: AdapterWrapper(model) or AdapterWrapper.from_config(model, config).",

@@ -21,6 +21,9 @@ It also takes ``label_names`` from the base model's class (``Trainer`` reads the
 the model's class, which for a wrapper has no ``labels`` parameter), so evaluation
 reports ``eval_loss`` with default arguments. Models that are not wrappers are handed to
 ``Trainer`` unchanged.
+
+Floor 8b (training helpers): imports ``util``, ``checkpoints`` and ``wrapper`` (and
+transformers).
 """
 
 from __future__ import annotations
@@ -41,13 +44,13 @@ from transformers.utils import (
     find_labels,
 )
 
-from .training import (
-    _dtensor_type,
+from .checkpoints import (
     load_all_adapters,
     save_adapter_distributed,
     save_all_adapters,
     saved_adapter_dirs,
 )
+from .util import adapter_dir, dtensor_type
 from .wrapper import AdapterWrapper
 
 __all__ = ["AdapterTrainer"]
@@ -73,7 +76,7 @@ class AdapterTrainer(Trainer):
         super().__init__(*args, **kwargs)
         wrapper = self._adapter_wrapper(self.model)
         if wrapper is not None and self.args.label_names is None:
-            base = type(wrapper._model())
+            base = type(wrapper.registry.model())
             self.label_names = find_labels(base)
             self.can_return_loss = can_return_loss(base)
 
@@ -89,13 +92,13 @@ class AdapterTrainer(Trainer):
             super()._save(output_dir, state_dict)
             return
         output_dir = output_dir if output_dir is not None else self.args.output_dir
-        dtensor = _dtensor_type()
+        dtensor = dtensor_type()
         sharded = dtensor is not None and any(isinstance(p, dtensor) for p in wrapper.adapter_parameters())
         if sharded:
             # Gathering shards is a collective: every rank takes part, the main one writes.
             for name, adapter in wrapper.adapters.items():
                 if len(adapter):
-                    where = output_dir if name == "default" else os.path.join(output_dir, name)
+                    where = adapter_dir(output_dir, name)
                     save_adapter_distributed(wrapper, where, name, rank=0 if self.args.should_save else 1)
         if not self.args.should_save:
             return

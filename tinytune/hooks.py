@@ -26,6 +26,8 @@ work, and passes the real input on to the post-hook, which returns the kernel's 
 with the call (see ``_hand_over``), never in per-thread state, so an exception between
 the two hooks leaves nothing behind. Other hooks on the module see the empty input on
 that path (and forward hooks registered before tinytune's, the empty output).
+
+Floor 4 (beside ``io`` and ``weighted``): imports ``layers`` and ``dispatch``.
 """
 
 from __future__ import annotations

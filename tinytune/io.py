@@ -21,6 +21,10 @@ the wrapper and the base model untouched. Saving writes each file under a tempor
 name and renames it into place; the weights file records a fingerprint of the config
 it belongs to, so a save interrupted between the two renames is detected on load
 instead of pairing new weights with an old config.
+
+Floor 4 (beside ``hooks`` and ``weighted``): imports ``errors``, ``util``, ``layers``,
+``config`` and ``adapter``. Takes a model and ``Adapter`` objects, returns an
+``Adapter``; never calls back into the wrapper.
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ from typing import Any, Callable, Iterable, Iterator, Mapping
 import torch
 from torch import nn
 
+from .adapter import Adapter, layer_key
 from .config import AdapterConfig, IA3Config, LoraConfig, name_matches
 from .errors import (
     AdapterFileError,
@@ -47,11 +52,13 @@ from .errors import (
     AdapterStateError,
     ConfigTypeError,
     InvalidConfigError,
+    UnsupportedArgumentError,
     check_bool,
     check_path,
-    check_wrapper,
     suggest,
+    wrong_type,
 )
+from .util import CONFIG_NAME, LEGACY_WEIGHTS_NAME, WEIGHTS_NAME, device_of, is_dtensor
 from .layers import (
     AdapterLayer,
     Conv2dLoraLayer,
@@ -61,23 +68,27 @@ from .layers import (
     LoraLayer,
     ModulesToSaveLayer,
     is_conv1d,
-    is_dtensor,
     lora_layer_for,
 )
 
 __all__ = [
+    "check_save_pretrained",
+    "load_options",
     "save_adapter",
     "save_adapters",
-    "load_adapter",
     "read_adapter",
+    "read_config",
+    "read_weights",
+    "serialise",
+    "fingerprint",
+    "tensor_map",
+    "layer_config",
+    "INFORMATIONAL",
     "CONFIG_NAME",
     "WEIGHTS_NAME",
     "LEGACY_WEIGHTS_NAME",
 ]
 
-CONFIG_NAME = "adapter_config.json"
-WEIGHTS_NAME = "adapter_model.safetensors"
-LEGACY_WEIGHTS_NAME = "adapter_model.bin"
 
 #: Prefix PEFT puts before every key (``PeftModel.base_model.model`` is the user's model).
 KEY_PREFIX = "base_model.model."
@@ -98,7 +109,7 @@ _BUILTIN_NAMES = {cls: name for name, cls in _BUILTIN_TYPES.items()}
 
 # PEFT config fields that describe where the adapter came from; they never change what
 # it computes. Kept out of the fingerprint so that editing them by hand stays harmless.
-_INFORMATIONAL = {
+INFORMATIONAL = {
     "base_model_name_or_path",
     "revision",
     "task_type",
@@ -110,7 +121,7 @@ _INFORMATIONAL = {
 _CARRIED = ("base_model_name_or_path", "revision", "task_type")
 # PEFT fields that only matter while initialising or choosing modules, not for loading
 # trained weights: the saved keys already say which modules are adapted.
-_INERT = _INFORMATIONAL | {
+_INERT = INFORMATIONAL | {
     "init_lora_weights",
     "init_ia3_weights",
     "loftq_config",
@@ -126,10 +137,21 @@ _INERT = _INFORMATIONAL | {
 }
 
 
+def check_model(model: Any) -> nn.Module:
+    """``model`` if it is an ``nn.Module`` (the base model), else raise
+    :class:`~tinytune.ConfigTypeError`: io takes the model, not the wrapper's name for it."""
+    if not isinstance(model, nn.Module):
+        raise wrong_type(
+            "model", "the base nn.Module (AdapterWrapper.get_base_model())", model,
+            " To load into or save from an AdapterWrapper, call its load_adapter() or save_adapter().",
+        )
+    return model
+
+
 # ======================================================================================
 # saving
 # ======================================================================================
-def save_adapter(wrapper: Any, path: str | os.PathLike, adapter_name: str = "default") -> None:
+def save_adapter(adapter: Any, model: nn.Module, path: str | os.PathLike) -> None:
     """Save one adapter as ``adapter_config.json`` + ``adapter_model.safetensors``.
 
     Plain LoRA and IA³ adapters (with ``modules_to_save``) are written in PEFT's format,
@@ -138,10 +160,11 @@ def save_adapter(wrapper: Any, path: str | os.PathLike, adapter_name: str = "def
     layer (see the README); no layer is ever left out.
 
     Args:
-        wrapper: The :class:`~tinytune.AdapterWrapper` holding the adapter.
+        adapter: The :class:`~tinytune.adapter.Adapter` to save. Its name is not
+            stored (as in PEFT).
+        model: The base model it adapts.
         path: Directory to write into; created if missing. Other files in it are kept;
             the two adapter files are replaced atomically, each one by a rename.
-        adapter_name: The adapter to save. The name itself is not stored (as in PEFT).
 
     Raises:
         AdapterNotFoundError: If there is no such adapter.
@@ -150,24 +173,28 @@ def save_adapter(wrapper: Any, path: str | os.PathLike, adapter_name: str = "def
             its constructor takes arguments, or a result JSON cannot hold). Nothing is
             written then.
     """
-    save_adapters(wrapper, [(adapter_name, path)])
+    save_adapters(model, [(adapter, path)])
 
 
-def save_adapters(wrapper: Any, items: list[tuple[str, Any]], write: bool = True) -> None:
-    """Save several adapters, ``[(adapter name, directory), ...]``: every adapter is
+def save_adapters(model: nn.Module, items: list[tuple[Any, Any]], write: bool = True) -> None:
+    """Save several adapters of ``model``, ``[(adapter, directory), ...]``: every adapter is
     serialised and checked before the first file is written (``write=False``: check
     only). Raises as :func:`save_adapter`."""
-    check_wrapper(wrapper)
-    prepared = [_prepare_save(wrapper, name, path) for name, path in items]
+    check_model(model)
+    prepared = [_prepare_save(adapter, model, path) for adapter, path in items]
     if write:
         for args in prepared:
             _write_adapter(*args)
 
 
-def _prepare_save(wrapper: Any, adapter_name: str, path: Any) -> tuple:
-    adapter = wrapper._adapter(adapter_name)
+def _prepare_save(adapter: Any, model: nn.Module, path: Any) -> tuple:
+    if not isinstance(adapter, Adapter):
+        raise wrong_type(
+            "adapter", "a tinytune Adapter (wrapper.adapters[name])", adapter,
+            " To save an adapter by name call AdapterWrapper.save_adapter(path, adapter_name).",
+        )
+    adapter_name = adapter.name
     path = check_path(path)
-    model = wrapper._model()
     if any(is_dtensor(p) for p in adapter.parameters()):
         # Reading a shard's storage fails deep in torch; gathering needs every rank.
         raise AdapterStateError(
@@ -181,9 +208,9 @@ def _prepare_save(wrapper: Any, adapter_name: str, path: Any) -> tuple:
             f"Adapter {adapter_name!r} has no layers, so there is nothing to save; add layers "
             "with add_adapter_layer() first."
         )
-    config, tensors = _serialise(adapter, model)
+    config, tensors = serialise(adapter, model)
     config_bytes = (json.dumps(config, indent=2, sort_keys=False) + "\n").encode("utf-8")
-    metadata = {"format": "pt", FINGERPRINT_KEY: _fingerprint(json.loads(config_bytes))}
+    metadata = {"format": "pt", FINGERPRINT_KEY: fingerprint(json.loads(config_bytes))}
 
     directory = Path(path)
     if directory.exists() and not directory.is_dir():
@@ -223,7 +250,7 @@ def _write_adapter(
     _fsync_dir(directory)
 
 
-def _serialise(adapter: Any, model: nn.Module) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+def serialise(adapter: Any, model: nn.Module) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """The config dict and the tensors (PEFT keys) for ``adapter``; raises before writing."""
     modules = dict(model.named_modules())
     peft_cfg = _peft_config_dict(adapter, model, modules)
@@ -234,7 +261,7 @@ def _serialise(adapter: Any, model: nn.Module) -> tuple[dict[str, Any], dict[str
 
     tensors: dict[str, torch.Tensor] = {}
     for path, layer in adapter.items():
-        for suffix, (param, transposed) in _tensor_map(layer).items():
+        for suffix, (param, transposed) in tensor_map(layer).items():
             t = param.detach()
             t = t.t() if transposed else t
             # A fresh contiguous CPU copy: safetensors refuses shared or strided storage.
@@ -249,7 +276,7 @@ def _serialise(adapter: Any, model: nn.Module) -> tuple[dict[str, Any], dict[str
         entry: dict[str, Any] = {"module": path, "type": _type_name(layer)}
         if type(layer) not in _BUILTIN_NAMES:
             entry["python_class"] = f"{type(layer).__module__}.{type(layer).__qualname__}"
-        entry["config"] = _layer_config(path, layer)
+        entry["config"] = layer_config(path, layer)
         layers.append(entry)
     config = {
         "peft_type": "TINYTUNE",
@@ -263,7 +290,7 @@ def _type_name(layer: AdapterLayer) -> str:
     return _BUILTIN_NAMES.get(type(layer), type(layer).__qualname__)
 
 
-def _layer_config(path: str, layer: AdapterLayer) -> dict[str, Any]:
+def layer_config(path: str, layer: AdapterLayer) -> dict[str, Any]:
     """Constructor arguments recorded for one layer of a TINYTUNE-format file."""
     # The built-in layers, and subclasses that keep their constructor (a LoRA that
     # changes only post_forward, say): the constructor's arguments are known attributes.
@@ -321,7 +348,7 @@ def _layer_config(path: str, layer: AdapterLayer) -> dict[str, Any]:
     return cfg
 
 
-def _tensor_map(layer: AdapterLayer) -> dict[str, tuple[torch.Tensor, bool]]:
+def tensor_map(layer: AdapterLayer) -> dict[str, tuple[torch.Tensor, bool]]:
     """File key suffix -> (the layer's tensor, whether the file stores its transpose).
 
     Builtin layers use PEFT's names and layouts; custom layers their own state_dict.
@@ -534,39 +561,125 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def _fingerprint(config: dict[str, Any]) -> str:
+def fingerprint(config: dict[str, Any]) -> str:
     """sha256 of the config's meaningful fields, in a canonical JSON form."""
-    core = {k: v for k, v in config.items() if k not in _INFORMATIONAL}
+    core = {k: v for k, v in config.items() if k not in INFORMATIONAL}
     text = json.dumps(core, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
 # ======================================================================================
+# PEFT's save_pretrained / load_adapter arguments
+# ======================================================================================
+def check_save_pretrained(
+    save_directory: Any,
+    safe_serialization: Any = True,
+    selected_adapters: Any = None,
+    save_embedding_layers: Any = "auto",
+    is_main_process: Any = True,
+    path_initial_model_for_weight_conversion: Any = None,
+    adapter_name: Any = None,
+    unknown: Mapping[str, Any] | None = None,
+) -> str:
+    """Check the arguments of ``AdapterWrapper.save_pretrained`` (PEFT's, plus
+    tinytune's ``adapter_name``) before anything is written.
+
+    Args:
+        save_directory, safe_serialization, selected_adapters, save_embedding_layers,
+        is_main_process, path_initial_model_for_weight_conversion, adapter_name: As
+            passed to ``save_pretrained``.
+        unknown: Any other keyword arguments it got.
+
+    Returns:
+        ``save_directory`` as a ``str``.
+
+    Raises:
+        UnsupportedArgumentError: For values and keywords tinytune refuses (named in
+            the message).
+        ConfigTypeError: For a missing directory or a non-bool ``is_main_process``.
+    """
+    if unknown:
+        raise UnsupportedArgumentError(
+            f"save_pretrained() got {sorted(unknown)!r}, which tinytune does not support. "
+            "It accepts save_directory, safe_serialization=True, selected_adapters, "
+            "save_embedding_layers ('auto' or False), is_main_process, and "
+            "adapter_name; nothing was written."
+        )
+    if safe_serialization is not True:
+        raise UnsupportedArgumentError(
+            f"save_pretrained(safe_serialization={safe_serialization!r}) is not supported: "
+            "tinytune writes safetensors only (pickle files can run code when loaded). "
+            "Leave safe_serialization=True; nothing was written."
+        )
+    save_directory = check_path(save_directory, "save_directory")
+    check_bool(is_main_process, "is_main_process")
+    if not (save_embedding_layers == "auto" or save_embedding_layers is False):
+        raise UnsupportedArgumentError(
+            f"save_pretrained(save_embedding_layers={save_embedding_layers!r}) is not "
+            "supported: tinytune never changes the base model's embedding weights, so there "
+            "are none to save. Use 'auto' or False; nothing was written."
+        )
+    if path_initial_model_for_weight_conversion is not None:
+        raise UnsupportedArgumentError(
+            "save_pretrained(path_initial_model_for_weight_conversion=...) converts PEFT's "
+            "PiSSA/OLoRA adapters, which tinytune does not make; drop the argument. Nothing "
+            "was written."
+        )
+    if adapter_name is not None and selected_adapters is not None:
+        raise UnsupportedArgumentError(
+            "Pass either adapter_name (one adapter, saved in save_directory itself) or "
+            "selected_adapters (PEFT's layout), not both; nothing was written."
+        )
+    return save_directory
+
+
+def load_options(path: Any, kwargs: dict[str, Any]) -> tuple[str, bool, dict[str, Any]]:
+    """Split ``AdapterWrapper.load_adapter``'s PEFT keywords off ``kwargs``.
+
+    Args:
+        path: The adapter directory as passed.
+        kwargs: The other keyword arguments: ``subfolder`` (PEFT's: read
+            ``path/subfolder``) and ``autocast_adapter_dtype`` are taken from them.
+
+    Returns:
+        ``(directory to read, autocast_adapter_dtype, the keywords for read_adapter)``.
+
+    Raises:
+        ConfigTypeError: If ``path`` or ``subfolder`` is not a path.
+    """
+    kwargs = dict(kwargs)
+    path = check_path(path)
+    subfolder = kwargs.pop("subfolder", None)
+    if subfolder:
+        path = os.path.join(path, check_path(subfolder, "subfolder"))
+    return path, kwargs.pop("autocast_adapter_dtype", False), kwargs
+
+
+# ======================================================================================
 # loading
 # ======================================================================================
-def load_adapter(
-    wrapper: Any,
+def read_adapter(
+    model: nn.Module,
     path: str | os.PathLike,
     adapter_name: str = "default",
-    activate: bool = True,
     *,
     custom_layers: Mapping[str, Callable[..., AdapterLayer]] | Iterable[type] | None = None,
     check_fingerprint: bool = True,
     is_trainable: bool = True,
-) -> None:
-    """Load an adapter saved by PEFT or tinytune and attach it to the wrapper.
+) -> Any:
+    """Read and check an adapter directory and build its :class:`~tinytune.Adapter`
+    for ``model``, without attaching it (``AdapterWrapper.load_adapter`` and
+    ``hotswap_adapter`` attach or copy it); the name is not checked.
 
     Reads ``adapter_config.json`` and ``adapter_model.safetensors`` only (never
     pickle). The keys in the weights file say which modules are adapted; the config
     gives each layer its settings (``lora_alpha``, ``alpha_pattern``, ``use_rslora``,
-    ...). The whole adapter is built and checked first; any error leaves the wrapper
-    and base model exactly as they were.
+    ...). The whole adapter is built and checked here, so an error changes nothing.
 
     Args:
-        wrapper: The :class:`~tinytune.AdapterWrapper` to load into.
+        model: The base model.
         path: The adapter directory.
-        adapter_name: Name for the loaded adapter; must be new.
-        activate: Add it to the active adapters, as ``add_adapter`` does.
+        adapter_name: The new adapter's name.
         custom_layers: Classes (or factories) for the custom layers of a TINYTUNE-format
             file: a mapping ``{type name in the file: class or factory}``, or an
             iterable of classes, keyed by ``__qualname__``. Each is called with the
@@ -578,54 +691,27 @@ def load_adapter(
         is_trainable: Whether the loaded adapter's parameters require grad (PEFT's
             argument; unlike PEFT, tinytune loads adapters trainable by default).
 
+    Returns:
+        The new, unattached ``Adapter``, its layers on their modules' devices.
+
     Raises:
-        AdapterExistsError: If ``adapter_name`` is taken.
         AdapterFileNotFoundError: If the directory or one of the two files is missing.
         AdapterFileError: For a legacy ``adapter_model.bin``, a corrupt or truncated
             file, a key that names no module, a tensor of the wrong shape, a missing
             tensor, or a custom layer type with no class passed in ``custom_layers``.
         InvalidConfigError: If the config uses a PEFT option tinytune does not
             implement (``use_dora``, ``bias``, ...), or an unsupported ``peft_type``.
+        ConfigTypeError: For an argument of the wrong type.
     """
-    check_wrapper(wrapper)._check_new_name(adapter_name)
-    check_bool(activate, "activate")
-    adapter = read_adapter(
-        wrapper,
-        path,
-        adapter_name,
-        custom_layers=custom_layers,
-        check_fingerprint=check_fingerprint,
-        is_trainable=is_trainable,
-    )
-    wrapper._attach(adapter, activate)
-
-
-def read_adapter(
-    wrapper: Any,
-    path: str | os.PathLike,
-    adapter_name: str = "default",
-    *,
-    custom_layers: Mapping[str, Callable[..., AdapterLayer]] | Iterable[type] | None = None,
-    check_fingerprint: bool = True,
-    is_trainable: bool = True,
-) -> Any:
-    """Read and check an adapter directory and build its :class:`~tinytune.Adapter`
-    for ``wrapper``'s model, without attaching it (``load_adapter`` and
-    ``hotswap_adapter`` attach or copy it). Arguments and errors as in
-    :func:`load_adapter`; the name is not checked.
-
-    Returns:
-        The new, unattached ``Adapter``, its layers on their modules' devices.
-    """
-    model = check_wrapper(wrapper)._model()
+    check_model(model)
     registry = _registry(custom_layers)  # checked whatever the file's format
     check_bool(check_fingerprint, "check_fingerprint")
     check_bool(is_trainable, "is_trainable")
     directory = Path(check_path(path))
-    config, config_file = _read_config(directory)
-    tensors, metadata, weights_file = _read_weights(directory)
+    config, config_file = read_config(directory)
+    tensors, metadata, weights_file = read_weights(directory)
     if check_fingerprint and FINGERPRINT_KEY in metadata:
-        if metadata[FINGERPRINT_KEY] != _fingerprint(config):
+        if metadata[FINGERPRINT_KEY] != fingerprint(config):
             raise AdapterFileError(
                 f"{config_file} does not belong to {weights_file}: the weights were written "
                 "with another config (a save was interrupted, or the config was edited by "
@@ -656,16 +742,14 @@ def read_adapter(
     if not layers:
         raise AdapterFileError(f"{weights_file} holds no adapter tensors; nothing to load.")
 
-    from .wrapper import Adapter, _device_of, _key
-
     adapter = Adapter(adapter_name, cfg)
     adapter.peft_extras = {k: config[k] for k in _CARRIED if config.get(k) is not None}
     for layer_path, layer in layers:
         layer.requires_grad_(bool(is_trainable))
-        device = _device_of(ctx.modules[layer_path])
+        device = device_of(ctx.modules[layer_path])
         if device is not None:
             layer.to(device)
-        adapter.layers[_key(layer_path)] = layer
+        adapter.layers[layer_key(layer_path)] = layer
     return adapter
 
 
@@ -694,7 +778,7 @@ class _LoadContext:
     def fill(self, path: str, layer: AdapterLayer, legacy_infix: str | None = None) -> None:
         """Copy the file's tensors into ``layer`` (fresh, unattached), checking shapes."""
         with torch.no_grad():
-            for suffix, (param, transposed) in _tensor_map(layer).items():
+            for suffix, (param, transposed) in tensor_map(layer).items():
                 key = f"{KEY_PREFIX}{path}.{suffix}"
                 if key not in self.tensors and legacy_infix is not None:
                     legacy = f"{KEY_PREFIX}{path}.{legacy_infix}.{suffix}"
@@ -785,7 +869,7 @@ def _json_depth(value: Any) -> int:
     return depth
 
 
-def _read_config(directory: Path) -> tuple[dict[str, Any], Path]:
+def read_config(directory: Path) -> tuple[dict[str, Any], Path]:
     if not directory.is_dir():
         raise AdapterFileNotFoundError(
             f"No adapter directory at {str(directory)!r}; pass the directory that holds "
@@ -813,7 +897,7 @@ def _read_config(directory: Path) -> tuple[dict[str, Any], Path]:
     return config, file
 
 
-def _read_weights(directory: Path) -> tuple[dict[str, torch.Tensor], dict[str, str], Path]:
+def read_weights(directory: Path) -> tuple[dict[str, torch.Tensor], dict[str, str], Path]:
     file = directory / WEIGHTS_NAME
     if not file.is_file():
         legacy = directory / LEGACY_WEIGHTS_NAME

@@ -3,20 +3,22 @@
 An :class:`AdapterLayer` never owns or replaces the module it adapts. It is handed the
 module in each call: ``pre_forward`` may change the module's inputs, ``post_forward``
 may change its output, ``merge`` may fold the layer into the module's weights.
+
+Floor 1: imports ``errors`` and ``util`` only.
 """
 
 from __future__ import annotations
 
 import copy
 import math
-import sys
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .errors import InvalidConfigError, MergeNotSupportedError, UnsupportedModuleError, check_bool
+from .util import check_init_lora_weights, check_number, check_rank, is_dtensor
 
 __all__ = [
     "AdapterLayer",
@@ -44,12 +46,6 @@ def replace_first_input(args: tuple, kwargs: dict, x: torch.Tensor) -> tuple[tup
     return args, {**kwargs, key: x}
 
 
-def is_dtensor(t: torch.Tensor) -> bool:
-    """Whether ``t`` is a ``torch.distributed.tensor.DTensor`` (sharded), without
-    importing torch.distributed: if that module is not loaded, no DTensor exists."""
-    mod = sys.modules.get("torch.distributed.tensor")
-    cls = getattr(mod, "DTensor", None) if mod is not None else None
-    return cls is not None and isinstance(t, cls)
 def _definer(mro: tuple, name: str) -> type:
     return next(c for c in mro if name in c.__dict__)
 
@@ -196,11 +192,9 @@ class LoraLayer(AdapterLayer):
         init_lora_weights: bool = True,
     ) -> None:
         super().__init__()
-        from .config import _check_number, _check_rank
-
-        _check_rank(r, "r")
+        check_rank(r, "r")
         for what, value in (("lora_alpha", lora_alpha), ("lora_dropout", lora_dropout)):
-            _check_number(value, what)
+            check_number(value, what)
         check_bool(use_rslora, "use_rslora")
         if not 0.0 <= float(lora_dropout) < 1.0:
             raise InvalidConfigError(f"lora_dropout must be in [0, 1), got {lora_dropout}.")
@@ -208,8 +202,6 @@ class LoraLayer(AdapterLayer):
         self.lora_alpha = lora_alpha
         self.lora_dropout = float(lora_dropout)
         self.use_rslora = use_rslora
-        from .config import check_init_lora_weights
-
         self.init_lora_weights = check_init_lora_weights(init_lora_weights)
         self.scaling = lora_alpha / (math.sqrt(r) if use_rslora else r)
 
@@ -220,7 +212,7 @@ class LoraLayer(AdapterLayer):
     #: recompile). ``None`` outside reserved slots.
     slot_factors: tuple[torch.Tensor, torch.Tensor] | None = None
 
-    def _padded(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+    def padded_factors(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         """:attr:`slot_factors` when this call may read them (no gradient needed)."""
         if self.slot_factors is None or torch.is_grad_enabled():
             return None
@@ -342,15 +334,13 @@ class LinearLoraLayer(LoraLayer):
             nn.init.kaiming_uniform_(self.lora_B.weight, a=math.sqrt(5))
 
     def post_forward(self, module, args, kwargs, output):
-        padded = self._padded()
+        padded = self.padded_factors()
         if padded is not None:
             a, bt = padded  # never touch lora_A/lora_B: compiled code would guard on r
         else:
             a, bt = self.lora_A.weight, self.lora_B.weight.t()
             if not torch.compiler.is_compiling() and is_dtensor(a):
                 # Tensor parallelism (tinytune.training.parallelize_adapters).
-                from .training import tp_lora_post_forward
-
                 return tp_lora_post_forward(self, module, first_input(args, kwargs), output)
         x = self._dropout(module, first_input(args, kwargs))
         if x.dtype != a.dtype:
@@ -405,7 +395,7 @@ class EmbeddingLoraLayer(LoraLayer):
 
     def post_forward(self, module, args, kwargs, output):
         ids = first_input(args, kwargs)
-        padded = self._padded()
+        padded = self.padded_factors()
         a, bt = padded if padded is not None else (self.lora_A.weight, self.lora_B.weight.t())
         h = F.embedding(
             ids,
@@ -626,3 +616,42 @@ def layer_kind(layer: AdapterLayer) -> str | None:
     ):
         return "ia3_pre" if layer.is_feedforward else "ia3_post"
     return None
+
+
+def tp_lora_post_forward(layer: Any, module: nn.Module, x: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
+    """LoRA's ``output + s * (x A^T) B^T`` with DTensor factors (see
+    :func:`parallelize_adapters`); called by ``LinearLoraLayer.post_forward``."""
+    from torch.distributed.tensor import DTensor, Replicate
+
+    a, b = layer.lora_A.weight, layer.lora_B.weight
+    if not isinstance(x, DTensor):
+        # The module itself was not parallelized: its input is the same on every rank.
+        x = DTensor.from_local(x, a.device_mesh, [Replicate()], run_check=False)
+    x = layer._dropout(module, x)
+    if x.dtype != a.dtype:
+        x = x.to(a.dtype)
+    delta = torch.nn.functional.linear(torch.nn.functional.linear(x, a), b) * layer._scaling
+    if isinstance(output, DTensor):
+        # Before the layer's output hook: a colwise output is Shard(-1) like delta, a
+        # rowwise one Partial like delta, which the layer's all-reduce then sums.
+        return output + delta.to(output.dtype)
+    if any(p.is_partial() for p in delta.placements):
+        delta = delta.redistribute(delta.device_mesh, [Replicate()])
+    return output + delta.to_local().to(output.dtype)
+
+
+def upcast_layers(layers: Iterator[nn.Module], dtype: torch.dtype = torch.float32) -> None:
+    """Store the float16/bfloat16 parameters of ``layers`` in ``dtype`` (see
+    :func:`cast_adapter_dtype`); other parameters are left alone."""
+    for layer in layers:
+        if isinstance(layer, ModulesToSaveLayer):
+            # A full copy of a base module: it stays in the base dtype, so its output
+            # fits the rest of the model (PEFT does not upcast these either).
+            continue
+        for module in layer.modules():
+            for pname, param in list(module._parameters.items()):
+                if param is not None and param.dtype in (torch.float16, torch.bfloat16):
+                    # A new Parameter (as nn.Module.to does): keeps requires_grad.
+                    module._parameters[pname] = nn.Parameter(
+                        param.detach().to(dtype), requires_grad=param.requires_grad
+                    )

@@ -27,21 +27,27 @@ needs them waits.
 Layers that are not stacked (``modules_to_save`` copies, Conv2d LoRA, custom
 ``AdapterLayer`` s) run as themselves on their rows; they take a slot (for the row
 index) but no slot memory, and stay where they are.
+
+Floor 6: imports ``errors``, ``util``, ``layers``, ``io`` and ``stacks``; reaches the
+adapters through ``wrapper.registry`` (:mod:`tinytune.registry`) without importing it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import weakref
 from collections import OrderedDict
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 from torch import nn
 
-from .batch import SiteStacks, _AdapterSignature, _stack_params
-from .layers import layer_kind
-from .errors import InvalidConfigError, MixedBatchError
+from .stacks import STATES, AdapterSignature, SiteStacks, release_unreserved, stack_params, state_of
+from .errors import AdapterFileError, AdapterStateError, InvalidConfigError, MixedBatchError, wrong_type
+from .io import layer_config, read_adapter
+from .layers import LinearIA3Layer, LoraLayer, layer_kind
+from .util import device_of
 
 __all__ = ["SlotPool", "check_fits"]
 
@@ -84,7 +90,7 @@ class SlotPool:
         self.slot_of: dict[str, int] = {}
         self.lru: "OrderedDict[str, None]" = OrderedDict()  # resident, most recent last
         self.free: list[int] = list(range(capacity - 1, -1, -1))
-        self.sigs: dict[str, _AdapterSignature] = {}  # resident adapters
+        self.sigs: dict[str, AdapterSignature] = {}  # resident adapters
         self.known: dict[str, nn.Module] = {}  # adapter objects adopted into the host tier
         self.host: dict[str, dict[int, tuple[nn.Parameter, torch.Tensor]]] = {}
         self.inflight = [0] * capacity
@@ -126,7 +132,7 @@ class SlotPool:
                 st = self._site_stacks(path, layer)
                 if kind is None:
                     continue
-                for p, v in zip(_stack_params(layer, kind), st.views(0, layer)):
+                for p, v in zip(stack_params(layer, kind), st.views(0, layer)):
                     if p.dtype != v.dtype or p.shape != v.shape:
                         continue  # copied into its slot instead (see SiteStacks)
                     kept = old.get(id(p))
@@ -167,7 +173,7 @@ class SlotPool:
                 st.set_slot(slot, None, derive=False)  # identity where it has no layer
         self.slot_of[name] = slot
         self.lru[name] = None
-        self.sigs[name] = _AdapterSignature(
+        self.sigs[name] = AdapterSignature(
             adapter, any(slot in st.copied for st in self.stacks.values())
         )
         self.loads += 1
@@ -230,7 +236,7 @@ class SlotPool:
                 continue
             stacks = getattr(st, kind)
             ref = stacks[0] if kind in ("lora", "emb") else stacks
-            if any(p.dtype != ref.dtype for p in _stack_params(layer, kind)):
+            if any(p.dtype != ref.dtype for p in stack_params(layer, kind)):
                 return True
         return False
 
@@ -394,7 +400,7 @@ class SlotPool:
 
 def _module_where(wrapper: nn.Module, path: str) -> tuple:
     """``(device, dtype)`` of the adapted module ``path``'s first parameter."""
-    site = wrapper._sites.get(path)
+    site = wrapper.registry.sites.get(path)
     for t in () if site is None else site.module.parameters():
         return (t.device, t.dtype)
     return (None, None)
@@ -402,14 +408,8 @@ def _module_where(wrapper: nn.Module, path: str) -> tuple:
 
 def _module_device(wrapper: nn.Module, path: str) -> torch.device | None:
     """The device of the adapted module ``path`` (its first parameter or buffer)."""
-    site = wrapper._sites.get(path)
-    if site is None:
-        return None
-    for t in site.module.parameters():
-        return t.device
-    for t in site.module.buffers():
-        return t.device
-    return None
+    site = wrapper.registry.sites.get(path)
+    return None if site is None else device_of(site.module)
 
 
 class _Pins:
@@ -432,31 +432,51 @@ class _Pins:
 # ----------------------------------------------------------------------------------------
 def pool_of(wrapper: nn.Module) -> SlotPool | None:
     """The wrapper's reserved slots, or ``None``."""
-    from .batch import _STATES
-
-    state = _STATES.get(wrapper)
+    state = STATES.get(wrapper)
     return None if state is None else state.pool
 
 
 def reserve(wrapper: nn.Module, max_adapters: int, max_rank: int) -> None:
-    """See ``AdapterWrapper.reserve_adapter_slots``."""
-    from .batch import _release_unreserved, _wrapper_state
+    """Give the mixed-batch stacks a fixed shape: ``max_adapters`` slots, LoRA padded
+    to ``max_rank``, allocated once on the model's device.
 
+    From now on any number of adapters may be loaded; those not in a slot keep
+    their LoRA/IA³ weights in host memory (pinned when the model is on CUDA). A call
+    with ``adapter_names=`` brings the adapters it names into slots, least recently
+    used out first, copying only those (asynchronously on CUDA, ordered before the
+    call's kernels). A plain call (``forward`` or ``generate`` without
+    ``adapter_names``) and ``merge_adapters`` bring the active (or merged) adapters
+    into slots the same way first, so they never read host memory. Loading,
+    hot-swapping, evicting or changing an adapter never changes a stack's shape or
+    identity, so a compiled model does not recompile for it and the stacks a
+    captured CUDA graph reads stay valid (README, "Serving many adapters", says
+    what capturing mixed calls takes). Calling it again re-reserves.
+
+    Args:
+        wrapper: The ``AdapterWrapper``.
+        max_adapters: Number of adapter slots (distinct adapters one call may use).
+        max_rank: Largest LoRA rank an adapter may have.
+
+    Raises:
+        InvalidConfigError: If an argument is not a positive integer, or a loaded
+            adapter has a rank above ``max_rank`` (nothing changes then).
+        AdapterStateError: If the wrapper is unloaded.
+    """
     for what, value in (("max_adapters", max_adapters), ("max_rank", max_rank)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise InvalidConfigError(
                 f"{what} must be a positive integer, got {value!r}; e.g. "
                 "reserve_adapter_slots(max_adapters=16, max_rank=64)."
             )
-    wrapper._model()  # raises if unloaded
+    wrapper.registry.model()  # raises if unloaded
     for adapter in wrapper.adapters.values():
         check_fits(adapter, max_rank)
-    state = _wrapper_state(wrapper)
+    state = state_of(wrapper)
     with state.lock:
         if state.pool is not None:
             state.pool._reset()
         else:
-            _release_unreserved(state)
+            release_unreserved(state)
         pool = SlotPool(wrapper, max_adapters, max_rank, state.lock)
         # Allocate every module's stacks now, from all loaded adapters' layers, so that
         # later loads of adapters on the same modules allocate nothing.
@@ -478,8 +498,19 @@ def reserve(wrapper: nn.Module, max_adapters: int, max_rank: int) -> None:
         state.pool = pool
         # Read by forward/generate (a plain attribute, so a compiled forward guards on
         # it like on any other): only then do plain calls pin their adapters' slots.
-        wrapper._slots_reserved = True
+        wrapper.registry.slots_reserved = True
         arm_hooks(wrapper, pool)
+
+
+@contextlib.contextmanager
+def pinned(wrapper: nn.Module, names: Sequence[str], combining: bool = False) -> Iterator[None]:
+    """Context manager: :func:`pin_adapters` for the block, released on exit."""
+    pins = pin_adapters(wrapper, names, combining)
+    try:
+        yield
+    finally:
+        if pins is not None:
+            pins.release()
 
 
 def pin_adapters(wrapper: nn.Module, names: Sequence[str], combining: bool = False) -> "_Pins | None":
@@ -508,10 +539,10 @@ def pin_adapters(wrapper: nn.Module, names: Sequence[str], combining: bool = Fal
 def _pin_active(wrapper: nn.Module) -> "_Pins | None":
     # Host-side bookkeeping, outside any compiled graph (as batch._prepare): compiled
     # code never guards on it. Merged adapters run no hook; disabled ones none at all.
-    if wrapper._disabled:
+    if wrapper.registry.disabled:
         return None
-    merged = wrapper._merged
-    return pin_adapters(wrapper, [n for n in wrapper._active if n not in merged])
+    merged = wrapper.registry.merged
+    return pin_adapters(wrapper, [n for n in wrapper.registry.active if n not in merged])
 
 
 @torch.compiler.disable
@@ -560,19 +591,17 @@ def arm_hooks(wrapper: nn.Module, pool: SlotPool) -> None:
     reserved slots keeps them (without a mixed call in flight they do nothing).
     """
     added = False
-    for path, site in wrapper._sites.items():
+    for path, site in wrapper.registry.sites.items():
         st = pool.stacks.get(path)
         if st is not None:
             added |= site.prepare_mixed(st.need_pre)
     if added:
-        wrapper._note_hook_layout()
+        wrapper.registry.note_hook_layout()
 
 
 def stats(wrapper: nn.Module) -> dict[str, Any]:
     """See ``AdapterWrapper.slot_stats``."""
-    from .batch import _STATES
-
-    state = _STATES.get(wrapper)
+    state = STATES.get(wrapper)
     if state is not None and state.pool is not None:
         with state.lock:
             return state.pool.stats()
@@ -599,7 +628,34 @@ def stats(wrapper: nn.Module) -> dict[str, Any]:
 
 
 def hotswap(wrapper: nn.Module, path: Any, adapter_name: str, **kwargs: Any) -> None:
-    """See ``AdapterWrapper.hotswap_adapter``."""
+    """Replace the weights (and scaling) of an existing adapter, in place, from a
+    saved adapter directory (PEFT's or tinytune's format).
+
+    Everything is read and checked before anything changes. The new adapter may
+    have another rank and ``lora_alpha`` as long as it targets the same modules with
+    the same kinds of layers (and, with reserved slots, fits ``max_rank``). With
+    reserved slots its slot is rewritten in place, so a compiled model serving
+    mixed batches does not recompile. Parameters keep their identity where the rank
+    is unchanged; a new rank brings new ``lora_A`` / ``lora_B`` modules.
+
+    Args:
+        wrapper: The ``AdapterWrapper``.
+        path: The adapter directory.
+        adapter_name: The loaded adapter to replace.
+        **kwargs: ``custom_layers`` and ``check_fingerprint``, as in
+            :meth:`load_adapter`; ``is_trainable``: ``True``/``False`` makes the
+            swapped adapter's parameters trainable or frozen (``requires_grad``);
+            ``None`` (default) keeps them as they were, as PEFT's
+            ``hotswap_adapter`` does. The adapter keeps its dtype.
+
+    Raises:
+        AdapterNotFoundError: If there is no such adapter.
+        AdapterStateError: If it is merged.
+        AdapterFileError: If the file targets other modules or other kinds of layers,
+            or cannot be read (see :meth:`load_adapter`).
+        InvalidConfigError: If its rank exceeds the reserved ``max_rank``.
+        ConfigTypeError: If ``is_trainable`` is not a bool or ``None``.
+    """
     # Normal tensors even when called inside inference_mode: the new weights may train.
     with torch.inference_mode(False):
         _hotswap(wrapper, path, adapter_name, **kwargs)
@@ -608,13 +664,8 @@ def hotswap(wrapper: nn.Module, path: Any, adapter_name: str, **kwargs: Any) -> 
 def _hotswap(
     wrapper: nn.Module, path: Any, adapter_name: str, is_trainable: Any = None, **kwargs: Any
 ) -> None:
-    from .batch import _wrapper_state
-    from .errors import AdapterFileError, AdapterStateError, ConfigTypeError
-    from .io import _layer_config, read_adapter
-    from .layers import LinearIA3Layer, LoraLayer
-
-    old = wrapper._adapter(adapter_name)
-    if adapter_name in wrapper._merged:
+    old = wrapper.registry.get(adapter_name)
+    if adapter_name in wrapper.registry.merged:
         raise AdapterStateError(
             f"Adapter {adapter_name!r} is merged; call unmerge_adapters() before hot-swapping it."
         )
@@ -623,11 +674,12 @@ def _hotswap(
         # requires_grad: the swapped adapter trains exactly if the old one did.
         is_trainable = any(p.requires_grad for p in old.parameters())
     elif not isinstance(is_trainable, bool):
-        raise ConfigTypeError(
-            f"is_trainable must be True, False or None (keep the adapter's current "
-            f"setting), got {is_trainable!r}."
+        raise wrong_type(
+            "is_trainable", "True, False or None (keep the adapter's current setting)", is_trainable
         )
-    new = read_adapter(wrapper, path, adapter_name, is_trainable=is_trainable, **kwargs)
+    new = read_adapter(
+        wrapper.registry.model(), path, adapter_name, is_trainable=is_trainable, **kwargs
+    )
     old_paths, new_paths = set(old.layer_names), set(new.layer_names)
     if old_paths != new_paths:
         extra, missing = sorted(new_paths - old_paths), sorted(old_paths - new_paths)
@@ -656,7 +708,7 @@ def _hotswap(
                 k: t.shape for k, t in n.state_dict().items()
             }
             try:
-                same = same and _layer_config(p, o) == _layer_config(p, n)
+                same = same and layer_config(p, o) == layer_config(p, n)
             except Exception:  # noqa: BLE001 - a layer without a storable config
                 same = False
             if not same:
@@ -666,7 +718,7 @@ def _hotswap(
                     "replace its values. Nothing was changed."
                 )
     check_attach(wrapper, new)
-    state = _wrapper_state(wrapper)
+    state = state_of(wrapper)
     with state.lock, torch.no_grad():
         for p in old.layer_names:
             o, n = old[p], new[p]
@@ -689,7 +741,7 @@ def _hotswap(
                 for k, t in o.state_dict(keep_vars=True).items():
                     t.copy_(theirs[k])
                 o.requires_grad_(is_trainable)
-            site = wrapper._sites.get(p)
+            site = wrapper.registry.sites.get(p)
             if site is not None:
                 site.layers_changed()
         old.config = new.config
@@ -707,3 +759,31 @@ def _hotswap(
                 pool.derive()
             else:
                 pool.adopt(adapter_name, old)
+
+
+class SlotHooks:
+    """What the adapter registry calls, while it attaches or merges adapters, to keep
+    the reserved slots right (see :class:`tinytune.registry.AdapterRegistry`)."""
+
+    __slots__ = ("wrapper",)
+
+    def __init__(self, wrapper: nn.Module) -> None:
+        self.wrapper = wrapper
+
+    def check_attach(self, adapter: Any) -> None:
+        """See :func:`check_attach`."""
+        check_attach(self.wrapper, adapter)
+
+    def on_attach(self, name: str) -> None:
+        """See :func:`on_attach`."""
+        on_attach(self.wrapper, name)
+
+    def pin(self, names: Sequence[str]) -> "_Pins | None":
+        """See :func:`pin_adapters`."""
+        return pin_adapters(self.wrapper, names)
+
+
+def slot_hooks(wrapper: nn.Module) -> SlotHooks | None:
+    """The registry's ``slots`` argument for ``wrapper``: ``None`` without reserved
+    slots (then attaching and merging need nothing from them)."""
+    return SlotHooks(wrapper) if pool_of(wrapper) is not None else None

@@ -12,6 +12,10 @@ outputs here:
 
 The new adapter has ``r = lora_alpha = new rank`` (``use_rslora`` and dropout from the
 first adapter), like PEFT's.
+
+Floor 4 (beside ``hooks`` and ``io``): imports ``errors``, ``util``, ``layers``,
+``config`` and ``adapter``. Takes the source adapters and modules, returns an
+``Adapter``; never calls back into the wrapper.
 """
 
 from __future__ import annotations
@@ -19,12 +23,15 @@ from __future__ import annotations
 import dataclasses
 import math
 import numbers
-from typing import Any, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
+from torch import nn
 
-from .config import AdapterConfig, LoraConfig, _check_number
+from .adapter import Adapter, layer_key
+from .config import AdapterConfig, LoraConfig
 from .errors import InvalidConfigError, UnsupportedModuleError, check_bool, wrong_type
+from .util import check_number, device_of
 from .layers import (
     AdapterLayer,
     Conv2dLoraLayer,
@@ -71,7 +78,8 @@ def _delta(layer: LoraLayer) -> torch.Tensor:
 
 
 def add_weighted_adapter(
-    wrapper: Any,
+    get_adapter: Callable[[str], Any],
+    modules: Mapping[str, nn.Module],
     adapters: Sequence[str],
     weights: Sequence[float],
     adapter_name: str,
@@ -82,16 +90,39 @@ def add_weighted_adapter(
     svd_driver: str | None = None,
     density: float | None = None,
     majority_sign_method: str = "total",
-) -> None:
-    """Add ``adapter_name``, a LoRA adapter combining ``adapters`` with ``weights``.
+) -> Adapter:
+    """Build (not attach) ``adapter_name``, a LoRA adapter combining ``adapters`` with
+    ``weights`` (PEFT's method, same arguments and, for ``"linear"``, ``"cat"`` and
+    ``"svd"``, the same result); the caller checks the new name first.
 
-    See :meth:`tinytune.AdapterWrapper.add_weighted_adapter`.
+    ``"cat"`` stacks the weighted factors (rank = sum of ranks; exactly
+    ``Σ wᵢ ΔWᵢ``); ``"svd"`` keeps the top ``svd_rank`` (default: the largest rank)
+    singular directions of ``Σ wᵢ ΔWᵢ``; ``"linear"`` sums the factors, each scaled
+    by ``√|wᵢ sᵢ|`` (same ranks only; an approximation). The new adapter has
+    ``r = lora_alpha =`` the new rank and is not activated (as in PEFT): call
+    ``set_adapter(adapter_name)``. ``density``/``majority_sign_method`` belong to
+    PEFT's TIES/DARE types, which tinytune does not implement.
+
+    Args:
+        get_adapter: Looks up a source adapter by name (raises for an unknown one).
+        modules: ``{module path: module}`` of the adapted modules.
+        adapters, weights, adapter_name, combination_type, svd_rank, svd_clamp,
+        svd_full_matrices, svd_driver, density, majority_sign_method: PEFT's.
+
+    Returns:
+        The new ``Adapter`` (not activated, as in PEFT), on its modules' devices.
+
+    Raises:
+        AdapterNotFoundError: For an unknown adapter (from ``get_adapter``).
+        InvalidConfigError: For weights that are not one number per adapter, another
+            ``combination_type``, ``"linear"`` with different ranks, or two adapters
+            training a copy of the same module (``modules_to_save``).
+        UnsupportedModuleError: If an adapter has non-LoRA layers (IA³, custom).
     """
-    wrapper._check_new_name(adapter_name)
-    adapters = wrapper._names(adapters, "adapters")
+    adapters = [adapters] if isinstance(adapters, str) else list(adapters)
     if not adapters:
         raise InvalidConfigError("adapters is empty: name the adapters to combine.")
-    sources = [wrapper._adapter(name) for name in adapters]
+    sources = [get_adapter(name) for name in adapters]
     if isinstance(weights, (str, bytes)) or not hasattr(weights, "__len__"):
         raise InvalidConfigError(f"weights must be a list of numbers, got {weights!r}.")
     weights = list(weights)
@@ -114,7 +145,7 @@ def add_weighted_adapter(
     if svd_rank is not None and (isinstance(svd_rank, bool) or not isinstance(svd_rank, int) or svd_rank <= 0):
         raise InvalidConfigError(f"svd_rank must be a positive integer or None, got {svd_rank!r}.")
     if svd_clamp is not None:
-        _check_number(svd_clamp, "svd_clamp")
+        check_number(svd_clamp, "svd_clamp")
         if not 0 <= svd_clamp <= 1:
             raise InvalidConfigError(
                 f"svd_clamp is a quantile in [0, 1] (e.g. 0.99) or None, got {svd_clamp!r}."
@@ -132,7 +163,7 @@ def add_weighted_adapter(
         for path, layer in adapter.items():
             if isinstance(layer, ModulesToSaveLayer):
                 saves.setdefault(path, []).append(name)
-            elif type(layer) in (lora_layer_for(wrapper._sites[path].module),) and isinstance(layer, LoraLayer):
+            elif type(layer) in (lora_layer_for(modules[path]),) and isinstance(layer, LoraLayer):
                 per_path.setdefault(path, {})[name] = layer
             else:
                 raise UnsupportedModuleError(
@@ -168,7 +199,7 @@ def add_weighted_adapter(
         (l for _, l in sources[0].items() if isinstance(l, LoraLayer)),
         next(iter(per_path[next(iter(per_path))].values())),
     )
-    model_modules = {path: wrapper._sites[path].module for path in list(per_path) + list(saves)}
+    model_modules = {path: modules[path] for path in list(per_path) + list(saves)}
     built: list[tuple[str, AdapterLayer]] = []
     clipped: dict[str, int] = {}
     for path, present in per_path.items():
@@ -229,16 +260,13 @@ def add_weighted_adapter(
         built.append((path, layer))
 
     config = _combined_config(sources, new_rank, clipped)
-    from .wrapper import Adapter, _device_of, _key
-
     adapter = Adapter(adapter_name, config)
     for path, layer in built:
-        device = _device_of(model_modules[path])
+        device = device_of(model_modules[path])
         if device is not None:
             layer.to(device)
-        adapter.layers[_key(path)] = layer
-    # Not activated, as in PEFT: call set_adapter(adapter_name) to use it.
-    wrapper._attach(adapter, False)
+        adapter.layers[layer_key(path)] = layer
+    return adapter
 
 
 def _svd(
