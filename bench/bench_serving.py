@@ -29,7 +29,6 @@ import argparse
 import copy
 import json
 import random
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -42,7 +41,7 @@ if str(ROOT) not in sys.path:  # run from a checkout without installing
 
 from tinytune import AdapterWrapper, LoraConfig  # noqa: E402
 from tinytune.batch import _STATES, _cached_stacks, _stack_params, clear_cache  # noqa: E402
-from tinytune.benchmark import environment, summarize, time_cases  # noqa: E402
+from tinytune.timing import environment, quantiles, summarize, time_cases  # noqa: E402
 from tinytune.layers import layer_kind  # noqa: E402
 
 RANK = 16
@@ -107,8 +106,8 @@ def median_us(fn, reps: int, setup=None) -> tuple[float, float, float]:
         t0 = time.perf_counter()
         fn()
         times.append((time.perf_counter() - t0) * 1e6)
-    q = statistics.quantiles(times, n=4)
-    return statistics.median(times), q[0], q[2]
+    p25, med, p75 = quantiles(times)
+    return med, p25, p75
 
 
 def memory_section(base, size: dict, counts: list[int]) -> dict:
