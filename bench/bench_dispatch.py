@@ -89,7 +89,7 @@ def main() -> None:
         torch.testing.assert_close(fused(), torch_path(), rtol=1e-5, atol=1e-5)
         cases = {"bare": bare_call, "op": op, "fused_path": fused, "torch_path": torch_path}
         measure = clock_timer(time.thread_time)
-        for fn in cases.values():  # warm-up
+        for fn in cases.values():  # untimed: two rounds' worth of calls per case
             for _ in range(2 * args.inner):
                 fn()
         times = interleave(cases, args.rounds, lambda name: measure(cases[name], args.inner) * 1e6)

@@ -1,12 +1,13 @@
 """How far mixed-batch rows are from running each row alone, across seeds.
 
 Builds the mixed-batch test's model (the one ``tests/test_mixed_batch.py`` builds, kept
-here so that this script needs nothing from ``tests/``; a test checks that the two are the
-same: a Tower with LoRA of several ranks and alphas, rsLoRA, IA³ on inputs and outputs,
-modules_to_save, a mixed LoRA+IA³ adapter and a custom layer) for each seed, runs the test's nine rows once as a
-mixed batch and once row by row, and reports the largest difference in units in the
-last place of the largest output magnitude (outputs are below 8, so one unit is 2**-21
-in fp32, 2**-8 in fp16, 2**-5 in bf16), which is the unit the README states.
+here so that this script needs nothing from ``tests/``; a test checks that the two are
+the same: a Tower with LoRA of several ranks and alphas, rsLoRA, IA³ on inputs and
+outputs, modules_to_save, a mixed LoRA+IA³ adapter and a custom layer) for each seed,
+runs the test's nine rows once as a mixed batch and once row by row, and reports the
+largest difference in units in the last place of the largest output magnitude (outputs
+are below 8, so one unit is 2**-21 in fp32, 2**-8 in fp16, 2**-5 in bf16), which is the
+unit the README states.
 
     python bench/measure_mixed_ulp.py --seeds 200
 """

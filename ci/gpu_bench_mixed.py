@@ -132,7 +132,8 @@ def bench_case(L, timer, device, dtype, rows, tokens, distinct, d, r, rounds):
     replays = dict(zip(names, timer.prepare([merged, pytorch, fused])))
     probe = timer.time(replays["merged"], 1)
     iters = max(1, min(100, int(0.02 / max(probe, 1e-7)))) if timer.cuda else 1
-    per = interleave(names, rounds, lambda n: timer.time(replays[n], iters) / copies, seed=rows * 100 + distinct)
+    per = interleave(names, rounds, lambda n: timer.time(replays[n], iters) / copies,
+                     seed=rows * 100 + distinct)
     del replays
     med = {n: statistics.median(v) for n, v in per.items()}
     fm = ratio_quantiles(per["fused"], per["merged"])

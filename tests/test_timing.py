@@ -116,7 +116,8 @@ def test_environment_records_versions_and_machine():
 
     assert env["versions"]["tinytune"] == tinytune.__version__
     assert env["versions"]["torch"] == torch.__version__
-    assert timing.environment("cpu", packages=("surely_not_a_package",))["versions"]["surely_not_a_package"] is None
+    versions = timing.environment("cpu", packages=("surely_not_a_package",))["versions"]
+    assert versions["surely_not_a_package"] is None
 
 
 # ----------------------------------------------------------------------------------------
@@ -147,7 +148,9 @@ TEST_MODULES = {"tests", *(p.stem for p in (ROOT / "tests").glob("*.py"))}
 # Private names with no public counterpart yet. bench_serving.py times the stack cache
 # itself; the restructure of tinytune/ (issue 18, items 1-4) makes these public, and the
 # entry goes then (the test below fails while an entry here is no longer used).
-PENDING_PRIVATE = {("bench/bench_serving.py", "tinytune.batch"): {"_STATES", "_cached_stacks", "_stack_params"}}
+PENDING_PRIVATE = {
+    ("bench/bench_serving.py", "tinytune.batch"): {"_STATES", "_cached_stacks", "_stack_params"},
+}
 
 
 def forbidden_imports(source: str, path: str = "<source>") -> list[str]:
