@@ -221,7 +221,7 @@ def main(argv: list[str] | None = None) -> dict:
         assert not torch.allclose(ref["eager_bare"], ref["eager_unmerged"], atol=1e-3), (
             "LoRA is a no-op"
         )
-        # tinytune-bench's timing code: warm-up, shuffled rounds, the fastest of --reps
+        # tinytune.timing: warm-up, shuffled rounds, the fastest of --reps
         # single calls per case per round.
         calls = {k: (fn if k == "lora_ops" else (lambda fn=fn: fn(ids))) for k, fn in cases.items()}
         times = time_cases(calls, rounds, warmup=2, min_time=0.0, repeats=args.reps,

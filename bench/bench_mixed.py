@@ -98,7 +98,7 @@ def adapter_bytes(wrapper: AdapterWrapper, name: str) -> int:
 
 
 def time_case(fns: dict, rounds: int, warmup: int = 2) -> dict:
-    """One call per measurement, interleaved rounds: tinytune-bench's timing code."""
+    """One call per measurement, interleaved rounds: tinytune.timing's harness."""
     return time_cases(fns, rounds, warmup=warmup, min_time=0.0, seed=random.randrange(1 << 30))
 
 
