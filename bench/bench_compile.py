@@ -49,9 +49,7 @@ sys.path.insert(0, str(ROOT))  # benchmark the checkout this file lives in
 
 import tinytune  # noqa: E402
 from tinytune import AdapterWrapper, LinearLoraLayer, LoraConfig  # noqa: E402
-from tinytune.benchmark import _cpu_name as cpu_name  # noqa: E402
-from tinytune.benchmark import _git_sha as git_sha  # noqa: E402
-from tinytune.benchmark import time_cases  # noqa: E402
+from tinytune.timing import cpu_name, git_sha, quantiles, time_cases  # noqa: E402
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -133,8 +131,8 @@ def make_lora_ops(shape: dict, wrapper: AdapterWrapper):
 
 
 def quartiles(values: list[float]) -> dict:
-    q = statistics.quantiles(values, n=4) if len(values) >= 2 else [values[0]] * 3
-    return {"median": statistics.median(values), "p25": q[0], "p75": q[2]}
+    p25, med, p75 = quantiles(values)
+    return {"median": med, "p25": p25, "p75": p75}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -223,7 +221,7 @@ def main(argv: list[str] | None = None) -> dict:
         assert not torch.allclose(ref["eager_bare"], ref["eager_unmerged"], atol=1e-3), (
             "LoRA is a no-op"
         )
-        # tinytune-bench's timing code: warm-up, shuffled rounds, the fastest of --reps
+        # tinytune.timing: warm-up, shuffled rounds, the fastest of --reps
         # single calls per case per round.
         calls = {k: (fn if k == "lora_ops" else (lambda fn=fn: fn(ids))) for k, fn in cases.items()}
         times = time_cases(calls, rounds, warmup=2, min_time=0.0, repeats=args.reps,

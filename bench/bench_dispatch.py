@@ -14,7 +14,7 @@ interpreter):
 
 ``fused_path - op`` is the hooks' overhead per adapted module call. One torch thread;
 each round runs every case ``--inner`` times in a shuffled order; figures are medians
-over rounds of the calling thread's CPU time (``time.thread_time_ns``), which, unlike
+over rounds of the calling thread's CPU time (``time.thread_time``), which, unlike
 wall-clock time, does not count the time the thread spends preempted on a shared
 machine (these cases never wait on anything else).
 
@@ -36,12 +36,11 @@ if str(ROOT) not in sys.path:
 
 import tinytune  # noqa: E402
 import tinytune.dispatch as dispatch  # noqa: E402
-import random  # noqa: E402
-import statistics  # noqa: E402
 import time  # noqa: E402
 
 from tinytune import AdapterWrapper, LoraConfig  # noqa: E402
 from tinytune.kernels.lora_linear import torch_lora_linear  # noqa: E402
+from tinytune.timing import clock_timer, interleave, quantiles  # noqa: E402
 
 
 def main() -> None:
@@ -89,27 +88,19 @@ def main() -> None:
     with torch.no_grad():
         torch.testing.assert_close(fused(), torch_path(), rtol=1e-5, atol=1e-5)
         cases = {"bare": bare_call, "op": op, "fused_path": fused, "torch_path": torch_path}
-        times: dict[str, list[float]] = {k: [] for k in cases}
-        names = list(cases)
-        rng = random.Random(0)
-        for r in range(args.rounds + 2):
-            rng.shuffle(names)
-            for name in names:
-                fn = cases[name]
-                t0 = time.thread_time_ns()
-                for _ in range(args.inner):
-                    fn()
-                if r >= 2:  # two warm-up rounds
-                    times[name].append((time.thread_time_ns() - t0) / args.inner / 1e3)
-    us = {k: statistics.median(v) for k, v in times.items()}
+        measure = clock_timer(time.thread_time)
+        for fn in cases.values():  # untimed: two rounds' worth of calls per case
+            for _ in range(2 * args.inner):
+                fn()
+        times = interleave(cases, args.rounds, lambda name: measure(cases[name], args.inner) * 1e6)
+    stats = {k: quantiles(v) for k, v in times.items()}  # (p25, median, p75) in us
+    us = {k: q[1] for k, q in stats.items()}
     report = {
         "layer": "Linear(64, 64), LoRA r=8",
         "rows": args.rows,
         "torch": torch.__version__,
         "median_us": {k: round(v, 2) for k, v in us.items()},
-        "p25_p75_us": {
-            k: [round(q, 2) for q in statistics.quantiles(v, n=4)[::2]] for k, v in times.items()
-        },
+        "p25_p75_us": {k: [round(q[0], 2), round(q[2], 2)] for k, q in stats.items()},
         "hook_overhead_us": round(us["fused_path"] - us["op"], 2),
     }
     print(json.dumps(report, indent=1))

@@ -46,9 +46,7 @@ import transformers  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 import tinytune  # noqa: E402
-from tinytune.benchmark import _cpu_name as cpu_name  # noqa: E402
-from tinytune.benchmark import _git_sha as git_sha  # noqa: E402
-from tinytune.benchmark import time_cases  # noqa: E402
+from tinytune.timing import cpu_name, git_sha, ratio_quantiles, time_cases  # noqa: E402
 from tinytune import AdapterWrapper, LoraConfig  # noqa: E402
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -100,14 +98,13 @@ def adapter_bytes(wrapper: AdapterWrapper, name: str) -> int:
 
 
 def time_case(fns: dict, rounds: int, warmup: int = 2) -> dict:
-    """One call per measurement, interleaved rounds: tinytune-bench's timing code."""
+    """One call per measurement, interleaved rounds: tinytune.timing's harness."""
     return time_cases(fns, rounds, warmup=warmup, min_time=0.0, seed=random.randrange(1 << 30))
 
 
 def ratio_stats(num: list[float], den: list[float]) -> dict:
-    r = sorted(a / b for a, b in zip(num, den))
-    q = statistics.quantiles(r, n=4) if len(r) >= 4 else [r[0], statistics.median(r), r[-1]]
-    return {"median": statistics.median(r), "p25": q[0], "p75": q[2]}
+    q = ratio_quantiles(num, den)
+    return {k: q[k] for k in ("median", "p25", "p75")}
 
 
 def run_case(bare, ours, theirs, names_all, rows, tokens, distinct, rounds, label):

@@ -29,9 +29,7 @@ import argparse
 import copy
 import json
 import random
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -42,7 +40,7 @@ if str(ROOT) not in sys.path:  # run from a checkout without installing
 
 from tinytune import AdapterWrapper, LoraConfig  # noqa: E402
 from tinytune.batch import _STATES, _cached_stacks, _stack_params, clear_cache  # noqa: E402
-from tinytune.benchmark import environment, summarize, time_cases  # noqa: E402
+from tinytune.timing import clock_timer, environment, quantiles, summarize, time_cases  # noqa: E402
 from tinytune.layers import layer_kind  # noqa: E402
 
 RANK = 16
@@ -68,7 +66,7 @@ def llama(size: dict, seed: int = 0):
 
 
 def interleaved(cases: dict, reference: str, rounds: int, warmup: int, seed: int) -> dict:
-    """tinytune-bench's interleaved timing (one call per measurement): per case the median
+    """tinytune.timing's interleaved rounds (one call per measurement): per case the median
     ms per call and the median, p25 and p75 of its per-round ratio to ``reference``."""
     times = time_cases(cases, rounds, warmup=warmup, min_time=0.0, seed=seed)
     out = {}
@@ -100,15 +98,14 @@ def adapter_bytes(w: AdapterWrapper, name: str) -> int:
 
 
 def median_us(fn, reps: int, setup=None) -> tuple[float, float, float]:
+    wall = clock_timer()
     times = []
     for _ in range(reps):
         if setup is not None:
             setup()
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e6)
-    q = statistics.quantiles(times, n=4)
-    return statistics.median(times), q[0], q[2]
+        times.append(wall(fn, 1) * 1e6)
+    p25, med, p75 = quantiles(times)
+    return med, p25, p75
 
 
 def memory_section(base, size: dict, counts: list[int]) -> dict:

@@ -29,7 +29,7 @@ from torch import nn
 
 import tinytune
 from tinytune import AdapterWrapper, LoraConfig
-from tinytune.benchmark import _fused_unavailable, _kernel_mode
+from tinytune.benchmark import fused_unavailable
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 DTYPE = torch.bfloat16 if DEVICE.type == "cuda" else torch.float32
@@ -86,7 +86,7 @@ def _sync(fn):
 def test_adapted_linear(benchmark, variant, shape, size):
     k, n = shape
     rows, tokens = SIZES[size]
-    if variant == "unmerged-fused" and (why := _fused_unavailable(DEVICE)):
+    if variant == "unmerged-fused" and (why := fused_unavailable(DEVICE)):
         pytest.skip(why)
     benchmark.extra_info.update(
         variant=variant, in_features=k, out_features=n, rows=rows, tokens_per_row=tokens,
@@ -110,7 +110,7 @@ def test_adapted_linear(benchmark, variant, shape, size):
         def fn():
             if mode is None or DEVICE.type != "cuda":
                 return w(x)
-            with _kernel_mode(mode):
+            with tinytune.kernel_mode(mode):
                 return w(x)
 
         with torch.inference_mode():  # the variant computes what the PyTorch path computes

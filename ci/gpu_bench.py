@@ -27,10 +27,7 @@ import argparse
 import importlib
 import json
 import math
-import platform
-import random
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -39,7 +36,11 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # this checkout's tinytune, not an installed one
+    sys.path.insert(1, str(ROOT))
 from kernel_report import BENCH_SHAPES, PEAKS, roofline, _kernel_package  # noqa: E402
+from tinytune.timing import GraphTimer, cpu_name, git_sha, interleave, ratio_quantiles  # noqa: E402
 
 TARGET_DECODE = 1.05
 TARGET_PREFILL = 1.10
@@ -53,59 +54,7 @@ def _peaks(name: str):
     return None
 
 
-def _git_sha() -> str:
-    try:
-        root = Path(__file__).resolve().parents[1]
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
-                              timeout=10).stdout.strip() or "unknown"  # fmt: skip
-    except Exception:
-        return "unknown"
-
-
-class Timer:
-    """Seconds per call of a zero-argument function: CUDA graph + events, or wall clock."""
-
-    def __init__(self, cuda: bool):
-        self.cuda = cuda
-
-    def prepare(self, fns: list):
-        """Returns a replayable callable per entry of ``fns`` (each runs all copies once)."""
-        if not self.cuda:
-            return fns
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for fn in fns:  # warm up outside the capture: Triton compiles, cuBLAS picks
-                fn()
-                fn()
-        torch.cuda.current_stream().wait_stream(side)
-        torch.cuda.synchronize()
-        graphs = []
-        for fn in fns:
-            g = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(g):
-                fn()
-            graphs.append(g)
-        torch.cuda.synchronize()
-        return [g.replay for g in graphs]
-
-    def time(self, replay, iters: int) -> float:
-        if self.cuda:
-            start = torch.cuda.Event(enable_timing=True)
-            end = torch.cuda.Event(enable_timing=True)
-            start.record()
-            for _ in range(iters):
-                replay()
-            end.record()
-            end.synchronize()
-            return start.elapsed_time(end) / 1e3 / iters
-        t0 = time.perf_counter()
-        for _ in range(iters):
-            replay()
-        return (time.perf_counter() - t0) / iters
-
-
-def bench_point(L, timer: Timer, device, dtype, m, k, n, r, rounds, l2_bytes, budget_s):
+def bench_point(L, timer: GraphTimer, device, dtype, m, k, n, r, rounds, l2_bytes, budget_s):
     """Times merged / unmerged / fused for one shape; returns a result dict."""
     g = torch.Generator(device="cpu").manual_seed(m * 7 + r)
     w_bytes = n * k * torch.finfo(dtype).bits // 8
@@ -147,19 +96,15 @@ def bench_point(L, timer: Timer, device, dtype, m, k, n, r, rounds, l2_bytes, bu
             torch.ops.tinytune.lora_linear(x, w, None, a, b, s_vec, None, None, False)
 
     names = ["merged", "unmerged", "fused"]
-    replays = timer.prepare([merged, unmerged, fused])
+    replays = dict(zip(names, timer.prepare([merged, unmerged, fused])))
     # Iterations so that one measurement takes ~budget_s / (rounds * 3).
-    probe = timer.time(replays[0], 1)
+    probe = timer.time(replays["merged"], 1)
     iters = max(1, min(200, int(budget_s / (rounds * 3) / max(probe, 1e-7))))
-    per = {nm: [] for nm in names}
-    for _ in range(rounds):
-        order = list(range(3))
-        random.shuffle(order)
-        for i in order:
-            per[names[i]].append(timer.time(replays[i], iters) / copies)
+    per = interleave(names, rounds, lambda nm: timer.time(replays[nm], iters) / copies, seed=m * 7 + r)
     del replays
-    ratio_fm = statistics.median(f / mm for f, mm in zip(per["fused"], per["merged"]))
-    ratio_uf = statistics.median(u / f for u, f in zip(per["unmerged"], per["fused"]))
+    fm = ratio_quantiles(per["fused"], per["merged"])
+    ratio_fm = fm["median"]
+    ratio_uf = ratio_quantiles(per["unmerged"], per["fused"])["median"]
     med = {nm: statistics.median(v) for nm, v in per.items()}
     e = torch.finfo(dtype).bits // 8
     fused_bytes = (n * k + r * (k + n) + m * (k + n)) * e
@@ -169,8 +114,7 @@ def bench_point(L, timer: Timer, device, dtype, m, k, n, r, rounds, l2_bytes, bu
         "k": k, "n": n, "r": r, "m": m, "copies": copies, "iters": iters, "rounds": rounds,
         "merged_us": med["merged"] * 1e6, "unmerged_us": med["unmerged"] * 1e6, "fused_us": med["fused"] * 1e6,
         "fused_over_merged": ratio_fm, "unmerged_over_fused": ratio_uf,
-        "spread_fused_over_merged": [min(f / mm for f, mm in zip(per["fused"], per["merged"])),
-                                     max(f / mm for f, mm in zip(per["fused"], per["merged"]))],
+        "spread_fused_over_merged": [min(fm["samples"]), max(fm["samples"])],
         "fused_bytes_per_s": fused_bytes / med["fused"], "fused_flops_per_s": fused_flops / med["fused"],
         "predicted_fused_over_merged": pred["fused_l"] / pred["merged_l"],
         "rel_err": rel_err,
@@ -220,7 +164,6 @@ def main(argv=None) -> int:
         print("gpu_bench: Triton is not installed; the fused kernel cannot run.", file=sys.stderr)
         return 2
 
-    random.seed(0)
     torch.manual_seed(0)
     device = "cuda" if cuda else "cpu"
     dtype = torch.bfloat16
@@ -229,7 +172,7 @@ def main(argv=None) -> int:
         name = props.name
         l2 = getattr(props, "L2_cache_size", 50 * 2**20) or 50 * 2**20
     else:
-        name, l2 = f"cpu ({platform.processor() or platform.machine()}, dry run)", 0
+        name, l2 = f"cpu ({cpu_name()}, dry run)", 0
     peaks = _peaks(name)
     if args.dry_run:
         shapes, ranks, ms, rounds, budget = [(64, 96)], [16], [1, 3, 32], 2, 0.01
@@ -238,10 +181,10 @@ def main(argv=None) -> int:
         ms = [1, 16, 256, 2048, 8192] if args.quick else [1, 4, 16, 64, 256, 1024, 2048, 4096, 8192]
         rounds, budget = (3, 0.15) if args.quick else (5, 0.3)
     print(f"device: {name}; torch {torch.__version__}; triton "
-          f"{getattr(sys.modules.get('triton'), '__version__', 'n/a')}; git {_git_sha()[:12]}")  # fmt: skip
+          f"{getattr(sys.modules.get('triton'), '__version__', 'n/a')}; git {(git_sha(ROOT) or 'unknown')[:12]}")  # fmt: skip
     if peaks is None:
         print("(unknown device: no peak figures; percentages omitted)")
-    timer = Timer(cuda)
+    timer = GraphTimer(cuda)
     rows = []
     hdr = (f"{'K->N':<11} {'r':>3} {'M':>5} {'merged us':>10} {'unmerged us':>11} {'fused us':>9} "
            f"{'f/m':>6} {'pred f/m':>8} {'u/f':>6} {'TB/s':>6} {'%BW':>5} {'TFLOP/s':>8} {'%FLOP':>6}  targets")  # fmt: skip
@@ -289,7 +232,7 @@ def main(argv=None) -> int:
         print("  skipped: " + ", ".join(skipped))
     if args.out:
         meta = {"device": name, "torch": torch.__version__,
-                "triton": getattr(sys.modules.get("triton"), "__version__", None), "git": _git_sha(),
+                "triton": getattr(sys.modules.get("triton"), "__version__", None), "git": git_sha(ROOT) or "unknown",
                 "dtype": str(dtype), "dry_run": args.dry_run}  # fmt: skip
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps({"meta": meta, "rows": rows, "errors": failures, "skipped": skipped}, indent=1))

@@ -31,12 +31,13 @@ import json
 import math
 import os
 import platform
-import random
 import statistics
-import subprocess
 import sys
 from pathlib import Path
 
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # this checkout's tinytune, not an installed one
+    sys.path.insert(1, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from kernel_report import PEAKS  # noqa: E402
 
@@ -81,6 +82,8 @@ def bench_case(L, timer, device, dtype, rows, tokens, distinct, d, r, rounds):
     """Times merged / pytorch / fused for one batch; returns a result dict."""
     import torch
     import torch.nn.functional as F
+
+    from tinytune.timing import interleave, ratio_quantiles
 
     g = torch.Generator().manual_seed(rows * 100 + distinct)
     elem = torch.finfo(dtype).bits // 8
@@ -127,19 +130,15 @@ def bench_case(L, timer, device, dtype, rows, tokens, distinct, d, r, rounds):
             torch.ops.tinytune.lora_mixed_linear(x, w, bias, row_index, a, bt, scale, ranks, None, None)
 
     names = ["merged", "pytorch", "fused"]
-    replays = timer.prepare([merged, pytorch, fused])
-    probe = timer.time(replays[0], 1)
+    replays = dict(zip(names, timer.prepare([merged, pytorch, fused])))
+    probe = timer.time(replays["merged"], 1)
     iters = max(1, min(100, int(0.02 / max(probe, 1e-7)))) if timer.cuda else 1
-    per = {n: [] for n in names}
-    for _ in range(rounds):
-        order = list(range(3))
-        random.shuffle(order)
-        for i in order:
-            per[names[i]].append(timer.time(replays[i], iters) / copies)
+    per = interleave(names, rounds, lambda n: timer.time(replays[n], iters) / copies,
+                     seed=rows * 100 + distinct)
     del replays
     med = {n: statistics.median(v) for n, v in per.items()}
-    fm = [f / m for f, m in zip(per["fused"], per["merged"])]
-    pf = [p / f for p, f in zip(per["pytorch"], per["fused"])]
+    fm = ratio_quantiles(per["fused"], per["merged"])
+    pf = ratio_quantiles(per["pytorch"], per["fused"])
     pred = roofline(rows, tokens, d, r, distinct, elem)
     fused_bytes = (d * d + distinct * 2 * r * d + 2 * rows * tokens * d) * elem
     return {
@@ -147,8 +146,8 @@ def bench_case(L, timer, device, dtype, rows, tokens, distinct, d, r, rounds):
         "copies": copies, "iters": iters, "rounds": rounds,
         "merged_us": med["merged"] * 1e6, "pytorch_us": med["pytorch"] * 1e6,
         "fused_us": med["fused"] * 1e6,
-        "fused_over_merged": statistics.median(fm), "pytorch_over_fused": statistics.median(pf),
-        "spread_fused_over_merged": [min(fm), max(fm)],
+        "fused_over_merged": fm["median"], "pytorch_over_fused": pf["median"],
+        "spread_fused_over_merged": [min(fm["samples"]), max(fm["samples"])],
         "fused_bytes_per_s": fused_bytes / med["fused"],
         "predicted_fused_over_merged": pred["fused_s"] / pred["merged_s"],
         "predicted_pytorch_over_fused": pred["pytorch_s"] / pred["fused_s"],
@@ -167,15 +166,6 @@ def verdict(row) -> list:
         ok = row["pytorch_over_fused"] >= TARGET_PYTORCH
         out.append(("ok" if ok else "MISS") + f" pytorch/fused>={TARGET_PYTORCH}")
     return out
-
-
-def _git_sha() -> str:
-    try:
-        root = Path(__file__).resolve().parents[1]
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True,
-                              text=True, timeout=10).stdout.strip() or "unknown"
-    except Exception:  # noqa: BLE001
-        return "unknown"
 
 
 def main(argv=None) -> int:
@@ -201,10 +191,9 @@ def main(argv=None) -> int:
     cases = [(decode_rows, 1, n) for n in (1, 4, 16, 64)] + [(prefill[0], prefill[1], 4)]
     if args.dry_run:
         cases = [(rows, tokens, min(n, rows)) for rows, tokens, n in cases]
-    from gpu_bench import Timer  # the same CUDA-graph timing as the single-adapter bench
+    from tinytune.timing import GraphTimer, git_sha
 
-    timer = Timer(cuda and not args.dry_run)
-    random.seed(0)
+    timer = GraphTimer(cuda and not args.dry_run)
     name = torch.cuda.get_device_name(0) if cuda else "cpu (dry run: not a GPU measurement)"
     try:
         import triton
@@ -236,7 +225,7 @@ def main(argv=None) -> int:
     print(f"gpu_bench_mixed: {summary}")
     if args.out:
         meta = {"device": name, "torch": torch.__version__, "triton": tv,
-                "python": platform.python_version(), "git_sha": _git_sha(),
+                "python": platform.python_version(), "git_sha": git_sha(ROOT) or "unknown",
                 "dry_run": args.dry_run, "hbm_bytes_per_s": HBM_BPS, "tc_flops": TC_FLOPS}
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps({"meta": meta, "results": results}, indent=1))

@@ -182,6 +182,33 @@ def test_rows_equal_running_each_row_alone(dtype, atol):
                 assert effect > 0.1 > atol, name
 
 
+def test_the_ulp_script_builds_this_model(monkeypatch):
+    # bench/measure_mixed_ulp.py keeps its own copy of many_kinds (scripts import nothing
+    # from tests/); the README's ULP bounds were measured on it, so it must stay this model.
+    from pathlib import Path
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "bench"))
+    import measure_mixed_ulp as script
+
+    assert script.NAMES == NAMES
+    torch.manual_seed(3)
+    ours = many_kinds(Tower().eval())
+    torch.manual_seed(3)
+    theirs = script.many_kinds(script.Tower().eval())
+    assert {n: type(a).__name__ for n, a in ours.adapters.items()} == {
+        n: type(a).__name__ for n, a in theirs.adapters.items()
+    }
+    for mine, copy_ in ((ours.model.state_dict(), theirs.model.state_dict()),
+                        (dict(ours.named_adapter_parameters()), dict(theirs.named_adapter_parameters()))):
+        assert list(mine) == list(copy_)
+        for key in mine:
+            assert torch.equal(mine[key], copy_[key]), key
+    ids = torch.randint(0, 32, (len(NAMES), 5))
+    with torch.no_grad():
+        assert torch.equal(ours(ids, adapter_names=NAMES), theirs(ids, adapter_names=NAMES))
+        assert torch.equal(per_row_reference(ours, ids, NAMES), script.per_row_reference(theirs, ids, NAMES))
+
+
 def test_several_active_adapters_do_not_leak_into_rows():
     torch.manual_seed(0)
     w = many_kinds(Tower().eval())

@@ -23,8 +23,10 @@ events around the calls, synchronised, and compiled cases use CUDA graphs
     tinytune-bench                     # full run, prints one table
     tinytune-bench --quick --out DIR   # short run; DIR/results.json and DIR/*.png
 
-Everything here is also importable: :func:`time_cases` is the timing code that the focused
-studies in ``bench/`` reuse.
+The timing code (warm-up, interleaved rounds, medians and per-round ratios, the
+environment record) lives in :mod:`tinytune.timing`, which the studies in ``bench/`` and
+the GPU benchmarks in ``ci/`` use too; :func:`time_cases`, :func:`summarize` and
+:func:`environment` stay importable from here.
 
 Floor 10 (the ``tinytune-bench`` command): may import any tinytune module.
 """
@@ -36,12 +38,7 @@ import contextlib
 import copy
 import datetime as dt
 import json
-import math
-import os
-import platform
 import random
-import statistics
-import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -56,7 +53,12 @@ import tinytune
 
 from .config import LoraConfig
 from .errors import TinytuneError
+from .kernels.triton_support import HAS_TRITON
+from .timing import cpu_name, device_name, environment, git_sha, summarize, time_cases
 from .wrapper import AdapterWrapper
+
+# Old private names, still imported by code written before tinytune.timing existed.
+_cpu_name, _git_sha = cpu_name, git_sha
 
 __all__ = [
     "BenchmarkError",
@@ -64,6 +66,7 @@ __all__ = [
     "TinyDecoder",
     "TARGETS",
     "environment",
+    "fused_unavailable",
     "main",
     "parse_args",
     "run",
@@ -177,198 +180,6 @@ class TinyDecoder(nn.Module):
         for layer in self.layers:
             x = layer(x)
         return self.lm_head(self.norm(x))
-
-
-# --------------------------------------------------------------------------- timing
-
-
-def _timer(device: torch.device, threads: int) -> Callable[[Callable[[], Any], int], float]:
-    """Return ``measure(fn, n) -> seconds per call`` for ``device``.
-
-    CUDA: events recorded around ``n`` calls on the current stream, after a full
-    synchronisation, read after the end event completes. CPU: ``torch.utils.benchmark``.
-    """
-    if device.type == "cuda":
-
-        def measure(fn: Callable[[], Any], n: int) -> float:
-            torch.cuda.synchronize(device)
-            start = torch.cuda.Event(enable_timing=True)
-            end = torch.cuda.Event(enable_timing=True)
-            start.record()
-            for _ in range(n):
-                fn()
-            end.record()
-            end.synchronize()
-            return start.elapsed_time(end) / 1e3 / n
-
-        return measure
-
-    from torch.utils.benchmark import Timer
-
-    def measure(fn: Callable[[], Any], n: int) -> float:
-        return Timer(stmt="fn()", globals={"fn": fn}, num_threads=threads).timeit(n).mean
-
-    return measure
-
-
-def _quantiles(values: Sequence[float]) -> tuple[float, float, float]:
-    """(p25, median, p75); a single value gives itself three times."""
-    if len(values) == 1:
-        return values[0], values[0], values[0]
-    q = statistics.quantiles(values, n=4, method="inclusive")
-    return q[0], statistics.median(values), q[2]
-
-
-def time_cases(
-    cases: dict[str, Callable[[], Any]],
-    rounds: int,
-    *,
-    device: torch.device | str = "cpu",
-    threads: int | None = None,
-    warmup: int = 2,
-    min_time: float = 0.01,
-    repeats: int = 1,
-    seed: int = 0,
-    progress: Callable[[str], None] | None = None,
-) -> dict[str, list[float]]:
-    """Time ``cases`` in interleaved rounds; return each case's seconds per call per round.
-
-    Every case is called ``warmup`` times first (compiling, filling caches), and its
-    number of calls per measurement is chosen so that one measurement lasts at least
-    ``min_time`` seconds. Then each round measures every case once, in a new random order.
-
-    Args:
-        cases: name -> zero-argument callable (one forward pass, say).
-        rounds: Number of timed rounds (>= 1).
-        device: Where the cases run; CUDA is timed with events, CPU with
-            ``torch.utils.benchmark.Timer``.
-        threads: Torch threads for CPU timing (default: the current setting).
-        warmup: Untimed calls per case before calibration.
-        min_time: Seconds one measurement should last at least (0: one call).
-        repeats: Measurements per case per round; the round keeps the fastest (1: no
-            choice; more filters out interruptions by other processes).
-        seed: Seed of the shuffles.
-        progress: Called with a short label after each warm-up and each round (and with
-            ``(label, False)`` before each warm-up starts).
-
-    Returns:
-        name -> list of ``rounds`` per-call times in seconds, round ``i`` at index ``i``.
-    """
-    device = torch.device(device)
-    measure = _timer(device, threads or torch.get_num_threads())
-    calls: dict[str, int] = {}
-    for name, fn in cases.items():
-        if progress:
-            progress(f"warm-up {name}", False)
-        for _ in range(warmup):
-            fn()
-        t = measure(fn, 1)
-        calls[name] = max(1, math.ceil(min_time / max(t, 1e-9)))
-        if progress:
-            progress(f"warm-up {name}")
-    rng = random.Random(seed)
-    order = list(cases)
-    times: dict[str, list[float]] = {n: [] for n in cases}
-    for r in range(rounds):
-        rng.shuffle(order)
-        for name in order:
-            times[name].append(min(measure(cases[name], calls[name]) for _ in range(repeats)))
-        if progress:
-            progress(f"round {r + 1}/{rounds}")
-    return times
-
-
-def summarize(times: dict[str, list[float]], references: dict[str, str]) -> dict[str, dict]:
-    """Medians with spread, and ratios as medians of per-round ratios.
-
-    Args:
-        times: name -> per-round seconds per call, as :func:`time_cases` returns.
-        references: label -> case name to take ratios against (``{"bare": "bare eager"}``).
-
-    Returns:
-        name -> ``{"median_ms", "p25_ms", "p75_ms", "samples_ms", "ratio": {label:
-        {"median", "p25", "p75", "samples"}}}``.
-    """
-    out: dict[str, dict] = {}
-    for name, ts in times.items():
-        p25, med, p75 = _quantiles(ts)
-        entry: dict[str, Any] = {
-            "median_ms": med * 1e3, "p25_ms": p25 * 1e3, "p75_ms": p75 * 1e3,
-            "samples_ms": [t * 1e3 for t in ts], "ratio": {},
-        }
-        for label, ref in references.items():
-            if ref not in times:
-                continue
-            per_round = [t / r for t, r in zip(ts, times[ref])]
-            q25, qm, q75 = _quantiles(per_round)
-            entry["ratio"][label] = {"median": qm, "p25": q25, "p75": q75, "samples": per_round}
-        out[name] = entry
-    return out
-
-
-# --------------------------------------------------------------------------- environment
-
-
-def _git_sha() -> str | None:
-    """The commit of the tinytune source being run, ``+dirty`` with local changes."""
-    here = Path(__file__).resolve().parent
-    try:
-        sha = subprocess.run(["git", "-C", str(here), "rev-parse", "HEAD"],
-                             capture_output=True, text=True, timeout=10)
-        if sha.returncode != 0:
-            return None
-        dirty = subprocess.run(["git", "-C", str(here), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=10).stdout.strip()
-        return sha.stdout.strip() + ("+dirty" if dirty else "")
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def device_name(device: torch.device) -> str:
-    """A human name for ``device`` (the GPU's or the CPU's model name)."""
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return _cpu_name()
-
-
-def environment(device: torch.device | str = "cpu") -> dict[str, Any]:
-    """Machine, versions and git SHA, for result files.
-
-    Args:
-        device: The device the benchmark runs on.
-
-    Returns:
-        A JSON-friendly dict.
-    """
-    device = torch.device(device)
-    versions: dict[str, str | None] = {
-        "python": platform.python_version(), "torch": torch.__version__,
-        "tinytune": tinytune.__version__,
-    }
-    for pkg in ("triton", "peft", "transformers"):
-        try:
-            versions[pkg] = __import__(pkg).__version__
-        except Exception:  # noqa: BLE001 - optional packages, absent or broken
-            versions[pkg] = None
-    info: dict[str, Any] = {
-        "device": str(device), "device_name": device_name(device),
-        "platform": platform.platform(), "cpu": _cpu_name(), "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(), "versions": versions, "git_sha": _git_sha(),
-    }
-    if device.type == "cuda":
-        info["cuda"] = torch.version.cuda
-        info["capability"] = list(torch.cuda.get_device_capability(device))
-    return info
 
 
 # --------------------------------------------------------------------------- arguments
@@ -582,19 +393,18 @@ def _kernel_mode(mode: str):
     return contextlib.nullcontext()
 
 
-def _has_triton() -> bool:
-    try:
-        from tinytune.kernels.triton_support import HAS_TRITON
-    except ImportError:  # an older tinytune
-        return False
-    return HAS_TRITON
+def fused_unavailable(device: torch.device) -> str | None:
+    """Why the fused Triton path cannot be timed on ``device``, or None when it can.
 
+    Args:
+        device: Where the benchmark runs.
 
-def _fused_unavailable(device: torch.device) -> str | None:
-    """Why the fused Triton path cannot be timed here, or None when it can."""
+    Returns:
+        A reason to print (CPU device, no Triton, ...), or ``None``.
+    """
     if device.type != "cuda":
         return "the fused Triton kernels run on CUDA only"
-    if not _has_triton():
+    if not HAS_TRITON:
         return "Triton is not installed (pip install 'tinytune[triton]')"
     if not hasattr(tinytune, "kernel_mode"):
         return "this tinytune has no kernel_mode() to select the fused path"
@@ -641,7 +451,7 @@ def build_models(s: Settings) -> Models:
     merged.eval()
     merged.merge_adapters()
     fused = None
-    if _fused_unavailable(device) is None:
+    if fused_unavailable(device) is None:
         fused = copy.deepcopy(unmerged)  # its own compiled graphs, never shared with the torch path
     peft_model = _build_peft(s, base, unmerged, names) if s.peft else None
     return Models(base, merged, unmerged, fused, peft_model, names)
@@ -721,7 +531,7 @@ def make_variants(s: Settings, m: Models) -> tuple[list[Variant], dict[str, str]
         unmerged = wrap(m.unmerged)
         variants.append(Variant(f"unmerged torch{tag}", "unmerged-torch", compiled, None, "torch",
                                 plain(unmerged, torch_mode)))
-        reason = _fused_unavailable(device)
+        reason = fused_unavailable(device)
         if reason is None:
             variants.append(Variant(f"unmerged fused{tag}", "unmerged-fused", compiled, None, "triton",
                                     plain(wrap(m.fused), "triton")))
