@@ -39,7 +39,8 @@ if str(ROOT) not in sys.path:  # run from a checkout without installing
     sys.path.insert(0, str(ROOT))
 
 from tinytune import AdapterWrapper, LoraConfig  # noqa: E402
-from tinytune.batch import _STATES, _cached_stacks, _stack_params, clear_cache  # noqa: E402
+from tinytune.batch import cached_stacks, clear_cache  # noqa: E402
+from tinytune.stacks import state_of, stack_params  # noqa: E402
 from tinytune.timing import clock_timer, environment, quantiles, summarize, time_cases  # noqa: E402
 from tinytune.layers import layer_kind  # noqa: E402
 
@@ -135,7 +136,7 @@ def memory_section(base, size: dict, counts: list[int]) -> dict:
 def load_section(base, size: dict, reps: int) -> dict:
     w = AdapterWrapper(copy.deepcopy(base))
     w.reserve_adapter_slots(max_adapters=size["slots"], max_rank=RANK)
-    pool = _STATES[w].pool
+    pool = state_of(w).pool
     out, done = [], 0
     for n in size["loads"]:
         add_adapters(w, [f"a{i}" for i in range(done, n)], seed=n)
@@ -159,12 +160,12 @@ def load_section(base, size: dict, reps: int) -> dict:
         add_adapters(u, [f"a{i}" for i in range(n)], seed=n)
         with torch.inference_mode():
             u(ids, adapter_names=["a0"])
-        state = _STATES[u]
+        state = state_of(u)
 
         def restack_all():
             state.names = ()  # what adding or deleting an adapter does
             with state.lock:
-                _cached_stacks(u, state, ["a0"])
+                cached_stacks(u, state, ["a0"])
 
         med, p25, p75 = median_us(restack_all, max(3, reps // 4))
         restack.append({"loaded": n, "restack_us": med, "p25": p25, "p75": p75})
@@ -269,11 +270,11 @@ def check_section(base, size: dict, reps: int) -> dict:
     with torch.inference_mode():
         w(ids, adapter_names=used)
         r(ids, adapter_names=used)
-    state, pool = _STATES[w], _STATES[r].pool
+    state, pool = state_of(w), state_of(r).pool
 
     def check_unreserved():
         with state.lock:
-            _cached_stacks(w, state, used)
+            cached_stacks(w, state, used)
 
     def check_reserved():
         with pool.cond:
@@ -285,7 +286,7 @@ def check_section(base, size: dict, reps: int) -> dict:
         slot = state.slot[name]
         for path, layer in w.adapters[name].items():
             st = state.stacks[path]
-            for p, v in zip(_stack_params(layer, layer_kind(layer)), st.views(slot, layer)):
+            for p, v in zip(stack_params(layer, layer_kind(layer)), st.views(slot, layer)):
                 views.append((v, p.detach().clone()))
 
     def copy_used():

@@ -145,14 +145,6 @@ def test_timing_imports_no_other_tinytune_module():
 
 TEST_MODULES = {"tests", *(p.stem for p in (ROOT / "tests").glob("*.py"))}
 
-# Private names with no public counterpart yet. bench_serving.py times the stack cache
-# itself; the restructure of tinytune/ (issue 18, items 1-4) makes these public, and the
-# entry goes then (the test below fails while an entry here is no longer used).
-PENDING_PRIVATE = {
-    ("bench/bench_serving.py", "tinytune.batch"): {"_STATES", "_cached_stacks", "_stack_params"},
-}
-
-
 def forbidden_imports(source: str, path: str = "<source>") -> list[str]:
     """Imports from tests/ and private tinytune names in ``source``, as messages."""
     found = []
@@ -162,7 +154,6 @@ def forbidden_imports(source: str, path: str = "<source>") -> list[str]:
             found.append(f"{path}: imports {module} from tests/")
         if parts[0] == "tinytune":
             private = {p for p in parts if p.startswith("_")} | {n for n in names if n.startswith("_")}
-            private -= PENDING_PRIVATE.get((path, module), set())
             if private:
                 found.append(f"{path}: imports private {sorted(private)} from {module}")
     return found
@@ -177,14 +168,8 @@ def test_the_scan_finds_what_it_looks_for():
 
 
 def test_scripts_import_no_private_names_and_nothing_from_tests():
-    found, used_pending = [], set()
+    found = []
     for folder in ("bench", "ci", "examples"):
         for path in sorted((ROOT / folder).rglob("*.py")):
-            rel = path.relative_to(ROOT).as_posix()
-            source = path.read_text()
-            found += forbidden_imports(source, rel)
-            for module, names in _imports(ast.parse(source)):
-                if PENDING_PRIVATE.get((rel, module), set()) & set(names):
-                    used_pending.add((rel, module))
+            found += forbidden_imports(path.read_text(), path.relative_to(ROOT).as_posix())
     assert found == []
-    assert used_pending == set(PENDING_PRIVATE), "drop the entries of PENDING_PRIVATE no script needs"

@@ -73,7 +73,7 @@ from .stacks import (
     with_grads,
 )
 
-# Private names older code imports from here (tests, bench/bench_serving.py).
+# Private names older code imports from here (tests).
 _STATES = STATES
 _stack_params = stack_params
 
@@ -174,10 +174,12 @@ def _sign(state: WrapperState, adapters: Any, name: str) -> None:
     state.sigs[name] = AdapterSignature(adapters[name], copies)
 
 
-def _cached_stacks(
+def cached_stacks(
     wrapper: Any, state: WrapperState, used: Sequence[str]
 ) -> tuple[dict[str, int], dict[str, SiteStacks], Any]:
     """Stacks with every used adapter in a slot, showing its current values.
+
+    What a mixed call runs on (public for the serving benchmark, which times it alone).
 
     Without reserved slots, every loaded adapter has a slot. In-place changes of values
     are seen without any work (the parameters are views of the stacks); a used adapter
@@ -536,7 +538,7 @@ def _prepare(
     used = list(dict.fromkeys(n for n in names if n != BASE_ADAPTER_NAME))
     state = state_of(wrapper)
     with state.lock:
-        slot_of, stacks, pins = _cached_stacks(wrapper, state, used)
+        slot_of, stacks, pins = cached_stacks(wrapper, state, used)
         try:
             base_slot = len(slot_of) if state.pool is None else state.pool.identity
             if _needs_autograd(state, used):
