@@ -461,8 +461,11 @@ class AdapterWrapper(nn.Module):
             The attached layer instance.
 
         Raises:
-            AdapterNotFoundError, LayerNotFoundError, LayerAlreadyAdaptedError,
-            UnsupportedModuleError, AdapterStateError (the adapter is merged).
+            AdapterNotFoundError: No adapter has this name.
+            LayerNotFoundError: The model has no module of this name.
+            LayerAlreadyAdaptedError: The adapter already has a layer on this module.
+            UnsupportedModuleError: The layer cannot adapt this module's type.
+            AdapterStateError: The adapter is merged.
         """
         adapter = self._adapter(adapter_name)
         if adapter_name in self._merged:
