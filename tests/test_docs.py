@@ -51,3 +51,12 @@ def test_site_builds_with_warnings_as_errors(tmp_path):
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     assert (tmp_path / "site" / "api" / "index.html").is_file()
+
+
+def test_every_example_takes_help_and_is_on_the_examples_page():
+    page = (DOCS / "examples.md").read_text()
+    examples = sorted((ROOT / "examples").glob("*.py"))
+    assert len(examples) >= 8
+    for path in examples:
+        assert f"`{path.name}`" in page, f"docs/examples.md does not list examples/{path.name}"
+        assert "argparse.ArgumentParser(" in path.read_text(), f"examples/{path.name} has no --help"
