@@ -11,11 +11,13 @@ from __future__ import annotations
 import dataclasses
 import pathlib
 import re
+import textwrap
 
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-_BLOCK = re.compile(r"(?:<!--\s*not-run:\s*(.*?)\s*-->\n)?```python\n(.*?)```", flags=re.S)
+# A block may be indented (inside a folded admonition): its fence's indentation is removed.
+_BLOCK = re.compile(r"(?:<!--\s*not-run:\s*(.*?)\s*-->\n)?^( *)```python\n(.*?)^\2```", flags=re.S | re.M)
 _SNIPPET = re.compile(r'^--8<-- "(.+)"$', flags=re.M)
 
 
@@ -28,8 +30,8 @@ class Block:
 def python_blocks(text: str) -> list[Block]:
     """Every ```python block of ``text``, in order, with snippet lines expanded."""
     return [
-        Block(_SNIPPET.sub(lambda m: (ROOT / m.group(1)).read_text(), code), reason or None)
-        for reason, code in _BLOCK.findall(text)
+        Block(_SNIPPET.sub(lambda m: (ROOT / m.group(1)).read_text(), textwrap.dedent(code)), reason or None)
+        for reason, _, code in _BLOCK.findall(text)
     ]
 
 
