@@ -126,8 +126,9 @@ def torch_lora_mixed_grouped(
     rows have few tokens and share adapters (decode); with many tokens per row the
     packing costs more than the per-row gather saves.
 
+    ``x``, ``out``, ``a_stack``, ``bt_stack`` and ``scale`` are as in :func:`torch_lora_mixed`.
+
     Args:
-        x, out, a_stack, bt_stack, scale: As in :func:`torch_lora_mixed`.
         group_slots: ``(N,)`` int64 distinct slots.
         rows: ``(R,)`` int64 rows using them, sorted by segment.
         row_group: ``(R,)`` int64 segment of each listed row.

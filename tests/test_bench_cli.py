@@ -175,3 +175,86 @@ def test_variants_that_must_agree_are_checked_before_timing():
         check_outputs([variant("bare", 0.0), variant("merged", 1.0), variant("unmerged torch", 1.5)], s, x)
     with pytest.raises(OutputMismatchError, match="do not change the logits"):
         check_outputs([variant("bare", 1.0), variant("merged", 1.0), variant("unmerged torch", 1.0)], s, x)
+
+
+# --------------------------------------------------------------------------- --model
+
+_FACTORY = '''
+import torch
+from torch import nn
+
+def build():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Embedding(50, 16), nn.Linear(16, 24), nn.ReLU(), nn.Linear(24, 50))
+
+def not_a_model():
+    return 5
+
+def no_ids():
+    return nn.Linear(4, 4)
+'''
+
+
+def _tiny(*extra: str) -> list[str]:
+    return ["--device", "cpu", "--rank", "2", "--adapters", "4", "--tokens", "1,2", "--rounds", "1",
+            "--no-compile", *extra]
+
+
+def test_model_from_a_file_and_function_is_timed_and_checked_against_peft(tmp_path, capsys):
+    from tinytune.benchmark import main
+
+    (tmp_path / "mine.py").write_text(_FACTORY)
+    assert main(_tiny("--model", f"{tmp_path / 'mine.py'}:build", "--out", str(tmp_path / "out"))) == 0
+    printed = capsys.readouterr().out
+    assert f"--model {tmp_path / 'mine.py'}:build (vocab 50); LoRA r=2 on all-linear" in printed
+    res = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert res["settings"]["model"] == f"{tmp_path / 'mine.py'}:build" and res["settings"]["vocab"] == 50
+    for shape in res["shapes"]:
+        checks = shape["checks_max_abs_diff"]
+        assert "merged == unmerged torch" in checks
+        if res["settings"]["peft"]:  # PEFT got the same modules and weights
+            assert "PEFT mixed 4 == mixed 4" in checks
+
+
+def test_model_from_a_module_on_the_current_directory_and_explicit_targets(tmp_path, monkeypatch, capsys):
+    from tinytune.benchmark import main
+
+    (tmp_path / "mine.py").write_text(_FACTORY)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delitem(sys.modules, "mine", raising=False)
+    assert main(_tiny("--model", "mine:build", "--targets", "1", "--no-peft")) == 0
+    assert "--model mine:build (vocab 50); LoRA r=2 on 1;" in capsys.readouterr().out
+
+
+def test_model_from_a_transformers_config_directory(tmp_path, capsys):
+    transformers = pytest.importorskip("transformers")
+    from tinytune.benchmark import main
+
+    transformers.LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                             num_attention_heads=2, num_key_value_heads=2).save_pretrained(tmp_path / "cfg")
+    assert main(_tiny("--model", str(tmp_path / "cfg"), "--no-peft")) == 0
+    assert "(vocab 64); LoRA r=2 on all-linear" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("spec, needle", [
+    ("{tmp}/mine.py:missing", "has no function 'missing'"),
+    ("{tmp}/absent.py:build", "cannot import"),
+    ("no_such_module_here:build", "cannot import no_such_module_here"),
+    ("{tmp}/mine.py:not_a_model", "returned int, not an nn.Module"),
+    ("{tmp}/mine.py:no_ids", "neither config.vocab_size nor an nn.Embedding"),
+    ("{tmp}/not-a-config-dir", "neither module:function nor a transformers config"),
+])  # fmt: skip
+def test_a_model_that_cannot_be_loaded_is_one_line_and_exit_status_2(spec, needle, tmp_path, capsys):
+    from tinytune.benchmark import main
+
+    (tmp_path / "mine.py").write_text(_FACTORY)
+    (tmp_path / "not-a-config-dir").mkdir()
+    assert main(_tiny("--model", spec.format(tmp=tmp_path))) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and err.startswith("tinytune-bench: error: --model") and needle in err, err
+
+
+def test_model_with_built_in_model_flags_is_refused(capsys):
+    with pytest.raises(SystemExit) as exc:
+        parse_args(["--model", "x:build", "--hidden", "32"])
+    assert exc.value.code == 2 and "leave them out with --model" in capsys.readouterr().err

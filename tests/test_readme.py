@@ -5,28 +5,20 @@ from __future__ import annotations
 import pathlib
 import re
 
-import pytest
+from doc_blocks import python_blocks, run_blocks
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
 
 
-def python_blocks() -> list[str]:
-    return re.findall(r"```python\n(.*?)```", README, flags=re.S)
-
-
 def test_readme_has_code_to_run():
-    assert len(python_blocks()) >= 6
+    # The quick start; the guides' blocks run in tests/test_docs.py.
+    assert [b for b in python_blocks(README) if b.not_run is None]
 
 
 def test_readme_code_blocks_run_in_order(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # blocks that write files write them here
-    namespace: dict = {"__name__": "readme"}
-    for i, block in enumerate(python_blocks()):
-        try:
-            exec(compile(block, f"README.md block {i}", "exec"), namespace)
-        except Exception as exc:  # pragma: no cover - the message is the point
-            pytest.fail(f"README python block {i} failed: {exc!r}\n{block}")
+    run_blocks(python_blocks(README), "README.md")
 
 
 def test_ci_runs_exactly_the_readme_test_command():

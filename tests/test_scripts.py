@@ -54,6 +54,24 @@ SMOKE: dict[str, tuple[list[str], dict[str, str]]] = {
         [PY, "examples/fsdp_finetune.py", "--steps", "2", "--rows", "2", "--seq", "4", "--save-every", "1",
          "--out", "{tmp}/fsdp"],
         {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "{port}"}),
+    # The examples of docs/examples.md.
+    "examples/quickstart.py": ([PY, "examples/quickstart.py", "--steps", "2", "--out", "{tmp}"], {}),
+    "examples/peft_adapter_generate.py": ([PY, "examples/peft_adapter_generate.py", "--new-tokens", "2"], {}),
+    "examples/mixed_batch_generate.py": (
+        [PY, "examples/mixed_batch_generate.py", "--adapters", "2", "--new-tokens", "2"], {}),
+    "examples/serving_slots.py": (
+        [PY, "examples/serving_slots.py", "--adapters", "5", "--slots", "2", "--requests", "3", "--rows", "3",
+         "--no-compile"], {}),
+    "examples/custom_adapter_layer.py": ([PY, "examples/custom_adapter_layer.py", "--steps", "2"], {}),
+    "examples/trainer_finetune.py": (
+        [PY, "examples/trainer_finetune.py", "--steps", "2", "--batch", "2", "--seq", "4", "--out", "{tmp}"], {}),
+    "examples/compile_switching.py": ([PY, "examples/compile_switching.py", "--adapters", "2"], {}),
+    "examples/bench_your_model.py": (
+        [PY, "examples/bench_your_model.py", "--rounds", "1", "--adapters", "4", "--tokens", "1"], {}),
+    # One process, started as torchrun would start it.
+    "examples/tensor_parallel.py": (
+        [PY, "examples/tensor_parallel.py", "--steps", "1", "--rows", "2", "--seq", "4", "--out", "{tmp}/tp"],
+        {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "{port}"}),
 }  # fmt: skip
 
 # Scripts that another test file, or a script with a smoke case here, runs (it must name

@@ -37,6 +37,8 @@ import argparse
 import contextlib
 import copy
 import datetime as dt
+import importlib
+import importlib.util
 import json
 import random
 import sys
@@ -244,6 +246,10 @@ class Settings:
     quick: bool
     peft_requested: bool | None = None
     out: str | None = None
+    # --model: the user's model instead of the built-in one; ``vocab`` is then read from
+    # it when the models are built. ``targets``: None for the default of each model.
+    model: str | None = None
+    targets: list[str] | None = None
     skipped: dict[str, str] = field(default_factory=dict)
 
 
@@ -253,8 +259,16 @@ def build_parser() -> argparse.ArgumentParser:
         prog="tinytune-bench",
         description="Forward latency of tinytune's merged, unmerged and mixed-adapter models "
         "against the bare model (and PEFT, when installed), on a built-in random-weight "
-        "decoder-only transformer.",
+        "decoder-only transformer or on your own model (--model).",
     )
+    p.add_argument("--model", default=None, metavar="SPEC",
+                   help="your model instead of the built-in one: 'package.module:function' or "
+                   "'path/to/file.py:function' (a function without arguments returning an nn.Module that "
+                   "takes token ids (rows, tokens) and returns logits or an output with .logits), or a "
+                   "transformers config name or directory (the model is built from it with random weights)")
+    p.add_argument("--targets", default=None, type=lambda v: [x for x in v.split(",") if x],
+                   help="modules to put LoRA on, comma-separated (default: the seven projections of the "
+                   "built-in model; all-linear with --model)")
     p.add_argument("--quick", action="store_true",
                    help="a small model (hidden 128, one layer), 64x1 and 64x16 tokens, 5 rounds, torch.compile "
                    "at the first token count only, PEFT eager only: under a minute on a 2-core CPU")
@@ -340,6 +354,8 @@ def parse_args(argv: Sequence[str] | None = None) -> Settings:
 
 
 def _settings(a: argparse.Namespace) -> Settings:
+    if a.model is not None and (a.hidden or a.layers):
+        raise BenchmarkError("--hidden and --layers describe the built-in model; leave them out with --model")
     device = _resolve_device(a.device)
     dtype = _resolve_dtype(a.dtype, device)
     cuda = device.type == "cuda"
@@ -379,7 +395,7 @@ def _settings(a: argparse.Namespace) -> Settings:
         compile=a.compile, threads=a.threads or (1 if not cuda else torch.get_num_threads()),
         rounds=a.rounds or (5 if a.quick else 30 if cuda else 15), warmup=2 if a.quick else 3,
         min_time=0.002 if a.quick else 0.02, peft=use_peft, quick=a.quick, out=a.out,
-        peft_requested=a.peft,
+        peft_requested=a.peft, model=a.model, targets=a.targets,
     )
 
 
@@ -421,15 +437,83 @@ class Models:
     names: list[str]
 
 
+def load_model(spec: str) -> nn.Module:
+    """The model that ``tinytune-bench --model SPEC`` names.
+
+    Args:
+        spec: ``package.module:function`` (imported with the current directory on the
+            path) or ``path/to/file.py:function``: a function without arguments that
+            returns an ``nn.Module``; anything else is a transformers config name or
+            directory, built with ``AutoModelForCausalLM.from_config`` (random weights).
+
+    Returns:
+        The model, in training mode as built.
+
+    Raises:
+        BenchmarkError: The module, function or config cannot be found, or the result is
+            not an ``nn.Module``.
+    """
+    where, sep, name = spec.rpartition(":")
+    if sep and name.isidentifier():
+        try:
+            if where.endswith(".py"):
+                found = importlib.util.spec_from_file_location(Path(where).stem, where)
+                if found is None or not Path(where).is_file():
+                    raise ImportError(f"no file {where}")
+                module = importlib.util.module_from_spec(found)
+                found.loader.exec_module(module)
+            else:
+                if os.getcwd() not in sys.path:  # as `python -m` would find it
+                    sys.path.insert(0, os.getcwd())
+                module = importlib.import_module(where)
+        except ImportError as exc:
+            raise BenchmarkError(f"--model {spec}: cannot import {where} ({exc})") from None
+        factory = getattr(module, name, None)
+        if not callable(factory):
+            raise BenchmarkError(f"--model {spec}: {where} has no function {name!r}")
+        model = factory()
+    else:
+        try:
+            import transformers
+        except ImportError:
+            raise BenchmarkError(f"--model {spec}: a transformers config needs transformers "
+                                 "(pip install 'tinytune[bench]'); or pass module:function") from None
+        try:
+            config = transformers.AutoConfig.from_pretrained(spec)
+        except Exception as exc:  # noqa: BLE001 - any failure means: not a config we can use
+            raise BenchmarkError(f"--model {spec}: neither module:function nor a transformers config "
+                                 f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from None
+        model = transformers.AutoModelForCausalLM.from_config(config)
+    if not isinstance(model, nn.Module):
+        raise BenchmarkError(f"--model {spec}: returned {type(model).__name__}, not an nn.Module")
+    return model
+
+
+def _vocab_size(model: nn.Module, spec: str) -> int:
+    """How many token ids the model takes: its config's ``vocab_size`` or its first embedding's."""
+    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+    if vocab is None:
+        vocab = next((m.num_embeddings for m in model.modules() if isinstance(m, nn.Embedding)), None)
+    if vocab is None:
+        raise BenchmarkError(f"--model {spec}: the benchmark feeds token ids, but the model has neither "
+                             "config.vocab_size nor an nn.Embedding")
+    return int(vocab)
+
+
 def build_models(s: Settings) -> Models:
     """The bare model, merged and unmerged wrappers and PEFT's model, all with one set of weights."""
     device, dtype = torch.device(s.device), getattr(torch, s.dtype)
     torch.manual_seed(0)
-    base = TinyDecoder(s.vocab, s.hidden, s.layers, s.heads, s.intermediate).eval()
+    if s.model is None:
+        base = TinyDecoder(s.vocab, s.hidden, s.layers, s.heads, s.intermediate).eval()
+    else:
+        base = load_model(s.model).eval()
+        s.vocab = _vocab_size(base, s.model)
     for p in base.parameters():  # keep activations O(1) through the layers
         p.requires_grad_(False)
     base.to(device=device, dtype=dtype)
-    config = LoraConfig(target_modules=TARGETS, r=s.rank, lora_alpha=2 * s.rank, init_lora_weights=False)
+    targets = s.targets or (TARGETS if s.model is None else "all-linear")
+    config = LoraConfig(target_modules=targets, r=s.rank, lora_alpha=2 * s.rank, init_lora_weights=False)
     names = [f"a{i}" for i in range(s.adapters)]
     unmerged = AdapterWrapper(copy.deepcopy(base))
     unmerged.add_adapter_from_config(config, "default")
@@ -461,7 +545,8 @@ def _build_peft(s: Settings, base: nn.Module, ours: nn.Module, names: list[str])
     from peft import LoraConfig as PeftLoraConfig
     from peft import get_peft_model
 
-    config = PeftLoraConfig(target_modules=TARGETS, r=s.rank, lora_alpha=2 * s.rank)
+    # The modules tinytune adapted, by full path: PEFT's own reading of "all-linear" differs.
+    config = PeftLoraConfig(target_modules=[path for path, _ in ours.adapters["default"].items()], r=s.rank, lora_alpha=2 * s.rank)
     model = get_peft_model(copy.deepcopy(base), config, adapter_name="default")
     for name in names:
         model.add_adapter(name, config)
@@ -717,9 +802,12 @@ def run(s: Settings, *, progress: bool = True) -> dict[str, Any]:
 
 
 def model_description(s: Settings) -> str:
+    if s.model is not None:
+        return (f"--model {s.model} (vocab {s.vocab}); LoRA r={s.rank} on "
+                f"{', '.join(s.targets) if s.targets else 'all-linear'}; {s.adapters} adapters loaded")
     return (f"built-in decoder (random weights): hidden {s.hidden}, intermediate {s.intermediate}, "
             f"{s.layers} layer(s), {s.heads} heads, vocab {s.vocab}; LoRA r={s.rank} on "
-            f"{', '.join(TARGETS)}; {s.adapters} adapters loaded")
+            f"{', '.join(s.targets or TARGETS)}; {s.adapters} adapters loaded")
 
 
 # --------------------------------------------------------------------------- output
@@ -844,7 +932,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     Returns:
         Exit status: 0, or 1 when variants that must agree give different outputs. Bad
-        input exits with status 2 and a one-line message.
+        input (a ``--model`` that cannot be loaded included) exits with status 2 and a
+        one-line message.
     """
     s = parse_args(argv)
     try:
@@ -852,6 +941,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OutputMismatchError as exc:
         print(f"tinytune-bench: error: {exc}", file=sys.stderr)
         return 1
+    except BenchmarkError as exc:  # --model: found out only when the model is loaded
+        print(f"tinytune-bench: error: {exc}", file=sys.stderr)
+        return 2
     print(format_table(res))
     if s.out is not None:
         out = Path(s.out)

@@ -46,7 +46,7 @@ def get_peft_model(
         The :class:`~tinytune.AdapterWrapper`.
 
     Raises:
-        The errors of :meth:`AdapterWrapper.from_config`.
+        TinytuneError: The errors of :meth:`AdapterWrapper.from_config`.
     """
     wrapper = AdapterWrapper.from_config(model, peft_config, adapter_name)
     adapter = wrapper.adapters[adapter_name]

@@ -135,8 +135,11 @@ class AdapterWrapper(nn.Module):
         dotted name from ``named_modules()``) in adapter ``adapter_name``, and return it.
 
         Raises:
-            AdapterNotFoundError, LayerNotFoundError, LayerAlreadyAdaptedError,
-            UnsupportedModuleError, AdapterStateError (the adapter is merged).
+            AdapterNotFoundError: No adapter has this name.
+            LayerNotFoundError: The model has no module of this name.
+            LayerAlreadyAdaptedError: The adapter already has a layer on this module.
+            UnsupportedModuleError: The layer cannot adapt this module's type.
+            AdapterStateError: The adapter is merged.
         """
         return self.registry.add_adapter_layer(
             adapter_name, layer_name, layer, slots=serving.slot_hooks(self)
