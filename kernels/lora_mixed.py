@@ -809,12 +809,16 @@ def _launch(
     r_max = a_stack.shape[1] if has_lora else 0
     stacks = [t for t in (a_stack, l_in_stack, l_out_stack, scale, ranks) if t is not None]
     slots = stacks[0].shape[0] if stacks else 1
-    row_index = row_index.to(device=x.device, dtype=torch.long)
+    # The kernels index the 1-D vectors (row_index, ranks, scale, bias) with unit stride:
+    # a strided view is copied (a no-op for the contiguous vectors the library passes).
+    row_index = row_index.to(device=x.device, dtype=torch.long).contiguous()
     if not stacks:  # nothing per row: every row is in the one (identity) slot
         row_index = torch.zeros_like(row_index)
     if has_lora:
         ranks = (torch.full((slots,), r_max, dtype=torch.int32, device=x.device)
-                 if ranks is None else ranks.to(device=x.device, dtype=torch.int32))
+                 if ranks is None else ranks.to(device=x.device, dtype=torch.int32).contiguous())
+    scale = scale.contiguous() if scale is not None else None
+    bias = bias.contiguous() if bias is not None else None
     dummy = y  # stands for absent tensors; the kernels never read it (constexpr flags)
     a = a_stack if has_lora else dummy
     bt = bt_stack if has_lora else dummy

@@ -201,6 +201,22 @@ def test_kernels_without_ranks_or_scale_use_full_stacks():
 
 
 @needs_kernels
+@pytest.mark.parametrize("strategy", ["rows", "segments"])
+def test_kernels_take_strided_vectors(strategy):
+    # bias, row_index, scale and ranks as views with stride 2 into buffers whose other
+    # elements are poison (NaN; for the integer vectors, the identity slot and rank 0):
+    # the kernels index these vectors with unit stride, so the launcher must hand them
+    # over contiguous.
+    args = list(_problem(5, 3, 4, torch.float32, seed=3))
+    slots = args[6].shape[0]
+    for i, poison in ((2, float("nan")), (3, slots - 1), (6, float("nan")), (7, 0)):
+        t = args[i]
+        args[i] = torch.stack([t, torch.full_like(t, poison)], dim=1)[:, 0]
+        assert args[i].stride() == (2,) and torch.equal(args[i], t)
+    _check(tuple(args), strategy)
+
+
+@needs_kernels
 def test_op_dispatches_to_kernels_and_matches_reference():
     args = _problem(5, 7, 3, torch.bfloat16, seed=7)
     got = torch.ops.tinytune.lora_mixed_linear(*args)
