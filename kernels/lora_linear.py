@@ -29,7 +29,8 @@ ridge point (989 TFLOP/s / 4.8 TB/s ≈ 206 rows at bf16), so what decides is by
 Ranks 1..256 are padded to a power of two >= 16 inside the kernels (masked loads with
 ``other=0``), never in the caller's tensors. Every load is masked on M, N, K and R.
 Products run on tensor cores in the input dtype with fp32 accumulation; fp32 inputs use
-``input_precision="ieee"`` (no silent TF32).
+``input_precision="ieee"`` (no silent TF32). The K-step, the bias/``l_out`` epilogue and
+the dots are ``triton_helpers.py``'s, shared with ``lora_mixed.py``.
 
 This module imports torch (and triton, when present) only, never tinytune.
 """
@@ -40,6 +41,7 @@ from typing import Optional
 
 import torch
 
+from .triton_helpers import add_h_bt, base_k_step, bias_and_l_out, mma
 from .triton_support import HAS_TRITON, tl, triton
 
 __all__ = ["torch_lora_linear", "lora_linear", "report_configs"]
@@ -53,20 +55,6 @@ MAX_RANK = 256
 
 
 if HAS_TRITON:
-
-    @triton.jit
-    def _mma(a, b, acc, F32_DOT: tl.constexpr):
-        """``acc + a @ b``, accumulating in fp32.
-
-        ``F32_DOT`` upcasts both operands to fp32 with IEEE products. It is set for fp32
-        inputs (so the GPU does not silently use TF32) and under ``TRITON_INTERPRET=1``:
-        the interpreter computes bf16 ``tl.dot`` on the raw bits (wrong results), so
-        dot operands are upcast there only; element-wise math is fp32 everywhere.
-        """
-        if F32_DOT:
-            return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
-        else:
-            return tl.dot(a, b.to(a.dtype), acc)
 
     @triton.jit
     def _lora_shrink_kernel(
@@ -91,7 +79,7 @@ if HAS_TRITON:
         R_PAD: tl.constexpr,
         BLOCK_M: tl.constexpr,
         BLOCK_K: tl.constexpr,
-        F32_DOT: tl.constexpr,
+        DOT_FP32: tl.constexpr,
     ):
         """``h = (x Aᵀ) ⊙ s`` in fp32, one program per BLOCK_M rows and the whole rank.
 
@@ -112,7 +100,7 @@ if HAS_TRITON:
             k_mask = offs_k < K - k * BLOCK_K
             xt = tl.load(x_ptrs, mask=m_mask[:, None] & k_mask[None, :], other=0.0)
             at = tl.load(a_ptrs, mask=k_mask[:, None] & r_mask[None, :], other=0.0)
-            h = _mma(xt, at, h, F32_DOT)
+            h = mma(xt, at, h, DOT_FP32)
             x_ptrs += BLOCK_K * stride_xk
             a_ptrs += BLOCK_K * stride_ak
         if HAS_SCALE:
@@ -159,15 +147,15 @@ if HAS_TRITON:
         HAS_LORA: tl.constexpr,
         SHRINK_IN_LOOP: tl.constexpr,
         HAS_SCALE: tl.constexpr,
-        HAS_LIN: tl.constexpr,
-        HAS_LOUT: tl.constexpr,
+        HAS_L_IN: tl.constexpr,
+        HAS_L_OUT: tl.constexpr,
         R_PAD: tl.constexpr,
         R_BLOCK: tl.constexpr,
         BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr,
         GROUP_M: tl.constexpr,
-        F32_DOT: tl.constexpr,
+        DOT_FP32: tl.constexpr,
     ):
         """``y = l_out ⊙ (W (l_in ⊙ x) + b) + ((x Aᵀ) ⊙ s) Bᵀ`` for one (BLOCK_M, BLOCK_N) tile.
 
@@ -200,33 +188,24 @@ if HAS_TRITON:
             r_mask = offs_r < R
             a_ptrs = a_ptr + offs_r[None, :] * stride_ar + offs_k[:, None] * stride_ak
             h = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
-        if HAS_LIN:
-            lin_ptrs = lin_ptr + offs_k * stride_lin
+        lin_ptrs = lin_ptr + offs_k * stride_lin  # unused (and removed) without HAS_L_IN
 
         for k in range(0, tl.cdiv(K, BLOCK_K)):
             k_mask = offs_k < K - k * BLOCK_K
-            xt = tl.load(x_ptrs, mask=m_mask[:, None] & k_mask[None, :], other=0.0)
-            wt = tl.load(w_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
-            if HAS_LIN:
-                li = tl.load(lin_ptrs, mask=k_mask, other=0.0).to(tl.float32)
-                xs = (xt.to(tl.float32) * li[None, :]).to(xt.dtype)
-                lin_ptrs += BLOCK_K * stride_lin
-            else:
-                xs = xt
-            acc = _mma(xs, wt, acc, F32_DOT)
+            acc, xt = base_k_step(acc, x_ptrs, m_mask[:, None] & k_mask[None, :],
+                                  w_ptrs, k_mask[:, None] & n_mask[None, :],
+                                  lin_ptrs[None, :], k_mask[None, :], HAS_L_IN, DOT_FP32)
             if HAS_LORA and SHRINK_IN_LOOP:
                 at = tl.load(a_ptrs, mask=k_mask[:, None] & r_mask[None, :], other=0.0)
-                h = _mma(xt, at, h, F32_DOT)
+                h = mma(xt, at, h, DOT_FP32)
                 a_ptrs += BLOCK_K * stride_ak
             x_ptrs += BLOCK_K * stride_xk
             w_ptrs += BLOCK_K * stride_wk
+            lin_ptrs += BLOCK_K * stride_lin
 
-        if HAS_BIAS:
-            bias = tl.load(bias_ptr + offs_n * stride_bias, mask=n_mask, other=0.0)
-            acc += bias.to(tl.float32)[None, :]
-        if HAS_LOUT:
-            lout = tl.load(lout_ptr + offs_n * stride_lout, mask=n_mask, other=0.0)
-            acc *= lout.to(tl.float32)[None, :]
+        acc = bias_and_l_out(acc, bias_ptr, stride_bias, offs_n, n_mask,
+                             lout_ptr + offs_n[None, :] * stride_lout, n_mask[None, :],
+                             HAS_BIAS, HAS_L_OUT)
         if HAS_LORA:
             if SHRINK_IN_LOOP:
                 if HAS_SCALE:
@@ -234,18 +213,18 @@ if HAS_TRITON:
                     h = h * s.to(tl.float32)[None, :]
                 b_ptrs = b_ptr + offs_r[:, None] * stride_br + offs_n[None, :] * stride_bn
                 bt = tl.load(b_ptrs, mask=r_mask[:, None] & n_mask[None, :], other=0.0)
-                acc = _mma(h.to(x_ptr.dtype.element_ty), bt, acc, F32_DOT)
+                acc = mma(h.to(x_ptr.dtype.element_ty), bt, acc, DOT_FP32)
             else:
                 # Rank chunks keep the epilogue's registers and shared memory bounded at
                 # rank 256; R_PAD and R_BLOCK are constexprs, so the loop is unrolled.
                 for r0 in tl.static_range(0, R_PAD, R_BLOCK):
                     offs_rc = r0 + tl.arange(0, R_BLOCK)
                     rc_mask = offs_rc < R
-                    h_ptrs = h_ptr + offs_m[:, None] * stride_hm + offs_rc[None, :]
-                    hc = tl.load(h_ptrs, mask=m_mask[:, None] & rc_mask[None, :], other=0.0)
-                    b_ptrs = b_ptr + offs_rc[:, None] * stride_br + offs_n[None, :] * stride_bn
-                    bt = tl.load(b_ptrs, mask=rc_mask[:, None] & n_mask[None, :], other=0.0)
-                    acc = _mma(hc.to(x_ptr.dtype.element_ty), bt, acc, F32_DOT)
+                    acc = add_h_bt(acc, h_ptr + offs_m[:, None] * stride_hm + offs_rc[None, :],
+                                   m_mask[:, None] & rc_mask[None, :],
+                                   b_ptr + offs_rc[:, None] * stride_br + offs_n[None, :] * stride_bn,
+                                   rc_mask[:, None] & n_mask[None, :],
+                                   x_ptr.dtype.element_ty, DOT_FP32)
 
         y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :]
         tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
@@ -440,7 +419,7 @@ def _launch(x, weight, bias, lora_a, lora_b, lora_scale, l_in, l_out, weight_kn=
     if k == 0:  # no K-loop to run: the formula reduces to l_out ⊙ b
         return torch_lora_linear(x, weight, bias, lora_a, lora_b, lora_scale, l_in, l_out, weight_kn)
     cfg = config if config is not None else _pick_config(m, n, k, r, x.dtype, _arch(x.device))
-    f32_dot = _interpreted() or x.dtype == torch.float32
+    dot_fp32 = _interpreted() or x.dtype == torch.float32
     has_lora = r > 0
     stride_wn, stride_wk = (weight.stride(1), weight.stride(0)) if weight_kn else weight.stride()
     dummy = y  # never read: the matching HAS_* constexpr is False
@@ -456,7 +435,7 @@ def _launch(x, weight, bias, lora_a, lora_b, lora_scale, l_in, l_out, weight_kn=
             x2.stride(0), x2.stride(1), lora_a.stride(0), lora_a.stride(1),
             lora_scale.stride(0) if lora_scale is not None else 0, stride_hm,
             HAS_SCALE=lora_scale is not None, R_PAD=cfg["R_PAD"],
-            BLOCK_M=sc["BLOCK_M"], BLOCK_K=sc["BLOCK_K"], F32_DOT=f32_dot,
+            BLOCK_M=sc["BLOCK_M"], BLOCK_K=sc["BLOCK_K"], DOT_FP32=dot_fp32,
             num_warps=sc["num_warps"], num_stages=sc["num_stages"],
         )  # fmt: skip
     grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]),)
@@ -483,10 +462,10 @@ def _launch(x, weight, bias, lora_a, lora_b, lora_scale, l_in, l_out, weight_kn=
         HAS_BIAS=bias is not None, HAS_LORA=has_lora,
         SHRINK_IN_LOOP=bool(cfg["shrink_in_loop"]) and has_lora,
         HAS_SCALE=lora_scale is not None,
-        HAS_LIN=l_in is not None, HAS_LOUT=l_out is not None,
+        HAS_L_IN=l_in is not None, HAS_L_OUT=l_out is not None,
         R_PAD=cfg["R_PAD"], R_BLOCK=cfg["R_BLOCK"],
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
-        GROUP_M=cfg["GROUP_M"], F32_DOT=f32_dot,
+        GROUP_M=cfg["GROUP_M"], DOT_FP32=dot_fp32,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )  # fmt: skip
     return y.reshape(*lead, n)
@@ -657,10 +636,10 @@ def _gemm_record(dt: str, cfg: dict, r: int, weight_kn: bool) -> dict:
     constexprs = {name: 1 for name in unit}
     meta = dict(
         HAS_BIAS=True, HAS_LORA=has_lora, SHRINK_IN_LOOP=bool(cfg["shrink_in_loop"]) and has_lora,
-        HAS_SCALE=has_lora, HAS_LIN=True, HAS_LOUT=True,
+        HAS_SCALE=has_lora, HAS_L_IN=True, HAS_L_OUT=True,
         R_PAD=cfg["R_PAD"], R_BLOCK=cfg["R_BLOCK"], BLOCK_M=cfg["BLOCK_M"],
         BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], GROUP_M=cfg["GROUP_M"],
-        F32_DOT=dt == "fp32",
+        DOT_FP32=dt == "fp32",
     )  # fmt: skip
     for name, v in meta.items():
         sig[name] = "constexpr"
@@ -695,7 +674,7 @@ def _shrink_record(dt: str, cfg: dict) -> dict:
         "stride_s": "constexpr", "stride_hm": "i32",
     }  # fmt: skip
     constexprs = {"stride_xk": 1, "stride_ak": 1, "stride_s": 1}
-    meta = dict(HAS_SCALE=True, R_PAD=cfg["R_PAD"], BLOCK_M=sc["BLOCK_M"], BLOCK_K=sc["BLOCK_K"], F32_DOT=dt == "fp32")
+    meta = dict(HAS_SCALE=True, R_PAD=cfg["R_PAD"], BLOCK_M=sc["BLOCK_M"], BLOCK_K=sc["BLOCK_K"], DOT_FP32=dt == "fp32")
     for name, v in meta.items():
         sig[name] = "constexpr"
         constexprs[name] = v

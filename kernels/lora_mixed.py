@@ -36,6 +36,7 @@ from typing import Optional
 
 import torch
 
+from .triton_helpers import add_h_bt, base_k_step, bias_and_l_out, mma
 from .triton_support import HAS_TRITON, tl, triton
 
 __all__ = ["lora_mixed_linear", "torch_lora_mixed_linear"]
@@ -137,10 +138,10 @@ def torch_lora_mixed_linear(
 # IA³ runs in the same launches: l_in[s] scales the x tile inside the base K-loop,
 # l_out[s] scales the base result in the epilogue (before the LoRA term is added).
 #
-# DOT_FP32: dot operands are upcast to fp32 (input_precision="ieee", so fp32 inputs never
-# silently become TF32) when any operand is fp32 or the dtypes differ, and always under
-# TRITON_INTERPRET=1: the interpreter computes fp16/bf16 tl.dot on the raw bits
-# (garbage), so it only gets fp32 operands. Accumulation is fp32 everywhere.
+# The base K-step, the bias/l_out epilogue and the dots are triton_helpers.py's, shared
+# with lora_linear.py. DOT_FP32 (see there) is set when any operand is fp32 or the dtypes
+# differ, and always under TRITON_INTERPRET=1; LORA_FP32 is the same rule for the
+# segments expand's B^T alone. Accumulation is fp32 everywhere.
 # ----------------------------------------------------------------------------------------
 if HAS_TRITON:
 
@@ -312,27 +313,12 @@ if HAS_TRITON:
         for k0 in range(k_lo, k_hi, BLOCK_K):
             offs_k = k0 + tl.arange(0, BLOCK_K)
             k_mask = offs_k < k_hi
-            xv = tl.load(
-                x_rows + offs_k[None, :] * stride_xk,
-                mask=m_mask[:, None] & k_mask[None, :],
-                other=0.0,
-            )
-            if HAS_L_IN:
-                li = tl.load(
-                    lin_ptr + s[:, None] * stride_lis + offs_k[None, :] * stride_lik,
-                    mask=m_mask[:, None] & k_mask[None, :],
-                    other=0.0,
-                )
-                xv = xv.to(tl.float32) * li.to(tl.float32)
-            wv = tl.load(
-                w_ptr + offs_k[:, None] * stride_wk + offs_n[None, :] * stride_wn,
-                mask=k_mask[:, None] & n_mask[None, :],
-                other=0.0,
-            )
-            if DOT_FP32:
-                acc = tl.dot(xv.to(tl.float32), wv.to(tl.float32), acc, input_precision="ieee")
-            else:
-                acc = tl.dot(xv.to(wv.dtype), wv, acc)
+            xk_mask = m_mask[:, None] & k_mask[None, :]
+            acc, _ = base_k_step(acc, x_rows + offs_k[None, :] * stride_xk, xk_mask,
+                                 w_ptr + offs_k[:, None] * stride_wk + offs_n[None, :] * stride_wn,
+                                 k_mask[:, None] & n_mask[None, :],
+                                 lin_ptr + s[:, None] * stride_lis + offs_k[None, :] * stride_lik,
+                                 xk_mask, HAS_L_IN, DOT_FP32)
         if HAS_LORA:
             rank = tl.load(rank_ptr + s, mask=m_mask, other=0)
             r_top = tl.max(rank, axis=0)
@@ -364,15 +350,10 @@ if HAS_TRITON:
                     # .cg: read the other programs' partials from L2, never a stale L1
                     acc += tl.load(tile_ws + j * tiles * (BLOCK_M * BLOCK_N), cache_modifier=".cg")
         if last:
-            if HAS_BIAS:
-                acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-            if HAS_L_OUT:
-                lo = tl.load(
-                    lout_ptr + s[:, None] * stride_los + offs_n[None, :] * stride_lon,
-                    mask=m_mask[:, None] & n_mask[None, :],
-                    other=0.0,
-                )
-                acc = acc * lo.to(tl.float32)
+            # bias: contiguous (the launcher makes it so)
+            acc = bias_and_l_out(acc, bias_ptr, 1, offs_n, n_mask,
+                                 lout_ptr + s[:, None] * stride_los + offs_n[None, :] * stride_lon,
+                                 m_mask[:, None] & n_mask[None, :], HAS_BIAS, HAS_L_OUT)
             if HAS_LORA:
                 if not SPREAD_LORA:
                     acc = _gather_expand(acc, hp_ptr, bt_rows, rank, offs_m, m_mask, n_mask, 0,
@@ -446,10 +427,7 @@ if HAS_TRITON:
                 mask=k_mask[:, None] & r_mask[None, :],
                 other=0.0,
             )
-            if DOT_FP32:
-                acc = tl.dot(xv.to(tl.float32), av.to(tl.float32), acc, input_precision="ieee")
-            else:
-                acc = tl.dot(xv, av.to(xv.dtype), acc)
+            acc = mma(xv, av, acc, DOT_FP32)
         if HAS_SCALE:
             acc = acc * tl.load(scale_ptr + s).to(tl.float32)
         tl.store(
@@ -529,47 +507,27 @@ if HAS_TRITON:
         for k0 in range(0, k_end, BLOCK_K):
             offs_k = k0 + tl.arange(0, BLOCK_K)
             k_mask = offs_k < K
-            xv = tl.load(
-                x_rows + offs_k[None, :] * stride_xk,
-                mask=p_mask[:, None] & k_mask[None, :],
-                other=0.0,
-            )
-            if HAS_L_IN:
-                li = tl.load(lin_ptr + s * stride_lis + offs_k * stride_lik, mask=k_mask, other=0.0)
-                xv = xv.to(tl.float32) * li.to(tl.float32)[None, :]
-            wv = tl.load(
-                w_ptr + offs_k[:, None] * stride_wk + offs_n[None, :] * stride_wn,
-                mask=k_mask[:, None] & n_mask[None, :],
-                other=0.0,
-            )
-            if DOT_FP32:
-                acc = tl.dot(xv.to(tl.float32), wv.to(tl.float32), acc, input_precision="ieee")
-            else:
-                acc = tl.dot(xv.to(wv.dtype), wv, acc)
-        if HAS_BIAS:
-            acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-        if HAS_L_OUT:
-            lo = tl.load(lout_ptr + s * stride_los + offs_n * stride_lon, mask=n_mask, other=0.0)
-            acc = acc * lo.to(tl.float32)[None, :]
+            acc, _ = base_k_step(acc, x_rows + offs_k[None, :] * stride_xk,
+                                 p_mask[:, None] & k_mask[None, :],
+                                 w_ptr + offs_k[:, None] * stride_wk + offs_n[None, :] * stride_wn,
+                                 k_mask[:, None] & n_mask[None, :],
+                                 lin_ptr + s * stride_lis + offs_k[None, :] * stride_lik,
+                                 k_mask[None, :], HAS_L_IN, DOT_FP32)
+        # bias: contiguous (the launcher makes it so)
+        acc = bias_and_l_out(acc, bias_ptr, 1, offs_n, n_mask,
+                             lout_ptr + s * stride_los + offs_n[None, :] * stride_lon,
+                             n_mask[None, :], HAS_BIAS, HAS_L_OUT)
         if HAS_LORA:
             rank = tl.where(start < end, tl.load(rank_ptr + s), 0)
             for r0 in range(0, rank, BLOCK_R):
                 offs_r = r0 + tl.arange(0, BLOCK_R)
                 r_mask = offs_r < rank
-                hv = tl.load(
-                    h_ptr + offs_p[:, None] * stride_hm + offs_r[None, :],
-                    mask=p_mask[:, None] & r_mask[None, :],
-                    other=0.0,
-                )
-                bv = tl.load(
-                    bt_ptr + s * stride_bs + offs_r[:, None] * stride_br + offs_n[None, :] * stride_bn,
-                    mask=r_mask[:, None] & n_mask[None, :],
-                    other=0.0,
-                )
-                if LORA_FP32:
-                    acc = tl.dot(hv, bv.to(tl.float32), acc, input_precision="ieee")
-                else:
-                    acc = tl.dot(hv.to(bv.dtype), bv, acc)
+                acc = add_h_bt(acc, h_ptr + offs_p[:, None] * stride_hm + offs_r[None, :],
+                               p_mask[:, None] & r_mask[None, :],
+                               bt_ptr + s * stride_bs + offs_r[:, None] * stride_br
+                               + offs_n[None, :] * stride_bn,
+                               r_mask[:, None] & n_mask[None, :],
+                               x_ptr.dtype.element_ty, LORA_FP32)
         tl.store(
             y_ptr + row[:, None] * stride_yb + t[:, None] * stride_yt + offs_n[None, :] * stride_yn,
             acc.to(y_ptr.dtype.element_ty),
