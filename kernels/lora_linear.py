@@ -8,7 +8,7 @@ rank row (``s``); ``l_in``/``l_out`` are IA³ scales on the input/output feature
 that composes with a LoRA on the same module is folded into that LoRA's ``A`` (input
 side) or ``B`` (output side) by the caller, so the kernel stays one formula.
 
-Two strategies, chosen by shape in :func:`_pick_config` (one place):
+Two strategies, chosen by shape in :func:`pick_config` (one place):
 
 * Decode (``M <= 16`` rows, memory-bound): one kernel streams ``W`` once and, from the
   same ``x`` tiles, accumulates ``h = x Aᵀ``; the epilogue adds bias, ``l_out`` and
@@ -42,9 +42,9 @@ from typing import Optional
 import torch
 
 from .triton_helpers import add_h_bt, base_k_step, bias_and_l_out, mma
-from .triton_support import HAS_TRITON, tl, triton
+from .triton_support import HAS_TRITON, is_interpreted, tl, triton
 
-__all__ = ["torch_lora_linear", "lora_linear", "report_configs"]
+__all__ = ["torch_lora_linear", "lora_linear", "pick_config", "triton_kernels"]
 
 # Decode (fused shrink in the K-loop) up to this many rows: one BLOCK_M=16 tile.
 DECODE_MAX_M = 16
@@ -232,9 +232,15 @@ if HAS_TRITON:
 
 def _interpreted() -> bool:
     """Whether the kernels were built for Triton's CPU interpreter (TRITON_INTERPRET=1)."""
+    return HAS_TRITON and is_interpreted(_lora_linear_fwd_kernel)
+
+
+def triton_kernels() -> dict:
+    """This op's ``@triton.jit`` kernels by name, for ahead-of-time compiles
+    (``report_configs.py``); empty without Triton."""
     if not HAS_TRITON:
-        return False
-    return type(_lora_linear_fwd_kernel).__name__ == "InterpretedFunction"
+        return {}
+    return {f.__name__: f for f in (_lora_shrink_kernel, _lora_linear_fwd_kernel)}
 
 
 def _r_pad(r: int) -> int:
@@ -243,7 +249,7 @@ def _r_pad(r: int) -> int:
 
 # ---------------------------------------------------------------------------------------
 # Configurations: every configuration the launcher can choose is listed here, so that
-# ci/kernel_report.py compiles exactly these (report_configs) and the tests run each one.
+# ci/kernel_report.py compiles exactly these (report_configs.py) and the tests run each one.
 # ---------------------------------------------------------------------------------------
 
 # Decode (BLOCK_M=16 holds every row, W streamed once): the grid is N / BLOCK_N programs,
@@ -297,7 +303,7 @@ def _smem_estimate(cfg: dict, elem: int) -> int:
     return cfg["num_stages"] * per * elem
 
 
-def _pick_config(m: int, n: int, k: int, r: int, dtype: torch.dtype, arch: int = 90) -> dict:
+def pick_config(m: int, n: int, k: int, r: int, dtype: torch.dtype, arch: int = 90) -> dict:
     """The one place that chooses the strategy and tiles for a call, from shapes only.
 
     Args:
@@ -404,7 +410,7 @@ def _launch(x, weight, bias, lora_a, lora_b, lora_scale, l_in, l_out, weight_kn=
     """Run the kernels (CUDA tensors, or CPU tensors under the interpreter).
 
     Args:
-        config: Override of :func:`_pick_config`'s choice (tests run every configuration).
+        config: Override of :func:`pick_config`'s choice (tests run every configuration).
 
     Returns:
         ``(..., N)`` in ``x.dtype``.
@@ -418,7 +424,7 @@ def _launch(x, weight, bias, lora_a, lora_b, lora_scale, l_in, l_out, weight_kn=
         return y.reshape(*lead, n)
     if k == 0:  # no K-loop to run: the formula reduces to l_out ⊙ b
         return torch_lora_linear(x, weight, bias, lora_a, lora_b, lora_scale, l_in, l_out, weight_kn)
-    cfg = config if config is not None else _pick_config(m, n, k, r, x.dtype, _arch(x.device))
+    cfg = config if config is not None else pick_config(m, n, k, r, x.dtype, _arch(x.device))
     dot_fp32 = _interpreted() or x.dtype == torch.float32
     has_lora = r > 0
     stride_wn, stride_wk = (weight.stride(1), weight.stride(0)) if weight_kn else weight.stride()
@@ -561,131 +567,3 @@ def torch_lora_linear(
             h = h * lora_scale.float()
         y = y + h @ lora_b.float().t()
     return y.to(x.dtype)
-
-
-# ---------------------------------------------------------------------------------------
-# Compile report registry (ci/kernel_report.py)
-# ---------------------------------------------------------------------------------------
-
-_TL_DTYPE = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
-
-
-def report_configs() -> list[dict]:
-    """Every (kernel, configuration) the launcher can choose, for ahead-of-time compiles.
-
-    Covers, for sm_80 and sm_90 (``archs``), decode and prefill at each padded rank
-    class (16, 32, 64: fused decode shrink; 128, 256: precomputed h), no LoRA (pure IA³
-    and base), fp32/fp16/bf16, both weight layouts (the unit-stride argument is what
-    the JIT specializes), with bias, IA³ in and out enabled (the superset of loads).
-    See ci/kernel_report.py for the keys.
-    """
-    if not HAS_TRITON:
-        return []
-    recs: list[dict] = []
-    seen = set()
-    ms = {"decode": 8, "prefill-small": 128, "prefill-large": 4096}
-    for arch in (80, 90):
-        for dtype in (torch.bfloat16, torch.float16, torch.float32):
-            dt = _TL_DTYPE[dtype]
-            for case, m in ms.items():
-                for n in (4096, 14336):  # decode's BLOCK_N depends on N
-                    for r in (0, 16, 32, 64, 128, 256):
-                        cfg = _pick_config(m, n, 4096, r, dtype, arch)
-                        for weight_kn in (False, True):
-                            tile = tuple(cfg[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps", "num_stages"))
-                            key = (arch, dt, tile, cfg["R_BLOCK"], cfg["shrink_in_loop"],
-                                   r > 0, cfg["R_PAD"] if r > 0 else 0, weight_kn)  # fmt: skip
-                            if key in seen:
-                                continue
-                            seen.add(key)
-                            rec = _gemm_record(dt, cfg, r, weight_kn)
-                            rec["archs"] = [arch]
-                            rec["quick"] = dt == "bf16" and r == 16 and not weight_kn and n == 4096
-                            recs.append(rec)
-                        if cfg["shrink"] is not None:
-                            skey = (arch, "shrink", dt, cfg["R_PAD"], tuple(sorted(cfg["shrink"].items())))
-                            if skey not in seen:
-                                seen.add(skey)
-                                rec = _shrink_record(dt, cfg)
-                                rec["archs"] = [arch]
-                                rec["quick"] = dt == "bf16" and r == 16 and cfg["case"] == "prefill"
-                                recs.append(rec)
-    return recs
-
-
-def _gemm_record(dt: str, cfg: dict, r: int, weight_kn: bool) -> dict:
-    has_lora = r > 0
-    sig = {
-        "x_ptr": f"*{dt}", "w_ptr": f"*{dt}", "bias_ptr": f"*{dt}", "a_ptr": f"*{dt}",
-        "b_ptr": f"*{dt}", "s_ptr": "*fp32", "h_ptr": "*fp32", "lin_ptr": f"*{dt}",
-        "lout_ptr": f"*{dt}", "y_ptr": f"*{dt}",
-        "M": "i32", "N": "i32", "K": "i32", "R": "i32",
-        "stride_xm": "i32", "stride_xk": "constexpr", "stride_wn": "i32", "stride_wk": "i32",
-        "stride_bias": "constexpr", "stride_ar": "i32", "stride_ak": "constexpr",
-        "stride_bn": "i32", "stride_br": "constexpr", "stride_s": "constexpr",
-        "stride_hm": "i32", "stride_lin": "constexpr", "stride_lout": "constexpr",
-        "stride_ym": "i32",
-    }  # fmt: skip
-    # Unit strides are specialized to the constant 1 by the JIT (contiguous tensors).
-    unit = ["stride_xk", "stride_bias", "stride_ak", "stride_br", "stride_s", "stride_lin", "stride_lout"]
-    unit.append("stride_wn" if weight_kn else "stride_wk")
-    for name in unit:
-        sig[name] = "constexpr"
-    if not has_lora:
-        sig["stride_hm"] = "i32"
-    constexprs = {name: 1 for name in unit}
-    meta = dict(
-        HAS_BIAS=True, HAS_LORA=has_lora, SHRINK_IN_LOOP=bool(cfg["shrink_in_loop"]) and has_lora,
-        HAS_SCALE=has_lora, HAS_L_IN=True, HAS_L_OUT=True,
-        R_PAD=cfg["R_PAD"], R_BLOCK=cfg["R_BLOCK"], BLOCK_M=cfg["BLOCK_M"],
-        BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], GROUP_M=cfg["GROUP_M"],
-        DOT_FP32=dt == "fp32",
-    )  # fmt: skip
-    for name, v in meta.items():
-        sig[name] = "constexpr"
-        constexprs[name] = v
-    ptrs = [k for k, v in sig.items() if v.startswith("*")]
-    # Contiguous (M, K), (N, K), (N, R) tensors with sizes that are multiples of 16: the
-    # pointers and the row strides are what the JIT hints as divisible by 16.
-    div16 = ptrs + ["M", "N", "K", "stride_xm", "stride_ym", "stride_ar", "stride_bn", "stride_hm"]
-    div16.append("stride_wk" if weight_kn else "stride_wn")
-    if not has_lora:
-        div16 = [d for d in div16 if d not in ("stride_ar", "stride_bn", "stride_hm", "R")]
-    else:
-        div16.append("R")
-    return {
-        "kernel": "lora_linear_fwd" + ("_kn" if weight_kn else ""),
-        "fn": _lora_linear_fwd_kernel,
-        "signature": sig,
-        "constexprs": constexprs,
-        "divisible_by_16": div16,
-        "config": {k: cfg[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps", "num_stages", "R_BLOCK")},
-        "case": cfg["case"] + ("-fused" if meta["SHRINK_IN_LOOP"] else ""),
-        "variant": f"{dt} r_pad={cfg['R_PAD'] if has_lora else 0}" + (" kn" if weight_kn else ""),
-    }
-
-
-def _shrink_record(dt: str, cfg: dict) -> dict:
-    sc = cfg["shrink"]
-    sig = {
-        "x_ptr": f"*{dt}", "a_ptr": f"*{dt}", "s_ptr": "*fp32", "h_ptr": "*fp32",
-        "M": "i32", "K": "i32", "R": "i32",
-        "stride_xm": "i32", "stride_xk": "constexpr", "stride_ar": "i32", "stride_ak": "constexpr",
-        "stride_s": "constexpr", "stride_hm": "i32",
-    }  # fmt: skip
-    constexprs = {"stride_xk": 1, "stride_ak": 1, "stride_s": 1}
-    meta = dict(HAS_SCALE=True, R_PAD=cfg["R_PAD"], BLOCK_M=sc["BLOCK_M"], BLOCK_K=sc["BLOCK_K"], DOT_FP32=dt == "fp32")
-    for name, v in meta.items():
-        sig[name] = "constexpr"
-        constexprs[name] = v
-    return {
-        "kernel": "lora_shrink",
-        "fn": _lora_shrink_kernel,
-        "signature": sig,
-        "constexprs": constexprs,
-        "divisible_by_16": ["x_ptr", "a_ptr", "s_ptr", "h_ptr", "M", "K", "R", "stride_xm", "stride_ar", "stride_hm"],
-        "config": {"BLOCK_M": sc["BLOCK_M"], "BLOCK_N": cfg["R_PAD"], "BLOCK_K": sc["BLOCK_K"],
-                   "num_warps": sc["num_warps"], "num_stages": sc["num_stages"]},  # fmt: skip
-        "case": cfg["case"] + "-shrink",
-        "variant": f"{dt} r_pad={cfg['R_PAD']}",
-    }
