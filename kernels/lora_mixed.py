@@ -19,9 +19,9 @@ launches, for any assignment of slots to rows. It takes the mixed-batch layout o
 Rows are batch dimension 0 of ``x``; all other leading dimensions (sequence, ...) are
 tokens of that row.
 
-In this file, in the order of ``kernels/``' files: the ``@triton.jit`` kernels, the
-launcher, the registered op :func:`lora_mixed_linear` and its PyTorch reference and CPU
-path :func:`torch_lora_mixed_linear`. The strategy and tile choices live in
+This file holds, in order: the ``@triton.jit`` kernels, the launcher, the registered op
+:func:`lora_mixed_linear` and its PyTorch reference and CPU path
+:func:`torch_lora_mixed_linear`. The strategy and tile choices live in
 ``lora_mixed_plan.py``, the dot and epilogue helpers shared with ``lora_linear.py`` in
 ``triton_helpers.py``, the configurations the compile report builds in
 ``report_configs.py``.
