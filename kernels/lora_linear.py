@@ -192,20 +192,18 @@ if HAS_TRITON:
 
         for k in range(0, tl.cdiv(K, BLOCK_K)):
             k_mask = offs_k < K - k * BLOCK_K
-            acc, xt = base_k_step(acc, x_ptrs, m_mask[:, None] & k_mask[None, :],
-                                  w_ptrs, k_mask[:, None] & n_mask[None, :],
-                                  lin_ptrs[None, :], k_mask[None, :], HAS_L_IN, DOT_FP32)
+            acc, xt = base_k_step(acc, x_ptrs, m_mask, k_mask, w_ptrs, n_mask, lin_ptrs, k_mask,
+                                  HAS_L_IN, DOT_FP32)
+            lin_ptrs += BLOCK_K * stride_lin
             if HAS_LORA and SHRINK_IN_LOOP:
                 at = tl.load(a_ptrs, mask=k_mask[:, None] & r_mask[None, :], other=0.0)
                 h = mma(xt, at, h, DOT_FP32)
                 a_ptrs += BLOCK_K * stride_ak
             x_ptrs += BLOCK_K * stride_xk
             w_ptrs += BLOCK_K * stride_wk
-            lin_ptrs += BLOCK_K * stride_lin
 
-        acc = bias_and_l_out(acc, bias_ptr, stride_bias, offs_n, n_mask,
-                             lout_ptr + offs_n[None, :] * stride_lout, n_mask[None, :],
-                             HAS_BIAS, HAS_L_OUT)
+        acc = bias_and_l_out(acc, bias_ptr, stride_bias, offs_n, n_mask, lout_ptr, 0, 0,
+                             stride_lout, n_mask, HAS_BIAS, HAS_L_OUT)
         if HAS_LORA:
             if SHRINK_IN_LOOP:
                 if HAS_SCALE:
@@ -220,10 +218,8 @@ if HAS_TRITON:
                 for r0 in tl.static_range(0, R_PAD, R_BLOCK):
                     offs_rc = r0 + tl.arange(0, R_BLOCK)
                     rc_mask = offs_rc < R
-                    acc = add_h_bt(acc, h_ptr + offs_m[:, None] * stride_hm + offs_rc[None, :],
-                                   m_mask[:, None] & rc_mask[None, :],
-                                   b_ptr + offs_rc[:, None] * stride_br + offs_n[None, :] * stride_bn,
-                                   rc_mask[:, None] & n_mask[None, :],
+                    acc = add_h_bt(acc, h_ptr + offs_m[:, None] * stride_hm, m_mask, offs_rc,
+                                   rc_mask, b_ptr, 0, 0, stride_br, offs_n, stride_bn, n_mask,
                                    x_ptr.dtype.element_ty, DOT_FP32)
 
         y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :]

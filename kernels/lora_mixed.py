@@ -242,12 +242,11 @@ if HAS_TRITON:
         for k0 in range(k_lo, k_hi, BLOCK_K):
             offs_k = k0 + tl.arange(0, BLOCK_K)
             k_mask = offs_k < k_hi
-            xk_mask = m_mask[:, None] & k_mask[None, :]
-            acc, _ = base_k_step(acc, x_rows + offs_k[None, :] * stride_xk, xk_mask,
+            acc, _ = base_k_step(acc, x_rows + offs_k[None, :] * stride_xk, m_mask, k_mask,
                                  w_ptr + offs_k[:, None] * stride_wk + offs_n[None, :] * stride_wn,
-                                 k_mask[:, None] & n_mask[None, :],
+                                 n_mask,
                                  lin_ptr + s[:, None] * stride_lis + offs_k[None, :] * stride_lik,
-                                 xk_mask, HAS_L_IN, DOT_FP32)
+                                 m_mask[:, None] & k_mask[None, :], HAS_L_IN, DOT_FP32)
         if HAS_LORA:
             rank = tl.load(rank_ptr + s, mask=m_mask, other=0)
             r_top = tl.max(rank, axis=0)
@@ -281,7 +280,7 @@ if HAS_TRITON:
         if last:
             # bias: contiguous (the launcher makes it so)
             acc = bias_and_l_out(acc, bias_ptr, 1, offs_n, n_mask,
-                                 lout_ptr + s[:, None] * stride_los + offs_n[None, :] * stride_lon,
+                                 lout_ptr, s[:, None], stride_los, stride_lon,
                                  m_mask[:, None] & n_mask[None, :], HAS_BIAS, HAS_L_OUT)
             if HAS_LORA:
                 if not SPREAD_LORA:
@@ -436,26 +435,20 @@ if HAS_TRITON:
         for k0 in range(0, k_end, BLOCK_K):
             offs_k = k0 + tl.arange(0, BLOCK_K)
             k_mask = offs_k < K
-            acc, _ = base_k_step(acc, x_rows + offs_k[None, :] * stride_xk,
-                                 p_mask[:, None] & k_mask[None, :],
+            acc, _ = base_k_step(acc, x_rows + offs_k[None, :] * stride_xk, p_mask, k_mask,
                                  w_ptr + offs_k[:, None] * stride_wk + offs_n[None, :] * stride_wn,
-                                 k_mask[:, None] & n_mask[None, :],
-                                 lin_ptr + s * stride_lis + offs_k[None, :] * stride_lik,
-                                 k_mask[None, :], HAS_L_IN, DOT_FP32)
+                                 n_mask, lin_ptr + s * stride_lis + offs_k * stride_lik, k_mask,
+                                 HAS_L_IN, DOT_FP32)
         # bias: contiguous (the launcher makes it so)
         acc = bias_and_l_out(acc, bias_ptr, 1, offs_n, n_mask,
-                             lout_ptr + s * stride_los + offs_n[None, :] * stride_lon,
-                             n_mask[None, :], HAS_BIAS, HAS_L_OUT)
+                             lout_ptr, s, stride_los, stride_lon, n_mask, HAS_BIAS, HAS_L_OUT)
         if HAS_LORA:
             rank = tl.where(start < end, tl.load(rank_ptr + s), 0)
             for r0 in range(0, rank, BLOCK_R):
                 offs_r = r0 + tl.arange(0, BLOCK_R)
                 r_mask = offs_r < rank
-                acc = add_h_bt(acc, h_ptr + offs_p[:, None] * stride_hm + offs_r[None, :],
-                               p_mask[:, None] & r_mask[None, :],
-                               bt_ptr + s * stride_bs + offs_r[:, None] * stride_br
-                               + offs_n[None, :] * stride_bn,
-                               r_mask[:, None] & n_mask[None, :],
+                acc = add_h_bt(acc, h_ptr + offs_p[:, None] * stride_hm, p_mask, offs_r, r_mask,
+                               bt_ptr, s, stride_bs, stride_br, offs_n, stride_bn, n_mask,
                                x_ptr.dtype.element_ty, LORA_FP32)
         tl.store(
             y_ptr + row[:, None] * stride_yb + t[:, None] * stride_yt + offs_n[None, :] * stride_yn,

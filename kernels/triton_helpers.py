@@ -41,22 +41,24 @@ if HAS_TRITON:
             return tl.dot(a, b.to(a.dtype), acc)
 
     @triton.jit
-    def base_k_step(acc, x_ptrs, x_mask, w_ptrs, w_mask, lin_ptrs, lin_mask,
+    def base_k_step(acc, x_ptrs, row_mask, k_mask, w_ptrs, n_mask, lin_ptrs, lin_mask,
                     HAS_L_IN: tl.constexpr, DOT_FP32: tl.constexpr):
         """One K step of the base GEMM: ``acc + (l_in ⊙ x) Wᵀ`` on one tile.
 
-        ``x_ptrs`` is a ``(BLOCK_M, BLOCK_K)`` block, ``w_ptrs`` a ``(BLOCK_K, BLOCK_N)``
-        block of ``Wᵀ``, ``lin_ptrs`` broadcasts against the x block (one row of scales
-        per tile, or one per token). ``l_in ⊙ x`` is formed in fp32 and handed to the dot
-        in fp32 under ``DOT_FP32``, else rounded back to x's dtype (the tensor cores'
-        operand).
+        ``x_ptrs`` is a ``(BLOCK_M, BLOCK_K)`` block (rows masked by ``row_mask``, columns
+        by ``k_mask``), ``w_ptrs`` a ``(BLOCK_K, BLOCK_N)`` block of ``Wᵀ``, ``lin_ptrs`` a
+        ``(BLOCK_K,)`` block (one slot per tile) or a ``(BLOCK_M, BLOCK_K)`` block (one
+        slot per token) masked by ``lin_mask``, broadcast against x. ``l_in ⊙ x`` is
+        formed in fp32 and handed to the dot in fp32 under ``DOT_FP32``, else rounded back
+        to x's dtype (the tensor cores' operand).
 
         Returns:
             ``(acc, x)``: the new accumulator and the unscaled x tile (the decode kernel's
             fused shrink reads it too).
         """
-        xv = tl.load(x_ptrs, mask=x_mask, other=0.0)
-        wv = tl.load(w_ptrs, mask=w_mask, other=0.0)
+        # Masks are built here, next to their loads: the order of the loads shapes
+        # ptxas's register allocation (the compile report checks it).
+        xv = tl.load(x_ptrs, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
         if HAS_L_IN:
             li = tl.load(lin_ptrs, mask=lin_mask, other=0.0)
             xs = xv.to(tl.float32) * li.to(tl.float32)
@@ -64,34 +66,39 @@ if HAS_TRITON:
                 xs = xs.to(xv.dtype)
         else:
             xs = xv
+        wv = tl.load(w_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
         return mma(xs, wv, acc, DOT_FP32), xv
 
     @triton.jit
-    def bias_and_l_out(acc, bias_ptr, stride_bias, offs_n, n_mask, lout_ptrs, lout_mask,
-                       HAS_BIAS: tl.constexpr, HAS_L_OUT: tl.constexpr):
+    def bias_and_l_out(acc, bias_ptr, stride_bias, offs_n, n_mask, lout_ptr, slot, stride_ls,
+                       stride_lout, lout_mask, HAS_BIAS: tl.constexpr, HAS_L_OUT: tl.constexpr):
         """``l_out ⊙ (acc + b)`` in fp32: the epilogue before the LoRA term is added.
 
-        ``lout_ptrs`` broadcasts against ``acc`` (one row of scales per tile, or one per
-        token).
+        The output IA³ scales are read at ``lout_ptr + slot * stride_ls + offs_n *
+        stride_lout`` under ``lout_mask``: ``slot`` is one slot (per tile; 0 for a single
+        row of scales) or a ``(BLOCK_M, 1)`` block (one slot per token).
         """
         if HAS_BIAS:
             bias = tl.load(bias_ptr + offs_n * stride_bias, mask=n_mask, other=0.0)
             acc += bias.to(tl.float32)[None, :]
         if HAS_L_OUT:
-            lout = tl.load(lout_ptrs, mask=lout_mask, other=0.0)
+            lout = tl.load(lout_ptr + slot * stride_ls + offs_n * stride_lout, mask=lout_mask, other=0.0)
             acc = acc * lout.to(tl.float32)
         return acc
 
     @triton.jit
-    def add_h_bt(acc, h_ptrs, h_mask, b_ptrs, b_mask, X_DTYPE: tl.constexpr, DOT_FP32: tl.constexpr):
-        """``acc + h Bᵀ`` for one rank chunk: ``h`` a ``(BLOCK_M, chunk)`` block of the
-        precomputed fp32 ``(x Aᵀ) ⊙ s``, ``b_ptrs`` a ``(chunk, BLOCK_N)`` block of ``Bᵀ``.
+    def add_h_bt(acc, h_rows, row_mask, offs_r, r_mask, b_ptr, slot, stride_bs, stride_br,
+                 offs_n, stride_bn, n_mask, X_DTYPE: tl.constexpr, DOT_FP32: tl.constexpr):
+        """``acc + h Bᵀ`` for one rank chunk ``offs_r`` of the precomputed fp32
+        ``h = (x Aᵀ) ⊙ s``: ``h_rows`` a ``(BLOCK_M, 1)`` block of pointers to the tile's
+        rows of ``h``; ``Bᵀ`` of slot ``slot`` (0 for a single one) read from ``b_ptr``.
 
         Without ``DOT_FP32`` both operands go to the tensor cores in the input's dtype
         ``X_DTYPE`` (``h`` rounded once, ``B`` cast if stored wider).
         """
-        hv = tl.load(h_ptrs, mask=h_mask, other=0.0)
-        bv = tl.load(b_ptrs, mask=b_mask, other=0.0)
+        hv = tl.load(h_rows + offs_r[None, :], mask=row_mask[:, None] & r_mask[None, :], other=0.0)
+        bv = tl.load(b_ptr + slot * stride_bs + offs_r[:, None] * stride_br + offs_n[None, :] * stride_bn,
+                     mask=r_mask[:, None] & n_mask[None, :], other=0.0)
         if DOT_FP32:
             return mma(hv, bv, acc, True)
         else:
