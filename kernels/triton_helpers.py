@@ -16,8 +16,11 @@ set it for fp32 inputs, mixed dtypes (``lora_mixed``) and always under
 ``TRITON_INTERPRET=1``: the interpreter computes fp16/bf16 ``tl.dot`` on the raw bits
 (garbage), so it only gets fp32 operands. Element-wise math is fp32 everywhere.
 
-Pointers and masks are built by the callers (each op has its own tiling: contiguous
-rows, per-token slots, slot-homogeneous segments); loads here are masked with
+Each op keeps its own tiling (contiguous rows, per-token slots, slot-homogeneous
+segments) and passes base pointers, 1-D masks and slot offsets; the helpers build the
+2-D masks and addresses next to their loads, in the order the kernels had before they
+shared them: ptxas allocates registers by that order, and another order spilled two
+fp32 configurations (``ci/kernel_report.py`` checks every one). Loads are masked with
 ``other=0``. This module imports triton only, never tinytune.
 """
 
@@ -56,8 +59,6 @@ if HAS_TRITON:
             ``(acc, x)``: the new accumulator and the unscaled x tile (the decode kernel's
             fused shrink reads it too).
         """
-        # Masks are built here, next to their loads: the order of the loads shapes
-        # ptxas's register allocation (the compile report checks it).
         xv = tl.load(x_ptrs, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
         if HAS_L_IN:
             li = tl.load(lin_ptrs, mask=lin_mask, other=0.0)
