@@ -84,6 +84,7 @@ def bench_case(L, timer, device, dtype, rows, tokens, distinct, d, r, rounds):
     import torch.nn.functional as F
 
     from tinytune.timing import interleave, ratio_quantiles
+    from tinytune.mixed_torch import torch_lora_mixed
 
     g = torch.Generator().manual_seed(rows * 100 + distinct)
     elem = torch.finfo(dtype).bits // 8
@@ -123,7 +124,7 @@ def bench_case(L, timer, device, dtype, rows, tokens, distinct, d, r, rounds):
     def pytorch():
         for w, bias, a, bt, _ in layers:
             y = F.linear(x, w, bias)
-            L.torch_lora_mixed(x, y, a, bt, scale, row_index, inplace=True)
+            torch_lora_mixed(x, y, a, bt, scale, row_index, inplace=True)
 
     def fused():
         for w, bias, a, bt, _ in layers:

@@ -37,6 +37,8 @@ returning a list of dicts with these keys:
 * optional ``archs`` (list of int): the compute capabilities whose dispatch chooses this
   configuration (default: every ``--arch``); a config is compiled only for those.
 * optional ``quick`` (bool): part of the ``--quick`` subset (the test command's run).
+* optional ``module`` (str): the op's file stem for the table (default: the module that
+  returned the record; ``kernels/report_configs.py`` holds every op's records).
 
 Records in ``kernel_report.json``: ``kernel``, ``case``, ``variant``, ``arch``
 (``"sm_80"``/``"sm_90a"``), ``config``, ``registers``, ``spill_bytes`` (the stack frame
@@ -114,7 +116,7 @@ def discover() -> list[dict]:
             continue
         for rec in fn():
             rec = dict(rec)
-            rec["module"] = path.stem
+            rec.setdefault("module", path.stem)  # a registry module names each record's op
             records.append(rec)
     return records
 

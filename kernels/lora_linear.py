@@ -8,7 +8,7 @@ rank row (``s``); ``l_in``/``l_out`` are IA³ scales on the input/output feature
 that composes with a LoRA on the same module is folded into that LoRA's ``A`` (input
 side) or ``B`` (output side) by the caller, so the kernel stays one formula.
 
-Two strategies, chosen by shape in :func:`_pick_config` (one place):
+Two strategies, chosen by shape in :func:`pick_config` (one place):
 
 * Decode (``M <= 16`` rows, memory-bound): one kernel streams ``W`` once and, from the
   same ``x`` tiles, accumulates ``h = x Aᵀ``; the epilogue adds bias, ``l_out`` and
@@ -29,7 +29,8 @@ ridge point (989 TFLOP/s / 4.8 TB/s ≈ 206 rows at bf16), so what decides is by
 Ranks 1..256 are padded to a power of two >= 16 inside the kernels (masked loads with
 ``other=0``), never in the caller's tensors. Every load is masked on M, N, K and R.
 Products run on tensor cores in the input dtype with fp32 accumulation; fp32 inputs use
-``input_precision="ieee"`` (no silent TF32).
+``input_precision="ieee"`` (no silent TF32). The K-step, the bias/``l_out`` epilogue and
+the dots are ``triton_helpers.py``'s, shared with ``lora_mixed.py``.
 
 This module imports torch (and triton, when present) only, never tinytune.
 """
@@ -40,9 +41,10 @@ from typing import Optional
 
 import torch
 
-from .triton_support import HAS_TRITON, tl, triton
+from .triton_helpers import add_h_bt, base_k_step, bias_and_l_out, mma
+from .triton_support import HAS_TRITON, is_interpreted, tl, triton
 
-__all__ = ["torch_lora_linear", "lora_linear", "report_configs"]
+__all__ = ["torch_lora_linear", "lora_linear", "pick_config", "triton_kernels"]
 
 # Decode (fused shrink in the K-loop) up to this many rows: one BLOCK_M=16 tile.
 DECODE_MAX_M = 16
@@ -53,20 +55,6 @@ MAX_RANK = 256
 
 
 if HAS_TRITON:
-
-    @triton.jit
-    def _mma(a, b, acc, F32_DOT: tl.constexpr):
-        """``acc + a @ b``, accumulating in fp32.
-
-        ``F32_DOT`` upcasts both operands to fp32 with IEEE products. It is set for fp32
-        inputs (so the GPU does not silently use TF32) and under ``TRITON_INTERPRET=1``:
-        the interpreter computes bf16 ``tl.dot`` on the raw bits (wrong results), so
-        dot operands are upcast there only; element-wise math is fp32 everywhere.
-        """
-        if F32_DOT:
-            return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
-        else:
-            return tl.dot(a, b.to(a.dtype), acc)
 
     @triton.jit
     def _lora_shrink_kernel(
@@ -91,7 +79,7 @@ if HAS_TRITON:
         R_PAD: tl.constexpr,
         BLOCK_M: tl.constexpr,
         BLOCK_K: tl.constexpr,
-        F32_DOT: tl.constexpr,
+        DOT_FP32: tl.constexpr,
     ):
         """``h = (x Aᵀ) ⊙ s`` in fp32, one program per BLOCK_M rows and the whole rank.
 
@@ -112,7 +100,7 @@ if HAS_TRITON:
             k_mask = offs_k < K - k * BLOCK_K
             xt = tl.load(x_ptrs, mask=m_mask[:, None] & k_mask[None, :], other=0.0)
             at = tl.load(a_ptrs, mask=k_mask[:, None] & r_mask[None, :], other=0.0)
-            h = _mma(xt, at, h, F32_DOT)
+            h = mma(xt, at, h, DOT_FP32)
             x_ptrs += BLOCK_K * stride_xk
             a_ptrs += BLOCK_K * stride_ak
         if HAS_SCALE:
@@ -159,15 +147,15 @@ if HAS_TRITON:
         HAS_LORA: tl.constexpr,
         SHRINK_IN_LOOP: tl.constexpr,
         HAS_SCALE: tl.constexpr,
-        HAS_LIN: tl.constexpr,
-        HAS_LOUT: tl.constexpr,
+        HAS_L_IN: tl.constexpr,
+        HAS_L_OUT: tl.constexpr,
         R_PAD: tl.constexpr,
         R_BLOCK: tl.constexpr,
         BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr,
         GROUP_M: tl.constexpr,
-        F32_DOT: tl.constexpr,
+        DOT_FP32: tl.constexpr,
     ):
         """``y = l_out ⊙ (W (l_in ⊙ x) + b) + ((x Aᵀ) ⊙ s) Bᵀ`` for one (BLOCK_M, BLOCK_N) tile.
 
@@ -200,33 +188,22 @@ if HAS_TRITON:
             r_mask = offs_r < R
             a_ptrs = a_ptr + offs_r[None, :] * stride_ar + offs_k[:, None] * stride_ak
             h = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
-        if HAS_LIN:
-            lin_ptrs = lin_ptr + offs_k * stride_lin
+        lin_ptrs = lin_ptr + offs_k * stride_lin  # unused (and removed) without HAS_L_IN
 
         for k in range(0, tl.cdiv(K, BLOCK_K)):
             k_mask = offs_k < K - k * BLOCK_K
-            xt = tl.load(x_ptrs, mask=m_mask[:, None] & k_mask[None, :], other=0.0)
-            wt = tl.load(w_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
-            if HAS_LIN:
-                li = tl.load(lin_ptrs, mask=k_mask, other=0.0).to(tl.float32)
-                xs = (xt.to(tl.float32) * li[None, :]).to(xt.dtype)
-                lin_ptrs += BLOCK_K * stride_lin
-            else:
-                xs = xt
-            acc = _mma(xs, wt, acc, F32_DOT)
+            acc, xt = base_k_step(acc, x_ptrs, m_mask, k_mask, w_ptrs, n_mask, lin_ptrs, k_mask,
+                                  HAS_L_IN, DOT_FP32)
+            lin_ptrs += BLOCK_K * stride_lin
             if HAS_LORA and SHRINK_IN_LOOP:
                 at = tl.load(a_ptrs, mask=k_mask[:, None] & r_mask[None, :], other=0.0)
-                h = _mma(xt, at, h, F32_DOT)
+                h = mma(xt, at, h, DOT_FP32)
                 a_ptrs += BLOCK_K * stride_ak
             x_ptrs += BLOCK_K * stride_xk
             w_ptrs += BLOCK_K * stride_wk
 
-        if HAS_BIAS:
-            bias = tl.load(bias_ptr + offs_n * stride_bias, mask=n_mask, other=0.0)
-            acc += bias.to(tl.float32)[None, :]
-        if HAS_LOUT:
-            lout = tl.load(lout_ptr + offs_n * stride_lout, mask=n_mask, other=0.0)
-            acc *= lout.to(tl.float32)[None, :]
+        acc = bias_and_l_out(acc, bias_ptr, stride_bias, offs_n, n_mask, lout_ptr, 0, 0,
+                             stride_lout, n_mask, HAS_BIAS, HAS_L_OUT)
         if HAS_LORA:
             if SHRINK_IN_LOOP:
                 if HAS_SCALE:
@@ -234,18 +211,16 @@ if HAS_TRITON:
                     h = h * s.to(tl.float32)[None, :]
                 b_ptrs = b_ptr + offs_r[:, None] * stride_br + offs_n[None, :] * stride_bn
                 bt = tl.load(b_ptrs, mask=r_mask[:, None] & n_mask[None, :], other=0.0)
-                acc = _mma(h.to(x_ptr.dtype.element_ty), bt, acc, F32_DOT)
+                acc = mma(h.to(x_ptr.dtype.element_ty), bt, acc, DOT_FP32)
             else:
                 # Rank chunks keep the epilogue's registers and shared memory bounded at
                 # rank 256; R_PAD and R_BLOCK are constexprs, so the loop is unrolled.
                 for r0 in tl.static_range(0, R_PAD, R_BLOCK):
                     offs_rc = r0 + tl.arange(0, R_BLOCK)
                     rc_mask = offs_rc < R
-                    h_ptrs = h_ptr + offs_m[:, None] * stride_hm + offs_rc[None, :]
-                    hc = tl.load(h_ptrs, mask=m_mask[:, None] & rc_mask[None, :], other=0.0)
-                    b_ptrs = b_ptr + offs_rc[:, None] * stride_br + offs_n[None, :] * stride_bn
-                    bt = tl.load(b_ptrs, mask=rc_mask[:, None] & n_mask[None, :], other=0.0)
-                    acc = _mma(hc.to(x_ptr.dtype.element_ty), bt, acc, F32_DOT)
+                    acc = add_h_bt(acc, h_ptr + offs_m[:, None] * stride_hm, m_mask, offs_rc,
+                                   rc_mask, b_ptr, 0, 0, stride_br, offs_n, stride_bn, n_mask,
+                                   x_ptr.dtype.element_ty, DOT_FP32)
 
         y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :]
         tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
@@ -253,9 +228,15 @@ if HAS_TRITON:
 
 def _interpreted() -> bool:
     """Whether the kernels were built for Triton's CPU interpreter (TRITON_INTERPRET=1)."""
+    return HAS_TRITON and is_interpreted(_lora_linear_fwd_kernel)
+
+
+def triton_kernels() -> dict:
+    """This op's ``@triton.jit`` kernels by name, for ahead-of-time compiles
+    (``report_configs.py``); empty without Triton."""
     if not HAS_TRITON:
-        return False
-    return type(_lora_linear_fwd_kernel).__name__ == "InterpretedFunction"
+        return {}
+    return {f.__name__: f for f in (_lora_shrink_kernel, _lora_linear_fwd_kernel)}
 
 
 def _r_pad(r: int) -> int:
@@ -264,7 +245,7 @@ def _r_pad(r: int) -> int:
 
 # ---------------------------------------------------------------------------------------
 # Configurations: every configuration the launcher can choose is listed here, so that
-# ci/kernel_report.py compiles exactly these (report_configs) and the tests run each one.
+# ci/kernel_report.py compiles exactly these (report_configs.py) and the tests run each one.
 # ---------------------------------------------------------------------------------------
 
 # Decode (BLOCK_M=16 holds every row, W streamed once): the grid is N / BLOCK_N programs,
@@ -318,7 +299,7 @@ def _smem_estimate(cfg: dict, elem: int) -> int:
     return cfg["num_stages"] * per * elem
 
 
-def _pick_config(m: int, n: int, k: int, r: int, dtype: torch.dtype, arch: int = 90) -> dict:
+def pick_config(m: int, n: int, k: int, r: int, dtype: torch.dtype, arch: int = 90) -> dict:
     """The one place that chooses the strategy and tiles for a call, from shapes only.
 
     Args:
@@ -425,7 +406,7 @@ def _launch(x, weight, bias, lora_a, lora_b, lora_scale, l_in, l_out, weight_kn=
     """Run the kernels (CUDA tensors, or CPU tensors under the interpreter).
 
     Args:
-        config: Override of :func:`_pick_config`'s choice (tests run every configuration).
+        config: Override of :func:`pick_config`'s choice (tests run every configuration).
 
     Returns:
         ``(..., N)`` in ``x.dtype``.
@@ -439,8 +420,8 @@ def _launch(x, weight, bias, lora_a, lora_b, lora_scale, l_in, l_out, weight_kn=
         return y.reshape(*lead, n)
     if k == 0:  # no K-loop to run: the formula reduces to l_out ⊙ b
         return torch_lora_linear(x, weight, bias, lora_a, lora_b, lora_scale, l_in, l_out, weight_kn)
-    cfg = config if config is not None else _pick_config(m, n, k, r, x.dtype, _arch(x.device))
-    f32_dot = _interpreted() or x.dtype == torch.float32
+    cfg = config if config is not None else pick_config(m, n, k, r, x.dtype, _arch(x.device))
+    dot_fp32 = _interpreted() or x.dtype == torch.float32
     has_lora = r > 0
     stride_wn, stride_wk = (weight.stride(1), weight.stride(0)) if weight_kn else weight.stride()
     dummy = y  # never read: the matching HAS_* constexpr is False
@@ -456,7 +437,7 @@ def _launch(x, weight, bias, lora_a, lora_b, lora_scale, l_in, l_out, weight_kn=
             x2.stride(0), x2.stride(1), lora_a.stride(0), lora_a.stride(1),
             lora_scale.stride(0) if lora_scale is not None else 0, stride_hm,
             HAS_SCALE=lora_scale is not None, R_PAD=cfg["R_PAD"],
-            BLOCK_M=sc["BLOCK_M"], BLOCK_K=sc["BLOCK_K"], F32_DOT=f32_dot,
+            BLOCK_M=sc["BLOCK_M"], BLOCK_K=sc["BLOCK_K"], DOT_FP32=dot_fp32,
             num_warps=sc["num_warps"], num_stages=sc["num_stages"],
         )  # fmt: skip
     grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]),)
@@ -483,10 +464,10 @@ def _launch(x, weight, bias, lora_a, lora_b, lora_scale, l_in, l_out, weight_kn=
         HAS_BIAS=bias is not None, HAS_LORA=has_lora,
         SHRINK_IN_LOOP=bool(cfg["shrink_in_loop"]) and has_lora,
         HAS_SCALE=lora_scale is not None,
-        HAS_LIN=l_in is not None, HAS_LOUT=l_out is not None,
+        HAS_L_IN=l_in is not None, HAS_L_OUT=l_out is not None,
         R_PAD=cfg["R_PAD"], R_BLOCK=cfg["R_BLOCK"],
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
-        GROUP_M=cfg["GROUP_M"], F32_DOT=f32_dot,
+        GROUP_M=cfg["GROUP_M"], DOT_FP32=dot_fp32,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )  # fmt: skip
     return y.reshape(*lead, n)
@@ -582,131 +563,3 @@ def torch_lora_linear(
             h = h * lora_scale.float()
         y = y + h @ lora_b.float().t()
     return y.to(x.dtype)
-
-
-# ---------------------------------------------------------------------------------------
-# Compile report registry (ci/kernel_report.py)
-# ---------------------------------------------------------------------------------------
-
-_TL_DTYPE = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
-
-
-def report_configs() -> list[dict]:
-    """Every (kernel, configuration) the launcher can choose, for ahead-of-time compiles.
-
-    Covers, for sm_80 and sm_90 (``archs``), decode and prefill at each padded rank
-    class (16, 32, 64: fused decode shrink; 128, 256: precomputed h), no LoRA (pure IA³
-    and base), fp32/fp16/bf16, both weight layouts (the unit-stride argument is what
-    the JIT specializes), with bias, IA³ in and out enabled (the superset of loads).
-    See ci/kernel_report.py for the keys.
-    """
-    if not HAS_TRITON:
-        return []
-    recs: list[dict] = []
-    seen = set()
-    ms = {"decode": 8, "prefill-small": 128, "prefill-large": 4096}
-    for arch in (80, 90):
-        for dtype in (torch.bfloat16, torch.float16, torch.float32):
-            dt = _TL_DTYPE[dtype]
-            for case, m in ms.items():
-                for n in (4096, 14336):  # decode's BLOCK_N depends on N
-                    for r in (0, 16, 32, 64, 128, 256):
-                        cfg = _pick_config(m, n, 4096, r, dtype, arch)
-                        for weight_kn in (False, True):
-                            tile = tuple(cfg[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps", "num_stages"))
-                            key = (arch, dt, tile, cfg["R_BLOCK"], cfg["shrink_in_loop"],
-                                   r > 0, cfg["R_PAD"] if r > 0 else 0, weight_kn)  # fmt: skip
-                            if key in seen:
-                                continue
-                            seen.add(key)
-                            rec = _gemm_record(dt, cfg, r, weight_kn)
-                            rec["archs"] = [arch]
-                            rec["quick"] = dt == "bf16" and r == 16 and not weight_kn and n == 4096
-                            recs.append(rec)
-                        if cfg["shrink"] is not None:
-                            skey = (arch, "shrink", dt, cfg["R_PAD"], tuple(sorted(cfg["shrink"].items())))
-                            if skey not in seen:
-                                seen.add(skey)
-                                rec = _shrink_record(dt, cfg)
-                                rec["archs"] = [arch]
-                                rec["quick"] = dt == "bf16" and r == 16 and cfg["case"] == "prefill"
-                                recs.append(rec)
-    return recs
-
-
-def _gemm_record(dt: str, cfg: dict, r: int, weight_kn: bool) -> dict:
-    has_lora = r > 0
-    sig = {
-        "x_ptr": f"*{dt}", "w_ptr": f"*{dt}", "bias_ptr": f"*{dt}", "a_ptr": f"*{dt}",
-        "b_ptr": f"*{dt}", "s_ptr": "*fp32", "h_ptr": "*fp32", "lin_ptr": f"*{dt}",
-        "lout_ptr": f"*{dt}", "y_ptr": f"*{dt}",
-        "M": "i32", "N": "i32", "K": "i32", "R": "i32",
-        "stride_xm": "i32", "stride_xk": "constexpr", "stride_wn": "i32", "stride_wk": "i32",
-        "stride_bias": "constexpr", "stride_ar": "i32", "stride_ak": "constexpr",
-        "stride_bn": "i32", "stride_br": "constexpr", "stride_s": "constexpr",
-        "stride_hm": "i32", "stride_lin": "constexpr", "stride_lout": "constexpr",
-        "stride_ym": "i32",
-    }  # fmt: skip
-    # Unit strides are specialized to the constant 1 by the JIT (contiguous tensors).
-    unit = ["stride_xk", "stride_bias", "stride_ak", "stride_br", "stride_s", "stride_lin", "stride_lout"]
-    unit.append("stride_wn" if weight_kn else "stride_wk")
-    for name in unit:
-        sig[name] = "constexpr"
-    if not has_lora:
-        sig["stride_hm"] = "i32"
-    constexprs = {name: 1 for name in unit}
-    meta = dict(
-        HAS_BIAS=True, HAS_LORA=has_lora, SHRINK_IN_LOOP=bool(cfg["shrink_in_loop"]) and has_lora,
-        HAS_SCALE=has_lora, HAS_LIN=True, HAS_LOUT=True,
-        R_PAD=cfg["R_PAD"], R_BLOCK=cfg["R_BLOCK"], BLOCK_M=cfg["BLOCK_M"],
-        BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], GROUP_M=cfg["GROUP_M"],
-        F32_DOT=dt == "fp32",
-    )  # fmt: skip
-    for name, v in meta.items():
-        sig[name] = "constexpr"
-        constexprs[name] = v
-    ptrs = [k for k, v in sig.items() if v.startswith("*")]
-    # Contiguous (M, K), (N, K), (N, R) tensors with sizes that are multiples of 16: the
-    # pointers and the row strides are what the JIT hints as divisible by 16.
-    div16 = ptrs + ["M", "N", "K", "stride_xm", "stride_ym", "stride_ar", "stride_bn", "stride_hm"]
-    div16.append("stride_wk" if weight_kn else "stride_wn")
-    if not has_lora:
-        div16 = [d for d in div16 if d not in ("stride_ar", "stride_bn", "stride_hm", "R")]
-    else:
-        div16.append("R")
-    return {
-        "kernel": "lora_linear_fwd" + ("_kn" if weight_kn else ""),
-        "fn": _lora_linear_fwd_kernel,
-        "signature": sig,
-        "constexprs": constexprs,
-        "divisible_by_16": div16,
-        "config": {k: cfg[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps", "num_stages", "R_BLOCK")},
-        "case": cfg["case"] + ("-fused" if meta["SHRINK_IN_LOOP"] else ""),
-        "variant": f"{dt} r_pad={cfg['R_PAD'] if has_lora else 0}" + (" kn" if weight_kn else ""),
-    }
-
-
-def _shrink_record(dt: str, cfg: dict) -> dict:
-    sc = cfg["shrink"]
-    sig = {
-        "x_ptr": f"*{dt}", "a_ptr": f"*{dt}", "s_ptr": "*fp32", "h_ptr": "*fp32",
-        "M": "i32", "K": "i32", "R": "i32",
-        "stride_xm": "i32", "stride_xk": "constexpr", "stride_ar": "i32", "stride_ak": "constexpr",
-        "stride_s": "constexpr", "stride_hm": "i32",
-    }  # fmt: skip
-    constexprs = {"stride_xk": 1, "stride_ak": 1, "stride_s": 1}
-    meta = dict(HAS_SCALE=True, R_PAD=cfg["R_PAD"], BLOCK_M=sc["BLOCK_M"], BLOCK_K=sc["BLOCK_K"], F32_DOT=dt == "fp32")
-    for name, v in meta.items():
-        sig[name] = "constexpr"
-        constexprs[name] = v
-    return {
-        "kernel": "lora_shrink",
-        "fn": _lora_shrink_kernel,
-        "signature": sig,
-        "constexprs": constexprs,
-        "divisible_by_16": ["x_ptr", "a_ptr", "s_ptr", "h_ptr", "M", "K", "R", "stride_xm", "stride_ar", "stride_hm"],
-        "config": {"BLOCK_M": sc["BLOCK_M"], "BLOCK_N": cfg["R_PAD"], "BLOCK_K": sc["BLOCK_K"],
-                   "num_warps": sc["num_warps"], "num_stages": sc["num_stages"]},  # fmt: skip
-        "case": cfg["case"] + "-shrink",
-        "variant": f"{dt} r_pad={cfg['R_PAD']}",
-    }

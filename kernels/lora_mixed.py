@@ -1,297 +1,51 @@
-"""Per-row adapters in one batch: the PyTorch reference math and the fused kernels.
+"""The fused per-row adapted linear layer: ``torch.ops.tinytune.lora_mixed_linear``.
 
-The layout every function here consumes (the PyTorch path's functions and the fused op
-:func:`lora_mixed_linear`, ``torch.ops.tinytune.lora_mixed_linear``, alike):
+    y[i] = l_out[s] * (W (l_in[s] * x[i]) + b) + scale[s] * (x[i] A[s]^T) B[s]^T,   s = row_index[i]
+
+The base GEMM, each row's LoRA at its slot's true rank and its IA³ scales, in two
+launches, for any assignment of slots to rows. It takes the mixed-batch layout of
+``tinytune.mixed_torch`` (the library's PyTorch path) unchanged:
 
 * ``row_index``: ``(B,)`` int64, the *slot* of each batch row in the stacks. The last
   slot of every stack is the identity (zero LoRA factors, unit IA³ scales), so rows
-  without an adapter (``"__base__"``) or whose adapter has no layer on this module
-  index it and come out unchanged.
-* LoRA: ``a_stack`` ``(S, r_max, in)`` and ``bt_stack`` ``(S, r_max, out)``: each
-  adapter's ``A`` and ``B^T``, zero-padded to the largest rank at this module (the
-  padding contributes exact zeros), and ``scale`` ``(S,)``: ``alpha / r`` (or
-  ``alpha / sqrt(r)``) per slot.
-* IA³: ``l_stack`` ``(S, features)``, ones in slots without an IA³ layer.
-* The fused op also takes ``ranks`` ``(S,)`` int32, each slot's true rank (0 for the
-  identity slot and slots without LoRA): its kernels never touch the padding.
-* Embedding LoRA: ``a_stack`` ``(S, num_embeddings, r_max)``, ``bt_stack``
-  ``(S, r_max, dim)``.
-* Optionally, rows sorted into segments by adapter (:func:`torch_lora_mixed_grouped`):
-  ``group_slots`` ``(N,)``, the distinct slots; ``rows`` ``(R,)``, the rows that use
-  them, segment after segment; ``row_group`` and ``row_pos`` ``(R,)``, each of those
-  rows' segment and position in it; ``group_size``, the longest segment. Rows not listed
-  are left unchanged.
+  without an adapter or whose adapter has no layer on this module come out unchanged.
+* LoRA: ``a_stack`` ``(S, r_max, in)`` and ``bt_stack`` ``(S, r_max, out)``, each
+  adapter's ``A`` and ``B^T`` zero-padded to the largest rank at this module, and
+  ``scale`` ``(S,)``; ``ranks`` ``(S,)`` int32, each slot's true rank (0 for the
+  identity slot and slots without LoRA): the kernels never touch the padding.
+* IA³: ``l_in_stack`` ``(S, in)`` and ``l_out_stack`` ``(S, out)``, ones in slots
+  without an IA³ layer.
 
 Rows are batch dimension 0 of ``x``; all other leading dimensions (sequence, ...) are
-tokens of that row. The PyTorch path gathers each row's factors and runs batched
-matmuls: the arithmetic is exactly one LoRA per token, memory traffic is one copy of
-the factors per row, and nothing depends on how many adapters are stacked. Every shape
-depends only on the batch shape and the stacks, never on which row uses which adapter,
-so ``torch.compile`` does not recompile when the assignment changes.
+tokens of that row.
 
-:func:`lora_mixed_linear` computes the whole adapted linear layer (base GEMM, per-row
-LoRA, per-row IA³) with Triton kernels on CUDA tensors (and on CPU tensors under
-``TRITON_INTERPRET=1``); :func:`torch_lora_mixed_linear` is its reference and CPU path.
+This file holds, in order: the ``@triton.jit`` kernels, the launcher, the registered op
+:func:`lora_mixed_linear` and its PyTorch reference and CPU path
+:func:`torch_lora_mixed_linear`. The strategy and tile choices live in
+``lora_mixed_plan.py``, the dot and epilogue helpers shared with ``lora_linear.py`` in
+``triton_helpers.py``, the configurations the compile report builds in
+``report_configs.py``.
 
 This module imports torch (and triton, when present) only, never tinytune.
 """
 
 from __future__ import annotations
 
-import itertools
 from typing import Optional
 
 import torch
 
-from .triton_support import HAS_TRITON, tl, triton
+from .lora_mixed_plan import choose_strategy, k_splits, rows_config, segment_tiles, segments_config
+from .triton_helpers import add_h_bt, base_k_step, bias_and_l_out, mma
+from .triton_support import HAS_TRITON, is_interpreted, tl, triton
 
-__all__ = [
-    "lora_mixed_linear",
-    "torch_lora_mixed_linear",
-    "torch_lora_mixed",
-    "torch_lora_mixed_grouped",
-    "torch_ia3_mixed",
-    "torch_embedding_lora_mixed",
-]
-
-
-def _rows3d(t: torch.Tensor) -> torch.Tensor:
-    """``(B, ..., F)`` -> ``(B, tokens, F)`` (a view where possible)."""
-    return t.reshape(t.shape[0], -1, t.shape[-1])
-
-
-def torch_lora_mixed(
-    x: torch.Tensor,
-    out: torch.Tensor,
-    a_stack: torch.Tensor,
-    bt_stack: torch.Tensor,
-    scale: torch.Tensor,
-    row_index: torch.Tensor,
-    inplace: bool = False,
-) -> torch.Tensor:
-    """``out[b] + scale[s] * (x[b] @ A[s]^T) @ B[s]^T`` with ``s = row_index[b]``.
-
-    Args:
-        x: ``(B, ..., in)`` inputs of the adapted linear layer.
-        out: ``(B, ..., out)`` the layer's output.
-        a_stack: ``(S, r, in)`` stacked ``A`` factors.
-        bt_stack: ``(S, r, out)`` stacked, transposed ``B`` factors.
-        scale: ``(S,)`` per-slot scaling.
-        row_index: ``(B,)`` int64 slot of each row.
-        inplace: Accumulate into ``out`` itself when dtypes allow (saves a copy of the
-            output; only for an ``out`` that nothing else reads and autograd does not
-            track).
-
-    Returns:
-        A tensor shaped and typed like ``out`` (``out`` itself when updated in place).
-        The LoRA branch runs in the stacks' dtype (as the single-adapter layer runs in
-        its parameters' dtype).
-    """
-    b = x.shape[0]
-    x3 = _rows3d(x)
-    if x3.dtype != a_stack.dtype:
-        x3 = x3.to(a_stack.dtype)
-    a = a_stack.index_select(0, row_index)  # (B, r, in)
-    bt = bt_stack.index_select(0, row_index)  # (B, r, out)
-    s = scale.index_select(0, row_index).to(a.dtype).view(b, 1, 1)
-    h = torch.bmm(x3, a.transpose(1, 2)) * s  # (B, T, r)
-    out3 = _rows3d(out)
-    if out3.dtype == bt.dtype:
-        # One batched GEMM with the add folded in.
-        if inplace:
-            return out3.baddbmm_(h, bt).view(out.shape)
-        return torch.baddbmm(out3, h, bt).view(out.shape)
-    delta = torch.bmm(h, bt).to(out.dtype).view(out.shape)
-    return out.add_(delta) if inplace else out + delta
-
-
-def torch_lora_mixed_grouped(
-    x: torch.Tensor,
-    out: torch.Tensor,
-    a_stack: torch.Tensor,
-    bt_stack: torch.Tensor,
-    scale: torch.Tensor,
-    group_slots: torch.Tensor,
-    rows: torch.Tensor,
-    row_group: torch.Tensor,
-    row_pos: torch.Tensor,
-    group_size: int,
-    inplace: bool = False,
-) -> torch.Tensor:
-    """:func:`torch_lora_mixed` with rows grouped by adapter: each adapter's factors are
-    read once for all its rows, instead of once per row.
-
-    The rows of each segment are packed into a zero-padded ``(N, group_size, tokens, in)``
-    block, so the batched matmuls see one matrix per distinct adapter. That pays off when
-    rows have few tokens and share adapters (decode); with many tokens per row the
-    packing costs more than the per-row gather saves.
-
-    ``x``, ``out``, ``a_stack``, ``bt_stack`` and ``scale`` are as in :func:`torch_lora_mixed`.
-
-    Args:
-        group_slots: ``(N,)`` int64 distinct slots.
-        rows: ``(R,)`` int64 rows using them, sorted by segment.
-        row_group: ``(R,)`` int64 segment of each listed row.
-        row_pos: ``(R,)`` int64 position of each listed row in its segment.
-        group_size: The longest segment's length.
-        inplace: Accumulate into ``out`` itself (see :func:`torch_lora_mixed`).
-
-    Returns:
-        A tensor shaped and typed like ``out``.
-    """
-    n = group_slots.shape[0]
-    x3 = _rows3d(x)
-    t = x3.shape[1]
-    a = a_stack.index_select(0, group_slots)  # (N, r, in)
-    bt = bt_stack.index_select(0, group_slots)  # (N, r, out)
-    xs = x3.index_select(0, rows).to(a.dtype)  # (R, T, in)
-    if n == 1:
-        packed = xs.reshape(1, -1, xs.shape[-1])  # one segment: no padding needed
-    else:
-        packed = xs.new_zeros((n, group_size, t, xs.shape[-1]))
-        packed[row_group, row_pos] = xs
-        packed = packed.view(n, group_size * t, -1)
-    s = scale.index_select(0, group_slots).to(a.dtype).view(n, 1, 1)
-    d = torch.bmm(torch.bmm(packed, a.transpose(1, 2)) * s, bt)  # (N, G*T, out)
-    if n == 1:
-        delta = d.view(-1, t, d.shape[-1])
-    else:
-        delta = d.view(n, group_size, t, -1)[row_group, row_pos]  # (R, T, out)
-    out3 = _rows3d(out)
-    delta = delta.to(out3.dtype)
-    if inplace:
-        return out3.index_add_(0, rows, delta).view(out.shape)
-    return out3.index_add(0, rows, delta).view(out.shape)
-
-
-def torch_ia3_mixed(
-    x: torch.Tensor, l_stack: torch.Tensor, row_index: torch.Tensor, inplace: bool = False
-) -> torch.Tensor:
-    """``x[b] * l[row_index[b]]``, broadcast over the row's tokens.
-
-    Args:
-        x: ``(B, ..., F)`` tensor to scale (inputs or outputs of a linear layer).
-        l_stack: ``(S, F)`` stacked IA³ scales.
-        row_index: ``(B,)`` int64 slot of each row.
-        inplace: Scale ``x`` itself (see :func:`torch_lora_mixed`).
-
-    Returns:
-        A tensor shaped and typed like ``x``.
-    """
-    scales = l_stack.index_select(0, row_index).to(x.dtype)  # (B, F)
-    shape = (x.shape[0],) + (1,) * (x.dim() - 2) + (x.shape[-1],)
-    return x.mul_(scales.view(shape)) if inplace else x * scales.view(shape)
-
-
-def torch_embedding_lora_mixed(
-    ids: torch.Tensor,
-    out: torch.Tensor,
-    a_stack: torch.Tensor,
-    bt_stack: torch.Tensor,
-    scale: torch.Tensor,
-    row_index: torch.Tensor,
-    inplace: bool = False,
-) -> torch.Tensor:
-    """``out[b] + scale[s] * A[s][ids[b]] @ B[s]^T`` with ``s = row_index[b]``.
-
-    Args:
-        ids: ``(B, ...)`` integer token ids.
-        out: ``(B, ..., dim)`` the embedding's output.
-        a_stack: ``(S, num_embeddings, r)`` stacked ``A`` tables.
-        bt_stack: ``(S, r, dim)`` stacked, transposed ``B`` factors.
-        scale: ``(S,)`` per-slot scaling.
-        row_index: ``(B,)`` int64 slot of each row.
-        inplace: Accumulate into ``out`` itself (see :func:`torch_lora_mixed`).
-
-    Returns:
-        A tensor shaped and typed like ``out``.
-    """
-    b = ids.shape[0]
-    num = a_stack.shape[1]
-    # One flat table: row b looks up a_stack[s].
-    flat_ids = ids.reshape(b, -1) + (row_index * num).view(b, 1)
-    h = torch.nn.functional.embedding(flat_ids, a_stack.reshape(-1, a_stack.shape[-1]))  # (B, T, r)
-    bt = bt_stack.index_select(0, row_index)
-    s = scale.index_select(0, row_index).to(h.dtype).view(b, 1, 1)
-    delta = torch.bmm(h * s, bt).to(out.dtype).view(out.shape)
-    return out.add_(delta) if inplace else out + delta
-
-
-# ----------------------------------------------------------------------------------------
-# the whole adapted linear layer with a per-row adapter: reference and registered op
-# ----------------------------------------------------------------------------------------
-def torch_lora_mixed_linear(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    bias: Optional[torch.Tensor],
-    row_index: torch.Tensor,
-    a_stack: Optional[torch.Tensor],
-    bt_stack: Optional[torch.Tensor],
-    scale: Optional[torch.Tensor],
-    ranks: Optional[torch.Tensor],
-    l_in_stack: Optional[torch.Tensor],
-    l_out_stack: Optional[torch.Tensor],
-    weight_kn: bool = False,
-) -> torch.Tensor:
-    """PyTorch reference (and CPU path) of :func:`lora_mixed_linear`.
-
-    ``y[i] = l_out[s] * (W (l_in[s] * x[i]) + b) + scale[s] * (x[i] A[s]^T) B[s]^T`` with
-    ``s = row_index[i]``, computed in fp32 and returned in ``x.dtype``. Rank rows at or
-    beyond ``ranks[s]`` are ignored (treated as zero), exactly as the kernels mask them.
-
-    Args:
-        x: ``(B, ..., K)``; rows are dimension 0, the other leading dimensions are tokens
-            of that row.
-        weight: ``(N, K)`` (``nn.Linear``) or ``(K, N)`` when ``weight_kn`` (``Conv1D``).
-        bias: ``(N,)`` or ``None``.
-        row_index: ``(B,)`` integer slot of each row.
-        a_stack: ``(S, r_max, K)`` stacked ``A`` factors or ``None`` (no LoRA).
-        bt_stack: ``(S, r_max, N)`` stacked ``B^T`` factors or ``None``.
-        scale: ``(S,)`` per-slot LoRA scaling or ``None`` (1).
-        ranks: ``(S,)`` true rank of each slot (0: no LoRA in that slot) or ``None``
-            (every slot uses all ``r_max`` rows).
-        l_in_stack: ``(S, K)`` input IA³ scales or ``None``.
-        l_out_stack: ``(S, N)`` output IA³ scales or ``None``.
-        weight_kn: Whether ``weight`` is stored ``(K, N)``.
-
-    Returns:
-        ``(B, ..., N)`` in ``x.dtype``.
-    """
-    b, k = x.shape[0], x.shape[-1]
-    idx = row_index.long()
-    x3 = x.reshape(b, -1, k).float()
-    w = weight.float()
-    xin = x3 * l_in_stack.float().index_select(0, idx).unsqueeze(1) if l_in_stack is not None else x3
-    y = xin @ w if weight_kn else xin @ w.t()  # (B, T, N)
-    if bias is not None:
-        y = y + bias.float()
-    if l_out_stack is not None:
-        y = y * l_out_stack.float().index_select(0, idx).unsqueeze(1)
-    if a_stack is not None and bt_stack is not None and a_stack.shape[1] > 0:
-        a = a_stack.float().index_select(0, idx)  # (B, r, K)
-        bt = bt_stack.float().index_select(0, idx)  # (B, r, N)
-        if ranks is not None:
-            # Rank rows past a slot's true rank are never read by the kernels: drop them
-            # here with where() (not a multiply: they may hold anything, even inf/nan).
-            r_idx = torch.arange(a.shape[1], device=a.device)
-            live = (r_idx < ranks.to(a.device).long().index_select(0, idx).unsqueeze(1)).unsqueeze(2)
-            zero = torch.zeros((), device=a.device)
-            a = torch.where(live, a, zero)
-            bt = torch.where(live, bt, zero)
-        h = torch.bmm(x3, a.transpose(1, 2))  # (B, T, r)
-        if scale is not None:
-            h = h * scale.float().index_select(0, idx).view(b, 1, 1)
-        y = y + torch.bmm(h, bt)
-    n = y.shape[-1]
-    return y.to(x.dtype).reshape(*x.shape[:-1], n)
-
-
+__all__ = ["lora_mixed_linear", "torch_lora_mixed_linear", "triton_kernels"]
 
 
 # ----------------------------------------------------------------------------------------
 # Triton kernels
 #
-# Two strategies share one op (chosen by shape only, in _choose_strategy):
+# Two strategies share one op (chosen by shape only, in choose_strategy):
 #
 # * "rows" (decode: few tokens, many distinct adapters). _shrink_rows_kernel computes
 #   each token's h = scale[s] * x A[s]^T once, gathering its slot's A (split over K
@@ -302,7 +56,7 @@ def torch_lora_mixed_linear(
 #   at or past ranks[s], so padded ranks cost no bytes and identity rows (rank 0) load
 #   no adapter data at all.
 # * "segments" (prefill: many tokens). Tokens are grouped into adapter-homogeneous
-#   tiles on the device (_segment_tiles: stable sort of the rows by slot, counts by
+#   tiles on the device (segment_tiles: stable sort of the rows by slot, counts by
 #   scatter_add, cumsum; no host sync), at most cdiv(M, BLOCK_M) + S tiles, so the
 #   grid depends only on shapes and the slot count. Each tile belongs to one slot:
 #   _shrink_segments_kernel runs tl.dot(x, A[s]^T) per tile and rank block,
@@ -313,10 +67,10 @@ def torch_lora_mixed_linear(
 # IA³ runs in the same launches: l_in[s] scales the x tile inside the base K-loop,
 # l_out[s] scales the base result in the epilogue (before the LoRA term is added).
 #
-# DOT_FP32: dot operands are upcast to fp32 (input_precision="ieee", so fp32 inputs never
-# silently become TF32) when any operand is fp32 or the dtypes differ, and always under
-# TRITON_INTERPRET=1: the interpreter computes fp16/bf16 tl.dot on the raw bits
-# (garbage), so it only gets fp32 operands. Accumulation is fp32 everywhere.
+# The base K-step, the bias/l_out epilogue and the dots are triton_helpers.py's, shared
+# with lora_linear.py. DOT_FP32 (see there) is set when any operand is fp32 or the dtypes
+# differ, and always under TRITON_INTERPRET=1; LORA_FP32 is the same rule for the
+# segments expand's B^T alone. Accumulation is fp32 everywhere.
 # ----------------------------------------------------------------------------------------
 if HAS_TRITON:
 
@@ -488,27 +242,11 @@ if HAS_TRITON:
         for k0 in range(k_lo, k_hi, BLOCK_K):
             offs_k = k0 + tl.arange(0, BLOCK_K)
             k_mask = offs_k < k_hi
-            xv = tl.load(
-                x_rows + offs_k[None, :] * stride_xk,
-                mask=m_mask[:, None] & k_mask[None, :],
-                other=0.0,
-            )
-            if HAS_L_IN:
-                li = tl.load(
-                    lin_ptr + s[:, None] * stride_lis + offs_k[None, :] * stride_lik,
-                    mask=m_mask[:, None] & k_mask[None, :],
-                    other=0.0,
-                )
-                xv = xv.to(tl.float32) * li.to(tl.float32)
-            wv = tl.load(
-                w_ptr + offs_k[:, None] * stride_wk + offs_n[None, :] * stride_wn,
-                mask=k_mask[:, None] & n_mask[None, :],
-                other=0.0,
-            )
-            if DOT_FP32:
-                acc = tl.dot(xv.to(tl.float32), wv.to(tl.float32), acc, input_precision="ieee")
-            else:
-                acc = tl.dot(xv.to(wv.dtype), wv, acc)
+            acc, _ = base_k_step(acc, x_rows + offs_k[None, :] * stride_xk, m_mask, k_mask,
+                                 w_ptr + offs_k[:, None] * stride_wk + offs_n[None, :] * stride_wn,
+                                 n_mask,
+                                 lin_ptr + s[:, None] * stride_lis + offs_k[None, :] * stride_lik,
+                                 m_mask[:, None] & k_mask[None, :], HAS_L_IN, DOT_FP32)
         if HAS_LORA:
             rank = tl.load(rank_ptr + s, mask=m_mask, other=0)
             r_top = tl.max(rank, axis=0)
@@ -540,15 +278,10 @@ if HAS_TRITON:
                     # .cg: read the other programs' partials from L2, never a stale L1
                     acc += tl.load(tile_ws + j * tiles * (BLOCK_M * BLOCK_N), cache_modifier=".cg")
         if last:
-            if HAS_BIAS:
-                acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-            if HAS_L_OUT:
-                lo = tl.load(
-                    lout_ptr + s[:, None] * stride_los + offs_n[None, :] * stride_lon,
-                    mask=m_mask[:, None] & n_mask[None, :],
-                    other=0.0,
-                )
-                acc = acc * lo.to(tl.float32)
+            # bias: contiguous (the launcher makes it so)
+            acc = bias_and_l_out(acc, bias_ptr, 1, offs_n, n_mask,
+                                 lout_ptr, s[:, None], stride_los, stride_lon,
+                                 m_mask[:, None] & n_mask[None, :], HAS_BIAS, HAS_L_OUT)
             if HAS_LORA:
                 if not SPREAD_LORA:
                     acc = _gather_expand(acc, hp_ptr, bt_rows, rank, offs_m, m_mask, n_mask, 0,
@@ -622,10 +355,7 @@ if HAS_TRITON:
                 mask=k_mask[:, None] & r_mask[None, :],
                 other=0.0,
             )
-            if DOT_FP32:
-                acc = tl.dot(xv.to(tl.float32), av.to(tl.float32), acc, input_precision="ieee")
-            else:
-                acc = tl.dot(xv, av.to(xv.dtype), acc)
+            acc = mma(xv, av, acc, DOT_FP32)
         if HAS_SCALE:
             acc = acc * tl.load(scale_ptr + s).to(tl.float32)
         tl.store(
@@ -705,47 +435,21 @@ if HAS_TRITON:
         for k0 in range(0, k_end, BLOCK_K):
             offs_k = k0 + tl.arange(0, BLOCK_K)
             k_mask = offs_k < K
-            xv = tl.load(
-                x_rows + offs_k[None, :] * stride_xk,
-                mask=p_mask[:, None] & k_mask[None, :],
-                other=0.0,
-            )
-            if HAS_L_IN:
-                li = tl.load(lin_ptr + s * stride_lis + offs_k * stride_lik, mask=k_mask, other=0.0)
-                xv = xv.to(tl.float32) * li.to(tl.float32)[None, :]
-            wv = tl.load(
-                w_ptr + offs_k[:, None] * stride_wk + offs_n[None, :] * stride_wn,
-                mask=k_mask[:, None] & n_mask[None, :],
-                other=0.0,
-            )
-            if DOT_FP32:
-                acc = tl.dot(xv.to(tl.float32), wv.to(tl.float32), acc, input_precision="ieee")
-            else:
-                acc = tl.dot(xv.to(wv.dtype), wv, acc)
-        if HAS_BIAS:
-            acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-        if HAS_L_OUT:
-            lo = tl.load(lout_ptr + s * stride_los + offs_n * stride_lon, mask=n_mask, other=0.0)
-            acc = acc * lo.to(tl.float32)[None, :]
+            acc, _ = base_k_step(acc, x_rows + offs_k[None, :] * stride_xk, p_mask, k_mask,
+                                 w_ptr + offs_k[:, None] * stride_wk + offs_n[None, :] * stride_wn,
+                                 n_mask, lin_ptr + s * stride_lis + offs_k * stride_lik, k_mask,
+                                 HAS_L_IN, DOT_FP32)
+        # bias: contiguous (the launcher makes it so)
+        acc = bias_and_l_out(acc, bias_ptr, 1, offs_n, n_mask,
+                             lout_ptr, s, stride_los, stride_lon, n_mask, HAS_BIAS, HAS_L_OUT)
         if HAS_LORA:
             rank = tl.where(start < end, tl.load(rank_ptr + s), 0)
             for r0 in range(0, rank, BLOCK_R):
                 offs_r = r0 + tl.arange(0, BLOCK_R)
                 r_mask = offs_r < rank
-                hv = tl.load(
-                    h_ptr + offs_p[:, None] * stride_hm + offs_r[None, :],
-                    mask=p_mask[:, None] & r_mask[None, :],
-                    other=0.0,
-                )
-                bv = tl.load(
-                    bt_ptr + s * stride_bs + offs_r[:, None] * stride_br + offs_n[None, :] * stride_bn,
-                    mask=r_mask[:, None] & n_mask[None, :],
-                    other=0.0,
-                )
-                if LORA_FP32:
-                    acc = tl.dot(hv, bv.to(tl.float32), acc, input_precision="ieee")
-                else:
-                    acc = tl.dot(hv.to(bv.dtype), bv, acc)
+                acc = add_h_bt(acc, h_ptr + offs_p[:, None] * stride_hm, p_mask, offs_r, r_mask,
+                               bt_ptr, s, stride_bs, stride_br, offs_n, stride_bn, n_mask,
+                               x_ptr.dtype.element_ty, LORA_FP32)
         tl.store(
             y_ptr + row[:, None] * stride_yb + t[:, None] * stride_yt + offs_n[None, :] * stride_yn,
             acc.to(y_ptr.dtype.element_ty),
@@ -758,148 +462,22 @@ if HAS_TRITON:
 # ----------------------------------------------------------------------------------------
 def _interpreted() -> bool:
     """Whether the kernels run in Triton's interpreter (decided when they were defined)."""
-    return HAS_TRITON and type(_mixed_rows_kernel).__name__ == "InterpretedFunction"
+    return HAS_TRITON and is_interpreted(_mixed_rows_kernel)
+
+
+def triton_kernels() -> dict:
+    """This op's ``@triton.jit`` kernels by name, for ahead-of-time compiles
+    (``report_configs.py``); empty without Triton."""
+    if not HAS_TRITON:
+        return {}
+    kernels = (_shrink_rows_kernel, _mixed_rows_kernel, _shrink_segments_kernel, _mixed_segments_kernel)
+    return {f.__name__: f for f in kernels}
 
 
 def _can_launch(x: torch.Tensor) -> bool:
     if not HAS_TRITON or x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         return False
     return x.is_cuda or (x.device.type == "cpu" and _interpreted())
-
-
-# Roofline constants of the target GPU (H200): HBM and L2 bandwidth (bytes/s), CUDA-core
-# fp32 FMA rate (FLOP/s), and the cost of the device-side segment plan (a stable sort,
-# a scatter_add, two cumsums, a searchsorted and a few element-wise ops: ~8 tiny
-# kernels at ~1 us each inside a CUDA graph).
-_HBM_BPS = 4.8e12
-_L2_BPS = 10e12
-_FP32_FLOPS = 60e12
-_TC_FLOPS = 989e12
-_PLAN_SECONDS = 8e-6
-
-
-def _choose_strategy(m: int, n: int, k: int, r_max: int, slots: int, elem: int) -> str:
-    """Pick ``"rows"`` (decode) or ``"segments"`` (prefill) from the shapes alone.
-
-    Both strategies stream W and compute the base product on tensor cores; they differ in
-    what the adapters cost on top, estimated with the H200's roofline:
-
-    * rows: every token re-reads its slot's A in the shrink (``m r K`` elements, mostly
-      L2 hits) and gathers B^T rows in the epilogue on the CUDA cores
-      (``2 m r (K + N)`` FLOPs), and W is re-read once per 64-token tile.
-    * segments: a fixed ~8 us for the device-side plan, and tiles padded at the end of
-      each slot's segment (on average half a tile per slot) run the base GEMM for nothing.
-
-    For d = 4096, r = 16 this gives rows for 64 decode tokens (~1 us of adapter cost
-    against ~9 us) and segments for 8 x 512 prefill tokens. Only shapes enter, never the
-    assignment, so every assignment of a batch launches the same kernels.
-
-    Args:
-        m: Tokens (rows times tokens per row).
-        n: Output features.
-        k: Input features.
-        r_max: Padded rank of the stacks (0 without LoRA).
-        slots: Number of slots ``S``.
-        elem: Bytes per element of the adapter stacks.
-
-    Returns:
-        ``"rows"`` or ``"segments"``.
-    """
-    rows_cost = m * r_max * k * elem / _L2_BPS + 2.0 * m * r_max * (k + n) / _FP32_FLOPS
-    rows_cost += (triton.cdiv(m, 64) - 1) * n * k * elem / _HBM_BPS
-    block_m = 128
-    padded = min(slots, m) * block_m / 2
-    seg_cost = _PLAN_SECONDS + 2.0 * padded * n * k / _TC_FLOPS
-    return "rows" if rows_cost <= seg_cost else "segments"
-
-
-def _rows_config(m: int, fp32: bool) -> dict:
-    """Block sizes for the "rows" kernels (one place, also read by report_configs)."""
-    if _interpreted():  # one small config: the interpreter's cost grows with the tile
-        return dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, num_warps=4, num_stages=1, SHRINK_K=128,
-                    SHRINK_R=32)
-    # Each program reads BLOCK_M x K of x (from L2) per BLOCK_N x K of W (from HBM): wide
-    # N-tiles keep the x re-reads below W's bytes, split-K (see _split_k) restores the
-    # parallelism they take away. Shared memory: <= 96 KiB over 4 stages (sm_80 has 163).
-    # The shrink walks the rank 16 rows at a time (a slot's padding costs < 16 rows).
-    if m <= 16:
-        cfg = dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, num_warps=4)
-    elif m <= 32:
-        cfg = dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=128, num_warps=4)
-    else:
-        cfg = dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, num_warps=8)
-    if fp32:  # ieee fp32 dots run on the CUDA cores, operands in registers: short K-steps
-        # and at most 64 columns (wider or longer tiles spill on sm_80, compile report)
-        cfg.update(BLOCK_K=16, BLOCK_N=64, num_warps=4)
-    return dict(cfg, num_stages=4, SHRINK_K=256, SHRINK_R=16)
-
-
-_SM_COUNT: dict = {}
-
-
-def _programs_wanted(device: torch.device) -> int:
-    """Programs that fill the GPU once (its SM count; 8 under the interpreter so that the
-    tests' small shapes exercise the split-K path)."""
-    if device.type != "cuda":
-        return 8
-    idx = device.index if device.index is not None else torch.cuda.current_device()
-    if idx not in _SM_COUNT:
-        _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
-    return _SM_COUNT[idx]
-
-
-def _split_k(tiles: int, k: int, block_k: int, device: torch.device) -> tuple:
-    """``(SPLIT_K, K_CHUNK)`` for the rows GEMM: split K while the output tiles alone
-    cannot fill the GPU (decode), keeping at least 4 K-blocks per split on a GPU (fewer
-    and the partial tiles' traffic outweighs the gain). Shapes only."""
-    min_blocks = 1 if device.type != "cuda" else 4
-    split = max(1, min(8, _programs_wanted(device) // tiles, k // (min_blocks * block_k)))
-    chunk = triton.cdiv(triton.cdiv(k, split), block_k) * block_k
-    return triton.cdiv(k, chunk), chunk
-
-
-def _segments_config(fp32: bool, r_max: int) -> dict:
-    """Block sizes for the "segments" kernels."""
-    block_r = 16 if r_max <= 16 else 32
-    if _interpreted():
-        return dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, BLOCK_R=block_r, num_warps=4, num_stages=1)
-    if fp32:  # ieee fp32 dots run on the CUDA cores: smaller tiles (64 rows spill on sm_80)
-        return dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=32, BLOCK_R=block_r, num_warps=4, num_stages=3)
-    return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, BLOCK_R=block_r, num_warps=8, num_stages=3)
-
-
-def _segment_tiles(row_index: torch.Tensor, slots: int, tokens: int, block_m: int):
-    """Slot-homogeneous token tiles, built on the device without a host sync.
-
-    Rows are stably sorted by slot; slot ``s`` owns the sorted token positions
-    ``[seg_start[s], seg_end[s])`` and ``cdiv(count, block_m)`` tiles of them. The table
-    has a fixed length ``cdiv(M, block_m) + S`` (a bound on the real tile count), so the
-    grid depends only on shapes; entries past the real count are empty (start == end).
-
-    Returns:
-        ``(tiles (3, NT) int32 [slot, start, end], order (B,) int64)``.
-    """
-    dev = row_index.device
-    m = row_index.shape[0] * tokens
-    nt = triton.cdiv(m, block_m) + slots
-    order = torch.argsort(row_index, stable=True)
-    counts = torch.zeros(slots, dtype=torch.long, device=dev)
-    counts.scatter_add_(0, row_index, torch.ones_like(row_index))
-    tok = counts * tokens
-    seg_end = torch.cumsum(tok, 0)
-    seg_start = seg_end - tok
-    ntiles = (tok + block_m - 1) // block_m
-    tiles_end = torch.cumsum(ntiles, 0)
-    t = torch.arange(nt, device=dev)
-    slot = torch.searchsorted(tiles_end, t, right=True)
-    valid = slot < slots
-    slot = slot.clamp(max=slots - 1)
-    start = seg_start[slot] + (t - (tiles_end[slot] - ntiles[slot])) * block_m
-    end = seg_end[slot]
-    zero = torch.zeros((), dtype=torch.long, device=dev)
-    start = torch.where(valid, start, zero)
-    end = torch.where(valid, end, zero)
-    return torch.stack([slot, start, end]).to(torch.int32), order
 
 
 def _check_inputs(x, weight, bias, row_index, a_stack, bt_stack, scale, ranks, l_in_stack,
@@ -985,12 +563,16 @@ def _launch(
     r_max = a_stack.shape[1] if has_lora else 0
     stacks = [t for t in (a_stack, l_in_stack, l_out_stack, scale, ranks) if t is not None]
     slots = stacks[0].shape[0] if stacks else 1
-    row_index = row_index.to(device=x.device, dtype=torch.long)
+    # The kernels index the 1-D vectors (row_index, ranks, scale, bias) with unit stride:
+    # a strided view is copied (a no-op for the contiguous vectors the library passes).
+    row_index = row_index.to(device=x.device, dtype=torch.long).contiguous()
     if not stacks:  # nothing per row: every row is in the one (identity) slot
         row_index = torch.zeros_like(row_index)
     if has_lora:
         ranks = (torch.full((slots,), r_max, dtype=torch.int32, device=x.device)
-                 if ranks is None else ranks.to(device=x.device, dtype=torch.int32))
+                 if ranks is None else ranks.to(device=x.device, dtype=torch.int32).contiguous())
+    scale = scale.contiguous() if scale is not None else None
+    bias = bias.contiguous() if bias is not None else None
     dummy = y  # stands for absent tensors; the kernels never read it (constexpr flags)
     a = a_stack if has_lora else dummy
     bt = bt_stack if has_lora else dummy
@@ -1013,13 +595,13 @@ def _launch(
     shrink_fp32 = interp or (has_lora and (a.dtype == torch.float32 or a.dtype != x.dtype))
     if strategy is None:
         elem = a.element_size() if has_lora else x.element_size()
-        strategy = _choose_strategy(m, n, k, r_max, slots, elem)
+        strategy = choose_strategy(m, n, k, r_max, slots, elem)
     flags = dict(HAS_BIAS=bias is not None, HAS_LORA=has_lora, HAS_L_IN=l_in_stack is not None,
                  HAS_L_OUT=l_out_stack is not None)
     if strategy == "rows":
-        cfg = _rows_config(m, dot_fp32)
+        cfg = rows_config(m, dot_fp32, interp)
         tiles_m, tiles_n = triton.cdiv(m, cfg["BLOCK_M"]), triton.cdiv(n, cfg["BLOCK_N"])
-        split_k, gemm_chunk = _split_k(tiles_m * tiles_n, k, cfg["BLOCK_K"], x.device)
+        split_k, gemm_chunk = k_splits(tiles_m * tiles_n, k, cfg["BLOCK_K"], x.device)
         ws = cnt = dummy
         if split_k > 1:
             ws = torch.empty((split_k, tiles_m * tiles_n, cfg["BLOCK_M"], cfg["BLOCK_N"]),
@@ -1058,8 +640,8 @@ def _launch(
         return y
     if strategy != "segments":
         raise ValueError(f"strategy must be 'rows' or 'segments', got {strategy!r}")
-    cfg = _segments_config(dot_fp32, r_max)
-    tiles, order = _segment_tiles(row_index, slots, tokens, cfg["BLOCK_M"])
+    cfg = segments_config(dot_fp32, r_max, interp)
+    tiles, order = segment_tiles(row_index, slots, tokens, cfg["BLOCK_M"])
     nt = tiles.shape[1]
     h = dummy
     h_stride = 0
@@ -1148,140 +730,69 @@ def _(x, weight, bias, row_index, a_stack, bt_stack, scale, ranks, l_in_stack, l
 
 
 # ----------------------------------------------------------------------------------------
-# compile report (ci/kernel_report.py)
+# the PyTorch reference (and CPU path)
 # ----------------------------------------------------------------------------------------
-_REPORT_DTYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+def torch_lora_mixed_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    row_index: torch.Tensor,
+    a_stack: Optional[torch.Tensor],
+    bt_stack: Optional[torch.Tensor],
+    scale: Optional[torch.Tensor],
+    ranks: Optional[torch.Tensor],
+    l_in_stack: Optional[torch.Tensor],
+    l_out_stack: Optional[torch.Tensor],
+    weight_kn: bool = False,
+) -> torch.Tensor:
+    """PyTorch reference (and CPU path) of :func:`lora_mixed_linear`.
 
+    ``y[i] = l_out[s] * (W (l_in[s] * x[i]) + b) + scale[s] * (x[i] A[s]^T) B[s]^T`` with
+    ``s = row_index[i]``, computed in fp32 and returned in ``x.dtype``. Rank rows at or
+    beyond ``ranks[s]`` are ignored (treated as zero), exactly as the kernels mask them.
 
-def report_configs() -> list:
-    """Every kernel configuration the launcher can choose, for ``ci/kernel_report.py``.
-
-    Shapes are the benchmark's (d = 4096, rank-16 stacks, decode: 1 token per row,
-    prefill: 512 tokens per row); every feature flag is on (bias, LoRA, both IA³
-    scales), the configuration with the most live registers. Strides of 1 are
-    constexprs and sizes/strides divisible by 16 are listed in ``divisible_by_16``, as
-    the JIT would specialize them.
+    Args:
+        x: ``(B, ..., K)``; rows are dimension 0, the other leading dimensions are tokens
+            of that row.
+        weight: ``(N, K)`` (``nn.Linear``) or ``(K, N)`` when ``weight_kn`` (``Conv1D``).
+        bias: ``(N,)`` or ``None``.
+        row_index: ``(B,)`` integer slot of each row.
+        a_stack: ``(S, r_max, K)`` stacked ``A`` factors or ``None`` (no LoRA).
+        bt_stack: ``(S, r_max, N)`` stacked ``B^T`` factors or ``None``.
+        scale: ``(S,)`` per-slot LoRA scaling or ``None`` (1).
+        ranks: ``(S,)`` true rank of each slot (0: no LoRA in that slot) or ``None``
+            (every slot uses all ``r_max`` rows).
+        l_in_stack: ``(S, K)`` input IA³ scales or ``None``.
+        l_out_stack: ``(S, N)`` output IA³ scales or ``None``.
+        weight_kn: Whether ``weight`` is stored ``(K, N)``.
 
     Returns:
-        A list of dicts with keys ``kernel``, ``fn``, ``signature``, ``constexprs``,
-        ``divisible_by_16``, ``config``, ``case``, ``variant`` and (some) ``quick``, as
-        ``ci/kernel_report.py`` documents them (empty without Triton).
+        ``(B, ..., N)`` in ``x.dtype``.
     """
-    if not HAS_TRITON or _interpreted():
-        return []
-    records = []
-    for dtype, ty in _REPORT_DTYPES.items():
-        fp32 = dtype == torch.float32
-        flags = dict(HAS_BIAS=True, HAS_LORA=True, HAS_L_IN=True, HAS_L_OUT=True)
-        # every feature on (the most loads) and LoRA + bias alone (the benchmark's case):
-        # ptxas allocates registers differently for each, so both are checked for spills
-        flag_sets = (("all", flags), ("lora", dict(flags, HAS_L_IN=False, HAS_L_OUT=False)))
-        for block_m in (16, 32, 64):
-            cfg = _rows_config(block_m, fp32)
-            shrink_sig = {
-                "x_ptr": f"*{ty}", "a_ptr": f"*{ty}", "row_ptr": "*i64", "rank_ptr": "*i32",
-                "scale_ptr": "*fp32", "hp_ptr": "*fp32", "cnt_ptr": "*i32", "T": "constexpr",
-                "K": "i32", "K_CHUNK": "i32", "N_CNT": "i32", "stride_xb": "i32", "stride_xt": "i32", "stride_xk": "constexpr",
-                "stride_as": "i32", "stride_ar": "i32", "stride_ak": "constexpr",
-                "stride_hs": "i32", "stride_hm": "i32", "HAS_SCALE": "constexpr",
-                "BLOCK_R": "constexpr", "BLOCK_K": "constexpr",
-            }
-            if block_m == 16:  # the shrink's config does not depend on M
-                records.append(dict(
-                    kernel="_shrink_rows_kernel", fn=_shrink_rows_kernel, signature=shrink_sig,
-                    constexprs=dict(T=1, stride_xk=1, stride_ak=1, HAS_SCALE=True,
-                                    BLOCK_R=cfg["SHRINK_R"],
-                                    BLOCK_K=cfg["SHRINK_K"]),
-                    divisible_by_16=["x_ptr", "a_ptr", "row_ptr", "rank_ptr", "scale_ptr",
-                                     "hp_ptr", "cnt_ptr", "K", "N_CNT", "K_CHUNK", "stride_xb", "stride_xt",
-                                     "stride_as", "stride_ar", "stride_hs", "stride_hm"],
-                    config=dict(BLOCK_M=1, BLOCK_N=cfg["SHRINK_R"], BLOCK_K=cfg["SHRINK_K"], num_warps=4,
-                                num_stages=3),
-                    case="decode", variant=ty,
-                ))
-            sig = {
-                "x_ptr": f"*{ty}", "w_ptr": f"*{ty}", "bias_ptr": f"*{ty}", "row_ptr": "*i64",
-                "rank_ptr": "*i32", "bt_ptr": f"*{ty}", "hp_ptr": "*fp32", "lin_ptr": f"*{ty}",
-                "lout_ptr": f"*{ty}", "y_ptr": f"*{ty}", "ws_ptr": "*fp32", "cnt_ptr": "*i32",
-                "M": "i32", "N": "i32", "K": "i32", "T": "constexpr", "SPLIT": "i32",
-                "K_CHUNK": "i32", "stride_xb": "i32", "stride_xt": "i32", "stride_xk": "constexpr",
-                "stride_wn": "i32", "stride_wk": "constexpr", "stride_bs": "i32",
-                "stride_br": "i32", "stride_bn": "constexpr", "stride_hs": "i32",
-                "stride_hm": "i32", "stride_lis": "i32", "stride_lik": "constexpr",
-                "stride_los": "i32", "stride_lon": "constexpr", "stride_yb": "i32",
-                "stride_yt": "i32", "stride_yn": "constexpr",
-            }
-            sig.update({name: "constexpr" for name in (*flags, "DOT_FP32", "SPLIT_K", "SPREAD_LORA", "BLOCK_M", "BLOCK_N", "BLOCK_K")})
-            # d = 4096 on 132 SMs (the launcher's _split_k for one M-tile); no split once
-            # the tiles fill the GPU (larger M).
-            tiles = triton.cdiv(4096, cfg["BLOCK_N"])
-            splits = (1, max(2, min(8, 132 // tiles, 4096 // (4 * cfg["BLOCK_K"]))))
-            for (fname, fl), split_k in itertools.product(flag_sets, splits):
-                records.append(dict(
-                    kernel="_mixed_rows_kernel", fn=_mixed_rows_kernel, signature=sig,
-                    constexprs=dict(T=1, stride_xk=1, stride_wk=1, stride_bn=1, stride_lik=1,
-                                    stride_lon=1, stride_yn=1, **fl, DOT_FP32=fp32,
-                                    SPLIT_K=split_k, SPREAD_LORA=split_k > 1 and not fl["HAS_L_OUT"],
-                                    BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
-                                    BLOCK_K=cfg["BLOCK_K"]),
-                    divisible_by_16=["x_ptr", "w_ptr", "bias_ptr", "row_ptr", "rank_ptr", "bt_ptr",
-                                     "hp_ptr", "lin_ptr", "lout_ptr", "y_ptr", "ws_ptr", "cnt_ptr",
-                                     "M", "N", "K", "K_CHUNK", "stride_xb", "stride_xt",
-                                     "stride_wn", "stride_bs", "stride_br", "stride_hs",
-                                     "stride_hm", "stride_lis", "stride_los", "stride_yb",
-                                     "stride_yt"],
-                    config={key: cfg[key] for key in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps", "num_stages")},
-                    case="decode", variant=f"{ty} {fname} split_k={split_k}",
-                    quick=ty == "bf16" and block_m == 64 and split_k > 1 and fname == "lora",
-                ))
-        for r_max in (16, 64):
-            cfg = _segments_config(fp32, r_max)
-            shrink_sig = {
-                "x_ptr": f"*{ty}", "a_ptr": f"*{ty}", "tiles_ptr": "*i32", "order_ptr": "*i64",
-                "rank_ptr": "*i32", "scale_ptr": "*fp32", "h_ptr": "*fp32", "T": "i32", "K": "i32",
-                "NT": "i32", "stride_xb": "i32", "stride_xt": "i32", "stride_xk": "constexpr",
-                "stride_as": "i32", "stride_ar": "i32", "stride_ak": "constexpr",
-                "stride_hm": "i32",
-            }
-            shrink_sig.update({n: "constexpr" for n in ("HAS_SCALE", "DOT_FP32", "BLOCK_M", "BLOCK_R", "BLOCK_K")})
-            records.append(dict(
-                kernel="_shrink_segments_kernel", fn=_shrink_segments_kernel, signature=shrink_sig,
-                constexprs=dict(stride_xk=1, stride_ak=1, HAS_SCALE=True, DOT_FP32=fp32,
-                                BLOCK_M=cfg["BLOCK_M"], BLOCK_R=cfg["BLOCK_R"], BLOCK_K=cfg["BLOCK_K"]),
-                divisible_by_16=["x_ptr", "a_ptr", "tiles_ptr", "order_ptr", "rank_ptr",
-                                 "scale_ptr", "h_ptr", "T", "K", "stride_xb", "stride_xt",
-                                 "stride_as", "stride_ar", "stride_hm"],
-                config=dict(BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_R"], BLOCK_K=cfg["BLOCK_K"],
-                            num_warps=4, num_stages=cfg["num_stages"]),
-                case="prefill", variant=f"{ty} r_max={r_max}",
-            ))
-            sig = {
-                "x_ptr": f"*{ty}", "w_ptr": f"*{ty}", "bias_ptr": f"*{ty}", "tiles_ptr": "*i32",
-                "order_ptr": "*i64", "rank_ptr": "*i32", "bt_ptr": f"*{ty}", "h_ptr": "*fp32",
-                "lin_ptr": f"*{ty}", "lout_ptr": f"*{ty}", "y_ptr": f"*{ty}", "N": "i32",
-                "K": "i32", "T": "i32", "NT": "i32",
-                "stride_xb": "i32", "stride_xt": "i32", "stride_xk": "constexpr",
-                "stride_wn": "i32", "stride_wk": "constexpr", "stride_bs": "i32",
-                "stride_br": "i32", "stride_bn": "constexpr", "stride_hm": "i32",
-                "stride_lis": "i32", "stride_lik": "constexpr", "stride_los": "i32",
-                "stride_lon": "constexpr", "stride_yb": "i32", "stride_yt": "i32",
-                "stride_yn": "constexpr",
-            }
-            sig.update({n: "constexpr" for n in (*flags, "DOT_FP32", "LORA_FP32", "BLOCK_M", "BLOCK_N", "BLOCK_K", "BLOCK_R")})
-            for fname, fl in flag_sets:
-                records.append(dict(
-                    kernel="_mixed_segments_kernel", fn=_mixed_segments_kernel, signature=sig,
-                    constexprs=dict(stride_xk=1, stride_wk=1, stride_bn=1, stride_lik=1,
-                                    stride_lon=1, stride_yn=1, **fl, DOT_FP32=fp32, LORA_FP32=fp32,
-                                    BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
-                                    BLOCK_K=cfg["BLOCK_K"], BLOCK_R=cfg["BLOCK_R"]),
-                    divisible_by_16=["x_ptr", "w_ptr", "bias_ptr", "tiles_ptr", "order_ptr",
-                                     "rank_ptr", "bt_ptr", "h_ptr", "lin_ptr", "lout_ptr", "y_ptr",
-                                     "N", "K", "T", "stride_xb", "stride_xt", "stride_wn",
-                                     "stride_bs", "stride_br", "stride_hm", "stride_lis",
-                                     "stride_los", "stride_yb", "stride_yt"],
-                    config={key: cfg[key] for key in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps", "num_stages")},
-                    case="prefill", variant=f"{ty} {fname} r_max={r_max}",
-                    quick=ty == "bf16" and r_max == 16 and fname == "lora",
-                ))
-    return records
+    b, k = x.shape[0], x.shape[-1]
+    idx = row_index.long()
+    x3 = x.reshape(b, -1, k).float()
+    w = weight.float()
+    xin = x3 * l_in_stack.float().index_select(0, idx).unsqueeze(1) if l_in_stack is not None else x3
+    y = xin @ w if weight_kn else xin @ w.t()  # (B, T, N)
+    if bias is not None:
+        y = y + bias.float()
+    if l_out_stack is not None:
+        y = y * l_out_stack.float().index_select(0, idx).unsqueeze(1)
+    if a_stack is not None and bt_stack is not None and a_stack.shape[1] > 0:
+        a = a_stack.float().index_select(0, idx)  # (B, r, K)
+        bt = bt_stack.float().index_select(0, idx)  # (B, r, N)
+        if ranks is not None:
+            # Rank rows past a slot's true rank are never read by the kernels: drop them
+            # here with where() (not a multiply: they may hold anything, even inf/nan).
+            r_idx = torch.arange(a.shape[1], device=a.device)
+            live = (r_idx < ranks.to(a.device).long().index_select(0, idx).unsqueeze(1)).unsqueeze(2)
+            zero = torch.zeros((), device=a.device)
+            a = torch.where(live, a, zero)
+            bt = torch.where(live, bt, zero)
+        h = torch.bmm(x3, a.transpose(1, 2))  # (B, T, r)
+        if scale is not None:
+            h = h * scale.float().index_select(0, idx).view(b, 1, 1)
+        y = y + torch.bmm(h, bt)
+    n = y.shape[-1]
+    return y.to(x.dtype).reshape(*x.shape[:-1], n)

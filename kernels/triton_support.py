@@ -22,4 +22,13 @@ except Exception:  # pragma: no cover - depends on the platform
     tl = None
     HAS_TRITON = False
 
-__all__ = ["HAS_TRITON", "triton", "tl"]
+__all__ = ["HAS_TRITON", "triton", "tl", "is_interpreted"]
+
+
+def is_interpreted(fn) -> bool:
+    """Whether the ``@triton.jit`` function ``fn`` runs in Triton's CPU interpreter.
+
+    ``triton.jit`` decides when the function is defined (``TRITON_INTERPRET=1`` in the
+    environment then), so this asks the function, not the environment.
+    """
+    return type(fn).__name__ == "InterpretedFunction"

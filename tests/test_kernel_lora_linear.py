@@ -206,7 +206,7 @@ def test_base_only_and_empty_rank(dtype, m):
 
 
 def _configs() -> list[tuple[int, int, torch.dtype, dict]]:
-    """Every distinct configuration _pick_config can choose, with a rank that selects it.
+    """Every distinct configuration pick_config can choose, with a rank that selects it.
 
     One case per (dtype, tile, strategy, LoRA or not) over sm_80 and sm_90 choices and
     both decode widths; for bf16 also per padded rank class (16 / 64 / 256), which
@@ -218,7 +218,7 @@ def _configs() -> list[tuple[int, int, torch.dtype, dict]]:
             for m in (1, 64, 4096):
                 for n in (4096, 14336):
                     for r in (0, 16, 64, 256):
-                        cfg = L._pick_config(m, n, 4096, r, dtype, arch)
+                        cfg = L.pick_config(m, n, 4096, r, dtype, arch)
                         tile = tuple(cfg[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "R_BLOCK"))
                         key = (dtype, tile, cfg["shrink_in_loop"], r > 0)
                         if dtype == torch.bfloat16 and arch == 90 and r in (64, 256):
@@ -249,18 +249,18 @@ def test_every_config(m_pick, r, dtype, cfg):
 
 
 def test_pick_config_is_the_documented_rule():
-    assert L._pick_config(16, 4096, 4096, 16, torch.bfloat16)["case"] == "decode"
-    assert L._pick_config(16, 4096, 4096, 16, torch.bfloat16)["shrink_in_loop"]
-    assert L._pick_config(17, 4096, 4096, 16, torch.bfloat16)["case"] == "prefill"
-    assert not L._pick_config(17, 4096, 4096, 16, torch.bfloat16)["shrink_in_loop"]
+    assert L.pick_config(16, 4096, 4096, 16, torch.bfloat16)["case"] == "decode"
+    assert L.pick_config(16, 4096, 4096, 16, torch.bfloat16)["shrink_in_loop"]
+    assert L.pick_config(17, 4096, 4096, 16, torch.bfloat16)["case"] == "prefill"
+    assert not L.pick_config(17, 4096, 4096, 16, torch.bfloat16)["shrink_in_loop"]
     # Above rank 64 decode precomputes h (re-reading A per N-tile would cost more than W).
-    assert not L._pick_config(1, 4096, 4096, 65, torch.bfloat16)["shrink_in_loop"]
-    assert L._pick_config(1, 4096, 4096, 65, torch.bfloat16)["R_PAD"] == 128
-    assert L._pick_config(1, 4096, 4096, 1, torch.bfloat16)["R_PAD"] == 16
+    assert not L.pick_config(1, 4096, 4096, 65, torch.bfloat16)["shrink_in_loop"]
+    assert L.pick_config(1, 4096, 4096, 65, torch.bfloat16)["R_PAD"] == 128
+    assert L.pick_config(1, 4096, 4096, 1, torch.bfloat16)["R_PAD"] == 16
     # sm_80 gets a tile that does not spill; smaller parts get fewer pipeline stages.
-    assert L._pick_config(4096, 4096, 4096, 16, torch.bfloat16, 80)["BLOCK_N"] == 128
-    assert L._pick_config(4096, 4096, 4096, 16, torch.bfloat16, 90)["BLOCK_N"] == 256
-    assert L._pick_config(1, 4096, 4096, 64, torch.bfloat16, 86)["num_stages"] < 4
+    assert L.pick_config(4096, 4096, 4096, 16, torch.bfloat16, 80)["BLOCK_N"] == 128
+    assert L.pick_config(4096, 4096, 4096, 16, torch.bfloat16, 90)["BLOCK_N"] == 256
+    assert L.pick_config(1, 4096, 4096, 64, torch.bfloat16, 86)["num_stages"] < 4
 
 
 @needs_kernels

@@ -20,6 +20,8 @@ from torch import nn
 
 from tinytune.kernels.triton_support import HAS_TRITON
 from tinytune.kernels import lora_mixed as lm
+from tinytune.kernels import lora_mixed_plan as plan
+from tinytune.kernels import report_configs
 from tinytune.kernels.lora_mixed import lora_mixed_linear, torch_lora_mixed_linear
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -201,6 +203,22 @@ def test_kernels_without_ranks_or_scale_use_full_stacks():
 
 
 @needs_kernels
+@pytest.mark.parametrize("strategy", ["rows", "segments"])
+def test_kernels_take_strided_vectors(strategy):
+    # bias, row_index, scale and ranks as views with stride 2 into buffers whose other
+    # elements are poison (NaN; for the integer vectors, the identity slot and rank 0):
+    # the kernels index these vectors with unit stride, so the launcher must hand them
+    # over contiguous.
+    args = list(_problem(5, 3, 4, torch.float32, seed=3))
+    slots = args[6].shape[0]
+    for i, poison in ((2, float("nan")), (3, slots - 1), (6, float("nan")), (7, 0)):
+        t = args[i]
+        args[i] = torch.stack([t, torch.full_like(t, poison)], dim=1)[:, 0]
+        assert args[i].stride() == (2,) and torch.equal(args[i], t)
+    _check(tuple(args), strategy)
+
+
+@needs_kernels
 def test_op_dispatches_to_kernels_and_matches_reference():
     args = _problem(5, 7, 3, torch.bfloat16, seed=7)
     got = torch.ops.tinytune.lora_mixed_linear(*args)
@@ -342,7 +360,7 @@ def test_segment_tiles_cover_every_token_once_by_slot(seed):
     g = torch.Generator().manual_seed(seed)
     rows, tokens, slots, block = 11, 3, 5, 4
     row_index = torch.randint(0, slots, (rows,), generator=g)
-    tiles, order = lm._segment_tiles(row_index, slots, tokens, block)
+    tiles, order = plan.segment_tiles(row_index, slots, tokens, block)
     assert tiles.shape == (3, triton_cdiv(rows * tokens, block) + slots)
     covered = []
     for slot, start, end in tiles.t().tolist():
@@ -362,13 +380,13 @@ def triton_cdiv(a: int, b: int) -> int:
 @pytest.mark.skipif(not HAS_TRITON, reason="needs Triton")
 def test_strategy_from_shapes():
     # The GPU benchmark's shapes (d = 4096, rank 16): decode by rows, prefill by segments.
-    assert lm._choose_strategy(64, 4096, 4096, 16, 65, 2) == "rows"
-    assert lm._choose_strategy(8 * 512, 4096, 4096, 16, 5, 2) == "segments"
-    assert lm._choose_strategy(1, 4096, 4096, 128, 2, 2) == "rows"
+    assert plan.choose_strategy(64, 4096, 4096, 16, 65, 2) == "rows"
+    assert plan.choose_strategy(8 * 512, 4096, 4096, 16, 5, 2) == "segments"
+    assert plan.choose_strategy(1, 4096, 4096, 128, 2, 2) == "rows"
 
 
 def test_report_configs_cover_both_strategies():
-    records = lm.report_configs()
+    records = report_configs.lora_mixed_configs()
     if not HAS_TRITON or lm._interpreted():
         assert records == []
         return

@@ -746,8 +746,8 @@ def test_same_logits_as_peft_adapter_names():
 
 
 def test_reference_ops_against_per_row_loops():
-    """The tensor-only references (tinytune.kernels.lora_mixed) on odd shapes."""
-    from tinytune.kernels.lora_mixed import (
+    """The tensor-only references (tinytune.mixed_torch) on odd shapes."""
+    from tinytune.mixed_torch import (
         torch_embedding_lora_mixed,
         torch_ia3_mixed,
         torch_lora_mixed,

@@ -10,8 +10,9 @@ How it works:
 * Per call, the names become a ``row_index`` tensor: the *slot* of each row's adapter.
 * Per adapted module, the adapters' layers of the stackable kinds (LoRA on linear and
   embedding layers, IA³) are stacked into rank-padded tensors with one slot per adapter
-  plus a last identity slot (see :mod:`tinytune.kernels.lora_mixed`, which holds the
-  tensor-only math that the PyTorch path and the fused kernels share). The stacks are
+  plus a last identity slot (see :mod:`tinytune.mixed_torch`, the PyTorch path's
+  tensor-only math, whose layout the fused op :mod:`tinytune.kernels.lora_mixed` takes
+  unchanged). The stacks are
   the stacked parameters' storage (each parameter becomes a view of its slot, see
   :class:`SiteStacks`), so in-place changes of values, by any means, are never served
   stale; what a view cannot follow (new parameter objects, rebound ``.data``, a new
@@ -36,8 +37,8 @@ and the loaded adapters, never on which row uses which adapter, so changing the
 assignment does not recompile; ``modules_to_save`` and custom layers then run every
 loaded copy at their module on the whole batch and select rows with a mask.
 
-Floor 7: imports ``errors``, ``util``, ``layers``, ``adapter``, ``dispatch``,
-``stacks``, ``serving`` and the tensor-only ``kernels``; reaches the adapters through
+Floor 7: imports ``errors``, ``util``, ``layers``, ``mixed_torch``, ``adapter``,
+``dispatch``, ``stacks`` and ``serving``; reaches the adapters through
 ``wrapper.registry``.
 """
 
@@ -51,13 +52,13 @@ from torch import nn
 
 from . import dispatch
 from .errors import AdapterNotFoundError, AdapterStateError, MixedBatchError, suggest, wrong_type
-from .kernels.lora_mixed import (
+from .layers import first_input, replace_first_input
+from .mixed_torch import (
     torch_embedding_lora_mixed,
     torch_ia3_mixed,
     torch_lora_mixed,
     torch_lora_mixed_grouped,
 )
-from .layers import first_input, replace_first_input
 
 from .adapter import BASE_ADAPTER_NAME
 from .serving import arm_hooks

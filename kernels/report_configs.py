@@ -1,0 +1,302 @@
+"""The compile report's registry: every kernel configuration the launchers can choose.
+
+``ci/kernel_report.py`` compiles each record for sm_80 and sm_90a on a machine without
+a GPU and checks registers, spills, shared memory and tensor-core use; its docstring
+documents the record keys. One function per op, each reading its op's planner (the
+tiles are the launchers' own choices, never copies):
+
+* :func:`lora_linear_configs`: ``lora_linear.pick_config`` over decode and prefill,
+  every padded rank class, dtypes, weight layouts and both architectures;
+* :func:`lora_mixed_configs`: ``lora_mixed_plan.rows_config`` and ``segments_config``
+  for both strategies, dtypes and feature sets.
+
+Shapes are the benchmarks' (d = 4096, rank-16 stacks, ...). Strides of 1 are constexprs
+and sizes/strides divisible by 16 are listed in ``divisible_by_16``, as the JIT would
+specialize them. Every list is empty without Triton or under ``TRITON_INTERPRET=1``
+(the kernels are then interpreter functions, not compilable).
+
+This module imports torch (and triton, when present) only, never tinytune.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import torch
+
+from . import lora_linear, lora_mixed
+from .lora_mixed_plan import rows_config, segments_config
+from .triton_support import is_interpreted, triton
+
+__all__ = ["report_configs", "lora_linear_configs", "lora_mixed_configs"]
+
+_DTYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+
+
+def report_configs() -> list[dict]:
+    """Every record of every op, for ``ci/kernel_report.py`` (see its docstring).
+
+    Returns:
+        The records of :func:`lora_linear_configs` and :func:`lora_mixed_configs`, each
+        with its op's file stem under ``module``.
+    """
+    return lora_linear_configs() + lora_mixed_configs()
+
+
+def lora_linear_configs() -> list[dict]:
+    """Every (kernel, configuration) ``lora_linear``'s launcher can choose.
+
+    Covers, for sm_80 and sm_90 (``archs``), decode and prefill at each padded rank
+    class (16, 32, 64: fused decode shrink; 128, 256: precomputed h), no LoRA (pure IA³
+    and base), fp32/fp16/bf16, both weight layouts (the unit-stride argument is what
+    the JIT specializes), with bias, IA³ in and out enabled (the superset of loads).
+
+    Returns:
+        Records with the keys ``ci/kernel_report.py`` documents.
+    """
+    kernels = lora_linear.triton_kernels()
+    if not kernels or any(is_interpreted(f) for f in kernels.values()):
+        return []
+    recs: list[dict] = []
+    seen = set()
+    ms = {"decode": 8, "prefill-small": 128, "prefill-large": 4096}
+    for arch in (80, 90):
+        for dtype in (torch.bfloat16, torch.float16, torch.float32):
+            dt = _DTYPES[dtype]
+            for case, m in ms.items():
+                for n in (4096, 14336):  # decode's BLOCK_N depends on N
+                    for r in (0, 16, 32, 64, 128, 256):
+                        cfg = lora_linear.pick_config(m, n, 4096, r, dtype, arch)
+                        for weight_kn in (False, True):
+                            tile = tuple(cfg[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps", "num_stages"))
+                            key = (arch, dt, tile, cfg["R_BLOCK"], cfg["shrink_in_loop"],
+                                   r > 0, cfg["R_PAD"] if r > 0 else 0, weight_kn)  # fmt: skip
+                            if key in seen:
+                                continue
+                            seen.add(key)
+                            rec = _linear_gemm_record(kernels, dt, cfg, r, weight_kn)
+                            rec["archs"] = [arch]
+                            rec["quick"] = dt == "bf16" and r == 16 and not weight_kn and n == 4096
+                            recs.append(rec)
+                        if cfg["shrink"] is not None:
+                            skey = (arch, "shrink", dt, cfg["R_PAD"], tuple(sorted(cfg["shrink"].items())))
+                            if skey not in seen:
+                                seen.add(skey)
+                                rec = _linear_shrink_record(kernels, dt, cfg)
+                                rec["archs"] = [arch]
+                                rec["quick"] = dt == "bf16" and r == 16 and cfg["case"] == "prefill"
+                                recs.append(rec)
+    return recs
+
+
+def _linear_gemm_record(kernels: dict, dt: str, cfg: dict, r: int, weight_kn: bool) -> dict:
+    has_lora = r > 0
+    sig = {
+        "x_ptr": f"*{dt}", "w_ptr": f"*{dt}", "bias_ptr": f"*{dt}", "a_ptr": f"*{dt}",
+        "b_ptr": f"*{dt}", "s_ptr": "*fp32", "h_ptr": "*fp32", "lin_ptr": f"*{dt}",
+        "lout_ptr": f"*{dt}", "y_ptr": f"*{dt}",
+        "M": "i32", "N": "i32", "K": "i32", "R": "i32",
+        "stride_xm": "i32", "stride_xk": "constexpr", "stride_wn": "i32", "stride_wk": "i32",
+        "stride_bias": "constexpr", "stride_ar": "i32", "stride_ak": "constexpr",
+        "stride_bn": "i32", "stride_br": "constexpr", "stride_s": "constexpr",
+        "stride_hm": "i32", "stride_lin": "constexpr", "stride_lout": "constexpr",
+        "stride_ym": "i32",
+    }  # fmt: skip
+    # Unit strides are specialized to the constant 1 by the JIT (contiguous tensors).
+    unit = ["stride_xk", "stride_bias", "stride_ak", "stride_br", "stride_s", "stride_lin", "stride_lout"]
+    unit.append("stride_wn" if weight_kn else "stride_wk")
+    for name in unit:
+        sig[name] = "constexpr"
+    if not has_lora:
+        sig["stride_hm"] = "i32"
+    constexprs = {name: 1 for name in unit}
+    meta = dict(
+        HAS_BIAS=True, HAS_LORA=has_lora, SHRINK_IN_LOOP=bool(cfg["shrink_in_loop"]) and has_lora,
+        HAS_SCALE=has_lora, HAS_L_IN=True, HAS_L_OUT=True,
+        R_PAD=cfg["R_PAD"], R_BLOCK=cfg["R_BLOCK"], BLOCK_M=cfg["BLOCK_M"],
+        BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], GROUP_M=cfg["GROUP_M"],
+        DOT_FP32=dt == "fp32",
+    )  # fmt: skip
+    for name, v in meta.items():
+        sig[name] = "constexpr"
+        constexprs[name] = v
+    ptrs = [k for k, v in sig.items() if v.startswith("*")]
+    # Contiguous (M, K), (N, K), (N, R) tensors with sizes that are multiples of 16: the
+    # pointers and the row strides are what the JIT hints as divisible by 16.
+    div16 = ptrs + ["M", "N", "K", "stride_xm", "stride_ym", "stride_ar", "stride_bn", "stride_hm"]
+    div16.append("stride_wk" if weight_kn else "stride_wn")
+    if not has_lora:
+        div16 = [d for d in div16 if d not in ("stride_ar", "stride_bn", "stride_hm", "R")]
+    else:
+        div16.append("R")
+    return {
+        "module": "lora_linear",
+        "kernel": "lora_linear_fwd" + ("_kn" if weight_kn else ""),
+        "fn": kernels["_lora_linear_fwd_kernel"],
+        "signature": sig,
+        "constexprs": constexprs,
+        "divisible_by_16": div16,
+        "config": {k: cfg[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps", "num_stages", "R_BLOCK")},
+        "case": cfg["case"] + ("-fused" if meta["SHRINK_IN_LOOP"] else ""),
+        "variant": f"{dt} r_pad={cfg['R_PAD'] if has_lora else 0}" + (" kn" if weight_kn else ""),
+    }
+
+
+def _linear_shrink_record(kernels: dict, dt: str, cfg: dict) -> dict:
+    sc = cfg["shrink"]
+    sig = {
+        "x_ptr": f"*{dt}", "a_ptr": f"*{dt}", "s_ptr": "*fp32", "h_ptr": "*fp32",
+        "M": "i32", "K": "i32", "R": "i32",
+        "stride_xm": "i32", "stride_xk": "constexpr", "stride_ar": "i32", "stride_ak": "constexpr",
+        "stride_s": "constexpr", "stride_hm": "i32",
+    }  # fmt: skip
+    constexprs = {"stride_xk": 1, "stride_ak": 1, "stride_s": 1}
+    meta = dict(HAS_SCALE=True, R_PAD=cfg["R_PAD"], BLOCK_M=sc["BLOCK_M"], BLOCK_K=sc["BLOCK_K"], DOT_FP32=dt == "fp32")
+    for name, v in meta.items():
+        sig[name] = "constexpr"
+        constexprs[name] = v
+    return {
+        "module": "lora_linear",
+        "kernel": "lora_shrink",
+        "fn": kernels["_lora_shrink_kernel"],
+        "signature": sig,
+        "constexprs": constexprs,
+        "divisible_by_16": ["x_ptr", "a_ptr", "s_ptr", "h_ptr", "M", "K", "R", "stride_xm", "stride_ar", "stride_hm"],
+        "config": {"BLOCK_M": sc["BLOCK_M"], "BLOCK_N": cfg["R_PAD"], "BLOCK_K": sc["BLOCK_K"],
+                   "num_warps": sc["num_warps"], "num_stages": sc["num_stages"]},  # fmt: skip
+        "case": cfg["case"] + "-shrink",
+        "variant": f"{dt} r_pad={cfg['R_PAD']}",
+    }
+
+
+def lora_mixed_configs() -> list[dict]:
+    """Every kernel configuration ``lora_mixed``'s launcher can choose.
+
+    Shapes are the benchmark's (d = 4096, rank-16 stacks, decode: 1 token per row,
+    prefill: 512 tokens per row); every feature flag is on (bias, LoRA, both IA³
+    scales), the configuration with the most live registers, and LoRA + bias alone.
+
+    Returns:
+        A list of dicts with keys ``kernel``, ``fn``, ``signature``, ``constexprs``,
+        ``divisible_by_16``, ``config``, ``case``, ``variant`` and (some) ``quick``, as
+        ``ci/kernel_report.py`` documents them (empty without Triton).
+    """
+    kernels = lora_mixed.triton_kernels()
+    if not kernels or any(is_interpreted(f) for f in kernels.values()):
+        return []
+    records = []
+    for dtype, ty in _DTYPES.items():
+        fp32 = dtype == torch.float32
+        flags = dict(HAS_BIAS=True, HAS_LORA=True, HAS_L_IN=True, HAS_L_OUT=True)
+        # every feature on (the most loads) and LoRA + bias alone (the benchmark's case):
+        # ptxas allocates registers differently for each, so both are checked for spills
+        flag_sets = (("all", flags), ("lora", dict(flags, HAS_L_IN=False, HAS_L_OUT=False)))
+        for block_m in (16, 32, 64):
+            cfg = rows_config(block_m, fp32)
+            shrink_sig = {
+                "x_ptr": f"*{ty}", "a_ptr": f"*{ty}", "row_ptr": "*i64", "rank_ptr": "*i32",
+                "scale_ptr": "*fp32", "hp_ptr": "*fp32", "cnt_ptr": "*i32", "T": "constexpr",
+                "K": "i32", "K_CHUNK": "i32", "N_CNT": "i32", "stride_xb": "i32", "stride_xt": "i32", "stride_xk": "constexpr",
+                "stride_as": "i32", "stride_ar": "i32", "stride_ak": "constexpr",
+                "stride_hs": "i32", "stride_hm": "i32", "HAS_SCALE": "constexpr",
+                "BLOCK_R": "constexpr", "BLOCK_K": "constexpr",
+            }
+            if block_m == 16:  # the shrink's config does not depend on M
+                records.append(dict(
+                    module="lora_mixed", kernel="_shrink_rows_kernel", fn=kernels["_shrink_rows_kernel"], signature=shrink_sig,
+                    constexprs=dict(T=1, stride_xk=1, stride_ak=1, HAS_SCALE=True,
+                                    BLOCK_R=cfg["SHRINK_R"],
+                                    BLOCK_K=cfg["SHRINK_K"]),
+                    divisible_by_16=["x_ptr", "a_ptr", "row_ptr", "rank_ptr", "scale_ptr",
+                                     "hp_ptr", "cnt_ptr", "K", "N_CNT", "K_CHUNK", "stride_xb", "stride_xt",
+                                     "stride_as", "stride_ar", "stride_hs", "stride_hm"],
+                    config=dict(BLOCK_M=1, BLOCK_N=cfg["SHRINK_R"], BLOCK_K=cfg["SHRINK_K"], num_warps=4,
+                                num_stages=3),
+                    case="decode", variant=ty,
+                ))
+            sig = {
+                "x_ptr": f"*{ty}", "w_ptr": f"*{ty}", "bias_ptr": f"*{ty}", "row_ptr": "*i64",
+                "rank_ptr": "*i32", "bt_ptr": f"*{ty}", "hp_ptr": "*fp32", "lin_ptr": f"*{ty}",
+                "lout_ptr": f"*{ty}", "y_ptr": f"*{ty}", "ws_ptr": "*fp32", "cnt_ptr": "*i32",
+                "M": "i32", "N": "i32", "K": "i32", "T": "constexpr", "SPLIT": "i32",
+                "K_CHUNK": "i32", "stride_xb": "i32", "stride_xt": "i32", "stride_xk": "constexpr",
+                "stride_wn": "i32", "stride_wk": "constexpr", "stride_bs": "i32",
+                "stride_br": "i32", "stride_bn": "constexpr", "stride_hs": "i32",
+                "stride_hm": "i32", "stride_lis": "i32", "stride_lik": "constexpr",
+                "stride_los": "i32", "stride_lon": "constexpr", "stride_yb": "i32",
+                "stride_yt": "i32", "stride_yn": "constexpr",
+            }
+            sig.update({name: "constexpr" for name in (*flags, "DOT_FP32", "SPLIT_K", "SPREAD_LORA", "BLOCK_M", "BLOCK_N", "BLOCK_K")})
+            # d = 4096 on 132 SMs (the launcher's split_k for one M-tile); no split once
+            # the tiles fill the GPU (larger M).
+            tiles = triton.cdiv(4096, cfg["BLOCK_N"])
+            splits = (1, max(2, min(8, 132 // tiles, 4096 // (4 * cfg["BLOCK_K"]))))
+            for (fname, fl), split_k in itertools.product(flag_sets, splits):
+                records.append(dict(
+                    module="lora_mixed", kernel="_mixed_rows_kernel", fn=kernels["_mixed_rows_kernel"], signature=sig,
+                    constexprs=dict(T=1, stride_xk=1, stride_wk=1, stride_bn=1, stride_lik=1,
+                                    stride_lon=1, stride_yn=1, **fl, DOT_FP32=fp32,
+                                    SPLIT_K=split_k, SPREAD_LORA=split_k > 1 and not fl["HAS_L_OUT"],
+                                    BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
+                                    BLOCK_K=cfg["BLOCK_K"]),
+                    divisible_by_16=["x_ptr", "w_ptr", "bias_ptr", "row_ptr", "rank_ptr", "bt_ptr",
+                                     "hp_ptr", "lin_ptr", "lout_ptr", "y_ptr", "ws_ptr", "cnt_ptr",
+                                     "M", "N", "K", "K_CHUNK", "stride_xb", "stride_xt",
+                                     "stride_wn", "stride_bs", "stride_br", "stride_hs",
+                                     "stride_hm", "stride_lis", "stride_los", "stride_yb",
+                                     "stride_yt"],
+                    config={key: cfg[key] for key in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps", "num_stages")},
+                    case="decode", variant=f"{ty} {fname} split_k={split_k}",
+                    quick=ty == "bf16" and block_m == 64 and split_k > 1 and fname == "lora",
+                ))
+        for r_max in (16, 64):
+            cfg = segments_config(fp32, r_max)
+            shrink_sig = {
+                "x_ptr": f"*{ty}", "a_ptr": f"*{ty}", "tiles_ptr": "*i32", "order_ptr": "*i64",
+                "rank_ptr": "*i32", "scale_ptr": "*fp32", "h_ptr": "*fp32", "T": "i32", "K": "i32",
+                "NT": "i32", "stride_xb": "i32", "stride_xt": "i32", "stride_xk": "constexpr",
+                "stride_as": "i32", "stride_ar": "i32", "stride_ak": "constexpr",
+                "stride_hm": "i32",
+            }
+            shrink_sig.update({n: "constexpr" for n in ("HAS_SCALE", "DOT_FP32", "BLOCK_M", "BLOCK_R", "BLOCK_K")})
+            records.append(dict(
+                module="lora_mixed", kernel="_shrink_segments_kernel", fn=kernels["_shrink_segments_kernel"], signature=shrink_sig,
+                constexprs=dict(stride_xk=1, stride_ak=1, HAS_SCALE=True, DOT_FP32=fp32,
+                                BLOCK_M=cfg["BLOCK_M"], BLOCK_R=cfg["BLOCK_R"], BLOCK_K=cfg["BLOCK_K"]),
+                divisible_by_16=["x_ptr", "a_ptr", "tiles_ptr", "order_ptr", "rank_ptr",
+                                 "scale_ptr", "h_ptr", "T", "K", "stride_xb", "stride_xt",
+                                 "stride_as", "stride_ar", "stride_hm"],
+                config=dict(BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_R"], BLOCK_K=cfg["BLOCK_K"],
+                            num_warps=4, num_stages=cfg["num_stages"]),
+                case="prefill", variant=f"{ty} r_max={r_max}",
+            ))
+            sig = {
+                "x_ptr": f"*{ty}", "w_ptr": f"*{ty}", "bias_ptr": f"*{ty}", "tiles_ptr": "*i32",
+                "order_ptr": "*i64", "rank_ptr": "*i32", "bt_ptr": f"*{ty}", "h_ptr": "*fp32",
+                "lin_ptr": f"*{ty}", "lout_ptr": f"*{ty}", "y_ptr": f"*{ty}", "N": "i32",
+                "K": "i32", "T": "i32", "NT": "i32",
+                "stride_xb": "i32", "stride_xt": "i32", "stride_xk": "constexpr",
+                "stride_wn": "i32", "stride_wk": "constexpr", "stride_bs": "i32",
+                "stride_br": "i32", "stride_bn": "constexpr", "stride_hm": "i32",
+                "stride_lis": "i32", "stride_lik": "constexpr", "stride_los": "i32",
+                "stride_lon": "constexpr", "stride_yb": "i32", "stride_yt": "i32",
+                "stride_yn": "constexpr",
+            }
+            sig.update({n: "constexpr" for n in (*flags, "DOT_FP32", "LORA_FP32", "BLOCK_M", "BLOCK_N", "BLOCK_K", "BLOCK_R")})
+            for fname, fl in flag_sets:
+                records.append(dict(
+                    module="lora_mixed", kernel="_mixed_segments_kernel", fn=kernels["_mixed_segments_kernel"], signature=sig,
+                    constexprs=dict(stride_xk=1, stride_wk=1, stride_bn=1, stride_lik=1,
+                                    stride_lon=1, stride_yn=1, **fl, DOT_FP32=fp32, LORA_FP32=fp32,
+                                    BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
+                                    BLOCK_K=cfg["BLOCK_K"], BLOCK_R=cfg["BLOCK_R"]),
+                    divisible_by_16=["x_ptr", "w_ptr", "bias_ptr", "tiles_ptr", "order_ptr",
+                                     "rank_ptr", "bt_ptr", "h_ptr", "lin_ptr", "lout_ptr", "y_ptr",
+                                     "N", "K", "T", "stride_xb", "stride_xt", "stride_wn",
+                                     "stride_bs", "stride_br", "stride_hm", "stride_lis",
+                                     "stride_los", "stride_yb", "stride_yt"],
+                    config={key: cfg[key] for key in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps", "num_stages")},
+                    case="prefill", variant=f"{ty} {fname} r_max={r_max}",
+                    quick=ty == "bf16" and r_max == 16 and fname == "lora",
+                ))
+    return records

@@ -1,0 +1,106 @@
+"""``@triton.jit`` helpers shared by the kernels of ``lora_linear.py`` and ``lora_mixed.py``.
+
+Both ops compute ``l_out ⊙ (W (l_in ⊙ x) + b) + (h ⊙ s) Bᵀ`` on tiles; these are the
+pieces they have in common, inlined into each kernel by the compiler:
+
+* :func:`mma`: one ``tl.dot`` with fp32 accumulation, upcast to IEEE fp32 under
+  ``DOT_FP32``;
+* :func:`base_k_step`: one K step of the base GEMM (load the x and W tiles, scale x by
+  ``l_in``, accumulate);
+* :func:`bias_and_l_out`: the epilogue's bias and output IA³ scale;
+* :func:`add_h_bt`: one rank chunk of the LoRA expand from a precomputed fp32 ``h``.
+
+``DOT_FP32`` (one name in every kernel): dot operands are upcast to fp32 with
+``input_precision="ieee"`` (so fp32 inputs never silently become TF32). The launchers
+set it for fp32 inputs, mixed dtypes (``lora_mixed``) and always under
+``TRITON_INTERPRET=1``: the interpreter computes fp16/bf16 ``tl.dot`` on the raw bits
+(garbage), so it only gets fp32 operands. Element-wise math is fp32 everywhere.
+
+Each op keeps its own tiling (contiguous rows, per-token slots, slot-homogeneous
+segments) and passes base pointers, 1-D masks and slot offsets; the helpers build the
+2-D masks and addresses next to their loads, in the order the kernels had before they
+shared them: ptxas allocates registers by that order, and another order spilled two
+fp32 configurations (``ci/kernel_report.py`` checks every one). Loads are masked with
+``other=0``. This module imports triton only, never tinytune.
+"""
+
+from __future__ import annotations
+
+from .triton_support import HAS_TRITON, tl, triton
+
+__all__ = ["mma", "base_k_step", "bias_and_l_out", "add_h_bt"]
+
+if HAS_TRITON:
+
+    @triton.jit
+    def mma(a, b, acc, DOT_FP32: tl.constexpr):
+        """``acc + a @ b``, accumulating in fp32; ``b`` is cast to ``a``'s dtype.
+
+        Callers pass ``a`` in the dtype the tensor cores should see (the input's).
+        """
+        if DOT_FP32:
+            return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+        else:
+            return tl.dot(a, b.to(a.dtype), acc)
+
+    @triton.jit
+    def base_k_step(acc, x_ptrs, row_mask, k_mask, w_ptrs, n_mask, lin_ptrs, lin_mask,
+                    HAS_L_IN: tl.constexpr, DOT_FP32: tl.constexpr):
+        """One K step of the base GEMM: ``acc + (l_in ⊙ x) Wᵀ`` on one tile.
+
+        ``x_ptrs`` is a ``(BLOCK_M, BLOCK_K)`` block (rows masked by ``row_mask``, columns
+        by ``k_mask``), ``w_ptrs`` a ``(BLOCK_K, BLOCK_N)`` block of ``Wᵀ``, ``lin_ptrs`` a
+        ``(BLOCK_K,)`` block (one slot per tile) or a ``(BLOCK_M, BLOCK_K)`` block (one
+        slot per token) masked by ``lin_mask``, broadcast against x. ``l_in ⊙ x`` is
+        formed in fp32 and handed to the dot in fp32 under ``DOT_FP32``, else rounded back
+        to x's dtype (the tensor cores' operand).
+
+        Returns:
+            ``(acc, x)``: the new accumulator and the unscaled x tile (the decode kernel's
+            fused shrink reads it too).
+        """
+        xv = tl.load(x_ptrs, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+        if HAS_L_IN:
+            li = tl.load(lin_ptrs, mask=lin_mask, other=0.0)
+            xs = xv.to(tl.float32) * li.to(tl.float32)
+            if not DOT_FP32:
+                xs = xs.to(xv.dtype)
+        else:
+            xs = xv
+        wv = tl.load(w_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+        return mma(xs, wv, acc, DOT_FP32), xv
+
+    @triton.jit
+    def bias_and_l_out(acc, bias_ptr, stride_bias, offs_n, n_mask, lout_ptr, slot, stride_ls,
+                       stride_lout, lout_mask, HAS_BIAS: tl.constexpr, HAS_L_OUT: tl.constexpr):
+        """``l_out ⊙ (acc + b)`` in fp32: the epilogue before the LoRA term is added.
+
+        The output IA³ scales are read at ``lout_ptr + slot * stride_ls + offs_n *
+        stride_lout`` under ``lout_mask``: ``slot`` is one slot (per tile; 0 for a single
+        row of scales) or a ``(BLOCK_M, 1)`` block (one slot per token).
+        """
+        if HAS_BIAS:
+            bias = tl.load(bias_ptr + offs_n * stride_bias, mask=n_mask, other=0.0)
+            acc += bias.to(tl.float32)[None, :]
+        if HAS_L_OUT:
+            lout = tl.load(lout_ptr + slot * stride_ls + offs_n * stride_lout, mask=lout_mask, other=0.0)
+            acc = acc * lout.to(tl.float32)
+        return acc
+
+    @triton.jit
+    def add_h_bt(acc, h_rows, row_mask, offs_r, r_mask, b_ptr, slot, stride_bs, stride_br,
+                 offs_n, stride_bn, n_mask, X_DTYPE: tl.constexpr, DOT_FP32: tl.constexpr):
+        """``acc + h Bᵀ`` for one rank chunk ``offs_r`` of the precomputed fp32
+        ``h = (x Aᵀ) ⊙ s``: ``h_rows`` a ``(BLOCK_M, 1)`` block of pointers to the tile's
+        rows of ``h``; ``Bᵀ`` of slot ``slot`` (0 for a single one) read from ``b_ptr``.
+
+        Without ``DOT_FP32`` both operands go to the tensor cores in the input's dtype
+        ``X_DTYPE`` (``h`` rounded once, ``B`` cast if stored wider).
+        """
+        hv = tl.load(h_rows + offs_r[None, :], mask=row_mask[:, None] & r_mask[None, :], other=0.0)
+        bv = tl.load(b_ptr + slot * stride_bs + offs_r[:, None] * stride_br + offs_n[None, :] * stride_bn,
+                     mask=r_mask[:, None] & n_mask[None, :], other=0.0)
+        if DOT_FP32:
+            return mma(hv, bv, acc, True)
+        else:
+            return mma(hv.to(X_DTYPE), bv, acc, False)

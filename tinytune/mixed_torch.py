@@ -1,0 +1,206 @@
+"""The PyTorch path of mixed batches: per-row LoRA and IA³ on stacked adapters.
+
+The eager and training path of :mod:`tinytune.batch` (CPU tensors, autograd, anything
+the fused op :func:`tinytune.kernels.lora_mixed.lora_mixed_linear` does not take). The
+layout every function here consumes (the fused op's as well):
+
+* ``row_index``: ``(B,)`` int64, the *slot* of each batch row in the stacks. The last
+  slot of every stack is the identity (zero LoRA factors, unit IA³ scales), so rows
+  without an adapter (``"__base__"``) or whose adapter has no layer on this module
+  index it and come out unchanged.
+* LoRA: ``a_stack`` ``(S, r_max, in)`` and ``bt_stack`` ``(S, r_max, out)``: each
+  adapter's ``A`` and ``B^T``, zero-padded to the largest rank at this module (the
+  padding contributes exact zeros), and ``scale`` ``(S,)``: ``alpha / r`` (or
+  ``alpha / sqrt(r)``) per slot.
+* IA³: ``l_stack`` ``(S, features)``, ones in slots without an IA³ layer.
+* Embedding LoRA: ``a_stack`` ``(S, num_embeddings, r_max)``, ``bt_stack``
+  ``(S, r_max, dim)``.
+* Optionally, rows sorted into segments by adapter (:func:`torch_lora_mixed_grouped`):
+  ``group_slots`` ``(N,)``, the distinct slots; ``rows`` ``(R,)``, the rows that use
+  them, segment after segment; ``row_group`` and ``row_pos`` ``(R,)``, each of those
+  rows' segment and position in it; ``group_size``, the longest segment. Rows not listed
+  are left unchanged.
+
+Rows are batch dimension 0 of ``x``; all other leading dimensions (sequence, ...) are
+tokens of that row. Each row's factors are gathered and applied with batched matmuls:
+the arithmetic is exactly one LoRA per token, memory traffic is one copy of the factors
+per row, and nothing depends on how many adapters are stacked. Every shape depends only
+on the batch shape and the stacks, never on which row uses which adapter, so
+``torch.compile`` does not recompile when the assignment changes. All of it is
+differentiable (training uses it).
+
+Floor 1 (beside ``layers``): imports torch only.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = [
+    "torch_lora_mixed",
+    "torch_lora_mixed_grouped",
+    "torch_ia3_mixed",
+    "torch_embedding_lora_mixed",
+]
+
+
+def _rows3d(t: torch.Tensor) -> torch.Tensor:
+    """``(B, ..., F)`` -> ``(B, tokens, F)`` (a view where possible)."""
+    return t.reshape(t.shape[0], -1, t.shape[-1])
+
+
+def torch_lora_mixed(
+    x: torch.Tensor,
+    out: torch.Tensor,
+    a_stack: torch.Tensor,
+    bt_stack: torch.Tensor,
+    scale: torch.Tensor,
+    row_index: torch.Tensor,
+    inplace: bool = False,
+) -> torch.Tensor:
+    """``out[b] + scale[s] * (x[b] @ A[s]^T) @ B[s]^T`` with ``s = row_index[b]``.
+
+    Args:
+        x: ``(B, ..., in)`` inputs of the adapted linear layer.
+        out: ``(B, ..., out)`` the layer's output.
+        a_stack: ``(S, r, in)`` stacked ``A`` factors.
+        bt_stack: ``(S, r, out)`` stacked, transposed ``B`` factors.
+        scale: ``(S,)`` per-slot scaling.
+        row_index: ``(B,)`` int64 slot of each row.
+        inplace: Accumulate into ``out`` itself when dtypes allow (saves a copy of the
+            output; only for an ``out`` that nothing else reads and autograd does not
+            track).
+
+    Returns:
+        A tensor shaped and typed like ``out`` (``out`` itself when updated in place).
+        The LoRA branch runs in the stacks' dtype (as the single-adapter layer runs in
+        its parameters' dtype).
+    """
+    b = x.shape[0]
+    x3 = _rows3d(x)
+    if x3.dtype != a_stack.dtype:
+        x3 = x3.to(a_stack.dtype)
+    a = a_stack.index_select(0, row_index)  # (B, r, in)
+    bt = bt_stack.index_select(0, row_index)  # (B, r, out)
+    s = scale.index_select(0, row_index).to(a.dtype).view(b, 1, 1)
+    h = torch.bmm(x3, a.transpose(1, 2)) * s  # (B, T, r)
+    out3 = _rows3d(out)
+    if out3.dtype == bt.dtype:
+        # One batched GEMM with the add folded in.
+        if inplace:
+            return out3.baddbmm_(h, bt).view(out.shape)
+        return torch.baddbmm(out3, h, bt).view(out.shape)
+    delta = torch.bmm(h, bt).to(out.dtype).view(out.shape)
+    return out.add_(delta) if inplace else out + delta
+
+
+def torch_lora_mixed_grouped(
+    x: torch.Tensor,
+    out: torch.Tensor,
+    a_stack: torch.Tensor,
+    bt_stack: torch.Tensor,
+    scale: torch.Tensor,
+    group_slots: torch.Tensor,
+    rows: torch.Tensor,
+    row_group: torch.Tensor,
+    row_pos: torch.Tensor,
+    group_size: int,
+    inplace: bool = False,
+) -> torch.Tensor:
+    """:func:`torch_lora_mixed` with rows grouped by adapter: each adapter's factors are
+    read once for all its rows, instead of once per row.
+
+    The rows of each segment are packed into a zero-padded ``(N, group_size, tokens, in)``
+    block, so the batched matmuls see one matrix per distinct adapter. That pays off when
+    rows have few tokens and share adapters (decode); with many tokens per row the
+    packing costs more than the per-row gather saves.
+
+    ``x``, ``out``, ``a_stack``, ``bt_stack`` and ``scale`` are as in :func:`torch_lora_mixed`.
+
+    Args:
+        group_slots: ``(N,)`` int64 distinct slots.
+        rows: ``(R,)`` int64 rows using them, sorted by segment.
+        row_group: ``(R,)`` int64 segment of each listed row.
+        row_pos: ``(R,)`` int64 position of each listed row in its segment.
+        group_size: The longest segment's length.
+        inplace: Accumulate into ``out`` itself (see :func:`torch_lora_mixed`).
+
+    Returns:
+        A tensor shaped and typed like ``out``.
+    """
+    n = group_slots.shape[0]
+    x3 = _rows3d(x)
+    t = x3.shape[1]
+    a = a_stack.index_select(0, group_slots)  # (N, r, in)
+    bt = bt_stack.index_select(0, group_slots)  # (N, r, out)
+    xs = x3.index_select(0, rows).to(a.dtype)  # (R, T, in)
+    if n == 1:
+        packed = xs.reshape(1, -1, xs.shape[-1])  # one segment: no padding needed
+    else:
+        packed = xs.new_zeros((n, group_size, t, xs.shape[-1]))
+        packed[row_group, row_pos] = xs
+        packed = packed.view(n, group_size * t, -1)
+    s = scale.index_select(0, group_slots).to(a.dtype).view(n, 1, 1)
+    d = torch.bmm(torch.bmm(packed, a.transpose(1, 2)) * s, bt)  # (N, G*T, out)
+    if n == 1:
+        delta = d.view(-1, t, d.shape[-1])
+    else:
+        delta = d.view(n, group_size, t, -1)[row_group, row_pos]  # (R, T, out)
+    out3 = _rows3d(out)
+    delta = delta.to(out3.dtype)
+    if inplace:
+        return out3.index_add_(0, rows, delta).view(out.shape)
+    return out3.index_add(0, rows, delta).view(out.shape)
+
+
+def torch_ia3_mixed(
+    x: torch.Tensor, l_stack: torch.Tensor, row_index: torch.Tensor, inplace: bool = False
+) -> torch.Tensor:
+    """``x[b] * l[row_index[b]]``, broadcast over the row's tokens.
+
+    Args:
+        x: ``(B, ..., F)`` tensor to scale (inputs or outputs of a linear layer).
+        l_stack: ``(S, F)`` stacked IA³ scales.
+        row_index: ``(B,)`` int64 slot of each row.
+        inplace: Scale ``x`` itself (see :func:`torch_lora_mixed`).
+
+    Returns:
+        A tensor shaped and typed like ``x``.
+    """
+    scales = l_stack.index_select(0, row_index).to(x.dtype)  # (B, F)
+    shape = (x.shape[0],) + (1,) * (x.dim() - 2) + (x.shape[-1],)
+    return x.mul_(scales.view(shape)) if inplace else x * scales.view(shape)
+
+
+def torch_embedding_lora_mixed(
+    ids: torch.Tensor,
+    out: torch.Tensor,
+    a_stack: torch.Tensor,
+    bt_stack: torch.Tensor,
+    scale: torch.Tensor,
+    row_index: torch.Tensor,
+    inplace: bool = False,
+) -> torch.Tensor:
+    """``out[b] + scale[s] * A[s][ids[b]] @ B[s]^T`` with ``s = row_index[b]``.
+
+    Args:
+        ids: ``(B, ...)`` integer token ids.
+        out: ``(B, ..., dim)`` the embedding's output.
+        a_stack: ``(S, num_embeddings, r)`` stacked ``A`` tables.
+        bt_stack: ``(S, r, dim)`` stacked, transposed ``B`` factors.
+        scale: ``(S,)`` per-slot scaling.
+        row_index: ``(B,)`` int64 slot of each row.
+        inplace: Accumulate into ``out`` itself (see :func:`torch_lora_mixed`).
+
+    Returns:
+        A tensor shaped and typed like ``out``.
+    """
+    b = ids.shape[0]
+    num = a_stack.shape[1]
+    # One flat table: row b looks up a_stack[s].
+    flat_ids = ids.reshape(b, -1) + (row_index * num).view(b, 1)
+    h = torch.nn.functional.embedding(flat_ids, a_stack.reshape(-1, a_stack.shape[-1]))  # (B, T, r)
+    bt = bt_stack.index_select(0, row_index)
+    s = scale.index_select(0, row_index).to(h.dtype).view(b, 1, 1)
+    delta = torch.bmm(h * s, bt).to(out.dtype).view(out.shape)
+    return out.add_(delta) if inplace else out + delta
