@@ -40,6 +40,7 @@ import datetime as dt
 import importlib
 import importlib.util
 import json
+import os
 import random
 import sys
 import time
