@@ -77,8 +77,8 @@ class Count:
 
     def __init__(self, monkeypatch):
         self.single = self.mixed = 0
-        dispatch._load()
-        single, mixed = dispatch._Kernels.lora_linear, dispatch._Kernels.lora_mixed_linear
+        ops = dispatch.kernel_ops()
+        single, mixed = ops.lora_linear, ops.lora_mixed_linear
 
         def count_single(*a):
             self.single += 1
@@ -88,8 +88,8 @@ class Count:
             self.mixed += 1
             return mixed(*a)
 
-        monkeypatch.setattr(dispatch._Kernels, "lora_linear", count_single)
-        monkeypatch.setattr(dispatch._Kernels, "lora_mixed_linear", count_mixed)
+        monkeypatch.setattr(ops, "lora_linear", count_single)
+        monkeypatch.setattr(ops, "lora_mixed_linear", count_mixed)
 
 
 def llama(dtype=torch.float32, layers=2):
@@ -306,8 +306,7 @@ def test_triton_mode_refuses_with_a_reason(case, match, tower, monkeypatch):
         if case == "dropout":
             w.train()
         if case == "cpu":
-            monkeypatch.setattr(dispatch._Kernels, "interpret", False)
-            dispatch._load()
+            monkeypatch.setattr(dispatch.kernel_ops(), "interpret", False)
     randomise(w)
     if case != "cpu":  # on a GPU machine, everything else runs on the GPU
         w.to(DEVICE)

@@ -261,7 +261,7 @@ def test_rows_grouped_by_adapter_equal_running_alone(names, monkeypatch):
     monkeypatch.setattr(
         batch, "torch_lora_mixed_grouped", lambda *a, **k: calls.append(1) or grouped(*a, **k)
     )
-    monkeypatch.setattr(batch, "_worth_grouping", lambda call, x, a: call.groups())
+    monkeypatch.setattr(batch, "worth_grouping", lambda call, x, a: call.groups())
     with torch.no_grad():
         torch.testing.assert_close(
             w(ids, adapter_names=names), per_row_reference(w, ids, names), atol=2e-6, rtol=0
@@ -277,8 +277,8 @@ def test_grouping_is_chosen_for_decode_rows_sharing_few_adapters():
     a_stack = torch.zeros(5, 16, 8)  # rank 16
 
     def choice(slots, tokens):
-        call = batch._Call(torch.tensor(slots), slots, identity=4)
-        return batch._worth_grouping(call, torch.zeros(len(slots), tokens, 8), a_stack) is not None
+        call = batch.Call(torch.tensor(slots), slots, identity=4)
+        return batch.worth_grouping(call, torch.zeros(len(slots), tokens, 8), a_stack) is not None
 
     assert choice([0] * 32, 1)  # one adapter for all rows: read it once
     assert choice([0, 1] * 32, 1)
@@ -508,8 +508,8 @@ def test_cached_stacks_follow_weight_and_structure_changes(monkeypatch):
     w = many_kinds(tower)
     ids = torch.randint(0, 32, (len(NAMES), 3))
     builds = []
-    build = batch._build_stacks
-    monkeypatch.setattr(batch, "_build_stacks", lambda *a: builds.append(1) or build(*a))
+    build = batch.build_stacks
+    monkeypatch.setattr(batch, "build_stacks", lambda *a: builds.append(1) or build(*a))
 
     def check():
         with torch.no_grad():
@@ -568,7 +568,7 @@ def test_gradients_match_rows_run_alone(grouped, monkeypatch):
 
     # Both LoRA paths: a gather per row, and rows grouped by adapter.
     monkeypatch.setattr(
-        batch, "_worth_grouping", lambda call, x, a: call.groups() if grouped else None
+        batch, "worth_grouping", lambda call, x, a: call.groups() if grouped else None
     )
     torch.manual_seed(0)
     tower = Tower().train()

@@ -247,9 +247,9 @@ def test_adapter_memory_lives_in_host_tier_and_device_memory_is_constant():
     steps = {b - a for a, b in zip(host, host[1:])}
     assert len(steps) == 1 and steps.pop() > 0  # linear in loaded adapters
     x = torch.randn(2, 10)
-    from tinytune.batch import _STATES
+    from tinytune.stacks import STATES
 
-    pool = _STATES[w].pool
+    pool = STATES[w].pool
     tensors = {path: [id(t) for t in st.tensors()] for path, st in pool.stacks.items()}
     for pair in (["a0", "a1"], ["a2", "a3"], ["a1", "a4"]):
         torch.testing.assert_close(mixed(w, x, pair), per_row(w, x, pair))
@@ -571,9 +571,9 @@ class _ReadsOf(torch.utils._python_dispatch.TorchDispatchMode):
 
 
 def _host_storages(w: AdapterWrapper) -> dict[int, str]:
-    from tinytune.batch import _STATES
+    from tinytune.stacks import STATES
 
-    pool = _STATES[w].pool
+    pool = STATES[w].pool
     return {
         buf.untyped_storage().data_ptr(): name
         for name, bufs in pool.host.items()
@@ -583,9 +583,9 @@ def _host_storages(w: AdapterWrapper) -> dict[int, str]:
 
 def _in_slot(w: AdapterWrapper, name: str) -> bool:
     """Whether every LoRA parameter of ``name`` is a view of its module's stacks."""
-    from tinytune.batch import _STATES
+    from tinytune.stacks import STATES
 
-    pool = _STATES[w].pool
+    pool = STATES[w].pool
     for path, layer in w.adapters[name].items():
         stacks = {t.untyped_storage().data_ptr() for t in pool.stacks[path].lora[:2]}
         for p in (layer.lora_A.weight, layer.lora_B.weight):
@@ -630,9 +630,9 @@ def test_plain_calls_and_merges_read_active_adapters_from_their_slots(tmp_path):
     assert not reads.storages & host.keys(), "a plain call read the host tier"
     torch.testing.assert_close(out, fresh("a0"))
     assert _in_slot(w, "a0") and w.slot_stats()["resident"] == ["a0", "a3"]
-    from tinytune.batch import _STATES
+    from tinytune.stacks import STATES
 
-    assert not any(_STATES[w].pool.inflight)  # released after the call
+    assert not any(STATES[w].pool.inflight)  # released after the call
     # generate() too
     w.set_active_adapters("a1")
     with torch.no_grad(), reads:
@@ -667,7 +667,7 @@ def test_plain_calls_and_merges_read_active_adapters_from_their_slots(tmp_path):
     stats = w.slot_stats()
     with pytest.raises(MixedBatchError, match="3 adapters are active"):
         w(x)
-    assert w.slot_stats() == stats and not any(_STATES[w].pool.inflight)
+    assert w.slot_stats() == stats and not any(STATES[w].pool.inflight)
 
 
 def test_compiled_plain_calls_reload_the_active_adapter_without_recompiling(tmp_path):
@@ -803,9 +803,9 @@ def test_add_weighted_adapter_reads_its_sources_from_their_slots(tmp_path):
     with reads:
         w.add_weighted_adapter(["a0", "a1"], [0.7, 0.3], "mix", combination_type="cat")
     assert not reads.storages & host.keys(), "add_weighted_adapter read the host tier"
-    from tinytune.batch import _STATES
+    from tinytune.stacks import STATES
 
-    assert not any(_STATES[w].pool.inflight)  # pins released
+    assert not any(STATES[w].pool.inflight)  # pins released
     torch.testing.assert_close(plain(w, x, "mix"), plain(ref, x, "mix"))
     # three sources, two slots: nothing changes, and the message speaks of the sources
     # (they are not active adapters)

@@ -234,6 +234,20 @@ def _load() -> None:
     _Kernels.loaded = True
 
 
+def kernel_ops() -> type:
+    """The kernel ops dispatch calls, loaded on first need (for tests and debugging).
+
+    Tests patch its attributes (``lora_linear``, ``lora_mixed_linear``, ``interpret``)
+    to count or steer the fused calls.
+
+    Returns:
+        The class whose attributes hold the ops, ``reason`` (why they cannot run, or
+        ``None``) and ``interpret`` (whether Triton runs in interpreter mode).
+    """
+    _load()
+    return _Kernels
+
+
 def fusion_possible() -> bool:
     """Whether any call in this process could run on the fused kernels.
 
