@@ -1,4 +1,8 @@
-"""Shared fixtures: tiny models built in code (nothing is downloaded)."""
+"""Shared fixtures and helpers: tiny models built in code (nothing is downloaded).
+
+Test files import the plain helpers with ``from conftest import ...`` (pytest puts
+``tests/`` on ``sys.path``); the fixtures below hand out fresh models.
+"""
 
 from __future__ import annotations
 
@@ -77,6 +81,53 @@ class ConvNet(nn.Module):
         return self.fc(self.pool(torch.relu(self.conv(x))).flatten(1))
 
 
+# ----------------------------------------------------------------------------------------
+# tiny transformers models: the one definition of each (files override sizes by keyword)
+# ----------------------------------------------------------------------------------------
+LLAMA_SIZES = dict(
+    hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+    num_key_value_heads=2, vocab_size=128,
+)
+GPT2_SIZES = dict(n_embd=64, n_layer=2, n_head=4, vocab_size=128, n_positions=64)
+
+
+def tiny_llama(seed: int | None = 0, cls: str = "LlamaForCausalLM", **config) -> nn.Module:
+    """A tiny Llama in eval mode, seeded with ``seed`` (``None``: the current RNG).
+
+    ``config`` overrides ``LLAMA_SIZES`` or adds ``LlamaConfig`` fields; ``cls`` names
+    another Llama head class of ``transformers``.
+    """
+    transformers = pytest.importorskip("transformers")
+    if seed is not None:
+        torch.manual_seed(seed)
+    cfg = transformers.LlamaConfig(**{**LLAMA_SIZES, **config})
+    return getattr(transformers, cls)(cfg).eval()
+
+
+def tiny_gpt2(seed: int | None = 0, **config) -> nn.Module:
+    """A tiny GPT-2 (``GPT2LMHeadModel``, Conv1D layers) in eval mode; as ``tiny_llama``."""
+    transformers = pytest.importorskip("transformers")
+    if seed is not None:
+        torch.manual_seed(seed)
+    return transformers.GPT2LMHeadModel(transformers.GPT2Config(**{**GPT2_SIZES, **config})).eval()
+
+
+@pytest.fixture
+def llama():
+    return tiny_llama()
+
+
+@pytest.fixture
+def gpt2():
+    return tiny_gpt2()
+
+
+@pytest.fixture
+def small_mlp():
+    torch.manual_seed(0)
+    return SmallMLP().eval()
+
+
 @pytest.fixture
 def mlp():
     torch.manual_seed(0)
@@ -118,3 +169,63 @@ def randomize(wrapper) -> None:
             p.copy_((noise + center).to(p.dtype))
 
 
+# ----------------------------------------------------------------------------------------
+# user-level helpers for the transformers models (only public API and plain torch)
+# ----------------------------------------------------------------------------------------
+IDS = torch.tensor([[3, 17, 99, 4, 60, 2], [8, 1, 42, 42, 7, 9]])
+
+
+def logits(model, ids=IDS):
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+def same_state(model: nn.Module, snap: dict[str, torch.Tensor]) -> bool:
+    now = model.state_dict()
+    return now.keys() == snap.keys() and all(
+        now[k].dtype == v.dtype and torch.equal(now[k], v) for k, v in snap.items()
+    )
+
+
+def perturb(params, seed=0, scale=0.2):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in params:
+            p.add_((torch.randn(p.shape, generator=g) * scale).to(p.dtype))
+
+
+def train_steps(model, steps=3, lr=1e-2, ids=IDS):
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr)
+    model.train()
+    losses = []
+    for _ in range(steps):
+        opt.zero_grad()
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    model.eval()
+    return losses
+
+
+def wrapper_state(w):
+    """Everything a failed call must leave alone."""
+    return (
+        list(w.adapters),
+        w.active_adapters,
+        w.merged_adapters,
+        {n: [p for p, _ in a.items()] for n, a in w.adapters.items()},
+        {k: v.detach().clone() for k, v in w.state_dict().items()},
+        hook_count(w),
+        {n: p.requires_grad for n, p in w.named_parameters()},
+    )
+
+
+def assert_same_wrapper_state(a, b):
+    assert a[:4] == b[:4]
+    assert a[4].keys() == b[4].keys()
+    for k in a[4]:
+        assert torch.equal(a[4][k], b[4][k]), k
+    assert a[5] == b[5]
+    assert a[6] == b[6]
