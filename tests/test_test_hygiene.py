@@ -39,6 +39,15 @@ def _module_aliases(tree: ast.AST) -> set[str]:
             for a in node.names:
                 if a.name[:1].islower():  # a submodule (`from tinytune import batch`)
                     aliases.add(a.asname or a.name)
+        elif (  # `L = pytest.importorskip("tinytune.x")`, `importlib.import_module(...)`
+            isinstance(node, ast.Assign)
+            and isinstance(node.value, ast.Call)
+            and node.value.args
+            and isinstance(node.value.args[0], ast.Constant)
+            and isinstance(node.value.args[0].value, str)
+            and _is_tinytune(node.value.args[0].value)
+        ):
+            aliases |= {t.id for t in node.targets if isinstance(t, ast.Name)}
     return aliases
 
 
@@ -85,9 +94,11 @@ def test_the_scan_finds_each_kind_of_private_use():
         "monkeypatch.setattr(dispatch, '_auto_device', None)\n"
         "hasattr(tinytune.hooks, '_LAYOUT_IDS')\n"  # checks that a name is gone: fine
         "batch.clear_cache, dispatch.kernel_ops(), tinytune.__version__\n"
+        "L = pytest.importorskip('tinytune.kernels.lora_linear')\n"
+        "L._launch\n"
     )
     found = private_uses(source)
-    assert [f.split(":")[0] for f in found] == ["line 4", "line 5", "line 6", "line 7"], found
+    assert [f.split(":")[0] for f in found] == ["line 4", "line 5", "line 6", "line 7", "line 11"], found
 
 
 def test_no_test_reaches_into_private_tinytune_names():
