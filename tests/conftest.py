@@ -190,6 +190,13 @@ def randomize(wrapper, seed: int = 1) -> None:
 # user-level helpers for the transformers models (only public API and plain torch)
 # ----------------------------------------------------------------------------------------
 IDS = torch.tensor([[3, 17, 99, 4, 60, 2], [8, 1, 42, 42, 7, 9]])
+# The tiny Llama / GPT-2 of the user-level tests: token ids as a tokenizer would set them.
+TOKENS = dict(max_position_embeddings=64, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+
+LLAMA_LORA = dict(
+    target_modules=["q_proj", "v_proj"], r=8, lora_alpha=16, lora_dropout=0.05,
+    task_type="CAUSAL_LM",
+)
 
 
 def logits(model, ids=IDS):

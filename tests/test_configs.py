@@ -23,15 +23,7 @@ from tinytune import (
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
-from conftest import logits, perturb, tiny_llama, train_steps
-
-
-TOKENS = dict(max_position_embeddings=64, bos_token_id=1, eos_token_id=2, pad_token_id=0)
-
-LLAMA_LORA = dict(
-    target_modules=["q_proj", "v_proj"], r=8, lora_alpha=16, lora_dropout=0.05,
-    task_type="CAUSAL_LM",
-)
+from conftest import TOKENS, logits, perturb, tiny_llama, train_steps  # noqa: E402
 
 
 # --------------------------------------------------------------------------------------

@@ -17,6 +17,8 @@ peft = pytest.importorskip("peft")
 
 from conftest import (  # noqa: E402
     IDS,
+    LLAMA_LORA,
+    TOKENS,
     hook_count,
     logits,
     perturb,
@@ -24,13 +26,6 @@ from conftest import (  # noqa: E402
     snapshot,
     tiny_llama,
     train_steps,
-)
-
-TOKENS = dict(max_position_embeddings=64, bos_token_id=1, eos_token_id=2, pad_token_id=0)
-
-LLAMA_LORA = dict(
-    target_modules=["q_proj", "v_proj"], r=8, lora_alpha=16, lora_dropout=0.05,
-    task_type="CAUSAL_LM",
 )
 
 
