@@ -28,6 +28,8 @@ from tinytune import AdapterWrapper, IA3Config, LinearIA3Layer, LinearLoraLayer,
 
 transformers = pytest.importorskip("transformers")
 
+from conftest import tiny_llama  # noqa: E402
+
 LLAMA_LORA = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 # Which modules each kind of adapter targets, per model. IA3 scales one feed-forward
 # input (a pre-hook) and other outputs (post-hooks); "mix" puts LoRA and IA3 layers in
@@ -76,15 +78,11 @@ def build(kind: str) -> tuple[nn.Module, torch.Tensor]:
     torch.manual_seed(0)
     if kind == "mlp":
         return MLP().eval(), torch.randn(3, 5, 10)
-    cfg = transformers.LlamaConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        vocab_size=64,
+    llama = tiny_llama(
+        None, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=1, vocab_size=64,
     )
-    model = Logits(transformers.LlamaForCausalLM(cfg)).eval()
+    model = Logits(llama).eval()
     return model, torch.randint(0, 64, (2, 8))
 
 
@@ -137,7 +135,7 @@ def wrap(model_kind: str, adapters: str) -> tuple[AdapterWrapper, torch.Tensor, 
         w.add_adapter_from_config(lora(model_kind), "lora")
         add_mix(w, model_kind, "mix")
         assert w.active_adapters == ["ia3", "lora", "mix"]
-        assert any(site._needs_stack for site in w._sites.values())
+        assert any(site.needs_stack for site in w.registry.sites.values())
     else:
         raise ValueError(adapters)
     return w, x, bare_out
@@ -329,8 +327,8 @@ def test_deep_copied_wrapper_compiles_without_recompiles():
     original, x, _ = wrap("mlp", "several")
     w = copy.deepcopy(original)
     assert all(
-        s._local is not o._local
-        for s, o in zip(w._sites.values(), original._sites.values(), strict=True)
+        s.call_state is not o.call_state
+        for s, o in zip(w.registry.sites.values(), original.registry.sites.values(), strict=True)
     )
     counter = CompileCounterWithBackend("inductor")
     compiled = torch.compile(w, backend=counter, fullgraph=True)

@@ -35,7 +35,7 @@ from tinytune import (
     LoraConfig,
 )
 
-from conftest import ConvNet, Tower, hook_count
+from conftest import ConvNet, Tower, hook_count, tiny_gpt2, tiny_llama
 
 transformers = pytest.importorskip("transformers")
 
@@ -77,8 +77,8 @@ class Count:
 
     def __init__(self, monkeypatch):
         self.single = self.mixed = 0
-        dispatch._load()
-        single, mixed = dispatch._Kernels.lora_linear, dispatch._Kernels.lora_mixed_linear
+        ops = dispatch.kernel_ops()
+        single, mixed = ops.lora_linear, ops.lora_mixed_linear
 
         def count_single(*a):
             self.single += 1
@@ -88,27 +88,21 @@ class Count:
             self.mixed += 1
             return mixed(*a)
 
-        monkeypatch.setattr(dispatch._Kernels, "lora_linear", count_single)
-        monkeypatch.setattr(dispatch._Kernels, "lora_mixed_linear", count_mixed)
+        monkeypatch.setattr(ops, "lora_linear", count_single)
+        monkeypatch.setattr(ops, "lora_mixed_linear", count_mixed)
 
 
 def llama(dtype=torch.float32, layers=2):
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(
+    model = tiny_llama(
         vocab_size=64, hidden_size=32, intermediate_size=40, num_hidden_layers=layers,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-        bos_token_id=0, eos_token_id=1, pad_token_id=1,
+        max_position_embeddings=64, bos_token_id=0, eos_token_id=1, pad_token_id=1,
     )
-    return transformers.LlamaForCausalLM(cfg).to(DEVICE, dtype).eval()
+    return model.to(DEVICE, dtype)
 
 
 def gpt2(dtype=torch.float32):
-    torch.manual_seed(0)
-    cfg = transformers.GPT2Config(
-        n_embd=32, n_layer=2, n_head=4, vocab_size=64, n_positions=64,
-        bos_token_id=0, eos_token_id=0, pad_token_id=0,
-    )
-    return transformers.GPT2LMHeadModel(cfg).to(DEVICE, dtype).eval()
+    model = tiny_gpt2(n_embd=32, vocab_size=64, bos_token_id=0, eos_token_id=0, pad_token_id=0)
+    return model.to(DEVICE, dtype)
 
 
 def randomise(wrapper, seed=0):
@@ -153,7 +147,8 @@ def same_state(model, snap):
 def stacks_empty(wrapper):
     """No call state left on this thread: no handed-over values, no mixed-batch plan."""
     return all(
-        not s._local.stack and not hasattr(s._local, "mixed") for s in wrapper._sites.values()
+        not s.call_state.stack and not hasattr(s.call_state, "mixed")
+        for s in wrapper.registry.sites.values()
     )
 
 
@@ -306,8 +301,7 @@ def test_triton_mode_refuses_with_a_reason(case, match, tower, monkeypatch):
         if case == "dropout":
             w.train()
         if case == "cpu":
-            monkeypatch.setattr(dispatch._Kernels, "interpret", False)
-            dispatch._load()
+            monkeypatch.setattr(dispatch.kernel_ops(), "interpret", False)
     randomise(w)
     if case != "cpu":  # on a GPU machine, everything else runs on the GPU
         w.to(DEVICE)
@@ -464,7 +458,7 @@ def test_auto_falls_back_per_layer(monkeypatch):
     test) runs the layers the kernels can run fused and the others on PyTorch, in one
     forward."""
     if DEVICE == "cpu":  # on a GPU: the real rule, CUDA tensors
-        monkeypatch.setattr(dispatch, "_auto_device", lambda x: True)
+        monkeypatch.setattr(dispatch, "auto_device", lambda x: True)
     model = Tower().eval()
     w = AdapterWrapper.from_config(model, LoraConfig(target_modules=["q_proj", "v_proj", "embed"]))
     w.add_adapter("c")
@@ -496,7 +490,7 @@ def test_rank_above_the_kernel_limit_falls_back_per_module(monkeypatch):
     fused; 'triton' refuses naming the module and the rank. Mixed calls (lora_mixed,
     which walks the rank in blocks) still run fused at rank 300."""
     if DEVICE == "cpu":  # on a GPU: the real rule, CUDA tensors
-        monkeypatch.setattr(dispatch, "_auto_device", lambda x: True)
+        monkeypatch.setattr(dispatch, "auto_device", lambda x: True)
     w = AdapterWrapper(Tower().eval().to(DEVICE))
     q0, v0 = "layers.0.q_proj", "layers.0.v_proj"
     w.add_adapter_from_config(LoraConfig(r=300, target_modules=[q0]), "big")

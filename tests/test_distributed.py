@@ -24,6 +24,7 @@ if not dist.is_available() or not dist.is_gloo_available():
 
 from safetensors.torch import load_file  # noqa: E402
 
+import conftest  # noqa: E402
 from tinytune import AdapterStateError, AdapterWrapper, LoraConfig  # noqa: E402
 from tinytune.training import load_adapter_weights, save_adapter_distributed  # noqa: E402
 
@@ -82,12 +83,11 @@ def run_workers(fn, tmp_path: Path, world: int = WORLD, timeout: float = TIMEOUT
 # the model and the data (the same in every process)
 # --------------------------------------------------------------------------------------
 def tiny_llama(seed: int = 0) -> nn.Module:
-    torch.manual_seed(seed)
-    cfg = transformers.LlamaConfig(
-        vocab_size=VOCAB, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-        num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64,
-    )
-    return transformers.LlamaForCausalLM(cfg)
+    """conftest's tiny Llama at this file's sizes, in training mode (as constructed)."""
+    return conftest.tiny_llama(
+        seed, vocab_size=VOCAB, hidden_size=16, intermediate_size=32, num_attention_heads=2,
+        max_position_embeddings=64,
+    ).train()
 
 
 LORA = dict(target_modules=["q_proj", "v_proj", "o_proj", "up_proj", "down_proj"], r=4, lora_alpha=8)
@@ -345,7 +345,7 @@ def crash_worker(rank: int, tmp: Path) -> None:
             tmp_file.write_bytes(b"\x00" * 100)
             os._exit(CRASH_EXIT)
 
-        tio._write_safetensors = die
+        tio.write_safetensors = die
     save_adapter_distributed(w, tmp / "ckpt")  # rank 1 then waits until the launcher stops it
 
 

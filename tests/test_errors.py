@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import pathlib
 from functools import partial
 
@@ -14,12 +15,14 @@ from tinytune import (
     AdapterWrapper,
     EmbeddingLoraLayer,
     IA3Config,
+    InvalidConfigError,
     LinearIA3Layer,
     LinearLoraLayer,
     LoraConfig,
+    TinytuneError,
 )
 
-from conftest import hook_count, randomize
+from conftest import hook_count, randomize, small
 
 
 def fingerprint(wrapper: AdapterWrapper):
@@ -300,3 +303,107 @@ def test_wrong_type_raises_tinytune_error_saying_what_to_pass(wrapped, tmp_path,
     assert isinstance(info.value, (TypeError, ValueError, RuntimeError))
     assert_same(before, fingerprint(wrapped))
     assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == files
+
+
+def lora(targets=("lin0", "lin1"), **kw) -> LoraConfig:
+    return LoraConfig(target_modules=list(targets), init_lora_weights=False, **kw)
+
+
+X = torch.randn(4, 10, generator=torch.Generator().manual_seed(3))
+
+
+# ----------------------------------------------------------------------------------------
+# 6. every error a user can provoke is a TinytuneError with the fitting builtin base
+# ----------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "make, builtin, match",
+    [
+        (lambda: LoraConfig(target_modules="lin(0"), ValueError, "regular expression"),
+        (lambda: LoraConfig(target_modules=["lin0"], rank_pattern={"lin[": 2}), ValueError, "rank_pattern"),
+        (lambda: LoraConfig(target_modules=["lin0"], alpha_pattern={"(": 2}), ValueError, "alpha_pattern"),
+        (lambda: IA3Config(target_modules="lin.*", feedforward_modules="lin)"), ValueError, "feedforward"),
+        (lambda: LoraConfig(target_modules=["lin0", 5]), TypeError, "strings"),
+        (lambda: LoraConfig(target_modules=[None]), TypeError, "strings"),
+        (lambda: IA3Config(target_modules=["lin0"], feedforward_modules=[1]), TypeError, "strings"),
+        (lambda: LoraConfig(target_modules=["lin0"], r=10**30), ValueError, "smaller rank"),
+        # 7. bad values
+        (lambda: LoraConfig(target_modules=["lin0"], lora_alpha=float("nan")), ValueError, "finite"),
+        (lambda: LoraConfig(target_modules=["lin0"], lora_alpha=float("inf")), ValueError, "finite"),
+        (lambda: LoraConfig(target_modules=["lin0"], alpha_pattern={"lin0": float("nan")}), ValueError, "finite"),
+        (lambda: LoraConfig(target_modules=["lin0"], use_rslora="no"), TypeError, "True or False"),
+        (lambda: LoraConfig(target_modules=["lin0"], modules_to_save=5), TypeError, "modules_to_save"),
+        (lambda: tinytune.LinearLoraLayer(r=4, lora_alpha=float("inf")), ValueError, "finite"),
+        (lambda: tinytune.LinearLoraLayer(r=4, use_rslora="yes"), TypeError, "True or False"),
+    ],
+)
+def test_config_errors(make, builtin, match):
+    with pytest.raises(TinytuneError, match=match) as info:
+        make()
+    assert isinstance(info.value, builtin)
+
+
+@pytest.mark.parametrize("name", ["keys", "items", "training", "forward", "update", "pop"])
+def test_adapter_names_of_module_dict_attributes_are_refused(name):
+    w = AdapterWrapper(small())
+    with pytest.raises(InvalidConfigError, match="pick another name"):
+        w.add_adapter(name)
+    with pytest.raises(InvalidConfigError):
+        w.add_adapter_from_config(lora(), name)
+    assert list(w.adapters) == [] and w.active_adapters == []
+
+
+def test_empty_mixed_batch_is_an_empty_plain_call():
+    w = AdapterWrapper(small())
+    w.add_adapter_from_config(lora(), "a")
+    out = w(X[:0], adapter_names=[])
+    assert out.shape == (0, 4)
+    assert out.shape == w(X[:0]).shape
+
+
+def test_deeply_nested_config_json_is_refused(tmp_path):
+    w = AdapterWrapper(small())
+    w.add_adapter_from_config(lora(), "a")
+    w.save_adapter(str(tmp_path), "a")
+    config = tmp_path / "adapter_config.json"
+    for depth in (100, 100_000):
+        config.write_text('{"x": ' + "[" * depth + "]" * depth + "}")
+        with pytest.raises(tinytune.AdapterFileError, match="deeper"):
+            w.load_adapter(str(tmp_path), "b", check_fingerprint=False)
+    assert list(w.adapters) == ["a"]
+
+
+def test_saving_under_a_file_or_onto_a_dangling_symlink(tmp_path):
+    w = AdapterWrapper(small())
+    w.add_adapter_from_config(lora(), "a")
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(tinytune.AdapterSaveError, match="part of the path is a file") as info:
+        w.save_adapter(str(tmp_path / "file" / "sub"), "a")
+    assert isinstance(info.value, OSError) and isinstance(info.value, tinytune.AdapterFileError)
+    os.symlink(tmp_path / "missing", tmp_path / "link")
+    with pytest.raises(OSError, match="symlink to a missing target"):
+        w.save_adapter(str(tmp_path / "link"), "a")
+    assert sorted(os.listdir(tmp_path)) == ["file", "link"]
+
+
+def test_absurd_rank_fails_before_allocating_or_with_a_hint():
+    w = AdapterWrapper(small())
+    with pytest.raises(InvalidConfigError, match="smaller rank"):
+        w.add_adapter_from_config(LoraConfig(target_modules=["lin0"], r=2**31), "a")
+    with pytest.raises(InvalidConfigError, match="smaller rank"):
+        w.add_adapter_layer(w.add_adapter("b") or "b", "lin0",
+                            lambda: tinytune.LinearLoraLayer(r=2**40))
+    # A rank that passes the check but cannot be allocated: an error with a hint.
+    with pytest.raises(InvalidConfigError, match="Out of memory.*r=") as info:
+        w.add_adapter_from_config(LoraConfig(target_modules=["lin0"], r=2**31 - 1), "c")
+    assert isinstance(info.value, ValueError)
+    assert "c" not in w.adapters and hook_count(w.model) == 0
+
+
+def test_custom_layers_of_the_wrong_type_are_refused_for_any_file(tmp_path):
+    w = AdapterWrapper(small())
+    w.add_adapter_from_config(lora(), "a")
+    w.save_adapter(str(tmp_path), "a")  # a plain PEFT file: custom_layers unused
+    with pytest.raises(tinytune.ConfigTypeError, match="custom_layers") as info:
+        w.load_adapter(str(tmp_path), "b", custom_layers=5)
+    assert isinstance(info.value, TypeError)
+    assert list(w.adapters) == ["a"]

@@ -40,24 +40,10 @@ from tinytune import (  # noqa: E402
     get_peft_model,
 )
 
-from conftest import Tower  # noqa: E402
+from conftest import Tower, tiny_gpt2, tiny_llama  # noqa: E402
 
 IDS = torch.tensor([[3, 17, 99, 4, 60, 5, 127], [8, 1, 42, 42, 7, 0, 77]])
 ATOL = 1e-5
-
-
-def tiny_llama(seed: int = 0, **kw) -> nn.Module:
-    torch.manual_seed(seed)
-    cfg = transformers.LlamaConfig(
-        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, vocab_size=128, **kw,
-    )
-    return transformers.LlamaForCausalLM(cfg).eval()
-
-
-@pytest.fixture(scope="module")
-def llama():
-    return tiny_llama()
 
 
 # The two libraries, as a user's import line would bring them in.
@@ -207,9 +193,9 @@ def test_default_target_tables_equal_peft_key_by_key():
     from tinytune import config as ours
 
     pairs = [
-        (ours._LORA_DEFAULT_TARGETS, constants.TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING),
-        (ours._IA3_DEFAULT_TARGETS, constants.TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING),
-        (ours._IA3_DEFAULT_FEEDFORWARD, constants.TRANSFORMERS_MODELS_TO_IA3_FEEDFORWARD_MODULES_MAPPING),
+        (ours.LORA_DEFAULT_TARGETS, constants.TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING),
+        (ours.IA3_DEFAULT_TARGETS, constants.TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING),
+        (ours.IA3_DEFAULT_FEEDFORWARD, constants.TRANSFORMERS_MODELS_TO_IA3_FEEDFORWARD_MODULES_MAPPING),
     ]
     for table, theirs in pairs:
         assert sorted(table) == sorted(theirs)
@@ -222,7 +208,7 @@ def test_default_target_tables_equal_peft_key_by_key():
 def test_default_targets_per_architecture_as_peft(llama, kind, arch):
     torch.manual_seed(0)
     if arch == "gpt2":
-        base = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_embd=32, n_layer=2, n_head=2, vocab_size=50, n_positions=16)).eval()
+        base = tiny_gpt2(None, n_embd=32, n_head=2, vocab_size=50, n_positions=16)
     elif arch == "gpt_neo":  # had LoRA defaults but no IA3 ones
         cfg = transformers.GPTNeoConfig(
             vocab_size=50, hidden_size=32, num_layers=2, num_heads=2,
@@ -322,15 +308,13 @@ def test_inits_tinytune_cannot_run_are_refused_at_config_creation(init):
 @pytest.mark.parametrize("task, head", [("SEQ_CLS", "score"), ("TOKEN_CLS", "score"), ("QUESTION_ANS", "qa_outputs")])
 def test_classification_task_types_train_the_head_as_peft(task, head):
     cls = {
-        "SEQ_CLS": transformers.LlamaForSequenceClassification,
-        "TOKEN_CLS": transformers.LlamaForTokenClassification,
-        "QUESTION_ANS": transformers.LlamaForQuestionAnswering,
+        "SEQ_CLS": "LlamaForSequenceClassification",
+        "TOKEN_CLS": "LlamaForTokenClassification",
+        "QUESTION_ANS": "LlamaForQuestionAnswering",
     }[task]
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                   num_attention_heads=2, num_key_value_heads=1, vocab_size=64,
-                                   num_labels=3, pad_token_id=0)
-    base = cls(cfg).eval()
+    base = tiny_llama(cls=cls, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=1, vocab_size=64,
+                      num_labels=3, pad_token_id=0)
     ours = get_peft_model(copy.deepcopy(base), LoraConfig(task_type=task, r=4, target_modules=["q_proj"]))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -515,9 +499,7 @@ def test_string_target_matching_nothing_explains_full_match(tower):
 # tied weights (GPT-2's lm_head / wte): refused, with the way out that works
 # ------------------------------------------------------------------------------------------
 def test_merge_into_tied_weights_is_refused_with_the_way_out():
-    cfg = transformers.GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=50, n_positions=16)
-    torch.manual_seed(0)
-    base = transformers.GPT2LMHeadModel(cfg).eval()
+    base = tiny_gpt2(n_embd=32, n_layer=1, n_head=2, vocab_size=50, n_positions=16)
     ids = torch.tensor([[1, 2, 3, 4]])
     w = AdapterWrapper.from_config(copy.deepcopy(base), LoraConfig(target_modules=["lm_head"], init_lora_weights=False))
     before = w(ids).logits

@@ -28,20 +28,6 @@ ATOL = 1e-5  # fp32; the two libraries order the same few matmuls differently
 
 
 @pytest.fixture(scope="module")
-def llama():
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=128,
-    )
-    return transformers.LlamaForCausalLM(cfg).eval()
-
-
-@pytest.fixture(scope="module")
 def llama_other(llama):
     """Same architecture, different weights: a swapped base model."""
     torch.manual_seed(123)

@@ -250,9 +250,9 @@ class WrapperMachine(RuleBasedStateMachine):
             )
             present = len(module._forward_hooks) + len(module._forward_pre_hooks)
             assert bool(present) == needed, (path, present, needed)
-        for site in self.w._sites.values():
-            assert not site._mixed_handles and site._mixed_users == 0
-            assert not getattr(site._local, "stack", [])
+        for site in self.w.registry.sites.values():
+            assert not site.mixed_hooked
+            assert not getattr(site.call_state, "stack", [])
 
     def teardown(self):
         self.disabled.close()

@@ -29,23 +29,18 @@ from tinytune.training import (  # noqa: E402
     load_all_adapters,
 )
 
+import conftest  # noqa: E402
 from conftest import MLP  # noqa: E402
 
 VOCAB = 64
 
 
 def tiny_llama(seed: int = 0) -> nn.Module:
-    torch.manual_seed(seed)
-    cfg = transformers.LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=2,
+    """conftest's tiny Llama at this file's sizes, in training mode (as constructed)."""
+    return conftest.tiny_llama(
+        seed, vocab_size=VOCAB, hidden_size=16, intermediate_size=32, num_attention_heads=2,
         max_position_embeddings=64,
-    )
-    return transformers.LlamaForCausalLM(cfg)
+    ).train()
 
 
 def wrapped_llama(seed: int = 0, **lora) -> AdapterWrapper:

@@ -23,16 +23,6 @@ import tinytune as tt  # noqa: E402
 ATOL = 1e-5
 
 
-@pytest.fixture(scope="module")
-def gpt2():
-    torch.manual_seed(0)
-    cfg = transformers.GPT2Config(
-        n_embd=64, n_layer=2, n_head=4, vocab_size=128, n_positions=64,
-        bos_token_id=0, eos_token_id=0, pad_token_id=0,
-    )
-    return transformers.GPT2LMHeadModel(cfg).eval()
-
-
 IDS = torch.tensor([[5, 17, 99, 4, 60], [8, 1, 42, 42, 7]])
 MASK = torch.ones_like(IDS)
 

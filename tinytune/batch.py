@@ -69,14 +69,9 @@ from .stacks import (
     SiteStacks,
     WrapperState,
     release_unreserved,
-    stack_params,
     state_of,
     with_grads,
 )
-
-# Private names older code imports from here (tests).
-_STATES = STATES
-_stack_params = stack_params
 
 __all__ = ["BASE_ADAPTER_NAME", "SiteStacks", "clear_cache", "mixed_call"]
 
@@ -138,7 +133,16 @@ def forget_adapter(wrapper: nn.Module, name: str, adapter: nn.Module) -> None:
             release_unreserved(state)
 
 
-def _build_stacks(sites: dict[str, Any], names: Sequence[str]) -> dict[str, SiteStacks]:
+def build_stacks(sites: dict[str, Any], names: Sequence[str]) -> dict[str, SiteStacks]:
+    """Stack every site's layers of ``names``, one slot per name, in that order.
+
+    Args:
+        sites: The registry's hook sites, by module path.
+        names: The adapters to stack.
+
+    Returns:
+        The stacks of every site at least one of ``names`` adapts, by module path.
+    """
     stacks = {}
     # Plain tensors without autograd history, even inside inference_mode, so later calls
     # with autograd on can use them too (gradients are routed by _StackGrads).
@@ -210,7 +214,7 @@ def cached_stacks(
             _sign(state, adapters, name)
     if rebuild:
         old = state.stacks
-        state.stacks = _build_stacks(wrapper.registry.sites, names)
+        state.stacks = build_stacks(wrapper.registry.sites, names)
         # Parameters of adapters no longer stacked (none, unless deleted behind the
         # wrapper's back) must not keep viewing the old stacks.
         kept = {id(layer) for st in state.stacks.values() for layer in st.layers}
@@ -235,7 +239,7 @@ def cached_stacks(
 # ----------------------------------------------------------------------------------------
 # the per-call plan that each hook site runs
 # ----------------------------------------------------------------------------------------
-class _Call:
+class Call:
     """One mixed call: the row assignment, shared by every module."""
 
     __slots__ = ("row_index", "batch", "slots", "identity", "_rows", "_groups")
@@ -283,7 +287,7 @@ class _Call:
         return self._rows[slot]
 
 
-def _check_rows(x: Any, call: _Call, path: str) -> None:
+def _check_rows(x: Any, call: Call, path: str) -> None:
     if not isinstance(x, torch.Tensor) or x.dim() == 0 or x.shape[0] != call.batch:
         shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
         raise MixedBatchError(
@@ -294,18 +298,18 @@ def _check_rows(x: Any, call: _Call, path: str) -> None:
         )
 
 
-def _row_mask(call: _Call, slot: int, like: torch.Tensor) -> torch.Tensor:
+def _row_mask(call: Call, slot: int, like: torch.Tensor) -> torch.Tensor:
     return (call.row_index == slot).view((call.batch,) + (1,) * (like.dim() - 1))
 
 
-def _row_dropout(x: torch.Tensor, p_stack: torch.Tensor, call: _Call) -> torch.Tensor:
+def _row_dropout(x: torch.Tensor, p_stack: torch.Tensor, call: Call) -> torch.Tensor:
     p = p_stack.index_select(0, call.row_index).view((call.batch,) + (1,) * (x.dim() - 1))
     keep = (1.0 - p).to(x.dtype)
     mask = (torch.rand_like(x) < keep).to(x.dtype)
     return x * mask / keep
 
 
-def _worth_grouping(call: _Call, x: torch.Tensor, a_stack: torch.Tensor) -> tuple | None:
+def worth_grouping(call: Call, x: torch.Tensor, a_stack: torch.Tensor) -> tuple | None:
     """The call's row segments if reading each adapter once beats a gather per row.
 
     Per row, the gather copies the row's factors (``r`` per feature); grouping reads
@@ -329,7 +333,7 @@ class _SitePlan:
 
     __slots__ = ("path", "stacks", "call")
 
-    def __init__(self, path: str, stacks: SiteStacks, call: _Call) -> None:
+    def __init__(self, path: str, stacks: SiteStacks, call: Call) -> None:
         self.path = path
         self.stacks = stacks
         self.call = call
@@ -394,7 +398,7 @@ class _SitePlan:
         if st.lora is not None:
             a, bt, scale, p = st.lora
             xin = _row_dropout(x, p, call) if st.has_dropout and module.training else x
-            groups = None if torch.compiler.is_compiling() else _worth_grouping(call, xin, a)
+            groups = None if torch.compiler.is_compiling() else worth_grouping(call, xin, a)
             if groups is None:
                 output = torch_lora_mixed(xin, output, a, bt, scale, call.row_index, inplace)
             elif groups[0]:
@@ -554,7 +558,7 @@ def _prepare(
             if pins is not None:
                 pins.release()
             raise
-        call = _Call(row_index, slots, base_slot)
+        call = Call(row_index, slots, base_slot)
         plans = [
             (site, _SitePlan(path, stacks.get(path, _EMPTY), call)) for path, site in sites.items()
         ]

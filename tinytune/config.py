@@ -445,7 +445,7 @@ class IA3Config(AdapterConfig):
 # TRANSFORMERS_MODELS_TO_{LORA_TARGET,IA3_TARGET,IA3_FEEDFORWARD}_MODULES_MAPPING (peft is
 # only a test extra, so tinytune keeps its own; tests/test_peft_dropin.py compares them
 # key by key with the installed peft). A string is a regex over the whole dotted name.
-_LORA_DEFAULT_TARGETS: dict[str, str | list[str]] = {
+LORA_DEFAULT_TARGETS: dict[str, str | list[str]] = {
     "t5": ["q", "v"],
     "mt5": ["q", "v"],
     "bart": ["q_proj", "v_proj"],
@@ -487,7 +487,7 @@ _LORA_DEFAULT_TARGETS: dict[str, str | list[str]] = {
     "rwkv": ["key", "value", "receptance", "output"],
     "rwkv7": ["r_proj", "k_proj", "v_proj", "o_proj", "key", "value"],
 }
-_IA3_DEFAULT_TARGETS: dict[str, list[str]] = {
+IA3_DEFAULT_TARGETS: dict[str, list[str]] = {
     "t5": ["k", "v", "wo"],
     "mt5": ["k", "v", "wi_1"],
     "gpt2": ["c_attn", "mlp.c_proj"],
@@ -518,7 +518,7 @@ _IA3_DEFAULT_TARGETS: dict[str, list[str]] = {
 }
 # PEFT's mt5 entry is empty (wi_1 is a target but not treated as feed-forward): copied
 # as it is, since the point of these tables is PEFT's result.
-_IA3_DEFAULT_FEEDFORWARD: dict[str, list[str]] = {
+IA3_DEFAULT_FEEDFORWARD: dict[str, list[str]] = {
     "t5": ["wo"],
     "mt5": [],
     "gpt2": ["mlp.c_proj"],
@@ -558,9 +558,9 @@ def with_model_defaults(config: AdapterConfig, model: nn.Module) -> AdapterConfi
     if not isinstance(model_type, str):
         return config
     if isinstance(config, IA3Config):
-        tables = {"target_modules": _IA3_DEFAULT_TARGETS, "feedforward_modules": _IA3_DEFAULT_FEEDFORWARD}
+        tables = {"target_modules": IA3_DEFAULT_TARGETS, "feedforward_modules": IA3_DEFAULT_FEEDFORWARD}
     elif isinstance(config, LoraConfig):
-        tables = {"target_modules": _LORA_DEFAULT_TARGETS}
+        tables = {"target_modules": LORA_DEFAULT_TARGETS}
     else:
         return config
     changes: dict[str, Any] = {}

@@ -234,6 +234,20 @@ def _load() -> None:
     _Kernels.loaded = True
 
 
+def kernel_ops() -> type:
+    """The kernel ops dispatch calls, loaded on first need (for tests and debugging).
+
+    Tests patch its attributes (``lora_linear``, ``lora_mixed_linear``, ``interpret``)
+    to count or steer the fused calls.
+
+    Returns:
+        The class whose attributes hold the ops, ``reason`` (why they cannot run, or
+        ``None``) and ``interpret`` (whether Triton runs in interpreter mode).
+    """
+    _load()
+    return _Kernels
+
+
 def fusion_possible() -> bool:
     """Whether any call in this process could run on the fused kernels.
 
@@ -350,9 +364,17 @@ def _call_reason(
     return None
 
 
-def _auto_device(x: torch.Tensor) -> bool:
-    """Whether mode ``"auto"`` considers ``x``'s device for the kernels: CUDA only (the
-    tests replace this function to exercise the per-layer fallback on the CPU)."""
+def auto_device(x: torch.Tensor) -> bool:
+    """Whether mode ``"auto"`` considers ``x``'s device for the kernels: CUDA only.
+
+    Public so that tests can replace it, to exercise the per-layer fallback on the CPU.
+
+    Args:
+        x: The input of an adapted module.
+
+    Returns:
+        True for a CUDA tensor.
+    """
     return x.is_cuda
 
 
@@ -388,7 +410,7 @@ def use_fused(
     if mode == "torch":
         return False
     if mode == "auto":
-        if static_reason is not None or not isinstance(x, torch.Tensor) or not _auto_device(x):
+        if static_reason is not None or not isinstance(x, torch.Tensor) or not auto_device(x):
             return False
         return _call_reason(module, x, params, dropout) is None
     reason = static_reason or _call_reason(module, x, params, dropout)

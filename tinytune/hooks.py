@@ -242,6 +242,30 @@ class HookSite:
     def hooked(self) -> bool:
         return bool(self._handles) or bool(self._mixed_handles)
 
+    # --- read by tests and debugging -----------------------------------------------------
+    @property
+    def call_state(self) -> threading.local:
+        """This thread's call state: ``stack`` (what pre-hooks hand their post-hooks under
+        ``torch.compile``) and, during a mixed call only, ``mixed`` (its plan). Between
+        calls the stack is empty and ``mixed`` absent."""
+        return self._local
+
+    @property
+    def needs_stack(self) -> bool:
+        """Whether a layer's pre-hook runs before another's post-hook, so that input views
+        are handed over (the chain composes)."""
+        return self._needs_stack
+
+    @property
+    def fusable(self) -> bool:
+        """Whether the module can run on the fused kernels at all (its type, this machine)."""
+        return self._fusable
+
+    @property
+    def mixed_hooked(self) -> bool:
+        """Whether mixed calls in flight hold hooks of this site (never between calls)."""
+        return bool(self._mixed_handles) or self._mixed_users != 0
+
     # --- the hooks ---------------------------------------------------------------------
     # What a pre-hook hands its post-hook (the fused path's real input, or the input views
     # of a composed chain) travels with the call itself in eager mode: as an attribute of

@@ -230,7 +230,7 @@ def _write_adapter(
         # carry the fingerprint of the new config and the loader refuses the old config
         # beside them, instead of loading a mix of two adapters.
         _atomic_write(
-            directory / WEIGHTS_NAME, lambda tmp: _write_safetensors(tensors, tmp, metadata)
+            directory / WEIGHTS_NAME, lambda tmp: write_safetensors(tensors, tmp, metadata)
         )
         _atomic_write(directory / CONFIG_NAME, lambda tmp: tmp.write_bytes(config_bytes))
     except OSError as exc:
@@ -524,7 +524,16 @@ def _peft_is_ff(cfg: IA3Config, path: str) -> bool:
 # --------------------------------------------------------------------------------------
 # writing files
 # --------------------------------------------------------------------------------------
-def _write_safetensors(tensors: dict[str, torch.Tensor], tmp: Path, metadata: dict[str, str]) -> None:
+def write_safetensors(tensors: dict[str, torch.Tensor], tmp: Path, metadata: dict[str, str]) -> None:
+    """Write ``tensors`` to the temporary file ``tmp`` of a save.
+
+    Public so that the crash tests can replace it (a process dying mid-write).
+
+    Args:
+        tensors: The adapter's tensors, by key.
+        tmp: The temporary file, renamed over the final one after this returns.
+        metadata: The safetensors header metadata.
+    """
     from safetensors.torch import save_file
 
     save_file(tensors, str(tmp), metadata=metadata)

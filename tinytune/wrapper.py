@@ -516,16 +516,3 @@ class AdapterWrapper(nn.Module):
                     f"has its base model ({type(model).__name__}), where the wrapper looks up "
                     "attributes it does not have."
                 ) from None
-
-    # Read by tests and older code: the registry's state under its former names.
-    @property
-    def _sites(self) -> dict:
-        return self.registry.sites
-
-    @property
-    def _hook_layout(self) -> int:
-        return self.registry.hook_layout
-
-    @property
-    def _backups(self) -> dict:
-        return self.registry.backups

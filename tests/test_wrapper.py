@@ -1,4 +1,5 @@
-"""The hook API: construction, mixing, activation, merging, unloading, swapping."""
+"""``AdapterWrapper`` on small torch models: construction, layer formulas, mixing,
+activation, deletion, training, unloading, swapping and pass-through."""
 
 from __future__ import annotations
 
@@ -431,85 +432,6 @@ def test_delete_adapter(mlp):
     torch.testing.assert_close(wrapper(x), y_b)
     wrapper.delete_adapter("b")
     assert hook_count(mlp) == 0 and torch.equal(wrapper(x), mlp(x))
-
-
-# --------------------------------------------------------------------------------------
-# merging
-# --------------------------------------------------------------------------------------
-@pytest.mark.parametrize(
-    "dtype, atol",
-    [(torch.float32, 1e-5), (torch.float16, 2e-2), (torch.bfloat16, 1e-1)],
-)
-def test_merge_unmerge_exact_in_each_dtype(dtype, atol):
-    torch.manual_seed(0)
-    tower = Tower().to(dtype).eval()
-    ids = torch.randint(0, 32, (2, 5))
-    state = snapshot(tower)
-    wrapper = AdapterWrapper.from_config(
-        tower, LoraConfig(target_modules=["q_proj", "v_proj", "embed"], r=4, init_lora_weights=False)
-    )
-    wrapper.add_adapter_from_config(
-        IA3Config(target_modules=["up_proj", "down_proj"], feedforward_modules=["down_proj"]), "ia3"
-    )
-    randomize(wrapper)
-    # zero IA3 scales: merging multiplies by 0, an unmerge by division could not recover
-    with torch.no_grad():
-        wrapper.adapters["ia3"]["layers.0.up_proj"].ia3_l[:3] = 0
-    y = wrapper(ids)
-    for _ in range(25):
-        wrapper.merge_adapters()
-        wrapper.unmerge_adapters()
-        assert_state_equal(tower, state)
-    wrapper.merge_adapters()
-    assert wrapper.merged_adapters == ["default", "ia3"]
-    assert hook_count(tower) == 0  # merged: no hook work at all
-    torch.testing.assert_close(wrapper(ids), y, atol=atol, rtol=atol)
-    wrapper.unmerge_adapters()
-    assert_state_equal(tower, state)
-    assert torch.equal(wrapper(ids), y)
-
-
-def test_partial_unmerge_keeps_the_rest_merged(mlp):
-    x = torch.randn(3, 10)
-    state = snapshot(mlp)
-    wrapper = AdapterWrapper.from_config(mlp, LoraConfig(target_modules="lin0", init_lora_weights=False), "a")
-    # b on another module than a: merged adapters act innermost, so the two must commute
-    wrapper.add_adapter_from_config(IA3Config(target_modules=["lin1"], init_ia3_weights=False), "b")
-    y = wrapper(x)
-    wrapper.merge_adapters()
-    wrapper.unmerge_adapters("a")
-    assert wrapper.merged_adapters == ["b"]
-    torch.testing.assert_close(wrapper(x), y, atol=1e-5, rtol=1e-5)
-    wrapper.unmerge_adapters()
-    assert_state_equal(mlp, state)
-
-
-def test_merge_and_unload(mlp):
-    x = torch.randn(3, 10)
-    wrapper = AdapterWrapper.from_config(mlp, LoraConfig(target_modules=["lin0", "lin1"], init_lora_weights=False))
-    y = wrapper(x)
-    base = wrapper.merge_and_unload()
-    assert base is mlp and hook_count(base) == 0
-    torch.testing.assert_close(base(x), y, atol=1e-5, rtol=1e-5)
-    assert all(p.requires_grad for p in base.parameters())
-
-
-def test_merging_a_failing_layer_leaves_weights_as_they_were(mlp):
-    class Boom(LinearLoraLayer):
-        def merge(self, module):
-            raise RuntimeError("boom")
-
-    x = torch.randn(2, 10)
-    state = snapshot(mlp)
-    wrapper = AdapterWrapper.from_config(mlp, LoraConfig(target_modules="lin0", init_lora_weights=False), "a")
-    wrapper.add_adapter("b")
-    wrapper.add_adapter_layer("b", "lin1", Boom)
-    y = wrapper(x)
-    with pytest.raises(RuntimeError, match="boom"):
-        wrapper.merge_adapters()
-    assert wrapper.merged_adapters == []
-    assert_state_equal(mlp, state)
-    assert torch.equal(wrapper(x), y)
 
 
 # --------------------------------------------------------------------------------------
