@@ -35,9 +35,11 @@ class Counting:
 
     def __init__(self) -> None:
         self.calls = 0
+        self.ranks: list[int] = []  # the rank of lora_a in each call
 
     def __call__(self, *args):
         self.calls += 1
+        self.ranks.append(args[3].shape[0])
         return torch_lora_linear(*args)
 
 
@@ -98,8 +100,10 @@ def test_kept_inputs_follow_the_active_chain_and_merges(kernel):
     torch.testing.assert_close(check(w, x, kernel), out_a, rtol=1e-5, atol=1e-5)
 
 
-def test_kept_inputs_follow_in_place_updates_and_scaling(kernel):
+@pytest.mark.parametrize("active", [["a"], ["a", "b"]])
+def test_kept_inputs_follow_in_place_updates_and_scaling(kernel, active):
     w = wrapped()
+    w.set_active_adapters(active)  # two LoRAs reach the kernel concatenated (copies)
     x = torch.randn(3, 10)
     first = check(w, x, kernel)
     layer = w.adapters["a"]["lin0"]
@@ -115,7 +119,7 @@ def test_kept_inputs_follow_a_dtype_change(kernel):
     w = wrapped()
     x = torch.randn(3, 10)
     check(w, x, kernel)  # keeps fp32 inputs
-    w.model.to(torch.bfloat16)  # the layers get new scaling buffers
+    w.to(torch.bfloat16)  # the adapter layers get new scaling buffers
     w.adapters["a"]["lin0"].scaling = 7.0  # written into the new buffer only
     with torch.no_grad():
         with tinytune.kernel_mode("triton"):
@@ -145,7 +149,7 @@ def test_kept_inputs_follow_kernel_modes_and_autograd(kernel):
 @pytest.fixture
 def files(tmp_path):
     out = {}
-    for name, r in (("r4", 4), ("r16", 16)):
+    for name, r in (("r4", 4), ("r8", 8), ("r16", 16)):
         torch.manual_seed(r)
         src = AdapterWrapper.from_config(
             MLP(), LoraConfig(r=r, lora_alpha=2 * r + 1, target_modules=["lin0", "lin1"], init_lora_weights=False), "x"
@@ -168,3 +172,35 @@ def test_kept_inputs_follow_hotswaps(kernel, files, slots):
     w.hotswap_adapter(files["r4"], "a")  # back, same values as the first
     torch.testing.assert_close(check(w, x, kernel), first)
     assert not torch.allclose(first, second)
+
+
+def test_kept_inputs_follow_slot_evictions(kernel, files):
+    # Two slots: a mixed call of b and c evicts the active "a"; the next plain call
+    # loads it back into another slot than the one its kept inputs viewed.
+    w = AdapterWrapper(MLP().eval())
+    w.reserve_adapter_slots(max_adapters=2, max_rank=16)
+    w.load_adapter(files["r4"], "a")
+    w.load_adapter(files["r16"], "b", activate=False)
+    w.load_adapter(files["r8"], "c", activate=False)
+    x = torch.randn(3, 10)
+    first = check(w, x, kernel)
+    with torch.no_grad():
+        w(x, adapter_names=["b", "c", "b"])
+    torch.testing.assert_close(check(w, x, kernel), first)
+
+
+def test_slots_reach_the_kernel_padded_only_without_autograd(kernel, files):
+    # Reserved slots are read (padded to max_rank) only where no gradient can be
+    # needed; with autograd on, the layer's own factors, whatever was kept before.
+    w = AdapterWrapper(MLP().eval())
+    w.reserve_adapter_slots(max_adapters=2, max_rank=16)
+    w.load_adapter(files["r4"], "a")
+    w.requires_grad_(False)  # then calls fuse with autograd on as well
+    x = torch.randn(3, 10)
+    with tinytune.kernel_mode("triton"):
+        with torch.no_grad():
+            w(x)
+        w(x)
+        with torch.no_grad():
+            w(x)
+    assert kernel.ranks == [16, 16, 4, 4, 16, 16]
