@@ -127,6 +127,26 @@ def test_kept_inputs_follow_a_dtype_change(kernel):
         with tinytune.kernel_mode("torch"):
             ref = w(x.bfloat16())
     torch.testing.assert_close(fused, ref, rtol=2e-2, atol=2e-2)
+    # Cast there and back between two calls: same dtype, a new buffer all the same.
+    w.to(torch.float32)
+    check(w, x, kernel)
+    w.to(torch.bfloat16)
+    w.to(torch.float32)
+    w.adapters["a"]["lin0"].scaling = 0.5
+    check(w, x, kernel)
+
+
+def test_a_copied_wrapper_reads_its_own_tensors(kernel):
+    import copy
+
+    w = wrapped()
+    x = torch.randn(3, 10)
+    check(w, x, kernel)  # the original keeps its inputs
+    c = copy.deepcopy(w)
+    c.adapters["a"]["lin0"].scaling = 9.0
+    with torch.no_grad():
+        c.adapters["a"]["lin0"].lora_B.weight.add_(1.0)
+    check(c, x, kernel)
 
 
 def test_kept_inputs_follow_kernel_modes_and_autograd(kernel):

@@ -257,7 +257,8 @@ def stub_kernels(lora_linear: Any, lora_mixed_linear: Any = None) -> Iterator[No
         Nothing.
     """
     _load()
-    saved = {k: getattr(_Kernels, k) for k in ("reason", "interpret", "lora_linear", "lora_mixed_linear", "max_rank")}
+    names = ("reason", "interpret", "lora_linear", "lora_mixed_linear", "max_rank")
+    saved = {k: getattr(_Kernels, k) for k in names}
     forced_before = _Process.stubbed
     _Kernels.reason, _Kernels.interpret = None, True
     _Kernels.lora_linear = lora_linear

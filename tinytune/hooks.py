@@ -176,27 +176,27 @@ class HookSite:
 
         Kept between eager calls where they are views (``_reuse_inputs``), keyed on
         what changes which tensors they view: the layer's reserved slot, whether
-        autograd is on (slots are read without it), and the input's dtype and device
-        (a model moved or cast gets a new scaling buffer). A new chain or a hot-swap
+        autograd is on (slots are read without it), and the layer's conversions (a
+        layer moved or cast gets a new scaling buffer). A new chain or a hot-swap
         (``set_chain``, ``layers_changed``) drops them. Never kept under
         ``torch.compile``: the traced graph reads the parameters as before.
         """
         if not self._reuse_inputs or torch.compiler.is_compiling():
             return dispatch.checked_inputs(self.path, self.chain)
-        slot = self.chain[0].slot_factors
+        layer = self.chain[0]
+        slot = layer.slot_factors
         grad = torch.is_grad_enabled()
         kept = self._kept
         if (
             kept is not None
             and kept[0] is slot
             and kept[1] is grad
-            and kept[2] is x.dtype
-            and kept[3] == x.device
+            and kept[2] == layer.conversions
         ):
-            return kept[4]
+            return kept[3]
         inputs = dispatch.checked_inputs(self.path, self.chain)
         if inputs is not None:
-            self._kept = (slot, grad, x.dtype, x.device, inputs)
+            self._kept = (slot, grad, layer.conversions, inputs)
         return inputs
 
     def _wanted(self) -> tuple[bool, str | bool]:
@@ -416,6 +416,7 @@ class HookSite:
         # (deep-copying a hooked model copies its hook sites).
         state = self.__dict__.copy()
         del state["_local"]
+        state["_kept"] = None  # views of this process's tensors: a copy reads its own
         return state
 
     def __setstate__(self, state: dict) -> None:
