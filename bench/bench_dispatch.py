@@ -12,11 +12,20 @@ interpreter):
 * ``fused_path``: the wrapped module (LoRA r=8) on the fused path, with that op;
 * ``torch_path``: the wrapped module on the PyTorch path (kernel mode ``"torch"``).
 
-``fused_path - op`` is the hooks' overhead per adapted module call. One torch thread;
-each round runs every case ``--inner`` times in a shuffled order; figures are medians
-over rounds of the calling thread's CPU time (``time.thread_time``), which, unlike
-wall-clock time, does not count the time the thread spends preempted on a shared
-machine (these cases never wait on anything else).
+``fused_path - op`` is the hooks' overhead per adapted module call.
+
+The whole-model case (``--layers``, default 32; 0 skips it) times one decode token
+(one row, no KV cache) through a tiny-width Llama built from a ``LlamaConfig``
+(hidden size 64) with LoRA r=8 on all seven projections of every layer, against the
+bare model (the same weights, unwrapped). The kernel is a stub of no cost there: it
+returns a preallocated tensor of the right shape, so ``fused_step / bare_step`` is what
+runs in Python around the kernels (target: at most 1.3).
+
+Both cases reach the fused path on CPU tensors through ``tinytune.dispatch.stub_kernels``.
+One torch thread; each round runs every case ``--inner`` times in a shuffled order;
+figures are medians over rounds of the calling thread's CPU time (``time.thread_time``),
+which, unlike wall-clock time, does not count the time the thread spends preempted on a
+shared machine (these cases never wait on anything else).
 
 Run: ``python bench/bench_dispatch.py`` (``--rounds N``).
 """
@@ -35,12 +44,120 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 import tinytune  # noqa: E402
-import tinytune.dispatch as dispatch  # noqa: E402
 import time  # noqa: E402
 
 from tinytune import AdapterWrapper, LoraConfig  # noqa: E402
+from tinytune.dispatch import stub_kernels  # noqa: E402
 from tinytune.kernels.lora_linear import torch_lora_linear  # noqa: E402
 from tinytune.timing import clock_timer, interleave, quantiles  # noqa: E402
+
+
+PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def time_cases(cases: dict, rounds: int, inner: int) -> dict:
+    """``{case: (p25, median, p75)}`` in µs per call, interleaved, warmed up first."""
+    measure = clock_timer(time.thread_time)
+    for fn in cases.values():  # untimed: two rounds' worth of calls per case
+        for _ in range(2 * inner):
+            fn()
+    times = interleave(cases, rounds, lambda name: measure(cases[name], inner) * 1e6)
+    return {k: quantiles(v) for k, v in times.items()}
+
+
+def module_case(args: argparse.Namespace) -> dict:
+    """One adapted ``Linear(64, 64)``, the kernel replaced by its PyTorch reference."""
+    torch.manual_seed(0)
+    bare = torch.nn.Linear(64, 64)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 64))
+    model[0].load_state_dict(bare.state_dict())
+    with stub_kernels(torch_lora_linear):
+        w = AdapterWrapper.from_config(model, LoraConfig(r=8, target_modules=["0"], init_lora_weights=False))
+        layer = w.adapters["default"]["0"]
+        lin = model[0]
+        x = torch.randn(args.rows, 64)
+        a, b = layer.lora_A.weight, layer.lora_B.weight
+        s = layer.scaling_tensor.expand(8).contiguous()
+
+        def fused():
+            with tinytune.kernel_mode("triton"):
+                return lin(x)
+
+        def torch_path():
+            with tinytune.kernel_mode("torch"):
+                return lin(x)
+
+        def op():
+            with tinytune.kernel_mode("triton"):  # same context-manager cost as the others
+                return torch_lora_linear(x, lin.weight, lin.bias, a, b, s, None, None)
+
+        def bare_call():
+            with tinytune.kernel_mode("triton"):
+                return bare(x)
+
+        with torch.no_grad():
+            torch.testing.assert_close(fused(), torch_path(), rtol=1e-5, atol=1e-5)
+            cases = {"bare": bare_call, "op": op, "fused_path": fused, "torch_path": torch_path}
+            stats = time_cases(cases, args.rounds, args.inner)
+    us = {k: q[1] for k, q in stats.items()}
+    return {
+        "layer": "Linear(64, 64), LoRA r=8",
+        "rows": args.rows,
+        "median_us": {k: round(v, 2) for k, v in us.items()},
+        "p25_p75_us": {k: [round(q[0], 2), round(q[2], 2)] for k, q in stats.items()},
+        "hook_overhead_us": round(us["fused_path"] - us["op"], 2),
+    }
+
+
+def model_case(args: argparse.Namespace) -> dict:
+    """One decode token through a tiny 32-layer Llama, LoRA on all seven projections,
+    the kernel a stub of no cost, against the bare model."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=args.layers,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+    )
+    torch.manual_seed(0)
+    bare = LlamaForCausalLM(config).eval()
+    model = LlamaForCausalLM(config).eval()
+    model.load_state_dict(bare.state_dict())
+    ids = torch.randint(0, 128, (1, 1))
+    outs: dict[int, torch.Tensor] = {}  # out_features -> the stub's preallocated result
+    calls = [0]
+
+    def stub(x, weight, *rest):
+        calls[0] += 1
+        return outs[weight.shape[0]]
+
+    for n in (64, 128, config.num_key_value_heads * 16):
+        outs[n] = torch.zeros(1, 1, n)
+    with stub_kernels(stub):
+        w = AdapterWrapper.from_config(model, LoraConfig(r=8, target_modules=PROJECTIONS))
+
+        def fused_step():
+            with tinytune.kernel_mode("triton"):
+                return model(ids, use_cache=False)
+
+        def bare_step():
+            with tinytune.kernel_mode("triton"):
+                return bare(ids, use_cache=False)
+
+        with torch.no_grad():
+            fused_step()
+            adapted = len(w.registry.sites)
+            assert calls[0] == adapted == 7 * args.layers, (calls[0], adapted)
+            stats = time_cases({"bare_step": bare_step, "fused_step": fused_step}, args.rounds, args.model_inner)
+    us = {k: q[1] for k, q in stats.items()}
+    return {
+        "model": f"Llama, {args.layers} layers, hidden 64, LoRA r=8 on {', '.join(PROJECTIONS)}",
+        "adapted_modules": adapted,
+        "tokens": 1,
+        "median_us": {k: round(v, 1) for k, v in us.items()},
+        "p25_p75_us": {k: [round(q[0], 1), round(q[2], 1)] for k, q in stats.items()},
+        "fused_over_bare": round(us["fused_step"] / us["bare_step"], 3),
+        "host_us_per_adapted_module": round((us["fused_step"] - us["bare_step"]) / adapted, 2),
+    }
 
 
 def main() -> None:
@@ -48,61 +165,13 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=200)
     parser.add_argument("--rows", type=int, default=1)
     parser.add_argument("--inner", type=int, default=200)
+    parser.add_argument("--layers", type=int, default=32, help="whole-model case; 0: skip it")
+    parser.add_argument("--model-inner", type=int, default=5)
     args = parser.parse_args()
     torch.set_num_threads(1)
-    # Make the fused path reachable on CPU tensors without Triton's interpreter: mark
-    # the process as able to fuse and use the PyTorch reference as "the kernel".
-    dispatch._load()
-    dispatch._Kernels.reason = None
-    dispatch._Kernels.interpret = True
-    dispatch._Kernels.lora_linear = torch_lora_linear
-    dispatch.fusion_possible = lambda: True
-
-    torch.manual_seed(0)
-    bare = torch.nn.Linear(64, 64)
-    model = torch.nn.Sequential(torch.nn.Linear(64, 64))
-    model[0].load_state_dict(bare.state_dict())
-    w = AdapterWrapper.from_config(model, LoraConfig(r=8, target_modules=["0"], init_lora_weights=False))
-    layer = w.adapters["default"]["0"]
-    lin = model[0]
-    x = torch.randn(args.rows, 64)
-    a, b = layer.lora_A.weight, layer.lora_B.weight
-    s = layer.scaling_tensor.expand(8).contiguous()
-
-    def fused():
-        with tinytune.kernel_mode("triton"):
-            return lin(x)
-
-    def torch_path():
-        with tinytune.kernel_mode("torch"):
-            return lin(x)
-
-    def op():
-        with tinytune.kernel_mode("triton"):  # same context-manager cost as the others
-            return torch_lora_linear(x, lin.weight, lin.bias, a, b, s, None, None)
-
-    def bare_call():
-        with tinytune.kernel_mode("triton"):
-            return bare(x)
-
-    with torch.no_grad():
-        torch.testing.assert_close(fused(), torch_path(), rtol=1e-5, atol=1e-5)
-        cases = {"bare": bare_call, "op": op, "fused_path": fused, "torch_path": torch_path}
-        measure = clock_timer(time.thread_time)
-        for fn in cases.values():  # untimed: two rounds' worth of calls per case
-            for _ in range(2 * args.inner):
-                fn()
-        times = interleave(cases, args.rounds, lambda name: measure(cases[name], args.inner) * 1e6)
-    stats = {k: quantiles(v) for k, v in times.items()}  # (p25, median, p75) in us
-    us = {k: q[1] for k, q in stats.items()}
-    report = {
-        "layer": "Linear(64, 64), LoRA r=8",
-        "rows": args.rows,
-        "torch": torch.__version__,
-        "median_us": {k: round(v, 2) for k, v in us.items()},
-        "p25_p75_us": {k: [round(q[0], 2), round(q[2], 2)] for k, q in stats.items()},
-        "hook_overhead_us": round(us["fused_path"] - us["op"], 2),
-    }
+    report = {"torch": torch.__version__, **module_case(args)}
+    if args.layers:
+        report["whole_model"] = model_case(args)
     print(json.dumps(report, indent=1))
 
 

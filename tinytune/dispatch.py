@@ -85,6 +85,7 @@ class _Process:
     explicit: str | None = None  # set_kernel_mode(); None: from the environment
     env_raw: str | None = None
     env_mode: str | None = "auto"  # None: env_raw is invalid
+    stubbed = False  # inside stub_kernels()
 
 
 def _parse(mode: Any, source: str) -> str:
@@ -248,12 +249,54 @@ def kernel_ops() -> type:
     return _Kernels
 
 
+@contextlib.contextmanager
+def stub_kernels(lora_linear: Any, lora_mixed_linear: Any = None) -> Iterator[None]:
+    """For benchmarks: run the fused path on CPU tensors with stand-ins for the kernels.
+
+    Inside the block the process counts as able to fuse (no Triton, GPU or
+    ``TRITON_INTERPRET=1`` needed), and the hooks call ``lora_linear`` (and
+    ``lora_mixed_linear``) where they would launch the kernels, with the kernels'
+    signatures (see ``tinytune.kernels.lora_linear``). Wrap the model inside the block:
+    a hook site reads whether fusion is possible when it is created. What the block
+    measures is the host cost around the kernels: pass the PyTorch reference
+    (``torch_lora_linear``) to check results, or a stub returning a preallocated
+    tensor to time the hooks alone (``bench/bench_dispatch.py`` does both). Not
+    thread-safe; the previous state comes back when the block ends.
+
+    Args:
+        lora_linear: Stands in for ``lora_linear``.
+        lora_mixed_linear: Stands in for ``lora_mixed_linear`` (default: unchanged).
+
+    Yields:
+        Nothing.
+    """
+    _load()
+    names = ("reason", "interpret", "lora_linear", "lora_mixed_linear", "max_rank")
+    saved = {k: getattr(_Kernels, k) for k in names}
+    forced_before = _Process.stubbed
+    _Kernels.reason, _Kernels.interpret = None, True
+    _Kernels.lora_linear = lora_linear
+    if lora_mixed_linear is not None:
+        _Kernels.lora_mixed_linear = lora_mixed_linear
+    _Kernels.max_rank = _Kernels.max_rank or 256  # lora_linear's limit, without Triton
+    _Process.stubbed = True
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            setattr(_Kernels, k, v)
+        _Process.stubbed = forced_before
+
+
 def fusion_possible() -> bool:
     """Whether any call in this process could run on the fused kernels.
 
-    False without Triton, or without both a CUDA device and ``TRITON_INTERPRET=1``:
-    then hook sites keep their PyTorch-only hooks (no extra pre-hook).
+    False without Triton, or without both a CUDA device and ``TRITON_INTERPRET=1``
+    (outside :func:`stub_kernels`): then hook sites keep their PyTorch-only hooks (no
+    extra pre-hook).
     """
+    if _Process.stubbed:
+        return True
     if not (_interpret() or torch.cuda.is_available()):
         return False  # checked first: no Triton import on a CPU-only machine
     _load()
@@ -310,7 +353,8 @@ def rank_reason(chain: Iterable[nn.Module]) -> str | None:
     """Why ``lora_linear`` cannot take the active LoRAs of one module: their total rank
     (concatenated, as :func:`fused_inputs` passes them) is above its limit, or ``None``.
 
-    Checked per call: a hot-swap or a slot changes the rank without a new chain.
+    Checked per call (by :func:`checked_inputs`, on the kernel's inputs): a hot-swap or a
+    slot changes the rank without a new chain.
     (Mixed calls run on ``lora_mixed_linear``, which walks any rank in blocks.)
     """
     ranks = [_factors(layer)[0].shape[0] for layer in chain if layers.layer_kind(layer) == "lora"]
@@ -333,7 +377,9 @@ def _call_reason(
     _load()
     if _Kernels.reason is not None:
         return _Kernels.reason
-    if x.device.type == "cpu":
+    if x.is_cuda:
+        pass  # checked first: reading x.device builds a Python object per call
+    elif x.is_cpu:
         if not _Kernels.interpret:
             return (
                 "its input is a CPU tensor: the kernels run on CUDA tensors (CPU tensors only "
@@ -419,6 +465,31 @@ def use_fused(
     return True
 
 
+def checked_inputs(path: str, chain: tuple) -> tuple | None:
+    """:func:`fused_inputs` of ``chain``, for a call :func:`use_fused` sent to the kernel.
+
+    The total rank is checked on the inputs themselves (several LoRAs are
+    concatenated along the rank), so they are gathered once per call.
+
+    Args:
+        path: The module's dotted name (for error messages).
+        chain: Its active built-in layers, innermost first.
+
+    Returns:
+        The inputs, or ``None`` if their total rank is above ``lora_linear``'s limit
+        (mode ``"auto"``: the call runs on the PyTorch path).
+
+    Raises:
+        KernelUnavailableError: In mode ``"triton"``, if the total rank is too large.
+    """
+    inputs = fused_inputs(chain)
+    if inputs[0] is None or inputs[0].shape[0] <= _Kernels.max_rank:
+        return inputs
+    if _mode() == "triton":
+        raise unavailable(path, rank_reason(chain))
+    return None
+
+
 def forced() -> bool:
     """Whether the mode in effect is ``"triton"`` (for hooks that cannot fuse at all)."""
     return _mode() == "triton"
@@ -445,11 +516,6 @@ def chain_params(chain: Iterable[nn.Module]) -> list[torch.Tensor]:
         elif isinstance(layer, LinearIA3Layer):
             params.append(layer.ia3_l)
     return params
-
-
-def chain_dropout(module: nn.Module, chain: Iterable[nn.Module]) -> bool:
-    """Whether a LoRA layer of ``chain`` applies dropout in this call."""
-    return module.training and any(getattr(layer, "lora_dropout", 0.0) for layer in chain)
 
 
 def _mul(a: torch.Tensor | None, b: torch.Tensor) -> torch.Tensor:
@@ -524,21 +590,19 @@ def fused_inputs(chain: tuple) -> tuple:
     return torch.cat(a_parts), torch.cat(b_parts, 1), torch.cat(s_parts), l_in, l_out
 
 
-def fused_linear(module: nn.Module, chain: tuple, x: torch.Tensor) -> torch.Tensor:
-    """``module(x)`` with the active layers ``chain`` applied, in one fused kernel.
+def fused_linear(module: nn.Module, x: torch.Tensor, inputs: tuple, conv1d: bool) -> torch.Tensor:
+    """``module(x)`` with the active layers applied, in one fused kernel.
 
     Args:
         module: The ``nn.Linear`` or ``Conv1D``.
-        chain: Its active built-in layers, innermost first.
         x: ``(..., K)`` the module's real input.
+        inputs: :func:`checked_inputs` of its active layers.
+        conv1d: Whether ``module`` is a ``Conv1D`` (weight stored transposed).
 
     Returns:
         ``(..., N)`` in ``x.dtype``.
     """
-    a, b, s, l_in, l_out = fused_inputs(chain)
-    return _Kernels.lora_linear(
-        x, module.weight, module.bias, a, b, s, l_in, l_out, is_conv1d(module)
-    )
+    return _Kernels.lora_linear(x, module.weight, module.bias, *inputs, conv1d)
 
 
 def mixed_linear(module: nn.Module, x: torch.Tensor, *inputs: Any) -> torch.Tensor:

@@ -41,7 +41,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from . import dispatch
-from .layers import AdapterLayer, first_input, replace_first_input
+from .layers import AdapterLayer, first_input, is_conv1d, replace_first_input
 
 __all__ = ["HookSite", "hook_layout_id"]
 
@@ -110,6 +110,9 @@ class HookSite:
         # Fused kernels: why the active chain cannot run on them (None: it can).
         self._chain_reason: str | None = None
         self._chain_params: tuple = ()
+        self._chain_dropout = False  # whether a layer of the chain has LoRA dropout
+        self._reuse_inputs = False
+        self._kept: tuple | None = None  # see _fused_inputs
 
     @property
     def module(self) -> nn.Module:
@@ -120,6 +123,7 @@ class HookSite:
         # Whether the module can run on the fused kernels at all (its type, this machine).
         self._module = module
         self._fusable = dispatch.module_reason(module) is None and dispatch.fusion_possible()
+        self._conv1d = is_conv1d(module)
 
     # --- state -------------------------------------------------------------------------
     def set_chain(self, chain: tuple[AdapterLayer, ...]) -> None:
@@ -134,8 +138,7 @@ class HookSite:
         self._needs_stack = any(
             i_pre < i_post for i_pre, _ in self._pres for i_post, _ in self._posts
         )
-        self._chain_reason = dispatch.chain_reason(self.module, chain)
-        self._chain_params = tuple(dispatch.chain_params(chain))
+        self._read_chain()
         want_pre, want_post = self._wanted()
         if (
             self._handles
@@ -154,8 +157,47 @@ class HookSite:
 
     def layers_changed(self) -> None:
         """Re-read the active layers' parameters (a hot-swap gave a layer new ones)."""
-        self._chain_reason = dispatch.chain_reason(self.module, self.chain)
-        self._chain_params = tuple(dispatch.chain_params(self.chain))
+        self._read_chain()
+
+    def _read_chain(self) -> None:
+        # What the fused path's per-call decision needs from the chain, read once per
+        # chain (set_chain) or per change of its layers (layers_changed), not per call.
+        chain = self.chain
+        self._chain_reason = dispatch.chain_reason(self.module, chain)
+        self._chain_params = tuple(dispatch.chain_params(chain))
+        self._chain_dropout = any(getattr(layer, "lora_dropout", 0.0) for layer in chain)
+        # One LoRA alone reaches the kernel as views of its own tensors (no copy), which
+        # stay current through in-place updates: those inputs are kept between calls.
+        self._reuse_inputs = len(chain) == 1 and dispatch.fused_kind(chain[0]) == "lora"
+        self._kept = None
+
+    def _fused_inputs(self, x: torch.Tensor) -> tuple | None:
+        """The kernel's adapter inputs for this call (see ``dispatch.checked_inputs``).
+
+        Kept between eager calls where they are views (``_reuse_inputs``), keyed on
+        what changes which tensors they view: the layer's reserved slot, whether
+        autograd is on (slots are read without it), and the layer's conversions (a
+        layer moved or cast gets a new scaling buffer). A new chain or a hot-swap
+        (``set_chain``, ``layers_changed``) drops them. Never kept under
+        ``torch.compile``: the traced graph reads the parameters as before.
+        """
+        if not self._reuse_inputs or torch.compiler.is_compiling():
+            return dispatch.checked_inputs(self.path, self.chain)
+        layer = self.chain[0]
+        slot = layer.slot_factors
+        grad = torch.is_grad_enabled()
+        kept = self._kept
+        if (
+            kept is not None
+            and kept[0] is slot
+            and kept[1] is grad
+            and kept[2] == layer.conversions
+        ):
+            return kept[3]
+        inputs = dispatch.checked_inputs(self.path, self.chain)
+        if inputs is not None:
+            self._kept = (slot, grad, layer.conversions, inputs)
+        return inputs
 
     def _wanted(self) -> tuple[bool, str | bool]:
         """The hooks the active chain needs: (pre-hook?, post-hook kind or False)."""
@@ -289,25 +331,36 @@ class HookSite:
             return stack.pop() if stack else None
         return getattr(args, "handed", None) if type(args) is _CallArgs else None
 
+    def _plan(self) -> Any:
+        """The mixed-batch plan of the call in flight on this thread, or ``None``."""
+        if torch.compiler.is_compiling():
+            return getattr(self._local, "mixed", None)
+        # A dict lookup, where a getattr with a default pays for a failed lookup on
+        # every plain call (no plan); dynamo is only ever shown the getattr.
+        return self._local.__dict__.get("mixed")
+
     def _pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-        plan = getattr(self._local, "mixed", None)
+        plan = self._plan()
         if self._fusable:
             x = first_input(args, kwargs)
             if plan is not None:
-                fuse = plan.use_fused(module, x)
+                fuse = _Fused(x, None) if plan.use_fused(module, x) else None
+            elif dispatch.use_fused(
+                self.path,
+                self._chain_reason,
+                module,
+                x,
+                self._chain_params,
+                self._chain_dropout and module.training,
+            ):
+                inputs = self._fused_inputs(x)
+                fuse = None if inputs is None else _Fused(x, inputs)
             else:
-                fuse = dispatch.use_fused(
-                    self.path,
-                    self._chain_reason or dispatch.rank_reason(self.chain),
-                    module,
-                    x,
-                    self._chain_params,
-                    dispatch.chain_dropout(module, self.chain),
-                )
-            if fuse:
+                fuse = None
+            if fuse is not None:
                 # The module's own forward gets no rows; the post-hook computes it all.
                 args, kwargs = replace_first_input(args, kwargs, dispatch.empty_rows(x))
-                return self._hand_over(args, _Fused(x)), kwargs
+                return self._hand_over(args, fuse), kwargs
         elif dispatch.forced():
             raise self._unavailable(plan)
         if plan is not None:
@@ -332,7 +385,7 @@ class HookSite:
         return dispatch.unavailable(self.path, reason)
 
     def _post_hook_single(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
-        plan = getattr(self._local, "mixed", None)
+        plan = self._plan()
         if not self._has_pre and dispatch.forced():
             raise self._unavailable(plan)
         if plan is not None:
@@ -346,12 +399,12 @@ class HookSite:
         return new
 
     def _post_hook(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
-        plan = getattr(self._local, "mixed", None)
+        plan = self._plan()
         handed = self._take_over(args)
         if type(handed) is _Fused:
-            if plan is not None:
+            if handed.inputs is None:
                 return plan.fused(module, handed.x)
-            return dispatch.fused_linear(module, self.chain, handed.x)
+            return dispatch.fused_linear(module, handed.x, handed.inputs, self._conv1d)
         if not self._has_pre and dispatch.forced():
             raise self._unavailable(plan)
         if plan is not None:
@@ -387,6 +440,7 @@ class HookSite:
         # (deep-copying a hooked model copies its hook sites).
         state = self.__dict__.copy()
         del state["_local"]
+        state["_kept"] = None  # views of this process's tensors: a copy reads its own
         return state
 
     def __setstate__(self, state: dict) -> None:
@@ -402,12 +456,14 @@ class _CallArgs(tuple):
 
 
 class _Fused:
-    """Handed from pre- to post-hook on the fused path: the module's real input."""
+    """Handed from pre- to post-hook on the fused path: the module's real input, and
+    the kernel's adapter inputs (``None`` for a mixed call: its plan has them)."""
 
-    __slots__ = ("x",)
+    __slots__ = ("x", "inputs")
 
-    def __init__(self, x: Any) -> None:
+    def __init__(self, x: Any, inputs: tuple | None) -> None:
         self.x = x
+        self.inputs = inputs
 
 
 def _returned_none(layer: AdapterLayer, method: str, fix: str) -> TypeError:

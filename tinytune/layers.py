@@ -246,6 +246,10 @@ class LoraLayer(AdapterLayer):
             return self.scaling_tensor
         return self._scaling
 
+    #: How many conversions (``.to()``, ``.half()``, ...) this layer went through: each
+    #: may give it new tensors, so hook sites key the kernel inputs they keep on it.
+    conversions = 0
+
     def _apply(self, fn: Any, recurse: bool = True) -> "LoraLayer":
         # ``.half()``/``.to(dtype)`` would round the scaling; keep it exact in fp32 (the
         # 0-dim tensor does not promote the half-precision tensors it multiplies).
@@ -253,6 +257,7 @@ class LoraLayer(AdapterLayer):
         buf = self._buffers.get("scaling_tensor")
         if buf is not None and buf.dtype != torch.float32:
             self._buffers["scaling_tensor"] = torch.tensor(self._scaling, device=buf.device)
+        self.conversions += 1
         return self
 
     def _place_scaling(self, target: nn.Module) -> None:
