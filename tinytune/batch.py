@@ -238,7 +238,7 @@ def cached_stacks(
 class _Call:
     """One mixed call: the row assignment, shared by every module."""
 
-    __slots__ = ("row_index", "batch", "slots", "identity", "_rows", "_groups")
+    __slots__ = ("row_index", "batch", "slots", "identity", "_rows", "_groups", "segments")
 
     def __init__(self, row_index: torch.Tensor, slots: list[int], identity: int) -> None:
         self.row_index = row_index
@@ -247,6 +247,9 @@ class _Call:
         self.identity = identity
         self._rows: dict[int, torch.Tensor | None] = {}
         self._groups: tuple | None = None
+        # The fused path's segment plans (device tensors), built by the first module that
+        # needs one and shared by every later module of this forward.
+        self.segments: dict = {}
 
     def groups(self) -> tuple:
         """Rows sorted into segments by slot, identity rows left out (eager mode only).
@@ -378,8 +381,11 @@ class _SitePlan:
         if st.lora is not None:
             a, bt, scale = st.lora[:3]
         ranks = getattr(st, "ranks", None)
+        # Under torch.compile the op plans inside the graph (no Python cache in it).
+        plans = None if torch.compiler.is_compiling() else self.call.segments
         return dispatch.mixed_linear(
-            module, x, self.call.row_index, a, bt, scale, ranks, st.ia3_pre, st.ia3_post
+            module, x, self.call.row_index, a, bt, scale, ranks, st.ia3_pre, st.ia3_post,
+            plans=plans,
         )
 
     def post(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
