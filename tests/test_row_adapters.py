@@ -11,6 +11,7 @@ back from the device).
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -69,14 +70,15 @@ class Net(nn.Module):
 NAMES = ("a", "b", "c")
 
 
-def _wrapper(max_rows: int | None = 4, slots: int = 2) -> AdapterWrapper:
+def _wrapper(max_rows: int | None = 4, slots: int = 2, device: str = "cpu") -> AdapterWrapper:
     torch.manual_seed(0)
-    w = AdapterWrapper(Net())
+    w = AdapterWrapper(Net().to(device))
     for i, name in enumerate(NAMES):
         w.add_adapter_from_config(
             LoraConfig(r=2 + i, lora_alpha=8, target_modules=["lins.0", "lins.1", "lins.2"]), name
         )
     _randomize(w)
+    w.to(device)
     w.reserve_adapter_slots(slots, 8, max_rows=max_rows)
     return w.eval()
 
@@ -237,3 +239,49 @@ def test_compiled_reduce_overhead_replays_every_assignment_without_recompiling(t
             w.set_row_adapters(["c", "a", "c", "b"][:3])
             w.hotswap_adapter(str(tmp_path / "c2"), "c")
             torch.testing.assert_close(compiled(x), _per_row(w, x, ["c", "a", "c"]))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (ci/gpu_check.sh runs it)")
+@pytest.mark.parametrize("mode", ["torch", "fused"])
+def test_cuda_graph_replays_each_assignment_and_a_hotswap(mode, tmp_path):
+    """Capture one whole forward in a CUDA graph; then 3 assignments and 1 hot-swap,
+    each set between replays, outside the capture: every replay equals eager."""
+    if mode == "fused" and not tinytune.dispatch.fusion_possible():
+        pytest.skip("needs Triton")
+    w = _wrapper(device="cuda")
+    x = torch.randn(4, 3, 16, device="cuda")
+    assignments = [["a", "b", "__base__", "a"], ["b", "b", "a"], ["c", "__base__", "c", "c"]]
+    with tinytune.kernel_mode("triton" if mode == "fused" else "torch"), torch.no_grad():
+        w.set_row_adapters(assignments[0])
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):  # warm up (Triton compiles, allocator) off-graph
+            for _ in range(2):
+                w(x)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = w(x)
+        for names in assignments:
+            w.set_row_adapters(names)
+            graph.replay()
+            torch.cuda.synchronize()
+            torch.testing.assert_close(out, _per_row(w, x, names), atol=1e-4, rtol=1e-4)
+        donor = _wrapper()
+        _randomize(donor, std=0.5)
+        donor.save_adapter(str(tmp_path / "c2"), "c")
+        w.hotswap_adapter(str(tmp_path / "c2"), "c")
+        graph.replay()
+        torch.cuda.synchronize()
+        torch.testing.assert_close(out, _per_row(w, x, assignments[-1]), atol=1e-4, rtol=1e-4)
+
+
+def test_decode_loop_example_runs(tmp_path):
+    """The smoke case of examples/serving_decode_loop.py (tests/test_scripts.py's SMOKE
+    table should name it too)."""
+    argv = [sys.executable, "examples/serving_decode_loop.py", "--adapters", "3", "--slots", "2",
+            "--rows", "3", "--steps", "4", "--no-compile"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "every step matched" in proc.stdout
