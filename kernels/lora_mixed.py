@@ -564,8 +564,15 @@ def segment_plan_key(
     (``seg_tiles``, ``seg_order``), instead of every layer planning again.
 
     Args:
-        x, weight, a_stack, bt_stack, scale, ranks, l_in_stack, l_out_stack, weight_kn:
-            As in :func:`lora_mixed_linear`.
+        x: As in :func:`lora_mixed_linear`.
+        weight: As in :func:`lora_mixed_linear`.
+        a_stack: As in :func:`lora_mixed_linear`.
+        bt_stack: As in :func:`lora_mixed_linear`.
+        scale: As in :func:`lora_mixed_linear`.
+        ranks: As in :func:`lora_mixed_linear`.
+        l_in_stack: As in :func:`lora_mixed_linear`.
+        l_out_stack: As in :func:`lora_mixed_linear`.
+        weight_kn: As in :func:`lora_mixed_linear`.
 
     Returns:
         ``(slots, tokens, block_m)`` or ``None`` (the "rows" strategy, or no kernels).
@@ -769,9 +776,11 @@ def lora_mixed_linear(
         l_in_stack: ``(S, K)`` or ``None``.
         l_out_stack: ``(S, N)`` or ``None``.
         weight_kn: Whether ``weight`` is stored ``(K, N)``.
-        seg_tiles, seg_order: The segment plan ``segment_tiles(row_index, *key)`` for
-            ``key = segment_plan_key(...)`` of this call, built once and shared by every
-            layer of a forward; ``None`` (or a plan of another shape): built here.
+        seg_tiles: ``(3, NT)`` int32, the tiles of the segment plan
+            ``segment_tiles(row_index, *key)`` for ``key = segment_plan_key(...)`` of this
+            call, built once and shared by every layer of a forward; ``None`` (or a plan
+            of another shape): the plan is built here.
+        seg_order: ``(B,)`` int64, that plan's row order (with ``seg_tiles``).
 
     Returns:
         ``(B, ..., N)`` in ``x.dtype``.

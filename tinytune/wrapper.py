@@ -431,9 +431,12 @@ class AdapterWrapper(nn.Module):
         :func:`tinytune.serving.hotswap`.
 
         Raises:
-            AdapterNotFoundError, AdapterStateError (merged), AdapterFileError (other
-            modules or layer kinds, unreadable), InvalidConfigError (above the reserved
-            ``max_rank``), ConfigTypeError (``is_trainable`` not a bool or ``None``).
+            AdapterNotFoundError: If no adapter is named ``adapter_name``.
+            AdapterStateError: If it is merged.
+            AdapterFileError: If the file targets other modules or layer kinds, or is
+                unreadable.
+            InvalidConfigError: If its rank is above the reserved ``max_rank``.
+            ConfigTypeError: If ``is_trainable`` is not a bool or ``None``.
         """
         serving.hotswap(self, path, adapter_name, **kwargs)
 
