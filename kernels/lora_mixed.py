@@ -579,6 +579,8 @@ def segment_plan_key(
     """
     if not _can_launch(x) or x.dim() < 2 or x.numel() == 0 or x.shape[-1] == 0:
         return None
+    if all(t is None for t in (a_stack, scale, ranks, l_in_stack, l_out_stack)):
+        return None  # nothing per row: the launcher plans nothing either
     b, k = x.shape[0], x.shape[-1]
     n = weight.shape[1] if weight_kn else weight.shape[0]
     tokens = x.numel() // (b * k)
