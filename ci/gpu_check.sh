@@ -10,7 +10,8 @@
 # GPU_CHECK_DRY_RUN=1).
 # 1. the tests, natively (no TRITON_INTERPRET), in parallel shards: the kernel tests
 #    tests/test_kernel_*.py except the compile report's test (a CPU-only, ahead-of-time
-#    check), and the end-to-end dispatch tests tests/test_dispatch.py;
+#    check), the end-to-end dispatch tests tests/test_dispatch.py and the CUDA-graph
+#    serving tests tests/test_row_adapters.py (capture, 3 assignments, 1 hot-swap);
 # 2. the benchmark table (ci/gpu_bench.py): merged / unmerged / fused, CUDA graphs;
 # 3. ci/gpu_bench_mixed.py (per-row adapters);
 # 4. the summary (ci/gpu_summary.py), rewritten after every step (partial results).
@@ -150,7 +151,9 @@ steps
 echo
 if [ "$DRY" = "1" ]; then echo "== 1/3 kernel + dispatch tests (interpreter: dry run) =="; else echo "== 1/3 kernel + dispatch tests (native) =="; fi
 TESTS=()
-for f in tests/test_kernel_*.py tests/test_dispatch.py; do
+# test_row_adapters.py: CUDA-graph capture of a whole forward, replayed after each
+# set_row_adapters() and a hot-swap (and reduce-overhead compile with real graphs).
+for f in tests/test_kernel_*.py tests/test_dispatch.py tests/test_row_adapters.py; do
     [ "$(basename "$f")" = "test_kernel_report.py" ] && continue
     TESTS+=("$f")
 done

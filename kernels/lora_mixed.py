@@ -39,7 +39,10 @@ from .lora_mixed_plan import choose_strategy, k_splits, rows_config, segment_til
 from .triton_helpers import add_h_bt, base_k_step, bias_and_l_out, mma
 from .triton_support import HAS_TRITON, is_interpreted, tl, triton
 
-__all__ = ["lora_mixed_linear", "torch_lora_mixed_linear", "triton_kernels"]
+# segment_tiles is re-exported: callers that share one plan across layers build it with
+# it (see segment_plan_key).
+__all__ = ["lora_mixed_linear", "segment_plan_key", "segment_tiles", "torch_lora_mixed_linear",
+           "triton_kernels"]
 
 
 # ----------------------------------------------------------------------------------------
@@ -529,6 +532,66 @@ def _max_offset(t: Optional[torch.Tensor]) -> int:
     return sum((size - 1) * abs(stride) for size, stride in zip(t.shape, t.stride()))
 
 
+def _stack_facts(a_stack, bt_stack, scale, ranks, l_in_stack, l_out_stack) -> tuple:
+    """``(has_lora, r_max, slots)`` of a call's stacks."""
+    has_lora = a_stack is not None and bt_stack is not None and a_stack.shape[1] > 0
+    r_max = a_stack.shape[1] if has_lora else 0
+    stacks = [t for t in (a_stack, l_in_stack, l_out_stack, scale, ranks) if t is not None]
+    return has_lora, r_max, stacks[0].shape[0] if stacks else 1
+
+
+def _dot_fp32(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    return _interpreted() or x.dtype == torch.float32 or weight.dtype != x.dtype
+
+
+def segment_plan_key(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    a_stack: Optional[torch.Tensor],
+    bt_stack: Optional[torch.Tensor],
+    scale: Optional[torch.Tensor],
+    ranks: Optional[torch.Tensor],
+    l_in_stack: Optional[torch.Tensor],
+    l_out_stack: Optional[torch.Tensor],
+    weight_kn: bool = False,
+) -> Optional[tuple]:
+    """What the segment plan of this call would be built from, if the kernels run the
+    "segments" strategy: ``(slots, tokens, block_m)`` for ``segment_tiles``, else
+    ``None``. Shapes only (no sync).
+
+    A caller running many layers on one row assignment builds the plan once per key
+    (``segment_tiles(row_index, *key)``) and passes it to :func:`lora_mixed_linear`
+    (``seg_tiles``, ``seg_order``), instead of every layer planning again.
+
+    Args:
+        x: As in :func:`lora_mixed_linear`.
+        weight: As in :func:`lora_mixed_linear`.
+        a_stack: As in :func:`lora_mixed_linear`.
+        bt_stack: As in :func:`lora_mixed_linear`.
+        scale: As in :func:`lora_mixed_linear`.
+        ranks: As in :func:`lora_mixed_linear`.
+        l_in_stack: As in :func:`lora_mixed_linear`.
+        l_out_stack: As in :func:`lora_mixed_linear`.
+        weight_kn: As in :func:`lora_mixed_linear`.
+
+    Returns:
+        ``(slots, tokens, block_m)`` or ``None`` (the "rows" strategy, or no kernels).
+    """
+    if not _can_launch(x) or x.dim() < 2 or x.numel() == 0 or x.shape[-1] == 0:
+        return None
+    if all(t is None for t in (a_stack, scale, ranks, l_in_stack, l_out_stack)):
+        return None  # nothing per row: the launcher plans nothing either
+    b, k = x.shape[0], x.shape[-1]
+    n = weight.shape[1] if weight_kn else weight.shape[0]
+    tokens = x.numel() // (b * k)
+    has_lora, r_max, slots = _stack_facts(a_stack, bt_stack, scale, ranks, l_in_stack, l_out_stack)
+    elem = a_stack.element_size() if has_lora else x.element_size()
+    if choose_strategy(b * tokens, n, k, r_max, slots, elem) != "segments":
+        return None
+    cfg = segments_config(_dot_fp32(x, weight), r_max, _interpreted())
+    return slots, tokens, cfg["BLOCK_M"]
+
+
 def _launch(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -542,8 +605,12 @@ def _launch(
     l_out_stack: Optional[torch.Tensor],
     weight_kn: bool = False,
     strategy: Optional[str] = None,
+    seg_tiles: Optional[torch.Tensor] = None,
+    seg_order: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    """Run the fused kernels (``strategy`` forces "rows" or "segments"; tests use it)."""
+    """Run the fused kernels (``strategy`` forces "rows" or "segments"; tests use it;
+    ``seg_tiles``/``seg_order``: a segment plan built by the caller, see
+    :func:`segment_plan_key`)."""
     b, k = x.shape[0], x.shape[-1]
     n = weight.shape[1] if weight_kn else weight.shape[0]
     y = torch.empty((*x.shape[:-1], n), dtype=x.dtype, device=x.device)
@@ -559,14 +626,12 @@ def _launch(
                          "supported by the kernels; split the batch.")
     tokens = x3.shape[1]
     m = b * tokens
-    has_lora = a_stack is not None and bt_stack is not None and a_stack.shape[1] > 0
-    r_max = a_stack.shape[1] if has_lora else 0
-    stacks = [t for t in (a_stack, l_in_stack, l_out_stack, scale, ranks) if t is not None]
-    slots = stacks[0].shape[0] if stacks else 1
+    has_lora, r_max, slots = _stack_facts(a_stack, bt_stack, scale, ranks, l_in_stack, l_out_stack)
     # The kernels index the 1-D vectors (row_index, ranks, scale, bias) with unit stride:
     # a strided view is copied (a no-op for the contiguous vectors the library passes).
     row_index = row_index.to(device=x.device, dtype=torch.long).contiguous()
-    if not stacks:  # nothing per row: every row is in the one (identity) slot
+    if not any(t is not None for t in (a_stack, l_in_stack, l_out_stack, scale, ranks)):
+        # nothing per row: every row is in the one (identity) slot
         row_index = torch.zeros_like(row_index)
     if has_lora:
         ranks = (torch.full((slots,), r_max, dtype=torch.int32, device=x.device)
@@ -590,7 +655,7 @@ def _launch(
     lin_strides = lin.stride() if l_in_stack is not None else (0, 0)
     lout_strides = lout.stride() if l_out_stack is not None else (0, 0)
     interp = _interpreted()
-    dot_fp32 = interp or x.dtype == torch.float32 or weight.dtype != x.dtype
+    dot_fp32 = _dot_fp32(x, weight)
     lora_fp32 = interp or (has_lora and (bt.dtype == torch.float32 or bt.dtype != x.dtype))
     shrink_fp32 = interp or (has_lora and (a.dtype == torch.float32 or a.dtype != x.dtype))
     if strategy is None:
@@ -641,7 +706,13 @@ def _launch(
     if strategy != "segments":
         raise ValueError(f"strategy must be 'rows' or 'segments', got {strategy!r}")
     cfg = segments_config(dot_fp32, r_max, interp)
-    tiles, order = segment_tiles(row_index, slots, tokens, cfg["BLOCK_M"])
+    if seg_tiles is not None and seg_order is not None and seg_tiles.shape[1] == (
+        triton.cdiv(m, cfg["BLOCK_M"]) + slots
+    ):
+        # The caller's plan, built once per forward for every layer (see segment_plan_key).
+        tiles, order = seg_tiles, seg_order
+    else:
+        tiles, order = segment_tiles(row_index, slots, tokens, cfg["BLOCK_M"])
     nt = tiles.shape[1]
     h = dummy
     h_stride = 0
@@ -681,6 +752,8 @@ def lora_mixed_linear(
     l_in_stack: Optional[torch.Tensor],
     l_out_stack: Optional[torch.Tensor],
     weight_kn: bool = False,
+    seg_tiles: Optional[torch.Tensor] = None,
+    seg_order: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Fused adapted linear layer with one adapter slot per batch row.
 
@@ -705,6 +778,11 @@ def lora_mixed_linear(
         l_in_stack: ``(S, K)`` or ``None``.
         l_out_stack: ``(S, N)`` or ``None``.
         weight_kn: Whether ``weight`` is stored ``(K, N)``.
+        seg_tiles: ``(3, NT)`` int32, the tiles of the segment plan
+            ``segment_tiles(row_index, *key)`` for ``key = segment_plan_key(...)`` of this
+            call, built once and shared by every layer of a forward; ``None`` (or a plan
+            of another shape): the plan is built here.
+        seg_order: ``(B,)`` int64, that plan's row order (with ``seg_tiles``).
 
     Returns:
         ``(B, ..., N)`` in ``x.dtype``.
@@ -717,14 +795,16 @@ def lora_mixed_linear(
                   l_out_stack, weight_kn)
     if _can_launch(x):
         return _launch(x, weight, bias, row_index, a_stack, bt_stack, scale, ranks,
-                       l_in_stack, l_out_stack, weight_kn)
+                       l_in_stack, l_out_stack, weight_kn, seg_tiles=seg_tiles,
+                       seg_order=seg_order)
     return torch_lora_mixed_linear(
         x, weight, bias, row_index, a_stack, bt_stack, scale, ranks, l_in_stack, l_out_stack, weight_kn
     )
 
 
 @lora_mixed_linear.register_fake
-def _(x, weight, bias, row_index, a_stack, bt_stack, scale, ranks, l_in_stack, l_out_stack, weight_kn=False):
+def _(x, weight, bias, row_index, a_stack, bt_stack, scale, ranks, l_in_stack, l_out_stack, weight_kn=False,
+      seg_tiles=None, seg_order=None):
     n = weight.shape[1] if weight_kn else weight.shape[0]
     return x.new_empty((*x.shape[:-1], n))
 

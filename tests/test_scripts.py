@@ -82,6 +82,7 @@ COVERED = {
     "ci/gpu_bench_mixed.py": "ci/gpu_check.sh",
     "ci/gpu_summary.py": "tests/test_gpu_summary.py",
     "ci/kernel_report.py": "tests/test_kernel_report.py",
+    "examples/serving_decode_loop.py": "tests/test_row_adapters.py",
 }
 
 

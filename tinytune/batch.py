@@ -61,7 +61,7 @@ from .mixed_torch import (
 )
 
 from .adapter import BASE_ADAPTER_NAME
-from .serving import arm_hooks
+from .serving import arm_hooks, row_assignment
 from .util import device_of
 from .stacks import (
     STATES,
@@ -73,7 +73,7 @@ from .stacks import (
     with_grads,
 )
 
-__all__ = ["BASE_ADAPTER_NAME", "SiteStacks", "clear_cache", "mixed_call"]
+__all__ = ["BASE_ADAPTER_NAME", "SiteStacks", "assigned_call", "clear_cache", "mixed_call"]
 
 
 def clear_cache(wrapper: nn.Module) -> None:
@@ -242,15 +242,23 @@ def cached_stacks(
 class Call:
     """One mixed call: the row assignment, shared by every module."""
 
-    __slots__ = ("row_index", "batch", "slots", "identity", "_rows", "_groups")
+    __slots__ = ("row_index", "batch", "slots", "identity", "fixed", "_rows", "_groups", "segments")
 
-    def __init__(self, row_index: torch.Tensor, slots: list[int], identity: int) -> None:
+    def __init__(
+        self, row_index: torch.Tensor, slots: list[int], identity: int, fixed: bool = False
+    ) -> None:
         self.row_index = row_index
+        # A static assignment (set_row_adapters): no tensor from host data in the call, so
+        # every module takes its shape-stable path, as under torch.compile.
+        self.fixed = fixed
         self.batch = len(slots)
         self.slots = slots
         self.identity = identity
         self._rows: dict[int, torch.Tensor | None] = {}
         self._groups: tuple | None = None
+        # The fused path's segment plans (device tensors), built by the first module that
+        # needs one and shared by every later module of this forward.
+        self.segments: dict = {}
 
     def groups(self) -> tuple:
         """Rows sorted into segments by slot, identity rows left out (eager mode only).
@@ -382,8 +390,11 @@ class _SitePlan:
         if st.lora is not None:
             a, bt, scale = st.lora[:3]
         ranks = getattr(st, "ranks", None)
+        # Under torch.compile the op plans inside the graph (no Python cache in it).
+        plans = None if torch.compiler.is_compiling() else self.call.segments
         return dispatch.mixed_linear(
-            module, x, self.call.row_index, a, bt, scale, ranks, st.ia3_pre, st.ia3_post
+            module, x, self.call.row_index, a, bt, scale, ranks, st.ia3_pre, st.ia3_post,
+            plans=plans,
         )
 
     def post(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
@@ -398,7 +409,8 @@ class _SitePlan:
         if st.lora is not None:
             a, bt, scale, p = st.lora
             xin = _row_dropout(x, p, call) if st.has_dropout and module.training else x
-            groups = None if torch.compiler.is_compiling() else worth_grouping(call, xin, a)
+            static = call.fixed or torch.compiler.is_compiling()
+            groups = None if static else worth_grouping(call, xin, a)
             if groups is None:
                 output = torch_lora_mixed(xin, output, a, bt, scale, call.row_index, inplace)
             elif groups[0]:
@@ -417,7 +429,7 @@ class _SitePlan:
     # Layers that run as themselves: on their own rows in eager mode; under
     # torch.compile on the whole batch, selected by a mask, so shapes stay static.
     def _run_pre(self, module, layer, slot, args, kwargs, y):
-        compiling = torch.compiler.is_compiling()
+        compiling = self.call.fixed or torch.compiler.is_compiling()
         rows = None if compiling else self.call.rows(slot)
         if rows is None and not compiling:
             return y
@@ -445,7 +457,7 @@ class _SitePlan:
                 f"{type(layer).__name__} cannot be applied to some rows only; run its rows "
                 "in a separate call."
             )
-        if torch.compiler.is_compiling():
+        if self.call.fixed or torch.compiler.is_compiling():
             new = layer.post_forward(module, args, kwargs, output)
             return torch.where(_row_mask(self.call, slot, output), new.to(output.dtype), output)
         rows = self.call.rows(slot)
@@ -541,35 +553,95 @@ def _prepare(
             # generate() repeats each input row this many times, consecutively.
             names = [name for name in names for _ in range(repeat)]
     used = list(dict.fromkeys(n for n in names if n != BASE_ADAPTER_NAME))
+    device = _device_of_sites(wrapper, _first_tensor(args, kwargs))
+
+    def make_call(slot_of: dict[str, int], base_slot: int) -> Call:
+        slots = [slot_of.get(name, base_slot) for name in names]
+        # Shape (batch,) whatever the assignment: no recompile for a new one.
+        row_index = torch.tensor(slots, dtype=torch.long, device=device)
+        return Call(row_index, slots, base_slot)
+
     state = state_of(wrapper)
     with state.lock:
-        slot_of, stacks, pins = cached_stacks(wrapper, state, used)
-        try:
-            base_slot = len(slot_of) if state.pool is None else state.pool.identity
-            if _needs_autograd(state, used):
-                used_slots = {slot_of[name] for name in used}
-                stacks = {path: with_grads(st, used_slots) for path, st in stacks.items()}
-            sites = dict(wrapper.registry.sites)
-            slots = [slot_of.get(name, base_slot) for name in names]
-            device = _device_of_sites(wrapper, _first_tensor(args, kwargs))
-            # Shape (batch,) whatever the assignment: no recompile for a new one.
-            row_index = torch.tensor(slots, dtype=torch.long, device=device)
-        except BaseException:
-            if pins is not None:
-                pins.release()
-            raise
-        call = Call(row_index, slots, base_slot)
-        plans = [
-            (site, _SitePlan(path, stacks.get(path, _EMPTY), call)) for path, site in sites.items()
-        ]
-        # Last step, nothing after it can fail: every site used here is released by
-        # _release, which removes the hooks added for this call once no call needs them.
-        added = False
-        for path, site in sites.items():
-            added |= site.prepare_mixed(stacks[path].need_pre if path in stacks else False)
-        if added:
-            _note_layout(wrapper)
+        return _site_plans(wrapper, state, used, make_call)
+
+
+def _site_plans(wrapper: Any, state: WrapperState, used: list[str], make_call: Any) -> tuple:
+    """Every site's plan for one call of the ``used`` adapters (``state.lock`` held);
+    ``make_call(slot_of, base_slot)`` gives the call's rows. See :func:`_prepare`."""
+    slot_of, stacks, pins = cached_stacks(wrapper, state, used)
+    try:
+        base_slot = len(slot_of) if state.pool is None else state.pool.identity
+        if _needs_autograd(state, used):
+            used_slots = {slot_of[name] for name in used}
+            stacks = {path: with_grads(st, used_slots) for path, st in stacks.items()}
+        sites = dict(wrapper.registry.sites)
+        call = make_call(slot_of, base_slot)
+    except BaseException:
+        if pins is not None:
+            pins.release()
+        raise
+    plans = [
+        (site, _SitePlan(path, stacks.get(path, _EMPTY), call)) for path, site in sites.items()
+    ]
+    # Last step, nothing after it can fail: every site used here is released by
+    # _release, which removes the hooks added for this call once no call needs them.
+    added = False
+    for path, site in sites.items():
+        added |= site.prepare_mixed(stacks[path].need_pre if path in stacks else False)
+    if added:
+        _note_layout(wrapper)
     return plans, pins
+
+
+@torch.compiler.disable
+def _prepare_assigned(
+    wrapper: Any, args: tuple, kwargs: dict
+) -> tuple[list[tuple[Any, _SitePlan]], Any]:
+    """:func:`_prepare` for a call under ``set_row_adapters``: the rows read the static
+    slot buffer (its first ``batch`` rows, a view), so nothing here creates a tensor
+    from host data."""
+    wrapper.registry.model()  # raises if unloaded
+    names, slots, rows = row_assignment(wrapper)
+    if wrapper.registry.disabled:
+        return [], None
+    if wrapper.merged_adapters:
+        raise AdapterStateError(
+            f"Adapters {wrapper.merged_adapters!r} are merged into the base weights, so rows "
+            "cannot run their assigned adapters; call unmerge_adapters() or "
+            "clear_row_adapters()."
+        )
+    x = _first_tensor(args, kwargs)
+    batch = x.shape[0] if x is not None and x.dim() else len(names)
+    if batch > rows.shape[0]:
+        raise MixedBatchError(
+            f"The batch has {batch} rows but the row buffer has max_rows={rows.shape[0]}; "
+            "split the batch, or reserve_adapter_slots(..., max_rows=N) with a larger N "
+            "and set_row_adapters() again."
+        )
+    used = list(dict.fromkeys(n for n in names if n != BASE_ADAPTER_NAME))
+    gone = [n for n in used if n not in wrapper.adapters]
+    if gone:
+        raise AdapterStateError(
+            f"Adapters {gone!r} are assigned to rows (set_row_adapters) but were deleted; "
+            "call set_row_adapters() again."
+        )
+
+    def make_call(slot_of: dict[str, int], base_slot: int) -> Call:
+        moved = any(
+            slot_of.get(n) != s for n, s in zip(names, slots) if n != BASE_ADAPTER_NAME
+        )
+        if moved or (x is not None and x.device != rows.device):
+            raise AdapterStateError(
+                "The assigned adapters' slots or device changed since set_row_adapters() "
+                "(the model was moved); call set_row_adapters() again."
+            )
+        padded = (list(slots) + [base_slot] * batch)[:batch]
+        return Call(rows[:batch], padded, base_slot, fixed=True)
+
+    state = state_of(wrapper)
+    with state.lock:
+        return _site_plans(wrapper, state, used, make_call)
 
 
 def _note_layout(wrapper: Any) -> None:
@@ -636,6 +708,30 @@ def mixed_call(
     # No graph break inside a try block: dynamo cannot resume a compiled frame there and
     # would run this whole frame eagerly, so the model's forward would become a frame of
     # its own, whose cached graph another instance of the same class may have compiled.
+    outer = _begin(wrapper, plans, pins)
+    try:
+        return fn(*args, **kwargs)
+    finally:
+        _end(wrapper, plans, outer, pins)
+
+
+def assigned_call(wrapper: Any, fn: Any, args: tuple, kwargs: dict) -> Any:
+    """Run ``fn(*args, **kwargs)`` with each row's adapter from ``set_row_adapters``.
+
+    Called by ``AdapterWrapper.forward`` and ``generate`` while an assignment is set
+    (and no ``adapter_names=`` is given). Row ``i`` runs the adapter assigned to row
+    ``i`` (rows past the assigned names: none); the slots come from the static row
+    buffer, so the call creates no tensor from host data and replays under CUDA-graph
+    capture or ``torch.compile`` for every later assignment.
+
+    Raises:
+        MixedBatchError: For a batch larger than ``max_rows``, or an adapted module that
+            does not see the batch along dimension 0.
+        AdapterStateError: If adapters are merged, an assigned adapter was deleted or
+            the model moved (call ``set_row_adapters`` again), or the wrapper is
+            unloaded.
+    """
+    plans, pins = _prepare_assigned(wrapper, args, kwargs)
     outer = _begin(wrapper, plans, pins)
     try:
         return fn(*args, **kwargs)

@@ -208,6 +208,8 @@ class _Kernels:
     interpret = False
     lora_linear: Any = None
     lora_mixed_linear: Any = None
+    segment_plan_key: Any = None
+    segment_tiles: Any = None
     max_rank = 0  # the largest total rank lora_linear takes
 
 
@@ -225,11 +227,13 @@ def _load() -> None:
     else:
         try:
             from .kernels.lora_linear import MAX_RANK, lora_linear
-            from .kernels.lora_mixed import lora_mixed_linear
+            from .kernels.lora_mixed import lora_mixed_linear, segment_plan_key, segment_tiles
 
             _Kernels.max_rank = MAX_RANK
             _Kernels.lora_linear = lora_linear
             _Kernels.lora_mixed_linear = lora_mixed_linear
+            _Kernels.segment_plan_key = segment_plan_key
+            _Kernels.segment_tiles = segment_tiles
         except Exception as exc:  # pragma: no cover - a broken Triton install
             _Kernels.reason = f"the fused kernels failed to import ({type(exc).__name__}: {exc})"
     _Kernels.loaded = True
@@ -605,20 +609,33 @@ def fused_linear(module: nn.Module, x: torch.Tensor, inputs: tuple, conv1d: bool
     return _Kernels.lora_linear(x, module.weight, module.bias, *inputs, conv1d)
 
 
-def mixed_linear(module: nn.Module, x: torch.Tensor, *inputs: Any) -> torch.Tensor:
+def mixed_linear(
+    module: nn.Module, x: torch.Tensor, *inputs: Any, plans: dict | None = None
+) -> torch.Tensor:
     """The per-row fused op on ``module`` (see ``tinytune.kernels.lora_mixed``).
 
     Args:
         module: The ``nn.Linear`` or ``Conv1D``.
         x: ``(B, ..., K)`` the module's real input.
         inputs: ``row_index, a_stack, bt_stack, scale, ranks, l_in_stack, l_out_stack``.
+        plans: The forward's segment plans by key (``segment_plan_key``), shared by
+            every module of one mixed call: a plan missing here is built (on the device)
+            and added, so a forward plans once per key, not once per module. ``None``:
+            the op plans itself.
 
     Returns:
         ``(B, ..., N)`` in ``x.dtype``.
     """
-    return _Kernels.lora_mixed_linear(
-        x, module.weight, module.bias, *inputs, is_conv1d(module)
-    )
+    weight, kn = module.weight, is_conv1d(module)
+    tiles = order = None
+    if plans is not None:
+        row_index, stacks = inputs[0], inputs[1:]
+        key = _Kernels.segment_plan_key(x, weight, *stacks, kn)
+        if key is not None:
+            if key not in plans:
+                plans[key] = _Kernels.segment_tiles(row_index, *key)
+            tiles, order = plans[key]
+    return _Kernels.lora_mixed_linear(x, weight, module.bias, *inputs, kn, tiles, order)
 
 
 def empty_rows(x: torch.Tensor) -> torch.Tensor:

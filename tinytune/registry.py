@@ -45,7 +45,7 @@ class AdapterRegistry:
     (innermost first), ``disabled`` (depth of ``disable_adapter()`` blocks),
     ``sites`` (module path -> :class:`~tinytune.hooks.HookSite`), ``merged`` (merge
     order), ``backups`` (module path -> host copies of its original tensors),
-    ``grad_flags``, ``hook_layout`` and ``slots_reserved`` (read by the wrapper's
+    ``grad_flags``, ``hook_layout``, ``slots_reserved`` and ``rows_assigned`` (read by the wrapper's
     ``forward``, so a compiled forward is guarded on them).
 
     Args:
@@ -89,6 +89,9 @@ class AdapterRegistry:
         # Set by reserve_adapter_slots(): plain calls then bring the active adapters
         # into slots first (see tinytune/serving.py); without it they cost nothing more.
         self.slots_reserved = False
+        # Set by set_row_adapters() (see tinytune/serving.py): calls then run each row
+        # with its assigned adapter, until clear_row_adapters().
+        self.rows_assigned = False
         # Set by tinytune.training.parallelize_adapters (mixed batches are refused then).
         self.tensor_parallel = False
         self.freeze(model)
@@ -108,6 +111,7 @@ class AdapterRegistry:
         self.grad_flags = state.pop("_grad_flags", {})
         self.hook_layout = state.pop("_hook_layout", hook_layout_id(self.sites.values()))
         self.slots_reserved = state.pop("_slots_reserved", False)
+        self.rows_assigned = False
         self.tensor_parallel = state.pop("_tensor_parallel", False)
         return self
 

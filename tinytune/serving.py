@@ -44,12 +44,21 @@ import torch
 from torch import nn
 
 from .stacks import STATES, AdapterSignature, SiteStacks, release_unreserved, stack_params, state_of
-from .errors import AdapterFileError, AdapterStateError, InvalidConfigError, MixedBatchError, wrong_type
+from .adapter import BASE_ADAPTER_NAME
+from .errors import (
+    AdapterFileError,
+    AdapterNotFoundError,
+    AdapterStateError,
+    InvalidConfigError,
+    MixedBatchError,
+    suggest,
+    wrong_type,
+)
 from .io import layer_config, read_adapter
 from .layers import LinearIA3Layer, LoraLayer, layer_kind
 from .util import device_of
 
-__all__ = ["SlotPool", "check_fits"]
+__all__ = ["SlotPool", "assign_rows", "check_fits", "clear_rows", "row_assignment"]
 
 # How long a call waits for slots that calls on other threads are using.
 _WAIT_S = 60.0
@@ -94,11 +103,20 @@ class SlotPool:
         self.known: dict[str, nn.Module] = {}  # adapter objects adopted into the host tier
         self.host: dict[str, dict[int, tuple[nn.Parameter, torch.Tensor]]] = {}
         self.inflight = [0] * capacity
+        self.held = [0] * capacity  # of inflight: pins of the row assignment (hold)
         self.cond = threading.Condition(lock)
         self.local = threading.local()
         self.loads = 0
         self.evictions = 0
         self.where: dict[str, tuple] = {}  # module path -> (device, dtype) at allocation
+        # The static row assignment (set_row_adapters): ``rows`` is the (max_rows,) slot
+        # buffer calls read, written in place only; ``assigned`` the names of its rows,
+        # ``assigned_slots`` the slots written, ``assigned_held`` the slots it holds
+        # (pinned for as long as it lasts, on no thread's account).
+        self.rows: torch.Tensor | None = None
+        self.assigned: tuple[str, ...] | None = None
+        self.assigned_slots: list[int] = []
+        self.assigned_held: list[int] = []
 
     @property
     def identity(self) -> int:
@@ -257,6 +275,18 @@ class SlotPool:
         self.local.count = getattr(self.local, "count", 0) + len(slots)
         return _Pins(self, slots)
 
+    def hold(self, slots: list[int]) -> None:
+        """Pin ``slots`` beyond any call (the row assignment), until :meth:`unhold`."""
+        for s in slots:
+            self.inflight[s] += 1
+            self.held[s] += 1
+
+    def unhold(self, slots: list[int]) -> None:
+        for s in slots:
+            self.inflight[s] -= 1
+            self.held[s] -= 1
+        self.cond.notify_all()
+
     def _unpin(self, slots: list[int]) -> None:
         with self.cond:
             for s in slots:
@@ -334,6 +364,16 @@ class SlotPool:
             ]
             if len(self.free) + len(evictable) >= len(need):
                 break
+            # Slots held by the row assignment free up only at clear_row_adapters():
+            # waiting for them would only time out.
+            freeable = [n for n in self.lru if n not in used_set and not self.held[self.slot_of[n]]]
+            if len(self.free) + len(freeable) < len(need):
+                raise MixedBatchError(
+                    f"This call needs {len(need)} more adapter slots, but the others hold "
+                    "adapters assigned to rows (set_row_adapters). Call "
+                    "clear_row_adapters() or assign fewer adapters, or reserve more slots "
+                    "(reserve_adapter_slots). Nothing was changed."
+                )
             if getattr(self.local, "count", 0):
                 raise MixedBatchError(
                     "A call made inside another one on the same thread needs adapter "
@@ -436,7 +476,7 @@ def pool_of(wrapper: nn.Module) -> SlotPool | None:
     return None if state is None else state.pool
 
 
-def reserve(wrapper: nn.Module, max_adapters: int, max_rank: int) -> None:
+def reserve(wrapper: nn.Module, max_adapters: int, max_rank: int, max_rows: int | None = None) -> None:
     """Give the mixed-batch stacks a fixed shape: ``max_adapters`` slots, LoRA padded
     to ``max_rank``, allocated once on the model's device.
 
@@ -456,13 +496,19 @@ def reserve(wrapper: nn.Module, max_adapters: int, max_rank: int) -> None:
         wrapper: The ``AdapterWrapper``.
         max_adapters: Number of adapter slots (distinct adapters one call may use).
         max_rank: Largest LoRA rank an adapter may have.
+        max_rows: Rows of the static slot buffer that :func:`assign_rows`
+            (``set_row_adapters``) writes, the largest batch it serves; ``None`` (the
+            default): no buffer.
 
     Raises:
         InvalidConfigError: If an argument is not a positive integer, or a loaded
             adapter has a rank above ``max_rank`` (nothing changes then).
         AdapterStateError: If the wrapper is unloaded.
     """
-    for what, value in (("max_adapters", max_adapters), ("max_rank", max_rank)):
+    checked = [("max_adapters", max_adapters), ("max_rank", max_rank)]
+    if max_rows is not None:
+        checked.append(("max_rows", max_rows))
+    for what, value in checked:
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise InvalidConfigError(
                 f"{what} must be a positive integer, got {value!r}; e.g. "
@@ -474,10 +520,14 @@ def reserve(wrapper: nn.Module, max_adapters: int, max_rank: int) -> None:
     state = state_of(wrapper)
     with state.lock:
         if state.pool is not None:
+            _drop_assignment(wrapper, state.pool)
             state.pool._reset()
         else:
             release_unreserved(state)
         pool = SlotPool(wrapper, max_adapters, max_rank, state.lock)
+        if max_rows is not None:
+            device = device_of(wrapper.registry.model()) or torch.device("cpu")
+            pool.rows = torch.full((max_rows,), pool.identity, dtype=torch.long, device=device)
         # Allocate every module's stacks now, from all loaded adapters' layers, so that
         # later loads of adapters on the same modules allocate nothing.
         by_path: dict[str, list] = {}
@@ -500,6 +550,134 @@ def reserve(wrapper: nn.Module, max_adapters: int, max_rank: int) -> None:
         # it like on any other): only then do plain calls pin their adapters' slots.
         wrapper.registry.slots_reserved = True
         arm_hooks(wrapper, pool)
+
+
+# ----------------------------------------------------------------------------------------
+# the static row assignment (set_row_adapters / clear_row_adapters)
+# ----------------------------------------------------------------------------------------
+def assign_rows(wrapper: nn.Module, adapter_names: Sequence[str]) -> None:
+    """Assign adapter ``adapter_names[i]`` to row ``i`` of every later call, until
+    :func:`clear_rows`.
+
+    The named adapters are brought into slots and pinned while assigned; their slot
+    indices are written, in place, into the static ``(max_rows,)`` buffer that calls
+    read (rows past ``len(adapter_names)``: no adapter). A call then creates no tensor
+    from host data, so a captured CUDA graph or a compiled model replays any
+    assignment: call this outside the captured region, between replays.
+
+    Args:
+        wrapper: The ``AdapterWrapper``.
+        adapter_names: One adapter name (or ``"__base__"``) per row, at most
+            ``max_rows``.
+
+    Raises:
+        MixedBatchError: Without ``reserve_adapter_slots(..., max_rows=N)``, for more
+            names than ``max_rows`` or none, more distinct adapters than slots, or
+            slots held by other threads' calls.
+        AdapterNotFoundError: For a name that is not a loaded adapter.
+        AdapterStateError: If adapters are merged, or the wrapper is unloaded.
+        ConfigTypeError: If ``adapter_names`` is not a list of names.
+        InvalidConfigError: If an adapter was changed to a rank above ``max_rank``.
+    """
+    wrapper.registry.model()  # raises if unloaded
+    if isinstance(adapter_names, str) or not isinstance(adapter_names, Sequence):
+        raise wrong_type(
+            "adapter_names", "a list with one adapter name per batch row", adapter_names,
+            " For one adapter on every row use set_active_adapters() instead.",
+        )
+    names = tuple(adapter_names)
+    pool = pool_of(wrapper)
+    if pool is None or pool.rows is None:
+        raise MixedBatchError(
+            "set_row_adapters() writes the rows' adapter slots into a static buffer; "
+            "call reserve_adapter_slots(max_adapters, max_rank, max_rows=N) first, with "
+            "N the largest batch to serve."
+        )
+    max_rows = pool.rows.shape[0]
+    if not names or len(names) > max_rows:
+        raise MixedBatchError(
+            f"set_row_adapters() got {len(names)} row names, but the row buffer has "
+            f"max_rows={max_rows} rows: give between 1 and {max_rows} names, or call "
+            f"reserve_adapter_slots(..., max_rows={max(len(names), 1)}). Nothing was changed."
+        )
+    known = wrapper.adapters
+    for name in names:
+        if name != BASE_ADAPTER_NAME and (not isinstance(name, str) or name not in known):
+            raise AdapterNotFoundError(
+                f"set_row_adapters() names {name!r}, which is not a loaded adapter; use one "
+                f"of {list(known)!r} or {BASE_ADAPTER_NAME!r} for no adapter."
+                f"{suggest(str(name), known)} Nothing was changed."
+            )
+    if wrapper.merged_adapters:
+        raise AdapterStateError(
+            f"Adapters {wrapper.merged_adapters!r} are merged into the base weights, so rows "
+            "cannot choose their adapter; call unmerge_adapters() first."
+        )
+    used = list(dict.fromkeys(n for n in names if n != BASE_ADAPTER_NAME))
+    with pool.cond:
+        if len(used) > pool.capacity:
+            raise MixedBatchError(
+                f"set_row_adapters() names {len(used)} distinct adapters, but only "
+                f"{pool.capacity} adapter slots are reserved. Assign at most "
+                f"{pool.capacity}, or call reserve_adapter_slots({len(used)}, "
+                f"{pool.max_rank}, max_rows={max_rows}). Nothing was changed."
+            )
+        # The previous assignment's hold goes first, so its adapters may make room for
+        # the new ones; it comes back if the new assignment fails.
+        old_held = pool.assigned_held
+        pool.unhold(old_held)
+        try:
+            slot_of, _, pins = pool.prepare(used)
+        except BaseException:
+            pool.hold(old_held)
+            raise
+        held = [slot_of[n] for n in used]
+        pool.hold(held)
+        pins.release()
+        slots = [slot_of.get(n, pool.identity) for n in names]
+        # One host-to-device copy, in place: the buffer keeps its identity and address.
+        padded = slots + [pool.identity] * (max_rows - len(slots))
+        pool.rows.copy_(torch.tensor(padded, dtype=torch.long))
+        pool.assigned, pool.assigned_slots, pool.assigned_held = names, slots, held
+        wrapper.registry.rows_assigned = True
+
+
+def clear_rows(wrapper: nn.Module) -> None:
+    """End :func:`assign_rows`: later calls run the active adapters again; the assigned
+    adapters are unpinned. Does nothing without an assignment."""
+    pool = pool_of(wrapper)
+    if pool is None:
+        wrapper.registry.rows_assigned = False
+        return
+    with pool.cond:
+        _drop_assignment(wrapper, pool)
+
+
+def _drop_assignment(wrapper: nn.Module, pool: SlotPool) -> None:
+    held, pool.assigned_held = pool.assigned_held, []
+    with pool.cond:
+        pool.unhold(held)
+    if pool.rows is not None:
+        pool.rows.fill_(pool.identity)
+    pool.assigned, pool.assigned_slots = None, []
+    wrapper.registry.rows_assigned = False
+
+
+def row_assignment(wrapper: nn.Module) -> tuple[tuple[str, ...], list[int], torch.Tensor]:
+    """``(names, slots, rows buffer)`` of the assignment calls run with now.
+
+    Raises:
+        AdapterStateError: If there is none (the slots were reserved again, or the
+            wrapper was copied): call ``set_row_adapters`` again.
+    """
+    pool = pool_of(wrapper)
+    if pool is None or pool.assigned is None or pool.rows is None:
+        raise AdapterStateError(
+            "This wrapper's row assignment is gone (the slots were reserved again, or the "
+            "wrapper was copied or unpickled); call set_row_adapters() again, or "
+            "clear_row_adapters()."
+        )
+    return pool.assigned, pool.assigned_slots, pool.rows
 
 
 @contextlib.contextmanager

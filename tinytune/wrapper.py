@@ -22,7 +22,7 @@ from torch import nn
 
 from . import io, serving
 from .adapter import BASE_ADAPTER_NAME, Adapter, build_adapter
-from .batch import forget_adapter, mixed_call
+from .batch import assigned_call, forget_adapter, mixed_call
 from .config import AdapterConfig
 from .errors import AdapterStateError, check_bool, wrong_type
 from .layers import AdapterLayer, upcast_layers
@@ -375,21 +375,55 @@ class AdapterWrapper(nn.Module):
             adapter_names = kwargs.pop("adapter_names")
             if adapter_names is not None:
                 return mixed_call(self, fn, adapter_names, args, kwargs)
+        if self.registry.rows_assigned:
+            return assigned_call(self, fn, args, kwargs)
         if self.registry.slots_reserved:
             return serving.plain_call(self, fn, args, kwargs)
         return fn(*args, **kwargs)
 
     # --- serving many adapters (see tinytune/serving.py) ---------------------------------
-    def reserve_adapter_slots(self, max_adapters: int, max_rank: int) -> None:
+    def reserve_adapter_slots(
+        self, max_adapters: int, max_rank: int, max_rows: int | None = None
+    ) -> None:
         """Fix the mixed-batch stacks' shape: ``max_adapters`` slots, LoRA padded to
-        ``max_rank``, on the model's device. See :func:`tinytune.serving.reserve`.
+        ``max_rank``, on the model's device; with ``max_rows``, also a static buffer of
+        that many rows for :meth:`set_row_adapters`. See :func:`tinytune.serving.reserve`.
 
         Raises:
             InvalidConfigError: For an argument that is not a positive integer, or a
                 loaded adapter above ``max_rank`` (nothing changes then).
             AdapterStateError: If the wrapper is unloaded.
         """
-        serving.reserve(self, max_adapters, max_rank)
+        serving.reserve(self, max_adapters, max_rank, max_rows)
+
+    def set_row_adapters(self, adapter_names: Sequence[str]) -> None:
+        """Run row ``i`` of every later call with adapter ``adapter_names[i]`` (rows past
+        the list: no adapter), until :meth:`clear_row_adapters`; ``adapter_names=`` in a
+        call still wins. Needs ``reserve_adapter_slots(..., max_rows=N)``.
+
+        The named adapters are brought into slots and pinned while assigned, and their
+        slots written in place into the static row buffer. Calls then create no tensor
+        from host data: capture the forward once (CUDA graph, or
+        ``torch.compile(mode="reduce-overhead")``) and call this between replays, outside
+        the captured region. A batch smaller than ``N`` uses the first rows. See
+        :func:`tinytune.serving.assign_rows`.
+
+        Args:
+            adapter_names: One adapter name (or ``"__base__"``) per row, 1 to ``N`` names.
+
+        Raises:
+            MixedBatchError: Without ``max_rows`` reserved, for more names than
+                ``max_rows``, or more distinct adapters than slots (nothing changes).
+            AdapterNotFoundError: For a name that is not loaded (nothing changes).
+            AdapterStateError: If adapters are merged or the wrapper is unloaded.
+            ConfigTypeError: If ``adapter_names`` is not a list of names.
+        """
+        serving.assign_rows(self, adapter_names)
+
+    def clear_row_adapters(self) -> None:
+        """End :meth:`set_row_adapters`: calls run the active adapters again, and the
+        assigned adapters are unpinned. Does nothing without an assignment."""
+        serving.clear_rows(self)
 
     def hotswap_adapter(self, path: str, adapter_name: str, **kwargs: Any) -> None:
         """Replace an adapter's weights in place from the directory ``path``; keywords
