@@ -227,11 +227,12 @@ def test_model_from_a_module_on_the_current_directory_and_explicit_targets(tmp_p
 
 
 def test_model_from_a_transformers_config_directory(tmp_path, capsys):
-    transformers = pytest.importorskip("transformers")
+    from conftest import tiny_llama
+
     from tinytune.benchmark import main
 
-    transformers.LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                             num_attention_heads=2, num_key_value_heads=2).save_pretrained(tmp_path / "cfg")
+    tiny_llama(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+               num_attention_heads=2, num_key_value_heads=2).config.save_pretrained(tmp_path / "cfg")
     assert main(_tiny("--model", str(tmp_path / "cfg"), "--no-peft")) == 0
     assert "(vocab 64); LoRA r=2 on all-linear" in capsys.readouterr().out
 
