@@ -80,6 +80,7 @@ if HAS_TRITON:
         BLOCK_M: tl.constexpr,
         BLOCK_K: tl.constexpr,
         DOT_FP32: tl.constexpr,
+        UPCAST_DOT: tl.constexpr,
     ):
         """``h = (x Aᵀ) ⊙ s`` in fp32, one program per BLOCK_M rows and the whole rank.
 
@@ -100,7 +101,7 @@ if HAS_TRITON:
             k_mask = offs_k < K - k * BLOCK_K
             xt = tl.load(x_ptrs, mask=m_mask[:, None] & k_mask[None, :], other=0.0)
             at = tl.load(a_ptrs, mask=k_mask[:, None] & r_mask[None, :], other=0.0)
-            h = mma(xt, at, h, DOT_FP32)
+            h = mma(xt, at, h, DOT_FP32, UPCAST_DOT)
             x_ptrs += BLOCK_K * stride_xk
             a_ptrs += BLOCK_K * stride_ak
         if HAS_SCALE:
@@ -156,6 +157,7 @@ if HAS_TRITON:
         BLOCK_K: tl.constexpr,
         GROUP_M: tl.constexpr,
         DOT_FP32: tl.constexpr,
+        UPCAST_DOT: tl.constexpr,
     ):
         """``y = l_out ⊙ (W (l_in ⊙ x) + b) + ((x Aᵀ) ⊙ s) Bᵀ`` for one (BLOCK_M, BLOCK_N) tile.
 
@@ -193,11 +195,11 @@ if HAS_TRITON:
         for k in range(0, tl.cdiv(K, BLOCK_K)):
             k_mask = offs_k < K - k * BLOCK_K
             acc, xt = base_k_step(acc, x_ptrs, m_mask, k_mask, w_ptrs, n_mask, lin_ptrs, k_mask,
-                                  HAS_L_IN, DOT_FP32)
+                                  HAS_L_IN, DOT_FP32, UPCAST_DOT)
             lin_ptrs += BLOCK_K * stride_lin
             if HAS_LORA and SHRINK_IN_LOOP:
                 at = tl.load(a_ptrs, mask=k_mask[:, None] & r_mask[None, :], other=0.0)
-                h = mma(xt, at, h, DOT_FP32)
+                h = mma(xt, at, h, DOT_FP32, UPCAST_DOT)
                 a_ptrs += BLOCK_K * stride_ak
             x_ptrs += BLOCK_K * stride_xk
             w_ptrs += BLOCK_K * stride_wk
@@ -211,7 +213,7 @@ if HAS_TRITON:
                     h = h * s.to(tl.float32)[None, :]
                 b_ptrs = b_ptr + offs_r[:, None] * stride_br + offs_n[None, :] * stride_bn
                 bt = tl.load(b_ptrs, mask=r_mask[:, None] & n_mask[None, :], other=0.0)
-                acc = mma(h.to(x_ptr.dtype.element_ty), bt, acc, DOT_FP32)
+                acc = mma(h.to(x_ptr.dtype.element_ty), bt, acc, DOT_FP32, UPCAST_DOT)
             else:
                 # Rank chunks keep the epilogue's registers and shared memory bounded at
                 # rank 256; R_PAD and R_BLOCK are constexprs, so the loop is unrolled.
@@ -220,7 +222,7 @@ if HAS_TRITON:
                     rc_mask = offs_rc < R
                     acc = add_h_bt(acc, h_ptr + offs_m[:, None] * stride_hm, m_mask, offs_rc,
                                    rc_mask, b_ptr, 0, 0, stride_br, offs_n, stride_bn, n_mask,
-                                   x_ptr.dtype.element_ty, DOT_FP32)
+                                   x_ptr.dtype.element_ty, DOT_FP32, UPCAST_DOT)
 
         y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :]
         tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
@@ -421,7 +423,9 @@ def _launch(x, weight, bias, lora_a, lora_b, lora_scale, l_in, l_out, weight_kn=
     if k == 0:  # no K-loop to run: the formula reduces to l_out ⊙ b
         return torch_lora_linear(x, weight, bias, lora_a, lora_b, lora_scale, l_in, l_out, weight_kn)
     cfg = config if config is not None else pick_config(m, n, k, r, x.dtype, _arch(x.device))
-    dot_fp32 = _interpreted() or x.dtype == torch.float32
+    # The GPU's branch under the interpreter too; UPCAST_DOT only widens its dot operands.
+    dot_fp32 = x.dtype == torch.float32
+    upcast = _interpreted()
     has_lora = r > 0
     stride_wn, stride_wk = (weight.stride(1), weight.stride(0)) if weight_kn else weight.stride()
     dummy = y  # never read: the matching HAS_* constexpr is False
@@ -437,7 +441,7 @@ def _launch(x, weight, bias, lora_a, lora_b, lora_scale, l_in, l_out, weight_kn=
             x2.stride(0), x2.stride(1), lora_a.stride(0), lora_a.stride(1),
             lora_scale.stride(0) if lora_scale is not None else 0, stride_hm,
             HAS_SCALE=lora_scale is not None, R_PAD=cfg["R_PAD"],
-            BLOCK_M=sc["BLOCK_M"], BLOCK_K=sc["BLOCK_K"], DOT_FP32=dot_fp32,
+            BLOCK_M=sc["BLOCK_M"], BLOCK_K=sc["BLOCK_K"], DOT_FP32=dot_fp32, UPCAST_DOT=upcast,
             num_warps=sc["num_warps"], num_stages=sc["num_stages"],
         )  # fmt: skip
     grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]),)
@@ -467,7 +471,7 @@ def _launch(x, weight, bias, lora_a, lora_b, lora_scale, l_in, l_out, weight_kn=
         HAS_L_IN=l_in is not None, HAS_L_OUT=l_out is not None,
         R_PAD=cfg["R_PAD"], R_BLOCK=cfg["R_BLOCK"],
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
-        GROUP_M=cfg["GROUP_M"], DOT_FP32=dot_fp32,
+        GROUP_M=cfg["GROUP_M"], DOT_FP32=dot_fp32, UPCAST_DOT=upcast,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )  # fmt: skip
     return y.reshape(*lead, n)
