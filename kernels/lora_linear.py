@@ -8,7 +8,8 @@ rank row (``s``); ``l_in``/``l_out`` are IA³ scales on the input/output feature
 that composes with a LoRA on the same module is folded into that LoRA's ``A`` (input
 side) or ``B`` (output side) by the caller, so the kernel stays one formula.
 
-Two strategies, chosen by shape in :func:`pick_config` (one place):
+Two strategies, chosen by shape in :func:`pick_config` (one place), plus a third regime
+of the first:
 
 * Decode (``M <= 16`` rows, memory-bound): one kernel streams ``W`` once and, from the
   same ``x`` tiles, accumulates ``h = x Aᵀ``; the epilogue adds bias, ``l_out`` and
@@ -16,7 +17,11 @@ Two strategies, chosen by shape in :func:`pick_config` (one place):
   of ``W``'s bytes, served from L2; above padded rank 64 that exceeds ``W`` itself, so
   larger ranks precompute ``h`` as prefill does (fp32, whose FMA products keep both
   operands in registers, fuses only at padded rank 16).
-* Prefill (``M > 16``): a small kernel computes ``h = (x Aᵀ) ⊙ s`` once, in fp32; the
+* Batched decode (``16 < M <= 128``, fp16/bf16, padded rank <= 64): the decode kernel
+  (shrink fused in the K-loop, one launch) on 32-row tiles; repeating the shrink per
+  N-tile costs FLOPs that hide under ``W``'s bytes, where a second launch would cost
+  2 µs on a ~7 µs layer (``ci/kernel_report.py``'s roofline model compares both).
+* Prefill (``M > 16`` otherwise): a small kernel computes ``h = (x Aᵀ) ⊙ s`` once, in fp32; the
   base GEMM (grouped tile order, as in Triton's matmul tutorial) adds ``h Bᵀ`` in its
   epilogue. Shrinking inside the K-loop would repeat ``R/BLOCK_N`` more FLOPs per tile.
 
@@ -272,12 +277,23 @@ _PREFILL_LARGE_SM90 = dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8, num_
 _PREFILL_LARGE_SM80 = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3)
 _PREFILL_F32 = dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=16, GROUP_M=8, num_warps=4, num_stages=3)
 PREFILL_LARGE_MIN_M = 256
+# Batched decode (16 < M <= 128 rows, 16-bit, padded rank <= 64): one launch, the shrink
+# fused in the K-loop as at decode, on 32-row tiles. The two-launch path pays the 2 us
+# of a dependent launch on a ~7 us GEMM (1.3x merged at M = 64, 4096 -> 4096); fusing
+# repeats the shrink per N-tile, 2*M*K*R_PAD*N/BLOCK_N FLOPs, hidden under W's bytes
+# while the tile is 32 rows high. BLOCK_N is the widest that still gives ~128
+# programs at N = 4096 (132 SMs): 64 up to 64 rows, 128 above. ci/kernel_report.py's
+# roofline model picks this (and the 128-row bound: at 256 rows the repeated shrink
+# makes the layer compute-bound); it prints both paths side by side.
+BATCHED_DECODE_MAX_M = 128
+_BATCHED_DECODE_N64 = dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=4)
+_BATCHED_DECODE_N128 = dict(BLOCK_M=32, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=4)
 # Opt-in shared memory per block; other parts (sm_86/89/120: 99 KiB) get fewer stages.
 _SMEM = {80: 166912, 87: 166912, 90: 232448, 100: 232448}
 _SMEM_DEFAULT = 101376
 
 
-def _shrink_config(r_pad: int, decode: bool, f32: bool) -> dict:
+def shrink_config(r_pad: int, decode: bool, f32: bool) -> dict:
     """The shrink kernel's tile: more rows per program when the rank is small.
 
     fp32 (FMA products, operands in registers) takes narrower K steps at large ranks.
@@ -310,7 +326,7 @@ def pick_config(m: int, n: int, k: int, r: int, dtype: torch.dtype, arch: int = 
         arch: compute capability as ``10 * major + minor`` (90 under the interpreter).
 
     Returns:
-        A dict with ``case`` ("decode" or "prefill"), ``shrink_in_loop``, the GEMM's tile
+        A dict with ``case`` ("decode", "batched-decode" or "prefill"), ``shrink_in_loop``, the GEMM's tile
         (``BLOCK_M``, ``BLOCK_N``, ``BLOCK_K``, ``GROUP_M``, ``num_warps``,
         ``num_stages``), ``R_PAD``/``R_BLOCK`` and ``shrink`` (the shrink kernel's tile,
         or ``None`` when no separate shrink runs).
@@ -318,6 +334,8 @@ def pick_config(m: int, n: int, k: int, r: int, dtype: torch.dtype, arch: int = 
     r_pad = _r_pad(r)
     f32 = dtype == torch.float32
     decode = m <= DECODE_MAX_M
+    f16_fusable = not f32 and 0 < r and r_pad <= DECODE_FUSED_MAX_RANK
+    batched = not decode and m <= BATCHED_DECODE_MAX_M and f16_fusable
     sm90_tiles = arch >= 90 and _SMEM.get(arch, _SMEM_DEFAULT) >= _SMEM[90]
     if decode:
         if f32:
@@ -328,18 +346,20 @@ def pick_config(m: int, n: int, k: int, r: int, dtype: torch.dtype, arch: int = 
             gemm = dict(_DECODE_N64)
     elif f32:
         gemm = dict(_PREFILL_F32)
+    elif batched:
+        gemm = dict(_BATCHED_DECODE_N64 if m <= 64 else _BATCHED_DECODE_N128)
     elif m <= PREFILL_LARGE_MIN_M:
         gemm = dict(_PREFILL_SMALL_SM90 if sm90_tiles else _PREFILL_SMALL_SM80)
     else:
         gemm = dict(_PREFILL_LARGE_SM90 if sm90_tiles else _PREFILL_LARGE_SM80)
     max_fused = DECODE_FUSED_MAX_RANK_F32 if f32 else DECODE_FUSED_MAX_RANK
-    shrink_in_loop = r > 0 and decode and r_pad <= max_fused
+    shrink_in_loop = (r > 0 and decode and r_pad <= max_fused) or batched
     cfg = dict(
-        case="decode" if decode else "prefill",
+        case="decode" if decode else ("batched-decode" if batched else "prefill"),
         shrink_in_loop=shrink_in_loop,
         R_PAD=r_pad,
         R_BLOCK=16,
-        shrink=_shrink_config(r_pad, decode, f32) if r > 0 and not shrink_in_loop else None,
+        shrink=shrink_config(r_pad, decode, f32) if r > 0 and not shrink_in_loop else None,
         **gemm,
     )
     limit = _SMEM.get(arch, _SMEM_DEFAULT) - 8192  # headroom for the epilogue's buffers

@@ -46,7 +46,7 @@ def report_configs() -> list[dict]:
 def lora_linear_configs() -> list[dict]:
     """Every (kernel, configuration) ``lora_linear``'s launcher can choose.
 
-    Covers, for sm_80 and sm_90 (``archs``), decode and prefill at each padded rank
+    Covers, for sm_80 and sm_90 (``archs``), decode, batched decode and prefill at each padded rank
     class (16, 32, 64: fused decode shrink; 128, 256: precomputed h), no LoRA (pure IA³
     and base), fp32/fp16/bf16, both weight layouts (the unit-stride argument is what
     the JIT specializes), with bias, IA³ in and out enabled (the superset of loads).
@@ -59,7 +59,8 @@ def lora_linear_configs() -> list[dict]:
         return []
     recs: list[dict] = []
     seen = set()
-    ms = {"decode": 8, "prefill-small": 128, "prefill-large": 4096}
+    # Batched decode's two tiles (64 and 128 rows); prefill-small's at 200 rows.
+    ms = {"decode": 8, "batched-64": 64, "batched-128": 128, "prefill-small": 200, "prefill-large": 4096}
     for arch in (80, 90):
         for dtype in (torch.bfloat16, torch.float16, torch.float32):
             dt = _DTYPES[dtype]

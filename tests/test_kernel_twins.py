@@ -39,7 +39,7 @@ needs_kernels = pytest.mark.skipif(
     reason="needs a CUDA GPU or TRITON_INTERPRET=1 (the Triton CPU interpreter)",
 )
 
-U = {torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}
+U = {torch.float32: 2.0**-24, torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}
 U32 = 2.0**-24
 K, N = 150, 90  # multiples of no block; 2-3 K steps at the production tiles
 
@@ -99,7 +99,7 @@ def _excess(y: torch.Tensor, inp: dict) -> float:
 # (rows, rank): decode with the shrink fused in the K-loop (padded rank 16), decode with
 # a precomputed h (padded rank 128), prefill with 64-row tiles, prefill with the large
 # 128x256 tiles (M > 256). Each runs pick_config's production tile, as on the GPU.
-CASES = [(3, 8, "decode-fused"), (5, 100, "decode"), (33, 8, "prefill"), (257, 24, "prefill-large")]
+CASES = [(3, 8, "decode-fused"), (5, 100, "decode"), (33, 100, "prefill"), (257, 24, "prefill-large")]
 
 
 @needs_kernels
@@ -142,3 +142,26 @@ def test_interpreter_takes_the_16bit_branch(monkeypatch):
     assert meta["DOT_FP32"] is False
     assert meta["UPCAST_DOT"] is (not ON_CUDA)
     assert (meta["BLOCK_M"], meta["BLOCK_N"], meta["BLOCK_K"]) == (cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"])
+
+
+# Batched decode (issue 20, target 4): 16 < M <= 128 rows in 16 bits take one launch
+# (the shrink fused in the K-loop) on 32-row tiles; 130 and 256 rows take the shrink
+# kernel and the 64-row GEMM tiles; fp32 keeps its prefill tiles. Each M is a partial
+# last tile of its tile (17, 33: partial 32-row tiles; 130: a 2-row last 64-row tile).
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+@pytest.mark.parametrize("m", [17, 33, 64, 130, 256])
+def test_batched_decode_rows(m, dtype):
+    r = 24  # padded to 32: one fused tile class with padded (masked) rank rows
+    cfg = L.pick_config(m, N, K, r, dtype)
+    batched = dtype != torch.float32 and m <= L.BATCHED_DECODE_MAX_M
+    assert (cfg["case"] == "batched-decode") == batched
+    assert cfg["shrink_in_loop"] == batched
+    if batched:
+        assert (cfg["BLOCK_M"], cfg["BLOCK_N"]) == (32, 64 if m <= 64 else 128)
+    inp = _inputs(m, r, dtype, seed=m)
+    assert _excess(_run(inp), inp) <= 0
+    inp = _inputs(m, r, dtype, seed=m + 1, aligned=True)
+    assert _excess(_run(inp), inp) <= 0
+    wrong = dict(inp, lora_scale=inp["lora_scale"] * 0.95)
+    assert _excess(_run(wrong), inp) > 0
