@@ -364,7 +364,9 @@ def roofline(m: int, k: int, n: int, r: int, e: int = 2) -> dict:
     two = _tk(x + a + m * r * 4, 2 * m * k * r_pad, _cdiv(m, sc["BLOCK_M"])) + _tk(
         w + x + y + b + m * r * 4, base_flops + 2 * m * n * r_pad,
         _cdiv(m, two_cfg["BLOCK_M"]) * _cdiv(n, two_cfg["BLOCK_N"]))
-    path = "one" if cfg["shrink_in_loop"] else "two"
+    if r == 0:  # no LoRA (pure IA³): the GEMM alone, one launch
+        one = two = _tk(w + x + y, base_flops, _cdiv(m, cfg["BLOCK_M"]) * _cdiv(n, cfg["BLOCK_N"]))
+    path = "one" if cfg["shrink_in_loop"] or r == 0 else "two"
     fused = one if path == "one" else two
     unmerged = (
         merged
