@@ -282,12 +282,13 @@ PREFILL_LARGE_MIN_M = 256
 # of a dependent launch on a ~7 us GEMM (1.3x merged at M = 64, 4096 -> 4096); fusing
 # repeats the shrink per N-tile, 2*M*K*R_PAD*N/BLOCK_N FLOPs, hidden under W's bytes
 # while the tile is 32 rows high. BLOCK_N is the widest that still gives ~128
-# programs at N = 4096 (132 SMs): 64 up to 64 rows, 128 above. ci/kernel_report.py's
-# roofline model picks this (and the 128-row bound: at 256 rows the repeated shrink
-# makes the layer compute-bound); it prints both paths side by side.
+# programs at N = 4096 (132 SMs): 64 up to 64 rows, 128 above; 32x128 takes 8 warps
+# (with 4 it spilled at padded ranks 32-64, 8-144 B). ci/kernel_report.py's roofline
+# model picks this (and the 128-row bound: at 256 rows the repeated shrink makes the
+# layer compute-bound); it prints both paths side by side.
 BATCHED_DECODE_MAX_M = 128
 _BATCHED_DECODE_N64 = dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=4)
-_BATCHED_DECODE_N128 = dict(BLOCK_M=32, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=4)
+_BATCHED_DECODE_N128 = dict(BLOCK_M=32, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=4)
 # Opt-in shared memory per block; other parts (sm_86/89/120: 99 KiB) get fewer stages.
 _SMEM = {80: 166912, 87: 166912, 90: 232448, 100: 232448}
 _SMEM_DEFAULT = 101376
