@@ -309,48 +309,100 @@ def _t(bytes_, flops):
     return max(bytes_ / H200_BW, flops / H200_FLOPS)
 
 
-def roofline(m: int, k: int, n: int, r: int, e: int = 2) -> dict:
-    """Predicted seconds of one bf16 layer: merged, fused and unmerged PyTorch.
+H200_SMS = 132
+# A CTA streams at most this share of HBM bandwidth: an SM sustains about twice its
+# fair share (1/132), so ~66 CTAs saturate HBM; tensor cores are per SM (1/132 each).
+# An assumption of the model, like LAUNCH_S.
+CTA_BW_SHARE = 2 / H200_SMS
 
-    ``e`` bytes per element. Launch gaps are not in the roofline; ``*_l`` adds
-    ``LAUNCH_S`` per kernel beyond the first.
+
+def _tk(bytes_, flops, ctas):
+    """One kernel of ``ctas`` programs: bytes at the bandwidth its CTAs can draw, FLOPs
+    on the SMs it occupies."""
+    return max(bytes_ / (H200_BW * min(1.0, ctas * CTA_BW_SHARE)),
+               flops / (H200_FLOPS * min(1.0, ctas / H200_SMS)))
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _lora_linear():
+    return importlib.import_module(f"{_kernel_package()}.lora_linear")
+
+
+def roofline(m: int, k: int, n: int, r: int, e: int = 2) -> dict:
+    """Predicted seconds of one bf16 layer: merged, fused (both paths) and unmerged PyTorch.
+
+    ``e`` bytes per element. Each kernel costs max(bytes / BW, FLOPs / peak) scaled by
+    the share of the GPU its grid fills (``_tk``: CTAs per SM); merged and unmerged are
+    cuBLAS GEMMs, assumed to fill it. The fused op has two paths, with the tiles
+    ``pick_config`` gives (sm_90): ``one`` (the shrink fused in the GEMM's K-loop,
+    repeated per N-tile: decode and batched decode) and ``two`` (shrink kernel, then the
+    GEMM reading ``h`` in its epilogue). ``fused`` is the path ``pick_config`` takes
+    (``path``). Launch gaps are outside the roofline; ``*_l`` adds ``LAUNCH_S`` per
+    kernel beyond the first.
     """
+    L = _lora_linear()
+    bf16 = importlib.import_module("torch").bfloat16
+    cfg = L.pick_config(m, n, k, r, bf16, 90)
+    r_pad = cfg["R_PAD"]
     w, x, y, a, b = n * k * e, m * k * e, m * n * e, r * k * e, n * r * e
     base_flops = 2 * m * n * k
     merged = _t(w + x + y, base_flops)
-    if m <= 16:  # decode: one kernel, A re-reads come from L2
-        fused = _t(w + x + y + a + b, base_flops + 2 * m * r * (k + n))
-        fused_k = 1
-    else:  # prefill: shrink kernel (x, A -> h fp32) + GEMM reading h in the epilogue
-        fused = _t(x + a + m * r * 4, 2 * m * k * r) + _t(w + x + y + b + m * r * 4, base_flops + 2 * m * n * r)
-        fused_k = 2
+    # One launch: A re-reads per N-tile come from L2; the shrink runs once per N-tile,
+    # on the tile's padded rows. Without a fused tile at this shape (large rank, fp32
+    # tiles, M > 128) the decode-sized 32x128 tile stands in for it.
+    bm, bn = (cfg["BLOCK_M"], cfg["BLOCK_N"]) if cfg["shrink_in_loop"] else (32, 128)
+    tiles_m, tiles_n = _cdiv(m, bm), _cdiv(n, bn)
+    one = _tk(w + x + y + a + b, base_flops + 2 * tiles_m * bm * k * r_pad * tiles_n + 2 * m * n * r_pad,
+              tiles_m * tiles_n)
+    # Two launches: the shrink (grid cdiv(M, BLOCK_M), the whole rank per program), then
+    # the GEMM, with the tiles pick_config gives where the shrink is not fused.
+    two_cfg = cfg if not cfg["shrink_in_loop"] else L.pick_config(m, n, k, max(r, L.DECODE_FUSED_MAX_RANK + 1), bf16, 90)
+    sc = L.shrink_config(r_pad, m <= L.DECODE_MAX_M, False)
+    two = _tk(x + a + m * r * 4, 2 * m * k * r_pad, _cdiv(m, sc["BLOCK_M"])) + _tk(
+        w + x + y + b + m * r * 4, base_flops + 2 * m * n * r_pad,
+        _cdiv(m, two_cfg["BLOCK_M"]) * _cdiv(n, two_cfg["BLOCK_N"]))
+    if r == 0:  # no LoRA (pure IA³): the GEMM alone, one launch
+        one = two = _tk(w + x + y, base_flops, _cdiv(m, cfg["BLOCK_M"]) * _cdiv(n, cfg["BLOCK_N"]))
+    path = "one" if cfg["shrink_in_loop"] or r == 0 else "two"
+    fused = one if path == "one" else two
     unmerged = (
         merged
         + _t(x + a + m * r * e, 2 * m * k * r)  # h = x Aᵀ
         + _t(m * r * e + b + 2 * y, 2 * m * n * r)  # y += h Bᵀ (addmm reads and writes y)
     )
     return {
+        "path": path,
         "merged": merged,
         "fused": fused,
         "unmerged": unmerged,
+        "one": one,
+        "two": two,
         "merged_l": merged,
-        "fused_l": fused + (fused_k - 1) * LAUNCH_S,
+        "fused_l": fused + (0 if path == "one" else LAUNCH_S),
+        "one_l": one,
+        "two_l": two + LAUNCH_S,
         "unmerged_l": unmerged + 2 * LAUNCH_S,
     }
 
 
 BENCH_SHAPES = [(4096, 4096), (4096, 14336)]
 BENCH_RANKS = [16, 64]
-BENCH_MS = [1, 4, 16, 64, 256, 1024, 2048, 4096, 8192]
+BENCH_MS = [1, 4, 16, 32, 64, 128, 256, 1024, 2048, 4096, 8192]
 
 
 def print_roofline() -> list[dict]:
     print()
     print(
-        "H200 roofline PREDICTION (not a measurement): 4.8 TB/s, 989 TFLOP/s bf16; "
-        f"'+launch' adds {LAUNCH_S * 1e6:.0f} us per extra dependent kernel"
+        "H200 roofline PREDICTION (not a measurement): 4.8 TB/s, 989 TFLOP/s bf16, 132 SMs "
+        f"(a CTA draws at most 2/132 of HBM); '+launch' adds {LAUNCH_S * 1e6:.0f} us per extra dependent kernel; "
+        "path: one = shrink fused in the GEMM (one launch), two = shrink + GEMM"
     )
-    hdr = f"{'K->N':<12} {'r':>3} {'M':>5} {'merged us':>10} {'fused us':>9} {'unmerged us':>11} {'fused/merged':>12} {'unmerged/fused':>14} {'+launch f/m':>11} {'+launch u/f':>11}"
+    hdr = (f"{'K->N':<12} {'r':>3} {'M':>5} {'path':>4} {'merged us':>10} {'fused us':>9} {'unmerged us':>11} "
+           f"{'fused/merged':>12} {'unmerged/fused':>14} {'+launch f/m':>11} {'+launch u/f':>11} "
+           f"{'+l one/m':>9} {'+l two/m':>9}")
     print(hdr)
     print("-" * len(hdr))
     rows = []
@@ -358,13 +410,15 @@ def print_roofline() -> list[dict]:
         for r in BENCH_RANKS:
             for m in BENCH_MS:
                 p = roofline(m, k, n, r)
-                row = {"k": k, "n": n, "r": r, "m": m, **{key: v * 1e6 for key, v in p.items()}}
+                row = {"k": k, "n": n, "r": r, "m": m, "path": p["path"],
+                       **{key: v * 1e6 for key, v in p.items() if key != "path"}}
                 rows.append(row)
                 print(
-                    f"{f'{k}->{n}':<12} {r:>3} {m:>5} {row['merged']:>10.2f} {row['fused']:>9.2f} "
+                    f"{f'{k}->{n}':<12} {r:>3} {m:>5} {p['path']:>4} {row['merged']:>10.2f} {row['fused']:>9.2f} "
                     f"{row['unmerged']:>11.2f} {p['fused'] / p['merged']:>12.3f} "
                     f"{p['unmerged'] / p['fused']:>14.3f} {p['fused_l'] / p['merged_l']:>11.3f} "
-                    f"{p['unmerged_l'] / p['fused_l']:>11.3f}"
+                    f"{p['unmerged_l'] / p['fused_l']:>11.3f} {p['one_l'] / p['merged']:>9.3f} "
+                    f"{p['two_l'] / p['merged']:>9.3f}"
                 )
     return rows
 

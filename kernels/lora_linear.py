@@ -8,7 +8,8 @@ rank row (``s``); ``l_in``/``l_out`` are IA³ scales on the input/output feature
 that composes with a LoRA on the same module is folded into that LoRA's ``A`` (input
 side) or ``B`` (output side) by the caller, so the kernel stays one formula.
 
-Two strategies, chosen by shape in :func:`pick_config` (one place):
+Two strategies, chosen by shape in :func:`pick_config` (one place), plus a third regime
+of the first:
 
 * Decode (``M <= 16`` rows, memory-bound): one kernel streams ``W`` once and, from the
   same ``x`` tiles, accumulates ``h = x Aᵀ``; the epilogue adds bias, ``l_out`` and
@@ -16,7 +17,11 @@ Two strategies, chosen by shape in :func:`pick_config` (one place):
   of ``W``'s bytes, served from L2; above padded rank 64 that exceeds ``W`` itself, so
   larger ranks precompute ``h`` as prefill does (fp32, whose FMA products keep both
   operands in registers, fuses only at padded rank 16).
-* Prefill (``M > 16``): a small kernel computes ``h = (x Aᵀ) ⊙ s`` once, in fp32; the
+* Batched decode (``16 < M <= 128``, fp16/bf16, padded rank <= 64): the decode kernel
+  (shrink fused in the K-loop, one launch) on 32-row tiles; repeating the shrink per
+  N-tile costs FLOPs that hide under ``W``'s bytes, where a second launch would cost
+  2 µs on a ~7 µs layer (``ci/kernel_report.py``'s roofline model compares both).
+* Prefill (``M > 16`` otherwise): a small kernel computes ``h = (x Aᵀ) ⊙ s`` once, in fp32; the
   base GEMM (grouped tile order, as in Triton's matmul tutorial) adds ``h Bᵀ`` in its
   epilogue. Shrinking inside the K-loop would repeat ``R/BLOCK_N`` more FLOPs per tile.
 
@@ -80,6 +85,7 @@ if HAS_TRITON:
         BLOCK_M: tl.constexpr,
         BLOCK_K: tl.constexpr,
         DOT_FP32: tl.constexpr,
+        UPCAST_DOT: tl.constexpr,
     ):
         """``h = (x Aᵀ) ⊙ s`` in fp32, one program per BLOCK_M rows and the whole rank.
 
@@ -100,7 +106,7 @@ if HAS_TRITON:
             k_mask = offs_k < K - k * BLOCK_K
             xt = tl.load(x_ptrs, mask=m_mask[:, None] & k_mask[None, :], other=0.0)
             at = tl.load(a_ptrs, mask=k_mask[:, None] & r_mask[None, :], other=0.0)
-            h = mma(xt, at, h, DOT_FP32)
+            h = mma(xt, at, h, DOT_FP32, UPCAST_DOT)
             x_ptrs += BLOCK_K * stride_xk
             a_ptrs += BLOCK_K * stride_ak
         if HAS_SCALE:
@@ -156,6 +162,7 @@ if HAS_TRITON:
         BLOCK_K: tl.constexpr,
         GROUP_M: tl.constexpr,
         DOT_FP32: tl.constexpr,
+        UPCAST_DOT: tl.constexpr,
     ):
         """``y = l_out ⊙ (W (l_in ⊙ x) + b) + ((x Aᵀ) ⊙ s) Bᵀ`` for one (BLOCK_M, BLOCK_N) tile.
 
@@ -193,11 +200,11 @@ if HAS_TRITON:
         for k in range(0, tl.cdiv(K, BLOCK_K)):
             k_mask = offs_k < K - k * BLOCK_K
             acc, xt = base_k_step(acc, x_ptrs, m_mask, k_mask, w_ptrs, n_mask, lin_ptrs, k_mask,
-                                  HAS_L_IN, DOT_FP32)
+                                  HAS_L_IN, DOT_FP32, UPCAST_DOT)
             lin_ptrs += BLOCK_K * stride_lin
             if HAS_LORA and SHRINK_IN_LOOP:
                 at = tl.load(a_ptrs, mask=k_mask[:, None] & r_mask[None, :], other=0.0)
-                h = mma(xt, at, h, DOT_FP32)
+                h = mma(xt, at, h, DOT_FP32, UPCAST_DOT)
                 a_ptrs += BLOCK_K * stride_ak
             x_ptrs += BLOCK_K * stride_xk
             w_ptrs += BLOCK_K * stride_wk
@@ -211,7 +218,7 @@ if HAS_TRITON:
                     h = h * s.to(tl.float32)[None, :]
                 b_ptrs = b_ptr + offs_r[:, None] * stride_br + offs_n[None, :] * stride_bn
                 bt = tl.load(b_ptrs, mask=r_mask[:, None] & n_mask[None, :], other=0.0)
-                acc = mma(h.to(x_ptr.dtype.element_ty), bt, acc, DOT_FP32)
+                acc = mma(h.to(x_ptr.dtype.element_ty), bt, acc, DOT_FP32, UPCAST_DOT)
             else:
                 # Rank chunks keep the epilogue's registers and shared memory bounded at
                 # rank 256; R_PAD and R_BLOCK are constexprs, so the loop is unrolled.
@@ -220,7 +227,7 @@ if HAS_TRITON:
                     rc_mask = offs_rc < R
                     acc = add_h_bt(acc, h_ptr + offs_m[:, None] * stride_hm, m_mask, offs_rc,
                                    rc_mask, b_ptr, 0, 0, stride_br, offs_n, stride_bn, n_mask,
-                                   x_ptr.dtype.element_ty, DOT_FP32)
+                                   x_ptr.dtype.element_ty, DOT_FP32, UPCAST_DOT)
 
         y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :]
         tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
@@ -270,12 +277,24 @@ _PREFILL_LARGE_SM90 = dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8, num_
 _PREFILL_LARGE_SM80 = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3)
 _PREFILL_F32 = dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=16, GROUP_M=8, num_warps=4, num_stages=3)
 PREFILL_LARGE_MIN_M = 256
+# Batched decode (16 < M <= 128 rows, 16-bit, padded rank <= 64): one launch, the shrink
+# fused in the K-loop as at decode, on 32-row tiles. The two-launch path pays the 2 us
+# of a dependent launch on a ~7 us GEMM (1.3x merged at M = 64, 4096 -> 4096); fusing
+# repeats the shrink per N-tile, 2*M*K*R_PAD*N/BLOCK_N FLOPs, hidden under W's bytes
+# while the tile is 32 rows high. BLOCK_N is the widest that still gives ~128
+# programs at N = 4096 (132 SMs): 64 up to 64 rows, 128 above; 32x128 takes 8 warps
+# (with 4 it spilled at padded ranks 32-64, 8-144 B). ci/kernel_report.py's roofline
+# model picks this (and the 128-row bound: at 256 rows the repeated shrink makes the
+# layer compute-bound); it prints both paths side by side.
+BATCHED_DECODE_MAX_M = 128
+_BATCHED_DECODE_N64 = dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=4)
+_BATCHED_DECODE_N128 = dict(BLOCK_M=32, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=4)
 # Opt-in shared memory per block; other parts (sm_86/89/120: 99 KiB) get fewer stages.
 _SMEM = {80: 166912, 87: 166912, 90: 232448, 100: 232448}
 _SMEM_DEFAULT = 101376
 
 
-def _shrink_config(r_pad: int, decode: bool, f32: bool) -> dict:
+def shrink_config(r_pad: int, decode: bool, f32: bool) -> dict:
     """The shrink kernel's tile: more rows per program when the rank is small.
 
     fp32 (FMA products, operands in registers) takes narrower K steps at large ranks.
@@ -308,7 +327,7 @@ def pick_config(m: int, n: int, k: int, r: int, dtype: torch.dtype, arch: int = 
         arch: compute capability as ``10 * major + minor`` (90 under the interpreter).
 
     Returns:
-        A dict with ``case`` ("decode" or "prefill"), ``shrink_in_loop``, the GEMM's tile
+        A dict with ``case`` ("decode", "batched-decode" or "prefill"), ``shrink_in_loop``, the GEMM's tile
         (``BLOCK_M``, ``BLOCK_N``, ``BLOCK_K``, ``GROUP_M``, ``num_warps``,
         ``num_stages``), ``R_PAD``/``R_BLOCK`` and ``shrink`` (the shrink kernel's tile,
         or ``None`` when no separate shrink runs).
@@ -316,6 +335,8 @@ def pick_config(m: int, n: int, k: int, r: int, dtype: torch.dtype, arch: int = 
     r_pad = _r_pad(r)
     f32 = dtype == torch.float32
     decode = m <= DECODE_MAX_M
+    f16_fusable = not f32 and 0 < r and r_pad <= DECODE_FUSED_MAX_RANK
+    batched = not decode and m <= BATCHED_DECODE_MAX_M and f16_fusable
     sm90_tiles = arch >= 90 and _SMEM.get(arch, _SMEM_DEFAULT) >= _SMEM[90]
     if decode:
         if f32:
@@ -326,18 +347,20 @@ def pick_config(m: int, n: int, k: int, r: int, dtype: torch.dtype, arch: int = 
             gemm = dict(_DECODE_N64)
     elif f32:
         gemm = dict(_PREFILL_F32)
+    elif batched:
+        gemm = dict(_BATCHED_DECODE_N64 if m <= 64 else _BATCHED_DECODE_N128)
     elif m <= PREFILL_LARGE_MIN_M:
         gemm = dict(_PREFILL_SMALL_SM90 if sm90_tiles else _PREFILL_SMALL_SM80)
     else:
         gemm = dict(_PREFILL_LARGE_SM90 if sm90_tiles else _PREFILL_LARGE_SM80)
     max_fused = DECODE_FUSED_MAX_RANK_F32 if f32 else DECODE_FUSED_MAX_RANK
-    shrink_in_loop = r > 0 and decode and r_pad <= max_fused
+    shrink_in_loop = (r > 0 and decode and r_pad <= max_fused) or batched
     cfg = dict(
-        case="decode" if decode else "prefill",
+        case="decode" if decode else ("batched-decode" if batched else "prefill"),
         shrink_in_loop=shrink_in_loop,
         R_PAD=r_pad,
         R_BLOCK=16,
-        shrink=_shrink_config(r_pad, decode, f32) if r > 0 and not shrink_in_loop else None,
+        shrink=shrink_config(r_pad, decode, f32) if r > 0 and not shrink_in_loop else None,
         **gemm,
     )
     limit = _SMEM.get(arch, _SMEM_DEFAULT) - 8192  # headroom for the epilogue's buffers
@@ -421,7 +444,9 @@ def _launch(x, weight, bias, lora_a, lora_b, lora_scale, l_in, l_out, weight_kn=
     if k == 0:  # no K-loop to run: the formula reduces to l_out ⊙ b
         return torch_lora_linear(x, weight, bias, lora_a, lora_b, lora_scale, l_in, l_out, weight_kn)
     cfg = config if config is not None else pick_config(m, n, k, r, x.dtype, _arch(x.device))
-    dot_fp32 = _interpreted() or x.dtype == torch.float32
+    # The GPU's branch under the interpreter too; UPCAST_DOT only widens its dot operands.
+    dot_fp32 = x.dtype == torch.float32
+    upcast = _interpreted()
     has_lora = r > 0
     stride_wn, stride_wk = (weight.stride(1), weight.stride(0)) if weight_kn else weight.stride()
     dummy = y  # never read: the matching HAS_* constexpr is False
@@ -437,7 +462,7 @@ def _launch(x, weight, bias, lora_a, lora_b, lora_scale, l_in, l_out, weight_kn=
             x2.stride(0), x2.stride(1), lora_a.stride(0), lora_a.stride(1),
             lora_scale.stride(0) if lora_scale is not None else 0, stride_hm,
             HAS_SCALE=lora_scale is not None, R_PAD=cfg["R_PAD"],
-            BLOCK_M=sc["BLOCK_M"], BLOCK_K=sc["BLOCK_K"], DOT_FP32=dot_fp32,
+            BLOCK_M=sc["BLOCK_M"], BLOCK_K=sc["BLOCK_K"], DOT_FP32=dot_fp32, UPCAST_DOT=upcast,
             num_warps=sc["num_warps"], num_stages=sc["num_stages"],
         )  # fmt: skip
     grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]),)
@@ -467,7 +492,7 @@ def _launch(x, weight, bias, lora_a, lora_b, lora_scale, l_in, l_out, weight_kn=
         HAS_L_IN=l_in is not None, HAS_L_OUT=l_out is not None,
         R_PAD=cfg["R_PAD"], R_BLOCK=cfg["R_BLOCK"],
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
-        GROUP_M=cfg["GROUP_M"], DOT_FP32=dot_fp32,
+        GROUP_M=cfg["GROUP_M"], DOT_FP32=dot_fp32, UPCAST_DOT=upcast,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )  # fmt: skip
     return y.reshape(*lead, n)

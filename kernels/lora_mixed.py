@@ -72,8 +72,9 @@ __all__ = ["lora_mixed_linear", "segment_plan_key", "segment_tiles", "torch_lora
 #
 # The base K-step, the bias/l_out epilogue and the dots are triton_helpers.py's, shared
 # with lora_linear.py. DOT_FP32 (see there) is set when any operand is fp32 or the dtypes
-# differ, and always under TRITON_INTERPRET=1; LORA_FP32 is the same rule for the
-# segments expand's B^T alone. Accumulation is fp32 everywhere.
+# differ, and (for now) always under TRITON_INTERPRET=1; UPCAST_DOT (interpreter only)
+# widens the 16-bit branch's dot operands and nothing else. LORA_FP32 is the same rule
+# for the segments expand's B^T alone. Accumulation is fp32 everywhere.
 # ----------------------------------------------------------------------------------------
 if HAS_TRITON:
 
@@ -210,6 +211,7 @@ if HAS_TRITON:
         HAS_L_IN: tl.constexpr,
         HAS_L_OUT: tl.constexpr,
         DOT_FP32: tl.constexpr,
+        UPCAST_DOT: tl.constexpr,
         SPLIT_K: tl.constexpr,
         SPREAD_LORA: tl.constexpr,  # each K-split adds a rank slice (needs no l_out)
         BLOCK_M: tl.constexpr,
@@ -249,7 +251,8 @@ if HAS_TRITON:
                                  w_ptr + offs_k[:, None] * stride_wk + offs_n[None, :] * stride_wn,
                                  n_mask,
                                  lin_ptr + s[:, None] * stride_lis + offs_k[None, :] * stride_lik,
-                                 m_mask[:, None] & k_mask[None, :], HAS_L_IN, DOT_FP32)
+                                 m_mask[:, None] & k_mask[None, :], HAS_L_IN, DOT_FP32,
+                                 UPCAST_DOT)
         if HAS_LORA:
             rank = tl.load(rank_ptr + s, mask=m_mask, other=0)
             r_top = tl.max(rank, axis=0)
@@ -320,6 +323,7 @@ if HAS_TRITON:
         # meta
         HAS_SCALE: tl.constexpr,
         DOT_FP32: tl.constexpr,
+        UPCAST_DOT: tl.constexpr,
         BLOCK_M: tl.constexpr,
         BLOCK_R: tl.constexpr,
         BLOCK_K: tl.constexpr,
@@ -358,7 +362,7 @@ if HAS_TRITON:
                 mask=k_mask[:, None] & r_mask[None, :],
                 other=0.0,
             )
-            acc = mma(xv, av, acc, DOT_FP32)
+            acc = mma(xv, av, acc, DOT_FP32, UPCAST_DOT)
         if HAS_SCALE:
             acc = acc * tl.load(scale_ptr + s).to(tl.float32)
         tl.store(
@@ -409,6 +413,7 @@ if HAS_TRITON:
         HAS_L_IN: tl.constexpr,
         HAS_L_OUT: tl.constexpr,
         DOT_FP32: tl.constexpr,
+        UPCAST_DOT: tl.constexpr,
         LORA_FP32: tl.constexpr,
         BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,
@@ -441,7 +446,7 @@ if HAS_TRITON:
             acc, _ = base_k_step(acc, x_rows + offs_k[None, :] * stride_xk, p_mask, k_mask,
                                  w_ptr + offs_k[:, None] * stride_wk + offs_n[None, :] * stride_wn,
                                  n_mask, lin_ptr + s * stride_lis + offs_k * stride_lik, k_mask,
-                                 HAS_L_IN, DOT_FP32)
+                                 HAS_L_IN, DOT_FP32, UPCAST_DOT)
         # bias: contiguous (the launcher makes it so)
         acc = bias_and_l_out(acc, bias_ptr, 1, offs_n, n_mask,
                              lout_ptr, s, stride_los, stride_lon, n_mask, HAS_BIAS, HAS_L_OUT)
@@ -452,7 +457,7 @@ if HAS_TRITON:
                 r_mask = offs_r < rank
                 acc = add_h_bt(acc, h_ptr + offs_p[:, None] * stride_hm, p_mask, offs_r, r_mask,
                                bt_ptr, s, stride_bs, stride_br, offs_n, stride_bn, n_mask,
-                               x_ptr.dtype.element_ty, LORA_FP32)
+                               x_ptr.dtype.element_ty, LORA_FP32, UPCAST_DOT)
         tl.store(
             y_ptr + row[:, None] * stride_yb + t[:, None] * stride_yt + offs_n[None, :] * stride_yn,
             acc.to(y_ptr.dtype.element_ty),
@@ -541,6 +546,9 @@ def _stack_facts(a_stack, bt_stack, scale, ranks, l_in_stack, l_out_stack) -> tu
 
 
 def _dot_fp32(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    # TODO(issue 20, target 6): drop `_interpreted() or` (the GPU's 16-bit branch under the
+    # interpreter, as lora_linear does) once test_kernel_lora_mixed.py's CPU tolerance,
+    # which assumes fp32 arithmetic under the interpreter, takes the GPU's.
     return _interpreted() or x.dtype == torch.float32 or weight.dtype != x.dtype
 
 
@@ -697,7 +705,7 @@ def _launch(
             m, n, k, tokens, split, gemm_chunk,
             *x3.stride(), stride_wn, stride_wk, *bt_strides, *hp_strides,
             *lin_strides, *lout_strides, *y3.stride(),
-            **flags, DOT_FP32=dot_fp32, SPLIT_K=split_k,
+            **flags, DOT_FP32=dot_fp32, UPCAST_DOT=interp, SPLIT_K=split_k,
             SPREAD_LORA=has_lora and split_k > 1 and l_out_stack is None,
             BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
@@ -723,7 +731,7 @@ def _launch(
             x3, a, tiles, order, rk, sc, h,
             tokens, k, nt,
             *x3.stride(), *a_strides, h_stride,
-            HAS_SCALE=scale is not None, DOT_FP32=shrink_fp32,
+            HAS_SCALE=scale is not None, DOT_FP32=shrink_fp32, UPCAST_DOT=interp,
             BLOCK_M=cfg["BLOCK_M"], BLOCK_R=cfg["BLOCK_R"], BLOCK_K=cfg["BLOCK_K"],
             num_warps=4, num_stages=cfg["num_stages"],
         )
@@ -732,7 +740,7 @@ def _launch(
         n, k, tokens, nt,
         *x3.stride(), stride_wn, stride_wk, *bt_strides, h_stride,
         *lin_strides, *lout_strides, *y3.stride(),
-        **flags, DOT_FP32=dot_fp32, LORA_FP32=lora_fp32,
+        **flags, DOT_FP32=dot_fp32, LORA_FP32=lora_fp32, UPCAST_DOT=interp,
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
         BLOCK_R=cfg["BLOCK_R"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )

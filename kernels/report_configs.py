@@ -46,7 +46,7 @@ def report_configs() -> list[dict]:
 def lora_linear_configs() -> list[dict]:
     """Every (kernel, configuration) ``lora_linear``'s launcher can choose.
 
-    Covers, for sm_80 and sm_90 (``archs``), decode and prefill at each padded rank
+    Covers, for sm_80 and sm_90 (``archs``), decode, batched decode and prefill at each padded rank
     class (16, 32, 64: fused decode shrink; 128, 256: precomputed h), no LoRA (pure IA³
     and base), fp32/fp16/bf16, both weight layouts (the unit-stride argument is what
     the JIT specializes), with bias, IA³ in and out enabled (the superset of loads).
@@ -59,7 +59,8 @@ def lora_linear_configs() -> list[dict]:
         return []
     recs: list[dict] = []
     seen = set()
-    ms = {"decode": 8, "prefill-small": 128, "prefill-large": 4096}
+    # Batched decode's two tiles (64 and 128 rows); prefill-small's at 200 rows.
+    ms = {"decode": 8, "batched-64": 64, "batched-128": 128, "prefill-small": 200, "prefill-large": 4096}
     for arch in (80, 90):
         for dtype in (torch.bfloat16, torch.float16, torch.float32):
             dt = _DTYPES[dtype]
@@ -115,7 +116,7 @@ def _linear_gemm_record(kernels: dict, dt: str, cfg: dict, r: int, weight_kn: bo
         HAS_SCALE=has_lora, HAS_L_IN=True, HAS_L_OUT=True,
         R_PAD=cfg["R_PAD"], R_BLOCK=cfg["R_BLOCK"], BLOCK_M=cfg["BLOCK_M"],
         BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], GROUP_M=cfg["GROUP_M"],
-        DOT_FP32=dt == "fp32",
+        DOT_FP32=dt == "fp32", UPCAST_DOT=False,
     )  # fmt: skip
     for name, v in meta.items():
         sig[name] = "constexpr"
@@ -151,7 +152,8 @@ def _linear_shrink_record(kernels: dict, dt: str, cfg: dict) -> dict:
         "stride_s": "constexpr", "stride_hm": "i32",
     }  # fmt: skip
     constexprs = {"stride_xk": 1, "stride_ak": 1, "stride_s": 1}
-    meta = dict(HAS_SCALE=True, R_PAD=cfg["R_PAD"], BLOCK_M=sc["BLOCK_M"], BLOCK_K=sc["BLOCK_K"], DOT_FP32=dt == "fp32")
+    meta = dict(HAS_SCALE=True, R_PAD=cfg["R_PAD"], BLOCK_M=sc["BLOCK_M"], BLOCK_K=sc["BLOCK_K"], DOT_FP32=dt == "fp32",
+                UPCAST_DOT=False)
     for name, v in meta.items():
         sig[name] = "constexpr"
         constexprs[name] = v
@@ -226,7 +228,7 @@ def lora_mixed_configs() -> list[dict]:
                 "stride_los": "i32", "stride_lon": "constexpr", "stride_yb": "i32",
                 "stride_yt": "i32", "stride_yn": "constexpr",
             }
-            sig.update({name: "constexpr" for name in (*flags, "DOT_FP32", "SPLIT_K", "SPREAD_LORA", "BLOCK_M", "BLOCK_N", "BLOCK_K")})
+            sig.update({name: "constexpr" for name in (*flags, "DOT_FP32", "UPCAST_DOT", "SPLIT_K", "SPREAD_LORA", "BLOCK_M", "BLOCK_N", "BLOCK_K")})
             # d = 4096 on 132 SMs (the launcher's split_k for one M-tile); no split once
             # the tiles fill the GPU (larger M).
             tiles = triton.cdiv(4096, cfg["BLOCK_N"])
@@ -236,7 +238,7 @@ def lora_mixed_configs() -> list[dict]:
                     module="lora_mixed", kernel="_mixed_rows_kernel", fn=kernels["_mixed_rows_kernel"], signature=sig,
                     constexprs=dict(T=1, stride_xk=1, stride_wk=1, stride_bn=1, stride_lik=1,
                                     stride_lon=1, stride_yn=1, **fl, DOT_FP32=fp32,
-                                    SPLIT_K=split_k, SPREAD_LORA=split_k > 1 and not fl["HAS_L_OUT"],
+                                    UPCAST_DOT=False, SPLIT_K=split_k, SPREAD_LORA=split_k > 1 and not fl["HAS_L_OUT"],
                                     BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
                                     BLOCK_K=cfg["BLOCK_K"]),
                     divisible_by_16=["x_ptr", "w_ptr", "bias_ptr", "row_ptr", "rank_ptr", "bt_ptr",
@@ -258,10 +260,10 @@ def lora_mixed_configs() -> list[dict]:
                 "stride_as": "i32", "stride_ar": "i32", "stride_ak": "constexpr",
                 "stride_hm": "i32",
             }
-            shrink_sig.update({n: "constexpr" for n in ("HAS_SCALE", "DOT_FP32", "BLOCK_M", "BLOCK_R", "BLOCK_K")})
+            shrink_sig.update({n: "constexpr" for n in ("HAS_SCALE", "DOT_FP32", "UPCAST_DOT", "BLOCK_M", "BLOCK_R", "BLOCK_K")})
             records.append(dict(
                 module="lora_mixed", kernel="_shrink_segments_kernel", fn=kernels["_shrink_segments_kernel"], signature=shrink_sig,
-                constexprs=dict(stride_xk=1, stride_ak=1, HAS_SCALE=True, DOT_FP32=fp32,
+                constexprs=dict(stride_xk=1, stride_ak=1, HAS_SCALE=True, DOT_FP32=fp32, UPCAST_DOT=False,
                                 BLOCK_M=cfg["BLOCK_M"], BLOCK_R=cfg["BLOCK_R"], BLOCK_K=cfg["BLOCK_K"]),
                 divisible_by_16=["x_ptr", "a_ptr", "tiles_ptr", "order_ptr", "rank_ptr",
                                  "scale_ptr", "h_ptr", "T", "K", "stride_xb", "stride_xt",
@@ -282,12 +284,12 @@ def lora_mixed_configs() -> list[dict]:
                 "stride_lon": "constexpr", "stride_yb": "i32", "stride_yt": "i32",
                 "stride_yn": "constexpr",
             }
-            sig.update({n: "constexpr" for n in (*flags, "DOT_FP32", "LORA_FP32", "BLOCK_M", "BLOCK_N", "BLOCK_K", "BLOCK_R")})
+            sig.update({n: "constexpr" for n in (*flags, "DOT_FP32", "LORA_FP32", "UPCAST_DOT", "BLOCK_M", "BLOCK_N", "BLOCK_K", "BLOCK_R")})
             for fname, fl in flag_sets:
                 records.append(dict(
                     module="lora_mixed", kernel="_mixed_segments_kernel", fn=kernels["_mixed_segments_kernel"], signature=sig,
                     constexprs=dict(stride_xk=1, stride_wk=1, stride_bn=1, stride_lik=1,
-                                    stride_lon=1, stride_yn=1, **fl, DOT_FP32=fp32, LORA_FP32=fp32,
+                                    stride_lon=1, stride_yn=1, **fl, DOT_FP32=fp32, LORA_FP32=fp32, UPCAST_DOT=False,
                                     BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
                                     BLOCK_K=cfg["BLOCK_K"], BLOCK_R=cfg["BLOCK_R"]),
                     divisible_by_16=["x_ptr", "w_ptr", "bias_ptr", "tiles_ptr", "order_ptr",

@@ -12,9 +12,15 @@ pieces they have in common, inlined into each kernel by the compiler:
 
 ``DOT_FP32`` (one name in every kernel): dot operands are upcast to fp32 with
 ``input_precision="ieee"`` (so fp32 inputs never silently become TF32). The launchers
-set it for fp32 inputs, mixed dtypes (``lora_mixed``) and always under
-``TRITON_INTERPRET=1``: the interpreter computes fp16/bf16 ``tl.dot`` on the raw bits
-(garbage), so it only gets fp32 operands. Element-wise math is fp32 everywhere.
+set it for fp32 inputs and mixed dtypes (``lora_mixed``), on the GPU and under the
+interpreter alike, so both run the same branch. ``UPCAST_DOT`` (set only under
+``TRITON_INTERPRET=1``) changes nothing but the operands of the 16-bit branch's one
+``tl.dot``: the interpreter computes bf16 ``tl.dot`` on the raw bits (garbage), so the
+operands, already rounded to the 16-bit dtype, are widened to fp32 right before the
+dot. Products of two 16-bit values are exact in fp32, so this emulates the tensor
+cores' arithmetic (exact products, fp32 accumulation) while the control flow, the
+roundings to the 16-bit dtype and the tiles stay the GPU's. Element-wise math is fp32
+everywhere.
 
 Each op keeps its own tiling (contiguous rows, per-token slots, slot-homogeneous
 segments) and passes base pointers, 1-D masks and slot offsets; the helpers build the
@@ -33,19 +39,25 @@ __all__ = ["mma", "base_k_step", "bias_and_l_out", "add_h_bt"]
 if HAS_TRITON:
 
     @triton.jit
-    def mma(a, b, acc, DOT_FP32: tl.constexpr):
+    def mma(a, b, acc, DOT_FP32: tl.constexpr, UPCAST_DOT: tl.constexpr):
         """``acc + a @ b``, accumulating in fp32; ``b`` is cast to ``a``'s dtype.
 
         Callers pass ``a`` in the dtype the tensor cores should see (the input's).
+        ``UPCAST_DOT`` (interpreter only) widens the 16-bit branch's rounded operands to
+        fp32 for the one ``tl.dot`` below, which stays the branch's only dot.
         """
         if DOT_FP32:
             return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
         else:
-            return tl.dot(a, b.to(a.dtype), acc)
+            b = b.to(a.dtype)
+            if UPCAST_DOT:
+                a = a.to(tl.float32)
+                b = b.to(tl.float32)
+            return tl.dot(a, b, acc)
 
     @triton.jit
     def base_k_step(acc, x_ptrs, row_mask, k_mask, w_ptrs, n_mask, lin_ptrs, lin_mask,
-                    HAS_L_IN: tl.constexpr, DOT_FP32: tl.constexpr):
+                    HAS_L_IN: tl.constexpr, DOT_FP32: tl.constexpr, UPCAST_DOT: tl.constexpr):
         """One K step of the base GEMM: ``acc + (l_in ⊙ x) Wᵀ`` on one tile.
 
         ``x_ptrs`` is a ``(BLOCK_M, BLOCK_K)`` block (rows masked by ``row_mask``, columns
@@ -68,7 +80,7 @@ if HAS_TRITON:
         else:
             xs = xv
         wv = tl.load(w_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
-        return mma(xs, wv, acc, DOT_FP32), xv
+        return mma(xs, wv, acc, DOT_FP32, UPCAST_DOT), xv
 
     @triton.jit
     def bias_and_l_out(acc, bias_ptr, stride_bias, offs_n, n_mask, lout_ptr, slot, stride_ls,
@@ -89,7 +101,8 @@ if HAS_TRITON:
 
     @triton.jit
     def add_h_bt(acc, h_rows, row_mask, offs_r, r_mask, b_ptr, slot, stride_bs, stride_br,
-                 offs_n, stride_bn, n_mask, X_DTYPE: tl.constexpr, DOT_FP32: tl.constexpr):
+                 offs_n, stride_bn, n_mask, X_DTYPE: tl.constexpr, DOT_FP32: tl.constexpr,
+                 UPCAST_DOT: tl.constexpr):
         """``acc + h Bᵀ`` for one rank chunk ``offs_r`` of the precomputed fp32
         ``h = (x Aᵀ) ⊙ s``: ``h_rows`` a ``(BLOCK_M, 1)`` block of pointers to the tile's
         rows of ``h``; ``Bᵀ`` of slot ``slot`` (0 for a single one) read from ``b_ptr``.
@@ -101,6 +114,6 @@ if HAS_TRITON:
         bv = tl.load(b_ptr + slot * stride_bs + offs_r[:, None] * stride_br + offs_n[None, :] * stride_bn,
                      mask=r_mask[:, None] & n_mask[None, :], other=0.0)
         if DOT_FP32:
-            return mma(hv, bv, acc, True)
+            return mma(hv, bv, acc, True, UPCAST_DOT)
         else:
-            return mma(hv.to(X_DTYPE), bv, acc, False)
+            return mma(hv.to(X_DTYPE), bv, acc, False, UPCAST_DOT)

@@ -251,8 +251,9 @@ def test_every_config(m_pick, r, dtype, cfg):
 def test_pick_config_is_the_documented_rule():
     assert L.pick_config(16, 4096, 4096, 16, torch.bfloat16)["case"] == "decode"
     assert L.pick_config(16, 4096, 4096, 16, torch.bfloat16)["shrink_in_loop"]
-    assert L.pick_config(17, 4096, 4096, 16, torch.bfloat16)["case"] == "prefill"
-    assert not L.pick_config(17, 4096, 4096, 16, torch.bfloat16)["shrink_in_loop"]
+    assert L.pick_config(17, 4096, 4096, 16, torch.bfloat16)["case"] == "batched-decode"
+    assert L.pick_config(17, 4096, 4096, 16, torch.bfloat16)["shrink_in_loop"]
+    assert not L.pick_config(129, 4096, 4096, 16, torch.bfloat16)["shrink_in_loop"]
     # Above rank 64 decode precomputes h (re-reading A per N-tile would cost more than W).
     assert not L.pick_config(1, 4096, 4096, 65, torch.bfloat16)["shrink_in_loop"]
     assert L.pick_config(1, 4096, 4096, 65, torch.bfloat16)["R_PAD"] == 128
