@@ -233,7 +233,7 @@ if HAS_TRITON:
         tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
 
 
-def _interpreted() -> bool:
+def interpreted() -> bool:
     """Whether the kernels were built for Triton's CPU interpreter (TRITON_INTERPRET=1)."""
     return HAS_TRITON and is_interpreted(_lora_linear_fwd_kernel)
 
@@ -246,7 +246,7 @@ def triton_kernels() -> dict:
     return {f.__name__: f for f in (_lora_shrink_kernel, _lora_linear_fwd_kernel)}
 
 
-def _r_pad(r: int) -> int:
+def pad_rank(r: int) -> int:
     return max(16, triton.next_power_of_2(r)) if r > 0 else 16
 
 
@@ -332,7 +332,7 @@ def pick_config(m: int, n: int, k: int, r: int, dtype: torch.dtype, arch: int = 
         ``num_stages``), ``R_PAD``/``R_BLOCK`` and ``shrink`` (the shrink kernel's tile,
         or ``None`` when no separate shrink runs).
     """
-    r_pad = _r_pad(r)
+    r_pad = pad_rank(r)
     f32 = dtype == torch.float32
     decode = m <= DECODE_MAX_M
     f16_fusable = not f32 and 0 < r and r_pad <= DECODE_FUSED_MAX_RANK
@@ -425,7 +425,7 @@ def _arch(device: torch.device) -> int:
     return _ARCH[idx]
 
 
-def _launch(x, weight, bias, lora_a, lora_b, lora_scale, l_in, l_out, weight_kn=False, config=None):
+def launch(x, weight, bias, lora_a, lora_b, lora_scale, l_in, l_out, weight_kn=False, config=None):
     """Run the kernels (CUDA tensors, or CPU tensors under the interpreter).
 
     Args:
@@ -446,7 +446,7 @@ def _launch(x, weight, bias, lora_a, lora_b, lora_scale, l_in, l_out, weight_kn=
     cfg = config if config is not None else pick_config(m, n, k, r, x.dtype, _arch(x.device))
     # The GPU's branch under the interpreter too; UPCAST_DOT only widens its dot operands.
     dot_fp32 = x.dtype == torch.float32
-    upcast = _interpreted()
+    upcast = interpreted()
     has_lora = r > 0
     stride_wn, stride_wk = (weight.stride(1), weight.stride(0)) if weight_kn else weight.stride()
     dummy = y  # never read: the matching HAS_* constexpr is False
@@ -543,8 +543,8 @@ def lora_linear(
         TypeError: Unsupported dtype of ``x``.
         ValueError: Inconsistent shapes, or a total rank above 256.
     """
-    if HAS_TRITON and (x.is_cuda or (x.device.type == "cpu" and _interpreted())):
-        return _launch(x, weight, bias, lora_a, lora_b, lora_scale, l_in, l_out, weight_kn)
+    if HAS_TRITON and (x.is_cuda or (x.device.type == "cpu" and interpreted())):
+        return launch(x, weight, bias, lora_a, lora_b, lora_scale, l_in, l_out, weight_kn)
     _check(x, weight, bias, lora_a, lora_b, lora_scale, l_in, l_out, weight_kn)
     return torch_lora_linear(x, weight, bias, lora_a, lora_b, lora_scale, l_in, l_out, weight_kn)
 

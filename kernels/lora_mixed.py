@@ -468,7 +468,7 @@ if HAS_TRITON:
 # ----------------------------------------------------------------------------------------
 # launcher
 # ----------------------------------------------------------------------------------------
-def _interpreted() -> bool:
+def interpreted() -> bool:
     """Whether the kernels run in Triton's interpreter (decided when they were defined)."""
     return HAS_TRITON and is_interpreted(_mixed_rows_kernel)
 
@@ -485,7 +485,7 @@ def triton_kernels() -> dict:
 def _can_launch(x: torch.Tensor) -> bool:
     if not HAS_TRITON or x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         return False
-    return x.is_cuda or (x.device.type == "cpu" and _interpreted())
+    return x.is_cuda or (x.device.type == "cpu" and interpreted())
 
 
 def _check_inputs(x, weight, bias, row_index, a_stack, bt_stack, scale, ranks, l_in_stack,
@@ -546,10 +546,10 @@ def _stack_facts(a_stack, bt_stack, scale, ranks, l_in_stack, l_out_stack) -> tu
 
 
 def _dot_fp32(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    # TODO(issue 20, target 6): drop `_interpreted() or` (the GPU's 16-bit branch under the
+    # TODO(issue 20, target 6): drop `interpreted() or` (the GPU's 16-bit branch under the
     # interpreter, as lora_linear does) once test_kernel_lora_mixed.py's CPU tolerance,
     # which assumes fp32 arithmetic under the interpreter, takes the GPU's.
-    return _interpreted() or x.dtype == torch.float32 or weight.dtype != x.dtype
+    return interpreted() or x.dtype == torch.float32 or weight.dtype != x.dtype
 
 
 def segment_plan_key(
@@ -596,11 +596,11 @@ def segment_plan_key(
     elem = a_stack.element_size() if has_lora else x.element_size()
     if choose_strategy(b * tokens, n, k, r_max, slots, elem) != "segments":
         return None
-    cfg = segments_config(_dot_fp32(x, weight), r_max, _interpreted())
+    cfg = segments_config(_dot_fp32(x, weight), r_max, interpreted())
     return slots, tokens, cfg["BLOCK_M"]
 
 
-def _launch(
+def launch(
     x: torch.Tensor,
     weight: torch.Tensor,
     bias: Optional[torch.Tensor],
@@ -662,7 +662,7 @@ def _launch(
     bt_strides = bt.stride() if has_lora else (0, 0, 0)
     lin_strides = lin.stride() if l_in_stack is not None else (0, 0)
     lout_strides = lout.stride() if l_out_stack is not None else (0, 0)
-    interp = _interpreted()
+    interp = interpreted()
     dot_fp32 = _dot_fp32(x, weight)
     lora_fp32 = interp or (has_lora and (bt.dtype == torch.float32 or bt.dtype != x.dtype))
     shrink_fp32 = interp or (has_lora and (a.dtype == torch.float32 or a.dtype != x.dtype))
@@ -802,7 +802,7 @@ def lora_mixed_linear(
     _check_inputs(x, weight, bias, row_index, a_stack, bt_stack, scale, ranks, l_in_stack,
                   l_out_stack, weight_kn)
     if _can_launch(x):
-        return _launch(x, weight, bias, row_index, a_stack, bt_stack, scale, ranks,
+        return launch(x, weight, bias, row_index, a_stack, bt_stack, scale, ranks,
                        l_in_stack, l_out_stack, weight_kn, seg_tiles=seg_tiles,
                        seg_order=seg_order)
     return torch_lora_mixed_linear(

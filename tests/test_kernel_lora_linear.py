@@ -27,9 +27,9 @@ L = pytest.importorskip("tinytune.kernels.lora_linear")
 if not L.HAS_TRITON:  # pragma: no cover - depends on the platform
     pytest.skip("triton is not installed", allow_module_level=True)
 
-ON_CUDA = torch.cuda.is_available() and not L._interpreted()
+ON_CUDA = torch.cuda.is_available() and not L.interpreted()
 DEVICE = "cuda" if ON_CUDA else "cpu"
-RUNS_KERNELS = ON_CUDA or L._interpreted()
+RUNS_KERNELS = ON_CUDA or L.interpreted()
 needs_kernels = pytest.mark.skipif(
     not RUNS_KERNELS, reason="needs a CUDA GPU or TRITON_INTERPRET=1 (the Triton CPU interpreter)"
 )
@@ -242,9 +242,9 @@ def test_every_config(m_pick, r, dtype, cfg):
     """Each configuration the launcher can choose, forced on small odd shapes."""
     m = 3 if cfg["case"] == "decode" else 130
     r_run = {16: 9, 32: 17, 64: 40, 128: 100, 256: 200}.get(r, 0)  # same R_PAD, unaligned R
-    cfg = dict(cfg, R_PAD=L._r_pad(r_run) if r_run else cfg["R_PAD"])
+    cfg = dict(cfg, R_PAD=L.pad_rank(r_run) if r_run else cfg["R_PAD"])
     inp = make_inputs(m, K, N, r_run, dtype, l_in=True, l_out=True, seed=r)
-    y = L._launch(**inp, config=cfg)
+    y = L.launch(**inp, config=cfg)
     assert_matches(y, inp)
 
 
@@ -416,7 +416,7 @@ def test_opcheck(with_lora):
 def test_torch_compile_fullgraph_keeps_the_op():
     inp = make_inputs(3, 40, 24, 8, torch.float32)
     counts = {"n": 0}
-    real = L._launch
+    real = L.launch
 
     def counting(*a, **k):
         counts["n"] += 1
@@ -430,7 +430,7 @@ def test_torch_compile_fullgraph_keeps_the_op():
     torch._dynamo.reset()
     compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
     mp = pytest.MonkeyPatch()
-    mp.setattr(L, "_launch", counting)
+    mp.setattr(L, "launch", counting)
     try:
         out = compiled(inp["x"])
     finally:
@@ -440,8 +440,8 @@ def test_torch_compile_fullgraph_keeps_the_op():
 
 
 def test_cpu_without_interpreter_falls_back_to_reference(monkeypatch):
-    monkeypatch.setattr(L, "_interpreted", lambda: False)
-    monkeypatch.setattr(L, "_launch", lambda *a, **k: pytest.fail("launched a kernel on the CPU"))
+    monkeypatch.setattr(L, "interpreted", lambda: False)
+    monkeypatch.setattr(L, "launch", lambda *a, **k: pytest.fail("launched a kernel on the CPU"))
     x = torch.randn(3, 10)
     w = torch.randn(6, 10)
     a, b = torch.randn(2, 10), torch.randn(6, 2)

@@ -25,7 +25,7 @@ from tinytune.kernels import report_configs
 from tinytune.kernels.lora_mixed import lora_mixed_linear, torch_lora_mixed_linear
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-KERNELS = HAS_TRITON and (DEVICE == "cuda" or lm._interpreted())
+KERNELS = HAS_TRITON and (DEVICE == "cuda" or lm.interpreted())
 needs_kernels = pytest.mark.skipif(
     not KERNELS, reason="needs Triton with a GPU or TRITON_INTERPRET=1"
 )
@@ -164,7 +164,7 @@ CASES = [(torch.float32, *shape) for shape in SHAPES] + [
 
 def _check(args, strategy):
     ref = torch_lora_mixed_linear(*args)
-    got = lm._launch(*args, strategy=strategy)
+    got = lm.launch(*args, strategy=strategy)
     assert got.shape == ref.shape and got.dtype == args[0].dtype
     assert not got.isnan().any(), "NaN: a masked load read padding, a padded rank or an identity slot"
     torch.testing.assert_close(got.float(), ref.float(), **_tol(args[0].dtype))
@@ -226,7 +226,7 @@ def test_op_dispatches_to_kernels_and_matches_reference():
 
 
 def test_cpu_without_interpreter_falls_back_to_reference(monkeypatch):
-    monkeypatch.setattr(lm, "_interpreted", lambda: False)
+    monkeypatch.setattr(lm, "interpreted", lambda: False)
     args = tuple(t.cpu() if isinstance(t, torch.Tensor) else t for t in _problem(3, 2, 2, torch.float32))
     launches = []
     if HAS_TRITON:
@@ -289,8 +289,7 @@ def test_compile_fullgraph_keeps_the_op():
 # same launches for every assignment (CUDA-graph safety)
 # ---------------------------------------------------------------------------------------
 def _KERNELS():
-    return [lm._shrink_rows_kernel, lm._mixed_rows_kernel, lm._shrink_segments_kernel,
-            lm._mixed_segments_kernel]
+    return list(lm.triton_kernels().values())
 
 
 @pytest.fixture
@@ -328,7 +327,7 @@ def test_same_launches_for_every_assignment(launches, strategy):
         if strategy is None:
             got = lora_mixed_linear(*args)
         else:
-            got = lm._launch(*args, strategy=strategy)
+            got = lm.launch(*args, strategy=strategy)
         torch.testing.assert_close(got, torch_lora_mixed_linear(*args), rtol=2e-5, atol=2e-5)
         seen.append(list(launches))
     assert seen[0], "no kernel launch was observed"
@@ -387,7 +386,7 @@ def test_strategy_from_shapes():
 
 def test_report_configs_cover_both_strategies():
     records = report_configs.lora_mixed_configs()
-    if not HAS_TRITON or lm._interpreted():
+    if not HAS_TRITON or lm.interpreted():
         assert records == []
         return
     kernels = {r["kernel"] for r in records}

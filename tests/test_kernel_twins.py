@@ -32,10 +32,10 @@ L = pytest.importorskip("tinytune.kernels.lora_linear")
 if not L.HAS_TRITON:  # pragma: no cover - depends on the platform
     pytest.skip("triton is not installed", allow_module_level=True)
 
-ON_CUDA = torch.cuda.is_available() and not L._interpreted()
+ON_CUDA = torch.cuda.is_available() and not L.interpreted()
 DEVICE = "cuda" if ON_CUDA else "cpu"
 needs_kernels = pytest.mark.skipif(
-    not (ON_CUDA or L._interpreted()),
+    not (ON_CUDA or L.interpreted()),
     reason="needs a CUDA GPU or TRITON_INTERPRET=1 (the Triton CPU interpreter)",
 )
 
@@ -75,7 +75,7 @@ def _inputs(m: int, r: int, dtype: torch.dtype, seed: int = 0, aligned: bool = F
 
 
 def _run(inp: dict, config=None) -> torch.Tensor:
-    return L._launch(inp["x"], inp["weight"], inp["bias"], inp["lora_a"], inp["lora_b"],
+    return L.launch(inp["x"], inp["weight"], inp["bias"], inp["lora_a"], inp["lora_b"],
                      inp["lora_scale"], None, inp["l_out"], False, config=config)  # fmt: skip
 
 
@@ -132,8 +132,8 @@ def test_interpreter_takes_the_16bit_branch(monkeypatch):
 
             return launch
 
-    interpreted = L._interpreted()  # it inspects the kernel object the spy replaces
-    monkeypatch.setattr(L, "_interpreted", lambda: interpreted)
+    interpreted = L.interpreted()  # it inspects the kernel object the spy replaces
+    monkeypatch.setattr(L, "interpreted", lambda: interpreted)
     monkeypatch.setattr(L, "_lora_linear_fwd_kernel", Spy())
     inp = _inputs(3, 8, torch.bfloat16)
     _run(inp)
