@@ -23,9 +23,6 @@ PACKAGE = ROOT / "tinytune"
 # Imports inside functions that are allowed: each one gates an optional third-party
 # package (importing the module imports it), and each points down.
 LAZY_OK = {
-    ("tinytune.dispatch", "tinytune.kernels.triton_support"),  # triton
-    ("tinytune.dispatch", "tinytune.kernels.lora_linear"),  # triton
-    ("tinytune.dispatch", "tinytune.kernels.lora_mixed"),  # triton
     ("tinytune.training", "tinytune.hf_trainer"),  # transformers
 }
 

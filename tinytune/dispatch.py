@@ -38,8 +38,8 @@ for a ``with`` block on the calling thread only, so two threads can serve with d
 modes at once. Under ``torch.compile`` the mode is read while tracing and guarded on: a
 change of mode recompiles (or reuses a graph compiled for that mode).
 
-Floor 3 (beside ``adapter``): imports ``errors`` and ``layers``; the tensor-only
-``kernels`` are imported inside functions, only where Triton may be used.
+Floor 3 (beside ``adapter``): imports ``errors``, ``layers`` and the tensor-only
+``kernels`` (which import without Triton: their ops then have no kernels to launch).
 """
 
 from __future__ import annotations
@@ -56,6 +56,15 @@ from torch.nn.modules import module as _torch_module
 from .errors import InvalidConfigError, KernelUnavailableError
 from . import layers
 from .layers import LinearIA3Layer, LinearLoraLayer, is_conv1d
+from .kernels.triton_support import HAS_TRITON
+
+try:
+    from .kernels.lora_linear import MAX_RANK, lora_linear
+    from .kernels.lora_mixed import lora_mixed_linear, segment_plan_key, segment_tiles
+
+    _KERNELS_ERROR: Exception | None = None
+except Exception as exc:  # pragma: no cover - a broken Triton install: PyTorch path only
+    _KERNELS_ERROR = exc
 
 __all__ = ["MODES", "get_kernel_mode", "kernel_mode", "set_kernel_mode"]
 
@@ -217,25 +226,20 @@ def _load() -> None:
     if _Kernels.loaded:
         return
     _Kernels.interpret = _interpret()
-    from .kernels.triton_support import HAS_TRITON
-
     if not HAS_TRITON:
         _Kernels.reason = (
             "Triton is not installed (pip install triton, on Linux with a CUDA GPU), so the "
             "fused kernels are unavailable"
         )
+    elif _KERNELS_ERROR is not None:  # pragma: no cover - a broken Triton install
+        exc = _KERNELS_ERROR
+        _Kernels.reason = f"the fused kernels failed to import ({type(exc).__name__}: {exc})"
     else:
-        try:
-            from .kernels.lora_linear import MAX_RANK, lora_linear
-            from .kernels.lora_mixed import lora_mixed_linear, segment_plan_key, segment_tiles
-
-            _Kernels.max_rank = MAX_RANK
-            _Kernels.lora_linear = lora_linear
-            _Kernels.lora_mixed_linear = lora_mixed_linear
-            _Kernels.segment_plan_key = segment_plan_key
-            _Kernels.segment_tiles = segment_tiles
-        except Exception as exc:  # pragma: no cover - a broken Triton install
-            _Kernels.reason = f"the fused kernels failed to import ({type(exc).__name__}: {exc})"
+        _Kernels.max_rank = MAX_RANK
+        _Kernels.lora_linear = lora_linear
+        _Kernels.lora_mixed_linear = lora_mixed_linear
+        _Kernels.segment_plan_key = segment_plan_key
+        _Kernels.segment_tiles = segment_tiles
     _Kernels.loaded = True
 
 
