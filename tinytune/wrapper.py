@@ -397,26 +397,16 @@ class AdapterWrapper(nn.Module):
         serving.reserve(self, max_adapters, max_rank, max_rows)
 
     def set_row_adapters(self, adapter_names: Sequence[str]) -> None:
-        """Run row ``i`` of every later call with adapter ``adapter_names[i]`` (rows past
-        the list: no adapter), until :meth:`clear_row_adapters`; ``adapter_names=`` in a
-        call still wins. Needs ``reserve_adapter_slots(..., max_rows=N)``.
-
-        The named adapters are brought into slots and pinned while assigned, and their
-        slots written in place into the static row buffer. Calls then create no tensor
-        from host data: capture the forward once (CUDA graph, or
-        ``torch.compile(mode="reduce-overhead")``) and call this between replays, outside
-        the captured region. A batch smaller than ``N`` uses the first rows. See
+        """Run row ``i`` of every later call with adapter ``adapter_names[i]`` until
+        :meth:`clear_row_adapters` (``adapter_names=`` in a call still wins); needs
+        ``reserve_adapter_slots(..., max_rows=N)``. The slots are written in place into a
+        static row buffer, so a captured graph replays any assignment; details, and the
+        errors (``MixedBatchError``, ``AdapterNotFoundError``, ``AdapterStateError``,
+        ``ConfigTypeError``; nothing changes when one is raised), in
         :func:`tinytune.serving.assign_rows`.
 
         Args:
             adapter_names: One adapter name (or ``"__base__"``) per row, 1 to ``N`` names.
-
-        Raises:
-            MixedBatchError: Without ``max_rows`` reserved, for more names than
-                ``max_rows``, or more distinct adapters than slots (nothing changes).
-            AdapterNotFoundError: For a name that is not loaded (nothing changes).
-            AdapterStateError: If adapters are merged or the wrapper is unloaded.
-            ConfigTypeError: If ``adapter_names`` is not a list of names.
         """
         serving.assign_rows(self, adapter_names)
 
