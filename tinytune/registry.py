@@ -32,8 +32,9 @@ from .errors import (
     wrong_type,
 )
 from .hooks import HookSite, hook_layout_id
-from .layers import AdapterLayer, ModulesToSaveLayer
+from .layers import AdapterLayer, ModulesToSaveLayer, quantized_merge_error
 from .util import device_of
+from .weights import is_quantized, weight_kind
 
 __all__ = ["AdapterRegistry", "hooked_by_tinytune", "wrapped_by"]
 
@@ -253,9 +254,11 @@ class AdapterRegistry:
             raise
         self.refresh()
 
-    def mergeable(self, adapter_names: str | Sequence[str] | None) -> list[str]:
+    def mergeable(self, adapter_names: str | Sequence[str] | None, dequantize: bool = False) -> list[str]:
         """The adapters a merge would fold in, checked first so a refused merge changes
-        nothing."""
+        nothing. A module with a quantized weight refuses a merge (its data would be
+        corrupted) unless ``dequantize`` (``merge_and_unload(dequantize=True)``, which
+        merges into a dequantized float copy)."""
         if self.disabled:
             raise AdapterStateError(
                 "Adapters are disabled (inside a disable_adapter() block); merge after the "
@@ -271,6 +274,12 @@ class AdapterRegistry:
                         f"Layer {path!r} of adapter {name!r} ({type(layer).__name__}) does not "
                         "implement merge(); nothing was merged. Keep it unmerged, or implement "
                         "merge(module)."
+                    )
+                module = self.sites[path].module
+                if not dequantize and is_quantized(module, path):
+                    raise quantized_merge_error(
+                        f"{path!r} (adapter {name!r}, a {type(module).__name__})",
+                        weight_kind(module, path),
                     )
                 if owners is None:
                     owners = _param_owners(self.model())
