@@ -33,10 +33,13 @@ __all__ = [
     "dequantized_linear",
     "dequantized_weight",
     "float_dtype",
+    "has_4bit",
     "int_weight_and_scale",
     "is_quantized",
     "linear_sizes",
+    "model_float_dtype",
     "quantized_modules",
+    "unpack_before_autograd",
     "unpack_cpu_4bit",
     "weight_kind",
     "weight_tensors",
@@ -170,6 +173,22 @@ def quantized_modules(model: nn.Module) -> dict[str, str]:
         if kind != FLOAT:
             found[path] = kind
     return found
+
+
+def model_float_dtype(model: nn.Module, quantized: dict[str, str] | None = None) -> torch.dtype:
+    """The dtype of ``model``'s first float parameter outside its quantized modules
+    (``quantized``, as :func:`quantized_modules` returns; found if not given), else
+    float32: the dtype a dequantized module should compute in when its own weight
+    does not record it."""
+    if quantized is None:
+        quantized = quantized_modules(model)
+    for path, module in model.named_modules():
+        if path in quantized:
+            continue
+        for param in module.parameters(recurse=False):
+            if param.is_floating_point() and type(param) in _PLAIN:
+                return param.dtype
+    return torch.float32
 
 
 def linear_sizes(module: nn.Module, name: str | None = None) -> tuple[int, int] | None:
