@@ -32,7 +32,7 @@ from .errors import (
     wrong_type,
 )
 from .hooks import HookSite, hook_layout_id
-from .layers import AdapterLayer, ModulesToSaveLayer
+from .layers import AdapterLayer, ModulesToSaveLayer, is_dora
 from .util import device_of
 
 __all__ = ["AdapterRegistry", "hooked_by_tinytune", "wrapped_by"]
@@ -468,6 +468,11 @@ class AdapterRegistry:
                 if name in site.layers and name not in self.merged and not self.disabled
             )
             site.set_chain(chain)
+            for layer in chain:
+                if is_dora(layer):
+                    # Eagerly, so a compiled graph (which reads the cached scale as it
+                    # is) never sees a scale from before this change.
+                    layer.dora_scale(site.module)
         self.note_hook_layout()
 
     def note_hook_layout(self) -> None:
