@@ -501,6 +501,13 @@ class DoraLayer(LoraLayer):
     #: units (Conv1D and Embedding store ``(in, out)`` / ``(num, dim)``).
     out_rows = True
 
+    #: The module's weight as it was before any adapter was merged into it (a host
+    #: copy, set by the wrapper while merges are in place), else ``None``. The norm is
+    #: always taken over that original weight, as PEFT's merges do: then merging in the
+    #: chain's order gives the same function as running unmerged, whatever else is
+    #: merged into the module.
+    norm_base: torch.Tensor | None = None
+
     def reset_params(self, prefix: str, target: nn.Module) -> None:
         super().reset_params(prefix, target)
         self.__dict__["_dora_target"] = weakref.ref(target)
@@ -549,8 +556,11 @@ class DoraLayer(LoraLayer):
 
     def _key(self, weight: torch.Tensor) -> tuple:
         a, b, m = self.lora_A.weight, self.lora_B.weight, self.lora_magnitude_vector
+        base = self.norm_base
+        if base is not None:
+            weight = base
         return (
-            weight.data_ptr(), weight._version, weight.dtype,
+            weight.data_ptr(), weight._version, weight.dtype, base is None,
             a.data_ptr(), a._version, b.data_ptr(), b._version,
             m.data_ptr(), m._version, self._scaling, self.conversions,
         )
@@ -604,7 +614,8 @@ class DoraLayer(LoraLayer):
         if key == self.__dict__.get("_dora_key"):
             return
         with torch.inference_mode(False), torch.no_grad():
-            norm = self.weight_norm(weight)
+            source = weight if self.norm_base is None else self.norm_base
+            norm = self.weight_norm(source).to(weight.device)
             m = self.lora_magnitude_vector.detach().reshape(-1).to(norm.device, torch.float32)
             cache = self.dora_scale_cache
             if cache.device != norm.device or cache.shape != norm.shape:
@@ -627,7 +638,8 @@ class DoraLayer(LoraLayer):
         m = self.lora_magnitude_vector
         if torch.is_grad_enabled() and m.requires_grad:
             if torch.compiler.is_compiling():
-                norm = self.weight_norm(module.weight)
+                source = module.weight if self.norm_base is None else self.norm_base
+                norm = self.weight_norm(source).to(module.weight.device)
             else:
                 norm = self.dora_norm(module)
             return m.reshape(-1) / norm.to(m.dtype)
@@ -641,7 +653,8 @@ class DoraLayer(LoraLayer):
         # forward computes it); unmerging restores the saved original (exact).
         weight = module.weight
         with torch.no_grad():
-            norm = self.weight_norm(weight)
+            source = weight if self.norm_base is None else self.norm_base
+            norm = self.weight_norm(source).to(weight.device)
             g = self.lora_magnitude_vector.detach().reshape(-1).float().to(norm.device) / norm
             for start, stop in row_chunks(weight):
                 d = self.delta_rows(start, stop).to(weight.device)

@@ -509,8 +509,21 @@ class AdapterRegistry:
                     k: t.detach().to("cpu", copy=True)
                     for k, t in module.state_dict(keep_vars=True).items()
                 }
+            self._set_norm_bases(path)
             layer.merge(module)
             layer.merged = True
+
+    def _set_norm_bases(self, path: str) -> None:
+        """Hand the DoRA layers at ``path`` the module's original weight (the merge
+        backup; ``None`` without merges): their norms are over it (see
+        ``DoraLayer.norm_base``)."""
+        saved = self.backups.get(path)
+        site = self.sites.get(path)
+        if site is None:
+            return
+        for layer in site.layers.values():
+            if is_dora(layer):
+                layer.norm_base = None if saved is None else saved.get("weight")
 
     def restore_all(self) -> None:
         with torch.no_grad():
@@ -518,7 +531,10 @@ class AdapterRegistry:
                 current = self.sites[path].module.state_dict(keep_vars=True)
                 for k, t in saved.items():
                     current[k].copy_(t)
+        paths = list(self.backups)
         self.backups.clear()
+        for path in paths:
+            self._set_norm_bases(path)
 
     @contextlib.contextmanager
     def unmerged(self, slots: Any = None) -> Iterator[None]:
