@@ -331,6 +331,30 @@ def _lora_linear():
     return importlib.import_module(f"{_kernel_package()}.lora_linear")
 
 
+def _shrink_time(m: int, k: int, r: int, e: int, sc: dict) -> tuple:
+    """The shrink kernel on ``sc``'s grid: ``(seconds, programs, memsets)``.
+
+    Programs: M-tiles x rank blocks x K-splits, each at its share of the GPU (``_tk``).
+    Bytes: x and A once (the rank blocks of an M-tile are neighbours in the grid and
+    share x in L2; every M-tile reads the same A: L2 re-reads are outside the model, as
+    for the one-launch path's A), h written, and with a K-split the fp32 partial tiles
+    written and read back (counted as HBM traffic), plus the memset of the arrival
+    counters (one more dependent launch, counted in the ``*_l`` figures).
+    """
+    if r == 0:
+        return 0.0, 0, 0
+    bm, br = sc["BLOCK_M"], sc["BLOCK_R"]
+    tiles_m, tiles_r = _cdiv(m, bm), _cdiv(r, br)
+    chunk = _cdiv(_cdiv(k, sc["SPLIT_K"]), sc["BLOCK_K"]) * sc["BLOCK_K"]
+    split = _cdiv(k, chunk)
+    r_pad = tiles_r * br
+    bytes_ = m * k * e + r * k * e + m * r * 4
+    if split > 1:
+        bytes_ += 2 * split * tiles_m * tiles_r * bm * br * 4
+    programs = tiles_m * tiles_r * split
+    return _tk(bytes_, 2 * tiles_m * bm * k * r_pad, programs), programs, int(split > 1)
+
+
 def roofline(m: int, k: int, n: int, r: int, e: int = 2) -> dict:
     """Predicted seconds of one bf16 layer: merged, fused (both paths) and unmerged PyTorch.
 
@@ -339,9 +363,11 @@ def roofline(m: int, k: int, n: int, r: int, e: int = 2) -> dict:
     cuBLAS GEMMs, assumed to fill it. The fused op has two paths, with the tiles
     ``pick_config`` gives (sm_90): ``one`` (the shrink fused in the GEMM's K-loop,
     repeated per N-tile: decode and batched decode) and ``two`` (shrink kernel, then the
-    GEMM reading ``h`` in its epilogue). ``fused`` is the path ``pick_config`` takes
-    (``path``). Launch gaps are outside the roofline; ``*_l`` adds ``LAUNCH_S`` per
-    kernel beyond the first.
+    GEMM reading ``h`` in its epilogue; the shrink split over rank and K as
+    ``shrink_config`` splits it, ``two_unsplit_l`` without that split: issue 20's
+    target 5). ``fused`` is the path ``pick_config`` takes (``path``). Launch gaps are
+    outside the roofline; ``*_l`` adds ``LAUNCH_S`` per kernel beyond the first (the
+    split-K shrink's counter memset counts as one).
     """
     L = _lora_linear()
     bf16 = importlib.import_module("torch").bfloat16
@@ -357,17 +383,21 @@ def roofline(m: int, k: int, n: int, r: int, e: int = 2) -> dict:
     tiles_m, tiles_n = _cdiv(m, bm), _cdiv(n, bn)
     one = _tk(w + x + y + a + b, base_flops + 2 * tiles_m * bm * k * r_pad * tiles_n + 2 * m * n * r_pad,
               tiles_m * tiles_n)
-    # Two launches: the shrink (grid cdiv(M, BLOCK_M), the whole rank per program), then
-    # the GEMM, with the tiles pick_config gives where the shrink is not fused.
+    # Two launches: the shrink (split as shrink_config splits it), then the GEMM, with the
+    # tiles pick_config gives where the shrink is not fused.
     two_cfg = cfg if not cfg["shrink_in_loop"] else L.pick_config(m, n, k, max(r, L.DECODE_FUSED_MAX_RANK + 1), bf16, 90)
-    sc = L.shrink_config(r_pad, m <= L.DECODE_MAX_M, False)
-    two = _tk(x + a + m * r * 4, 2 * m * k * r_pad, _cdiv(m, sc["BLOCK_M"])) + _tk(
-        w + x + y + b + m * r * 4, base_flops + 2 * m * n * r_pad,
-        _cdiv(m, two_cfg["BLOCK_M"]) * _cdiv(n, two_cfg["BLOCK_N"]))
+    sc = L.shrink_config(r_pad, m <= L.DECODE_MAX_M, False, m, k, H200_SMS)
+    shrink, shrink_programs, memset = _shrink_time(m, k, r, e, sc)
+    unsplit = dict(L.shrink_config(r_pad, m <= L.DECODE_MAX_M, False), BLOCK_R=r_pad, SPLIT_K=1)
+    shrink_unsplit, unsplit_programs, _ = _shrink_time(m, k, r, e, unsplit)
+    gemm2 = _tk(w + x + y + b + m * r * 4, base_flops + 2 * m * n * r_pad,
+                _cdiv(m, two_cfg["BLOCK_M"]) * _cdiv(n, two_cfg["BLOCK_N"]))
+    two = shrink + gemm2
     if r == 0:  # no LoRA (pure IA³): the GEMM alone, one launch
         one = two = _tk(w + x + y, base_flops, _cdiv(m, cfg["BLOCK_M"]) * _cdiv(n, cfg["BLOCK_N"]))
     path = "one" if cfg["shrink_in_loop"] or r == 0 else "two"
     fused = one if path == "one" else two
+    memset = memset if path == "two" else 0
     unmerged = (
         merged
         + _t(x + a + m * r * e, 2 * m * k * r)  # h = x Aᵀ
@@ -381,10 +411,16 @@ def roofline(m: int, k: int, n: int, r: int, e: int = 2) -> dict:
         "one": one,
         "two": two,
         "merged_l": merged,
-        "fused_l": fused + (0 if path == "one" else LAUNCH_S),
+        "fused_l": fused + (0 if path == "one" else LAUNCH_S * (1 + memset)),
         "one_l": one,
-        "two_l": two + LAUNCH_S,
+        "two_l": two + LAUNCH_S * (1 + memset),
         "unmerged_l": unmerged + 2 * LAUNCH_S,
+        # the shrink alone, split (as launched) and as one program per BLOCK_M rows
+        "shrink": shrink,
+        "shrink_unsplit": shrink_unsplit,
+        "two_unsplit_l": shrink_unsplit + gemm2 + LAUNCH_S,
+        "shrink_programs": shrink_programs,
+        "shrink_unsplit_programs": unsplit_programs,
     }
 
 
