@@ -397,7 +397,6 @@ def roofline(m: int, k: int, n: int, r: int, e: int = 2) -> dict:
         one = two = _tk(w + x + y, base_flops, _cdiv(m, cfg["BLOCK_M"]) * _cdiv(n, cfg["BLOCK_N"]))
     path = "one" if cfg["shrink_in_loop"] or r == 0 else "two"
     fused = one if path == "one" else two
-    memset = memset if path == "two" else 0
     unmerged = (
         merged
         + _t(x + a + m * r * e, 2 * m * k * r)  # h = x Aᵀ
@@ -456,6 +455,39 @@ def print_roofline() -> list[dict]:
                     f"{p['unmerged_l'] / p['fused_l']:>11.3f} {p['one_l'] / p['merged']:>9.3f} "
                     f"{p['two_l'] / p['merged']:>9.3f}"
                 )
+    return rows
+
+
+SPLIT_SHAPES = [*BENCH_SHAPES, (14336, 4096)]  # the benchmark's shapes and down_proj
+SPLIT_RANKS = [16, 128, 256]
+SPLIT_MS = [1, 16, 17, 64, 128, 256, 1024, 2048]
+
+
+def print_shrink_split() -> list[dict]:
+    """The two-launch path's shrink, split (as launched) and unsplit (one program per
+    BLOCK_M rows, before issue 20's target 5), in the model."""
+    print()
+    print("Shrink split (H200 roofline PREDICTION): programs and us of the shrink kernel unsplit -> split, "
+          "and the two-launch path (+launch, the split-K memset counted as one) over merged")
+    hdr = (f"{'K->N':<12} {'r':>3} {'M':>5} {'path':>4} {'programs':>11} {'shrink us':>13} "
+           f"{'+l two/m':>15}")
+    print(hdr)
+    print("-" * len(hdr))
+    rows = []
+    for k, n in SPLIT_SHAPES:
+        for r in SPLIT_RANKS:
+            for m in SPLIT_MS:
+                p = roofline(m, k, n, r)
+                row = {"k": k, "n": n, "r": r, "m": m, "path": p["path"],
+                       "programs": p["shrink_unsplit_programs"], "programs_split": p["shrink_programs"],
+                       "shrink_us": p["shrink_unsplit"] * 1e6, "shrink_split_us": p["shrink"] * 1e6,
+                       "two_l_over_merged": p["two_unsplit_l"] / p["merged"],
+                       "two_split_l_over_merged": p["two_l"] / p["merged"]}
+                rows.append(row)
+                print(f"{f'{k}->{n}':<12} {r:>3} {m:>5} {p['path']:>4} "
+                      f"{row['programs']:>4} -> {row['programs_split']:>4} "
+                      f"{row['shrink_us']:>5.2f} -> {row['shrink_split_us']:>5.2f} "
+                      f"{row['two_l_over_merged']:>6.3f} -> {row['two_split_l_over_merged']:>5.3f}")
     return rows
 
 
@@ -537,6 +569,7 @@ def main(argv=None) -> int:
         for results in reports:
             print_report(results)
         print_roofline()
+        print_shrink_split()
         if len(reports) > 1:
             print()
             print_comparison(reports)
@@ -566,6 +599,7 @@ def main(argv=None) -> int:
     print_report(results)
     roof = print_roofline()
     (out / "roofline_h200.json").write_text(json.dumps(roof, indent=1))
+    (out / "shrink_split_h200.json").write_text(json.dumps(print_shrink_split(), indent=1))
     reports = [results]
     if args.also_with:
         sub_argv = ["--arch", args.arch] + (["--quick"] if args.quick else [])

@@ -21,9 +21,12 @@ of the first:
   (shrink fused in the K-loop, one launch) on 32-row tiles; repeating the shrink per
   N-tile costs FLOPs that hide under ``W``'s bytes, where a second launch would cost
   2 µs on a ~7 µs layer (``ci/kernel_report.py``'s roofline model compares both).
+  Larger ranks keep the 32-row tiles and precompute ``h`` as prefill does.
 * Prefill (``M > 16`` otherwise): a small kernel computes ``h = (x Aᵀ) ⊙ s`` once, in fp32; the
   base GEMM (grouped tile order, as in Triton's matmul tutorial) adds ``h Bᵀ`` in its
   epilogue. Shrinking inside the K-loop would repeat ``R/BLOCK_N`` more FLOPs per tile.
+  The shrink kernel's grid is split over row tiles, rank blocks and K where its rows
+  alone would leave SMs idle (``shrink_config``).
 
 Why 16: at ``M <= 16`` one ``BLOCK_M = 16`` tile (the smallest ``tl.dot`` allows) holds
 every row, so ``W`` is read exactly once; for more rows the prefill kernel's 64/128-row
@@ -334,13 +337,16 @@ _SMEM_DEFAULT = 101376
 # at small ranks) shrink_config splits it: first 16-row tiles (A re-read from L2 per
 # tile, cheaper than x), then rank blocks down to 16 columns (x re-read from L2 per
 # block, no reduction), then K (serial split-K: partial tiles summed in split order by
-# the last program to arrive, deterministic; costs a memset of the arrival counters and
-# the partials' traffic, so only at SMs / 4 programs or fewer, which by the roofline
-# model's 2/SMs of HBM per program stream at most at half the bandwidth; at most 8
-# splits of at least 4 K-blocks each).
+# the last program to arrive, deterministic). The K-split costs a memset of the arrival
+# counters (one more dependent launch, ~2 us in a CUDA graph) and the partials'
+# traffic, so it runs only where the programs are still few (at most SMs / 4: by the
+# roofline model's 2/SMs of HBM per program, at most half the bandwidth) and each
+# streams at least 256 KiB (~3.5 us at that share), in at most 8 splits of at least 4
+# K-blocks each. ci/kernel_report.py's model prices all three.
 SMS_DEFAULT = 132  # H100/H200 SXM; the launcher passes the device's own count
 SHRINK_MAX_SPLIT_K = 8
 SHRINK_MIN_K_BLOCKS = 4
+SHRINK_SPLIT_MIN_BYTES = 256 * 1024
 
 
 def shrink_config(r_pad: int, decode: bool, f32: bool, m: int = 0, k: int = 0,
@@ -378,7 +384,8 @@ def shrink_config(r_pad: int, decode: bool, f32: bool, m: int = 0, k: int = 0,
         while block_r > 16 and tiles * (r_pad // block_r) < sms:
             block_r //= 2
         programs = tiles * (r_pad // block_r)
-        if 4 * programs <= sms:  # they draw at most half of HBM (2 / sms each, the model's share)
+        per_program = (m + r_pad) * k * (4 if f32 else 2) // programs  # x and A, bytes
+        if 4 * programs <= sms and per_program >= SHRINK_SPLIT_MIN_BYTES:
             split = max(1, min(SHRINK_MAX_SPLIT_K, triton.cdiv(sms, programs),
                                k // (SHRINK_MIN_K_BLOCKS * block_k)))
     return dict(BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_R=block_r, SPLIT_K=split,
@@ -414,7 +421,9 @@ def pick_config(m: int, n: int, k: int, r: int, dtype: torch.dtype, arch: int = 
     f32 = dtype == torch.float32
     decode = m <= DECODE_MAX_M
     f16_fusable = not f32 and 0 < r and r_pad <= DECODE_FUSED_MAX_RANK
-    batched = not decode and m <= BATCHED_DECODE_MAX_M and f16_fusable
+    # Above padded rank 64, batched decode keeps the 32-row tiles with h precomputed (the
+    # split shrink): the prefill 64x128 tiles give 32 programs at N = 4096 on 132 SMs.
+    batched = not decode and m <= BATCHED_DECODE_MAX_M and not f32 and r > 0
     sm90_tiles = arch >= 90 and _SMEM.get(arch, _SMEM_DEFAULT) >= _SMEM[90]
     if decode:
         if f32:
@@ -432,7 +441,7 @@ def pick_config(m: int, n: int, k: int, r: int, dtype: torch.dtype, arch: int = 
     else:
         gemm = dict(_PREFILL_LARGE_SM90 if sm90_tiles else _PREFILL_LARGE_SM80)
     max_fused = DECODE_FUSED_MAX_RANK_F32 if f32 else DECODE_FUSED_MAX_RANK
-    shrink_in_loop = (r > 0 and decode and r_pad <= max_fused) or batched
+    shrink_in_loop = (r > 0 and decode and r_pad <= max_fused) or (batched and f16_fusable)
     cfg = dict(
         case="decode" if decode else ("batched-decode" if batched else "prefill"),
         shrink_in_loop=shrink_in_loop,
