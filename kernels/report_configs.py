@@ -49,7 +49,9 @@ def lora_linear_configs() -> list[dict]:
     Covers, for sm_80 and sm_90 (``archs``), decode, batched decode and prefill at each padded rank
     class (16, 32, 64: fused decode shrink; 128, 256: precomputed h), no LoRA (pure IA³
     and base), fp32/fp16/bf16, both weight layouts (the unit-stride argument is what
-    the JIT specializes), with bias, IA³ in and out enabled (the superset of loads).
+    the JIT specializes), with bias, IA³ in and out enabled (the superset of loads);
+    and every shrink-kernel variant ``shrink_config`` can split into (row tile, rank
+    block, split-K reduction or not) over M = 1-8192.
 
     Returns:
         Records with the keys ``ci/kernel_report.py`` documents.
@@ -84,24 +86,26 @@ def lora_linear_configs() -> list[dict]:
     for arch in (80, 90):
         for dtype in (torch.bfloat16, torch.float16, torch.float32):
             dt = _DTYPES[dtype]
-            ms_ks = itertools.product((1, 16, 17, 64, 128, 200, 256, 1024, 2048, 4096, 8192), (4096, 256))
+            # K = 14336 (down_proj) splits where 4096 does not; K = 256 is too short to split:
+            # the same tiles without the reduction.
+            ms_ks = itertools.product((1, 16, 17, 64, 128, 200, 256, 1024, 2048, 4096, 8192),
+                                      (4096, 14336, 256))
             for (m, k), r in itertools.product(ms_ks, (16, 32, 64, 128, 256)):
-                if True:  # (k = 256: too short to split, the same tiles without the reduction)
-                    cfg = lora_linear.pick_config(m, 4096, k, r, dtype, arch)
-                    sc = cfg["shrink"]
-                    if sc is None:
-                        continue
-                    skey = (arch, "shrink", dt, sc["BLOCK_M"], sc["BLOCK_R"], sc["BLOCK_K"],
-                            sc["SPLIT_K"] > 1, sc["num_warps"], sc["num_stages"])
-                    if skey in seen:
-                        continue
-                    seen.add(skey)
-                    rec = _linear_shrink_record(kernels, dt, cfg)
-                    rec["archs"] = [arch]
-                    # one split-K tile (decode) and one plain tile (prefill)
-                    tile = (sc["BLOCK_M"], sc["BLOCK_R"], sc["SPLIT_K"] > 1)
-                    rec["quick"] = dt == "bf16" and tile in ((16, 16, True), (64, 16, False))
-                    recs.append(rec)
+                cfg = lora_linear.pick_config(m, 4096, k, r, dtype, arch)
+                sc = cfg["shrink"]
+                if sc is None:
+                    continue
+                skey = (arch, "shrink", dt, sc["BLOCK_M"], sc["BLOCK_R"], sc["BLOCK_K"],
+                        sc["SPLIT_K"] > 1, sc["num_warps"], sc["num_stages"])
+                if skey in seen:
+                    continue
+                seen.add(skey)
+                rec = _linear_shrink_record(kernels, dt, cfg)
+                rec["archs"] = [arch]
+                # one split-K tile (decode) and one plain tile (prefill)
+                tile = (sc["BLOCK_M"], sc["BLOCK_R"], sc["SPLIT_K"] > 1)
+                rec["quick"] = dt == "bf16" and tile in ((16, 16, True), (64, 16, False))
+                recs.append(rec)
     return recs
 
 
