@@ -9,7 +9,8 @@ arrive at the tile's counter). These tests run the split kernel under the interp
 (or on a GPU) with every input inside a NaN-filled buffer, on the production splits and
 on forced ones at odd shapes, against the forward error bound of
 ``tests/test_kernel_twins.py`` (tight enough that a LoRA term scaled by 0.95 fails), and
-check the rule and the roofline model that chose it. Whether the split-K's memory
+check the rule and the roofline model that chose it (and that 16-bit batched decode at
+padded rank 128-256 keeps its 32-row GEMM tiles with the split shrink). Whether the split-K's memory
 ordering is right cannot show in the interpreter (it runs programs one after another):
 ``tests/test_split_k_ordering.py`` checks the compiled code for it.
 """
@@ -212,3 +213,16 @@ def test_roofline_counts_the_split_shrink(k, n, r):
         if m <= 256:
             assert p["shrink_programs"] >= 8 * p["shrink_unsplit_programs"] or p["shrink_programs"] >= 64
             assert p["shrink"] < p["shrink_unsplit"] / 4
+
+
+@pytest.mark.parametrize("m", [17, 64, 128])
+def test_batched_decode_at_large_rank_keeps_32_row_tiles(m):
+    """16-bit batched decode at padded rank 128-256 runs the split shrink and the 32-row
+    GEMM tiles (the 64x128 prefill tiles gave 32 programs at N = 4096); fp32 keeps its
+    prefill tiles."""
+    for r in (100, 256):
+        cfg = L.pick_config(m, 4096, 4096, r, torch.bfloat16)
+        assert cfg["case"] == "batched-decode" and not cfg["shrink_in_loop"]
+        assert cfg["BLOCK_M"] == 32 and cfg["shrink"] is not None
+        assert triton_cdiv(m, cfg["BLOCK_M"]) * triton_cdiv(4096, cfg["BLOCK_N"]) >= 64
+    assert L.pick_config(m, 4096, 4096, 100, torch.float32)["case"] == "prefill"
