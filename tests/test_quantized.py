@@ -313,6 +313,26 @@ def test_unload_gives_back_the_quantized_model_bit_identical(load, kind):
     assert hook_count(model) == 0
 
 
+@pytest.mark.parametrize("kind", ["nf4", "int8-t0", "ao-fp8"])
+def test_serving_slots_on_a_quantized_base(load, kind):
+    w = tt.AdapterWrapper.from_config(load(kind), lora(), adapter_name="a")
+    for name in ("b", "c"):
+        w.add_adapter_from_config(tt.LoraConfig(target_modules=["q_proj"], r=2, init_lora_weights=False), name)
+    randomize(w, 4)
+    singles = {}
+    for name in ("a", "b", "c"):
+        w.set_active_adapters([name])
+        singles[name] = no_grad_logits(w, IDS[:1])
+    w.reserve_adapter_slots(2, 4)
+    for names in (["a", "b"], ["c", "a"], ["b", "c"]):  # three adapters through two slots
+        with torch.no_grad():
+            got = w(input_ids=torch.cat([IDS[:1], IDS[:1]]), adapter_names=names).logits
+        for i, name in enumerate(names):
+            torch.testing.assert_close(got[i : i + 1], singles[name], rtol=0, atol=ATOL)
+    with pytest.raises(MergeNotSupportedError):
+        w.merge_adapters(["a"])
+
+
 # ---------------------------------------------------------------------------------------
 # weighted combination, swapping the base
 # ---------------------------------------------------------------------------------------
