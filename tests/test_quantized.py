@@ -259,8 +259,10 @@ def test_merge_is_refused_with_nothing_changed(load, kind):
     before_params = {n: p.detach().clone() for n, p in w.named_adapter_parameters()}
     hooks = hook_count(model)
     for call in (w.merge_adapters, w.merge_and_unload, lambda: w.merge_adapters(["default"])):
-        with pytest.raises(MergeNotSupportedError, match=r"merge_and_unload\(dequantize=True\)"):
+        with pytest.raises(MergeNotSupportedError, match=r"merge_and_unload\(dequantize=True\)") as err:
             call()
+        # Refused up front, naming the module and the adapter.
+        assert "'model.layers.0.self_attn.q_proj' (adapter 'default'" in str(err.value)
         assert w.merged_adapters == [] and hook_count(model) == hooks
         assert_raw_equal(raw(model), before_raw)
         for n, p in w.named_adapter_parameters():
