@@ -353,6 +353,30 @@ def test_weighted_adapter_and_swap_on_quantized_bases(load, kind):
     torch.testing.assert_close(no_grad_logits(w), before, rtol=0, atol=ATOL)
 
 
+def test_swap_between_float_and_quantized_twins(load):
+    """Adapters trained on the float model serve on its quantized twin and back."""
+    float_model = tiny_llama()
+    w = tt.AdapterWrapper.from_config(float_model, lora())
+    randomize(w, 11)
+    want_float = no_grad_logits(w)
+    twin = load("ao-int8")
+    w.swap_base_model(twin)
+    direct = tt.AdapterWrapper.from_config(load("ao-int8"), lora())
+    with torch.no_grad():
+        for (n, p), (m, q) in zip(w.named_adapter_parameters(), direct.named_adapter_parameters()):
+            assert n == m
+            q.copy_(p)
+    torch.testing.assert_close(no_grad_logits(w), no_grad_logits(direct), rtol=0, atol=ATOL)
+    # Another shape is refused, naming the module, with nothing changed.
+    other = load("ao-int8")
+    other.model.layers[0].self_attn.q_proj = nn.Linear(64, 32, bias=False)
+    with pytest.raises(UnsupportedModuleError, match=r"q_proj.*\(64, 32, False\)"):
+        w.swap_base_model(other)
+    assert w.get_base_model() is twin and hook_count(other) == 0
+    w.swap_base_model(tiny_llama())
+    torch.testing.assert_close(no_grad_logits(w), want_float, rtol=0, atol=ATOL)
+
+
 # ---------------------------------------------------------------------------------------
 # unknown layouts
 # ---------------------------------------------------------------------------------------

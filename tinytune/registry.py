@@ -40,7 +40,6 @@ from .weights import (
     dequantized_linear,
     float_dtype,
     is_quantized,
-    linear_sizes,
     model_float_dtype,
     quantized_modules,
     weight_kind,
@@ -763,14 +762,17 @@ def _check_same_shape(path: str, old: nn.Module, new: nn.Module) -> None:
         )
     old_kind = weight_kind(old, path)
     if new_kind != FLOAT or old_kind != FLOAT:
-        # Quantized: compare what the adapters were shaped for, not the stored tensors
-        # (bitsandbytes' state_dict() would also rewrite a CPU-repacked 4-bit weight).
-        old_sizes, new_sizes = linear_sizes(old, path), linear_sizes(new, path)
-        if (old_kind, old_sizes) != (new_kind, new_sizes):
+        # Quantized (every kind is an nn.Linear): compare what the adapters were shaped
+        # for, not the stored tensors (bitsandbytes' state_dict() would also rewrite a
+        # CPU-repacked 4-bit weight). The kinds may differ: a float model's adapters
+        # serve on its int8 twin.
+        old_sizes = (old.in_features, old.out_features, old.bias is not None)
+        new_sizes = (new.in_features, new.out_features, new.bias is not None)
+        if old_sizes != new_sizes:
             raise UnsupportedModuleError(
-                f"Module {path!r} is a {new_kind} weight of (in, out) = {new_sizes} in the new "
-                f"base model but a {old_kind} weight of {old_sizes} in the old one; "
-                "swap_base_model needs the same shapes."
+                f"Module {path!r} has (in, out, bias) = {new_sizes} in the new base model "
+                f"({new_kind}) but {old_sizes} in the old one ({old_kind}); swap_base_model "
+                "needs the same shapes."
             )
         return
     old_shapes = {k: tuple(v.shape) for k, v in old.state_dict().items()}
