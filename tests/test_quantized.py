@@ -63,8 +63,10 @@ BATCH_INVARIANT = {"int8": "int8-t0"}
 LOADABLE = {**KINDS, "int8-t0": (_bnb(load_in_8bit=True, llm_int8_threshold=0.0), "bnb_int8")}
 # Outputs of two libraries running the same quantized forward plus their own LoRA term.
 ATOL = 1e-5
-# bf16 compute: the quantized base rounds its product to bf16, a float model does not.
-BF16_ATOL = 0.05
+# bf16 compute: the quantized base rounds its inputs and products to bf16, the merged float
+# model does not. Logits here are below 1 and differ by at most 0.0044 (measured, nf4 and
+# fp4, LoRA and IA³): about one bf16 step at 1, accumulated over two layers.
+BF16_ATOL = 0.01
 
 
 @pytest.fixture(scope="module")
