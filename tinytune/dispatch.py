@@ -370,6 +370,11 @@ def chain_reason(module: nn.Module, chain: Iterable[nn.Module]) -> str | None:
     if reason is not None:
         return reason
     for layer in chain:
+        if layers.is_dora(layer) and fused_kind(layer) is None:
+            return (
+                f"{type(layer).__name__} is a DoRA layer, and the fused kernels do not apply "
+                "DoRA's per-column scale yet (DoRA runs on the PyTorch path)"
+            )
         if fused_kind(layer) is None:
             return (
                 f"{type(layer).__name__} is not a built-in LinearLoraLayer/LinearIA3Layer "

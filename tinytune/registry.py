@@ -32,7 +32,7 @@ from .errors import (
     wrong_type,
 )
 from .hooks import HookSite, hook_layout_id
-from .layers import AdapterLayer, ModulesToSaveLayer, quantized_merge_error
+from .layers import AdapterLayer, ModulesToSaveLayer, is_dora, quantized_merge_error
 from .util import device_of
 from .weights import (
     FLOAT,
@@ -562,6 +562,11 @@ class AdapterRegistry:
                 if name in site.layers and name not in self.merged and not self.disabled
             )
             site.set_chain(chain)
+            for layer in chain:
+                if is_dora(layer):
+                    # Eagerly, so a compiled graph (which reads the cached scale as it
+                    # is) never sees a scale from before this change.
+                    layer.dora_scale(site.module)
         self.note_hook_layout()
 
     def note_hook_layout(self) -> None:
@@ -598,8 +603,21 @@ class AdapterRegistry:
                     k: t.detach().to("cpu", copy=True)
                     for k, t in module.state_dict(keep_vars=True).items()
                 }
+            self._set_norm_bases(path)
             layer.merge(module)
             layer.merged = True
+
+    def _set_norm_bases(self, path: str) -> None:
+        """Hand the DoRA layers at ``path`` the module's original weight (the merge
+        backup; ``None`` without merges): their norms are over it (see
+        ``DoraLayer.norm_base``)."""
+        saved = self.backups.get(path)
+        site = self.sites.get(path)
+        if site is None:
+            return
+        for layer in site.layers.values():
+            if is_dora(layer):
+                layer.norm_base = None if saved is None else saved.get("weight")
 
     def restore_all(self) -> None:
         with torch.no_grad():
@@ -607,7 +625,10 @@ class AdapterRegistry:
                 current = self.sites[path].module.state_dict(keep_vars=True)
                 for k, t in saved.items():
                     current[k].copy_(t)
+        paths = list(self.backups)
         self.backups.clear()
+        for path in paths:
+            self._set_norm_bases(path)
 
     @contextlib.contextmanager
     def unmerged(self, slots: Any = None) -> Iterator[None]:
