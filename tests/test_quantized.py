@@ -337,6 +337,21 @@ def test_serving_slots_on_a_quantized_base(load, kind):
         w.merge_adapters(["a"])
 
 
+@pytest.mark.parametrize("kind", ["nf4", "int8", "ao-int8"])
+def test_dora_on_a_quantized_base_is_refused_with_nothing_changed(load, kind):
+    """DoRA's norms need the float weight (not supported on quantized weights yet)."""
+    model = load(kind)
+    before = raw(model)
+    with pytest.raises(UnsupportedModuleError, match=r"q_proj.*quantized.*DoRA"):
+        tt.AdapterWrapper.from_config(model, tt.LoraConfig(target_modules=["q_proj"], r=4, use_dora=True))
+    assert hook_count(model) == 0
+    assert_raw_equal(raw(model), before)
+    w = tt.AdapterWrapper.from_config(model, lora())
+    with pytest.raises(UnsupportedModuleError, match="DoRA"):
+        w.add_adapter_from_config(tt.LoraConfig(target_modules=["q_proj"], r=4, use_dora=True), "dora")
+    assert list(w.adapters) == ["default"]
+
+
 # ---------------------------------------------------------------------------------------
 # weighted combination, swapping the base
 # ---------------------------------------------------------------------------------------
