@@ -393,7 +393,8 @@ class AdapterRegistry:
                 floats[path] = linear
             for name in adapter_names:
                 for path, layer in self.get(name).items():
-                    if path not in floats:
+                    if path not in floats:  # as merge_and_unload() merges float modules
+                        self._set_norm_bases(path)
                         layer.merge(self.sites[path].module)
         finally:
             if pins is not None:
