@@ -406,7 +406,8 @@ class CpuRepackGuard:
 
     def __init__(self, modules: dict[str, nn.Module]) -> None:
         self.modules = modules
-        self.kept: dict[str, tuple[torch.Tensor, Any]] = {}
+        # name -> (its data, a copy of its quant_state, the quant_state object seen)
+        self.kept: dict[str, tuple[torch.Tensor, Any, Any]] = {}
 
     def __call__(self, model: nn.Module, args: tuple) -> None:
         if torch.compiler.is_compiling():
@@ -416,11 +417,13 @@ class CpuRepackGuard:
             return
         for name, module in self.modules.items():
             weight = module.weight
-            if repacked_for_cpu(module):
+            state = weight.quant_state
+            if getattr(state, "packing_format_for_cpu", False):
                 continue
             kept = self.kept.get(name)
-            if kept is None or kept[0] is not weight.data:
-                self.kept[name] = (weight.data, copy.copy(weight.quant_state))
+            # (``weight.data`` is a new tensor object on every access: compare storage.)
+            if kept is None or kept[2] is not state or kept[0].data_ptr() != weight.data_ptr():
+                self.kept[name] = (weight.data, copy.copy(state), state)
 
     def restore(self, strict: bool = True) -> None:
         """Give every repacked weight its own layout back (the kept tensors).
