@@ -542,6 +542,8 @@ def _prepare(
         reservation), to release when it ends.
     """
     wrapper.registry.model()  # raises if unloaded
+    # Outside the graph: DoRA's cached scales current before a compiled call reads them.
+    wrapper.registry.refresh_dora_scales()
     names = _validate(wrapper, adapter_names, args, kwargs)
     if not names or wrapper.registry.disabled:
         # An empty batch has no row to adapt; inside disable_adapter() no adapter runs
@@ -602,6 +604,7 @@ def _prepare_assigned(
     slot buffer (its first ``batch`` rows, a view), so nothing here creates a tensor
     from host data."""
     wrapper.registry.model()  # raises if unloaded
+    wrapper.registry.refresh_dora_scales()  # as in _prepare
     names, slots, rows = row_assignment(wrapper)
     if wrapper.registry.disabled:
         return [], None
