@@ -696,6 +696,22 @@ class LinearDoraLayer(DoraLayer, LinearLoraLayer):
         g = self.scale_for(module).to(output.dtype)
         xd = self._dropout(module, x)
         h = xd if xd.dtype == a.dtype else xd.to(a.dtype)
+        bias = getattr(module, "bias", None)
+        if xd is x and output.dim() >= 2 and output.dtype == bt.dtype:
+            # g ⊙ (W x + s·B A x) + b with one GEMM that adds into W x (the value PEFT
+            # computes as W x + b + (g - 1) ⊙ W x + g ⊙ s·B A x).
+            out2d = output.reshape(-1, output.shape[-1])
+            base = out2d if bias is None else out2d - bias.to(out2d.dtype)
+            h2d = F.linear(h, a).reshape(-1, a.shape[0])
+            if torch.compiler.is_compiling():
+                y = torch.addmm(base, h2d * self.scaling_tensor, bt)
+            else:
+                y = torch.addmm(base, h2d, bt, alpha=self._scaling)
+            grad = torch.is_grad_enabled()
+            y = y * g if grad else y.mul_(g)
+            if bias is not None:
+                y = y + bias.to(y.dtype) if grad else y.add_(bias.to(y.dtype))
+            return y.view(output.shape)
         lora = F.linear(F.linear(h, a), bt.t()).to(output.dtype)
         weight = module.weight
         if xd is not x:
@@ -704,7 +720,6 @@ class LinearDoraLayer(DoraLayer, LinearLoraLayer):
             w = weight.t() if self.fan_in_fan_out else weight
             base = F.linear(xd.to(w.dtype), w).to(output.dtype)
         else:
-            bias = getattr(module, "bias", None)
             base = output if bias is None else output - bias.to(output.dtype)
         return output + ((g - 1) * base + g * lora * self._scale())
 
