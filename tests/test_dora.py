@@ -327,3 +327,12 @@ def test_fused_modes_keep_dora_on_the_pytorch_path(llama):
         assert torch.equal(out(w, IDS), expected)
     with tt.kernel_mode("triton"), pytest.raises(tt.KernelUnavailableError, match="DoRA"):
         out(w, IDS)
+
+
+def test_weighted_combination_refuses_dora(llama):
+    w = tt.AdapterWrapper(copy.deepcopy(llama))
+    w.add_adapter_from_config(tt.LoraConfig(use_dora=True, **LLAMA_DORA), "a")
+    w.add_adapter_from_config(tt.LoraConfig(use_dora=True, **LLAMA_DORA), "b")
+    with pytest.raises(tt.UnsupportedModuleError, match="LinearDoraLayer|EmbeddingDoraLayer"):
+        w.add_weighted_adapter(["a", "b"], [0.5, 0.5], "ab", combination_type="linear")
+    assert sorted(w.adapters) == ["a", "b"]
