@@ -336,3 +336,26 @@ def test_weighted_combination_refuses_dora(llama):
     with pytest.raises(tt.UnsupportedModuleError, match="LinearDoraLayer|EmbeddingDoraLayer"):
         w.add_weighted_adapter(["a", "b"], [0.5, 0.5], "ab", combination_type="linear")
     assert sorted(w.adapters) == ["a", "b"]
+
+
+def test_use_dora_file_without_magnitudes_is_refused(llama, tmp_path):
+    """A config saying use_dora with LoRA-only weights (or magnitudes under a plain LoRA
+    config) does not load half-way: AdapterFileError, nothing added."""
+    w = tt.AdapterWrapper.from_config(copy.deepcopy(llama), tt.LoraConfig(r=2, target_modules=["q_proj"]))
+    w.save_adapter(tmp_path / "lora")
+    cfg = json.loads((tmp_path / "lora" / "adapter_config.json").read_text())
+    cfg["use_dora"] = True
+    (tmp_path / "lora" / "adapter_config.json").write_text(json.dumps(cfg))
+    victim = tt.AdapterWrapper(copy.deepcopy(llama))
+    with pytest.raises(tt.AdapterFileError, match="lora_magnitude_vector"):
+        victim.load_adapter(tmp_path / "lora", check_fingerprint=False)
+    assert list(victim.adapters) == []
+
+    d = tt.AdapterWrapper.from_config(copy.deepcopy(llama), tt.LoraConfig(use_dora=True, r=2, target_modules=["q_proj"]))
+    d.save_adapter(tmp_path / "dora")
+    cfg = json.loads((tmp_path / "dora" / "adapter_config.json").read_text())
+    cfg["use_dora"] = False
+    (tmp_path / "dora" / "adapter_config.json").write_text(json.dumps(cfg))
+    with pytest.raises(tt.AdapterFileError, match="lora_magnitude_vector.*not loaded"):
+        victim.load_adapter(tmp_path / "dora", check_fingerprint=False)
+    assert list(victim.adapters) == []

@@ -593,7 +593,7 @@ def test_loading_into_a_different_model_fails_cleanly(saved):
 
 @pytest.mark.parametrize(
     "field, value",
-    [("use_dora", True), ("bias", "all"), ("lora_bias", True), ("target_parameters", ["w"]),
+    [("bias", "all"), ("lora_bias", True), ("target_parameters", ["w"]),
      ("layer_replication", [[0, 1]])],
 )
 def test_unsupported_peft_options_are_refused(saved, victim, field, value):
