@@ -927,11 +927,15 @@ def layer_kind(layer: AdapterLayer) -> str | None:
     layers whose forward methods are the built-in ones are stacked.
     """
     cls = type(layer)
-    if isinstance(layer, LinearLoraLayer) and cls.post_forward is LinearLoraLayer.post_forward:
+    if isinstance(layer, LinearLoraLayer) and cls.post_forward in (
+        LinearLoraLayer.post_forward,
+        LinearDoraLayer.post_forward,
+    ):
+        # DoRA layers stack with the LoRAs, their scales beside them (SiteStacks.dora).
         return "lora"
-    if (
-        isinstance(layer, EmbeddingLoraLayer)
-        and cls.post_forward is EmbeddingLoraLayer.post_forward
+    if isinstance(layer, EmbeddingLoraLayer) and cls.post_forward in (
+        EmbeddingLoraLayer.post_forward,
+        EmbeddingDoraLayer.post_forward,
     ):
         return "emb"
     if (
