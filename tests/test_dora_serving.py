@@ -158,6 +158,12 @@ def test_compiled_row_adapters_do_not_recompile(tmp_path):
             w.hotswap_adapter(tmp_path / "d", "dora2")
             got = served(w, compiled, IDS, assignments[1])
             torch.testing.assert_close(got, alone(w, IDS, assignments[1]), rtol=1e-5, atol=1e-5)
+            # An in-place edit with no tinytune call between: each served call refreshes
+            # the scales before the graph runs.
+            for _, layer in w.adapters["dora"].items():
+                layer.lora_magnitude_vector.mul_(1.3)
+            got = served(w, compiled, IDS, ROWS)
+            torch.testing.assert_close(got, alone(w, IDS, ROWS), rtol=1e-5, atol=1e-5)
 
 
 def served(w, compiled, x, names):
