@@ -173,3 +173,21 @@ def served(w, compiled, x, names):
         return compiled(x)
     finally:
         w.clear_row_adapters()
+
+
+def test_mixed_batches_never_run_dora_on_the_plain_kernels():
+    """Until the kernels apply DoRA's scale: the PyTorch path in mode "auto", and
+    KernelUnavailableError naming DoRA in mode "triton" (CPU tensors reach the kernels
+    under TRITON_INTERPRET=1)."""
+    w = tt.AdapterWrapper(Logits(tiny_llama(num_hidden_layers=1)))
+    w.add_adapter_from_config(dora_config(target_modules=["q_proj", "down_proj"]), "dora")
+    w.add_adapter_from_config(tt.LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False), "lora")
+    randomize(w)
+    rows = ["dora", "lora", "__base__", "dora"]
+    with torch.no_grad():
+        with tt.kernel_mode("torch"):
+            expected = w(IDS[:4], adapter_names=rows)
+        with tt.kernel_mode("auto"):
+            torch.testing.assert_close(w(IDS[:4], adapter_names=rows), expected, rtol=0, atol=0)
+        with tt.kernel_mode("triton"), pytest.raises(tt.KernelUnavailableError, match="DoRA"):
+            w(IDS[:4], adapter_names=rows)
