@@ -191,3 +191,25 @@ def test_mixed_batches_never_run_dora_on_the_plain_kernels():
             torch.testing.assert_close(w(IDS[:4], adapter_names=rows), expected, rtol=0, atol=0)
         with tt.kernel_mode("triton"), pytest.raises(tt.KernelUnavailableError, match="DoRA"):
             w(IDS[:4], adapter_names=rows)
+
+
+def test_compiled_plain_calls_with_reserved_slots_and_hotswap(tmp_path):
+    """Reserved slots: the cached scale is a view of the slot's row; a hot-swap
+    rewrites the row and the compiled plain call sees the new scale without
+    recompiling."""
+    torch._dynamo.reset()
+    w = wrapped()
+    wrapped(seed=7).save_adapter(tmp_path / "d", "dora")
+    w.set_active_adapters(["dora"])
+    x = IDS[:2]
+    with torch.no_grad():
+        w.reserve_adapter_slots(max_adapters=4, max_rank=8)
+        w(x, adapter_names=["dora", "lora"])  # the adapters move into their slots
+        compiled = torch.compile(w)
+        first = compiled(x)
+        torch.testing.assert_close(first, w(x), rtol=1e-5, atol=1e-5)
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            w.hotswap_adapter(tmp_path / "d", "dora")
+            second = compiled(x)
+        assert not torch.allclose(first, second, atol=1e-3)
+        torch.testing.assert_close(second, alone(w, x, ["dora", "dora"]), rtol=1e-5, atol=1e-5)

@@ -566,6 +566,11 @@ class DoraLayer(LoraLayer):
         )
 
     def _target_weight(self, module: nn.Module | None) -> torch.Tensor:
+        if module is not None:
+            ref = self.__dict__.get("_dora_target")
+            if ref is None or ref() is not module:
+                # The module it runs on now (a copied or re-based wrapper's).
+                self.__dict__["_dora_target"] = weakref.ref(module)
         if module is None:
             ref = self.__dict__.get("_dora_target")
             module = ref() if ref is not None else None
@@ -623,6 +628,14 @@ class DoraLayer(LoraLayer):
             cache.copy_(m / norm)
         self.__dict__["_dora_norm"] = norm
         self.__dict__["_dora_key"] = self._key(weight)
+
+    def __getstate__(self) -> dict:
+        # The module reference and the cache key are per process (a weak reference does
+        # not pickle); the next call computes the scale again.
+        state = super().__getstate__()
+        for key in ("_dora_target", "_dora_key", "_dora_norm"):
+            state.pop(key, None)
+        return state
 
     def _apply(self, fn: Any, recurse: bool = True) -> "DoraLayer":
         super()._apply(fn, recurse)
