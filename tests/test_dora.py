@@ -359,3 +359,32 @@ def test_use_dora_file_without_magnitudes_is_refused(llama, tmp_path):
     with pytest.raises(tt.AdapterFileError, match="lora_magnitude_vector.*not loaded"):
         victim.load_adapter(tmp_path / "dora", check_fingerprint=False)
     assert list(victim.adapters) == []
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+def test_dropout_in_training_matches_peft(tmp_path, kind):
+    """With LoRA dropout active PEFT rescales the base product of the dropped input;
+    the same random mask (same seed) gives PEFT's outputs and gradients."""
+    torch.manual_seed(0)
+    if kind == "linear":
+        base, x = nn.Sequential(nn.Linear(12, 10), nn.ReLU(), nn.Linear(10, 3)), torch.randn(4, 5, 12)
+    else:
+        base, x = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1)), torch.randn(2, 3, 5, 5)
+    cfg = dict(r=2, lora_alpha=4, lora_dropout=0.5, target_modules=["0"])
+    pm = peft_model(base, peft.LoraConfig(use_dora=True, **cfg))
+    pm.save_pretrained(tmp_path)
+    w = tt.AdapterWrapper(copy.deepcopy(base))
+    w.load_adapter(tmp_path, is_trainable=True)
+    pm.train()
+    w.train()
+    outs = []
+    for model in (pm, w):
+        torch.manual_seed(5)
+        y = model(x)
+        y.pow(2).sum().backward()
+        outs.append(y)
+    assert torch.allclose(outs[0], outs[1], atol=1e-5, rtol=0)
+    assert not torch.allclose(outs[1], out(w.eval(), x), atol=1e-3)  # dropout was on
+    mags = [p.grad for n, p in pm.named_parameters() if "magnitude" in n]
+    ours = [p.grad for n, p in w.named_adapter_parameters() if "magnitude" in n]
+    assert torch.allclose(mags[0].reshape(ours[0].shape), ours[0], atol=1e-5, rtol=1e-4)
