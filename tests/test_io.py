@@ -606,6 +606,18 @@ def test_unsupported_peft_options_are_refused(saved, victim, field, value):
     assert_unchanged(victim, before)
 
 
+def test_dora_config_without_magnitude_vectors_is_refused(saved, victim):
+    # use_dora is supported now; a file that claims it without lora_magnitude_vector
+    # tensors is incomplete, and loading it changes nothing.
+    cfg = config_of(saved)
+    cfg["use_dora"] = True
+    (saved / "adapter_config.json").write_text(json.dumps(cfg))
+    before = snapshot(victim)
+    with pytest.raises(AdapterFileError, match="lora_magnitude_vector"):
+        victim.load_adapter(saved, check_fingerprint=False)
+    assert_unchanged(victim, before)
+
+
 def test_unsupported_peft_type(saved, victim):
     cfg = config_of(saved)
     cfg["peft_type"] = "LOHA"

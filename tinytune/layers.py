@@ -4,7 +4,7 @@ An :class:`AdapterLayer` never owns or replaces the module it adapts. It is hand
 module in each call: ``pre_forward`` may change the module's inputs, ``post_forward``
 may change its output, ``merge`` may fold the layer into the module's weights.
 
-Floor 1: imports ``errors`` and ``util`` only.
+Floor 1 (above ``weights``): imports ``errors``, ``util`` and ``weights`` only.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from torch import nn
 
 from .errors import InvalidConfigError, MergeNotSupportedError, UnsupportedModuleError, check_bool
 from .util import check_init_lora_weights, check_number, check_rank, is_dtensor
+from .weights import is_quantized, linear_sizes, weight_kind
 
 __all__ = [
     "AdapterLayer",
@@ -86,13 +87,22 @@ def bypasses_forward(module: nn.Module) -> bool:
 
 
 def linear_features(module: nn.Module) -> tuple[int, int, bool]:
-    """``(in_features, out_features, fan_in_fan_out)`` of a linear-like module."""
+    """``(in_features, out_features, fan_in_fan_out)`` of a linear-like module: from
+    its kind for a quantized weight (see :mod:`tinytune.weights`), never from the packed
+    weight's shape.
+
+    Raises:
+        UnsupportedModuleError: For other modules, and weights of no known kind.
+    """
     if bypasses_forward(module):
         raise UnsupportedModuleError(
             f"{type(module).__name__} is the out_proj of nn.MultiheadAttention, which uses "
             "its weight without calling it, so a hook-based adapter on it would never run. "
             "Adapt other layers, or the attention with a custom AdapterLayer."
         )
+    sizes = linear_sizes(module)
+    if sizes is not None:
+        return sizes[0], sizes[1], False
     if isinstance(module, nn.Linear):
         return module.in_features, module.out_features, False
     if is_conv1d(module):
@@ -109,6 +119,29 @@ def _param_kwargs(module: nn.Module) -> dict[str, Any]:
         dtype = weight.dtype if weight.is_floating_point() else torch.float32
         return {"device": weight.device, "dtype": dtype}
     return {}
+
+
+def quantized_merge_error(what: str, kind: str) -> MergeNotSupportedError:
+    """The refusal of a merge into a quantized weight (``what`` names the module)."""
+    return MergeNotSupportedError(
+        f"Cannot merge into {what}: its weight is quantized ({kind}), and adding a float "
+        "update to quantized data would corrupt it; nothing was merged. Keep the adapter "
+        "unmerged (it runs on the quantized base as it is), or call "
+        "merge_and_unload(dequantize=True) for a float model with the adapter merged into "
+        "the dequantized weights."
+    )
+
+
+def refuse_quantized_merge(layer: nn.Module, module: nn.Module) -> None:
+    """Raise :func:`quantized_merge_error` if ``module``'s weight is quantized (and
+    ``UnsupportedModuleError`` for a weight of no known kind)."""
+    weight = getattr(module, "weight", None)
+    if type(weight) in (torch.Tensor, nn.Parameter) and weight.is_floating_point():
+        return  # a plain float weight (whatever its shape: a merge reads its layout itself)
+    if is_quantized(module):
+        raise quantized_merge_error(
+            f"this {type(module).__name__} (adapted by {type(layer).__name__})", weight_kind(module)
+        )
 
 
 class AdapterLayer(nn.Module):
@@ -297,6 +330,7 @@ class LoraLayer(AdapterLayer):
     def merge(self, module: nn.Module) -> None:
         # Row chunks, so the fp32 temporaries stay a fraction of one weight (see
         # row_chunks): a merge never doubles a large weight on its device.
+        refuse_quantized_merge(self, module)
         weight = module.weight
         mro = type(self).__mro__
         by_rows = mro.index(_definer(mro, "delta_rows")) <= mro.index(_definer(mro, "delta_weight"))
@@ -388,6 +422,7 @@ class EmbeddingLoraLayer(LoraLayer):
     """
 
     def reset_params(self, prefix: str, target: nn.Module) -> None:
+        weight_kind(target, prefix)  # a weight of no known kind is refused
         if not isinstance(target, nn.Embedding):
             raise UnsupportedModuleError(
                 f"EmbeddingLoraLayer cannot adapt {prefix!r} of type {type(target).__name__}: "
@@ -431,6 +466,7 @@ class Conv2dLoraLayer(LoraLayer):
     """LoRA for ``nn.Conv2d``: A is a conv with the target's kernel, B a 1x1 conv."""
 
     def reset_params(self, prefix: str, target: nn.Module) -> None:
+        weight_kind(target, prefix)  # a weight of no known kind is refused
         if not isinstance(target, nn.Conv2d):
             raise UnsupportedModuleError(
                 f"Conv2dLoraLayer cannot adapt {prefix!r} of type {type(target).__name__}: "
@@ -871,6 +907,7 @@ class LinearIA3Layer(AdapterLayer):
         return output * self.ia3_l.view(-1).to(output.dtype)
 
     def merge(self, module: nn.Module) -> None:
+        refuse_quantized_merge(self, module)
         scale = self.ia3_l.detach().view(-1).float()
         weight = module.weight
         # Linear stores W as (out, in), Conv1D as (in, out).
