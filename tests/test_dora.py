@@ -388,3 +388,31 @@ def test_dropout_in_training_matches_peft(tmp_path, kind):
     mags = [p.grad for n, p in pm.named_parameters() if "magnitude" in n]
     ours = [p.grad for n, p in w.named_adapter_parameters() if "magnitude" in n]
     assert torch.allclose(mags[0].reshape(ours[0].shape), ours[0], atol=1e-5, rtol=1e-4)
+
+
+def test_quantized_base_uses_the_dequantized_weight_for_the_norm():
+    """A bitsandbytes int8 base (CPU): the norm is over the weight its forward uses (the
+    dequantized one, as PEFT's dequantize_module_weight); merging is refused."""
+    bnb = pytest.importorskip("bitsandbytes")
+    from tinytune.weights import dequantized_weight
+
+    torch.manual_seed(0)
+    lin = nn.Linear(64, 32)
+    q = bnb.nn.Linear8bitLt(64, 32, has_fp16_weights=False)
+    q.load_state_dict(lin.state_dict())
+    model = nn.Sequential(q)
+    x = torch.randn(3, 64)
+    with torch.no_grad():
+        base = model(x)
+    w = tt.AdapterWrapper(model)
+    w.add_adapter_from_config(tt.LoraConfig(use_dora=True, r=4, target_modules=["0"], init_lora_weights=False), "d")
+    layer = dict(w.adapters["d"].items())["0"]
+    with torch.no_grad():
+        layer.lora_magnitude_vector.mul_(1.2)
+        delta = layer.scaling * layer.lora_B.weight @ layer.lora_A.weight
+        g = layer.lora_magnitude_vector / (dequantized_weight(q) + delta).norm(dim=1)
+        expected = g * (base - q.bias + x @ delta.t()) + q.bias
+        torch.testing.assert_close(w(x), expected, rtol=0, atol=1e-5)
+    with pytest.raises(tt.MergeNotSupportedError, match="quantized"):
+        w.merge_adapters()
+    assert w.merged_adapters == []

@@ -20,7 +20,7 @@ from torch import nn
 
 from .errors import InvalidConfigError, MergeNotSupportedError, UnsupportedModuleError, check_bool
 from .util import check_init_lora_weights, check_number, check_rank, is_dtensor
-from .weights import is_quantized, linear_sizes, weight_kind
+from .weights import dequantized_weight, is_quantized, linear_sizes, weight_kind
 
 __all__ = [
     "AdapterLayer",
@@ -550,7 +550,7 @@ class DoraLayer(LoraLayer):
         self.__dict__["_dora_key"] = None
         kw = _param_kwargs(target)
         with torch.no_grad():
-            norm = self.weight_norm(target.weight)
+            norm = self.weight_norm(self.norm_source(target))
         self.lora_magnitude_vector = nn.Parameter(
             norm.to(kw.get("dtype", torch.float32)).view(self.magnitude_shape(norm.numel()))
         )
@@ -590,6 +590,17 @@ class DoraLayer(LoraLayer):
             sq = torch.cat(parts) if self.out_rows else acc
             return sq.sqrt()
 
+    def norm_source(self, module: nn.Module) -> torch.Tensor:
+        """The weight the norm is taken over: :attr:`norm_base` while merges are in
+        place, else the module's weight (dequantized, for a quantized weight: the
+        values its forward multiplies by, as PEFT's ``dequantize_module_weight``)."""
+        if self.norm_base is not None:
+            return self.norm_base
+        weight = module.weight
+        if type(weight) in (torch.Tensor, nn.Parameter) and weight.is_floating_point():
+            return weight
+        return dequantized_weight(module)
+
     def _key(self, weight: torch.Tensor) -> tuple:
         a, b, m = self.lora_A.weight, self.lora_B.weight, self.lora_magnitude_vector
         base = self.norm_base
@@ -601,7 +612,7 @@ class DoraLayer(LoraLayer):
             m.data_ptr(), m._version, self._scaling, self.conversions,
         )
 
-    def _target_weight(self, module: nn.Module | None) -> torch.Tensor:
+    def _target(self, module: nn.Module | None) -> nn.Module:
         if module is not None:
             ref = self.__dict__.get("_dora_target")
             if ref is None or ref() is not module:
@@ -615,7 +626,7 @@ class DoraLayer(LoraLayer):
                     f"{type(self).__name__}.dora_scale() needs the adapted module: attach the "
                     "layer to a model first, or pass the module."
                 )
-        return module.weight
+        return module
 
     def dora_norm(self, module: nn.Module | None = None) -> torch.Tensor:
         """The cached ``‖W + s·B·A‖`` per output unit (fp32, detached, shape ``(out,)``).
@@ -626,7 +637,7 @@ class DoraLayer(LoraLayer):
         Args:
             module: The adapted module (default: the one the layer was attached to).
         """
-        self._refresh(self._target_weight(module))
+        self._refresh(self._target(module))
         return self.__dict__["_dora_norm"]
 
     def dora_scale(self, module: nn.Module | None = None) -> torch.Tensor:
@@ -647,16 +658,16 @@ class DoraLayer(LoraLayer):
         """
         if torch.compiler.is_compiling():
             return self.dora_scale_cache
-        self._refresh(self._target_weight(module))
+        self._refresh(self._target(module))
         return self.dora_scale_cache
 
-    def _refresh(self, weight: torch.Tensor) -> None:
+    def _refresh(self, module: nn.Module) -> None:
+        weight = module.weight
         key = self._key(weight)
         if key == self.__dict__.get("_dora_key"):
             return
         with torch.inference_mode(False), torch.no_grad():
-            source = weight if self.norm_base is None else self.norm_base
-            norm = self.weight_norm(source).to(weight.device)
+            norm = self.weight_norm(self.norm_source(module)).to(weight.device)
             m = self.lora_magnitude_vector.detach().reshape(-1).to(norm.device, torch.float32)
             cache = self.dora_scale_cache
             if cache.device != norm.device or cache.shape != norm.shape:
@@ -687,8 +698,7 @@ class DoraLayer(LoraLayer):
         m = self.lora_magnitude_vector
         if torch.is_grad_enabled() and m.requires_grad:
             if torch.compiler.is_compiling():
-                source = module.weight if self.norm_base is None else self.norm_base
-                norm = self.weight_norm(source).to(module.weight.device)
+                norm = self.weight_norm(self.norm_source(module)).to(module.weight.device)
             else:
                 norm = self.dora_norm(module)
             return m.reshape(-1) / norm.to(m.dtype)
@@ -700,10 +710,10 @@ class DoraLayer(LoraLayer):
     def merge(self, module: nn.Module) -> None:
         # W <- g ⊙ (W + s·B·A), with g from the weight as it is now (as the unmerged
         # forward computes it); unmerging restores the saved original (exact).
+        refuse_quantized_merge(self, module)
         weight = module.weight
         with torch.no_grad():
-            source = weight if self.norm_base is None else self.norm_base
-            norm = self.weight_norm(source).to(weight.device)
+            norm = self.weight_norm(self.norm_source(module)).to(weight.device)
             g = self.lora_magnitude_vector.detach().reshape(-1).float().to(norm.device) / norm
             for start, stop in row_chunks(weight):
                 d = self.delta_rows(start, stop).to(weight.device)
@@ -766,6 +776,8 @@ class LinearDoraLayer(DoraLayer, LinearLoraLayer):
         if xd is not x:
             # Dropout changed the input: PEFT computes the base product of the dropped
             # input for the rescaled part.
+            if not (type(weight) in (torch.Tensor, nn.Parameter) and weight.is_floating_point()):
+                weight = dequantized_weight(module)
             w = weight.t() if self.fan_in_fan_out else weight
             base = F.linear(xd.to(w.dtype), w).to(output.dtype)
         else:
