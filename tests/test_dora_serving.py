@@ -17,7 +17,7 @@ import tinytune as tt
 
 transformers = pytest.importorskip("transformers")
 
-from conftest import randomize, tiny_llama  # noqa: E402
+from conftest import randomize, small, tiny_llama  # noqa: E402
 
 IDS = torch.tensor([[3, 17, 99, 4, 60, 5], [8, 1, 42, 42, 7, 0], [5, 6, 7, 8, 9, 10]] * 2)
 ROWS = ["dora", "lora", "__base__", "ia3", "dora2", "dora"]
@@ -213,3 +213,28 @@ def test_compiled_plain_calls_with_reserved_slots_and_hotswap(tmp_path):
             second = compiled(x)
         assert not torch.allclose(first, second, atol=1e-3)
         torch.testing.assert_close(second, alone(w, x, ["dora", "dora"]), rtol=1e-5, atol=1e-5)
+
+
+def test_compiled_training_fullgraph_follows_eager():
+    """With autograd the norm is computed in the graph (detached); training steps do
+    not recompile and the compiled model follows the eager one."""
+    torch._dynamo.reset()
+    w = tt.AdapterWrapper(small())
+    w.add_adapter_from_config(tt.LoraConfig(use_dora=True, r=2, target_modules=["lin0", "lin1"], init_lora_weights=False), "dora")
+    randomize(w)
+    twin = copy.deepcopy(w)
+    x = torch.randn(4, 3, 10)
+    counter = CompileCounterWithBackend("aot_eager")  # graph breaks and recompiles are the point
+    compiled = torch.compile(w, backend=counter, fullgraph=True)
+    models = (compiled, twin)
+    opts = [torch.optim.SGD(list(m.adapter_parameters()), lr=0.5) for m in (w, twin)]
+    for m in (w, twin):
+        m.train()
+    for _ in range(2):
+        for model, opt in zip(models, opts):
+            opt.zero_grad()
+            model(x).pow(2).mean().backward()
+            opt.step()
+    for (n, a), (_, b) in zip(w.named_adapter_parameters(), twin.named_adapter_parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=n)
+    assert counter.frame_count == 1
