@@ -327,3 +327,92 @@ def test_fused_modes_keep_dora_on_the_pytorch_path(llama):
         assert torch.equal(out(w, IDS), expected)
     with tt.kernel_mode("triton"), pytest.raises(tt.KernelUnavailableError, match="DoRA"):
         out(w, IDS)
+
+
+def test_weighted_combination_refuses_dora(llama):
+    w = tt.AdapterWrapper(copy.deepcopy(llama))
+    w.add_adapter_from_config(tt.LoraConfig(use_dora=True, **LLAMA_DORA), "a")
+    w.add_adapter_from_config(tt.LoraConfig(use_dora=True, **LLAMA_DORA), "b")
+    with pytest.raises(tt.UnsupportedModuleError, match="LinearDoraLayer|EmbeddingDoraLayer"):
+        w.add_weighted_adapter(["a", "b"], [0.5, 0.5], "ab", combination_type="linear")
+    assert sorted(w.adapters) == ["a", "b"]
+
+
+def test_use_dora_file_without_magnitudes_is_refused(llama, tmp_path):
+    """A config saying use_dora with LoRA-only weights (or magnitudes under a plain LoRA
+    config) does not load half-way: AdapterFileError, nothing added."""
+    w = tt.AdapterWrapper.from_config(copy.deepcopy(llama), tt.LoraConfig(r=2, target_modules=["q_proj"]))
+    w.save_adapter(tmp_path / "lora")
+    cfg = json.loads((tmp_path / "lora" / "adapter_config.json").read_text())
+    cfg["use_dora"] = True
+    (tmp_path / "lora" / "adapter_config.json").write_text(json.dumps(cfg))
+    victim = tt.AdapterWrapper(copy.deepcopy(llama))
+    with pytest.raises(tt.AdapterFileError, match="lora_magnitude_vector"):
+        victim.load_adapter(tmp_path / "lora", check_fingerprint=False)
+    assert list(victim.adapters) == []
+
+    d = tt.AdapterWrapper.from_config(copy.deepcopy(llama), tt.LoraConfig(use_dora=True, r=2, target_modules=["q_proj"]))
+    d.save_adapter(tmp_path / "dora")
+    cfg = json.loads((tmp_path / "dora" / "adapter_config.json").read_text())
+    cfg["use_dora"] = False
+    (tmp_path / "dora" / "adapter_config.json").write_text(json.dumps(cfg))
+    with pytest.raises(tt.AdapterFileError, match="lora_magnitude_vector.*not loaded"):
+        victim.load_adapter(tmp_path / "dora", check_fingerprint=False)
+    assert list(victim.adapters) == []
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+def test_dropout_in_training_matches_peft(tmp_path, kind):
+    """With LoRA dropout active PEFT rescales the base product of the dropped input;
+    the same random mask (same seed) gives PEFT's outputs and gradients."""
+    torch.manual_seed(0)
+    if kind == "linear":
+        base, x = nn.Sequential(nn.Linear(12, 10), nn.ReLU(), nn.Linear(10, 3)), torch.randn(4, 5, 12)
+    else:
+        base, x = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1)), torch.randn(2, 3, 5, 5)
+    cfg = dict(r=2, lora_alpha=4, lora_dropout=0.5, target_modules=["0"])
+    pm = peft_model(base, peft.LoraConfig(use_dora=True, **cfg))
+    pm.save_pretrained(tmp_path)
+    w = tt.AdapterWrapper(copy.deepcopy(base))
+    w.load_adapter(tmp_path, is_trainable=True)
+    pm.train()
+    w.train()
+    outs = []
+    for model in (pm, w):
+        torch.manual_seed(5)
+        y = model(x)
+        y.pow(2).sum().backward()
+        outs.append(y)
+    assert torch.allclose(outs[0], outs[1], atol=1e-5, rtol=0)
+    assert not torch.allclose(outs[1], out(w.eval(), x), atol=1e-3)  # dropout was on
+    mags = [p.grad for n, p in pm.named_parameters() if "magnitude" in n]
+    ours = [p.grad for n, p in w.named_adapter_parameters() if "magnitude" in n]
+    assert torch.allclose(mags[0].reshape(ours[0].shape), ours[0], atol=1e-5, rtol=1e-4)
+
+
+def test_quantized_base_uses_the_dequantized_weight_for_the_norm():
+    """A bitsandbytes int8 base (CPU): the norm is over the weight its forward uses (the
+    dequantized one, as PEFT's dequantize_module_weight); merging is refused."""
+    bnb = pytest.importorskip("bitsandbytes")
+    from tinytune.weights import dequantized_weight
+
+    torch.manual_seed(0)
+    lin = nn.Linear(64, 32)
+    q = bnb.nn.Linear8bitLt(64, 32, has_fp16_weights=False)
+    q.load_state_dict(lin.state_dict())
+    model = nn.Sequential(q)
+    x = torch.randn(3, 64)
+    with torch.no_grad():
+        base = model(x)
+    w = tt.AdapterWrapper(model)
+    w.add_adapter_from_config(tt.LoraConfig(use_dora=True, r=4, target_modules=["0"], init_lora_weights=False), "d")
+    layer = dict(w.adapters["d"].items())["0"]
+    with torch.no_grad():
+        layer.lora_magnitude_vector.mul_(1.2)
+        delta = layer.scaling * layer.lora_B.weight @ layer.lora_A.weight
+        g = layer.lora_magnitude_vector / (dequantized_weight(q) + delta).norm(dim=1)
+        expected = g * (base - q.bias + x @ delta.t()) + q.bias
+        torch.testing.assert_close(w(x), expected, rtol=0, atol=1e-5)
+    with pytest.raises(tt.MergeNotSupportedError, match="quantized"):
+        w.merge_adapters()
+    assert w.merged_adapters == []

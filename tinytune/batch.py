@@ -52,7 +52,7 @@ from torch import nn
 
 from . import dispatch
 from .errors import AdapterNotFoundError, AdapterStateError, MixedBatchError, suggest, wrong_type
-from .layers import first_input, replace_first_input
+from .layers import first_input, is_conv1d, replace_first_input
 from .mixed_torch import (
     torch_embedding_lora_mixed,
     torch_ia3_mixed,
@@ -365,6 +365,8 @@ class _SitePlan:
     def fuse_reason(self, module: nn.Module) -> str | None:
         """Why this site's layers cannot run on the per-row kernel (``None``: they can)."""
         reason = dispatch.module_reason(module)
+        if reason is None and self.stacks.dora_items:
+            reason = dispatch.chain_reason(module, (self.stacks.dora_items[0][1],))
         if reason is None and (self.stacks.others_pre or self.stacks.others_post):
             layer = (self.stacks.others_pre + self.stacks.others_post)[0][1]
             reason = dispatch.chain_reason(module, (layer,))
@@ -406,20 +408,45 @@ class _SitePlan:
         # saves a full copy of it per adapted module (about 5% of a prefill). Only a
         # forward hook that ran before this one and kept the output could tell.
         inplace = not torch.is_grad_enabled() and isinstance(output, torch.Tensor)
+        dora = st.dora if st.dora_items else None
         if st.lora is not None:
             a, bt, scale, p = st.lora
             xin = _row_dropout(x, p, call) if st.has_dropout and module.training else x
             static = call.fixed or torch.compiler.is_compiling()
             groups = None if static else worth_grouping(call, xin, a)
+            base = output
+            if dora is not None:
+                # DoRA rows: g ⊙ (W x + s·B A x) + b, g = 1 on the other rows.
+                if xin is not x:  # dropout: PEFT rescales W of the dropped input
+                    w = module.weight.t() if is_conv1d(module) else module.weight
+                    base, output = torch.nn.functional.linear(xin.to(w.dtype), w), output
+                    start = torch.zeros_like(output)
+                else:
+                    bias = getattr(module, "bias", None)
+                    start = output if bias is None else output - bias.to(output.dtype)
+                lora_out = start
+            else:
+                lora_out = output
             if groups is None:
-                output = torch_lora_mixed(xin, output, a, bt, scale, call.row_index, inplace)
+                lora_out = torch_lora_mixed(xin, lora_out, a, bt, scale, call.row_index, inplace)
             elif groups[0]:
-                output = torch_lora_mixed_grouped(
-                    xin, output, a, bt, scale, *groups[2:], groups[1], inplace
+                lora_out = torch_lora_mixed_grouped(
+                    xin, lora_out, a, bt, scale, *groups[2:], groups[1], inplace
                 )
+            if dora is None:
+                output = lora_out
+            else:
+                g = _row_scales(dora, call.row_index, lora_out)
+                if xin is not x:
+                    output = output + (g - 1) * base.to(output.dtype) + g * lora_out
+                else:
+                    bias = getattr(module, "bias", None)
+                    output = lora_out * g if bias is None else lora_out * g + bias.to(output.dtype)
         if st.emb is not None:
             a, bt, scale = st.emb
             output = torch_embedding_lora_mixed(x, output, a, bt, scale, call.row_index, inplace)
+            if dora is not None:
+                output = output * _row_scales(dora, call.row_index, output)
         if st.ia3_post is not None:
             output = torch_ia3_mixed(output, st.ia3_post, call.row_index, inplace)
         for slot, layer in st.others_post:
@@ -467,6 +494,13 @@ class _SitePlan:
         sub_args, sub_kwargs = replace_first_input(args, kwargs, x.index_select(0, rows))
         new = layer.post_forward(module, sub_args, sub_kwargs, output.index_select(0, rows))
         return output.index_copy(0, rows, new.to(output.dtype))
+
+
+def _row_scales(stack: torch.Tensor, row_index: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Each row's DoRA scales ``stack[row_index[b]]``, shaped to broadcast over ``like``
+    (``(B, ..., out)``) in its dtype."""
+    g = stack.index_select(0, row_index).to(like.dtype)
+    return g.view((g.shape[0],) + (1,) * (like.dim() - 2) + (g.shape[-1],))
 
 
 # ----------------------------------------------------------------------------------------
@@ -542,6 +576,8 @@ def _prepare(
         reservation), to release when it ends.
     """
     wrapper.registry.model()  # raises if unloaded
+    # Outside the graph: DoRA's cached scales current before a compiled call reads them.
+    wrapper.registry.refresh_dora_scales()
     names = _validate(wrapper, adapter_names, args, kwargs)
     if not names or wrapper.registry.disabled:
         # An empty batch has no row to adapt; inside disable_adapter() no adapter runs
@@ -602,6 +638,7 @@ def _prepare_assigned(
     slot buffer (its first ``batch`` rows, a view), so nothing here creates a tensor
     from host data."""
     wrapper.registry.model()  # raises if unloaded
+    wrapper.registry.refresh_dora_scales()  # as in _prepare
     names, slots, rows = row_assignment(wrapper)
     if wrapper.registry.disabled:
         return [], None

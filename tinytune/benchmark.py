@@ -375,6 +375,8 @@ class Settings:
     # --quantize: a key of QUANTIZE_KINDS, or None for the float model.
     quantize: str | None = None
     skipped: dict[str, str] = field(default_factory=dict)
+    # --dora: also DoRA (use_dora=True) unmerged and in mixed batches, and PEFT's DoRA.
+    dora: bool = False
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -422,6 +424,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="torch threads (default 1 on CPU, for stable ratios; torch's default on CUDA)")
     p.add_argument("--rounds", type=_positive, default=None, help="timed rounds (default CPU 15, CUDA 30; --quick 5)")
     p.add_argument("--out", default=None, help="write results.json and PNG plots into this directory")
+    p.add_argument("--dora", action="store_true",
+                   help="also time DoRA adapters (use_dora=True, the same A and B): unmerged and in mixed "
+                   "batches, against PEFT's unmerged DoRA")
     return p
 
 
@@ -532,7 +537,7 @@ def _settings(a: argparse.Namespace) -> Settings:
         compile=a.compile, threads=a.threads or (1 if not cuda else torch.get_num_threads()),
         rounds=a.rounds or (5 if a.quick else 30 if cuda else 15), warmup=2 if a.quick else 3,
         min_time=0.002 if a.quick else 0.02, peft=use_peft, quick=a.quick, out=a.out,
-        peft_requested=a.peft, model=a.model, targets=a.targets, quantize=a.quantize,
+        peft_requested=a.peft, model=a.model, targets=a.targets, quantize=a.quantize, dora=a.dora,
     )
 
 
@@ -577,6 +582,8 @@ class Models:
     peft: nn.Module | None
     names: list[str]
     float_bare: nn.Module | None = None  # --quantize: the float model it was quantized from
+    dora: nn.Module | None = None  # --dora: the same adapters with use_dora=True
+    peft_dora: nn.Module | None = None
 
 
 def load_model(spec: str) -> nn.Module:
@@ -686,7 +693,45 @@ def build_models(s: Settings) -> Models:
     if fused_unavailable(device, s.quantize) is None:
         fused = copy.deepcopy(unmerged)  # its own compiled graphs, never shared with the torch path
     peft_model = _build_peft(s, base, unmerged, names) if s.peft else None
-    return Models(base, merged, unmerged, fused, peft_model, names, float_bare)
+    models = Models(base, merged, unmerged, fused, peft_model, names, float_bare)
+    if s.dora:
+        models.dora, models.peft_dora = _build_dora(s, base, unmerged, names)
+    return models
+
+
+def _build_dora(s: Settings, base: nn.Module, ours: nn.Module, names: list[str]) -> tuple[nn.Module, nn.Module | None]:
+    """DoRA twins of ``ours`` (same A and B, magnitudes 5% off the weight norms), and
+    PEFT's DoRA model with the default adapter's weights (PEFT refuses DoRA in mixed
+    batches, so it gets no others)."""
+    targets = [path for path, _ in ours.adapters["default"].items()]
+    config = LoraConfig(target_modules=targets, r=s.rank, lora_alpha=2 * s.rank, use_dora=True)
+    dora = AdapterWrapper(copy.deepcopy(base))
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for name in ["default", *names]:
+            dora.add_adapter_from_config(config, name, activate=name == "default")
+            src = dict(ours.adapters[name].items())
+            for path, layer in dora.adapters[name].items():
+                layer.lora_A.weight.copy_(src[path].lora_A.weight)
+                layer.lora_B.weight.copy_(src[path].lora_B.weight)
+                m = layer.lora_magnitude_vector
+                m.mul_((1 + 0.05 * torch.randn(m.shape, generator=g)).to(m.dtype))
+    dora.set_active_adapters("default")
+    dora.eval()
+    if not s.peft:
+        return dora, None
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model
+
+    pconfig = PeftLoraConfig(target_modules=targets, r=s.rank, lora_alpha=2 * s.rank, use_dora=True)
+    model = get_peft_model(copy.deepcopy(base), pconfig, adapter_name="default")
+    with torch.no_grad():
+        for path, layer in dora.adapters["default"].items():
+            target = model.base_model.model.get_submodule(path)
+            target.lora_A["default"].weight.copy_(layer.lora_A.weight)
+            target.lora_B["default"].weight.copy_(layer.lora_B.weight)
+            target.lora_magnitude_vector["default"].weight.copy_(layer.lora_magnitude_vector)
+    return dora, model.to(device=s.device).eval()
 
 
 def _build_peft(s: Settings, base: nn.Module, ours: nn.Module, names: list[str]) -> nn.Module:
@@ -801,6 +846,18 @@ def make_variants(s: Settings, m: Models) -> tuple[list[Variant], dict[str, str]
                 for k in s.distinct:
                     variants.append(Variant(f"PEFT mixed {k}", "peft-mixed", False, k, "-",
                                             mixed(peft_model, assignments[k])))
+        if m.dora is not None:
+            dora = wrap(m.dora)
+            variants.append(Variant(f"DoRA unmerged{tag}", "dora-unmerged", compiled, None, "auto", plain(dora)))
+            for k in s.distinct:
+                variants.append(Variant(f"DoRA mixed {k}{tag}", "dora-mixed", compiled, k, "auto",
+                                        mixed(dora, assignments[k])))
+            if m.peft_dora is not None and not (compiled and s.quick):
+                variants.append(Variant(f"PEFT DoRA unmerged{tag}", "peft-dora-unmerged", compiled, None, "-",
+                                        plain(wrap(m.peft_dora))))
+            if not compiled:
+                skipped["PEFT DoRA mixed"] = ("PEFT refuses DoRA in mixed batches (adapter_names: "
+                                              "'Cannot pass `adapter_names` when DoRA is enabled')")
     return variants, skipped
 
 
@@ -853,6 +910,7 @@ def check_outputs(variants: list[Variant], s: Settings, ids: torch.Tensor,
     same("merged", "unmerged torch")
     same("unmerged fused", "unmerged torch")
     same("PEFT unmerged", "unmerged torch")
+    same("PEFT DoRA unmerged", "DoRA unmerged")
     for k in s.distinct:
         same(f"PEFT mixed {k}", f"mixed {k}")
     if "bare" in outs and "unmerged torch" in outs:
@@ -943,6 +1001,10 @@ def run(s: Settings, *, progress: bool = True) -> dict[str, Any]:
             times = time_cases(cases, s.rounds, device=device, threads=s.threads, warmup=s.warmup,
                                min_time=s.min_time, seed=t, progress=step)
         refs = {v.name: _references(v, s) for v in variants}
+        for v in variants:
+            tag = " compiled" if v.compiled else ""
+            if v.kind == "dora-unmerged" and f"PEFT DoRA unmerged{tag}" in times:
+                refs[v.name]["PEFT DoRA unmerged"] = f"PEFT DoRA unmerged{tag}"
         stats = {}
         for v in variants:
             entry = summarize({v.name: times[v.name], **{r: times[r] for r in refs[v.name].values() if r in times}},
@@ -1037,6 +1099,9 @@ def format_table(res: dict[str, Any]) -> str:
         lines.append("  ".join(h.ljust(w) if i == 0 else h.rjust(w) for i, (h, w) in enumerate(zip(head, widths))))
         for r in rows:
             lines.append("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))))
+        for name, e in shape["variants"].items():
+            if "PEFT DoRA unmerged" in e["ratio"]:
+                lines.append(f"{name} / PEFT DoRA unmerged: {_fmt_ratio(e['ratio']['PEFT DoRA unmerged'])}")
         if shape.get("compiled_bare_over_eager_bare"):
             lines.append(f"compiled bare / eager bare: {_fmt_ratio(shape['compiled_bare_over_eager_bare'])}")
     for name, why in res["skipped"].items():

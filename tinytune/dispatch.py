@@ -331,6 +331,8 @@ def fused_kind(layer: nn.Module) -> str | None:
     """``"lora"``, ``"ia3_pre"`` or ``"ia3_post"`` for built-in layers the kernel can
     run (forward methods not overridden), else ``None``."""
     kind = layers.layer_kind(layer)
+    if layers.is_dora(layer):
+        return None  # no DoRA epilogue in the kernels yet: never plain LoRA for DoRA
     return None if kind == "emb" else kind
 
 

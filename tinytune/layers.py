@@ -20,7 +20,7 @@ from torch import nn
 
 from .errors import InvalidConfigError, MergeNotSupportedError, UnsupportedModuleError, check_bool
 from .util import check_init_lora_weights, check_number, check_rank, is_dtensor
-from .weights import is_quantized, linear_sizes, weight_kind
+from .weights import dequantized_weight, is_quantized, linear_sizes, weight_kind
 
 __all__ = [
     "AdapterLayer",
@@ -559,7 +559,7 @@ class DoraLayer(LoraLayer):
         self.__dict__["_dora_key"] = None
         kw = _param_kwargs(target)
         with torch.no_grad():
-            norm = self.weight_norm(target.weight)
+            norm = self.weight_norm(self.norm_source(target))
         self.lora_magnitude_vector = nn.Parameter(
             norm.to(kw.get("dtype", torch.float32)).view(self.magnitude_shape(norm.numel()))
         )
@@ -599,6 +599,17 @@ class DoraLayer(LoraLayer):
             sq = torch.cat(parts) if self.out_rows else acc
             return sq.sqrt()
 
+    def norm_source(self, module: nn.Module) -> torch.Tensor:
+        """The weight the norm is taken over: :attr:`norm_base` while merges are in
+        place, else the module's weight (dequantized, for a quantized weight: the
+        values its forward multiplies by, as PEFT's ``dequantize_module_weight``)."""
+        if self.norm_base is not None:
+            return self.norm_base
+        weight = module.weight
+        if type(weight) in (torch.Tensor, nn.Parameter) and weight.is_floating_point():
+            return weight
+        return dequantized_weight(module)
+
     def _key(self, weight: torch.Tensor) -> tuple:
         a, b, m = self.lora_A.weight, self.lora_B.weight, self.lora_magnitude_vector
         base = self.norm_base
@@ -610,7 +621,12 @@ class DoraLayer(LoraLayer):
             m.data_ptr(), m._version, self._scaling, self.conversions,
         )
 
-    def _target_weight(self, module: nn.Module | None) -> torch.Tensor:
+    def _target(self, module: nn.Module | None) -> nn.Module:
+        if module is not None:
+            ref = self.__dict__.get("_dora_target")
+            if ref is None or ref() is not module:
+                # The module it runs on now (a copied or re-based wrapper's).
+                self.__dict__["_dora_target"] = weakref.ref(module)
         if module is None:
             ref = self.__dict__.get("_dora_target")
             module = ref() if ref is not None else None
@@ -619,7 +635,7 @@ class DoraLayer(LoraLayer):
                     f"{type(self).__name__}.dora_scale() needs the adapted module: attach the "
                     "layer to a model first, or pass the module."
                 )
-        return module.weight
+        return module
 
     def dora_norm(self, module: nn.Module | None = None) -> torch.Tensor:
         """The cached ``‖W + s·B·A‖`` per output unit (fp32, detached, shape ``(out,)``).
@@ -630,7 +646,7 @@ class DoraLayer(LoraLayer):
         Args:
             module: The adapted module (default: the one the layer was attached to).
         """
-        self._refresh(self._target_weight(module))
+        self._refresh(self._target(module))
         return self.__dict__["_dora_norm"]
 
     def dora_scale(self, module: nn.Module | None = None) -> torch.Tensor:
@@ -651,16 +667,16 @@ class DoraLayer(LoraLayer):
         """
         if torch.compiler.is_compiling():
             return self.dora_scale_cache
-        self._refresh(self._target_weight(module))
+        self._refresh(self._target(module))
         return self.dora_scale_cache
 
-    def _refresh(self, weight: torch.Tensor) -> None:
+    def _refresh(self, module: nn.Module) -> None:
+        weight = module.weight
         key = self._key(weight)
         if key == self.__dict__.get("_dora_key"):
             return
         with torch.inference_mode(False), torch.no_grad():
-            source = weight if self.norm_base is None else self.norm_base
-            norm = self.weight_norm(source).to(weight.device)
+            norm = self.weight_norm(self.norm_source(module)).to(weight.device)
             m = self.lora_magnitude_vector.detach().reshape(-1).to(norm.device, torch.float32)
             cache = self.dora_scale_cache
             if cache.device != norm.device or cache.shape != norm.shape:
@@ -668,6 +684,14 @@ class DoraLayer(LoraLayer):
             cache.copy_(m / norm)
         self.__dict__["_dora_norm"] = norm
         self.__dict__["_dora_key"] = self._key(weight)
+
+    def __getstate__(self) -> dict:
+        # The module reference and the cache key are per process (a weak reference does
+        # not pickle); the next call computes the scale again.
+        state = super().__getstate__()
+        for key in ("_dora_target", "_dora_key", "_dora_norm"):
+            state.pop(key, None)
+        return state
 
     def _apply(self, fn: Any, recurse: bool = True) -> "DoraLayer":
         super()._apply(fn, recurse)
@@ -683,8 +707,7 @@ class DoraLayer(LoraLayer):
         m = self.lora_magnitude_vector
         if torch.is_grad_enabled() and m.requires_grad:
             if torch.compiler.is_compiling():
-                source = module.weight if self.norm_base is None else self.norm_base
-                norm = self.weight_norm(source).to(module.weight.device)
+                norm = self.weight_norm(self.norm_source(module)).to(module.weight.device)
             else:
                 norm = self.dora_norm(module)
             return m.reshape(-1) / norm.to(m.dtype)
@@ -699,8 +722,7 @@ class DoraLayer(LoraLayer):
         refuse_quantized_merge(self, module)
         weight = module.weight
         with torch.no_grad():
-            source = weight if self.norm_base is None else self.norm_base
-            norm = self.weight_norm(source).to(weight.device)
+            norm = self.weight_norm(self.norm_source(module)).to(weight.device)
             g = self.lora_magnitude_vector.detach().reshape(-1).float().to(norm.device) / norm
             for start, stop in row_chunks(weight):
                 d = self.delta_rows(start, stop).to(weight.device)
@@ -742,15 +764,32 @@ class LinearDoraLayer(DoraLayer, LinearLoraLayer):
         g = self.scale_for(module).to(output.dtype)
         xd = self._dropout(module, x)
         h = xd if xd.dtype == a.dtype else xd.to(a.dtype)
+        bias = getattr(module, "bias", None)
+        if xd is x and output.dim() >= 2 and output.dtype == bt.dtype:
+            # g ⊙ (W x + s·B A x) + b with one GEMM that adds into W x (the value PEFT
+            # computes as W x + b + (g - 1) ⊙ W x + g ⊙ s·B A x).
+            out2d = output.reshape(-1, output.shape[-1])
+            base = out2d if bias is None else out2d - bias.to(out2d.dtype)
+            h2d = F.linear(h, a).reshape(-1, a.shape[0])
+            if torch.compiler.is_compiling():
+                y = torch.addmm(base, h2d * self.scaling_tensor, bt)
+            else:
+                y = torch.addmm(base, h2d, bt, alpha=self._scaling)
+            grad = torch.is_grad_enabled()
+            y = y * g if grad else y.mul_(g)
+            if bias is not None:
+                y = y + bias.to(y.dtype) if grad else y.add_(bias.to(y.dtype))
+            return y.view(output.shape)
         lora = F.linear(F.linear(h, a), bt.t()).to(output.dtype)
         weight = module.weight
         if xd is not x:
             # Dropout changed the input: PEFT computes the base product of the dropped
             # input for the rescaled part.
+            if not (type(weight) in (torch.Tensor, nn.Parameter) and weight.is_floating_point()):
+                weight = dequantized_weight(module)
             w = weight.t() if self.fan_in_fan_out else weight
             base = F.linear(xd.to(w.dtype), w).to(output.dtype)
         else:
-            bias = getattr(module, "bias", None)
             base = output if bias is None else output - bias.to(output.dtype)
         return output + ((g - 1) * base + g * lora * self._scale())
 
@@ -959,11 +998,15 @@ def layer_kind(layer: AdapterLayer) -> str | None:
     layers whose forward methods are the built-in ones are stacked.
     """
     cls = type(layer)
-    if isinstance(layer, LinearLoraLayer) and cls.post_forward is LinearLoraLayer.post_forward:
+    if isinstance(layer, LinearLoraLayer) and cls.post_forward in (
+        LinearLoraLayer.post_forward,
+        LinearDoraLayer.post_forward,
+    ):
+        # DoRA layers stack with the LoRAs, their scales beside them (SiteStacks.dora).
         return "lora"
-    if (
-        isinstance(layer, EmbeddingLoraLayer)
-        and cls.post_forward is EmbeddingLoraLayer.post_forward
+    if isinstance(layer, EmbeddingLoraLayer) and cls.post_forward in (
+        EmbeddingLoraLayer.post_forward,
+        EmbeddingDoraLayer.post_forward,
     ):
         return "emb"
     if (

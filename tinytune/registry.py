@@ -563,12 +563,28 @@ class AdapterRegistry:
                 if name in site.layers and name not in self.merged and not self.disabled
             )
             site.set_chain(chain)
-            for layer in chain:
-                if is_dora(layer):
-                    # Eagerly, so a compiled graph (which reads the cached scale as it
-                    # is) never sees a scale from before this change.
-                    layer.dora_scale(site.module)
+        self.dora_layers = tuple(
+            (site, layer)
+            for site in self.sites.values()
+            for layer in site.layers.values()
+            if is_dora(layer)
+        )
+        self.refresh_dora_scales()
         self.note_hook_layout()
+
+    #: ``(site, layer)`` of every DoRA layer attached (re-derived by :meth:`refresh`).
+    dora_layers: tuple = ()
+
+    def refresh_dora_scales(self) -> None:
+        """Recompute the cached DoRA scales whose weights changed (see
+        ``DoraLayer.dora_scale``); a version check per layer when none did.
+
+        Called after every change the registry makes, and by ``load_state_dict``: a
+        compiled graph reads the cached scales as they are, so they are made current
+        eagerly, before the next call.
+        """
+        for site, layer in self.dora_layers:
+            layer.dora_scale(site.module)
 
     def note_hook_layout(self) -> None:
         """Number the current set of hooked modules, for ``forward`` to read.

@@ -55,7 +55,7 @@ from .errors import (
     wrong_type,
 )
 from .io import layer_config, read_adapter
-from .layers import LinearIA3Layer, LoraLayer, layer_kind
+from .layers import LinearIA3Layer, LoraLayer, is_dora, layer_kind
 from .util import device_of
 
 __all__ = ["SlotPool", "assign_rows", "check_fits", "clear_rows", "row_assignment"]
@@ -910,6 +910,8 @@ def _hotswap(
                     o.lora_A = n.lora_A.to(o.lora_A.weight.dtype)
                     o.lora_B = n.lora_B.to(o.lora_B.weight.dtype)
                     o.r = n.r
+                if is_dora(o):
+                    o.lora_magnitude_vector.copy_(n.lora_magnitude_vector)
                 o.requires_grad_(is_trainable)
                 o.lora_alpha, o.use_rslora = n.lora_alpha, n.use_rslora
                 o.lora_dropout = n.lora_dropout
@@ -937,6 +939,11 @@ def _hotswap(
                 pool.derive()
             else:
                 pool.adopt(adapter_name, old)
+        for p in old.layer_names:
+            site = wrapper.registry.sites.get(p)
+            if site is not None and is_dora(old[p]):
+                # DoRA's norm, now: a compiled graph reads the cached scale as it is.
+                old[p].dora_scale(site.module)
 
 
 class SlotHooks:

@@ -17,7 +17,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from .layers import AdapterLayer, layer_kind
+from .layers import AdapterLayer, is_dora, layer_kind
 
 __all__ = [
     "STATES",
@@ -85,6 +85,11 @@ class SiteStacks:
         emb: ``(a_stack (S, num, r), bt_stack (S, r, dim), scale (S,))`` or ``None``.
         ia3_pre: ``(S, in)`` input scales (feed-forward IA³) or ``None``.
         ia3_post: ``(S, out)`` output scales or ``None``.
+        dora: ``(S, out)`` fp32 DoRA scales ``g`` (see ``DoraLayer.dora_scale``) of the
+            ``lora`` or ``emb`` slots, ones for slots without DoRA, or ``None`` when no
+            DoRA layer was ever stacked here. A DoRA layer's cached scale is a view of
+            its row, so refreshing the cache updates the stack in place.
+        dora_items: ``((slot, layer), ...)`` of the DoRA layers in the slots.
         ranks: ``(S,)`` int32 on the stacks' device: each slot's true LoRA rank (of the
             ``lora`` or ``emb`` kind; a module has at most one), 0 for slots without
             LoRA and for the identity slot. Kept current in place; fused kernels mask
@@ -116,6 +121,8 @@ class SiteStacks:
         "emb",
         "ia3_pre",
         "ia3_post",
+        "dora",
+        "dora_items",
         "others_pre",
         "others_post",
         "need_pre",
@@ -142,7 +149,8 @@ class SiteStacks:
     ) -> None:
         layers = list(layers)
         n = (len(layers) if capacity is None else capacity) + 1  # + identity slot
-        self.lora = self.emb = self.ia3_pre = self.ia3_post = None
+        self.lora = self.emb = self.ia3_pre = self.ia3_post = self.dora = None
+        self.dora_items: tuple = ()
         self.max_rank = max_rank
         self.layers: list[AdapterLayer | None] = [None] * n
         self.kinds: list[str | None] = [None] * n  # layer_kind() of each slot's layer
@@ -182,6 +190,13 @@ class SiteStacks:
             if kind is not None and getattr(self, kind) is None and stack_params(layer, kind):
                 by_kind.setdefault(kind, []).append(layer)
         n = self.size
+        if self.dora is None:
+            dora = [l for l in layers if is_dora(l) and layer_kind(l) in ("lora", "emb")]
+            if dora:
+                params = stack_params(dora[0], layer_kind(dora[0]))
+                device = self.device if self.device is not None else params[0].device
+                width = int(dora[0].lora_B.weight.shape[0])
+                self.dora = torch.ones((n, width), dtype=torch.float32, device=device)
         for kind, items in by_kind.items():
             params = [p for layer in items for p in stack_params(layer, kind)]
             dtype = _common_dtype(params)
@@ -218,6 +233,8 @@ class SiteStacks:
             return True
         params = stack_params(layer, kind)
         if not params:
+            return False
+        if is_dora(layer) and self.dora is None:
             return False
         stacks = getattr(self, kind)
         if stacks is None:
@@ -289,6 +306,10 @@ class SiteStacks:
         layer = self.layers[slot]
         if getattr(layer, "slot_factors", None) is not None:
             layer.slot_factors = None
+        if is_dora(layer):
+            cache = layer._buffers.get("dora_scale_cache")
+            if cache is not None and self.dora is not None and cache.data_ptr() == self.dora[slot].data_ptr():
+                layer._buffers["dora_scale_cache"] = cache.clone()
         if not self.bound[slot]:
             return
         with torch.inference_mode(False), torch.no_grad():
@@ -324,6 +345,8 @@ class SiteStacks:
             stack = getattr(self, kind)
             if stack is not None:
                 stack[slot].fill_(1.0)
+        if self.dora is not None:
+            self.dora[slot].fill_(1.0)
         self.ranks[slot] = 0
         self.layers[slot] = None
         self.kinds[slot] = None
@@ -359,6 +382,12 @@ class SiteStacks:
             if kind == "lora":
                 stacks[3][slot] = float(layer.lora_dropout)
             self.ranks[slot] = int(layer.r)
+            if is_dora(layer):
+                row = self.dora[slot]
+                row.copy_(layer.dora_scale())
+                if bind and row.device == layer.dora_scale_cache.device:
+                    # The layer's cache becomes this row: its refreshes update the stack.
+                    layer._buffers["dora_scale_cache"] = row
 
     def derive(self) -> None:
         """Re-derive the per-slot bookkeeping from ``layers`` (after a slot changed).
@@ -380,6 +409,9 @@ class SiteStacks:
                 by_kind.setdefault(kind, []).append((slot, layer))
                 dropout = dropout or (kind == "lora" and layer.lora_dropout > 0)
         self.items = by_kind  # kind -> [(slot, layer)], to route gradients (with_grads)
+        self.dora_items = tuple(
+            (s, l) for kind in ("lora", "emb") for s, l in by_kind.get(kind, ()) if is_dora(l)
+        )
         self.has_dropout = dropout
         self.others_pre = tuple(pre)
         self.others_post = tuple(post)
@@ -392,7 +424,7 @@ class SiteStacks:
         out = [self.ranks]
         for kind in ("lora", "emb"):
             out.extend(getattr(self, kind) or ())
-        out.extend(t for t in (self.ia3_pre, self.ia3_post) if t is not None)
+        out.extend(t for t in (self.ia3_pre, self.ia3_post, self.dora) if t is not None)
         return out
 
 
@@ -468,6 +500,14 @@ def with_grads(st: SiteStacks, used_slots: set[int]) -> SiteStacks:
         stack = getattr(st, kind)
         if stack is not None:
             setattr(new, kind, _with_grad(stack, [(s, "vec", 0, l.ia3_l) for s, l in items[kind]]))
+    dora = [(s, l) for s, l in st.dora_items if s in used_slots and l.lora_magnitude_vector.requires_grad]
+    if dora:
+        # g = m / norm with the norm detached (as in PEFT): gradients reach m.
+        rows = torch.stack([
+            l.lora_magnitude_vector.reshape(-1).float() / l.dora_norm().to(st.dora.device) for _, l in dora
+        ])
+        index = torch.tensor([s for s, _ in dora], device=st.dora.device)
+        new.dora = st.dora.detach().index_put((index,), rows)
     return new
 
 

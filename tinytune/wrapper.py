@@ -338,7 +338,9 @@ class AdapterWrapper(nn.Module):
         check_bool(strict, "strict")
         check_bool(assign, "assign")
         with self.registry.unmerged(slots=serving.slot_hooks(self)):
-            return super().load_state_dict(state_dict, strict=strict, assign=assign)
+            result = super().load_state_dict(state_dict, strict=strict, assign=assign)
+        self.registry.refresh_dora_scales()
+        return result
 
     # --- parameters ----------------------------------------------------------------------
     def named_adapter_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
