@@ -338,18 +338,30 @@ def test_serving_slots_on_a_quantized_base(load, kind):
 
 
 @pytest.mark.parametrize("kind", ["nf4", "int8", "ao-int8"])
-def test_dora_on_a_quantized_base_is_refused_with_nothing_changed(load, kind):
-    """DoRA's norms need the float weight (not supported on quantized weights yet)."""
+def test_dora_on_a_quantized_base(load, kind):
+    """DoRA's norms are taken over the dequantized weight (as PEFT's
+    ``dequantize_module_weight``): unmerged outputs equal the dequantized merge's, a
+    plain merge is refused with nothing changed, and unload gives the raw data back."""
     model = load(kind)
     before = raw(model)
-    with pytest.raises(UnsupportedModuleError, match=r"q_proj.*quantized.*DoRA"):
-        tt.AdapterWrapper.from_config(model, tt.LoraConfig(target_modules=["q_proj"], r=4, use_dora=True))
-    assert hook_count(model) == 0
+    w = tt.AdapterWrapper.from_config(model, lora(use_dora=True))
+    randomize(w, 5)
+    with torch.no_grad():
+        for _, layer in w.adapters["default"].items():
+            layer.lora_magnitude_vector.mul_(1.25)
+    w.train()
+    ref = grad_logits(w)
+    with pytest.raises(MergeNotSupportedError):
+        w.merge_adapters()
     assert_raw_equal(raw(model), before)
-    w = tt.AdapterWrapper.from_config(model, lora())
-    with pytest.raises(UnsupportedModuleError, match="DoRA"):
-        w.add_adapter_from_config(tt.LoraConfig(target_modules=["q_proj"], r=4, use_dora=True), "dora")
-    assert list(w.adapters) == ["default"]
+    torch.testing.assert_close(grad_logits(w), ref, rtol=0, atol=0)
+    clone = copy.deepcopy(w)
+    assert_raw_equal(raw(w.unload()), before)
+    merged = clone.merge_and_unload(dequantize=True)
+    assert weights.quantized_modules(merged) == {}
+    torch.testing.assert_close(grad_logits(merged.train()), ref, rtol=0, atol=1e-4)
+    # the magnitudes count: the same adapter without the 1.25 differs
+    assert (ref - grad_logits(model.train())).abs().max() > 1e-3
 
 
 # ---------------------------------------------------------------------------------------

@@ -545,15 +545,6 @@ class DoraLayer(LoraLayer):
     norm_base: torch.Tensor | None = None
 
     def reset_params(self, prefix: str, target: nn.Module) -> None:
-        if is_quantized(target, prefix):
-            # The norms need the float weight; taken over packed or int8 data they would
-            # be garbage (or crash). Refused before anything is created.
-            raise UnsupportedModuleError(
-                f"{type(self).__name__} cannot adapt {prefix!r}: its weight is quantized "
-                f"({weight_kind(target, prefix)}), and DoRA on quantized weights is not "
-                "supported yet. Use plain LoRA (use_dora=False) on the quantized model, or "
-                "DoRA on the float model."
-            )
         super().reset_params(prefix, target)
         self.__dict__["_dora_target"] = weakref.ref(target)
         self.__dict__["_dora_key"] = None
