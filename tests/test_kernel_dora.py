@@ -31,6 +31,8 @@ into NaN), and the per-row stacks hold NaN in their padded rank rows.
 from __future__ import annotations
 
 import math
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -40,6 +42,9 @@ LM = pytest.importorskip("tinytune.kernels.lora_mixed")
 
 if not L.HAS_TRITON:  # pragma: no cover - depends on the platform
     pytest.skip("triton is not installed", allow_module_level=True)
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "ci"))
+import kernel_report  # noqa: E402
 
 ON_CUDA = torch.cuda.is_available() and not L.interpreted()
 DEVICE = "cuda" if ON_CUDA else "cpu"
@@ -421,3 +426,18 @@ def test_opcheck_with_col_scale():
     torch.library.opcheck(torch.ops.tinytune.lora_linear.default, args)
     m = _mixed_on_device(_mixed(3, 2, torch.float32, seed=4))
     torch.library.opcheck(torch.ops.tinytune.lora_mixed_linear.default, m[:11] + (None, None, m[11]))
+
+
+# ---------------------------------------------------------------------------------------
+# the roofline entry: DoRA's cost over plain LoRA on the fused path
+# ---------------------------------------------------------------------------------------
+def test_roofline_dora_costs_one_vector_more():
+    for m in (1, 64, 2048):
+        lo = kernel_report.roofline(m, 4096, 4096, 16)
+        do = kernel_report.roofline(m, 4096, 4096, 16, dora=True)
+        assert do["path"] == lo["path"] and do["merged"] == lo["merged"]
+        # one fp32 (N,) vector next to a bf16 (N, K) weight: at most 2/K more at decode
+        assert 1.0 < do["fused"] / lo["fused"] <= 1 + 2 / 4096 + 1e-9
+        assert do["unmerged"] > lo["unmerged"]
+    rows = kernel_report.print_roofline_dora()
+    assert {1, 64, 2048} <= {row["m"] for row in rows}
