@@ -366,8 +366,8 @@ class _SitePlan:
         """Why this site's layers cannot run on the per-row kernel (``None``: they can)."""
         reason = dispatch.module_reason(module)
         if reason is None and (self.stacks.others_pre or self.stacks.others_post):
-            layer = (self.stacks.others_pre + self.stacks.others_post)[0][1]
-            reason = dispatch.chain_reason(module, (layer,))
+            others = self.stacks.others_pre + self.stacks.others_post
+            reason = dispatch.unstacked_reason(module, [layer for _, layer in others])
         return reason
 
     def use_fused(self, module: nn.Module, x: Any) -> bool:
@@ -377,7 +377,8 @@ class _SitePlan:
         params = [t for t in (st.ia3_pre, st.ia3_post) if t is not None]
         if st.lora is not None:
             params += st.lora[:2]
-        dropout = st.has_dropout and module.training
+        params += dispatch.chain_params(layer for _, layer in st.others_post)  # DoRA
+        dropout = (st.has_dropout or any(getattr(layer, "lora_dropout", 0.0) for _, layer in st.others_post)) and module.training
         if not dispatch.use_fused(self.path, self.fuse_reason(module), module, x, params, dropout):
             return False
         _check_rows(x, self.call, self.path)
@@ -390,11 +391,15 @@ class _SitePlan:
         if st.lora is not None:
             a, bt, scale = st.lora[:3]
         ranks = getattr(st, "ranks", None)
+        col = None
+        if st.others_post:  # DoRA layers (see fuse_reason): into copies of the stacks
+            a, bt, scale, ranks, col = dispatch.with_dora_rows(module, st.others_post, st.size, a, bt,
+                                                               scale, ranks)  # fmt: skip
         # Under torch.compile the op plans inside the graph (no Python cache in it).
         plans = None if torch.compiler.is_compiling() else self.call.segments
         return dispatch.mixed_linear(
             module, x, self.call.row_index, a, bt, scale, ranks, st.ia3_pre, st.ia3_post,
-            plans=plans,
+            plans=plans, col_scale=col,
         )
 
     def post(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:

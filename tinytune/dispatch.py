@@ -16,7 +16,9 @@ the active adapters, ``tinytune.kernels.lora_mixed`` for per-row adapters) when
   backward hooks (torch would rewrap its inputs),
 * every active adapter layer on it is a built-in ``LinearLoraLayer`` or
   ``LinearIA3Layer`` (not a custom ``AdapterLayer`` or a subclass overriding their
-  forward methods), and Triton is installed,
+  forward methods), or it is one built-in ``LinearDoraLayer`` alone (DoRA's cached
+  column scale goes to the kernel's epilogue; DoRA composed with other active adapters
+  on the module, and DoRA rows in mixed batches, run on PyTorch), and Triton is installed,
 * the active LoRAs' total rank (concatenated) is at most 256 (``lora_linear``'s limit;
   mixed calls have none).
 
@@ -57,7 +59,7 @@ from torch.nn.modules import module as _torch_module
 
 from .errors import InvalidConfigError, KernelUnavailableError, UnsupportedModuleError
 from . import layers
-from .layers import LinearIA3Layer, LinearLoraLayer, is_conv1d
+from .layers import LinearDoraLayer, LinearIA3Layer, LinearLoraLayer, is_conv1d
 from .kernels.triton_support import HAS_TRITON
 from .weights import FLOAT, weight_kind
 
@@ -328,9 +330,13 @@ def machine_reason() -> str:
 
 
 def fused_kind(layer: nn.Module) -> str | None:
-    """``"lora"``, ``"ia3_pre"`` or ``"ia3_post"`` for built-in layers the kernel can
-    run (forward methods not overridden), else ``None``."""
+    """``"lora"``, ``"dora"``, ``"ia3_pre"`` or ``"ia3_post"`` for built-in layers the
+    kernel can run (forward methods not overridden), else ``None``."""
     kind = layers.layer_kind(layer)
+    if kind is None and isinstance(layer, LinearDoraLayer):
+        cls = type(layer)
+        if cls.post_forward is LinearDoraLayer.post_forward and cls.pre_forward is LinearLoraLayer.pre_forward:
+            return "dora"
     return None if kind == "emb" else kind
 
 
@@ -369,11 +375,17 @@ def chain_reason(module: nn.Module, chain: Iterable[nn.Module]) -> str | None:
     reason = module_reason(module)
     if reason is not None:
         return reason
+    chain = tuple(chain)
     for layer in chain:
         if layers.is_dora(layer) and fused_kind(layer) is None:
             return (
-                f"{type(layer).__name__} is a DoRA layer, and the fused kernels do not apply "
-                "DoRA's per-column scale yet (DoRA runs on the PyTorch path)"
+                f"{type(layer).__name__} is a DoRA layer that the fused kernels do not run "
+                "(they take nn.Linear/Conv1D DoRA layers whose forward methods are the built-in ones)"
+            )
+        if fused_kind(layer) == "dora" and len(chain) > 1:
+            return (
+                "a DoRA layer is active on it together with other adapters; the fused kernels "
+                "take one DoRA layer alone (DoRA composed with other adapters runs on the PyTorch path)"
             )
         if fused_kind(layer) is None:
             return (
@@ -392,7 +404,7 @@ def rank_reason(chain: Iterable[nn.Module]) -> str | None:
     slot changes the rank without a new chain.
     (Mixed calls run on ``lora_mixed_linear``, which walks any rank in blocks.)
     """
-    ranks = [_factors(layer)[0].shape[0] for layer in chain if layers.layer_kind(layer) == "lora"]
+    ranks = [_factors(layer)[0].shape[0] for layer in chain if fused_kind(layer) in ("lora", "dora")]
     if sum(ranks) <= _Kernels.max_rank:
         return None
     parts = " + ".join(map(str, ranks))
@@ -554,6 +566,8 @@ def chain_params(chain: Iterable[nn.Module]) -> list[torch.Tensor]:
     for layer in chain:
         if isinstance(layer, LinearLoraLayer):
             params += [layer.lora_A.weight, layer.lora_B.weight]
+            if layers.is_dora(layer):
+                params.append(layer.lora_magnitude_vector)
         elif isinstance(layer, LinearIA3Layer):
             params.append(layer.ia3_l)
     return params
@@ -588,8 +602,13 @@ def fused_inputs(chain: tuple) -> tuple:
 
     Returns:
         ``(lora_a (R, K) | None, lora_b (N, R) | None, lora_scale (R,) fp32 | None,
-        l_in (K,) | None, l_out (N,) | None)``.
+        l_in (K,) | None, l_out (N,) | None)``; a DoRA layer (alone, see
+        :func:`chain_reason`) adds its cached column scale ``dora_scale()`` (``(N,)``
+        fp32) as a sixth entry.
     """
+    if len(chain) == 1 and fused_kind(chain[0]) == "dora":
+        a, b = _factors(chain[0])
+        return a, b, chain[0].scaling_tensor.expand(a.shape[0]), None, None, chain[0].dora_scale()
     if len(chain) == 1 and fused_kind(chain[0]) == "lora":
         # The common case, without a copy: the scale as a stride-0 view of the layer's
         # fp32 scaling (the kernels take strides).
@@ -643,11 +662,17 @@ def fused_linear(module: nn.Module, x: torch.Tensor, inputs: tuple, conv1d: bool
     Returns:
         ``(..., N)`` in ``x.dtype``.
     """
+    if len(inputs) > 5:  # DoRA's column scale
+        return _Kernels.lora_linear(x, module.weight, module.bias, *inputs[:5], conv1d, inputs[5])
     return _Kernels.lora_linear(x, module.weight, module.bias, *inputs, conv1d)
 
 
 def mixed_linear(
-    module: nn.Module, x: torch.Tensor, *inputs: Any, plans: dict | None = None
+    module: nn.Module,
+    x: torch.Tensor,
+    *inputs: Any,
+    plans: dict | None = None,
+    col_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The per-row fused op on ``module`` (see ``tinytune.kernels.lora_mixed``).
 
@@ -659,6 +684,7 @@ def mixed_linear(
             every module of one mixed call: a plan missing here is built (on the device)
             and added, so a forward plans once per key, not once per module. ``None``:
             the op plans itself.
+        col_scale: ``(S, N)`` DoRA column scales (see :func:`with_dora_rows`) or ``None``.
 
     Returns:
         ``(B, ..., N)`` in ``x.dtype``.
@@ -672,7 +698,81 @@ def mixed_linear(
             if key not in plans:
                 plans[key] = _Kernels.segment_tiles(row_index, *key)
             tiles, order = plans[key]
+    if col_scale is not None:
+        return _Kernels.lora_mixed_linear(x, weight, module.bias, *inputs, kn, tiles, order, col_scale)
     return _Kernels.lora_mixed_linear(x, weight, module.bias, *inputs, kn, tiles, order)
+
+
+def unstacked_reason(module: nn.Module, others: Iterable[nn.Module]) -> str | None:
+    """Why a mixed call cannot fuse a module whose layers ``others`` run as themselves
+    on their rows (not in the stacks), or ``None``: each is a fusable DoRA layer, which
+    :func:`with_dora_rows` writes into the per-row kernel's inputs."""
+    for layer in others:
+        reason = chain_reason(module, (layer,))
+        if reason is None and fused_kind(layer) != "dora":  # pragma: no cover - defensive
+            reason = f"{type(layer).__name__} runs as itself in mixed batches"
+        if reason is not None:
+            return reason
+    return None
+
+
+def with_dora_rows(
+    module: nn.Module,
+    dora: Iterable[tuple[int, nn.Module]],
+    slots: int,
+    a: torch.Tensor | None,
+    bt: torch.Tensor | None,
+    scale: torch.Tensor | None,
+    ranks: torch.Tensor | None,
+) -> tuple:
+    """The per-row kernel's LoRA inputs with DoRA layers in their slots.
+
+    Mixed batches run DoRA layers as themselves (they are not in the stacks); for the
+    fused path their factors are written into copies of the LoRA stacks (widened to the
+    largest rank), with their scalings and ranks, and their cached column scales
+    (``dora_scale()``) into a ``(S, N)`` fp32 ``col_scale`` of ones elsewhere (LoRA, IA³
+    and identity slots). New tensors per call: the stacks themselves are not changed.
+
+    Args:
+        module: The adapted ``nn.Linear`` or ``Conv1D``.
+        dora: ``(slot, layer)`` of each DoRA layer at this module (``fused_kind`` "dora").
+        slots: Number of slots, the identity slot included.
+        a: ``(S, r, K)`` LoRA stack or ``None``.
+        bt: ``(S, r, N)`` or ``None``.
+        scale: ``(S,)`` or ``None``.
+        ranks: ``(S,)`` int32 or ``None``.
+
+    Returns:
+        ``(a, bt, scale, ranks, col_scale)`` for :func:`mixed_linear`.
+    """
+    kn = is_conv1d(module)
+    k, n = module.weight.shape if kn else module.weight.shape[::-1]
+    device = module.weight.device
+    items = [(slot, layer, *_factors(layer)) for slot, layer in dora]
+    r = max([a.shape[1] if a is not None else 0] + [fa.shape[0] for _, _, fa, _ in items])
+    dtype = items[0][2].dtype
+    for t in [a, bt] + [f for it in items for f in it[2:]]:
+        if t is not None:
+            dtype = torch.promote_types(dtype, t.dtype)
+    new_a = torch.zeros((slots, r, k), dtype=dtype, device=device)
+    new_bt = torch.zeros((slots, r, n), dtype=dtype, device=device)
+    new_scale = torch.zeros(slots, dtype=torch.float32, device=device)
+    new_ranks = torch.zeros(slots, dtype=torch.int32, device=device)
+    col = torch.ones((slots, n), dtype=torch.float32, device=device)
+    if a is not None and bt is not None:
+        new_a[:, : a.shape[1]] = a
+        new_bt[:, : bt.shape[1]] = bt
+    if scale is not None:
+        new_scale.copy_(scale)
+    if ranks is not None:
+        new_ranks.copy_(ranks)
+    for slot, layer, fa, fb in items:
+        new_a[slot, : fa.shape[0]] = fa
+        new_bt[slot, : fb.shape[1]] = fb.t()
+        new_scale[slot] = layer.scaling_tensor
+        new_ranks[slot] = fa.shape[0]
+        col[slot] = layer.dora_scale()
+    return new_a, new_bt, new_scale, new_ranks, col
 
 
 def empty_rows(x: torch.Tensor) -> torch.Tensor:
