@@ -305,7 +305,7 @@ if HAS_TRITON:
                                          r_top, SPLIT, stride_hs, stride_hm, stride_br, BLOCK_M)
             if HAS_COL_SCALE:
                 acc = col_scale_and_bias(acc, col_ptr, stride_cs, stride_cn, bias_ptr, 1, offs_n,
-                                         n_mask, lout_ptr, s[:, None], stride_los, stride_lon,
+                                         n_mask, lout_ptr, s.to(tl.int32)[:, None], stride_los, stride_lon,
                                          m_mask[:, None] & n_mask[None, :], HAS_BIAS, HAS_L_OUT)
             tl.store(
                 y_ptr + b[:, None] * stride_yb + t[:, None] * stride_yt + offs_n[None, :] * stride_yn,

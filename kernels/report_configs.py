@@ -51,7 +51,8 @@ def lora_linear_configs() -> list[dict]:
     and base), fp32/fp16/bf16, both weight layouts (the unit-stride argument is what
     the JIT specializes), with bias, IA³ in and out enabled (the superset of loads);
     and every configuration with LoRA once more with DoRA's column scale on
-    (``HAS_COL_SCALE``, variant ``dora``).
+    (``HAS_COL_SCALE``, variant ``dora``), as dispatch runs DoRA: with bias, without
+    IA³ (a DoRA layer is fused alone).
 
     Returns:
         Records with the keys ``ci/kernel_report.py`` documents.
@@ -118,7 +119,7 @@ def _linear_gemm_record(kernels: dict, dt: str, cfg: dict, r: int, weight_kn: bo
     constexprs = {name: 1 for name in unit}
     meta = dict(
         HAS_BIAS=True, HAS_LORA=has_lora, SHRINK_IN_LOOP=bool(cfg["shrink_in_loop"]) and has_lora,
-        HAS_SCALE=has_lora, HAS_L_IN=True, HAS_L_OUT=True, HAS_COL_SCALE=dora,
+        HAS_SCALE=has_lora, HAS_L_IN=not dora, HAS_L_OUT=not dora, HAS_COL_SCALE=dora,
         R_PAD=cfg["R_PAD"], R_BLOCK=cfg["R_BLOCK"], BLOCK_M=cfg["BLOCK_M"],
         BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], GROUP_M=cfg["GROUP_M"],
         DOT_FP32=dt == "fp32", UPCAST_DOT=False,

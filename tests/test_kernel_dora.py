@@ -339,6 +339,7 @@ def _run_mixed(args: tuple, strategy: str, **over) -> torch.Tensor:
     names = ["x", "weight", "bias", "row_index", "a_stack", "bt_stack", "scale", "ranks",
              "l_in_stack", "l_out_stack", "weight_kn", "col_scale"]
     kw = dict(zip(names, args), **over)
+    assert kw["row_index"].shape[0] == kw["x"].shape[0]  # launch() itself checks no shapes
     return LM.launch(**kw, strategy=strategy)
 
 
@@ -397,7 +398,7 @@ def test_mixed_col_scale_split_k_spread_and_bias_mutation(dtype, split_k_seen):
     assert (_mixed_excess(y, no_ia3) <= 0).all()
     assert {(sk > 1, spread) for sk, spread, _ in split_k_seen} >= {(True, False), (True, True)}
     # Only DoRA rows of slot 0: a bias of g[0] ⊙ b is the kernel scaling the bias too.
-    only = no_ia3[:3] + (torch.zeros(3, dtype=torch.long),) + no_ia3[4:]
+    only = no_ia3[:3] + (torch.zeros(no_ia3[0].shape[0], dtype=torch.long),) + no_ia3[4:]
     dev = _mixed_on_device(only)
     assert (_mixed_excess(_run_mixed(dev, "rows"), only) <= 0).all()
     moved = (only[2].float() * only[11][0]).to(dtype).to(DEVICE)
