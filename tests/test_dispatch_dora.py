@@ -21,7 +21,7 @@ import tinytune
 import tinytune.dispatch as dispatch
 from tinytune import AdapterWrapper, IA3Config, KernelUnavailableError, LoraConfig
 
-from conftest import tiny_gpt2, tiny_llama
+from conftest import Tower, tiny_gpt2, tiny_llama
 
 transformers = pytest.importorskip("transformers")
 
@@ -245,3 +245,30 @@ def test_mixed_batch_stacks_unchanged_by_dora_rows():
         w.set_active_adapters("d")
         alone = w(x[:1]).logits
     assert_close(again[:1], alone, torch.float32)
+
+
+# ----------------------------------------------------------------------------------------
+# torch.compile: the op stays in the graph with the column scale, no graph break
+# ----------------------------------------------------------------------------------------
+@needs_kernels
+def test_compile_fullgraph_dora_triton_mode():
+    torch.manual_seed(0)
+    cfg = LoraConfig(r=4, use_dora=True, init_lora_weights=False, target_modules=["q_proj", "up_proj"])
+    w = AdapterWrapper.from_config(Tower().eval().to(DEVICE), cfg, "d")
+    randomise(w, seed=9)
+    x = torch.randint(0, 32, (2, 3)).to(DEVICE)
+    ops = []
+
+    def backend(gm, example_inputs):
+        ops.extend(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
+        return gm.forward
+
+    torch._dynamo.reset()
+    compiled = torch.compile(w, backend=backend, fullgraph=True)
+    ref, out = both_paths(lambda: w(x))
+    with torch.no_grad(), tinytune.kernel_mode("triton"):
+        got = compiled(x)
+    assert sum("tinytune.lora_linear" in op for op in ops) == 4
+    assert_close(got, ref, torch.float32)
+    assert_close(got, out, torch.float32)
+    torch._dynamo.reset()
