@@ -392,6 +392,8 @@ class _SitePlan:
             a, bt, scale = st.lora[:3]
         ranks = getattr(st, "ranks", None)
         col = None
+        if getattr(st, "dora_items", ()):  # DoRA stacked with the LoRAs, scales beside them
+            col = st.dora
         if st.others_post:  # DoRA layers (see fuse_reason): into copies of the stacks
             a, bt, scale, ranks, col = dispatch.with_dora_rows(module, st.others_post, st.size, a, bt,
                                                                scale, ranks)  # fmt: skip

@@ -332,11 +332,17 @@ def machine_reason() -> str:
 def fused_kind(layer: nn.Module) -> str | None:
     """``"lora"``, ``"dora"``, ``"ia3_pre"`` or ``"ia3_post"`` for built-in layers the
     kernel can run (forward methods not overridden), else ``None``."""
-    kind = layers.layer_kind(layer)
-    if kind is None and isinstance(layer, LinearDoraLayer):
+    if layers.is_dora(layer):
+        # Checked first: a DoRA layer must never reach the kernels as a plain LoRA.
         cls = type(layer)
-        if cls.post_forward is LinearDoraLayer.post_forward and cls.pre_forward is LinearLoraLayer.pre_forward:
+        if (
+            isinstance(layer, LinearDoraLayer)
+            and cls.post_forward is LinearDoraLayer.post_forward
+            and cls.pre_forward is LinearLoraLayer.pre_forward
+        ):
             return "dora"
+        return None
+    kind = layers.layer_kind(layer)
     return None if kind == "emb" else kind
 
 
