@@ -355,8 +355,13 @@ def _shrink_time(m: int, k: int, r: int, e: int, sc: dict) -> tuple:
     return _tk(bytes_, 2 * tiles_m * bm * k * r_pad, programs), programs, int(split > 1)
 
 
-def roofline(m: int, k: int, n: int, r: int, e: int = 2) -> dict:
+def roofline(m: int, k: int, n: int, r: int, e: int = 2, dora: bool = False) -> dict:
     """Predicted seconds of one bf16 layer: merged, fused (both paths) and unmerged PyTorch.
+
+    ``dora``: a DoRA layer (issue 22): the fused GEMM also reads the cached fp32 column
+    scale ``g`` (``N`` floats; the re-reads of other M-tiles come from L2, as ``A``'s) and
+    multiplies the tile once; merged is unchanged (``g`` folds into the merged weight);
+    unmerged PyTorch adds one element-wise pass over ``y`` (read, write) for ``g``.
 
     ``e`` bytes per element. Each kernel costs max(bytes / BW, FLOPs / peak) scaled by
     the share of the GPU its grid fills (``_tk``: CTAs per SM); merged and unmerged are
@@ -376,12 +381,14 @@ def roofline(m: int, k: int, n: int, r: int, e: int = 2) -> dict:
     w, x, y, a, b = n * k * e, m * k * e, m * n * e, r * k * e, n * r * e
     base_flops = 2 * m * n * k
     merged = _t(w + x + y, base_flops)
+    g_bytes, g_flops = (n * 4, m * n) if dora else (0, 0)
     # One launch: A re-reads per N-tile come from L2; the shrink runs once per N-tile,
     # on the tile's padded rows. Without a fused tile at this shape (large rank, fp32
     # tiles, M > 128) the decode-sized 32x128 tile stands in for it.
     bm, bn = (cfg["BLOCK_M"], cfg["BLOCK_N"]) if cfg["shrink_in_loop"] else (32, 128)
     tiles_m, tiles_n = _cdiv(m, bm), _cdiv(n, bn)
-    one = _tk(w + x + y + a + b, base_flops + 2 * tiles_m * bm * k * r_pad * tiles_n + 2 * m * n * r_pad,
+    one = _tk(w + x + y + a + b + g_bytes,
+              base_flops + 2 * tiles_m * bm * k * r_pad * tiles_n + 2 * m * n * r_pad + g_flops,
               tiles_m * tiles_n)
     # Two launches: the shrink (split as shrink_config splits it), then the GEMM, with the
     # tiles pick_config gives where the shrink is not fused.
@@ -390,7 +397,7 @@ def roofline(m: int, k: int, n: int, r: int, e: int = 2) -> dict:
     shrink, shrink_programs, memset = _shrink_time(m, k, r, e, sc)
     unsplit = dict(L.shrink_config(r_pad, m <= L.DECODE_MAX_M, False), BLOCK_R=r_pad, SPLIT_K=1)
     shrink_unsplit, unsplit_programs, _ = _shrink_time(m, k, r, e, unsplit)
-    gemm2 = _tk(w + x + y + b + m * r * 4, base_flops + 2 * m * n * r_pad,
+    gemm2 = _tk(w + x + y + b + m * r * 4 + g_bytes, base_flops + 2 * m * n * r_pad + g_flops,
                 _cdiv(m, two_cfg["BLOCK_M"]) * _cdiv(n, two_cfg["BLOCK_N"]))
     two = shrink + gemm2
     if r == 0:  # no LoRA (pure IA³): the GEMM alone, one launch
@@ -401,6 +408,7 @@ def roofline(m: int, k: int, n: int, r: int, e: int = 2) -> dict:
         merged
         + _t(x + a + m * r * e, 2 * m * k * r)  # h = x Aᵀ
         + _t(m * r * e + b + 2 * y, 2 * m * n * r)  # y += h Bᵀ (addmm reads and writes y)
+        + (_t(2 * y + g_bytes, g_flops) if dora else 0)  # y *= g (DoRA)
     )
     return {
         "path": path,
@@ -413,7 +421,7 @@ def roofline(m: int, k: int, n: int, r: int, e: int = 2) -> dict:
         "fused_l": fused + (0 if path == "one" else LAUNCH_S * (1 + memset)),
         "one_l": one,
         "two_l": two + LAUNCH_S * (1 + memset),
-        "unmerged_l": unmerged + 2 * LAUNCH_S,
+        "unmerged_l": unmerged + (3 if dora else 2) * LAUNCH_S,
         # the shrink alone, split (as launched) and as one program per BLOCK_M rows
         "shrink": shrink,
         "shrink_unsplit": shrink_unsplit,
@@ -488,6 +496,34 @@ def print_shrink_split() -> list[dict]:
                       f"{row['programs']:>4} -> {row['programs_split']:>4} "
                       f"{row['shrink_us']:>5.2f} -> {row['shrink_split_us']:>5.2f} "
                       f"{row['two_l_over_merged']:>6.3f} -> {row['two_split_l_over_merged']:>5.3f}")
+    return rows
+
+
+DORA_MS = [1, 16, 64, 128, 2048, 8192]
+
+
+def print_roofline_dora() -> list[dict]:
+    """DoRA (issue 22, part 5) over plain LoRA on the fused path: one ``(N,)`` fp32 vector
+    more per adapter (the per-row op: per distinct DoRA slot in the batch)."""
+    print()
+    print("H200 roofline PREDICTION for DoRA (column scale in the epilogue): fused DoRA / fused LoRA")
+    hdr = (f"{'K->N':<12} {'r':>3} {'M':>5} {'path':>4} {'fused LoRA us':>13} {'fused DoRA us':>13} "
+           f"{'DoRA/LoRA':>9} {'+l DoRA/merged':>14} {'+l unmerged/fused':>17}")
+    print(hdr)
+    print("-" * len(hdr))
+    rows = []
+    for k, n in BENCH_SHAPES:
+        for r in BENCH_RANKS:
+            for m in DORA_MS:
+                lo, do = roofline(m, k, n, r), roofline(m, k, n, r, dora=True)
+                row = {"k": k, "n": n, "r": r, "m": m, "path": do["path"], "fused_lora": lo["fused"] * 1e6,
+                       "fused_dora": do["fused"] * 1e6, "dora_over_lora": do["fused"] / lo["fused"],
+                       "dora_over_merged_l": do["fused_l"] / do["merged_l"],
+                       "unmerged_over_fused_l": do["unmerged_l"] / do["fused_l"]}  # fmt: skip
+                rows.append(row)
+                print(f"{f'{k}->{n}':<12} {r:>3} {m:>5} {do['path']:>4} {row['fused_lora']:>13.2f} "
+                      f"{row['fused_dora']:>13.2f} {row['dora_over_lora']:>9.4f} {row['dora_over_merged_l']:>14.3f} "
+                      f"{row['unmerged_over_fused_l']:>17.3f}")  # fmt: skip
     return rows
 
 
@@ -570,6 +606,7 @@ def main(argv=None) -> int:
             print_report(results)
         print_roofline()
         print_shrink_split()
+        print_roofline_dora()
         if len(reports) > 1:
             print()
             print_comparison(reports)
@@ -600,6 +637,7 @@ def main(argv=None) -> int:
     roof = print_roofline()
     (out / "roofline_h200.json").write_text(json.dumps(roof, indent=1))
     (out / "shrink_split_h200.json").write_text(json.dumps(print_shrink_split(), indent=1))
+    (out / "roofline_h200_dora.json").write_text(json.dumps(print_roofline_dora(), indent=1))
     reports = [results]
     if args.also_with:
         sub_argv = ["--arch", args.arch] + (["--quick"] if args.quick else [])

@@ -8,6 +8,12 @@ rank row (``s``); ``l_in``/``l_out`` are IA³ scales on the input/output feature
 that composes with a LoRA on the same module is folded into that LoRA's ``A`` (input
 side) or ``B`` (output side) by the caller, so the kernel stays one formula.
 
+DoRA (``col_scale``, a per-output-column scale ``g = m / ‖W + s·B·A‖_row`` computed by
+the caller): ``y = l_out ⊙ (g ⊙ W (l_in ⊙ x) + b) + g ⊙ ((x Aᵀ) ⊙ s) Bᵀ``; without IA³
+that is ``(W x + s·B·A x) ⊙ g + b``. The epilogue applies ``l_out``, adds the LoRA term,
+scales by ``g`` and adds the bias (``l_out ⊙ b``): one more ``(N,)`` vector read per
+output tile, under the constexpr ``HAS_COL_SCALE`` (the same kernels).
+
 Two strategies, chosen by shape in :func:`pick_config` (one place), plus a third regime
 of the first:
 
@@ -49,7 +55,7 @@ from typing import Optional
 
 import torch
 
-from .triton_helpers import add_h_bt, base_k_step, bias_and_l_out, mma
+from .triton_helpers import add_h_bt, base_k_step, bias_and_l_out, col_scale_and_bias, mma
 from .triton_support import HAS_TRITON, is_interpreted, tl, triton
 
 __all__ = ["torch_lora_linear", "lora_linear", "pick_config", "triton_kernels"]
@@ -165,6 +171,7 @@ if HAS_TRITON:
         h_ptr,  # (M, R) fp32 (x Aᵀ) ⊙ s, read when not SHRINK_IN_LOOP
         lin_ptr,  # (K,) IA³ on the input
         lout_ptr,  # (N,) IA³ on the output
+        col_ptr,  # (N,) DoRA column scale, read when HAS_COL_SCALE
         y_ptr,  # (M, N) output, contiguous
         # sizes
         M,
@@ -185,6 +192,7 @@ if HAS_TRITON:
         stride_hm,
         stride_lin,
         stride_lout,
+        stride_col,
         stride_ym,
         # meta
         HAS_BIAS: tl.constexpr,
@@ -193,6 +201,7 @@ if HAS_TRITON:
         HAS_SCALE: tl.constexpr,
         HAS_L_IN: tl.constexpr,
         HAS_L_OUT: tl.constexpr,
+        HAS_COL_SCALE: tl.constexpr,
         R_PAD: tl.constexpr,
         R_BLOCK: tl.constexpr,
         BLOCK_M: tl.constexpr,
@@ -207,8 +216,10 @@ if HAS_TRITON:
         The K-loop streams ``x`` and ``W`` tiles (``l_in`` scales the x tile); with
         ``SHRINK_IN_LOOP`` (decode) the same x tile also feeds ``h += x Aᵀ``. The epilogue
         adds bias, applies ``l_out``, adds ``h Bᵀ`` (``h`` from the loop or from ``h_ptr``,
-        in rank chunks of R_BLOCK) and stores once. Tiles are visited in groups of GROUP_M
-        rows of tiles so neighbouring programs share W tiles in L2.
+        in rank chunks of R_BLOCK) and stores once. With ``HAS_COL_SCALE`` (DoRA) the bias
+        waits until the LoRA term is in: ``g ⊙ (l_out ⊙ W x + L) + l_out ⊙ b``. Tiles are
+        visited in groups of GROUP_M rows of tiles so neighbouring programs share W tiles
+        in L2.
         """
         pid = tl.program_id(0)
         num_pid_m = tl.cdiv(M, BLOCK_M)
@@ -248,7 +259,7 @@ if HAS_TRITON:
             w_ptrs += BLOCK_K * stride_wk
 
         acc = bias_and_l_out(acc, bias_ptr, stride_bias, offs_n, n_mask, lout_ptr, 0, 0,
-                             stride_lout, n_mask, HAS_BIAS, HAS_L_OUT)
+                             stride_lout, n_mask, HAS_BIAS and not HAS_COL_SCALE, HAS_L_OUT)
         if HAS_LORA:
             if SHRINK_IN_LOOP:
                 if HAS_SCALE:
@@ -266,6 +277,9 @@ if HAS_TRITON:
                     acc = add_h_bt(acc, h_ptr + offs_m[:, None] * stride_hm, m_mask, offs_rc,
                                    rc_mask, b_ptr, 0, 0, stride_br, offs_n, stride_bn, n_mask,
                                    x_ptr.dtype.element_ty, DOT_FP32, UPCAST_DOT)
+        if HAS_COL_SCALE:
+            acc = col_scale_and_bias(acc, col_ptr, 0, stride_col, bias_ptr, stride_bias, offs_n,
+                                     n_mask, lout_ptr, 0, 0, stride_lout, n_mask, HAS_BIAS, HAS_L_OUT)
 
         y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :]
         tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
@@ -464,7 +478,7 @@ def pick_config(m: int, n: int, k: int, r: int, dtype: torch.dtype, arch: int = 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def _check(x, weight, bias, lora_a, lora_b, lora_scale, l_in, l_out, weight_kn) -> tuple[int, int, int]:
+def _check(x, weight, bias, lora_a, lora_b, lora_scale, l_in, l_out, weight_kn, col_scale=None) -> tuple[int, int, int]:
     """Validate shapes/dtypes; returns ``(K, N, R)``."""
     if x.dtype not in _DTYPES:
         raise TypeError(f"lora_linear supports float32, float16 and bfloat16 inputs, got {x.dtype}.")
@@ -473,7 +487,7 @@ def _check(x, weight, bias, lora_a, lora_b, lora_scale, l_in, l_out, weight_kn) 
     k, n = (weight.shape[0], weight.shape[1]) if weight_kn else (weight.shape[1], weight.shape[0])
     if x.shape[-1] != k:
         raise ValueError(f"lora_linear: x has {x.shape[-1]} features but weight expects {k}.")
-    for name, t, size in (("bias", bias, n), ("l_in", l_in, k), ("l_out", l_out, n)):
+    for name, t, size in (("bias", bias, n), ("l_in", l_in, k), ("l_out", l_out, n), ("col_scale", col_scale, n)):
         if t is not None and tuple(t.shape) != (size,):
             raise ValueError(f"lora_linear: {name} must have shape ({size},), got {tuple(t.shape)}.")
     if (lora_a is None) != (lora_b is None):
@@ -526,16 +540,18 @@ def _sms(device: torch.device) -> int:
     return _SMS[idx]
 
 
-def launch(x, weight, bias, lora_a, lora_b, lora_scale, l_in, l_out, weight_kn=False, config=None):
+def launch(x, weight, bias, lora_a, lora_b, lora_scale, l_in, l_out, weight_kn=False, config=None,
+           col_scale=None):
     """Run the kernels (CUDA tensors, or CPU tensors under the interpreter).
 
     Args:
         config: Override of :func:`pick_config`'s choice (tests run every configuration).
+        col_scale: DoRA's ``(N,)`` column scale, as in :func:`lora_linear`.
 
     Returns:
         ``(..., N)`` in ``x.dtype``.
     """
-    k, n, r = _check(x, weight, bias, lora_a, lora_b, lora_scale, l_in, l_out, weight_kn)
+    k, n, r = _check(x, weight, bias, lora_a, lora_b, lora_scale, l_in, l_out, weight_kn, col_scale)
     lead = x.shape[:-1]
     x2 = x.reshape(-1, k)
     m = x2.shape[0]
@@ -543,7 +559,7 @@ def launch(x, weight, bias, lora_a, lora_b, lora_scale, l_in, l_out, weight_kn=F
     if m == 0 or n == 0:
         return y.reshape(*lead, n)
     if k == 0:  # no K-loop to run: the formula reduces to l_out ⊙ b
-        return torch_lora_linear(x, weight, bias, lora_a, lora_b, lora_scale, l_in, l_out, weight_kn)
+        return torch_lora_linear(x, weight, bias, lora_a, lora_b, lora_scale, l_in, l_out, weight_kn, col_scale)
     cfg = config if config is not None else pick_config(m, n, k, r, x.dtype, _arch(x.device), _sms(x.device))
     # The GPU's branch under the interpreter too; UPCAST_DOT only widens its dot operands.
     dot_fp32 = x.dtype == torch.float32
@@ -588,6 +604,7 @@ def launch(x, weight, bias, lora_a, lora_b, lora_scale, l_in, l_out, weight_kn=F
         h,
         l_in if l_in is not None else dummy,
         l_out if l_out is not None else dummy,
+        col_scale if col_scale is not None else dummy,
         y,
         m, n, k, r,
         x2.stride(0), x2.stride(1), stride_wn, stride_wk,
@@ -598,11 +615,13 @@ def launch(x, weight, bias, lora_a, lora_b, lora_scale, l_in, l_out, weight_kn=F
         stride_hm,
         l_in.stride(0) if l_in is not None else 0,
         l_out.stride(0) if l_out is not None else 0,
+        col_scale.stride(0) if col_scale is not None else 0,
         y.stride(0),
         HAS_BIAS=bias is not None, HAS_LORA=has_lora,
         SHRINK_IN_LOOP=bool(cfg["shrink_in_loop"]) and has_lora,
         HAS_SCALE=lora_scale is not None,
         HAS_L_IN=l_in is not None, HAS_L_OUT=l_out is not None,
+        HAS_COL_SCALE=col_scale is not None,
         R_PAD=cfg["R_PAD"], R_BLOCK=cfg["R_BLOCK"],
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
         GROUP_M=cfg["GROUP_M"], DOT_FP32=dot_fp32, UPCAST_DOT=upcast,
@@ -627,10 +646,13 @@ def lora_linear(
     l_in: Optional[torch.Tensor],
     l_out: Optional[torch.Tensor],
     weight_kn: bool = False,
+    col_scale: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """A linear layer with LoRA and IA³ in one pass (``torch.ops.tinytune.lora_linear``).
 
-    ``y = l_out ⊙ (W (l_in ⊙ x) + b) + ((x Aᵀ) ⊙ s) Bᵀ``, fp32 accumulation.
+    ``y = l_out ⊙ (W (l_in ⊙ x) + b) + ((x Aᵀ) ⊙ s) Bᵀ``, fp32 accumulation. With
+    ``col_scale`` ``g`` (DoRA): ``y = l_out ⊙ (g ⊙ W (l_in ⊙ x) + b) + g ⊙ ((x Aᵀ) ⊙ s) Bᵀ``,
+    that is ``(W x + s·B·A x) ⊙ g + b`` without IA³.
 
     Runs the Triton kernels on CUDA tensors and, under ``TRITON_INTERPRET=1``, on CPU
     tensors; anywhere else (no Triton, CPU without the interpreter) it computes
@@ -648,6 +670,9 @@ def lora_linear(
         l_in: ``(K,)`` or ``None``: IA³ scale of the input features.
         l_out: ``(N,)`` or ``None``: IA³ scale of the output features.
         weight_kn: Whether ``weight`` is stored ``(K, N)``.
+        col_scale: ``(N,)`` or ``None``: DoRA's per-output-column scale
+            ``g = m / ‖W + s·B·A‖_row`` (any float dtype; fp32 recommended), applied to the
+            base product and the LoRA term in the epilogue, not to the bias.
 
     Returns:
         ``(..., N)`` in ``x.dtype``.
@@ -657,13 +682,14 @@ def lora_linear(
         ValueError: Inconsistent shapes, or a total rank above 256.
     """
     if HAS_TRITON and (x.is_cuda or (x.device.type == "cpu" and interpreted())):
-        return launch(x, weight, bias, lora_a, lora_b, lora_scale, l_in, l_out, weight_kn)
-    _check(x, weight, bias, lora_a, lora_b, lora_scale, l_in, l_out, weight_kn)
-    return torch_lora_linear(x, weight, bias, lora_a, lora_b, lora_scale, l_in, l_out, weight_kn)
+        return launch(x, weight, bias, lora_a, lora_b, lora_scale, l_in, l_out, weight_kn,
+                      col_scale=col_scale)
+    _check(x, weight, bias, lora_a, lora_b, lora_scale, l_in, l_out, weight_kn, col_scale)
+    return torch_lora_linear(x, weight, bias, lora_a, lora_b, lora_scale, l_in, l_out, weight_kn, col_scale)
 
 
 @lora_linear.register_fake
-def _(x, weight, bias, lora_a, lora_b, lora_scale, l_in, l_out, weight_kn=False):
+def _(x, weight, bias, lora_a, lora_b, lora_scale, l_in, l_out, weight_kn=False, col_scale=None):
     n = weight.shape[1] if weight_kn else weight.shape[0]
     return x.new_empty((*x.shape[:-1], n))
 
@@ -678,11 +704,14 @@ def torch_lora_linear(
     l_in: Optional[torch.Tensor],
     l_out: Optional[torch.Tensor],
     weight_kn: bool = False,
+    col_scale: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """PyTorch reference of :func:`lora_linear` (and its CPU fallback).
 
     Computes ``l_out ⊙ (W (l_in ⊙ x) + b) + ((x Aᵀ) ⊙ s) Bᵀ`` entirely in fp32 and
-    returns it in ``x.dtype``. Arguments and shapes as in :func:`lora_linear`.
+    returns it in ``x.dtype``; with ``col_scale`` ``g`` (DoRA),
+    ``l_out ⊙ (g ⊙ W (l_in ⊙ x) + b) + g ⊙ ((x Aᵀ) ⊙ s) Bᵀ``. Arguments and shapes as in
+    :func:`lora_linear`.
 
     Returns:
         ``(..., N)`` in ``x.dtype``.
@@ -691,6 +720,9 @@ def torch_lora_linear(
     xin = xf * l_in.float() if l_in is not None else xf
     w = weight.float()
     y = xin @ w if weight_kn else xin @ w.t()
+    g = col_scale.float() if col_scale is not None else None
+    if g is not None:
+        y = y * g
     if bias is not None:
         y = y + bias.float()
     if l_out is not None:
@@ -699,5 +731,6 @@ def torch_lora_linear(
         h = xf @ lora_a.float().t()
         if lora_scale is not None:
             h = h * lora_scale.float()
-        y = y + h @ lora_b.float().t()
+        lora = h @ lora_b.float().t()
+        y = y + (lora * g if g is not None else lora)
     return y.to(x.dtype)

@@ -15,6 +15,11 @@ launches, for any assignment of slots to rows. It takes the mixed-batch layout o
   identity slot and slots without LoRA): the kernels never touch the padding.
 * IA³: ``l_in_stack`` ``(S, in)`` and ``l_out_stack`` ``(S, out)``, ones in slots
   without an IA³ layer.
+* DoRA: ``col_scale`` ``(S, out)``, each DoRA slot's column scale
+  ``g[s] = m / ‖W + s·B·A‖_row`` (ones in other slots and the identity slot):
+  ``y[i] = l_out[s] * (g[s] * W (l_in[s] * x[i]) + b) + g[s] * scale[s] * (x[i] A[s]^T) B[s]^T``,
+  i.e. ``g[s] * (W x[i] + LoRA) + b`` for a DoRA row. The epilogue applies ``l_out``,
+  adds the LoRA term, scales by ``g`` and adds the bias (constexpr ``HAS_COL_SCALE``).
 
 Rows are batch dimension 0 of ``x``; all other leading dimensions (sequence, ...) are
 tokens of that row.
@@ -37,7 +42,7 @@ import torch
 
 from .lora_mixed_plan import (choose_strategy, k_splits, programs_wanted, rows_config, segment_tiles,
                               segments_config)
-from .triton_helpers import add_h_bt, base_k_step, bias_and_l_out, mma
+from .triton_helpers import add_h_bt, base_k_step, bias_and_l_out, col_scale_and_bias, mma
 from .triton_support import HAS_TRITON, is_interpreted, tl, triton
 
 # segment_tiles is re-exported: callers that share one plan across layers build it with
@@ -179,6 +184,7 @@ if HAS_TRITON:
         hp_ptr,  # (SPLIT, M, r_max) fp32 from _shrink_rows_kernel
         lin_ptr,  # (S, K)
         lout_ptr,  # (S, N)
+        col_ptr,  # (S, N) DoRA column scales, read when HAS_COL_SCALE
         y_ptr,  # (B, T, N)
         ws_ptr,  # (SPLIT_K, tiles, BLOCK_M, BLOCK_N) fp32 partial tiles (SPLIT_K > 1)
         cnt_ptr,  # (tiles,) int32 arrivals per output tile, zero at launch
@@ -204,6 +210,8 @@ if HAS_TRITON:
         stride_lik,
         stride_los,
         stride_lon,
+        stride_cs,
+        stride_cn,
         stride_yb,
         stride_yt,
         stride_yn,
@@ -212,6 +220,7 @@ if HAS_TRITON:
         HAS_LORA: tl.constexpr,
         HAS_L_IN: tl.constexpr,
         HAS_L_OUT: tl.constexpr,
+        HAS_COL_SCALE: tl.constexpr,
         DOT_FP32: tl.constexpr,
         UPCAST_DOT: tl.constexpr,
         SPLIT_K: tl.constexpr,
@@ -220,7 +229,8 @@ if HAS_TRITON:
         BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr,
     ):
-        """y = l_out[s] * (W (l_in[s] * x) + b) + h B[s]^T per token, s = slot(token).
+        """y = l_out[s] * (W (l_in[s] * x) + b) + h B[s]^T per token, s = slot(token);
+        with HAS_COL_SCALE, y = l_out[s] * (g[s] * W (l_in[s] * x) + b) + g[s] * h B[s]^T.
 
         Tiles are contiguous tokens (any mix of slots), so W is streamed once per M-tile.
         At decode there are few output tiles, so the K range is split over SPLIT_K
@@ -286,14 +296,19 @@ if HAS_TRITON:
                     # .cg: read the other programs' partials from L2, never a stale L1
                     acc += tl.load(tile_ws + j * tiles * (BLOCK_M * BLOCK_N), cache_modifier=".cg")
         if last:
-            # bias: contiguous (the launcher makes it so)
+            # bias: contiguous (the launcher makes it so); held back with HAS_COL_SCALE
             acc = bias_and_l_out(acc, bias_ptr, 1, offs_n, n_mask,
                                  lout_ptr, s[:, None], stride_los, stride_lon,
-                                 m_mask[:, None] & n_mask[None, :], HAS_BIAS, HAS_L_OUT)
+                                 m_mask[:, None] & n_mask[None, :],
+                                 HAS_BIAS and not HAS_COL_SCALE, HAS_L_OUT)
             if HAS_LORA:
                 if not SPREAD_LORA:
                     acc = _gather_expand(acc, hp_ptr, bt_rows, rank, offs_m, m_mask, n_mask, 0,
                                          r_top, SPLIT, stride_hs, stride_hm, stride_br, BLOCK_M)
+            if HAS_COL_SCALE:
+                acc = col_scale_and_bias(acc, col_ptr, stride_cs, stride_cn, bias_ptr, 1, offs_n,
+                                         n_mask, lout_ptr, s.to(tl.int32)[:, None], stride_los, stride_lon,
+                                         m_mask[:, None] & n_mask[None, :], HAS_BIAS, HAS_L_OUT)
             tl.store(
                 y_ptr + b[:, None] * stride_yb + t[:, None] * stride_yt + offs_n[None, :] * stride_yn,
                 acc.to(y_ptr.dtype.element_ty),
@@ -386,6 +401,7 @@ if HAS_TRITON:
         h_ptr,  # (M, r_max) fp32 from _shrink_segments_kernel
         lin_ptr,  # (S, K)
         lout_ptr,  # (S, N)
+        col_ptr,  # (S, N) DoRA column scales, read when HAS_COL_SCALE
         y_ptr,  # (B, T, N)
         # sizes
         N,
@@ -406,6 +422,8 @@ if HAS_TRITON:
         stride_lik,
         stride_los,
         stride_lon,
+        stride_cs,
+        stride_cn,
         stride_yb,
         stride_yt,
         stride_yn,
@@ -414,6 +432,7 @@ if HAS_TRITON:
         HAS_LORA: tl.constexpr,
         HAS_L_IN: tl.constexpr,
         HAS_L_OUT: tl.constexpr,
+        HAS_COL_SCALE: tl.constexpr,
         DOT_FP32: tl.constexpr,
         UPCAST_DOT: tl.constexpr,
         LORA_FP32: tl.constexpr,
@@ -422,7 +441,8 @@ if HAS_TRITON:
         BLOCK_K: tl.constexpr,
         BLOCK_R: tl.constexpr,
     ):
-        """y = l_out[s] * (W (l_in[s] * x) + b) + h B[s]^T for one slot-homogeneous tile.
+        """y = l_out[s] * (W (l_in[s] * x) + b) + h B[s]^T for one slot-homogeneous tile
+        (with HAS_COL_SCALE: l_out[s] * (g[s] * W (l_in[s] * x) + b) + g[s] * h B[s]^T).
 
         The tile's tokens are gathered through the sorted row order and written back to
         their own places; the slot is one scalar, so IA³ scales are vectors and the LoRA
@@ -449,9 +469,9 @@ if HAS_TRITON:
                                  w_ptr + offs_k[:, None] * stride_wk + offs_n[None, :] * stride_wn,
                                  n_mask, lin_ptr + s * stride_lis + offs_k * stride_lik, k_mask,
                                  HAS_L_IN, DOT_FP32, UPCAST_DOT)
-        # bias: contiguous (the launcher makes it so)
-        acc = bias_and_l_out(acc, bias_ptr, 1, offs_n, n_mask,
-                             lout_ptr, s, stride_los, stride_lon, n_mask, HAS_BIAS, HAS_L_OUT)
+        # bias: contiguous (the launcher makes it so); held back with HAS_COL_SCALE
+        acc = bias_and_l_out(acc, bias_ptr, 1, offs_n, n_mask, lout_ptr, s, stride_los, stride_lon,
+                             n_mask, HAS_BIAS and not HAS_COL_SCALE, HAS_L_OUT)
         if HAS_LORA:
             rank = tl.where(start < end, tl.load(rank_ptr + s), 0)
             for r0 in range(0, rank, BLOCK_R):
@@ -460,6 +480,9 @@ if HAS_TRITON:
                 acc = add_h_bt(acc, h_ptr + offs_p[:, None] * stride_hm, p_mask, offs_r, r_mask,
                                bt_ptr, s, stride_bs, stride_br, offs_n, stride_bn, n_mask,
                                x_ptr.dtype.element_ty, LORA_FP32, UPCAST_DOT)
+        if HAS_COL_SCALE:
+            acc = col_scale_and_bias(acc, col_ptr, stride_cs, stride_cn, bias_ptr, 1, offs_n, n_mask,
+                                     lout_ptr, s, stride_los, stride_lon, n_mask, HAS_BIAS, HAS_L_OUT)
         tl.store(
             y_ptr + row[:, None] * stride_yb + t[:, None] * stride_yt + offs_n[None, :] * stride_yn,
             acc.to(y_ptr.dtype.element_ty),
@@ -491,7 +514,7 @@ def _can_launch(x: torch.Tensor) -> bool:
 
 
 def _check_inputs(x, weight, bias, row_index, a_stack, bt_stack, scale, ranks, l_in_stack,
-                  l_out_stack, weight_kn) -> None:
+                  l_out_stack, weight_kn, col_scale=None) -> None:
     """Shape checks shared by both paths (values are not checked: that needs a sync)."""
     def bad(what: str) -> ValueError:
         return ValueError(f"lora_mixed_linear: {what}")
@@ -514,9 +537,9 @@ def _check_inputs(x, weight, bias, row_index, a_stack, bt_stack, scale, ranks, l
     slots = None
     expected = {"a_stack": ("slots", "r_max", k), "bt_stack": ("slots", "r_max", n),
                 "scale": ("slots",), "ranks": ("slots",), "l_in_stack": ("slots", k),
-                "l_out_stack": ("slots", n)}
+                "l_out_stack": ("slots", n), "col_scale": ("slots", n)}
     given = {"a_stack": a_stack, "bt_stack": bt_stack, "scale": scale, "ranks": ranks,
-             "l_in_stack": l_in_stack, "l_out_stack": l_out_stack}
+             "l_in_stack": l_in_stack, "l_out_stack": l_out_stack, "col_scale": col_scale}
     for name, t in given.items():
         if t is None:
             continue
@@ -539,11 +562,11 @@ def _max_offset(t: Optional[torch.Tensor]) -> int:
     return sum((size - 1) * abs(stride) for size, stride in zip(t.shape, t.stride()))
 
 
-def _stack_facts(a_stack, bt_stack, scale, ranks, l_in_stack, l_out_stack) -> tuple:
+def _stack_facts(a_stack, bt_stack, scale, ranks, l_in_stack, l_out_stack, col_scale=None) -> tuple:
     """``(has_lora, r_max, slots)`` of a call's stacks."""
     has_lora = a_stack is not None and bt_stack is not None and a_stack.shape[1] > 0
     r_max = a_stack.shape[1] if has_lora else 0
-    stacks = [t for t in (a_stack, l_in_stack, l_out_stack, scale, ranks) if t is not None]
+    stacks = [t for t in (a_stack, l_in_stack, l_out_stack, scale, ranks, col_scale) if t is not None]
     return has_lora, r_max, stacks[0].shape[0] if stacks else 1
 
 
@@ -563,6 +586,7 @@ def segment_plan_key(
     l_in_stack: Optional[torch.Tensor],
     l_out_stack: Optional[torch.Tensor],
     weight_kn: bool = False,
+    col_scale: Optional[torch.Tensor] = None,
 ) -> Optional[tuple]:
     """What the segment plan of this call would be built from, if the kernels run the
     "segments" strategy: ``(slots, tokens, block_m)`` for ``segment_tiles``, else
@@ -582,18 +606,20 @@ def segment_plan_key(
         l_in_stack: As in :func:`lora_mixed_linear`.
         l_out_stack: As in :func:`lora_mixed_linear`.
         weight_kn: As in :func:`lora_mixed_linear`.
+        col_scale: As in :func:`lora_mixed_linear`.
 
     Returns:
         ``(slots, tokens, block_m)`` or ``None`` (the "rows" strategy, or no kernels).
     """
     if not _can_launch(x) or x.dim() < 2 or x.numel() == 0 or x.shape[-1] == 0:
         return None
-    if all(t is None for t in (a_stack, scale, ranks, l_in_stack, l_out_stack)):
+    if all(t is None for t in (a_stack, scale, ranks, l_in_stack, l_out_stack, col_scale)):
         return None  # nothing per row: the launcher plans nothing either
     b, k = x.shape[0], x.shape[-1]
     n = weight.shape[1] if weight_kn else weight.shape[0]
     tokens = x.numel() // (b * k)
-    has_lora, r_max, slots = _stack_facts(a_stack, bt_stack, scale, ranks, l_in_stack, l_out_stack)
+    has_lora, r_max, slots = _stack_facts(a_stack, bt_stack, scale, ranks, l_in_stack, l_out_stack,
+                                          col_scale)
     elem = a_stack.element_size() if has_lora else x.element_size()
     if choose_strategy(b * tokens, n, k, r_max, slots, elem) != "segments":
         return None
@@ -617,31 +643,34 @@ def launch(
     seg_tiles: Optional[torch.Tensor] = None,
     seg_order: Optional[torch.Tensor] = None,
     sms: Optional[int] = None,
+    col_scale: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Run the fused kernels (``strategy`` forces "rows" or "segments"; tests use it;
     ``seg_tiles``/``seg_order``: a segment plan built by the caller, see
     :func:`segment_plan_key`; ``sms``: the programs that fill the GPU, for the decode
-    GEMM's split-K, by default the device's SM count, 132 on a CPU)."""
+    GEMM's split-K, by default the device's SM count, 132 on a CPU; ``col_scale``: as in
+    :func:`lora_mixed_linear`)."""
     b, k = x.shape[0], x.shape[-1]
     n = weight.shape[1] if weight_kn else weight.shape[0]
     y = torch.empty((*x.shape[:-1], n), dtype=x.dtype, device=x.device)
     if y.numel() == 0 or k == 0:
         y.copy_(torch_lora_mixed_linear(x, weight, bias, row_index, a_stack, bt_stack, scale,
-                                        ranks, l_in_stack, l_out_stack, weight_kn))
+                                        ranks, l_in_stack, l_out_stack, weight_kn, col_scale))
         return y
     x3 = x.reshape(b, -1, k)
     y3 = y.view(b, -1, n)
-    if max(map(_max_offset, (x3, y3, weight, a_stack, bt_stack, l_in_stack, l_out_stack))) >= 2**31:
+    if max(map(_max_offset, (x3, y3, weight, a_stack, bt_stack, l_in_stack, l_out_stack, col_scale))) >= 2**31:
         # The kernels index with 32-bit offsets.
         raise ValueError("lora_mixed_linear: tensors of 2**31 elements or more are not "
                          "supported by the kernels; split the batch.")
     tokens = x3.shape[1]
     m = b * tokens
-    has_lora, r_max, slots = _stack_facts(a_stack, bt_stack, scale, ranks, l_in_stack, l_out_stack)
+    has_lora, r_max, slots = _stack_facts(a_stack, bt_stack, scale, ranks, l_in_stack, l_out_stack,
+                                          col_scale)
     # The kernels index the 1-D vectors (row_index, ranks, scale, bias) with unit stride:
     # a strided view is copied (a no-op for the contiguous vectors the library passes).
     row_index = row_index.to(device=x.device, dtype=torch.long).contiguous()
-    if not any(t is not None for t in (a_stack, l_in_stack, l_out_stack, scale, ranks)):
+    if not any(t is not None for t in (a_stack, l_in_stack, l_out_stack, scale, ranks, col_scale)):
         # nothing per row: every row is in the one (identity) slot
         row_index = torch.zeros_like(row_index)
     if has_lora:
@@ -656,6 +685,7 @@ def launch(
     sc = scale if scale is not None else dummy
     lin = l_in_stack if l_in_stack is not None else dummy
     lout = l_out_stack if l_out_stack is not None else dummy
+    col = col_scale if col_scale is not None else dummy
     bias_t = bias if bias is not None else dummy
     if weight_kn:
         stride_wk, stride_wn = weight.stride(0), weight.stride(1)
@@ -665,6 +695,7 @@ def launch(
     bt_strides = bt.stride() if has_lora else (0, 0, 0)
     lin_strides = lin.stride() if l_in_stack is not None else (0, 0)
     lout_strides = lout.stride() if l_out_stack is not None else (0, 0)
+    col_strides = col.stride() if col_scale is not None else (0, 0)
     interp = interpreted()
     dot_fp32 = _dot_fp32(x, weight)
     lora_fp32 = has_lora and (bt.dtype == torch.float32 or bt.dtype != x.dtype)
@@ -673,7 +704,7 @@ def launch(
         elem = a.element_size() if has_lora else x.element_size()
         strategy = choose_strategy(m, n, k, r_max, slots, elem)
     flags = dict(HAS_BIAS=bias is not None, HAS_LORA=has_lora, HAS_L_IN=l_in_stack is not None,
-                 HAS_L_OUT=l_out_stack is not None)
+                 HAS_L_OUT=l_out_stack is not None, HAS_COL_SCALE=col_scale is not None)
     if strategy == "rows":
         cfg = rows_config(m, dot_fp32)
         tiles_m, tiles_n = triton.cdiv(m, cfg["BLOCK_M"]), triton.cdiv(n, cfg["BLOCK_N"])
@@ -705,10 +736,10 @@ def launch(
                 num_warps=4,
             )
         _mixed_rows_kernel[(tiles_m, tiles_n, split_k)](
-            x3, weight, bias_t, row_index, rk, bt, hp, lin, lout, y3, ws, cnt,
+            x3, weight, bias_t, row_index, rk, bt, hp, lin, lout, col, y3, ws, cnt,
             m, n, k, tokens, split, gemm_chunk,
             *x3.stride(), stride_wn, stride_wk, *bt_strides, *hp_strides,
-            *lin_strides, *lout_strides, *y3.stride(),
+            *lin_strides, *lout_strides, *col_strides, *y3.stride(),
             **flags, DOT_FP32=dot_fp32, UPCAST_DOT=interp, SPLIT_K=split_k,
             SPREAD_LORA=has_lora and split_k > 1 and l_out_stack is None,
             BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
@@ -740,10 +771,10 @@ def launch(
             num_warps=4, num_stages=cfg["num_stages"],
         )
     _mixed_segments_kernel[(nt, triton.cdiv(n, cfg["BLOCK_N"]))](
-        x3, weight, bias_t, tiles, order, rk, bt, h, lin, lout, y3,
+        x3, weight, bias_t, tiles, order, rk, bt, h, lin, lout, col, y3,
         n, k, tokens, nt,
         *x3.stride(), stride_wn, stride_wk, *bt_strides, h_stride,
-        *lin_strides, *lout_strides, *y3.stride(),
+        *lin_strides, *lout_strides, *col_strides, *y3.stride(),
         **flags, DOT_FP32=dot_fp32, LORA_FP32=lora_fp32, UPCAST_DOT=interp,
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
         BLOCK_R=cfg["BLOCK_R"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
@@ -766,11 +797,14 @@ def lora_mixed_linear(
     weight_kn: bool = False,
     seg_tiles: Optional[torch.Tensor] = None,
     seg_order: Optional[torch.Tensor] = None,
+    col_scale: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Fused adapted linear layer with one adapter slot per batch row.
 
     ``y[i] = l_out[s] * (W (l_in[s] * x[i]) + b) + scale[s] * (x[i] A[s]^T) B[s]^T`` with
-    ``s = row_index[i]``: the base GEMM, the row's LoRA at its true rank and its IA³
+    ``s = row_index[i]`` (with ``col_scale`` ``g``: ``l_out[s] * (g[s] * W (l_in[s] * x[i])
+    + b) + g[s] * scale[s] * (x[i] A[s]^T) B[s]^T``, DoRA's ``g[s] * (W x[i] + LoRA) + b``
+    for a row without IA³): the base GEMM, the row's LoRA at its true rank and its IA³
     scales in two kernel launches (shrink, then base GEMM with the expand in its
     epilogue), whatever the assignment. Runs the Triton kernels on CUDA tensors (and on
     CPU tensors under ``TRITON_INTERPRET=1``); elsewhere it runs
@@ -795,6 +829,9 @@ def lora_mixed_linear(
             call, built once and shared by every layer of a forward; ``None`` (or a plan
             of another shape): the plan is built here.
         seg_order: ``(B,)`` int64, that plan's row order (with ``seg_tiles``).
+        col_scale: ``(S, N)`` or ``None``: each slot's DoRA column scale
+            ``m / ‖W + s·B·A‖_row``; ones in slots without DoRA and in the identity slot
+            (``__base__`` rows are then unscaled). Any float dtype.
 
     Returns:
         ``(B, ..., N)`` in ``x.dtype``.
@@ -804,19 +841,20 @@ def lora_mixed_linear(
             2**31 elements or more.
     """
     _check_inputs(x, weight, bias, row_index, a_stack, bt_stack, scale, ranks, l_in_stack,
-                  l_out_stack, weight_kn)
+                  l_out_stack, weight_kn, col_scale)
     if _can_launch(x):
         return launch(x, weight, bias, row_index, a_stack, bt_stack, scale, ranks,
                        l_in_stack, l_out_stack, weight_kn, seg_tiles=seg_tiles,
-                       seg_order=seg_order)
+                       seg_order=seg_order, col_scale=col_scale)
     return torch_lora_mixed_linear(
-        x, weight, bias, row_index, a_stack, bt_stack, scale, ranks, l_in_stack, l_out_stack, weight_kn
+        x, weight, bias, row_index, a_stack, bt_stack, scale, ranks, l_in_stack, l_out_stack, weight_kn,
+        col_scale,
     )
 
 
 @lora_mixed_linear.register_fake
 def _(x, weight, bias, row_index, a_stack, bt_stack, scale, ranks, l_in_stack, l_out_stack, weight_kn=False,
-      seg_tiles=None, seg_order=None):
+      seg_tiles=None, seg_order=None, col_scale=None):
     n = weight.shape[1] if weight_kn else weight.shape[0]
     return x.new_empty((*x.shape[:-1], n))
 
@@ -836,11 +874,13 @@ def torch_lora_mixed_linear(
     l_in_stack: Optional[torch.Tensor],
     l_out_stack: Optional[torch.Tensor],
     weight_kn: bool = False,
+    col_scale: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """PyTorch reference (and CPU path) of :func:`lora_mixed_linear`.
 
     ``y[i] = l_out[s] * (W (l_in[s] * x[i]) + b) + scale[s] * (x[i] A[s]^T) B[s]^T`` with
-    ``s = row_index[i]``, computed in fp32 and returned in ``x.dtype``. Rank rows at or
+    ``s = row_index[i]`` (with ``col_scale`` ``g``: ``l_out[s] * (g[s] * W (l_in[s] * x[i])
+    + b) + g[s] * scale[s] * (x[i] A[s]^T) B[s]^T``), computed in fp32 and returned in ``x.dtype``. Rank rows at or
     beyond ``ranks[s]`` are ignored (treated as zero), exactly as the kernels mask them.
 
     Args:
@@ -857,6 +897,7 @@ def torch_lora_mixed_linear(
         l_in_stack: ``(S, K)`` input IA³ scales or ``None``.
         l_out_stack: ``(S, N)`` output IA³ scales or ``None``.
         weight_kn: Whether ``weight`` is stored ``(K, N)``.
+        col_scale: ``(S, N)`` per-slot DoRA column scales or ``None``.
 
     Returns:
         ``(B, ..., N)`` in ``x.dtype``.
@@ -867,6 +908,9 @@ def torch_lora_mixed_linear(
     w = weight.float()
     xin = x3 * l_in_stack.float().index_select(0, idx).unsqueeze(1) if l_in_stack is not None else x3
     y = xin @ w if weight_kn else xin @ w.t()  # (B, T, N)
+    g = col_scale.float().index_select(0, idx).unsqueeze(1) if col_scale is not None else None
+    if g is not None:
+        y = y * g
     if bias is not None:
         y = y + bias.float()
     if l_out_stack is not None:
@@ -885,6 +929,7 @@ def torch_lora_mixed_linear(
         h = torch.bmm(x3, a.transpose(1, 2))  # (B, T, r)
         if scale is not None:
             h = h * scale.float().index_select(0, idx).view(b, 1, 1)
-        y = y + torch.bmm(h, bt)
+        lora = torch.bmm(h, bt)
+        y = y + (lora * g if g is not None else lora)
     n = y.shape[-1]
     return y.to(x.dtype).reshape(*x.shape[:-1], n)

@@ -51,7 +51,10 @@ def lora_linear_configs() -> list[dict]:
     and base), fp32/fp16/bf16, both weight layouts (the unit-stride argument is what
     the JIT specializes), with bias, IA³ in and out enabled (the superset of loads);
     and every shrink-kernel variant ``shrink_config`` can split into (row tile, rank
-    block, split-K reduction or not) over M = 1-8192.
+    block, split-K reduction or not) over M = 1-8192,
+    and every configuration with LoRA once more with DoRA's column scale on
+    (``HAS_COL_SCALE``, variant ``dora``), as dispatch runs DoRA: with bias, without
+    IA³ (a DoRA layer is fused alone).
 
     Returns:
         Records with the keys ``ci/kernel_report.py`` documents.
@@ -70,16 +73,17 @@ def lora_linear_configs() -> list[dict]:
                 for n in (4096, 14336):  # decode's BLOCK_N depends on N
                     for r in (0, 16, 32, 64, 128, 256):
                         cfg = lora_linear.pick_config(m, n, 4096, r, dtype, arch)
-                        for weight_kn in (False, True):
+                        for weight_kn, dora in itertools.product((False, True), (False, True) if r else (False,)):
                             tile = tuple(cfg[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps", "num_stages"))
                             key = (arch, dt, tile, cfg["R_BLOCK"], cfg["shrink_in_loop"],
-                                   r > 0, cfg["R_PAD"] if r > 0 else 0, weight_kn)  # fmt: skip
+                                   r > 0, cfg["R_PAD"] if r > 0 else 0, weight_kn, dora)  # fmt: skip
                             if key in seen:
                                 continue
                             seen.add(key)
-                            rec = _linear_gemm_record(kernels, dt, cfg, r, weight_kn)
+                            rec = _linear_gemm_record(kernels, dt, cfg, r, weight_kn, dora)
                             rec["archs"] = [arch]
-                            rec["quick"] = dt == "bf16" and r == 16 and not weight_kn and n == 4096
+                            rec["quick"] = (dt == "bf16" and r == 16 and not weight_kn and n == 4096
+                                            and (not dora or cfg["case"] == "decode"))
                             recs.append(rec)
     # The shrink's tile and split depend on M and the rank (shrink_config): every distinct
     # compiled variant (tile, rank block, split-K reduction or not) over rows and ranks.
@@ -109,21 +113,23 @@ def lora_linear_configs() -> list[dict]:
     return recs
 
 
-def _linear_gemm_record(kernels: dict, dt: str, cfg: dict, r: int, weight_kn: bool) -> dict:
+def _linear_gemm_record(kernels: dict, dt: str, cfg: dict, r: int, weight_kn: bool,
+                        dora: bool = False) -> dict:
     has_lora = r > 0
     sig = {
         "x_ptr": f"*{dt}", "w_ptr": f"*{dt}", "bias_ptr": f"*{dt}", "a_ptr": f"*{dt}",
         "b_ptr": f"*{dt}", "s_ptr": "*fp32", "h_ptr": "*fp32", "lin_ptr": f"*{dt}",
-        "lout_ptr": f"*{dt}", "y_ptr": f"*{dt}",
+        "lout_ptr": f"*{dt}", "col_ptr": "*fp32", "y_ptr": f"*{dt}",
         "M": "i32", "N": "i32", "K": "i32", "R": "i32",
         "stride_xm": "i32", "stride_xk": "constexpr", "stride_wn": "i32", "stride_wk": "i32",
         "stride_bias": "constexpr", "stride_ar": "i32", "stride_ak": "constexpr",
         "stride_bn": "i32", "stride_br": "constexpr", "stride_s": "constexpr",
         "stride_hm": "i32", "stride_lin": "constexpr", "stride_lout": "constexpr",
-        "stride_ym": "i32",
+        "stride_col": "constexpr", "stride_ym": "i32",
     }  # fmt: skip
     # Unit strides are specialized to the constant 1 by the JIT (contiguous tensors).
-    unit = ["stride_xk", "stride_bias", "stride_ak", "stride_br", "stride_s", "stride_lin", "stride_lout"]
+    unit = ["stride_xk", "stride_bias", "stride_ak", "stride_br", "stride_s", "stride_lin", "stride_lout",
+            "stride_col"]
     unit.append("stride_wn" if weight_kn else "stride_wk")
     for name in unit:
         sig[name] = "constexpr"
@@ -132,7 +138,7 @@ def _linear_gemm_record(kernels: dict, dt: str, cfg: dict, r: int, weight_kn: bo
     constexprs = {name: 1 for name in unit}
     meta = dict(
         HAS_BIAS=True, HAS_LORA=has_lora, SHRINK_IN_LOOP=bool(cfg["shrink_in_loop"]) and has_lora,
-        HAS_SCALE=has_lora, HAS_L_IN=True, HAS_L_OUT=True,
+        HAS_SCALE=has_lora, HAS_L_IN=not dora, HAS_L_OUT=not dora, HAS_COL_SCALE=dora,
         R_PAD=cfg["R_PAD"], R_BLOCK=cfg["R_BLOCK"], BLOCK_M=cfg["BLOCK_M"],
         BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], GROUP_M=cfg["GROUP_M"],
         DOT_FP32=dt == "fp32", UPCAST_DOT=False,
@@ -158,7 +164,8 @@ def _linear_gemm_record(kernels: dict, dt: str, cfg: dict, r: int, weight_kn: bo
         "divisible_by_16": div16,
         "config": {k: cfg[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps", "num_stages", "R_BLOCK")},
         "case": cfg["case"] + ("-fused" if meta["SHRINK_IN_LOOP"] else ""),
-        "variant": f"{dt} r_pad={cfg['R_PAD'] if has_lora else 0}" + (" kn" if weight_kn else ""),
+        "variant": f"{dt} r_pad={cfg['R_PAD'] if has_lora else 0}" + (" kn" if weight_kn else "")
+                   + (" dora" if dora else ""),
     }
 
 
@@ -198,7 +205,8 @@ def lora_mixed_configs() -> list[dict]:
 
     Shapes are the benchmark's (d = 4096, rank-16 stacks, decode: 1 token per row,
     prefill: 512 tokens per row); every feature flag is on (bias, LoRA, both IA³
-    scales), the configuration with the most live registers, and LoRA + bias alone.
+    scales), the configuration with the most live registers, and LoRA + bias alone;
+    both again with DoRA's column scales (``all+dora``, ``dora``).
 
     Returns:
         A list of dicts with keys ``kernel``, ``fn``, ``signature``, ``constexprs``,
@@ -211,10 +219,13 @@ def lora_mixed_configs() -> list[dict]:
     records = []
     for dtype, ty in _DTYPES.items():
         fp32 = dtype == torch.float32
-        flags = dict(HAS_BIAS=True, HAS_LORA=True, HAS_L_IN=True, HAS_L_OUT=True)
+        flags = dict(HAS_BIAS=True, HAS_LORA=True, HAS_L_IN=True, HAS_L_OUT=True, HAS_COL_SCALE=False)
         # every feature on (the most loads) and LoRA + bias alone (the benchmark's case):
-        # ptxas allocates registers differently for each, so both are checked for spills
-        flag_sets = (("all", flags), ("lora", dict(flags, HAS_L_IN=False, HAS_L_OUT=False)))
+        # ptxas allocates registers differently for each, so both are checked for spills;
+        # each again with DoRA's column scales
+        lora_only = dict(flags, HAS_L_IN=False, HAS_L_OUT=False)
+        flag_sets = (("all", flags), ("lora", lora_only), ("all+dora", dict(flags, HAS_COL_SCALE=True)),
+                     ("dora", dict(lora_only, HAS_COL_SCALE=True)))
         for block_m in (16, 32, 64):
             cfg = rows_config(block_m, fp32)
             shrink_sig = {
@@ -241,14 +252,14 @@ def lora_mixed_configs() -> list[dict]:
             sig = {
                 "x_ptr": f"*{ty}", "w_ptr": f"*{ty}", "bias_ptr": f"*{ty}", "row_ptr": "*i64",
                 "rank_ptr": "*i32", "bt_ptr": f"*{ty}", "hp_ptr": "*fp32", "lin_ptr": f"*{ty}",
-                "lout_ptr": f"*{ty}", "y_ptr": f"*{ty}", "ws_ptr": "*fp32", "cnt_ptr": "*i32",
+                "lout_ptr": f"*{ty}", "col_ptr": "*fp32", "y_ptr": f"*{ty}", "ws_ptr": "*fp32", "cnt_ptr": "*i32",
                 "M": "i32", "N": "i32", "K": "i32", "T": "constexpr", "SPLIT": "i32",
                 "K_CHUNK": "i32", "stride_xb": "i32", "stride_xt": "i32", "stride_xk": "constexpr",
                 "stride_wn": "i32", "stride_wk": "constexpr", "stride_bs": "i32",
                 "stride_br": "i32", "stride_bn": "constexpr", "stride_hs": "i32",
                 "stride_hm": "i32", "stride_lis": "i32", "stride_lik": "constexpr",
-                "stride_los": "i32", "stride_lon": "constexpr", "stride_yb": "i32",
-                "stride_yt": "i32", "stride_yn": "constexpr",
+                "stride_los": "i32", "stride_lon": "constexpr", "stride_cs": "i32",
+                "stride_cn": "constexpr", "stride_yb": "i32", "stride_yt": "i32", "stride_yn": "constexpr",
             }
             sig.update({name: "constexpr" for name in (*flags, "DOT_FP32", "UPCAST_DOT", "SPLIT_K", "SPREAD_LORA", "BLOCK_M", "BLOCK_N", "BLOCK_K")})
             # d = 4096 on 132 SMs (the launcher's split_k for one M-tile); no split once
@@ -259,19 +270,19 @@ def lora_mixed_configs() -> list[dict]:
                 records.append(dict(
                     module="lora_mixed", kernel="_mixed_rows_kernel", fn=kernels["_mixed_rows_kernel"], signature=sig,
                     constexprs=dict(T=1, stride_xk=1, stride_wk=1, stride_bn=1, stride_lik=1,
-                                    stride_lon=1, stride_yn=1, **fl, DOT_FP32=fp32,
+                                    stride_lon=1, stride_cn=1, stride_yn=1, **fl, DOT_FP32=fp32,
                                     UPCAST_DOT=False, SPLIT_K=split_k, SPREAD_LORA=split_k > 1 and not fl["HAS_L_OUT"],
                                     BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
                                     BLOCK_K=cfg["BLOCK_K"]),
                     divisible_by_16=["x_ptr", "w_ptr", "bias_ptr", "row_ptr", "rank_ptr", "bt_ptr",
-                                     "hp_ptr", "lin_ptr", "lout_ptr", "y_ptr", "ws_ptr", "cnt_ptr",
-                                     "M", "N", "K", "K_CHUNK", "stride_xb", "stride_xt",
+                                     "hp_ptr", "lin_ptr", "lout_ptr", "col_ptr", "y_ptr", "ws_ptr",
+                                     "cnt_ptr", "M", "N", "K", "K_CHUNK", "stride_xb", "stride_xt",
                                      "stride_wn", "stride_bs", "stride_br", "stride_hs",
-                                     "stride_hm", "stride_lis", "stride_los", "stride_yb",
+                                     "stride_hm", "stride_lis", "stride_los", "stride_cs", "stride_yb",
                                      "stride_yt"],
                     config={key: cfg[key] for key in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps", "num_stages")},
                     case="decode", variant=f"{ty} {fname} split_k={split_k}",
-                    quick=ty == "bf16" and block_m == 64 and split_k > 1 and fname == "lora",
+                    quick=ty == "bf16" and block_m == 64 and split_k > 1 and fname in ("lora", "dora"),
                 ))
         for r_max in (16, 64):
             cfg = segments_config(fp32, r_max)
@@ -297,30 +308,31 @@ def lora_mixed_configs() -> list[dict]:
             sig = {
                 "x_ptr": f"*{ty}", "w_ptr": f"*{ty}", "bias_ptr": f"*{ty}", "tiles_ptr": "*i32",
                 "order_ptr": "*i64", "rank_ptr": "*i32", "bt_ptr": f"*{ty}", "h_ptr": "*fp32",
-                "lin_ptr": f"*{ty}", "lout_ptr": f"*{ty}", "y_ptr": f"*{ty}", "N": "i32",
+                "lin_ptr": f"*{ty}", "lout_ptr": f"*{ty}", "col_ptr": "*fp32", "y_ptr": f"*{ty}", "N": "i32",
                 "K": "i32", "T": "i32", "NT": "i32",
                 "stride_xb": "i32", "stride_xt": "i32", "stride_xk": "constexpr",
                 "stride_wn": "i32", "stride_wk": "constexpr", "stride_bs": "i32",
                 "stride_br": "i32", "stride_bn": "constexpr", "stride_hm": "i32",
                 "stride_lis": "i32", "stride_lik": "constexpr", "stride_los": "i32",
-                "stride_lon": "constexpr", "stride_yb": "i32", "stride_yt": "i32",
-                "stride_yn": "constexpr",
+                "stride_lon": "constexpr", "stride_cs": "i32", "stride_cn": "constexpr",
+                "stride_yb": "i32", "stride_yt": "i32", "stride_yn": "constexpr",
             }
             sig.update({n: "constexpr" for n in (*flags, "DOT_FP32", "LORA_FP32", "UPCAST_DOT", "BLOCK_M", "BLOCK_N", "BLOCK_K", "BLOCK_R")})
             for fname, fl in flag_sets:
                 records.append(dict(
                     module="lora_mixed", kernel="_mixed_segments_kernel", fn=kernels["_mixed_segments_kernel"], signature=sig,
                     constexprs=dict(stride_xk=1, stride_wk=1, stride_bn=1, stride_lik=1,
-                                    stride_lon=1, stride_yn=1, **fl, DOT_FP32=fp32, LORA_FP32=fp32, UPCAST_DOT=False,
+                                    stride_lon=1, stride_cn=1, stride_yn=1, **fl, DOT_FP32=fp32, LORA_FP32=fp32,
+                                    UPCAST_DOT=False,
                                     BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
                                     BLOCK_K=cfg["BLOCK_K"], BLOCK_R=cfg["BLOCK_R"]),
                     divisible_by_16=["x_ptr", "w_ptr", "bias_ptr", "tiles_ptr", "order_ptr",
-                                     "rank_ptr", "bt_ptr", "h_ptr", "lin_ptr", "lout_ptr", "y_ptr",
-                                     "N", "K", "T", "stride_xb", "stride_xt", "stride_wn",
+                                     "rank_ptr", "bt_ptr", "h_ptr", "lin_ptr", "lout_ptr", "col_ptr",
+                                     "y_ptr", "N", "K", "T", "stride_xb", "stride_xt", "stride_wn",
                                      "stride_bs", "stride_br", "stride_hm", "stride_lis",
-                                     "stride_los", "stride_yb", "stride_yt"],
+                                     "stride_los", "stride_cs", "stride_yb", "stride_yt"],
                     config={key: cfg[key] for key in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps", "num_stages")},
                     case="prefill", variant=f"{ty} {fname} r_max={r_max}",
-                    quick=ty == "bf16" and r_max == 16 and fname == "lora",
+                    quick=ty == "bf16" and r_max == 16 and fname in ("lora", "dora"),
                 ))
     return records

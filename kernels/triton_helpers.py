@@ -8,7 +8,9 @@ pieces they have in common, inlined into each kernel by the compiler:
 * :func:`base_k_step`: one K step of the base GEMM (load the x and W tiles, scale x by
   ``l_in``, accumulate);
 * :func:`bias_and_l_out`: the epilogue's bias and output IA³ scale;
-* :func:`add_h_bt`: one rank chunk of the LoRA expand from a precomputed fp32 ``h``.
+* :func:`add_h_bt`: one rank chunk of the LoRA expand from a precomputed fp32 ``h``;
+* :func:`col_scale_and_bias`: DoRA's epilogue, a per-output-column scale ``g`` of the
+  base product and the LoRA term, then the bias (``HAS_COL_SCALE`` kernels).
 
 ``DOT_FP32`` (one name in every kernel): dot operands are upcast to fp32 with
 ``input_precision="ieee"`` (so fp32 inputs never silently become TF32). The launchers
@@ -34,7 +36,7 @@ from __future__ import annotations
 
 from .triton_support import HAS_TRITON, tl, triton
 
-__all__ = ["mma", "base_k_step", "bias_and_l_out", "add_h_bt"]
+__all__ = ["mma", "base_k_step", "bias_and_l_out", "add_h_bt", "col_scale_and_bias"]
 
 if HAS_TRITON:
 
@@ -117,3 +119,30 @@ if HAS_TRITON:
             return mma(hv, bv, acc, True, UPCAST_DOT)
         else:
             return mma(hv.to(X_DTYPE), bv, acc, False, UPCAST_DOT)
+
+    @triton.jit
+    def col_scale_and_bias(acc, col_ptr, stride_cs, stride_col, bias_ptr, stride_bias, offs_n,
+                           n_mask, lout_ptr, slot, stride_ls, stride_lout, lout_mask,
+                           HAS_BIAS: tl.constexpr, HAS_L_OUT: tl.constexpr):
+        """``g ⊙ acc + l_out ⊙ b`` in fp32: DoRA's epilogue, after the LoRA term is added.
+
+        ``acc`` holds ``l_out ⊙ W x + L`` (the kernels apply ``l_out`` before the LoRA
+        term, with the bias held back), so the result is ``l_out ⊙ (g ⊙ W x + b) + g ⊙ L``:
+        ``g`` scales the base product and the LoRA term, never the bias, and ``g = 1``
+        gives the kernels' formula without it. ``g`` is read at ``col_ptr + slot *
+        stride_cs + offs_n * stride_col`` and ``l_out`` at ``lout_ptr + slot * stride_ls
+        + offs_n * stride_lout``, both under ``lout_mask`` (``slot``: one slot per tile, 0
+        for a single vector, or a ``(BLOCK_M, 1)`` block, one slot per token). ``l_out``
+        is read again for the bias only when both are present (one adapter per slot
+        makes that an IA³ row next to DoRA rows; the reads hit the cache).
+        """
+        g = tl.load(col_ptr + slot * stride_cs + offs_n * stride_col, mask=lout_mask, other=0.0)
+        acc = acc * g.to(tl.float32)
+        if HAS_BIAS:
+            bias = tl.load(bias_ptr + offs_n * stride_bias, mask=n_mask, other=0.0).to(tl.float32)
+            if HAS_L_OUT:
+                lout = tl.load(lout_ptr + slot * stride_ls + offs_n * stride_lout, mask=lout_mask, other=0.0)
+                acc += bias[None, :] * lout.to(tl.float32)
+            else:
+                acc += bias[None, :]
+        return acc

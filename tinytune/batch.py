@@ -368,8 +368,8 @@ class _SitePlan:
         if reason is None and self.stacks.dora_items:
             reason = dispatch.chain_reason(module, (self.stacks.dora_items[0][1],))
         if reason is None and (self.stacks.others_pre or self.stacks.others_post):
-            layer = (self.stacks.others_pre + self.stacks.others_post)[0][1]
-            reason = dispatch.chain_reason(module, (layer,))
+            others = self.stacks.others_pre + self.stacks.others_post
+            reason = dispatch.unstacked_reason(module, [layer for _, layer in others])
         return reason
 
     def use_fused(self, module: nn.Module, x: Any) -> bool:
@@ -379,7 +379,7 @@ class _SitePlan:
         params = [t for t in (st.ia3_pre, st.ia3_post) if t is not None]
         if st.lora is not None:
             params += st.lora[:2]
-        dropout = st.has_dropout and module.training
+        dropout = (st.has_dropout or any(getattr(layer, "lora_dropout", 0.0) for _, layer in st.others_post)) and module.training
         if not dispatch.use_fused(self.path, self.fuse_reason(module), module, x, params, dropout):
             return False
         _check_rows(x, self.call, self.path)
@@ -392,11 +392,14 @@ class _SitePlan:
         if st.lora is not None:
             a, bt, scale = st.lora[:3]
         ranks = getattr(st, "ranks", None)
+        col = None
+        if getattr(st, "dora_items", ()):  # DoRA stacked with the LoRAs, scales beside them
+            col = st.dora
         # Under torch.compile the op plans inside the graph (no Python cache in it).
         plans = None if torch.compiler.is_compiling() else self.call.segments
         return dispatch.mixed_linear(
             module, x, self.call.row_index, a, bt, scale, ranks, st.ia3_pre, st.ia3_post,
-            plans=plans,
+            plans=plans, col_scale=col,
         )
 
     def post(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:

@@ -16,7 +16,9 @@ the active adapters, ``tinytune.kernels.lora_mixed`` for per-row adapters) when
   backward hooks (torch would rewrap its inputs),
 * every active adapter layer on it is a built-in ``LinearLoraLayer`` or
   ``LinearIA3Layer`` (not a custom ``AdapterLayer`` or a subclass overriding their
-  forward methods), and Triton is installed,
+  forward methods), or it is one built-in ``LinearDoraLayer`` alone (DoRA's cached
+  column scale goes to the kernel's epilogue; DoRA composed with other active adapters
+  on the module, and DoRA rows in mixed batches, run on PyTorch), and Triton is installed,
 * the active LoRAs' total rank (concatenated) is at most 256 (``lora_linear``'s limit;
   mixed calls have none).
 
@@ -57,7 +59,7 @@ from torch.nn.modules import module as _torch_module
 
 from .errors import InvalidConfigError, KernelUnavailableError, UnsupportedModuleError
 from . import layers
-from .layers import LinearIA3Layer, LinearLoraLayer, is_conv1d
+from .layers import LinearDoraLayer, LinearIA3Layer, LinearLoraLayer, is_conv1d
 from .kernels.triton_support import HAS_TRITON
 from .weights import FLOAT, weight_kind
 
@@ -328,11 +330,19 @@ def machine_reason() -> str:
 
 
 def fused_kind(layer: nn.Module) -> str | None:
-    """``"lora"``, ``"ia3_pre"`` or ``"ia3_post"`` for built-in layers the kernel can
-    run (forward methods not overridden), else ``None``."""
-    kind = layers.layer_kind(layer)
+    """``"lora"``, ``"dora"``, ``"ia3_pre"`` or ``"ia3_post"`` for built-in layers the
+    kernel can run (forward methods not overridden), else ``None``."""
     if layers.is_dora(layer):
-        return None  # no DoRA epilogue in the kernels yet: never plain LoRA for DoRA
+        # Checked first: a DoRA layer must never reach the kernels as a plain LoRA.
+        cls = type(layer)
+        if (
+            isinstance(layer, LinearDoraLayer)
+            and cls.post_forward is LinearDoraLayer.post_forward
+            and cls.pre_forward is LinearLoraLayer.pre_forward
+        ):
+            return "dora"
+        return None
+    kind = layers.layer_kind(layer)
     return None if kind == "emb" else kind
 
 
@@ -371,11 +381,17 @@ def chain_reason(module: nn.Module, chain: Iterable[nn.Module]) -> str | None:
     reason = module_reason(module)
     if reason is not None:
         return reason
+    chain = tuple(chain)
     for layer in chain:
         if layers.is_dora(layer) and fused_kind(layer) is None:
             return (
-                f"{type(layer).__name__} is a DoRA layer, and the fused kernels do not apply "
-                "DoRA's per-column scale yet (DoRA runs on the PyTorch path)"
+                f"{type(layer).__name__} is a DoRA layer that the fused kernels do not run "
+                "(they take nn.Linear/Conv1D DoRA layers whose forward methods are the built-in ones)"
+            )
+        if fused_kind(layer) == "dora" and len(chain) > 1:
+            return (
+                "a DoRA layer is active on it together with other adapters; the fused kernels "
+                "take one DoRA layer alone (DoRA composed with other adapters runs on the PyTorch path)"
             )
         if fused_kind(layer) is None:
             return (
@@ -394,7 +410,7 @@ def rank_reason(chain: Iterable[nn.Module]) -> str | None:
     slot changes the rank without a new chain.
     (Mixed calls run on ``lora_mixed_linear``, which walks any rank in blocks.)
     """
-    ranks = [_factors(layer)[0].shape[0] for layer in chain if layers.layer_kind(layer) == "lora"]
+    ranks = [_factors(layer)[0].shape[0] for layer in chain if fused_kind(layer) in ("lora", "dora")]
     if sum(ranks) <= _Kernels.max_rank:
         return None
     parts = " + ".join(map(str, ranks))
@@ -556,6 +572,8 @@ def chain_params(chain: Iterable[nn.Module]) -> list[torch.Tensor]:
     for layer in chain:
         if isinstance(layer, LinearLoraLayer):
             params += [layer.lora_A.weight, layer.lora_B.weight]
+            if layers.is_dora(layer):
+                params.append(layer.lora_magnitude_vector)
         elif isinstance(layer, LinearIA3Layer):
             params.append(layer.ia3_l)
     return params
@@ -590,8 +608,13 @@ def fused_inputs(chain: tuple) -> tuple:
 
     Returns:
         ``(lora_a (R, K) | None, lora_b (N, R) | None, lora_scale (R,) fp32 | None,
-        l_in (K,) | None, l_out (N,) | None)``.
+        l_in (K,) | None, l_out (N,) | None)``; a DoRA layer (alone, see
+        :func:`chain_reason`) adds its cached column scale ``dora_scale()`` (``(N,)``
+        fp32) as a sixth entry.
     """
+    if len(chain) == 1 and fused_kind(chain[0]) == "dora":
+        a, b = _factors(chain[0])
+        return a, b, chain[0].scaling_tensor.expand(a.shape[0]), None, None, chain[0].dora_scale()
     if len(chain) == 1 and fused_kind(chain[0]) == "lora":
         # The common case, without a copy: the scale as a stride-0 view of the layer's
         # fp32 scaling (the kernels take strides).
@@ -645,11 +668,17 @@ def fused_linear(module: nn.Module, x: torch.Tensor, inputs: tuple, conv1d: bool
     Returns:
         ``(..., N)`` in ``x.dtype``.
     """
+    if len(inputs) > 5:  # DoRA's column scale
+        return _Kernels.lora_linear(x, module.weight, module.bias, *inputs[:5], conv1d, inputs[5])
     return _Kernels.lora_linear(x, module.weight, module.bias, *inputs, conv1d)
 
 
 def mixed_linear(
-    module: nn.Module, x: torch.Tensor, *inputs: Any, plans: dict | None = None
+    module: nn.Module,
+    x: torch.Tensor,
+    *inputs: Any,
+    plans: dict | None = None,
+    col_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The per-row fused op on ``module`` (see ``tinytune.kernels.lora_mixed``).
 
@@ -661,6 +690,8 @@ def mixed_linear(
             every module of one mixed call: a plan missing here is built (on the device)
             and added, so a forward plans once per key, not once per module. ``None``:
             the op plans itself.
+        col_scale: ``(S, N)`` DoRA column scales (the stacks' ``dora``: ones on the
+            other slots) or ``None``.
 
     Returns:
         ``(B, ..., N)`` in ``x.dtype``.
@@ -674,7 +705,19 @@ def mixed_linear(
             if key not in plans:
                 plans[key] = _Kernels.segment_tiles(row_index, *key)
             tiles, order = plans[key]
+    if col_scale is not None:
+        return _Kernels.lora_mixed_linear(x, weight, module.bias, *inputs, kn, tiles, order, col_scale)
     return _Kernels.lora_mixed_linear(x, weight, module.bias, *inputs, kn, tiles, order)
+
+
+def unstacked_reason(module: nn.Module, others: Iterable[nn.Module]) -> str | None:
+    """Why a mixed call cannot fuse a module whose layers ``others`` run as themselves
+    on their rows (not in the stacks: custom layers), or ``None`` when there are none.
+    (DoRA layers are stacked with the LoRAs, their scales beside them.)"""
+    for layer in others:
+        reason = chain_reason(module, (layer,))
+        return reason or f"{type(layer).__name__} runs as itself in mixed batches"
+    return None
 
 
 def empty_rows(x: torch.Tensor) -> torch.Tensor:
