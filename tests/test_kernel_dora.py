@@ -277,7 +277,7 @@ SLOT_RANKS = [8, 5, 0, 16, 0]
 DORA_SLOTS = (0, 3)
 
 
-def _mixed(rows: int, tokens: int, dtype: torch.dtype, seed: int, aligned: bool = False) -> tuple:
+def _mixed(rows: int, tokens: int, dtype: torch.dtype, seed: int, aligned: bool = False, k: int = K) -> tuple:
     """The per-row op's arguments (plus ``col_scale``) for a batch cycling through the
     slots above (rows ``i % 5``); padded rank rows of the stacks are NaN."""
     g = torch.Generator().manual_seed(seed)
@@ -287,24 +287,24 @@ def _mixed(rows: int, tokens: int, dtype: torch.dtype, seed: int, aligned: bool 
         t = torch.randn(*shape, generator=g) * std
         return t.abs() if pos else t
 
-    w = rnd(N, K, std=1 / math.sqrt(K)).to(dtype)
-    a = torch.full((slots, r_max, K), float("nan"))
+    w = rnd(N, k, std=1 / math.sqrt(k)).to(dtype)
+    a = torch.full((slots, r_max, k), float("nan"))
     bt = torch.full((slots, r_max, N), float("nan"))
     scale = torch.rand(slots, generator=g) + 0.5
     col = torch.ones(slots, N)
-    lin, lout = torch.ones(slots, K), torch.ones(slots, N)
-    lin[2] = torch.rand(K, generator=g) + 0.5
+    lin, lout = torch.ones(slots, k), torch.ones(slots, N)
+    lin[2] = torch.rand(k, generator=g) + 0.5
     lout[2] = torch.rand(N, generator=g) + 0.5
     for slot, r in enumerate(SLOT_RANKS):
         if r:
-            a[slot, :r] = rnd(r, K, std=1 / math.sqrt(K), pos=aligned).to(dtype).float()
+            a[slot, :r] = rnd(r, k, std=1 / math.sqrt(k), pos=aligned).to(dtype).float()
             bt[slot, :r] = rnd(r, N, std=1 / math.sqrt(r), pos=aligned).to(dtype).float()
         if slot in DORA_SLOTS:
             s = float(scale[slot])
             ones = dora_scale(w, a[slot, :r], bt[slot, :r].t(), s, torch.ones(N))
             col[slot] = dora_scale(w, a[slot, :r], bt[slot, :r].t(), s,
                                    (torch.rand(N, generator=g) + 0.5) / ones).float()  # fmt: skip
-    x = rnd(rows, tokens, K, pos=aligned).to(dtype)
+    x = rnd(rows, tokens, k, pos=aligned).to(dtype)
     row_index = torch.tensor([i % slots for i in range(rows)])
     ranks = torch.tensor(SLOT_RANKS, dtype=torch.int32)
     return (x, w, rnd(N).to(dtype), row_index, a.to(dtype), bt.to(dtype), scale, ranks, lin.to(dtype),
@@ -327,7 +327,7 @@ def _mixed_excess(y: torch.Tensor, args: tuple) -> torch.Tensor:
     out = []
     for i, slot in enumerate(row_index.tolist()):
         r = int(ranks[slot])
-        ra = a[slot, :r] if r else torch.zeros(1, K, dtype=a.dtype)
+        ra = a[slot, :r] if r else torch.zeros(1, x.shape[-1], dtype=a.dtype)
         rb = bt[slot, :r].t() if r else torch.zeros(N, 1, dtype=bt.dtype)
         lo, li = (None if t is None else t[slot].cpu() for t in (lout, lin))
         out.append(_excess(y[i], x[i], w, bias, ra.cpu(), rb.cpu(), scale[slot].cpu().expand(ra.shape[0]),
@@ -389,7 +389,8 @@ def test_mixed_col_scale_split_k_spread_and_bias_mutation(dtype, split_k_seen):
     """Decode with K split over programs: with l_out (the LoRA term after the reduction)
     and without it (each split adds a rank slice to its partial tile, before g). The
     bias scaled by g as well fails the bound on DoRA rows."""
-    args = _mixed(4, 1, dtype, seed=5)
+    # K long enough for the production rule (at least 4 K-blocks per split)
+    args = _mixed(4, 1, dtype, seed=5, k=1030)
     dev = _mixed_on_device(args)
     assert (_mixed_excess(_run_mixed(dev, "rows"), args) <= 0).all()
     no_ia3 = args[:8] + (None, None) + args[10:]
