@@ -125,7 +125,7 @@ if HAS_TRITON:
         # pointers
         x_ptr,  # (M, K)
         w_ptr,  # W[n, k] at n * stride_wn + k * stride_wk ((N, K) or Conv1D's (K, N))
-        ws_ptr,  # (N,) per-output-channel scale of an int8/fp8 W, read when W_SCALED
+        wscale_ptr,  # (N,) per-output-channel scale of an int8/fp8 W, read when W_SCALED
         bias_ptr,  # (N,)
         a_ptr,  # (R, K), read when SHRINK_IN_LOOP
         b_ptr,  # (N, R)
@@ -144,7 +144,7 @@ if HAS_TRITON:
         stride_xk,
         stride_wn,
         stride_wk,
-        stride_ws,
+        stride_wscale,
         stride_bias,
         stride_ar,
         stride_ak,
@@ -221,7 +221,7 @@ if HAS_TRITON:
             w_ptrs += BLOCK_K * stride_wk
 
         if W_SCALED:
-            acc = dequant_scale(acc, ws_ptr, offs_n, stride_ws, n_mask)
+            acc = dequant_scale(acc, wscale_ptr, offs_n, stride_wscale, n_mask)
         acc = bias_and_l_out(acc, bias_ptr, stride_bias, offs_n, n_mask, lout_ptr, 0, 0,
                              stride_lout, n_mask, HAS_BIAS, HAS_L_OUT)
         if HAS_LORA:
