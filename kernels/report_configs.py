@@ -31,6 +31,9 @@ from .triton_support import is_interpreted, triton
 __all__ = ["report_configs", "lora_linear_configs", "lora_mixed_configs"]
 
 _DTYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+# Weight codes (``weight_scale``): Triton type and the archs that convert them. fp8
+# (e4m3) -> 16-bit conversions need sm_89+, so fp8 is built for sm_90a only.
+_QUANT = {None: (None, (80, 90)), "int8": ("i8", (80, 90)), "fp8": ("fp8e4nv", (90,))}
 
 
 def report_configs() -> list[dict]:
@@ -49,7 +52,10 @@ def lora_linear_configs() -> list[dict]:
     Covers, for sm_80 and sm_90 (``archs``), decode, batched decode and prefill at each padded rank
     class (16, 32, 64: fused decode shrink; 128, 256: precomputed h), no LoRA (pure IA³
     and base), fp32/fp16/bf16, both weight layouts (the unit-stride argument is what
-    the JIT specializes), with bias, IA³ in and out enabled (the superset of loads).
+    the JIT specializes), with bias, IA³ in and out enabled (the superset of loads);
+    then the GEMM again with int8 weight codes (sm_80 and sm_90a) and fp8 codes (sm_90a)
+    and their ``weight_scale`` (``W_SCALED``), in the ``(N, K)`` layout (the shrink
+    kernel does not read W, so it has no quantized variant).
 
     Returns:
         Records with the keys ``ci/kernel_report.py`` documents.
@@ -79,6 +85,14 @@ def lora_linear_configs() -> list[dict]:
                             rec["archs"] = [arch]
                             rec["quick"] = dt == "bf16" and r == 16 and not weight_kn and n == 4096
                             recs.append(rec)
+                            for quant, (_, q_archs) in _QUANT.items():
+                                if quant is None or weight_kn or arch not in q_archs:
+                                    continue
+                                rec = _linear_gemm_record(kernels, dt, cfg, r, weight_kn, quant)
+                                rec["archs"] = [arch]
+                                rec["quick"] = (dt == "bf16" and r == 16 and n == 4096
+                                                and cfg["case"] == "decode")
+                                recs.append(rec)
                         if cfg["shrink"] is not None:
                             skey = (arch, "shrink", dt, cfg["R_PAD"], tuple(sorted(cfg["shrink"].items())))
                             if skey not in seen:
@@ -90,21 +104,24 @@ def lora_linear_configs() -> list[dict]:
     return recs
 
 
-def _linear_gemm_record(kernels: dict, dt: str, cfg: dict, r: int, weight_kn: bool) -> dict:
+def _linear_gemm_record(kernels: dict, dt: str, cfg: dict, r: int, weight_kn: bool,
+                        quant: str | None = None) -> dict:
     has_lora = r > 0
+    w_ty = _QUANT[quant][0] or dt
     sig = {
-        "x_ptr": f"*{dt}", "w_ptr": f"*{dt}", "bias_ptr": f"*{dt}", "a_ptr": f"*{dt}",
+        "x_ptr": f"*{dt}", "w_ptr": f"*{w_ty}", "wscale_ptr": "*fp32", "bias_ptr": f"*{dt}", "a_ptr": f"*{dt}",
         "b_ptr": f"*{dt}", "s_ptr": "*fp32", "h_ptr": "*fp32", "lin_ptr": f"*{dt}",
         "lout_ptr": f"*{dt}", "y_ptr": f"*{dt}",
         "M": "i32", "N": "i32", "K": "i32", "R": "i32",
         "stride_xm": "i32", "stride_xk": "constexpr", "stride_wn": "i32", "stride_wk": "i32",
-        "stride_bias": "constexpr", "stride_ar": "i32", "stride_ak": "constexpr",
+        "stride_wscale": "constexpr", "stride_bias": "constexpr", "stride_ar": "i32", "stride_ak": "constexpr",
         "stride_bn": "i32", "stride_br": "constexpr", "stride_s": "constexpr",
         "stride_hm": "i32", "stride_lin": "constexpr", "stride_lout": "constexpr",
         "stride_ym": "i32",
     }  # fmt: skip
     # Unit strides are specialized to the constant 1 by the JIT (contiguous tensors).
-    unit = ["stride_xk", "stride_bias", "stride_ak", "stride_br", "stride_s", "stride_lin", "stride_lout"]
+    unit = ["stride_xk", "stride_wscale", "stride_bias", "stride_ak", "stride_br", "stride_s", "stride_lin",
+            "stride_lout"]
     unit.append("stride_wn" if weight_kn else "stride_wk")
     for name in unit:
         sig[name] = "constexpr"
@@ -113,7 +130,7 @@ def _linear_gemm_record(kernels: dict, dt: str, cfg: dict, r: int, weight_kn: bo
     constexprs = {name: 1 for name in unit}
     meta = dict(
         HAS_BIAS=True, HAS_LORA=has_lora, SHRINK_IN_LOOP=bool(cfg["shrink_in_loop"]) and has_lora,
-        HAS_SCALE=has_lora, HAS_L_IN=True, HAS_L_OUT=True,
+        HAS_SCALE=has_lora, HAS_L_IN=True, HAS_L_OUT=True, W_SCALED=quant is not None,
         R_PAD=cfg["R_PAD"], R_BLOCK=cfg["R_BLOCK"], BLOCK_M=cfg["BLOCK_M"],
         BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], GROUP_M=cfg["GROUP_M"],
         DOT_FP32=dt == "fp32", UPCAST_DOT=False,
@@ -139,7 +156,8 @@ def _linear_gemm_record(kernels: dict, dt: str, cfg: dict, r: int, weight_kn: bo
         "divisible_by_16": div16,
         "config": {k: cfg[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps", "num_stages", "R_BLOCK")},
         "case": cfg["case"] + ("-fused" if meta["SHRINK_IN_LOOP"] else ""),
-        "variant": f"{dt} r_pad={cfg['R_PAD'] if has_lora else 0}" + (" kn" if weight_kn else ""),
+        "variant": f"{dt}{'-' + quant if quant else ''} r_pad={cfg['R_PAD'] if has_lora else 0}"
+                   + (" kn" if weight_kn else ""),
     }
 
 
@@ -189,7 +207,7 @@ def lora_mixed_configs() -> list[dict]:
     records = []
     for dtype, ty in _DTYPES.items():
         fp32 = dtype == torch.float32
-        flags = dict(HAS_BIAS=True, HAS_LORA=True, HAS_L_IN=True, HAS_L_OUT=True)
+        flags = dict(HAS_BIAS=True, HAS_LORA=True, HAS_L_IN=True, HAS_L_OUT=True, W_SCALED=False)
         # every feature on (the most loads) and LoRA + bias alone (the benchmark's case):
         # ptxas allocates registers differently for each, so both are checked for spills
         flag_sets = (("all", flags), ("lora", dict(flags, HAS_L_IN=False, HAS_L_OUT=False)))
@@ -217,7 +235,7 @@ def lora_mixed_configs() -> list[dict]:
                     case="decode", variant=ty,
                 ))
             sig = {
-                "x_ptr": f"*{ty}", "w_ptr": f"*{ty}", "bias_ptr": f"*{ty}", "row_ptr": "*i64",
+                "x_ptr": f"*{ty}", "w_ptr": f"*{ty}", "wscale_ptr": "*fp32", "bias_ptr": f"*{ty}", "row_ptr": "*i64",
                 "rank_ptr": "*i32", "bt_ptr": f"*{ty}", "hp_ptr": "*fp32", "lin_ptr": f"*{ty}",
                 "lout_ptr": f"*{ty}", "y_ptr": f"*{ty}", "ws_ptr": "*fp32", "cnt_ptr": "*i32",
                 "M": "i32", "N": "i32", "K": "i32", "T": "constexpr", "SPLIT": "i32",
@@ -241,7 +259,7 @@ def lora_mixed_configs() -> list[dict]:
                                     UPCAST_DOT=False, SPLIT_K=split_k, SPREAD_LORA=split_k > 1 and not fl["HAS_L_OUT"],
                                     BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
                                     BLOCK_K=cfg["BLOCK_K"]),
-                    divisible_by_16=["x_ptr", "w_ptr", "bias_ptr", "row_ptr", "rank_ptr", "bt_ptr",
+                    divisible_by_16=["x_ptr", "w_ptr", "wscale_ptr", "bias_ptr", "row_ptr", "rank_ptr", "bt_ptr",
                                      "hp_ptr", "lin_ptr", "lout_ptr", "y_ptr", "ws_ptr", "cnt_ptr",
                                      "M", "N", "K", "K_CHUNK", "stride_xb", "stride_xt",
                                      "stride_wn", "stride_bs", "stride_br", "stride_hs",
@@ -273,7 +291,7 @@ def lora_mixed_configs() -> list[dict]:
                 case="prefill", variant=f"{ty} r_max={r_max}",
             ))
             sig = {
-                "x_ptr": f"*{ty}", "w_ptr": f"*{ty}", "bias_ptr": f"*{ty}", "tiles_ptr": "*i32",
+                "x_ptr": f"*{ty}", "w_ptr": f"*{ty}", "wscale_ptr": "*fp32", "bias_ptr": f"*{ty}", "tiles_ptr": "*i32",
                 "order_ptr": "*i64", "rank_ptr": "*i32", "bt_ptr": f"*{ty}", "h_ptr": "*fp32",
                 "lin_ptr": f"*{ty}", "lout_ptr": f"*{ty}", "y_ptr": f"*{ty}", "N": "i32",
                 "K": "i32", "T": "i32", "NT": "i32",
@@ -292,7 +310,7 @@ def lora_mixed_configs() -> list[dict]:
                                     stride_lon=1, stride_yn=1, **fl, DOT_FP32=fp32, LORA_FP32=fp32, UPCAST_DOT=False,
                                     BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
                                     BLOCK_K=cfg["BLOCK_K"], BLOCK_R=cfg["BLOCK_R"]),
-                    divisible_by_16=["x_ptr", "w_ptr", "bias_ptr", "tiles_ptr", "order_ptr",
+                    divisible_by_16=["x_ptr", "w_ptr", "wscale_ptr", "bias_ptr", "tiles_ptr", "order_ptr",
                                      "rank_ptr", "bt_ptr", "h_ptr", "lin_ptr", "lout_ptr", "y_ptr",
                                      "N", "K", "T", "stride_xb", "stride_xt", "stride_wn",
                                      "stride_bs", "stride_br", "stride_hm", "stride_lis",
@@ -301,4 +319,23 @@ def lora_mixed_configs() -> list[dict]:
                     case="prefill", variant=f"{ty} {fname} r_max={r_max}",
                     quick=ty == "bf16" and r_max == 16 and fname == "lora",
                 ))
-    return records
+    return records + _mixed_quant_records(records)
+
+
+def _mixed_quant_records(records: list[dict]) -> list[dict]:
+    """The per-row GEMM records again with int8 (sm_80, sm_90a) and fp8 (sm_90a) weight
+    codes and their ``weight_scale`` (``W_SCALED``); the shrinks do not read W."""
+    out = []
+    for rec in records:
+        if rec["kernel"] not in ("_mixed_rows_kernel", "_mixed_segments_kernel"):
+            continue
+        for quant, (w_ty, archs) in _QUANT.items():
+            if quant is None:
+                continue
+            dt, rest = rec["variant"].split(" ", 1)
+            out.append(dict(
+                rec, signature=dict(rec["signature"], w_ptr=f"*{w_ty}"),
+                constexprs=dict(rec["constexprs"], W_SCALED=True), archs=list(archs),
+                variant=f"{dt}-{quant} {rest}", quick=False,
+            ))
+    return out
