@@ -331,10 +331,12 @@ def _lora_linear():
     return importlib.import_module(f"{_kernel_package()}.lora_linear")
 
 
-def roofline(m: int, k: int, n: int, r: int, e: int = 2) -> dict:
+def roofline(m: int, k: int, n: int, r: int, e: int = 2, w_e: float | None = None) -> dict:
     """Predicted seconds of one bf16 layer: merged, fused (both paths) and unmerged PyTorch.
 
-    ``e`` bytes per element. Each kernel costs max(bytes / BW, FLOPs / peak) scaled by
+    ``e`` bytes per element; ``w_e``: bytes per element of W when it is stored
+    quantized (1 for int8/fp8 codes, plus a 4-byte scale per output channel), the same
+    tiles and FLOPs (the codes' conversion in the K-loop is not modelled). Each kernel costs max(bytes / BW, FLOPs / peak) scaled by
     the share of the GPU its grid fills (``_tk``: CTAs per SM); merged and unmerged are
     cuBLAS GEMMs, assumed to fill it. The fused op has two paths, with the tiles
     ``pick_config`` gives (sm_90): ``one`` (the shrink fused in the GEMM's K-loop,
@@ -348,6 +350,8 @@ def roofline(m: int, k: int, n: int, r: int, e: int = 2) -> dict:
     cfg = L.pick_config(m, n, k, r, bf16, 90)
     r_pad = cfg["R_PAD"]
     w, x, y, a, b = n * k * e, m * k * e, m * n * e, r * k * e, n * r * e
+    if w_e is not None:
+        w = n * k * w_e + 4 * n
     base_flops = 2 * m * n * k
     merged = _t(w + x + y, base_flops)
     # One launch: A re-reads per N-tile come from L2; the shrink runs once per N-tile,
@@ -420,6 +424,34 @@ def print_roofline() -> list[dict]:
                     f"{p['unmerged_l'] / p['fused_l']:>11.3f} {p['one_l'] / p['merged']:>9.3f} "
                     f"{p['two_l'] / p['merged']:>9.3f}"
                 )
+    return rows
+
+
+QUANT_MS = [1, 16, 64, 128, 2048]
+
+
+def print_quant_roofline() -> list[dict]:
+    """The roofline of the int8/fp8-weight fused layer (W read at 1 byte per element)
+    next to the bf16 merged layer and the quantized base layer alone (no adapter)."""
+    print()
+    print("H200 roofline PREDICTION for int8/fp8 weight codes (W at 1 byte + an fp32 scale per "
+          "channel; bf16 activations and adapters; conversion in the K-loop not modelled)")
+    hdr = (f"{'K->N':<12} {'r':>3} {'M':>5} {'path':>4} {'bf16 merged us':>14} {'q base us':>9} "
+           f"{'q fused us':>10} {'q fused/bf16 merged':>19} {'q fused/q base':>14}")
+    print(hdr)
+    print("-" * len(hdr))
+    rows = []
+    for k, n in BENCH_SHAPES:
+        for r in BENCH_RANKS:
+            for m in QUANT_MS:
+                p16 = roofline(m, k, n, r)
+                pq = roofline(m, k, n, r, w_e=1)
+                row = {"k": k, "n": n, "r": r, "m": m, "path": pq["path"], "bf16_merged": p16["merged"] * 1e6,
+                       "q_base": pq["merged"] * 1e6, "q_fused": pq["fused"] * 1e6}
+                rows.append(row)
+                print(f"{f'{k}->{n}':<12} {r:>3} {m:>5} {pq['path']:>4} {row['bf16_merged']:>14.2f} "
+                      f"{row['q_base']:>9.2f} {row['q_fused']:>10.2f} {pq['fused'] / p16['merged']:>19.3f} "
+                      f"{pq['fused'] / pq['merged']:>14.3f}")  # fmt: skip
     return rows
 
 
@@ -501,6 +533,7 @@ def main(argv=None) -> int:
         for results in reports:
             print_report(results)
         print_roofline()
+        print_quant_roofline()
         if len(reports) > 1:
             print()
             print_comparison(reports)
@@ -530,6 +563,7 @@ def main(argv=None) -> int:
     print_report(results)
     roof = print_roofline()
     (out / "roofline_h200.json").write_text(json.dumps(roof, indent=1))
+    (out / "roofline_quant_h200.json").write_text(json.dumps(print_quant_roofline(), indent=1))
     reports = [results]
     if args.also_with:
         sub_argv = ["--arch", args.arch] + (["--quick"] if args.quick else [])

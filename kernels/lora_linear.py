@@ -302,6 +302,13 @@ PREFILL_LARGE_MIN_M = 256
 BATCHED_DECODE_MAX_M = 128
 _BATCHED_DECODE_N64 = dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=4)
 _BATCHED_DECODE_N128 = dict(BLOCK_M=32, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=4)
+# int8/fp8 codes converted in registers hold one more W tile there: where the float
+# tile spilled with them (compile report), these take its place. Batched decode: 8 warps
+# on 32x64 tiles (32x64 with 4 and 32x128 with 8 spilled 8 B); prefill above 256 rows
+# on sm_90: 128x128 (128x256 spilled 16-80 B at 255 registers); fp32: K steps of 32.
+_BATCHED_DECODE_Q = dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=4)
+_PREFILL_LARGE_SM90_Q = _PREFILL_LARGE_SM80
+_PREFILL_F32_Q = dict(_PREFILL_F32, BLOCK_K=32)
 # Opt-in shared memory per block; other parts (sm_86/89/120: 99 KiB) get fewer stages.
 _SMEM = {80: 166912, 87: 166912, 90: 232448, 100: 232448}
 _SMEM_DEFAULT = 101376
@@ -331,13 +338,15 @@ def _smem_estimate(cfg: dict, elem: int) -> int:
     return cfg["num_stages"] * per * elem
 
 
-def pick_config(m: int, n: int, k: int, r: int, dtype: torch.dtype, arch: int = 90) -> dict:
+def pick_config(m: int, n: int, k: int, r: int, dtype: torch.dtype, arch: int = 90,
+                quantized: bool = False) -> dict:
     """The one place that chooses the strategy and tiles for a call, from shapes only.
 
     Args:
         m, n, k, r: rows, output features, input features, total rank (0: no LoRA).
         dtype: the input dtype.
         arch: compute capability as ``10 * major + minor`` (90 under the interpreter).
+        quantized: whether W holds int8/fp8 codes (same strategy; a few tiles differ).
 
     Returns:
         A dict with ``case`` ("decode", "batched-decode" or "prefill"), ``shrink_in_loop``, the GEMM's tile
@@ -359,13 +368,14 @@ def pick_config(m: int, n: int, k: int, r: int, dtype: torch.dtype, arch: int = 
         else:
             gemm = dict(_DECODE_N64)
     elif f32:
-        gemm = dict(_PREFILL_F32)
+        gemm = dict(_PREFILL_F32_Q if quantized else _PREFILL_F32)
     elif batched:
-        gemm = dict(_BATCHED_DECODE_N64 if m <= 64 else _BATCHED_DECODE_N128)
+        gemm = dict(_BATCHED_DECODE_Q if quantized else _BATCHED_DECODE_N64 if m <= 64 else _BATCHED_DECODE_N128)
     elif m <= PREFILL_LARGE_MIN_M:
         gemm = dict(_PREFILL_SMALL_SM90 if sm90_tiles else _PREFILL_SMALL_SM80)
     else:
-        gemm = dict(_PREFILL_LARGE_SM90 if sm90_tiles else _PREFILL_LARGE_SM80)
+        gemm = dict((_PREFILL_LARGE_SM90_Q if quantized else _PREFILL_LARGE_SM90) if sm90_tiles
+                    else _PREFILL_LARGE_SM80)
     max_fused = DECODE_FUSED_MAX_RANK_F32 if f32 else DECODE_FUSED_MAX_RANK
     shrink_in_loop = (r > 0 and decode and r_pad <= max_fused) or batched
     cfg = dict(
@@ -486,7 +496,8 @@ def launch(x, weight, bias, lora_a, lora_b, lora_scale, l_in, l_out, weight_kn=F
     if k == 0:  # no K-loop to run: the formula reduces to l_out ⊙ b
         return torch_lora_linear(x, weight, bias, lora_a, lora_b, lora_scale, l_in, l_out, weight_kn,
                                  weight_scale)
-    cfg = config if config is not None else pick_config(m, n, k, r, x.dtype, _arch(x.device))
+    cfg = config if config is not None else pick_config(m, n, k, r, x.dtype, _arch(x.device),
+                                                        weight.dtype in QUANT_DTYPES)
     # The GPU's branch under the interpreter too; UPCAST_DOT only widens its dot operands.
     dot_fp32 = x.dtype == torch.float32
     upcast = interpreted()

@@ -88,7 +88,15 @@ def lora_linear_configs() -> list[dict]:
                             for quant, (_, q_archs) in _QUANT.items():
                                 if quant is None or weight_kn or arch not in q_archs:
                                     continue
-                                rec = _linear_gemm_record(kernels, dt, cfg, r, weight_kn, quant)
+                                qcfg = lora_linear.pick_config(m, n, 4096, r, dtype, arch, quantized=True)
+                                qtile = tuple(qcfg[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps",
+                                                                "num_stages"))
+                                qkey = (quant, arch, dt, qtile, qcfg["shrink_in_loop"], r > 0,
+                                        qcfg["R_PAD"] if r > 0 else 0)
+                                if qkey in seen:
+                                    continue
+                                seen.add(qkey)
+                                rec = _linear_gemm_record(kernels, dt, qcfg, r, weight_kn, quant)
                                 rec["archs"] = [arch]
                                 rec["quick"] = (dt == "bf16" and r == 16 and n == 4096
                                                 and cfg["case"] == "decode")
