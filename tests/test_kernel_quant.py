@@ -28,9 +28,14 @@ code), so an unmasked load fails the test.
 from __future__ import annotations
 
 import math
+import sys
+from pathlib import Path
 
 import pytest
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "ci"))
+import kernel_report  # noqa: E402
 
 L = pytest.importorskip("tinytune.kernels.lora_linear")
 M = pytest.importorskip("tinytune.kernels.lora_mixed")
@@ -381,3 +386,40 @@ def test_bad_quantized_inputs_raise(change, error, message):
     with pytest.raises(error, match=message):
         M.lora_mixed_linear(args["x"], args["weight"], None, torch.zeros(2, dtype=torch.long), None, None,
                             None, None, None, None, False, None, None, args["weight_scale"])
+
+
+# ---------------------------------------------------------------------------------------
+# tiles and the roofline model
+# ---------------------------------------------------------------------------------------
+
+
+@needs_kernels
+def test_launcher_takes_the_quantized_tiles(monkeypatch):
+    """Codes take pick_config(quantized=True)'s tiles (those the compile report checked
+    for spills) and the W_SCALED branch; float weights keep theirs."""
+    seen = []
+    kernel = L.triton_kernels()["_lora_linear_fwd_kernel"]
+    real = kernel.run
+
+    def run(*args, grid, **meta):
+        seen.append(meta)
+        return real(*args, grid=grid, **meta)
+
+    monkeypatch.setattr(kernel, "run", run)
+    inp = linear_inputs(17, 8, torch.bfloat16, "int8")
+    run_linear(inp)
+    run_linear(dict(inp, weight=inp["weight"].to(torch.bfloat16), weight_scale=None))
+    q, f = seen
+    cfg_q = L.pick_config(17, N, K, 8, torch.bfloat16, quantized=True)
+    cfg_f = L.pick_config(17, N, K, 8, torch.bfloat16)
+    assert (q["W_SCALED"], f["W_SCALED"]) == (True, False)
+    assert q["num_warps"] == cfg_q["num_warps"] != f["num_warps"] == cfg_f["num_warps"]
+
+
+def test_roofline_reads_codes_at_one_byte():
+    """The model's decode prediction: about half the bf16 merged layer, plus A and B."""
+    for n in (4096, 14336):
+        bf16 = kernel_report.roofline(1, 4096, n, 16)
+        q = kernel_report.roofline(1, 4096, n, 16, w_e=1)
+        assert 0.5 < q["fused"] / bf16["merged"] < 0.52
+        assert q["merged"] < q["fused"] < 1.02 * q["merged"]
