@@ -33,6 +33,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch import nn
+
+import tinytune
+from tinytune import AdapterWrapper, IA3Config, KernelUnavailableError, LoraConfig, weights
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "ci"))
 import kernel_report  # noqa: E402
@@ -423,3 +427,118 @@ def test_roofline_reads_codes_at_one_byte():
         q = kernel_report.roofline(1, 4096, n, 16, w_e=1)
         assert 0.5 < q["fused"] / bf16["merged"] < 0.52
         assert q["merged"] < q["fused"] < 1.02 * q["merged"]
+
+
+# ---------------------------------------------------------------------------------------
+# dispatch: real bitsandbytes / torchao modules on the fused path
+# ---------------------------------------------------------------------------------------
+
+QK, QN = 70, 50  # the quantized Linear's in/out features: multiples of no block
+
+
+def quantized_linear(kind: str) -> nn.Module:
+    """One bitsandbytes ``Linear8bitLt`` (fp32 model) or torchao int8/fp8 weight-only
+    ``nn.Linear`` (bf16 model), quantized from a seeded float ``Linear(QK, QN)``."""
+    torch.manual_seed(0)
+    lin = nn.Linear(QK, QN)
+    if kind == "bnb_int8":
+        bnb = pytest.importorskip("bitsandbytes")
+        mod = bnb.nn.Linear8bitLt(QK, QN, has_fp16_weights=False, threshold=0.0)
+        mod.load_state_dict(lin.state_dict())
+        return mod.to(DEVICE)  # bitsandbytes quantizes on the move to the device
+    ao = pytest.importorskip("torchao.quantization")
+    model = nn.Sequential(lin).to(torch.bfloat16).to(DEVICE)
+    ao.quantize_(model, ao.Int8WeightOnlyConfig() if kind == "torchao_int8" else ao.Float8WeightOnlyConfig())
+    return model[0]
+
+
+KIND_PARAMS = [
+    pytest.param("bnb_int8", id="bnb_int8"),
+    pytest.param("torchao_int8", id="torchao_int8"),
+    pytest.param("torchao_fp8", id="torchao_fp8", marks=[] if FP8_OK else [pytest.mark.skip(reason="sm_89+")]),
+]
+
+
+@pytest.fixture
+def launches(monkeypatch):
+    """``(kernel name, W_SCALED)`` of every launch of the GEMM kernels."""
+    log = []
+    kernels = {**L.triton_kernels(), **M.triton_kernels()}
+    for name in ("_lora_linear_fwd_kernel", "_mixed_rows_kernel", "_mixed_segments_kernel"):
+        kernel = kernels[name]
+        real = kernel.run
+
+        def run(*args, _real=real, _name=name, grid, **meta):
+            log.append((_name, meta["W_SCALED"]))
+            return _real(*args, grid=grid, **meta)
+
+        monkeypatch.setattr(kernel, "run", run)
+    return log
+
+
+def adapted(kind: str):
+    """The quantized linear wrapped with two LoRAs ("a", "b") and an IA³ ("c"), random."""
+    base = nn.Sequential(quantized_linear(kind))
+    assert weights.weight_kind(base[0]) == kind
+    w = AdapterWrapper.from_config(base, LoraConfig(r=4, lora_alpha=8, target_modules=["0"]), "a")
+    w.add_adapter_from_config(LoraConfig(r=6, lora_alpha=3, target_modules=["0"]), "b")
+    w.add_adapter_from_config(IA3Config(target_modules=["0"], feedforward_modules=[]), "c")
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in w.named_adapter_parameters():
+            noise = torch.randn(p.shape, generator=g) * 0.3
+            p.copy_((noise + (1.0 if name.endswith("ia3_l") else 0.0)).to(p.dtype))
+    return w
+
+
+def adapted_reference(w, x: torch.Tensor, name: str) -> tuple:
+    """float64 (x, dequantized W, b, A, B, s, l_out) of ``name``'s adapter on the one
+    module (``__base__``: no adapter), per token, for :func:`excess`."""
+    module = w.get_base_model()[0]
+    codes, scale = weights.int_weight_and_scale(module)
+    deq = codes.double().cpu() * scale.double().cpu()[:, None]
+    p = {n: t.detach().double().cpu() for n, t in w.named_adapter_parameters()}
+    t = x.shape[0]
+    a, b, s, l_out = torch.zeros(0, QK), torch.zeros(QN, 0), torch.zeros(0), None
+    if name in ("a", "b"):
+        a, b = p[f"{name}.0.lora_A.weight"], p[f"{name}.0.lora_B.weight"]
+        s = torch.full((a.shape[0],), 2.0 if name == "a" else 0.5)
+    if name == "c":
+        l_out = p["c.0.ia3_l"].reshape(1, QN).expand(t, QN)
+    a, b, s = (v.double().expand(t, *v.shape) for v in (a, b, s))
+    return x.double().cpu(), deq, module.bias.detach().double().cpu(), a, b, s, None, l_out
+
+
+@needs_kernels
+@pytest.mark.parametrize("kind", KIND_PARAMS)
+def test_dispatch_runs_quantized_modules_on_the_kernels(kind, launches):
+    w = adapted(kind)
+    dtype = torch.float32 if kind == "bnb_int8" else torch.bfloat16
+    x = torch.randn(3, QK, generator=torch.Generator().manual_seed(2)).to(dtype).to(DEVICE)
+    for name in ("a", "b", "c"):
+        w.set_adapter(name)
+        launches.clear()
+        with torch.no_grad(), tinytune.kernel_mode("triton"):
+            y = w(x)
+        assert launches == [("_lora_linear_fwd_kernel", True)]
+        assert excess(y.cpu(), *adapted_reference(w, x, name)) <= 0, name
+    # per-row adapters, `__base__` rows among them: lora_mixed_linear on the codes
+    names = ["a", "__base__", "b", "c"]
+    launches.clear()
+    with torch.no_grad(), tinytune.kernel_mode("triton"):
+        y = w(x[:1].expand(4, QK).contiguous(), adapter_names=names)
+    assert launches and all(flag for _, flag in launches) and "_lora_linear_fwd_kernel" not in dict(launches)
+    for i, name in enumerate(names):
+        assert excess(y[i : i + 1].cpu(), *adapted_reference(w, x[:1], name)) <= 0, name
+
+
+@needs_kernels
+def test_dispatch_refuses_4bit_in_triton_mode_and_auto_falls_back():
+    bnb = pytest.importorskip("bitsandbytes")
+    torch.manual_seed(0)
+    mod = bnb.nn.Linear4bit(QK, QN, compute_dtype=torch.float32, quant_type="nf4")
+    mod.load_state_dict(nn.Linear(QK, QN).state_dict())
+    w = AdapterWrapper.from_config(nn.Sequential(mod.to(DEVICE)), LoraConfig(r=4, target_modules=["0"]), "a")
+    x = torch.randn(2, QK).to(DEVICE)
+    with torch.no_grad(), tinytune.kernel_mode("triton"), pytest.raises(KernelUnavailableError, match="bnb_nf4"):
+        w(x)
