@@ -305,10 +305,11 @@ _BATCHED_DECODE_N128 = dict(BLOCK_M=32, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_
 # int8/fp8 codes converted in registers hold one more W tile there: where the float
 # tile spilled with them (compile report), these take its place. Batched decode: 8 warps
 # on 32x64 tiles (32x64 with 4 and 32x128 with 8 spilled 8 B); prefill above 256 rows
-# on sm_90: 128x128 (128x256 spilled 16-80 B at 255 registers); fp32: K steps of 32.
+# on sm_90: 128x128 (128x256 spilled 16-80 B at 255 registers); fp32 prefill: 8 warps
+# (with 4, K steps of 16 spilled 8-16 B at padded rank 32, and of 32 at rank 128 fp8).
 _BATCHED_DECODE_Q = dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=4)
 _PREFILL_LARGE_SM90_Q = _PREFILL_LARGE_SM80
-_PREFILL_F32_Q = dict(_PREFILL_F32, BLOCK_K=32)
+_PREFILL_F32_Q = dict(_PREFILL_F32, num_warps=8)
 # Opt-in shared memory per block; other parts (sm_86/89/120: 99 KiB) get fewer stages.
 _SMEM = {80: 166912, 87: 166912, 90: 232448, 100: 232448}
 _SMEM_DEFAULT = 101376
@@ -404,6 +405,12 @@ QUANT_DTYPES = (torch.int8, torch.float8_e4m3fn)
 
 def check_weight_scale(op: str, weight: torch.Tensor, weight_scale, n: int) -> None:
     """Validate a quantized weight and its scale (shared with ``lora_mixed``).
+
+    Args:
+        op: The op's name, for the messages.
+        weight: The weight (float, or int8/float8_e4m3fn codes).
+        weight_scale: ``(N,)`` or ``None``.
+        n: Output features.
 
     Raises:
         TypeError: int8/fp8 codes without ``weight_scale``, a weight dtype the kernels
