@@ -692,7 +692,7 @@ def launch(
     flags = dict(HAS_BIAS=bias is not None, HAS_LORA=has_lora, HAS_L_IN=l_in_stack is not None,
                  HAS_L_OUT=l_out_stack is not None, W_SCALED=weight_scale is not None)
     if strategy == "rows":
-        cfg = rows_config(m, dot_fp32, interp)
+        cfg = rows_config(m, dot_fp32, interp, weight.dtype in QUANT_DTYPES)
         tiles_m, tiles_n = triton.cdiv(m, cfg["BLOCK_M"]), triton.cdiv(n, cfg["BLOCK_N"])
         split_k, gemm_chunk = k_splits(tiles_m * tiles_n, k, cfg["BLOCK_K"], x.device)
         ws = cnt = dummy

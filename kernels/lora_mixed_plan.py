@@ -69,13 +69,14 @@ def choose_strategy(m: int, n: int, k: int, r_max: int, slots: int, elem: int) -
     return "rows" if rows_cost <= seg_cost else "segments"
 
 
-def rows_config(m: int, fp32: bool, interpreted: bool = False) -> dict:
+def rows_config(m: int, fp32: bool, interpreted: bool = False, quantized: bool = False) -> dict:
     """Block sizes for the "rows" kernels (one place, also read by report_configs.py).
 
     Args:
         m: Tokens.
         fp32: Whether the dots run in IEEE fp32 (``DOT_FP32``).
         interpreted: Whether the kernels run in Triton's interpreter.
+        quantized: Whether W holds int8/fp8 codes (converted in registers).
 
     Returns:
         ``BLOCK_M``, ``BLOCK_N``, ``BLOCK_K``, ``num_warps``, ``num_stages`` of the GEMM
@@ -97,6 +98,9 @@ def rows_config(m: int, fp32: bool, interpreted: bool = False) -> dict:
     if fp32:  # ieee fp32 dots run on the CUDA cores, operands in registers: short K-steps
         # and at most 64 columns (wider or longer tiles spill on sm_80, compile report)
         cfg.update(BLOCK_K=16, BLOCK_N=64, num_warps=4)
+    if quantized:  # the converted W tile in registers: 8 warps, at most 64 columns (with
+        # 4 warps, or 64x128, 8-24 B spilled; compile report)
+        cfg.update(BLOCK_N=64, num_warps=8)
     return dict(cfg, num_stages=4, SHRINK_K=256, SHRINK_R=16)
 
 

@@ -257,8 +257,7 @@ def lora_mixed_configs() -> list[dict]:
             sig.update({name: "constexpr" for name in (*flags, "DOT_FP32", "UPCAST_DOT", "SPLIT_K", "SPREAD_LORA", "BLOCK_M", "BLOCK_N", "BLOCK_K")})
             # d = 4096 on 132 SMs (the launcher's split_k for one M-tile); no split once
             # the tiles fill the GPU (larger M).
-            tiles = triton.cdiv(4096, cfg["BLOCK_N"])
-            splits = (1, max(2, min(8, 132 // tiles, 4096 // (4 * cfg["BLOCK_K"]))))
+            splits = (1, _rows_split(cfg))
             for (fname, fl), split_k in itertools.product(flag_sets, splits):
                 records.append(dict(
                     module="lora_mixed", kernel="_mixed_rows_kernel", fn=kernels["_mixed_rows_kernel"], signature=sig,
@@ -330,20 +329,35 @@ def lora_mixed_configs() -> list[dict]:
     return records + _mixed_quant_records(records)
 
 
+def _rows_split(cfg: dict) -> int:
+    """The rows GEMM's split-K at d = 4096 on 132 SMs with one M-tile (the launcher's
+    ``k_splits``), at least 2."""
+    tiles = triton.cdiv(4096, cfg["BLOCK_N"])
+    return max(2, min(8, 132 // tiles, 4096 // (4 * cfg["BLOCK_K"])))
+
+
 def _mixed_quant_records(records: list[dict]) -> list[dict]:
     """The per-row GEMM records again with int8 (sm_80, sm_90a) and fp8 (sm_90a) weight
-    codes and their ``weight_scale`` (``W_SCALED``); the shrinks do not read W."""
+    codes and their ``weight_scale`` (``W_SCALED``), on ``rows_config(...,
+    quantized=True)``'s tiles; the shrinks do not read W."""
     out = []
     for rec in records:
         if rec["kernel"] not in ("_mixed_rows_kernel", "_mixed_segments_kernel"):
             continue
+        ce, config = dict(rec["constexprs"], W_SCALED=True), dict(rec["config"])
+        if rec["kernel"] == "_mixed_rows_kernel":
+            cfg = rows_config(config["BLOCK_M"], ce["DOT_FP32"], quantized=True)
+            config.update({k: cfg[k] for k in config})
+            ce.update(BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
+                      SPLIT_K=1 if ce["SPLIT_K"] == 1 else _rows_split(cfg))
         for quant, (w_ty, archs) in _QUANT.items():
             if quant is None:
                 continue
             dt, rest = rec["variant"].split(" ", 1)
             out.append(dict(
-                rec, signature=dict(rec["signature"], w_ptr=f"*{w_ty}"),
-                constexprs=dict(rec["constexprs"], W_SCALED=True), archs=list(archs),
-                variant=f"{dt}-{quant} {rest}", quick=False,
+                rec, signature=dict(rec["signature"], w_ptr=f"*{w_ty}"), constexprs=ce, config=config,
+                archs=list(archs), quick=False,
+                variant=f"{dt}-{quant} {rest.split(' split_k=')[0]}"
+                        + (f" split_k={ce['SPLIT_K']}" if "SPLIT_K" in ce else ""),
             ))
     return out
