@@ -733,7 +733,7 @@ def launch(
         return y
     if strategy != "segments":
         raise ValueError(f"strategy must be 'rows' or 'segments', got {strategy!r}")
-    cfg = segments_config(dot_fp32, r_max, interp)
+    cfg = segments_config(dot_fp32, r_max, interp, weight.dtype in QUANT_DTYPES)
     if seg_tiles is not None and seg_order is not None and seg_tiles.shape[1] == (
         triton.cdiv(m, cfg["BLOCK_M"]) + slots
     ):

@@ -139,13 +139,15 @@ def k_splits(tiles: int, k: int, block_k: int, device: torch.device) -> tuple:
     return triton.cdiv(k, chunk), chunk
 
 
-def segments_config(fp32: bool, r_max: int, interpreted: bool = False) -> dict:
+def segments_config(fp32: bool, r_max: int, interpreted: bool = False, quantized: bool = False) -> dict:
     """Block sizes for the "segments" kernels (also read by report_configs.py).
 
     Args:
         fp32: Whether the dots run in IEEE fp32 (``DOT_FP32``).
         r_max: Padded rank of the stacks.
         interpreted: Whether the kernels run in Triton's interpreter.
+        quantized: Whether W holds int8/fp8 codes (fp32 takes 8 warps: with 4, fp8
+            codes spilled 8 B at r_max 64 on sm_90a).
 
     Returns:
         ``BLOCK_M``, ``BLOCK_N``, ``BLOCK_K``, ``BLOCK_R``, ``num_warps``, ``num_stages``.
@@ -154,7 +156,8 @@ def segments_config(fp32: bool, r_max: int, interpreted: bool = False) -> dict:
     if interpreted:
         return dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, BLOCK_R=block_r, num_warps=4, num_stages=1)
     if fp32:  # ieee fp32 dots run on the CUDA cores: smaller tiles (64 rows spill on sm_80)
-        return dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=32, BLOCK_R=block_r, num_warps=4, num_stages=3)
+        return dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=32, BLOCK_R=block_r, num_warps=8 if quantized else 4,
+                    num_stages=3)
     return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, BLOCK_R=block_r, num_warps=8, num_stages=3)
 
 

@@ -350,6 +350,9 @@ def _mixed_quant_records(records: list[dict]) -> list[dict]:
             config.update({k: cfg[k] for k in config})
             ce.update(BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
                       SPLIT_K=1 if ce["SPLIT_K"] == 1 else _rows_split(cfg))
+        else:
+            cfg = segments_config(ce["DOT_FP32"], ce["BLOCK_R"], quantized=True)
+            config.update({k: cfg[k] for k in config})
         for quant, (w_ty, archs) in _QUANT.items():
             if quant is None:
                 continue
