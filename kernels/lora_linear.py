@@ -427,6 +427,9 @@ def check_weight_scale(op: str, weight: torch.Tensor, weight_scale, n: int) -> N
                         f"weight codes, got {weight.dtype}.")
     if not weight_scale.is_floating_point():
         raise TypeError(f"{op}: weight_scale must be a float tensor, got {weight_scale.dtype}.")
+    if weight.dtype == torch.float8_e4m3fn and weight.is_cuda and _arch(weight.device) < 89:
+        raise TypeError(f"{op}: float8 weight codes need an sm_89+ GPU (fp8 conversions); this one is "
+                        f"sm_{_arch(weight.device)}: use int8 codes or a dequantized weight.")
     if tuple(weight_scale.shape) != (n,):
         raise ValueError(f"{op}: weight_scale must have shape ({n},) (one scale per output feature), "
                          f"got {tuple(weight_scale.shape)}.")
