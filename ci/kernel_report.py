@@ -347,7 +347,8 @@ def roofline(m: int, k: int, n: int, r: int, e: int = 2, w_e: float | None = Non
     """
     L = _lora_linear()
     bf16 = importlib.import_module("torch").bfloat16
-    cfg = L.pick_config(m, n, k, r, bf16, 90)
+    quantized = w_e is not None
+    cfg = L.pick_config(m, n, k, r, bf16, 90, quantized=quantized)
     r_pad = cfg["R_PAD"]
     w, x, y, a, b = n * k * e, m * k * e, m * n * e, r * k * e, n * r * e
     if w_e is not None:
@@ -363,7 +364,8 @@ def roofline(m: int, k: int, n: int, r: int, e: int = 2, w_e: float | None = Non
               tiles_m * tiles_n)
     # Two launches: the shrink (grid cdiv(M, BLOCK_M), the whole rank per program), then
     # the GEMM, with the tiles pick_config gives where the shrink is not fused.
-    two_cfg = cfg if not cfg["shrink_in_loop"] else L.pick_config(m, n, k, max(r, L.DECODE_FUSED_MAX_RANK + 1), bf16, 90)
+    two_cfg = cfg if not cfg["shrink_in_loop"] else L.pick_config(m, n, k, max(r, L.DECODE_FUSED_MAX_RANK + 1), bf16, 90,
+                                                                 quantized=quantized)
     sc = L.shrink_config(r_pad, m <= L.DECODE_MAX_M, False)
     two = _tk(x + a + m * r * 4, 2 * m * k * r_pad, _cdiv(m, sc["BLOCK_M"])) + _tk(
         w + x + y + b + m * r * 4, base_flops + 2 * m * n * r_pad,
