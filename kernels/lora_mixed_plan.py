@@ -98,9 +98,10 @@ def rows_config(m: int, fp32: bool, interpreted: bool = False, quantized: bool =
     if fp32:  # ieee fp32 dots run on the CUDA cores, operands in registers: short K-steps
         # and at most 64 columns (wider or longer tiles spill on sm_80, compile report)
         cfg.update(BLOCK_K=16, BLOCK_N=64, num_warps=4)
-    if quantized:  # the converted W tile in registers: 8 warps, at most 64 columns (with
-        # 4 warps, or 64x128, 8-24 B spilled; compile report)
-        cfg.update(BLOCK_N=64, num_warps=8)
+    if quantized:  # the converted W tile in registers: 8 warps, at most 64 columns and
+        # (16-bit) K steps of 64 (4 warps, 64x128 or K steps of 128 left 8-24 B of stack
+        # frame on sm_80/sm_90a; compile report)
+        cfg.update(BLOCK_N=64, num_warps=8, **({} if fp32 else dict(BLOCK_K=64)))
     return dict(cfg, num_stages=4, SHRINK_K=256, SHRINK_R=16)
 
 
