@@ -83,6 +83,7 @@ COVERED = {
     "ci/gpu_summary.py": "tests/test_gpu_summary.py",
     "ci/kernel_report.py": "tests/test_kernel_report.py",
     "examples/serving_decode_loop.py": "tests/test_row_adapters.py",
+    "examples/qlora_finetune.py": "tests/test_example_qlora.py",
 }
 
 

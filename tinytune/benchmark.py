@@ -22,6 +22,14 @@ events around the calls, synchronised, and compiled cases use CUDA graphs
 
     tinytune-bench                     # full run, prints one table
     tinytune-bench --quick --out DIR   # short run; DIR/results.json and DIR/*.png
+    tinytune-bench --quantize nf4      # on a quantized base: bare, tinytune and PEFT
+
+With ``--quantize KIND`` (see :data:`QUANTIZE_KINDS`) every linear layer of the model but
+the output head is quantized once (bitsandbytes or torchao), and the bare quantized
+model, tinytune unmerged and PEFT unmerged (and the mixed batches of both) run on copies
+of that one quantized model; the float model is timed too (``float bare``). A quantized
+base is never merged, so ratios are to the bare quantized model and to PEFT's matching
+variant (``x PEFT``).
 
 The timing code (warm-up, interleaved rounds, medians and per-round ratios, the
 environment record) lives in :mod:`tinytune.timing`, which the studies in ``bench/`` and
@@ -66,12 +74,15 @@ _cpu_name, _git_sha = cpu_name, git_sha
 __all__ = [
     "BenchmarkError",
     "OutputMismatchError",
+    "QUANTIZE_KINDS",
     "TinyDecoder",
     "TARGETS",
     "environment",
     "fused_unavailable",
     "main",
     "parse_args",
+    "quantize_model",
+    "quantize_unavailable",
     "run",
     "summarize",
     "time_cases",
@@ -185,6 +196,116 @@ class TinyDecoder(nn.Module):
         return self.lm_head(self.norm(x))
 
 
+# --------------------------------------------------------------------------- quantized bases
+
+#: ``--quantize`` kinds: name -> (the package that quantizes, what the layers become).
+QUANTIZE_KINDS: dict[str, tuple[str, str]] = {
+    "nf4": ("bitsandbytes", "bitsandbytes Linear4bit, 4-bit NormalFloat (QLoRA's), blocks of 64"),
+    "fp4": ("bitsandbytes", "bitsandbytes Linear4bit, 4-bit float, blocks of 64"),
+    "int8-bnb": ("bitsandbytes", "bitsandbytes Linear8bitLt (LLM.int8(): int8 weights, one scale per "
+                 "output channel, outlier threshold 6.0 as in transformers' BitsAndBytesConfig)"),
+    "int8": ("torchao", "torchao Int8WeightOnlyConfig: int8 weights, one scale per output channel"),
+    "fp8": ("torchao", "torchao Float8WeightOnlyConfig: float8_e4m3fn weights, one scale per output channel"),
+}
+
+# bitsandbytes' CPU repack for AVX512-BF16 (done on the first forward without autograd in
+# eval mode) asserts on these divisibilities; modules that miss them keep the plain layout.
+_REPACK_BLOCK_N = 32
+
+
+def quantize_unavailable(kind: str) -> str | None:
+    """Why ``--quantize kind`` cannot run here, or ``None`` when it can.
+
+    Args:
+        kind: A key of :data:`QUANTIZE_KINDS`.
+
+    Returns:
+        A message naming the package to install, or ``None``.
+    """
+    package = QUANTIZE_KINDS[kind][0]
+    if importlib.util.find_spec(package) is None:
+        return f"--quantize {kind} needs {package}: pip install {package}"
+    return None
+
+
+def _output_head(model: nn.Module) -> nn.Module | None:
+    get = getattr(model, "get_output_embeddings", None)
+    head = get() if callable(get) else None
+    return head if head is not None else getattr(model, "lm_head", None)
+
+
+def _bnb_linear(child: nn.Linear, kind: str) -> nn.Module:
+    import bitsandbytes as bnb
+
+    device, bias = child.weight.device, child.bias
+    # bitsandbytes quantizes when a parameter moves off the CPU copy it was made from.
+    data = child.weight.detach().to("cpu", copy=True)
+    if kind == "int8-bnb":
+        new = bnb.nn.Linear8bitLt(child.in_features, child.out_features, bias=bias is not None,
+                                  has_fp16_weights=False, threshold=6.0)
+        new.weight = bnb.nn.Int8Params(data, requires_grad=False, has_fp16_weights=False)
+    else:
+        new = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=bias is not None,
+                                compute_dtype=child.weight.dtype, quant_type=kind)
+        new.weight = bnb.nn.Params4bit(data, requires_grad=False, quant_type=kind)
+    new = new.to(device)
+    if bias is not None:
+        new.bias = nn.Parameter(bias.detach().clone(), requires_grad=False)
+    if kind != "int8-bnb" and hasattr(new, "support_avx512bf16_for_cpu"):
+        blocksize = new.weight.quant_state.blocksize
+        if child.out_features % _REPACK_BLOCK_N or child.in_features % blocksize:
+            new.support_avx512bf16_for_cpu = False
+    return new
+
+
+def quantize_model(model: nn.Module, kind: str) -> nn.Module:
+    """Quantize every ``nn.Linear`` of ``model`` but its output head, in place.
+
+    The output head (``get_output_embeddings()`` or ``lm_head``) stays in float, as
+    transformers' ``BitsAndBytesConfig`` and ``TorchAoConfig`` leave it.
+
+    Args:
+        model: A float model, on the device and in the dtype it runs in.
+        kind: A key of :data:`QUANTIZE_KINDS`: ``nf4``, ``fp4`` and ``int8-bnb`` replace
+            the layers by bitsandbytes' ``Linear4bit``/``Linear8bitLt`` (computing in the
+            model's dtype); ``int8`` and ``fp8`` keep each ``nn.Linear`` and give it a
+            torchao weight-only weight.
+
+    Returns:
+        ``model``, in eval mode. A 4-bit layer whose shape does not fit bitsandbytes'
+        AVX512-BF16 CPU layout (``out_features % 32``, ``in_features % 64``) keeps the
+        plain 4-bit layout, where that layout would otherwise fail.
+
+    Raises:
+        BenchmarkError: The kind is unknown, its package is missing, or the model has no
+            linear layer to quantize.
+    """
+    if kind not in QUANTIZE_KINDS:
+        raise BenchmarkError(f"unknown --quantize kind {kind!r}: use one of {', '.join(QUANTIZE_KINDS)}")
+    reason = quantize_unavailable(kind)
+    if reason is not None:
+        raise BenchmarkError(reason)
+    head = _output_head(model)
+    found = [(name, m) for name, m in model.named_modules()
+             if type(m) is nn.Linear and m is not head]
+    if not found:
+        raise BenchmarkError(f"--quantize {kind}: the model has no nn.Linear layer to quantize "
+                             "(its output head stays in float)")
+    if QUANTIZE_KINDS[kind][0] == "bitsandbytes":
+        for name, child in found:
+            parent, _, leaf = name.rpartition(".")
+            setattr(model.get_submodule(parent), leaf, _bnb_linear(child, kind))
+    else:
+        from torchao.quantization import Float8WeightOnlyConfig, Int8WeightOnlyConfig, quantize_
+
+        chosen = {id(m) for _, m in found}
+        config = Int8WeightOnlyConfig() if kind == "int8" else Float8WeightOnlyConfig()
+        quantize_(model, config, filter_fn=lambda m, fqn: id(m) in chosen)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model.eval()
+
+
 # --------------------------------------------------------------------------- arguments
 
 
@@ -251,6 +372,8 @@ class Settings:
     # it when the models are built. ``targets``: None for the default of each model.
     model: str | None = None
     targets: list[str] | None = None
+    # --quantize: a key of QUANTIZE_KINDS, or None for the float model.
+    quantize: str | None = None
     skipped: dict[str, str] = field(default_factory=dict)
 
 
@@ -270,6 +393,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--targets", default=None, type=lambda v: [x for x in v.split(",") if x],
                    help="modules to put LoRA on, comma-separated (default: the seven projections of the "
                    "built-in model; all-linear with --model)")
+    p.add_argument("--quantize", default=None, choices=list(QUANTIZE_KINDS), metavar="KIND",
+                   help="quantize every linear layer but the output head, then time the bare quantized model, "
+                   "tinytune unmerged and PEFT unmerged on it (and the float model): "
+                   + "; ".join(f"{k}: {v[1]}" for k, v in QUANTIZE_KINDS.items())
+                   + ". The built-in model's intermediate width is rounded up to a multiple of 64.")
     p.add_argument("--quick", action="store_true",
                    help="a small model (hidden 128, one layer), 64x1 and 64x16 tokens, 5 rounds, torch.compile "
                    "at the first token count only, PEFT eager only: under a minute on a 2-core CPU")
@@ -387,16 +515,24 @@ def _settings(a: argparse.Namespace) -> Settings:
         if out.exists() and not out.is_dir():
             raise BenchmarkError(f"--out {a.out}: exists and is not a directory")
     use_peft = have_peft if a.peft is None else a.peft
+    intermediate = hidden * 43 // 16 if hidden >= 16 else 2 * hidden  # 1376 for 512, as in the other studies
+    if a.quantize is not None:
+        reason = quantize_unavailable(a.quantize)
+        if reason is not None:
+            raise BenchmarkError(reason)
+        # bitsandbytes' 4-bit CPU layout wants widths in multiples of 64 (see quantize_model);
+        # every kind gets the same model, so that their tables compare.
+        intermediate = -(-intermediate // 64) * 64
     return Settings(
         device=str(device), dtype=str(dtype).removeprefix("torch."), hidden=hidden,
         layers=a.layers or (1 if a.quick else 2), heads=heads,
-        intermediate=hidden * 43 // 16 if hidden >= 16 else 2 * hidden,  # 1376 for 512, as in the other studies
+        intermediate=intermediate,
         vocab=1024 if not a.quick else 512, rank=a.rank or 16, adapters=adapters, distinct=distinct,
         rows=rows, tokens=a.tokens or ([1, 16] if a.quick else [1, 16, 128, 512] if cuda else [1, 8, 32]),
         compile=a.compile, threads=a.threads or (1 if not cuda else torch.get_num_threads()),
         rounds=a.rounds or (5 if a.quick else 30 if cuda else 15), warmup=2 if a.quick else 3,
         min_time=0.002 if a.quick else 0.02, peft=use_peft, quick=a.quick, out=a.out,
-        peft_requested=a.peft, model=a.model, targets=a.targets,
+        peft_requested=a.peft, model=a.model, targets=a.targets, quantize=a.quantize,
     )
 
 
@@ -410,17 +546,21 @@ def _kernel_mode(mode: str):
     return contextlib.nullcontext()
 
 
-def fused_unavailable(device: torch.device) -> str | None:
+def fused_unavailable(device: torch.device, quantize: str | None = None) -> str | None:
     """Why the fused Triton path cannot be timed on ``device``, or None when it can.
 
     Args:
         device: Where the benchmark runs.
+        quantize: The ``--quantize`` kind, or ``None`` for the float model.
 
     Returns:
-        A reason to print (CPU device, no Triton, ...), or ``None``.
+        A reason to print (CPU device, no Triton, a quantized base, ...), or ``None``.
     """
     if device.type != "cuda":
         return "the fused Triton kernels run on CUDA only"
+    if quantize is not None:
+        return (f"--quantize {quantize}: the fused kernels of this benchmark run float weights; "
+                "on a quantized base tinytune runs the module's own forward plus the adapter's term")
     if not HAS_TRITON:
         return "Triton is not installed (pip install 'tinytune[triton]')"
     if not hasattr(tinytune, "kernel_mode"):
@@ -431,11 +571,12 @@ def fused_unavailable(device: torch.device) -> str | None:
 @dataclass
 class Models:
     bare: nn.Module
-    merged: nn.Module
+    merged: nn.Module | None  # None on a quantized base (--quantize): it is never merged
     unmerged: nn.Module
     fused: nn.Module | None
     peft: nn.Module | None
     names: list[str]
+    float_bare: nn.Module | None = None  # --quantize: the float model it was quantized from
 
 
 def load_model(spec: str) -> nn.Module:
@@ -513,6 +654,10 @@ def build_models(s: Settings) -> Models:
     for p in base.parameters():  # keep activations O(1) through the layers
         p.requires_grad_(False)
     base.to(device=device, dtype=dtype)
+    float_bare = None
+    if s.quantize is not None:
+        # Quantized once: the bare model, tinytune and PEFT run on copies of these weights.
+        float_bare, base = base, quantize_model(copy.deepcopy(base), s.quantize)
     targets = s.targets or (TARGETS if s.model is None else "all-linear")
     config = LoraConfig(target_modules=targets, r=s.rank, lora_alpha=2 * s.rank, init_lora_weights=False)
     names = [f"a{i}" for i in range(s.adapters)]
@@ -527,19 +672,21 @@ def build_models(s: Settings) -> Models:
             # nonzero A and B, of a size that changes the logits visibly but not wildly
             p.copy_((torch.randn(p.shape, generator=g) * 0.05).to(p.dtype))
     unmerged.eval()
-    merged = AdapterWrapper(copy.deepcopy(base))
-    merged.add_adapter_from_config(config, "default")
-    with torch.no_grad():
-        src = dict(unmerged.adapters["default"].named_adapter_parameters())
-        for n, p in merged.adapters["default"].named_adapter_parameters():
-            p.copy_(src[n])
-    merged.eval()
-    merged.merge_adapters()
+    merged = None
+    if s.quantize is None:
+        merged = AdapterWrapper(copy.deepcopy(base))
+        merged.add_adapter_from_config(config, "default")
+        with torch.no_grad():
+            src = dict(unmerged.adapters["default"].named_adapter_parameters())
+            for n, p in merged.adapters["default"].named_adapter_parameters():
+                p.copy_(src[n])
+        merged.eval()
+        merged.merge_adapters()
     fused = None
-    if fused_unavailable(device) is None:
+    if fused_unavailable(device, s.quantize) is None:
         fused = copy.deepcopy(unmerged)  # its own compiled graphs, never shared with the torch path
     peft_model = _build_peft(s, base, unmerged, names) if s.peft else None
-    return Models(base, merged, unmerged, fused, peft_model, names)
+    return Models(base, merged, unmerged, fused, peft_model, names, float_bare)
 
 
 def _build_peft(s: Settings, base: nn.Module, ours: nn.Module, names: list[str]) -> nn.Module:
@@ -569,7 +716,8 @@ class Variant:
     """One timed case: what runs, how, and what its output is checked against."""
 
     name: str
-    kind: str  # bare | merged | unmerged-torch | unmerged-fused | mixed | peft-unmerged | peft-mixed
+    # bare | float-bare | merged | unmerged-torch | unmerged-fused | mixed | peft-unmerged | peft-mixed
+    kind: str
     compiled: bool
     distinct: int | None
     kernels: str
@@ -613,11 +761,18 @@ def make_variants(s: Settings, m: Models) -> tuple[list[Variant], dict[str, str]
             return torch.compile(module, **compile_kwargs) if compiled else module
 
         variants.append(Variant(f"bare{tag}", "bare", compiled, None, "-", plain(wrap(m.bare))))
-        variants.append(Variant(f"merged{tag}", "merged", compiled, None, "-", plain(wrap(m.merged))))
+        if m.float_bare is not None:
+            variants.append(Variant(f"float bare{tag}", "float-bare", compiled, None, "-",
+                                    plain(wrap(m.float_bare))))
+        if m.merged is not None:
+            variants.append(Variant(f"merged{tag}", "merged", compiled, None, "-", plain(wrap(m.merged))))
+        elif not compiled:
+            skipped["merged"] = (f"--quantize {s.quantize}: a quantized base is not merged in place "
+                                 "(merging would round the update into the quantized weights)")
         unmerged = wrap(m.unmerged)
         variants.append(Variant(f"unmerged torch{tag}", "unmerged-torch", compiled, None, "torch",
                                 plain(unmerged, torch_mode)))
-        reason = fused_unavailable(device)
+        reason = fused_unavailable(device, s.quantize)
         if reason is None:
             variants.append(Variant(f"unmerged fused{tag}", "unmerged-fused", compiled, None, "triton",
                                     plain(wrap(m.fused), "triton")))
@@ -649,8 +804,15 @@ def make_variants(s: Settings, m: Models) -> tuple[list[Variant], dict[str, str]
     return variants, skipped
 
 
-def _tolerance(dtype: torch.dtype) -> float:
-    return {torch.float32: 2e-4, torch.bfloat16: 5e-2, torch.float16: 1e-2}[dtype]
+def _tolerance(dtype: torch.dtype, quantize: str | None = None) -> float:
+    tol = {torch.float32: 2e-4, torch.bfloat16: 5e-2, torch.float16: 1e-2}[dtype]
+    if quantize is not None and QUANTIZE_KINDS[quantize][0] == "bitsandbytes":
+        # bitsandbytes rounds each layer's input to 16 bits (bf16 in its AVX512-BF16 4-bit
+        # CPU kernel, fp16 for int8): an fp32 rounding difference upstream (a compiled
+        # graph's fusions, another summation order) can move an input by one 16-bit ulp,
+        # 2**-8 of it in bf16, and the next layer's output with it.
+        tol = max(tol, 1e-2)
+    return tol
 
 
 def check_outputs(variants: list[Variant], s: Settings, ids: torch.Tensor,
@@ -665,7 +827,7 @@ def check_outputs(variants: list[Variant], s: Settings, ids: torch.Tensor,
             do not change the output at all.
     """
     dtype = getattr(torch, s.dtype)
-    tol = _tolerance(dtype)
+    tol = _tolerance(dtype, s.quantize)
     outs = {}
     with torch.inference_mode():
         for v in variants:
@@ -702,6 +864,23 @@ def check_outputs(variants: list[Variant], s: Settings, ids: torch.Tensor,
 
 
 # --------------------------------------------------------------------------- running
+
+
+def _references(v: Variant, s: Settings) -> dict[str, str]:
+    """Ratio label -> the case ``v`` is divided by (of the same mode, eager or compiled).
+
+    The float model: the bare model and the merged one. A quantized base (never merged):
+    the bare quantized model, and PEFT's variant doing the same work on it.
+    """
+    tag = " compiled" if v.compiled else ""
+    if s.quantize is None:
+        return {"bare": f"bare{tag}", "merged": f"merged{tag}"}
+    refs = {"bare": f"bare{tag}"}
+    if v.kind == "unmerged-torch":
+        refs["PEFT"] = f"PEFT unmerged{tag}"
+    elif v.kind == "mixed":
+        refs["PEFT"] = f"PEFT mixed {v.distinct}{tag}"
+    return refs
 
 
 def run(s: Settings, *, progress: bool = True) -> dict[str, Any]:
@@ -763,13 +942,10 @@ def run(s: Settings, *, progress: bool = True) -> dict[str, Any]:
         with torch.inference_mode():
             times = time_cases(cases, s.rounds, device=device, threads=s.threads, warmup=s.warmup,
                                min_time=s.min_time, seed=t, progress=step)
-        refs = {}
-        for v in variants:
-            tag = " compiled" if v.compiled else ""
-            refs[v.name] = {"bare": f"bare{tag}", "merged": f"merged{tag}"}
+        refs = {v.name: _references(v, s) for v in variants}
         stats = {}
         for v in variants:
-            entry = summarize({v.name: times[v.name], **{r: times[r] for r in refs[v.name].values()}},
+            entry = summarize({v.name: times[v.name], **{r: times[r] for r in refs[v.name].values() if r in times}},
                               refs[v.name])[v.name]
             entry.update(kind=v.kind, compiled=v.compiled, distinct_adapters=v.distinct, kernels=v.kernels,
                          tokens_per_s=s.rows * t / (entry["median_ms"] / 1e3))
@@ -803,12 +979,15 @@ def run(s: Settings, *, progress: bool = True) -> dict[str, Any]:
 
 
 def model_description(s: Settings) -> str:
+    quantized = ""
+    if s.quantize is not None:
+        quantized = f"; linear layers but the output head quantized: {s.quantize} ({QUANTIZE_KINDS[s.quantize][1]})"
     if s.model is not None:
         return (f"--model {s.model} (vocab {s.vocab}); LoRA r={s.rank} on "
-                f"{', '.join(s.targets) if s.targets else 'all-linear'}; {s.adapters} adapters loaded")
+                f"{', '.join(s.targets) if s.targets else 'all-linear'}; {s.adapters} adapters loaded{quantized}")
     return (f"built-in decoder (random weights): hidden {s.hidden}, intermediate {s.intermediate}, "
             f"{s.layers} layer(s), {s.heads} heads, vocab {s.vocab}; LoRA r={s.rank} on "
-            f"{', '.join(s.targets or TARGETS)}; {s.adapters} adapters loaded")
+            f"{', '.join(s.targets or TARGETS)}; {s.adapters} adapters loaded{quantized}")
 
 
 # --------------------------------------------------------------------------- output
@@ -829,18 +1008,28 @@ def format_table(res: dict[str, Any]) -> str:
         f"device: {env['device']} ({env['device_name']})  dtype: {s['dtype']}  torch threads: "
         f"{env['torch_threads']}  rounds: {s['rounds']}  git: {env['git_sha'] or 'unknown'}",
         "versions: " + ", ".join(f"{k} {val}" for k, val in v.items() if val),
-        "ms: median over rounds (p25-p75). x bare, x merged: median of the per-round ratios to the bare",
-        "model / merged model of the same mode (eager or compiled), p25-p75 in brackets; a ratio",
-        "of medians can differ from it a little.",
     ]
-    head = ("variant", "ms (p25-p75)", "tokens/s", "x bare", "x merged")
+    second = "PEFT" if s.get("quantize") else "merged"
+    if second == "PEFT":
+        lines += [
+            "ms: median over rounds (p25-p75). x bare, x PEFT: median of the per-round ratios to the bare",
+            "quantized model / PEFT's variant doing the same work on it, of the same mode (eager or",
+            "compiled), p25-p75 in brackets; a ratio of medians can differ from it a little.",
+        ]
+    else:
+        lines += [
+            "ms: median over rounds (p25-p75). x bare, x merged: median of the per-round ratios to the bare",
+            "model / merged model of the same mode (eager or compiled), p25-p75 in brackets; a ratio",
+            "of medians can differ from it a little.",
+        ]
+    head = ("variant", "ms (p25-p75)", "tokens/s", "x bare", f"x {second}")
     for shape in res["shapes"]:
         rows = []
         for name, e in shape["variants"].items():
             rows.append((
                 name, f"{e['median_ms']:.3f} ({e['p25_ms']:.3f}-{e['p75_ms']:.3f})",
                 f"{e['tokens_per_s']:,.0f}", _fmt_ratio(e["ratio"].get("bare")),
-                _fmt_ratio(e["ratio"].get("merged")),
+                _fmt_ratio(e["ratio"].get(second)),
             ))
         widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
         lines.append("")

@@ -19,8 +19,10 @@ three places where ``Trainer`` handles model files:
 
 It also takes ``label_names`` from the base model's class (``Trainer`` reads them from
 the model's class, which for a wrapper has no ``labels`` parameter), so evaluation
-reports ``eval_loss`` with default arguments. Models that are not wrappers are handed to
-``Trainer`` unchanged.
+reports ``eval_loss`` with default arguments. A wrapper on a quantized model (QLoRA:
+bitsandbytes or torchao through transformers) with trainable adapters passes
+``Trainer``'s check that a quantized model has adapters to train. Models that are not
+wrappers are handed to ``Trainer`` unchanged.
 
 Floor 8b (training helpers): imports ``util``, ``checkpoints`` and ``wrapper`` (and
 transformers).
@@ -55,6 +57,10 @@ from .wrapper import AdapterWrapper
 
 __all__ = ["AdapterTrainer"]
 
+# transformers' flag for "adapters are loaded on this model" (PeftAdapterMixin), which its
+# check of quantized models before training reads.
+_HF_ADAPTERS_LOADED = "_hf_peft_config_loaded"
+
 
 class AdapterTrainer(Trainer):
     """A ``transformers.Trainer`` that saves and loads an ``AdapterWrapper``'s adapters.
@@ -73,7 +79,25 @@ class AdapterTrainer(Trainer):
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
+        wrapper = self._adapter_wrapper(kwargs.get("model", args[0] if args else None))
+        # transformers refuses to train a quantized model (QLoRA) unless it carries
+        # adapters that transformers knows of: a flag that its own adapter loading sets
+        # on the model (transformers' attribute, not tinytune's). A wrapper with trainable
+        # adapters is that case; the flag stands on the wrapper only while ``Trainer``
+        # checks it.
+        flag = (
+            wrapper is not None
+            and _HF_ADAPTERS_LOADED not in vars(wrapper)
+            and bool(getattr(wrapper, "is_quantized", False))
+            and any(p.requires_grad for p in wrapper.adapter_parameters())
+        )
+        if flag:
+            setattr(wrapper, _HF_ADAPTERS_LOADED, True)
+        try:
+            super().__init__(*args, **kwargs)
+        finally:
+            if flag:
+                delattr(wrapper, _HF_ADAPTERS_LOADED)
         wrapper = self._adapter_wrapper(self.model)
         if wrapper is not None and self.args.label_names is None:
             base = type(wrapper.registry.model())

@@ -545,6 +545,15 @@ class DoraLayer(LoraLayer):
     norm_base: torch.Tensor | None = None
 
     def reset_params(self, prefix: str, target: nn.Module) -> None:
+        if is_quantized(target, prefix):
+            # The norms need the float weight; taken over packed or int8 data they would
+            # be garbage (or crash). Refused before anything is created.
+            raise UnsupportedModuleError(
+                f"{type(self).__name__} cannot adapt {prefix!r}: its weight is quantized "
+                f"({weight_kind(target, prefix)}), and DoRA on quantized weights is not "
+                "supported yet. Use plain LoRA (use_dora=False) on the quantized model, or "
+                "DoRA on the float model."
+            )
         super().reset_params(prefix, target)
         self.__dict__["_dora_target"] = weakref.ref(target)
         self.__dict__["_dora_key"] = None
@@ -687,6 +696,7 @@ class DoraLayer(LoraLayer):
     def merge(self, module: nn.Module) -> None:
         # W <- g ⊙ (W + s·B·A), with g from the weight as it is now (as the unmerged
         # forward computes it); unmerging restores the saved original (exact).
+        refuse_quantized_merge(self, module)
         weight = module.weight
         with torch.no_grad():
             source = weight if self.norm_base is None else self.norm_base

@@ -35,13 +35,13 @@ from .hooks import HookSite, hook_layout_id
 from .layers import AdapterLayer, ModulesToSaveLayer, is_dora, quantized_merge_error
 from .util import device_of
 from .weights import (
+    FLOAT,
+    cpu_repack_guard,
     dequantized_linear,
     float_dtype,
-    has_4bit,
     is_quantized,
     model_float_dtype,
     quantized_modules,
-    unpack_before_autograd,
     weight_kind,
 )
 
@@ -104,8 +104,9 @@ class AdapterRegistry:
         self.rows_assigned = False
         # Set by tinytune.training.parallelize_adapters (mixed batches are refused then).
         self.tensor_parallel = False
-        # bitsandbytes 4-bit weights repacked for the CPU (see weights.unpack_cpu_4bit).
-        self.unpack_hook: Any = None
+        # (CpuRepackGuard, its hook handle) on a CPU model with bitsandbytes 4-bit
+        # linears (see guard_4bit).
+        self.repack_guard: Any = None
         self.freeze(model)
         _WRAPPED[model] = weakref.ref(self)
         self.guard_4bit(model)
@@ -126,7 +127,7 @@ class AdapterRegistry:
         self.slots_reserved = state.pop("_slots_reserved", False)
         self.rows_assigned = False
         self.tensor_parallel = state.pop("_tensor_parallel", False)
-        self.unpack_hook = None
+        self.repack_guard = None
         return self
 
     def release(self, model: nn.Module) -> None:
@@ -136,19 +137,21 @@ class AdapterRegistry:
         _WRAPPED.pop(model, None)
 
     def guard_4bit(self, model: nn.Module) -> None:
-        """On a model holding bitsandbytes 4-bit linears, add a forward pre-hook that
-        gives every 4-bit weight bitsandbytes repacked for its CPU inference kernel its
-        own layout back before a forward with autograd (such a forward fails inside
-        bitsandbytes otherwise: see :func:`tinytune.weights.unpack_cpu_4bit`). Removed
-        by ``unload`` and ``swap_base_model``."""
+        """On a CPU model holding bitsandbytes 4-bit linears that bitsandbytes would
+        repack for its AVX512-BF16 kernel, add a :class:`tinytune.weights.CpuRepackGuard`
+        as a forward pre-hook: autograd forwards then run on the weights' own layout,
+        and ``unload``/``swap_base_model`` give it back bit-identical."""
         self.unguard_4bit()
-        if has_4bit(model):
-            self.unpack_hook = model.register_forward_pre_hook(unpack_before_autograd)
+        guard = cpu_repack_guard(model)
+        if guard is not None:
+            self.repack_guard = (guard, model.register_forward_pre_hook(guard))
 
     def unguard_4bit(self) -> None:
-        hook, self.unpack_hook = getattr(self, "unpack_hook", None), None
-        if hook is not None:
-            hook.remove()
+        held, self.repack_guard = getattr(self, "repack_guard", None), None
+        if held is not None:
+            guard, handle = held
+            handle.remove()
+            guard.restore(strict=False)
 
     def model(self) -> nn.Module:
         """The base model.
@@ -367,6 +370,8 @@ class AdapterRegistry:
         is left.
         """
         model = self.model()
+        if self.repack_guard is not None:
+            self.repack_guard[0].restore()  # the 4-bit weights' own layout, to dequantize
         quantized = quantized_modules(model)
         default = model_float_dtype(model, quantized)
         modules = dict(model.named_modules())
@@ -388,7 +393,8 @@ class AdapterRegistry:
                 floats[path] = linear
             for name in adapter_names:
                 for path, layer in self.get(name).items():
-                    if path not in floats:
+                    if path not in floats:  # as merge_and_unload() merges float modules
+                        self._set_norm_bases(path)
                         layer.merge(self.sites[path].module)
         finally:
             if pins is not None:
@@ -770,12 +776,27 @@ def _hooked_by_tinytune(model: nn.Module, own: Sequence[HookSite] = ()) -> str |
 
 
 def _check_same_shape(path: str, old: nn.Module, new: nn.Module) -> None:
-    weight_kind(new, path)  # a weight of no known kind is refused
+    new_kind = weight_kind(new, path)  # a weight of no known kind is refused
     if type(old) is not type(new):
         raise UnsupportedModuleError(
             f"Module {path!r} is {type(new).__name__} in the new base model but "
             f"{type(old).__name__} in the old one; swap_base_model needs the same structure."
         )
+    old_kind = weight_kind(old, path)
+    if new_kind != FLOAT or old_kind != FLOAT:
+        # Quantized (every kind is an nn.Linear): compare what the adapters were shaped
+        # for, not the stored tensors (bitsandbytes' state_dict() would also rewrite a
+        # CPU-repacked 4-bit weight). The kinds may differ: a float model's adapters
+        # serve on its int8 twin.
+        old_sizes = (old.in_features, old.out_features, old.bias is not None)
+        new_sizes = (new.in_features, new.out_features, new.bias is not None)
+        if old_sizes != new_sizes:
+            raise UnsupportedModuleError(
+                f"Module {path!r} has (in, out, bias) = {new_sizes} in the new base model "
+                f"({new_kind}) but {old_sizes} in the old one ({old_kind}); swap_base_model "
+                "needs the same shapes."
+            )
+        return
     old_shapes = {k: tuple(v.shape) for k, v in old.state_dict().items()}
     new_shapes = {k: tuple(v.shape) for k, v in new.state_dict().items()}
     if old_shapes != new_shapes:

@@ -17,13 +17,14 @@ Floor 1 (below ``layers``, above ``util``): imports ``errors`` and ``util`` only
 
 from __future__ import annotations
 
+import copy
 import sys
 from typing import Any
 
 import torch
 from torch import nn
 
-from .errors import UnsupportedModuleError
+from .errors import AdapterStateError, UnsupportedModuleError
 from .util import is_dtensor
 
 __all__ = [
@@ -33,14 +34,14 @@ __all__ = [
     "dequantized_linear",
     "dequantized_weight",
     "float_dtype",
-    "has_4bit",
+    "CpuRepackGuard",
+    "cpu_repack_guard",
     "int_weight_and_scale",
     "is_quantized",
     "linear_sizes",
     "model_float_dtype",
     "quantized_modules",
-    "unpack_before_autograd",
-    "unpack_cpu_4bit",
+    "repacked_for_cpu",
     "weight_kind",
     "weight_tensors",
 ]
@@ -214,7 +215,9 @@ def _bnb_int8_parts(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor] | No
     return weight.data, scb
 
 
-def _bnb_4bit_dequantized(module: nn.Module) -> torch.Tensor:
+def _bnb_4bit_dequantized(module: nn.Module, name: str | None) -> torch.Tensor:
+    if repacked_for_cpu(module):
+        raise _repack_error(name or type(module).__name__)
     weight = module.weight
     state = getattr(weight, "quant_state", None)
     if state is None or not getattr(weight, "bnb_quantized", True):
@@ -223,9 +226,6 @@ def _bnb_4bit_dequantized(module: nn.Module) -> torch.Tensor:
             "Linear4bit when it is moved to its device): call .to(device) on the model first."
         )
     functional = sys.modules["bitsandbytes.functional"]
-    if getattr(state, "packing_format_for_cpu", False):
-        unpack_cpu_4bit(module)  # bitsandbytes' own layout back (see unpack_cpu_4bit)
-        state = weight.quant_state
     return functional.dequantize_4bit(weight.data, state)
 
 
@@ -252,7 +252,7 @@ def dequantized_weight(module: nn.Module, name: str | None = None) -> torch.Tens
         if kind == FLOAT:
             return weight.detach()
         if kind in ("bnb_nf4", "bnb_fp4"):
-            return _bnb_4bit_dequantized(module)
+            return _bnb_4bit_dequantized(module, name)
         if kind == "bnb_int8":
             parts = _bnb_int8_parts(module)
             if parts is None:
@@ -368,46 +368,99 @@ def _state_tensors(state: Any, prefix: str, into: dict[str, torch.Tensor]) -> No
             _state_tensors(value, f"{prefix}.{key}", into)
 
 
-def unpack_cpu_4bit(module: nn.Module) -> bool:
-    """Give a bitsandbytes 4-bit weight back its own layout, if bitsandbytes repacked it
-    for its CPU inference kernel.
+def repacked_for_cpu(module: nn.Module) -> bool:
+    """Whether bitsandbytes repacked ``module``'s 4-bit weight for its CPU inference
+    kernel (see :class:`CpuRepackGuard`)."""
+    state = getattr(getattr(module, "weight", None), "quant_state", None)
+    return bool(getattr(state, "packing_format_for_cpu", False))
 
-    On CPUs with AVX512-BF16, ``Linear4bit`` repacks its weight in place on the first
-    forward in eval mode without autograd; a forward with autograd then fails inside
-    bitsandbytes. bitsandbytes undoes the repack itself when it saves the module
-    (``state_dict``); this calls that path. The next forward without autograd repacks
-    again.
 
-    Returns:
-        Whether the weight was repacked (and is now back in bitsandbytes' layout).
+def _repack_error(name: str) -> AdapterStateError:
+    return AdapterStateError(
+        f"bitsandbytes repacked the 4-bit weight of {name!r} for its CPU inference kernel "
+        "(AVX512-BF16: done in place on an eval forward without autograd) before tinytune "
+        "wrapped the model. That layout stores the scales in bfloat16 and cannot be turned "
+        "back exactly, and bitsandbytes cannot run autograd or dequantize on it. Reload the "
+        "model and wrap it before its first no-grad forward: tinytune then keeps the "
+        "original layout for these calls."
+    )
+
+
+class CpuRepackGuard:
+    """A forward pre-hook for a base model holding bitsandbytes 4-bit linears on a CPU
+    with AVX512-BF16, where bitsandbytes repacks a ``Linear4bit``'s weight in place on
+    its first eval forward without autograd (a faster kernel, with bfloat16 scales).
+    After that a forward with autograd fails inside bitsandbytes, and bitsandbytes' own
+    way back (on ``state_dict``) is lossy.
+
+    Before each forward without autograd the guard keeps a reference to every weight's
+    own data and a copy of its ``quant_state`` (no copy of the data: the repack builds
+    new tensors, so the kept ones stay as they were; while repacked, the 4-bit weights
+    take twice their memory). Before each forward with autograd, and in
+    :meth:`restore`, repacked weights get those back, bit-identical. The next forward
+    without autograd repacks again.
+
+    Args:
+        modules: ``{dotted name: Linear4bit}`` of the model's 4-bit linears.
     """
-    weight = getattr(module, "weight", None)
-    state = getattr(weight, "quant_state", None)
-    if not getattr(state, "packing_format_for_cpu", False):
-        return False
-    # Linear4bit._save_to_state_dict converts back before saving: state_dict() is the
-    # public way to run it (the returned dict is dropped).
-    module.state_dict()
-    return True
+
+    def __init__(self, modules: dict[str, nn.Module]) -> None:
+        self.modules = modules
+        # name -> (its data, a copy of its quant_state, the quant_state object seen)
+        self.kept: dict[str, tuple[torch.Tensor, Any, Any]] = {}
+
+    def __call__(self, model: nn.Module, args: tuple) -> None:
+        if torch.compiler.is_compiling():
+            return
+        if torch.is_grad_enabled():
+            self.restore()
+            return
+        for name, module in self.modules.items():
+            weight = module.weight
+            state = weight.quant_state
+            if getattr(state, "packing_format_for_cpu", False):
+                continue
+            kept = self.kept.get(name)
+            # (``weight.data`` is a new tensor object on every access: compare storage.)
+            if kept is None or kept[2] is not state or kept[0].data_ptr() != weight.data_ptr():
+                self.kept[name] = (weight.data, copy.copy(state), state)
+
+    def restore(self, strict: bool = True) -> None:
+        """Give every repacked weight its own layout back (the kept tensors).
+
+        Args:
+            strict: Raise for a weight repacked before the guard saw it (else leave it).
+
+        Raises:
+            AdapterStateError: For such a weight, with ``strict``.
+        """
+        for name, module in self.modules.items():
+            if not repacked_for_cpu(module):
+                continue
+            kept = self.kept.get(name)
+            if kept is None:
+                if not strict:
+                    continue
+                raise _repack_error(name)
+            state = copy.copy(kept[1])  # the next repack changes the object it is given
+            module.weight.data = kept[0]
+            module.weight.quant_state = state
+            if hasattr(module, "quant_state"):
+                module.quant_state = state
 
 
-def unpack_before_autograd(model: nn.Module, args: tuple) -> None:
-    """A forward pre-hook for a base model holding bitsandbytes 4-bit linears: with
-    autograd on, give every repacked 4-bit weight its own layout back first (see
-    :func:`unpack_cpu_4bit`), so training after a no-grad eval forward works."""
-    if not torch.is_grad_enabled() or torch.compiler.is_compiling():
-        return
+def cpu_repack_guard(model: nn.Module) -> CpuRepackGuard | None:
+    """A :class:`CpuRepackGuard` for ``model``'s bitsandbytes 4-bit linears on the CPU
+    that bitsandbytes would repack (``support_avx512bf16_for_cpu``), or ``None`` if there
+    are none."""
     bnb = _bnb_modules()
     if bnb is None or not bnb[0]:
-        return
-    for module in model.modules():
-        if isinstance(module, bnb[0]):
-            unpack_cpu_4bit(module)
-
-
-def has_4bit(model: nn.Module) -> bool:
-    """Whether ``model`` holds a bitsandbytes ``Linear4bit``."""
-    bnb = _bnb_modules()
-    if bnb is None or not bnb[0]:
-        return False
-    return any(isinstance(m, bnb[0]) for m in model.modules())
+        return None
+    modules = {
+        name: m
+        for name, m in model.named_modules()
+        if isinstance(m, bnb[0])
+        and getattr(m, "support_avx512bf16_for_cpu", False)
+        and m.weight.device.type == "cpu"
+    }
+    return CpuRepackGuard(modules) if modules else None
