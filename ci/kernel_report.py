@@ -355,7 +355,8 @@ def _shrink_time(m: int, k: int, r: int, e: int, sc: dict) -> tuple:
     return _tk(bytes_, 2 * tiles_m * bm * k * r_pad, programs), programs, int(split > 1)
 
 
-def roofline(m: int, k: int, n: int, r: int, e: int = 2, dora: bool = False) -> dict:
+def roofline(m: int, k: int, n: int, r: int, e: int = 2, dora: bool = False,
+             w_e: float | None = None) -> dict:
     """Predicted seconds of one bf16 layer: merged, fused (both paths) and unmerged PyTorch.
 
     ``dora``: a DoRA layer (issue 22): the fused GEMM also reads the cached fp32 column
@@ -363,8 +364,10 @@ def roofline(m: int, k: int, n: int, r: int, e: int = 2, dora: bool = False) -> 
     multiplies the tile once; merged is unchanged (``g`` folds into the merged weight);
     unmerged PyTorch adds one element-wise pass over ``y`` (read, write) for ``g``.
 
-    ``e`` bytes per element. Each kernel costs max(bytes / BW, FLOPs / peak) scaled by
-    the share of the GPU its grid fills (``_tk``: CTAs per SM); merged and unmerged are
+    ``e`` bytes per element; ``w_e``: bytes per element of W when it is stored
+    quantized (1 for int8/fp8 codes, plus a 4-byte scale per output channel), the same
+    tiles and FLOPs (the codes' conversion in the K-loop is not modelled). Each kernel
+    costs max(bytes / BW, FLOPs / peak) scaled by the share of the GPU its grid fills (``_tk``: CTAs per SM); merged and unmerged are
     cuBLAS GEMMs, assumed to fill it. The fused op has two paths, with the tiles
     ``pick_config`` gives (sm_90): ``one`` (the shrink fused in the GEMM's K-loop,
     repeated per N-tile: decode and batched decode) and ``two`` (shrink kernel, then the
@@ -376,9 +379,12 @@ def roofline(m: int, k: int, n: int, r: int, e: int = 2, dora: bool = False) -> 
     """
     L = _lora_linear()
     bf16 = importlib.import_module("torch").bfloat16
-    cfg = L.pick_config(m, n, k, r, bf16, 90)
+    quantized = w_e is not None
+    cfg = L.pick_config(m, n, k, r, bf16, 90, quantized=quantized)
     r_pad = cfg["R_PAD"]
     w, x, y, a, b = n * k * e, m * k * e, m * n * e, r * k * e, n * r * e
+    if w_e is not None:
+        w = n * k * w_e + 4 * n
     base_flops = 2 * m * n * k
     merged = _t(w + x + y, base_flops)
     g_bytes, g_flops = (n * 4, m * n) if dora else (0, 0)
@@ -392,7 +398,8 @@ def roofline(m: int, k: int, n: int, r: int, e: int = 2, dora: bool = False) -> 
               tiles_m * tiles_n)
     # Two launches: the shrink (split as shrink_config splits it), then the GEMM, with the
     # tiles pick_config gives where the shrink is not fused.
-    two_cfg = cfg if not cfg["shrink_in_loop"] else L.pick_config(m, n, k, max(r, L.DECODE_FUSED_MAX_RANK + 1), bf16, 90)
+    two_cfg = cfg if not cfg["shrink_in_loop"] else L.pick_config(m, n, k, max(r, L.DECODE_FUSED_MAX_RANK + 1), bf16, 90,
+                                                                 quantized=quantized)
     sc = L.shrink_config(r_pad, m <= L.DECODE_MAX_M, False, m, k, H200_SMS)
     shrink, shrink_programs, memset = _shrink_time(m, k, r, e, sc)
     unsplit = dict(L.shrink_config(r_pad, m <= L.DECODE_MAX_M, False), BLOCK_R=r_pad, SPLIT_K=1)
@@ -527,6 +534,34 @@ def print_roofline_dora() -> list[dict]:
     return rows
 
 
+QUANT_MS = [1, 16, 64, 128, 2048]
+
+
+def print_quant_roofline() -> list[dict]:
+    """The roofline of the int8/fp8-weight fused layer (W read at 1 byte per element)
+    next to the bf16 merged layer and the quantized base layer alone (no adapter)."""
+    print()
+    print("H200 roofline PREDICTION for int8/fp8 weight codes (W at 1 byte + an fp32 scale per "
+          "channel; bf16 activations and adapters; conversion in the K-loop not modelled)")
+    hdr = (f"{'K->N':<12} {'r':>3} {'M':>5} {'path':>4} {'bf16 merged us':>14} {'q base us':>9} "
+           f"{'q fused us':>10} {'q fused/bf16 merged':>19} {'q fused/q base':>14}")
+    print(hdr)
+    print("-" * len(hdr))
+    rows = []
+    for k, n in BENCH_SHAPES:
+        for r in BENCH_RANKS:
+            for m in QUANT_MS:
+                p16 = roofline(m, k, n, r)
+                pq = roofline(m, k, n, r, w_e=1)
+                row = {"k": k, "n": n, "r": r, "m": m, "path": pq["path"], "bf16_merged": p16["merged"] * 1e6,
+                       "q_base": pq["merged"] * 1e6, "q_fused": pq["fused"] * 1e6}
+                rows.append(row)
+                print(f"{f'{k}->{n}':<12} {r:>3} {m:>5} {pq['path']:>4} {row['bf16_merged']:>14.2f} "
+                      f"{row['q_base']:>9.2f} {row['q_fused']:>10.2f} {pq['fused'] / p16['merged']:>19.3f} "
+                      f"{pq['fused'] / pq['merged']:>14.3f}")  # fmt: skip
+    return rows
+
+
 def totals(results: list[dict]) -> dict:
     """One report's totals (the rows of the side-by-side comparison)."""
     ok = [r for r in results if "error" not in r]
@@ -605,6 +640,7 @@ def main(argv=None) -> int:
         for results in reports:
             print_report(results)
         print_roofline()
+        print_quant_roofline()
         print_shrink_split()
         print_roofline_dora()
         if len(reports) > 1:
@@ -636,6 +672,7 @@ def main(argv=None) -> int:
     print_report(results)
     roof = print_roofline()
     (out / "roofline_h200.json").write_text(json.dumps(roof, indent=1))
+    (out / "roofline_quant_h200.json").write_text(json.dumps(print_quant_roofline(), indent=1))
     (out / "shrink_split_h200.json").write_text(json.dumps(print_shrink_split(), indent=1))
     (out / "roofline_h200_dora.json").write_text(json.dumps(print_roofline_dora(), indent=1))
     reports = [results]

@@ -6,7 +6,11 @@
 several LoRAs active together are concatenated along the rank ``R`` with one scale per
 rank row (``s``); ``l_in``/``l_out`` are IA³ scales on the input/output features. An IA³
 that composes with a LoRA on the same module is folded into that LoRA's ``A`` (input
-side) or ``B`` (output side) by the caller, so the kernel stays one formula.
+side) or ``B`` (output side) by the caller, so the kernel stays one formula. ``W`` may
+also be int8 or float8_e4m3fn codes with one fp32 scale per output channel
+(``weight_scale``): the same kernels read the codes at one byte each (half of bf16's
+bytes at decode), convert them inside the K-loop and scale the base accumulator in the
+epilogue, before the bias (the ``W_SCALED`` constexpr).
 
 DoRA (``col_scale``, a per-output-column scale ``g = m / ‖W + s·B·A‖_row`` computed by
 the caller): ``y = l_out ⊙ (g ⊙ W (l_in ⊙ x) + b) + g ⊙ ((x Aᵀ) ⊙ s) Bᵀ``; without IA³
@@ -55,10 +59,11 @@ from typing import Optional
 
 import torch
 
-from .triton_helpers import add_h_bt, base_k_step, bias_and_l_out, col_scale_and_bias, mma
+from .triton_helpers import add_h_bt, base_k_step, bias_and_l_out, col_scale_and_bias, dequant_scale, mma
 from .triton_support import HAS_TRITON, is_interpreted, tl, triton
 
-__all__ = ["torch_lora_linear", "lora_linear", "pick_config", "triton_kernels"]
+__all__ = ["torch_lora_linear", "lora_linear", "pick_config", "triton_kernels", "QUANT_DTYPES",
+           "check_weight_scale"]
 
 # Decode (fused shrink in the K-loop) up to this many rows: one BLOCK_M=16 tile.
 DECODE_MAX_M = 16
@@ -164,6 +169,7 @@ if HAS_TRITON:
         # pointers
         x_ptr,  # (M, K)
         w_ptr,  # W[n, k] at n * stride_wn + k * stride_wk ((N, K) or Conv1D's (K, N))
+        wscale_ptr,  # (N,) per-output-channel scale of an int8/fp8 W, read when W_SCALED
         bias_ptr,  # (N,)
         a_ptr,  # (R, K), read when SHRINK_IN_LOOP
         b_ptr,  # (N, R)
@@ -183,6 +189,7 @@ if HAS_TRITON:
         stride_xk,
         stride_wn,
         stride_wk,
+        stride_wscale,
         stride_bias,
         stride_ar,
         stride_ak,
@@ -202,6 +209,7 @@ if HAS_TRITON:
         HAS_L_IN: tl.constexpr,
         HAS_L_OUT: tl.constexpr,
         HAS_COL_SCALE: tl.constexpr,
+        W_SCALED: tl.constexpr,
         R_PAD: tl.constexpr,
         R_BLOCK: tl.constexpr,
         BLOCK_M: tl.constexpr,
@@ -219,7 +227,10 @@ if HAS_TRITON:
         in rank chunks of R_BLOCK) and stores once. With ``HAS_COL_SCALE`` (DoRA) the bias
         waits until the LoRA term is in: ``g ⊙ (l_out ⊙ W x + L) + l_out ⊙ b``. Tiles are
         visited in groups of GROUP_M rows of tiles so neighbouring programs share W tiles
-        in L2.
+        in L2. With ``W_SCALED``, ``W`` holds int8/fp8 codes, converted to the dot's dtype
+        inside the K-loop, and the base accumulator is scaled per output channel before
+        the bias:
+        ``W = codes ⊙ weight_scale[:, None]``.
         """
         pid = tl.program_id(0)
         num_pid_m = tl.cdiv(M, BLOCK_M)
@@ -249,7 +260,7 @@ if HAS_TRITON:
         for k in range(0, tl.cdiv(K, BLOCK_K)):
             k_mask = offs_k < K - k * BLOCK_K
             acc, xt = base_k_step(acc, x_ptrs, m_mask, k_mask, w_ptrs, n_mask, lin_ptrs, k_mask,
-                                  HAS_L_IN, DOT_FP32, UPCAST_DOT)
+                                  HAS_L_IN, DOT_FP32, UPCAST_DOT, W_SCALED)
             lin_ptrs += BLOCK_K * stride_lin
             if HAS_LORA and SHRINK_IN_LOOP:
                 at = tl.load(a_ptrs, mask=k_mask[:, None] & r_mask[None, :], other=0.0)
@@ -258,6 +269,8 @@ if HAS_TRITON:
             x_ptrs += BLOCK_K * stride_xk
             w_ptrs += BLOCK_K * stride_wk
 
+        if W_SCALED:
+            acc = dequant_scale(acc, wscale_ptr, offs_n, stride_wscale, n_mask)
         acc = bias_and_l_out(acc, bias_ptr, stride_bias, offs_n, n_mask, lout_ptr, 0, 0,
                              stride_lout, n_mask, HAS_BIAS and not HAS_COL_SCALE, HAS_L_OUT)
         if HAS_LORA:
@@ -341,6 +354,14 @@ PREFILL_LARGE_MIN_M = 256
 BATCHED_DECODE_MAX_M = 128
 _BATCHED_DECODE_N64 = dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=4)
 _BATCHED_DECODE_N128 = dict(BLOCK_M=32, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=4)
+# int8/fp8 codes converted in registers hold one more W tile there: where the float
+# tile spilled with them (compile report), these take its place. Batched decode: 8 warps
+# on 32x64 tiles (32x64 with 4 and 32x128 with 8 spilled 8 B); prefill above 256 rows
+# on sm_90: 128x128 (128x256 spilled 16-80 B at 255 registers); fp32 prefill: 8 warps
+# (with 4, K steps of 16 spilled 8-16 B at padded rank 32, and of 32 at rank 128 fp8).
+_BATCHED_DECODE_Q = dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=4)
+_PREFILL_LARGE_SM90_Q = _PREFILL_LARGE_SM80
+_PREFILL_F32_Q = dict(_PREFILL_F32, num_warps=8)
 # Opt-in shared memory per block; other parts (sm_86/89/120: 99 KiB) get fewer stages.
 _SMEM = {80: 166912, 87: 166912, 90: 232448, 100: 232448}
 _SMEM_DEFAULT = 101376
@@ -415,7 +436,7 @@ def _smem_estimate(cfg: dict, elem: int) -> int:
 
 
 def pick_config(m: int, n: int, k: int, r: int, dtype: torch.dtype, arch: int = 90,
-                sms: int = SMS_DEFAULT) -> dict:
+                sms: int = SMS_DEFAULT, quantized: bool = False) -> dict:
     """The one place that chooses the strategy and tiles for a call, from shapes only.
 
     Args:
@@ -424,6 +445,7 @@ def pick_config(m: int, n: int, k: int, r: int, dtype: torch.dtype, arch: int = 
         arch: compute capability as ``10 * major + minor`` (90 under the interpreter).
         sms: the GPU's streaming multiprocessors (the shrink's split fills them; 132,
             an H100/H200's, under the interpreter).
+        quantized: whether W holds int8/fp8 codes (same strategy; a few tiles differ).
 
     Returns:
         A dict with ``case`` ("decode", "batched-decode" or "prefill"), ``shrink_in_loop``, the GEMM's tile
@@ -447,13 +469,14 @@ def pick_config(m: int, n: int, k: int, r: int, dtype: torch.dtype, arch: int = 
         else:
             gemm = dict(_DECODE_N64)
     elif f32:
-        gemm = dict(_PREFILL_F32)
+        gemm = dict(_PREFILL_F32_Q if quantized else _PREFILL_F32)
     elif batched:
-        gemm = dict(_BATCHED_DECODE_N64 if m <= 64 else _BATCHED_DECODE_N128)
+        gemm = dict(_BATCHED_DECODE_Q if quantized else _BATCHED_DECODE_N64 if m <= 64 else _BATCHED_DECODE_N128)
     elif m <= PREFILL_LARGE_MIN_M:
         gemm = dict(_PREFILL_SMALL_SM90 if sm90_tiles else _PREFILL_SMALL_SM80)
     else:
-        gemm = dict(_PREFILL_LARGE_SM90 if sm90_tiles else _PREFILL_LARGE_SM80)
+        gemm = dict((_PREFILL_LARGE_SM90_Q if quantized else _PREFILL_LARGE_SM90) if sm90_tiles
+                    else _PREFILL_LARGE_SM80)
     max_fused = DECODE_FUSED_MAX_RANK_F32 if f32 else DECODE_FUSED_MAX_RANK
     shrink_in_loop = (r > 0 and decode and r_pad <= max_fused) or (batched and f16_fusable)
     cfg = dict(
@@ -476,15 +499,51 @@ def pick_config(m: int, n: int, k: int, r: int, dtype: torch.dtype, arch: int = 
 # ---------------------------------------------------------------------------------------
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# Weight codes the kernels dequantize in the K-loop, given a per-output-channel scale.
+QUANT_DTYPES = (torch.int8, torch.float8_e4m3fn)
 
 
-def _check(x, weight, bias, lora_a, lora_b, lora_scale, l_in, l_out, weight_kn, col_scale=None) -> tuple[int, int, int]:
+def check_weight_scale(op: str, weight: torch.Tensor, weight_scale, n: int) -> None:
+    """Validate a quantized weight and its scale (shared with ``lora_mixed``).
+
+    Args:
+        op: The op's name, for the messages.
+        weight: The weight (float, or int8/float8_e4m3fn codes).
+        weight_scale: ``(N,)`` or ``None``.
+        n: Output features.
+
+    Raises:
+        TypeError: int8/fp8 codes without ``weight_scale``, a weight dtype the kernels
+            cannot dequantize, or a non-float scale.
+        ValueError: ``weight_scale`` not of shape ``(N,)``.
+    """
+    if weight_scale is None:
+        if weight.dtype in QUANT_DTYPES:
+            raise TypeError(f"{op}: weight is {weight.dtype} codes; pass their per-output-channel "
+                            f"weight_scale ({n},) (dequantized W = weight * weight_scale[:, None]).")
+        return
+    if weight.dtype not in QUANT_DTYPES + _DTYPES:
+        raise TypeError(f"{op}: weight_scale needs int8, float8_e4m3fn or float32/float16/bfloat16 "
+                        f"weight codes, got {weight.dtype}.")
+    if not weight_scale.is_floating_point():
+        raise TypeError(f"{op}: weight_scale must be a float tensor, got {weight_scale.dtype}.")
+    if weight.dtype == torch.float8_e4m3fn and weight.is_cuda and _arch(weight.device) < 89:
+        raise TypeError(f"{op}: float8 weight codes need an sm_89+ GPU (fp8 conversions); this one is "
+                        f"sm_{_arch(weight.device)}: use int8 codes or a dequantized weight.")
+    if tuple(weight_scale.shape) != (n,):
+        raise ValueError(f"{op}: weight_scale must have shape ({n},) (one scale per output feature), "
+                         f"got {tuple(weight_scale.shape)}.")
+
+
+def _check(x, weight, bias, lora_a, lora_b, lora_scale, l_in, l_out, weight_kn, col_scale=None,
+           weight_scale=None) -> tuple[int, int, int]:
     """Validate shapes/dtypes; returns ``(K, N, R)``."""
     if x.dtype not in _DTYPES:
         raise TypeError(f"lora_linear supports float32, float16 and bfloat16 inputs, got {x.dtype}.")
     if weight.dim() != 2:
         raise ValueError(f"lora_linear: weight must be 2-D, got shape {tuple(weight.shape)}.")
     k, n = (weight.shape[0], weight.shape[1]) if weight_kn else (weight.shape[1], weight.shape[0])
+    check_weight_scale("lora_linear", weight, weight_scale, n)
     if x.shape[-1] != k:
         raise ValueError(f"lora_linear: x has {x.shape[-1]} features but weight expects {k}.")
     for name, t, size in (("bias", bias, n), ("l_in", l_in, k), ("l_out", l_out, n), ("col_scale", col_scale, n)):
@@ -541,17 +600,19 @@ def _sms(device: torch.device) -> int:
 
 
 def launch(x, weight, bias, lora_a, lora_b, lora_scale, l_in, l_out, weight_kn=False, config=None,
-           col_scale=None):
+           col_scale=None, weight_scale=None):
     """Run the kernels (CUDA tensors, or CPU tensors under the interpreter).
 
     Args:
         config: Override of :func:`pick_config`'s choice (tests run every configuration).
         col_scale: DoRA's ``(N,)`` column scale, as in :func:`lora_linear`.
+        weight_scale: As in :func:`lora_linear`.
 
     Returns:
         ``(..., N)`` in ``x.dtype``.
     """
-    k, n, r = _check(x, weight, bias, lora_a, lora_b, lora_scale, l_in, l_out, weight_kn, col_scale)
+    k, n, r = _check(x, weight, bias, lora_a, lora_b, lora_scale, l_in, l_out, weight_kn, col_scale,
+                     weight_scale)
     lead = x.shape[:-1]
     x2 = x.reshape(-1, k)
     m = x2.shape[0]
@@ -559,8 +620,10 @@ def launch(x, weight, bias, lora_a, lora_b, lora_scale, l_in, l_out, weight_kn=F
     if m == 0 or n == 0:
         return y.reshape(*lead, n)
     if k == 0:  # no K-loop to run: the formula reduces to l_out ⊙ b
-        return torch_lora_linear(x, weight, bias, lora_a, lora_b, lora_scale, l_in, l_out, weight_kn, col_scale)
-    cfg = config if config is not None else pick_config(m, n, k, r, x.dtype, _arch(x.device), _sms(x.device))
+        return torch_lora_linear(x, weight, bias, lora_a, lora_b, lora_scale, l_in, l_out, weight_kn,
+                                 col_scale, weight_scale)
+    cfg = config if config is not None else pick_config(m, n, k, r, x.dtype, _arch(x.device), _sms(x.device),
+                                                        weight.dtype in QUANT_DTYPES)
     # The GPU's branch under the interpreter too; UPCAST_DOT only widens its dot operands.
     dot_fp32 = x.dtype == torch.float32
     upcast = interpreted()
@@ -597,6 +660,7 @@ def launch(x, weight, bias, lora_a, lora_b, lora_scale, l_in, l_out, weight_kn=F
     grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]),)
     _lora_linear_fwd_kernel[grid](
         x2, weight,
+        weight_scale if weight_scale is not None else dummy,
         bias if bias is not None else dummy,
         lora_a if has_lora else dummy,
         lora_b if has_lora else dummy,
@@ -608,6 +672,7 @@ def launch(x, weight, bias, lora_a, lora_b, lora_scale, l_in, l_out, weight_kn=F
         y,
         m, n, k, r,
         x2.stride(0), x2.stride(1), stride_wn, stride_wk,
+        weight_scale.stride(0) if weight_scale is not None else 0,
         bias.stride(0) if bias is not None else 0,
         lora_a.stride(0) if has_lora else 0, lora_a.stride(1) if has_lora else 0,
         lora_b.stride(0) if has_lora else 0, lora_b.stride(1) if has_lora else 0,
@@ -622,6 +687,7 @@ def launch(x, weight, bias, lora_a, lora_b, lora_scale, l_in, l_out, weight_kn=F
         HAS_SCALE=lora_scale is not None,
         HAS_L_IN=l_in is not None, HAS_L_OUT=l_out is not None,
         HAS_COL_SCALE=col_scale is not None,
+        W_SCALED=weight_scale is not None,
         R_PAD=cfg["R_PAD"], R_BLOCK=cfg["R_BLOCK"],
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
         GROUP_M=cfg["GROUP_M"], DOT_FP32=dot_fp32, UPCAST_DOT=upcast,
@@ -647,12 +713,19 @@ def lora_linear(
     l_out: Optional[torch.Tensor],
     weight_kn: bool = False,
     col_scale: Optional[torch.Tensor] = None,
+    weight_scale: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """A linear layer with LoRA and IA³ in one pass (``torch.ops.tinytune.lora_linear``).
 
     ``y = l_out ⊙ (W (l_in ⊙ x) + b) + ((x Aᵀ) ⊙ s) Bᵀ``, fp32 accumulation. With
     ``col_scale`` ``g`` (DoRA): ``y = l_out ⊙ (g ⊙ W (l_in ⊙ x) + b) + g ⊙ ((x Aᵀ) ⊙ s) Bᵀ``,
     that is ``(W x + s·B·A x) ⊙ g + b`` without IA³.
+
+    An int8 or float8_e4m3fn ``weight`` with ``weight_scale`` stands for
+    ``W = weight ⊙ weight_scale[:, None]`` (weight-only quantization, one scale per output
+    channel): the kernels read the codes at one byte each, convert them to the input's
+    dtype inside the K-loop and scale the base accumulator in the epilogue, before the
+    bias and the LoRA term. fp8 codes need an sm_89+ GPU (or the interpreter).
 
     Runs the Triton kernels on CUDA tensors and, under ``TRITON_INTERPRET=1``, on CPU
     tensors; anywhere else (no Triton, CPU without the interpreter) it computes
@@ -673,23 +746,27 @@ def lora_linear(
         col_scale: ``(N,)`` or ``None``: DoRA's per-output-column scale
             ``g = m / ‖W + s·B·A‖_row`` (any float dtype; fp32 recommended), applied to the
             base product and the LoRA term in the epilogue, not to the bias.
+        weight_scale: ``(N,)`` float (fp32 preferred) or ``None``: the per-output-channel
+            scale of int8/float8_e4m3fn ``weight`` codes (required for those).
 
     Returns:
         ``(..., N)`` in ``x.dtype``.
 
     Raises:
-        TypeError: Unsupported dtype of ``x``.
+        TypeError: Unsupported dtype of ``x``; int8/fp8 codes without ``weight_scale``.
         ValueError: Inconsistent shapes, or a total rank above 256.
     """
     if HAS_TRITON and (x.is_cuda or (x.device.type == "cpu" and interpreted())):
         return launch(x, weight, bias, lora_a, lora_b, lora_scale, l_in, l_out, weight_kn,
-                      col_scale=col_scale)
-    _check(x, weight, bias, lora_a, lora_b, lora_scale, l_in, l_out, weight_kn, col_scale)
-    return torch_lora_linear(x, weight, bias, lora_a, lora_b, lora_scale, l_in, l_out, weight_kn, col_scale)
+                      col_scale=col_scale, weight_scale=weight_scale)
+    _check(x, weight, bias, lora_a, lora_b, lora_scale, l_in, l_out, weight_kn, col_scale, weight_scale)
+    return torch_lora_linear(x, weight, bias, lora_a, lora_b, lora_scale, l_in, l_out, weight_kn,
+                             col_scale, weight_scale)
 
 
 @lora_linear.register_fake
-def _(x, weight, bias, lora_a, lora_b, lora_scale, l_in, l_out, weight_kn=False, col_scale=None):
+def _(x, weight, bias, lora_a, lora_b, lora_scale, l_in, l_out, weight_kn=False, col_scale=None,
+      weight_scale=None):
     n = weight.shape[1] if weight_kn else weight.shape[0]
     return x.new_empty((*x.shape[:-1], n))
 
@@ -705,13 +782,15 @@ def torch_lora_linear(
     l_out: Optional[torch.Tensor],
     weight_kn: bool = False,
     col_scale: Optional[torch.Tensor] = None,
+    weight_scale: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """PyTorch reference of :func:`lora_linear` (and its CPU fallback).
 
     Computes ``l_out ⊙ (W (l_in ⊙ x) + b) + ((x Aᵀ) ⊙ s) Bᵀ`` entirely in fp32 and
     returns it in ``x.dtype``; with ``col_scale`` ``g`` (DoRA),
-    ``l_out ⊙ (g ⊙ W (l_in ⊙ x) + b) + g ⊙ ((x Aᵀ) ⊙ s) Bᵀ``. Arguments and shapes as in
-    :func:`lora_linear`.
+    ``l_out ⊙ (g ⊙ W (l_in ⊙ x) + b) + g ⊙ ((x Aᵀ) ⊙ s) Bᵀ``; int8/fp8 codes are
+    dequantized first (``W = weight ⊙ weight_scale[:, None]`` in fp32), then multiplied.
+    Arguments and shapes as in :func:`lora_linear`.
 
     Returns:
         ``(..., N)`` in ``x.dtype``.
@@ -719,6 +798,8 @@ def torch_lora_linear(
     xf = x.float()
     xin = xf * l_in.float() if l_in is not None else xf
     w = weight.float()
+    if weight_scale is not None:
+        w = w * (weight_scale.float() if weight_kn else weight_scale.float()[:, None])
     y = xin @ w if weight_kn else xin @ w.t()
     g = col_scale.float() if col_scale is not None else None
     if g is not None:

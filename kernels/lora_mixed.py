@@ -24,6 +24,11 @@ launches, for any assignment of slots to rows. It takes the mixed-batch layout o
 Rows are batch dimension 0 of ``x``; all other leading dimensions (sequence, ...) are
 tokens of that row.
 
+``weight`` may be int8 or float8_e4m3fn codes with one scale per output channel
+(``weight_scale``): both GEMM kernels read the codes at one byte each, convert them in
+the K-loop and scale the base accumulator before the bias (``W_SCALED``), as
+``lora_linear`` does.
+
 This file holds, in order: the ``@triton.jit`` kernels, the launcher, the registered op
 :func:`lora_mixed_linear` and its PyTorch reference and CPU path
 :func:`torch_lora_mixed_linear`. The strategy and tile choices live in
@@ -40,9 +45,10 @@ from typing import Optional
 
 import torch
 
+from .lora_linear import QUANT_DTYPES, check_weight_scale
 from .lora_mixed_plan import (choose_strategy, k_splits, programs_wanted, rows_config, segment_tiles,
                               segments_config)
-from .triton_helpers import add_h_bt, base_k_step, bias_and_l_out, col_scale_and_bias, mma
+from .triton_helpers import add_h_bt, base_k_step, bias_and_l_out, col_scale_and_bias, dequant_scale, mma
 from .triton_support import HAS_TRITON, is_interpreted, tl, triton
 
 # segment_tiles is re-exported: callers that share one plan across layers build it with
@@ -177,6 +183,7 @@ if HAS_TRITON:
         # pointers
         x_ptr,  # (B, T, K)
         w_ptr,  # (N, K), or (K, N) with the strides swapped by the launcher
+        wscale_ptr,  # (N,) contiguous scale of int8/fp8 W codes, read when W_SCALED
         bias_ptr,  # (N,)
         row_ptr,  # (B,) int64
         rank_ptr,  # (S,) int32
@@ -221,6 +228,7 @@ if HAS_TRITON:
         HAS_L_IN: tl.constexpr,
         HAS_L_OUT: tl.constexpr,
         HAS_COL_SCALE: tl.constexpr,
+        W_SCALED: tl.constexpr,
         DOT_FP32: tl.constexpr,
         UPCAST_DOT: tl.constexpr,
         SPLIT_K: tl.constexpr,
@@ -264,7 +272,10 @@ if HAS_TRITON:
                                  n_mask,
                                  lin_ptr + s[:, None] * stride_lis + offs_k[None, :] * stride_lik,
                                  m_mask[:, None] & k_mask[None, :], HAS_L_IN, DOT_FP32,
-                                 UPCAST_DOT)
+                                 UPCAST_DOT, W_SCALED)
+        if W_SCALED:
+            # per partial tile, before SPREAD_LORA adds LoRA rank slices to it
+            acc = dequant_scale(acc, wscale_ptr, offs_n, 1, n_mask)
         if HAS_LORA:
             rank = tl.load(rank_ptr + s, mask=m_mask, other=0)
             r_top = tl.max(rank, axis=0)
@@ -393,6 +404,7 @@ if HAS_TRITON:
         # pointers
         x_ptr,  # (B, T, K)
         w_ptr,  # (N, K), or (K, N) with the strides swapped by the launcher
+        wscale_ptr,  # (N,) contiguous scale of int8/fp8 W codes, read when W_SCALED
         bias_ptr,  # (N,)
         tiles_ptr,  # (3, NT) int32
         order_ptr,  # (B,) int64
@@ -433,6 +445,7 @@ if HAS_TRITON:
         HAS_L_IN: tl.constexpr,
         HAS_L_OUT: tl.constexpr,
         HAS_COL_SCALE: tl.constexpr,
+        W_SCALED: tl.constexpr,
         DOT_FP32: tl.constexpr,
         UPCAST_DOT: tl.constexpr,
         LORA_FP32: tl.constexpr,
@@ -468,7 +481,9 @@ if HAS_TRITON:
             acc, _ = base_k_step(acc, x_rows + offs_k[None, :] * stride_xk, p_mask, k_mask,
                                  w_ptr + offs_k[:, None] * stride_wk + offs_n[None, :] * stride_wn,
                                  n_mask, lin_ptr + s * stride_lis + offs_k * stride_lik, k_mask,
-                                 HAS_L_IN, DOT_FP32, UPCAST_DOT)
+                                 HAS_L_IN, DOT_FP32, UPCAST_DOT, W_SCALED)
+        if W_SCALED:
+            acc = dequant_scale(acc, wscale_ptr, offs_n, 1, n_mask)
         # bias: contiguous (the launcher makes it so); held back with HAS_COL_SCALE
         acc = bias_and_l_out(acc, bias_ptr, 1, offs_n, n_mask, lout_ptr, s, stride_los, stride_lon,
                              n_mask, HAS_BIAS and not HAS_COL_SCALE, HAS_L_OUT)
@@ -514,7 +529,7 @@ def _can_launch(x: torch.Tensor) -> bool:
 
 
 def _check_inputs(x, weight, bias, row_index, a_stack, bt_stack, scale, ranks, l_in_stack,
-                  l_out_stack, weight_kn, col_scale=None) -> None:
+                  l_out_stack, weight_kn, col_scale=None, weight_scale=None) -> None:
     """Shape checks shared by both paths (values are not checked: that needs a sync)."""
     def bad(what: str) -> ValueError:
         return ValueError(f"lora_mixed_linear: {what}")
@@ -528,6 +543,7 @@ def _check_inputs(x, weight, bias, row_index, a_stack, bt_stack, scale, ranks, l
     if (weight.shape[0] if weight_kn else weight.shape[1]) != k:
         layout = "(in, out) (weight_kn=True)" if weight_kn else "(out, in)"
         raise bad(f"weight {tuple(weight.shape)} is not {layout} for x with {k} input features.")
+    check_weight_scale("lora_mixed_linear", weight, weight_scale, n)
     if bias is not None and tuple(bias.shape) != (n,):
         raise bad(f"bias must have shape ({n},), got {tuple(bias.shape)}.")
     if row_index.dim() != 1 or row_index.shape[0] != b:
@@ -571,6 +587,8 @@ def _stack_facts(a_stack, bt_stack, scale, ranks, l_in_stack, l_out_stack, col_s
 
 
 def _dot_fp32(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    if weight.dtype in QUANT_DTYPES:  # codes become x's dtype in the K-loop
+        weight = x
     # The same rule on a GPU and under the interpreter (which then runs the 16-bit
     # branch, UPCAST_DOT emulating only its dots' arithmetic).
     return x.dtype == torch.float32 or weight.dtype != x.dtype
@@ -644,18 +662,19 @@ def launch(
     seg_order: Optional[torch.Tensor] = None,
     sms: Optional[int] = None,
     col_scale: Optional[torch.Tensor] = None,
+    weight_scale: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Run the fused kernels (``strategy`` forces "rows" or "segments"; tests use it;
     ``seg_tiles``/``seg_order``: a segment plan built by the caller, see
     :func:`segment_plan_key`; ``sms``: the programs that fill the GPU, for the decode
-    GEMM's split-K, by default the device's SM count, 132 on a CPU; ``col_scale``: as in
-    :func:`lora_mixed_linear`)."""
+    GEMM's split-K, by default the device's SM count, 132 on a CPU; ``col_scale`` and
+    ``weight_scale``: as in :func:`lora_mixed_linear`)."""
     b, k = x.shape[0], x.shape[-1]
     n = weight.shape[1] if weight_kn else weight.shape[0]
     y = torch.empty((*x.shape[:-1], n), dtype=x.dtype, device=x.device)
     if y.numel() == 0 or k == 0:
         y.copy_(torch_lora_mixed_linear(x, weight, bias, row_index, a_stack, bt_stack, scale,
-                                        ranks, l_in_stack, l_out_stack, weight_kn, col_scale))
+                                        ranks, l_in_stack, l_out_stack, weight_kn, col_scale, weight_scale))
         return y
     x3 = x.reshape(b, -1, k)
     y3 = y.view(b, -1, n)
@@ -678,6 +697,7 @@ def launch(
                  if ranks is None else ranks.to(device=x.device, dtype=torch.int32).contiguous())
     scale = scale.contiguous() if scale is not None else None
     bias = bias.contiguous() if bias is not None else None
+    w_scale = weight_scale.contiguous() if weight_scale is not None else y  # y: never read
     dummy = y  # stands for absent tensors; the kernels never read it (constexpr flags)
     a = a_stack if has_lora else dummy
     bt = bt_stack if has_lora else dummy
@@ -704,9 +724,10 @@ def launch(
         elem = a.element_size() if has_lora else x.element_size()
         strategy = choose_strategy(m, n, k, r_max, slots, elem)
     flags = dict(HAS_BIAS=bias is not None, HAS_LORA=has_lora, HAS_L_IN=l_in_stack is not None,
-                 HAS_L_OUT=l_out_stack is not None, HAS_COL_SCALE=col_scale is not None)
+                 HAS_L_OUT=l_out_stack is not None, HAS_COL_SCALE=col_scale is not None,
+                 W_SCALED=weight_scale is not None)
     if strategy == "rows":
-        cfg = rows_config(m, dot_fp32)
+        cfg = rows_config(m, dot_fp32, weight.dtype in QUANT_DTYPES)
         tiles_m, tiles_n = triton.cdiv(m, cfg["BLOCK_M"]), triton.cdiv(n, cfg["BLOCK_N"])
         split_k, gemm_chunk = k_splits(tiles_m * tiles_n, k, cfg["BLOCK_K"],
                                        sms if sms is not None else programs_wanted(x.device))
@@ -736,7 +757,7 @@ def launch(
                 num_warps=4,
             )
         _mixed_rows_kernel[(tiles_m, tiles_n, split_k)](
-            x3, weight, bias_t, row_index, rk, bt, hp, lin, lout, col, y3, ws, cnt,
+            x3, weight, w_scale, bias_t, row_index, rk, bt, hp, lin, lout, col, y3, ws, cnt,
             m, n, k, tokens, split, gemm_chunk,
             *x3.stride(), stride_wn, stride_wk, *bt_strides, *hp_strides,
             *lin_strides, *lout_strides, *col_strides, *y3.stride(),
@@ -748,7 +769,7 @@ def launch(
         return y
     if strategy != "segments":
         raise ValueError(f"strategy must be 'rows' or 'segments', got {strategy!r}")
-    cfg = segments_config(dot_fp32, r_max)
+    cfg = segments_config(dot_fp32, r_max, weight.dtype in QUANT_DTYPES)
     if seg_tiles is not None and seg_order is not None and seg_tiles.shape[1] == (
         triton.cdiv(m, cfg["BLOCK_M"]) + slots
     ):
@@ -771,7 +792,7 @@ def launch(
             num_warps=4, num_stages=cfg["num_stages"],
         )
     _mixed_segments_kernel[(nt, triton.cdiv(n, cfg["BLOCK_N"]))](
-        x3, weight, bias_t, tiles, order, rk, bt, h, lin, lout, col, y3,
+        x3, weight, w_scale, bias_t, tiles, order, rk, bt, h, lin, lout, col, y3,
         n, k, tokens, nt,
         *x3.stride(), stride_wn, stride_wk, *bt_strides, h_stride,
         *lin_strides, *lout_strides, *col_strides, *y3.stride(),
@@ -798,6 +819,7 @@ def lora_mixed_linear(
     seg_tiles: Optional[torch.Tensor] = None,
     seg_order: Optional[torch.Tensor] = None,
     col_scale: Optional[torch.Tensor] = None,
+    weight_scale: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Fused adapted linear layer with one adapter slot per batch row.
 
@@ -832,6 +854,10 @@ def lora_mixed_linear(
         col_scale: ``(S, N)`` or ``None``: each slot's DoRA column scale
             ``m / ‖W + s·B·A‖_row``; ones in slots without DoRA and in the identity slot
             (``__base__`` rows are then unscaled). Any float dtype.
+        weight_scale: ``(N,)`` float or ``None``: the per-output-channel scale of
+            int8/float8_e4m3fn ``weight`` codes (required for those), which stand for
+            ``W = weight ⊙ weight_scale[:, None]``; read at one byte each and dequantized
+            inside the kernels' K-loop (fp8 needs an sm_89+ GPU or the interpreter).
 
     Returns:
         ``(B, ..., N)`` in ``x.dtype``.
@@ -839,22 +865,23 @@ def lora_mixed_linear(
     Raises:
         ValueError: If the shapes do not fit together, or (kernels only) a tensor spans
             2**31 elements or more.
+        TypeError: int8/fp8 codes without ``weight_scale``, or a scale that is not float.
     """
     _check_inputs(x, weight, bias, row_index, a_stack, bt_stack, scale, ranks, l_in_stack,
-                  l_out_stack, weight_kn, col_scale)
+                  l_out_stack, weight_kn, col_scale, weight_scale)
     if _can_launch(x):
         return launch(x, weight, bias, row_index, a_stack, bt_stack, scale, ranks,
                        l_in_stack, l_out_stack, weight_kn, seg_tiles=seg_tiles,
-                       seg_order=seg_order, col_scale=col_scale)
+                       seg_order=seg_order, col_scale=col_scale, weight_scale=weight_scale)
     return torch_lora_mixed_linear(
         x, weight, bias, row_index, a_stack, bt_stack, scale, ranks, l_in_stack, l_out_stack, weight_kn,
-        col_scale,
+        col_scale, weight_scale,
     )
 
 
 @lora_mixed_linear.register_fake
 def _(x, weight, bias, row_index, a_stack, bt_stack, scale, ranks, l_in_stack, l_out_stack, weight_kn=False,
-      seg_tiles=None, seg_order=None, col_scale=None):
+      seg_tiles=None, seg_order=None, col_scale=None, weight_scale=None):
     n = weight.shape[1] if weight_kn else weight.shape[0]
     return x.new_empty((*x.shape[:-1], n))
 
@@ -875,6 +902,7 @@ def torch_lora_mixed_linear(
     l_out_stack: Optional[torch.Tensor],
     weight_kn: bool = False,
     col_scale: Optional[torch.Tensor] = None,
+    weight_scale: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """PyTorch reference (and CPU path) of :func:`lora_mixed_linear`.
 
@@ -898,6 +926,9 @@ def torch_lora_mixed_linear(
         l_out_stack: ``(S, N)`` output IA³ scales or ``None``.
         weight_kn: Whether ``weight`` is stored ``(K, N)``.
         col_scale: ``(S, N)`` per-slot DoRA column scales or ``None``.
+        weight_scale: ``(N,)`` scale of int8/fp8 ``weight`` codes or ``None``: the
+            weight is dequantized first (``weight ⊙ weight_scale[:, None]`` in fp32),
+            then multiplied.
 
     Returns:
         ``(B, ..., N)`` in ``x.dtype``.
@@ -906,6 +937,8 @@ def torch_lora_mixed_linear(
     idx = row_index.long()
     x3 = x.reshape(b, -1, k).float()
     w = weight.float()
+    if weight_scale is not None:
+        w = w * (weight_scale.float() if weight_kn else weight_scale.float()[:, None])
     xin = x3 * l_in_stack.float().index_select(0, idx).unsqueeze(1) if l_in_stack is not None else x3
     y = xin @ w if weight_kn else xin @ w.t()  # (B, T, N)
     g = col_scale.float().index_select(0, idx).unsqueeze(1) if col_scale is not None else None

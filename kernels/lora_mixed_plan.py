@@ -70,7 +70,7 @@ def choose_strategy(m: int, n: int, k: int, r_max: int, slots: int, elem: int) -
     return "rows" if rows_cost <= seg_cost else "segments"
 
 
-def rows_config(m: int, fp32: bool) -> dict:
+def rows_config(m: int, fp32: bool, quantized: bool = False) -> dict:
     """Block sizes for the "rows" kernels (one place, also read by report_configs.py).
 
     The same on a GPU and under Triton's interpreter (which runs the GPU's tiles and
@@ -79,6 +79,7 @@ def rows_config(m: int, fp32: bool) -> dict:
     Args:
         m: Tokens.
         fp32: Whether the dots run in IEEE fp32 (``DOT_FP32``).
+        quantized: Whether W holds int8/fp8 codes (converted in registers).
 
     Returns:
         ``BLOCK_M``, ``BLOCK_N``, ``BLOCK_K``, ``num_warps``, ``num_stages`` of the GEMM
@@ -97,6 +98,10 @@ def rows_config(m: int, fp32: bool) -> dict:
     if fp32:  # ieee fp32 dots run on the CUDA cores, operands in registers: short K-steps
         # and at most 64 columns (wider or longer tiles spill on sm_80, compile report)
         cfg.update(BLOCK_K=16, BLOCK_N=64, num_warps=4)
+    if quantized:  # the converted W tile in registers: 8 warps, at most 64 columns and
+        # (16-bit) K steps of 64 (4 warps, 64x128 or K steps of 128 left 8-24 B of stack
+        # frame on sm_80/sm_90a; compile report)
+        cfg.update(BLOCK_N=64, num_warps=8, **({} if fp32 else dict(BLOCK_K=64)))
     return dict(cfg, num_stages=4, SHRINK_K=256, SHRINK_R=16)
 
 
@@ -135,20 +140,23 @@ def k_splits(tiles: int, k: int, block_k: int, sms: int) -> tuple:
     return triton.cdiv(k, chunk), chunk
 
 
-def segments_config(fp32: bool, r_max: int) -> dict:
+def segments_config(fp32: bool, r_max: int, quantized: bool = False) -> dict:
     """Block sizes for the "segments" kernels (also read by report_configs.py), on a
     GPU and under the interpreter alike.
 
     Args:
         fp32: Whether the dots run in IEEE fp32 (``DOT_FP32``).
         r_max: Padded rank of the stacks.
+        quantized: Whether W holds int8/fp8 codes (fp32 takes 8 warps: with 4, fp8
+            codes spilled 8 B at r_max 64 on sm_90a).
 
     Returns:
         ``BLOCK_M``, ``BLOCK_N``, ``BLOCK_K``, ``BLOCK_R``, ``num_warps``, ``num_stages``.
     """
     block_r = 16 if r_max <= 16 else 32
     if fp32:  # ieee fp32 dots run on the CUDA cores: smaller tiles (64 rows spill on sm_80)
-        return dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=32, BLOCK_R=block_r, num_warps=4, num_stages=3)
+        return dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=32, BLOCK_R=block_r, num_warps=8 if quantized else 4,
+                    num_stages=3)
     return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, BLOCK_R=block_r, num_warps=8, num_stages=3)
 
 

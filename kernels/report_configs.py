@@ -31,6 +31,9 @@ from .triton_support import is_interpreted, triton
 __all__ = ["report_configs", "lora_linear_configs", "lora_mixed_configs"]
 
 _DTYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+# Weight codes (``weight_scale``): Triton type and the archs that convert them. fp8
+# (e4m3) -> 16-bit conversions need sm_89+, so fp8 is built for sm_90a only.
+_QUANT = {None: (None, (80, 90)), "int8": ("i8", (80, 90)), "fp8": ("fp8e4nv", (90,))}
 
 
 def report_configs() -> list[dict]:
@@ -51,8 +54,11 @@ def lora_linear_configs() -> list[dict]:
     and base), fp32/fp16/bf16, both weight layouts (the unit-stride argument is what
     the JIT specializes), with bias, IA³ in and out enabled (the superset of loads);
     and every shrink-kernel variant ``shrink_config`` can split into (row tile, rank
-    block, split-K reduction or not) over M = 1-8192,
-    and every configuration with LoRA once more with DoRA's column scale on
+    block, split-K reduction or not) over M = 1-8192; then the GEMM again with int8
+    weight codes (sm_80 and sm_90a) and fp8 codes (sm_90a) and their ``weight_scale``
+    (``W_SCALED``), in the ``(N, K)`` layout (the shrink kernel does not read W, so it
+    has no quantized variant); and every configuration with LoRA once more with DoRA's
+    column scale on
     (``HAS_COL_SCALE``, variant ``dora``), as dispatch runs DoRA: with bias, without
     IA³ (a DoRA layer is fused alone).
 
@@ -85,6 +91,22 @@ def lora_linear_configs() -> list[dict]:
                             rec["quick"] = (dt == "bf16" and r == 16 and not weight_kn and n == 4096
                                             and (not dora or cfg["case"] == "decode"))
                             recs.append(rec)
+                            for quant, (_, q_archs) in _QUANT.items():
+                                if quant is None or weight_kn or arch not in q_archs:
+                                    continue
+                                qcfg = lora_linear.pick_config(m, n, 4096, r, dtype, arch, quantized=True)
+                                qtile = tuple(qcfg[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps",
+                                                                "num_stages"))
+                                qkey = (quant, arch, dt, qtile, qcfg["shrink_in_loop"], r > 0,
+                                        qcfg["R_PAD"] if r > 0 else 0)
+                                if qkey in seen:
+                                    continue
+                                seen.add(qkey)
+                                rec = _linear_gemm_record(kernels, dt, qcfg, r, weight_kn, quant)
+                                rec["archs"] = [arch]
+                                rec["quick"] = (dt == "bf16" and r == 16 and n == 4096
+                                                and cfg["case"] == "decode")
+                                recs.append(rec)
     # The shrink's tile and split depend on M and the rank (shrink_config): every distinct
     # compiled variant (tile, rank block, split-K reduction or not) over rows and ranks.
     for arch in (80, 90):
@@ -114,22 +136,23 @@ def lora_linear_configs() -> list[dict]:
 
 
 def _linear_gemm_record(kernels: dict, dt: str, cfg: dict, r: int, weight_kn: bool,
-                        dora: bool = False) -> dict:
+                        dora: bool = False, quant: str | None = None) -> dict:
     has_lora = r > 0
+    w_ty = _QUANT[quant][0] or dt
     sig = {
-        "x_ptr": f"*{dt}", "w_ptr": f"*{dt}", "bias_ptr": f"*{dt}", "a_ptr": f"*{dt}",
+        "x_ptr": f"*{dt}", "w_ptr": f"*{w_ty}", "wscale_ptr": "*fp32", "bias_ptr": f"*{dt}", "a_ptr": f"*{dt}",
         "b_ptr": f"*{dt}", "s_ptr": "*fp32", "h_ptr": "*fp32", "lin_ptr": f"*{dt}",
         "lout_ptr": f"*{dt}", "col_ptr": "*fp32", "y_ptr": f"*{dt}",
         "M": "i32", "N": "i32", "K": "i32", "R": "i32",
         "stride_xm": "i32", "stride_xk": "constexpr", "stride_wn": "i32", "stride_wk": "i32",
-        "stride_bias": "constexpr", "stride_ar": "i32", "stride_ak": "constexpr",
+        "stride_wscale": "constexpr", "stride_bias": "constexpr", "stride_ar": "i32", "stride_ak": "constexpr",
         "stride_bn": "i32", "stride_br": "constexpr", "stride_s": "constexpr",
         "stride_hm": "i32", "stride_lin": "constexpr", "stride_lout": "constexpr",
         "stride_col": "constexpr", "stride_ym": "i32",
     }  # fmt: skip
     # Unit strides are specialized to the constant 1 by the JIT (contiguous tensors).
-    unit = ["stride_xk", "stride_bias", "stride_ak", "stride_br", "stride_s", "stride_lin", "stride_lout",
-            "stride_col"]
+    unit = ["stride_xk", "stride_wscale", "stride_bias", "stride_ak", "stride_br", "stride_s", "stride_lin",
+            "stride_lout", "stride_col"]
     unit.append("stride_wn" if weight_kn else "stride_wk")
     for name in unit:
         sig[name] = "constexpr"
@@ -139,6 +162,7 @@ def _linear_gemm_record(kernels: dict, dt: str, cfg: dict, r: int, weight_kn: bo
     meta = dict(
         HAS_BIAS=True, HAS_LORA=has_lora, SHRINK_IN_LOOP=bool(cfg["shrink_in_loop"]) and has_lora,
         HAS_SCALE=has_lora, HAS_L_IN=not dora, HAS_L_OUT=not dora, HAS_COL_SCALE=dora,
+        W_SCALED=quant is not None,
         R_PAD=cfg["R_PAD"], R_BLOCK=cfg["R_BLOCK"], BLOCK_M=cfg["BLOCK_M"],
         BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], GROUP_M=cfg["GROUP_M"],
         DOT_FP32=dt == "fp32", UPCAST_DOT=False,
@@ -164,8 +188,8 @@ def _linear_gemm_record(kernels: dict, dt: str, cfg: dict, r: int, weight_kn: bo
         "divisible_by_16": div16,
         "config": {k: cfg[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps", "num_stages", "R_BLOCK")},
         "case": cfg["case"] + ("-fused" if meta["SHRINK_IN_LOOP"] else ""),
-        "variant": f"{dt} r_pad={cfg['R_PAD'] if has_lora else 0}" + (" kn" if weight_kn else "")
-                   + (" dora" if dora else ""),
+        "variant": f"{dt}{'-' + quant if quant else ''} r_pad={cfg['R_PAD'] if has_lora else 0}"
+                   + (" kn" if weight_kn else "") + (" dora" if dora else ""),
     }
 
 
@@ -219,7 +243,8 @@ def lora_mixed_configs() -> list[dict]:
     records = []
     for dtype, ty in _DTYPES.items():
         fp32 = dtype == torch.float32
-        flags = dict(HAS_BIAS=True, HAS_LORA=True, HAS_L_IN=True, HAS_L_OUT=True, HAS_COL_SCALE=False)
+        flags = dict(HAS_BIAS=True, HAS_LORA=True, HAS_L_IN=True, HAS_L_OUT=True, HAS_COL_SCALE=False,
+                     W_SCALED=False)
         # every feature on (the most loads) and LoRA + bias alone (the benchmark's case):
         # ptxas allocates registers differently for each, so both are checked for spills;
         # each again with DoRA's column scales
@@ -250,7 +275,7 @@ def lora_mixed_configs() -> list[dict]:
                     case="decode", variant=ty,
                 ))
             sig = {
-                "x_ptr": f"*{ty}", "w_ptr": f"*{ty}", "bias_ptr": f"*{ty}", "row_ptr": "*i64",
+                "x_ptr": f"*{ty}", "w_ptr": f"*{ty}", "wscale_ptr": "*fp32", "bias_ptr": f"*{ty}", "row_ptr": "*i64",
                 "rank_ptr": "*i32", "bt_ptr": f"*{ty}", "hp_ptr": "*fp32", "lin_ptr": f"*{ty}",
                 "lout_ptr": f"*{ty}", "col_ptr": "*fp32", "y_ptr": f"*{ty}", "ws_ptr": "*fp32", "cnt_ptr": "*i32",
                 "M": "i32", "N": "i32", "K": "i32", "T": "constexpr", "SPLIT": "i32",
@@ -264,8 +289,7 @@ def lora_mixed_configs() -> list[dict]:
             sig.update({name: "constexpr" for name in (*flags, "DOT_FP32", "UPCAST_DOT", "SPLIT_K", "SPREAD_LORA", "BLOCK_M", "BLOCK_N", "BLOCK_K")})
             # d = 4096 on 132 SMs (the launcher's split_k for one M-tile); no split once
             # the tiles fill the GPU (larger M).
-            tiles = triton.cdiv(4096, cfg["BLOCK_N"])
-            splits = (1, max(2, min(8, 132 // tiles, 4096 // (4 * cfg["BLOCK_K"]))))
+            splits = (1, _rows_split(cfg))
             for (fname, fl), split_k in itertools.product(flag_sets, splits):
                 records.append(dict(
                     module="lora_mixed", kernel="_mixed_rows_kernel", fn=kernels["_mixed_rows_kernel"], signature=sig,
@@ -274,7 +298,7 @@ def lora_mixed_configs() -> list[dict]:
                                     UPCAST_DOT=False, SPLIT_K=split_k, SPREAD_LORA=split_k > 1 and not fl["HAS_L_OUT"],
                                     BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
                                     BLOCK_K=cfg["BLOCK_K"]),
-                    divisible_by_16=["x_ptr", "w_ptr", "bias_ptr", "row_ptr", "rank_ptr", "bt_ptr",
+                    divisible_by_16=["x_ptr", "w_ptr", "wscale_ptr", "bias_ptr", "row_ptr", "rank_ptr", "bt_ptr",
                                      "hp_ptr", "lin_ptr", "lout_ptr", "col_ptr", "y_ptr", "ws_ptr",
                                      "cnt_ptr", "M", "N", "K", "K_CHUNK", "stride_xb", "stride_xt",
                                      "stride_wn", "stride_bs", "stride_br", "stride_hs",
@@ -306,7 +330,7 @@ def lora_mixed_configs() -> list[dict]:
                 case="prefill", variant=f"{ty} r_max={r_max}",
             ))
             sig = {
-                "x_ptr": f"*{ty}", "w_ptr": f"*{ty}", "bias_ptr": f"*{ty}", "tiles_ptr": "*i32",
+                "x_ptr": f"*{ty}", "w_ptr": f"*{ty}", "wscale_ptr": "*fp32", "bias_ptr": f"*{ty}", "tiles_ptr": "*i32",
                 "order_ptr": "*i64", "rank_ptr": "*i32", "bt_ptr": f"*{ty}", "h_ptr": "*fp32",
                 "lin_ptr": f"*{ty}", "lout_ptr": f"*{ty}", "col_ptr": "*fp32", "y_ptr": f"*{ty}", "N": "i32",
                 "K": "i32", "T": "i32", "NT": "i32",
@@ -326,7 +350,7 @@ def lora_mixed_configs() -> list[dict]:
                                     UPCAST_DOT=False,
                                     BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
                                     BLOCK_K=cfg["BLOCK_K"], BLOCK_R=cfg["BLOCK_R"]),
-                    divisible_by_16=["x_ptr", "w_ptr", "bias_ptr", "tiles_ptr", "order_ptr",
+                    divisible_by_16=["x_ptr", "w_ptr", "wscale_ptr", "bias_ptr", "tiles_ptr", "order_ptr",
                                      "rank_ptr", "bt_ptr", "h_ptr", "lin_ptr", "lout_ptr", "col_ptr",
                                      "y_ptr", "N", "K", "T", "stride_xb", "stride_xt", "stride_wn",
                                      "stride_bs", "stride_br", "stride_hm", "stride_lis",
@@ -335,4 +359,41 @@ def lora_mixed_configs() -> list[dict]:
                     case="prefill", variant=f"{ty} {fname} r_max={r_max}",
                     quick=ty == "bf16" and r_max == 16 and fname in ("lora", "dora"),
                 ))
-    return records
+    return records + _mixed_quant_records(records)
+
+
+def _rows_split(cfg: dict) -> int:
+    """The rows GEMM's split-K at d = 4096 on 132 SMs with one M-tile (the launcher's
+    ``k_splits``), at least 2."""
+    tiles = triton.cdiv(4096, cfg["BLOCK_N"])
+    return max(2, min(8, 132 // tiles, 4096 // (4 * cfg["BLOCK_K"])))
+
+
+def _mixed_quant_records(records: list[dict]) -> list[dict]:
+    """The per-row GEMM records again with int8 (sm_80, sm_90a) and fp8 (sm_90a) weight
+    codes and their ``weight_scale`` (``W_SCALED``), on ``rows_config(...,
+    quantized=True)``'s tiles; the shrinks do not read W."""
+    out = []
+    for rec in records:
+        if rec["kernel"] not in ("_mixed_rows_kernel", "_mixed_segments_kernel"):
+            continue
+        ce, config = dict(rec["constexprs"], W_SCALED=True), dict(rec["config"])
+        if rec["kernel"] == "_mixed_rows_kernel":
+            cfg = rows_config(config["BLOCK_M"], ce["DOT_FP32"], quantized=True)
+            config.update({k: cfg[k] for k in config})
+            ce.update(BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
+                      SPLIT_K=1 if ce["SPLIT_K"] == 1 else _rows_split(cfg))
+        else:
+            cfg = segments_config(ce["DOT_FP32"], ce["BLOCK_R"], quantized=True)
+            config.update({k: cfg[k] for k in config})
+        for quant, (w_ty, archs) in _QUANT.items():
+            if quant is None:
+                continue
+            dt, rest = rec["variant"].split(" ", 1)
+            out.append(dict(
+                rec, signature=dict(rec["signature"], w_ptr=f"*{w_ty}"), constexprs=ce, config=config,
+                archs=list(archs), quick=False,
+                variant=f"{dt}-{quant} {rest.split(' split_k=')[0]}"
+                        + (f" split_k={ce['SPLIT_K']}" if "SPLIT_K" in ce else ""),
+            ))
+    return out

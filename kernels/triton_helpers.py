@@ -8,6 +8,8 @@ pieces they have in common, inlined into each kernel by the compiler:
 * :func:`base_k_step`: one K step of the base GEMM (load the x and W tiles, scale x by
   ``l_in``, accumulate);
 * :func:`bias_and_l_out`: the epilogue's bias and output IA³ scale;
+* :func:`dequant_scale`: the per-output-channel scale of an int8/fp8 ``W``, applied to
+  the base accumulator before the bias (``W_SCALED``);
 * :func:`add_h_bt`: one rank chunk of the LoRA expand from a precomputed fp32 ``h``;
 * :func:`col_scale_and_bias`: DoRA's epilogue, a per-output-column scale ``g`` of the
   base product and the LoRA term, then the bias (``HAS_COL_SCALE`` kernels).
@@ -36,7 +38,7 @@ from __future__ import annotations
 
 from .triton_support import HAS_TRITON, tl, triton
 
-__all__ = ["mma", "base_k_step", "bias_and_l_out", "add_h_bt", "col_scale_and_bias"]
+__all__ = ["mma", "base_k_step", "bias_and_l_out", "add_h_bt", "col_scale_and_bias", "dequant_scale"]
 
 if HAS_TRITON:
 
@@ -59,7 +61,8 @@ if HAS_TRITON:
 
     @triton.jit
     def base_k_step(acc, x_ptrs, row_mask, k_mask, w_ptrs, n_mask, lin_ptrs, lin_mask,
-                    HAS_L_IN: tl.constexpr, DOT_FP32: tl.constexpr, UPCAST_DOT: tl.constexpr):
+                    HAS_L_IN: tl.constexpr, DOT_FP32: tl.constexpr, UPCAST_DOT: tl.constexpr,
+                    W_SCALED: tl.constexpr):
         """One K step of the base GEMM: ``acc + (l_in ⊙ x) Wᵀ`` on one tile.
 
         ``x_ptrs`` is a ``(BLOCK_M, BLOCK_K)`` block (rows masked by ``row_mask``, columns
@@ -68,6 +71,12 @@ if HAS_TRITON:
         slot per token) masked by ``lin_mask``, broadcast against x. ``l_in ⊙ x`` is
         formed in fp32 and handed to the dot in fp32 under ``DOT_FP32``, else rounded back
         to x's dtype (the tensor cores' operand).
+
+        ``W_SCALED``: ``W`` holds int8 or float8_e4m3fn codes (its per-channel scale is
+        applied in the epilogue, :func:`dequant_scale`); the tile crosses HBM at one byte
+        per element and is converted here, in registers, to the dot's dtype: exactly,
+        since every int8 and e4m3 value is a bf16/fp16 value. The interpreter converts
+        through fp32 (its int8 -> bf16 conversion reinterprets bits).
 
         Returns:
             ``(acc, x)``: the new accumulator and the unscaled x tile (the decode kernel's
@@ -82,6 +91,11 @@ if HAS_TRITON:
         else:
             xs = xv
         wv = tl.load(w_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+        if W_SCALED:
+            if DOT_FP32 or UPCAST_DOT:
+                wv = wv.to(tl.float32)
+            else:
+                wv = wv.to(xv.dtype)
         return mma(xs, wv, acc, DOT_FP32, UPCAST_DOT), xv
 
     @triton.jit
@@ -146,3 +160,10 @@ if HAS_TRITON:
             else:
                 acc += bias[None, :]
         return acc
+
+    def dequant_scale(acc, ws_ptr, offs_n, stride_ws, n_mask):
+        """``acc ⊙ weight_scale`` on the columns ``offs_n``: the base product of int8/fp8
+        codes becomes ``x · dequant(W)ᵀ`` (one fp32 multiply per output, before the bias;
+        on a split-K partial tile it is the same, the scale being linear)."""
+        ws = tl.load(ws_ptr + offs_n * stride_ws, mask=n_mask, other=0.0)
+        return acc * ws.to(tl.float32)[None, :]

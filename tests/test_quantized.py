@@ -473,7 +473,7 @@ def test_unknown_weight_layout_is_refused_with_nothing_changed(make):
 
 
 # ---------------------------------------------------------------------------------------
-# the fused path: refused for quantized weights (until the int8/fp8 kernels)
+# the fused path: 4-bit weights refused; int8/fp8 codes on the int8/fp8 kernels
 # ---------------------------------------------------------------------------------------
 needs_interpreter = pytest.mark.skipif(
     not INTERPRET, reason="needs TRITON_INTERPRET=1 (the kernels then take CPU tensors)"
@@ -481,7 +481,23 @@ needs_interpreter = pytest.mark.skipif(
 
 
 @needs_interpreter
-@pytest.mark.parametrize("kind", ["nf4", "int8", "ao-int8", "ao-fp8"])
+@pytest.mark.parametrize("kind", ["int8", "ao-int8", "ao-fp8"])
+def test_fused_path_runs_int8_and_fp8_weights(load, kind):
+    """The kernels compute x · dequant(W)ᵀ + b + LoRA on the codes: the logits of the
+    exact dequantized merge, up to fp32 rounding (tests/test_kernel_quant.py bounds each
+    layer). Every quantized linear is adapted, so none runs bitsandbytes' own forward
+    (which casts the activations to fp16 on the CPU)."""
+    every = tt.LoraConfig(target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                          "down_proj"], r=4, lora_alpha=8, init_lora_weights=False)
+    w = wrapped(load, kind, every)
+    with tt.kernel_mode("triton"):
+        fused = no_grad_logits(w)
+    merged = wrapped(load, kind, every).merge_and_unload(dequantize=True)
+    torch.testing.assert_close(fused, no_grad_logits(merged), rtol=1e-4, atol=1e-4)
+
+
+@needs_interpreter
+@pytest.mark.parametrize("kind", ["nf4"])
 def test_fused_path_refuses_quantized_weights(load, kind):
     w = wrapped(load, kind)
     with tt.kernel_mode("auto"):
@@ -501,10 +517,11 @@ def test_weight_quantized_after_wrapping_is_not_sent_to_the_float_kernel():
     with tt.kernel_mode("triton"), torch.no_grad():
         w(x)  # float: the kernel runs
     quantize_(model, Int8WeightOnlyConfig(), filter_fn=lambda m, name: name == "lin0")
-    with tt.kernel_mode("triton"), torch.no_grad(), pytest.raises(KernelUnavailableError, match="torchao_int8"):
-        w(x)
+    with tt.kernel_mode("triton"), torch.no_grad():
+        fused = w(x)  # the int8 kernel, on the codes and their scale
     with tt.kernel_mode("auto"), torch.no_grad():
         torch.testing.assert_close(w(x), model(x), rtol=0, atol=0)  # B = 0: the base alone
+        torch.testing.assert_close(fused, model(x), rtol=1e-4, atol=1e-4)
 
 
 # ---------------------------------------------------------------------------------------

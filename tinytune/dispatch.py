@@ -10,8 +10,11 @@ the active adapters, ``tinytune.kernels.lora_mixed`` for per-row adapters) when
 * no gradient is needed (``torch.no_grad()``/``torch.inference_mode()``, or neither the
   input nor any parameter involved requires grad),
 * no LoRA dropout is active (dropout > 0 in training mode),
-* its weight is a plain float tensor (a quantized weight, see :mod:`tinytune.weights`,
-  runs on the PyTorch path: the module's own forward plus the adapter),
+* its weight is a plain float tensor, or int8/fp8 codes with one scale per output
+  channel (bitsandbytes ``Linear8bitLt``, torchao int8 and float8 weight-only: the
+  kernels dequantize them in their K-loop; fp8 needs an sm_89+ GPU). Other quantized
+  weights (4-bit, see :mod:`tinytune.weights`) run on the PyTorch path: the module's
+  own forward plus the adapter,
 * dtypes are fp32, fp16 or bf16 (input and module weight alike), and the module has no
   backward hooks (torch would rewrap its inputs),
 * every active adapter layer on it is a built-in ``LinearLoraLayer`` or
@@ -61,7 +64,7 @@ from .errors import InvalidConfigError, KernelUnavailableError, UnsupportedModul
 from . import layers
 from .layers import LinearDoraLayer, LinearIA3Layer, LinearLoraLayer, is_conv1d
 from .kernels.triton_support import HAS_TRITON
-from .weights import FLOAT, weight_kind
+from .weights import FLOAT, int_weight_and_scale, weight_kind
 
 try:
     from .kernels.lora_linear import MAX_RANK, lora_linear
@@ -78,6 +81,9 @@ MODES = ("auto", "triton", "torch")
 ENV_VAR = "TINYTUNE_KERNELS"
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _PLAIN_WEIGHTS = (torch.Tensor, nn.Parameter)
+# Quantized kinds the kernels run: int8/fp8 codes with one scale per output channel
+# (tinytune.weights.int_weight_and_scale), dequantized in the K-loop.
+CODE_KINDS = ("bnb_int8", "torchao_int8", "torchao_fp8")
 
 
 class _ThreadMode(threading.local):
@@ -353,6 +359,8 @@ def module_reason(module: nn.Module) -> str | None:
         return reason
     if type(module).forward is nn.Linear.forward and isinstance(module, nn.Linear):
         return None
+    if isinstance(module, nn.Linear) and weight_kind(module) in CODE_KINDS:
+        return None  # Linear8bitLt's own forward computes the same linear layer
     if is_conv1d(module) and getattr(module.weight, "dim", lambda: 0)() == 2:
         return None
     return (
@@ -368,12 +376,41 @@ def weight_reason(module: nn.Module) -> str | None:
         kind = weight_kind(module)
     except UnsupportedModuleError as exc:
         return str(exc)
-    if kind == FLOAT:
+    if kind == FLOAT or kind in CODE_KINDS:
         return None
     return (
-        f"its weight is quantized ({kind}), and the fused kernels take float weights; the "
-        "PyTorch path runs the module's own quantized forward plus the adapter"
+        f"its weight is quantized ({kind}), and the fused kernels take float weights or "
+        "int8/fp8 codes with one scale per output channel; the PyTorch path runs the "
+        "module's own quantized forward plus the adapter"
     )
+
+
+def codes_reason(module: nn.Module, x: torch.Tensor) -> str | None:
+    """Why the kernels cannot take this call's int8/fp8 weight codes (per call: the
+    data and the device can change), or ``None`` (also for float weights)."""
+    if weight_kind(module) not in CODE_KINDS:
+        return None
+    pair = int_weight_and_scale(module)
+    if pair is None:
+        return (
+            "its quantized weight has no int8/fp8 codes with one scale per output channel "
+            "(a Linear8bitLt with has_fp16_weights=True, or group-wise scales)"
+        )
+    if pair[0].dtype == torch.float8_e4m3fn and x.is_cuda and torch.cuda.get_device_capability(x.device) < (8, 9):
+        return "its weight is float8 codes, which the kernels convert on sm_89+ GPUs only"
+    if x.dtype not in _FLOAT_DTYPES:
+        return f"the input is {x.dtype}; the kernels take fp32, fp16 or bf16 inputs"
+    return None
+
+
+def kernel_weight(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(weight, weight_scale)`` to hand the kernels: a float weight and ``None``, or a
+    quantized weight's int8/fp8 codes and their per-output-channel fp32 scale."""
+    weight = module.weight
+    if type(weight) in _PLAIN_WEIGHTS:
+        return weight, None
+    pair = int_weight_and_scale(module)
+    return pair if pair is not None else (weight, None)
 
 
 def chain_reason(module: nn.Module, chain: Iterable[nn.Module]) -> str | None:
@@ -441,13 +478,15 @@ def _call_reason(
     elif x.device.type != "cuda":
         return f"its input is on {x.device.type}, and the kernels run on CUDA tensors"
     weight = module.weight
+    codes = False
     if type(weight) not in _PLAIN_WEIGHTS and not torch.compiler.is_compiling():
         # Quantized after the hook site was built (torchao's quantize_ on a wrapped
         # model swaps the weight for a tensor subclass).
-        reason = weight_reason(module)
+        reason = weight_reason(module) or codes_reason(module, x)
         if reason is not None:
             return reason
-    if x.dtype not in _FLOAT_DTYPES or weight.dtype != x.dtype:
+        codes = weight_kind(module) in CODE_KINDS
+    if x.dtype not in _FLOAT_DTYPES or (weight.dtype != x.dtype and not codes):
         return (
             f"the input is {x.dtype} and the weight {weight.dtype}; the kernels take fp32, "
             "fp16 or bf16 with both alike"
@@ -668,9 +707,12 @@ def fused_linear(module: nn.Module, x: torch.Tensor, inputs: tuple, conv1d: bool
     Returns:
         ``(..., N)`` in ``x.dtype``.
     """
+    weight, scale = kernel_weight(module)
     if len(inputs) > 5:  # DoRA's column scale
-        return _Kernels.lora_linear(x, module.weight, module.bias, *inputs[:5], conv1d, inputs[5])
-    return _Kernels.lora_linear(x, module.weight, module.bias, *inputs, conv1d)
+        return _Kernels.lora_linear(x, weight, module.bias, *inputs[:5], conv1d, inputs[5], scale)
+    if scale is not None:
+        return _Kernels.lora_linear(x, weight, module.bias, *inputs, conv1d, None, scale)
+    return _Kernels.lora_linear(x, weight, module.bias, *inputs, conv1d)
 
 
 def mixed_linear(
@@ -696,7 +738,7 @@ def mixed_linear(
     Returns:
         ``(B, ..., N)`` in ``x.dtype``.
     """
-    weight, kn = module.weight, is_conv1d(module)
+    (weight, scale), kn = kernel_weight(module), is_conv1d(module)
     tiles = order = None
     if plans is not None:
         row_index, stacks = inputs[0], inputs[1:]
@@ -705,8 +747,8 @@ def mixed_linear(
             if key not in plans:
                 plans[key] = _Kernels.segment_tiles(row_index, *key)
             tiles, order = plans[key]
-    if col_scale is not None:
-        return _Kernels.lora_mixed_linear(x, weight, module.bias, *inputs, kn, tiles, order, col_scale)
+    if col_scale is not None or scale is not None:
+        return _Kernels.lora_mixed_linear(x, weight, module.bias, *inputs, kn, tiles, order, col_scale, scale)
     return _Kernels.lora_mixed_linear(x, weight, module.bias, *inputs, kn, tiles, order)
 
 
