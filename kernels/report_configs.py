@@ -102,7 +102,7 @@ def lora_linear_configs() -> list[dict]:
                                 if qkey in seen:
                                     continue
                                 seen.add(qkey)
-                                rec = _linear_gemm_record(kernels, dt, qcfg, r, weight_kn, quant)
+                                rec = _linear_gemm_record(kernels, dt, qcfg, r, weight_kn, quant=quant)
                                 rec["archs"] = [arch]
                                 rec["quick"] = (dt == "bf16" and r == 16 and n == 4096
                                                 and cfg["case"] == "decode")

@@ -161,6 +161,7 @@ if HAS_TRITON:
                 acc += bias[None, :]
         return acc
 
+    @triton.jit
     def dequant_scale(acc, ws_ptr, offs_n, stride_ws, n_mask):
         """``acc ⊙ weight_scale`` on the columns ``offs_n``: the base product of int8/fp8
         codes becomes ``x · dequant(W)ᵀ`` (one fp32 multiply per output, before the bias;

@@ -128,7 +128,7 @@ def linear_inputs(m, r, dtype, quant, *, seed=0, aligned=False, l_in=False, l_ou
 def run_linear(inp: dict) -> torch.Tensor:
     return torch.ops.tinytune.lora_linear(
         inp["x"], inp["weight"], inp["bias"], inp["lora_a"], inp["lora_b"], inp["lora_scale"],
-        inp["l_in"], inp["l_out"], False, inp["weight_scale"],
+        inp["l_in"], inp["l_out"], False, None, inp["weight_scale"],
     )  # fmt: skip
 
 
@@ -185,16 +185,16 @@ def test_references_dequantize_then_multiply(quant):
     inp = {k: (v.cpu() if isinstance(v, torch.Tensor) else v) for k, v in inp.items()}
     deq = inp["weight"].float() * inp["weight_scale"][:, None]
     args = [inp[k] for k in ("x", "weight", "bias", "lora_a", "lora_b", "lora_scale", "l_in", "l_out")]
-    got = L.torch_lora_linear(*args, False, inp["weight_scale"])
+    got = L.torch_lora_linear(*args, False, None, inp["weight_scale"])
     want = L.torch_lora_linear(args[0], deq, *args[2:], False)
     assert torch.equal(got, want)
     # the Conv1D layout takes the scale along its columns
-    got_kn = L.torch_lora_linear(args[0], inp["weight"].t(), *args[2:], True, inp["weight_scale"])
+    got_kn = L.torch_lora_linear(args[0], inp["weight"].t(), *args[2:], True, None, inp["weight_scale"])
     torch.testing.assert_close(got_kn, want, rtol=1e-6, atol=1e-6)
     row_index = torch.zeros(3, dtype=torch.long)
     x3 = args[0][:, None]
     got = M.torch_lora_mixed_linear(x3, inp["weight"], inp["bias"], row_index, None, None, None, None,
-                                    None, None, False, inp["weight_scale"])
+                                    None, None, False, None, inp["weight_scale"])
     want = M.torch_lora_mixed_linear(x3, deq, inp["bias"], row_index, None, None, None, None, None, None)
     assert torch.equal(got, want)
 
@@ -299,7 +299,7 @@ def run_mixed(inp: dict, strategy=None) -> torch.Tensor:
     args = [inp[k] for k in ("x", "weight", "bias", "row_index", "a_stack", "bt_stack", "scale", "ranks",
                              "l_in_stack", "l_out_stack")]
     if strategy is None:
-        return torch.ops.tinytune.lora_mixed_linear(*args, False, None, None, inp["weight_scale"])
+        return torch.ops.tinytune.lora_mixed_linear(*args, False, None, None, None, inp["weight_scale"])
     return M.launch(*args, False, strategy=strategy, weight_scale=inp["weight_scale"])
 
 
@@ -362,13 +362,13 @@ def test_opcheck(quant):
     utils = ("test_faketensor", "test_autograd_registration", "test_aot_dispatch_dynamic")
     kw = dict(test_utils=utils) if quant == "fp8" else {}
     torch.library.opcheck(L.lora_linear, (inp["x"], inp["weight"], inp["bias"], inp["lora_a"], inp["lora_b"],
-                                          inp["lora_scale"], None, inp["l_out"], False, inp["weight_scale"]),
+                                          inp["lora_scale"], None, inp["l_out"], False, None, inp["weight_scale"]),
                           **kw)
     mix = {k: v.contiguous() for k, v in mixed_inputs(3, 1, torch.float32, quant).items()}
     torch.library.opcheck(M.lora_mixed_linear, (
         mix["x"], mix["weight"], mix["bias"], mix["row_index"], torch.nan_to_num(mix["a_stack"]),
         torch.nan_to_num(mix["bt_stack"]), mix["scale"], mix["ranks"], mix["l_in_stack"], mix["l_out_stack"],
-        False, None, None, mix["weight_scale"]), **kw)  # fmt: skip
+        False, None, None, None, mix["weight_scale"]), **kw)  # fmt: skip
 
 
 @pytest.mark.parametrize(
@@ -386,10 +386,10 @@ def test_bad_quantized_inputs_raise(change, error, message):
     args = dict(x=torch.randn(2, K), weight=codes, weight_scale=scale)
     args.update(change)
     with pytest.raises(error, match=message):
-        L.lora_linear(args["x"], args["weight"], None, None, None, None, None, None, False, args["weight_scale"])
+        L.lora_linear(args["x"], args["weight"], None, None, None, None, None, None, False, None, args["weight_scale"])
     with pytest.raises(error, match=message):
         M.lora_mixed_linear(args["x"], args["weight"], None, torch.zeros(2, dtype=torch.long), None, None,
-                            None, None, None, None, False, None, None, args["weight_scale"])
+                            None, None, None, None, False, None, None, None, args["weight_scale"])
 
 
 # ---------------------------------------------------------------------------------------
