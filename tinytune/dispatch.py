@@ -661,12 +661,61 @@ def module_weights(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None
 _ABSENT = object()
 
 
-def fused_linear_eager(
-    module: nn.Module, x: torch.Tensor, inputs: tuple, conv1d: bool
-) -> torch.Tensor:
-    """:func:`fused_linear` outside ``torch.compile`` (the parameters read as
-    :func:`module_weights` reads them)."""
+def fused_weights(
+    path: str,
+    static_reason: str | None,
+    module: nn.Module,
+    x: Any,
+    params: Iterable[torch.Tensor],
+    dropout: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """:func:`use_fused` for the eager hooks, with the module's parameters it read.
+
+    The same decision as :func:`use_fused` (and the same errors in mode ``"triton"``),
+    with the weight and bias read once, as :func:`module_weights` reads them, for both
+    the decision and the kernel call.
+
+    Args:
+        path: The module's dotted name (for error messages).
+        static_reason: What :func:`chain_reason` said about the module and its layers.
+        module: The adapted module.
+        x: Its input.
+        params: The adapter tensors the call would read.
+        dropout: Whether LoRA dropout is active in this call.
+
+    Returns:
+        ``(weight, bias)`` where the call runs on the fused kernel, else ``None``.
+
+    Raises:
+        KernelUnavailableError: In mode ``"triton"``, if the call cannot run fused.
+    """
+    mode = _THREAD.mode
+    if mode is None:
+        mode = _mode()
+    if mode == "torch":
+        return None
     weight, bias = module_weights(module)
+    if mode == "auto":
+        if static_reason is not None or not isinstance(x, torch.Tensor) or not auto_device(x):
+            return None
+        if _call_reason(module, x, params, dropout, weight) is not None:
+            return None
+        return weight, bias
+    reason = static_reason or _call_reason(module, x, params, dropout, weight)
+    if reason is not None:
+        raise unavailable(path, reason)
+    return weight, bias
+
+
+def fused_linear_with(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    inputs: tuple,
+    conv1d: bool,
+) -> torch.Tensor:
+    """:func:`fused_linear` with the module's parameters already read (see
+    :func:`fused_weights`)."""
     return _Kernels.lora_linear(x, weight, bias, *inputs, conv1d)
 
 

@@ -385,31 +385,30 @@ class HookSite:
         """The eager fused path's pre-hook work for a plain call, input ``args[0]``.
 
         Returns the args for the module's own forward, ``(empty, *args[1:])`` with the
-        kernel's inputs attached (``handed``: ``(x, inputs)``), or ``None`` where the call runs
+        kernel's inputs attached (``handed``: ``(x, (weight, bias), inputs)``), or ``None`` where the call runs
         on the PyTorch path. The same decision as the traced path (``dispatch.use_fused``,
         ``_fused_inputs``), with the weight read from the module's parameter dict and
         the empty input kept between calls (``dispatch.empty_input``).
         """
         x = args[0]
-        weight, _ = dispatch.module_weights(module)
-        if not dispatch.use_fused(
+        params = dispatch.fused_weights(
             self.path,
             self._chain_reason,
             module,
             x,
             self._chain_params,
             self._chain_dropout and module.training,
-            weight,
-        ):
+        )
+        if params is None:
             return None
         inputs = self._fused_inputs_eager()
         if inputs is None:
             return None
         empty = self._empty
         if empty is None or empty.dtype is not x.dtype or empty.get_device() != x.get_device():
-            empty = self._empty = dispatch.empty_input(weight, self._conv1d)
+            empty = self._empty = dispatch.empty_input(params[0], self._conv1d)
         out = _CallArgs((empty,) if len(args) == 1 else (empty, *args[1:]))
-        out.handed = (x, inputs)
+        out.handed = (x, params, inputs)
         return out
 
     def _pre_hook_traced(
@@ -484,8 +483,9 @@ class HookSite:
     def _post_hook(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
         if type(args) is _CallArgs:  # eager, and a pre-hook handed something over
             handed = args.handed
-            if type(handed) is tuple:  # _fuse_eager's (x, inputs)
-                return dispatch.fused_linear_eager(module, handed[0], handed[1], self._conv1d)
+            if type(handed) is tuple:  # _fuse_eager's (x, (weight, bias), inputs)
+                x, (weight, bias), inputs = handed
+                return dispatch.fused_linear_with(x, weight, bias, inputs, self._conv1d)
         plan = self._plan()
         handed = self._take_over(args)
         if type(handed) is _Fused:
