@@ -695,6 +695,32 @@ def fused_weights(
     if mode == "torch":
         return None
     weight, bias = module_weights(module)
+    # The common case first, in as few steps as it takes: what _call_reason checks, for
+    # a call that passes every check. Anything else goes the long way below (the same
+    # decision, with the reason).
+    if static_reason is None and type(x) is torch.Tensor and _Kernels.reason is None:
+        if x.is_cuda:
+            on_device = mode == "triton" or auto_device(x)
+        else:
+            on_device = mode == "triton" and _Kernels.interpret and x.is_cpu
+        if (
+            on_device
+            and _Kernels.loaded
+            and weight.dtype is x.dtype
+            and x.dtype in _FLOAT_DTYPES
+            and not dropout
+            and not (
+                torch.is_grad_enabled()
+                and (x.requires_grad or weight.requires_grad or any(p.requires_grad for p in params))
+            )
+            and not (
+                module._backward_hooks
+                or module._backward_pre_hooks
+                or _GLOBAL_BACKWARD_HOOKS
+                or _GLOBAL_BACKWARD_PRE_HOOKS
+            )
+        ):
+            return weight, bias
     if mode == "auto":
         if static_reason is not None or not isinstance(x, torch.Tensor) or not auto_device(x):
             return None

@@ -45,6 +45,10 @@ from .layers import AdapterLayer, first_input, is_conv1d, replace_first_input
 
 __all__ = ["HookSite", "hook_layout_id"]
 
+# torch.compiler.is_compiling without two attribute lookups per call (dynamo knows the
+# function by identity, so it still reads as True while tracing).
+_is_compiling = torch.compiler.is_compiling
+
 def hook_layout_id(sites: Iterable["HookSite"]) -> int:
     """A number naming which modules carry how many hooks, equal for equal layouts.
 
@@ -346,7 +350,7 @@ class HookSite:
         return self._local.__dict__.get("mixed")
 
     def _pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-        if torch.compiler.is_compiling():
+        if _is_compiling():
             return self._pre_hook_traced(module, args, kwargs)
         # Eager calls. The plan read is a dict lookup, where a getattr with a default
         # pays for a failed lookup on every plain call (no plan).
@@ -401,7 +405,20 @@ class HookSite:
         )
         if params is None:
             return None
-        inputs = self._fused_inputs_eager()
+        if self._reuse_inputs:  # _fused_inputs_eager's check, inline
+            layer = self.chain[0]
+            kept = self._kept
+            if (
+                kept is not None
+                and kept[0] is layer.slot_factors
+                and kept[1] is torch.is_grad_enabled()
+                and kept[2] == layer.conversions
+            ):
+                inputs = kept[3]
+            else:
+                inputs = self._fused_inputs_eager()
+        else:
+            inputs = self._fused_inputs_eager()
         if inputs is None:
             return None
         empty = self._empty
