@@ -44,7 +44,6 @@ Floor 7: imports ``errors``, ``util``, ``layers``, ``mixed_torch``, ``adapter``,
 
 from __future__ import annotations
 
-from functools import partial
 from typing import Any, Sequence
 
 import torch
@@ -54,11 +53,14 @@ from . import dispatch
 from .errors import AdapterNotFoundError, AdapterStateError, MixedBatchError, suggest, wrong_type
 from .layers import first_input, replace_first_input
 from .mixed_torch import (
+    lora_mixed_planned,
+    row_groups,
     torch_embedding_lora_mixed,
     torch_ia3_mixed,
     torch_lora_mixed,
     torch_lora_mixed_grouped,
 )
+from .mixed_torch import worth_grouping as grouping_pays
 
 from .adapter import BASE_ADAPTER_NAME
 from .serving import arm_hooks, row_assignment
@@ -242,7 +244,7 @@ def cached_stacks(
 class Call:
     """One mixed call: the row assignment, shared by every module."""
 
-    __slots__ = ("row_index", "batch", "slots", "identity", "fixed", "_rows", "_groups", "segments")
+    __slots__ = ("row_index", "batch", "slots", "identity", "fixed", "_rows", "_groups", "segments", "group_plan")
 
     def __init__(
         self, row_index: torch.Tensor, slots: list[int], identity: int, fixed: bool = False
@@ -256,6 +258,12 @@ class Call:
         self.identity = identity
         self._rows: dict[int, torch.Tensor | None] = {}
         self._groups: tuple | None = None
+        # On the CPU, the rows' groups as one tensor (row_groups' plan), built here, on
+        # the host, so that a compiled graph reads them as an input whose shape depends
+        # on the batch only (lora_mixed_planned). None elsewhere and for static rows.
+        self.group_plan: torch.Tensor | None = None
+        if not fixed and row_index.is_cpu:
+            self.group_plan = self.groups()[-1]
         # The fused path's segment plans (device tensors), built by the first module that
         # needs one and shared by every later module of this forward.
         self.segments: dict = {}
@@ -264,25 +272,11 @@ class Call:
         """Rows sorted into segments by slot, identity rows left out (eager mode only).
 
         Returns:
-            ``(n, size, group_slots, rows, row_group, row_pos)`` (see
-            ``torch_lora_mixed_grouped``), ``n == 0`` if every row is a base row.
+            ``(n, size, group_slots, rows, row_group, row_pos, plan)`` (see
+            ``row_groups``), ``n == 0`` if every row is a base row.
         """
         if self._groups is None:
-            segments: dict[int, list[int]] = {}
-            for i, slot in enumerate(self.slots):
-                if slot != self.identity:
-                    segments.setdefault(slot, []).append(i)
-            device = self.row_index.device
-            long = partial(torch.tensor, dtype=torch.long, device=device)
-            members = list(segments.values())
-            self._groups = (
-                len(segments),
-                max((len(m) for m in members), default=0),
-                long(list(segments)),
-                long([i for m in members for i in m]),
-                long([g for g, m in enumerate(members) for _ in m]),
-                long([p for m in members for p in range(len(m))]),
-            )
+            self._groups = row_groups(self.slots, self.identity, self.row_index.device)
         return self._groups
 
     def rows(self, slot: int) -> torch.Tensor | None:
@@ -330,10 +324,20 @@ def worth_grouping(call: Call, x: torch.Tensor, a_stack: torch.Tensor) -> tuple 
     """
     tokens = x.numel() // max(1, x.shape[0] * x.shape[-1])
     groups = call.groups()
-    n, size = groups[0], groups[1]
-    if 4 * n * (a_stack.shape[1] + size * tokens) < call.batch * a_stack.shape[1]:
+    if grouping_pays(call.batch, tokens, a_stack.shape[1], groups[0], groups[1]):
         return groups
     return None
+
+
+def _planned_ok(x: torch.Tensor, a: torch.Tensor, bt: torch.Tensor) -> bool:
+    """Whether a compiled call's LoRA may run on ``lora_mixed_planned``: CPU tensors
+    (its host read of the row index is free there; CUDA runs the fused kernels or the
+    gather, with no host sync) and no gradient (the op has no backward)."""
+    if not x.is_cpu:
+        return False
+    return not (
+        torch.is_grad_enabled() and (x.requires_grad or a.requires_grad or bt.requires_grad)
+    )
 
 
 class _SitePlan:
@@ -409,13 +413,21 @@ class _SitePlan:
         if st.lora is not None:
             a, bt, scale, p = st.lora
             xin = _row_dropout(x, p, call) if st.has_dropout and module.training else x
-            static = call.fixed or torch.compiler.is_compiling()
-            groups = None if static else worth_grouping(call, xin, a)
+            compiling = torch.compiler.is_compiling()
+            groups = None if call.fixed or compiling else worth_grouping(call, xin, a)
             if groups is None:
-                output = torch_lora_mixed(xin, output, a, bt, scale, call.row_index, inplace)
+                plan = call.group_plan
+                if compiling and plan is not None and _planned_ok(xin, a, bt):
+                    # Grouped by adapter where that pays, as in eager mode, inside one
+                    # opaque op: shapes independent of the assignment (no recompile).
+                    output = lora_mixed_planned(
+                        xin, output, a, bt, scale, call.row_index, plan
+                    )
+                else:
+                    output = torch_lora_mixed(xin, output, a, bt, scale, call.row_index, inplace)
             elif groups[0]:
                 output = torch_lora_mixed_grouped(
-                    xin, output, a, bt, scale, *groups[2:], groups[1], inplace
+                    xin, output, a, bt, scale, *groups[2:6], groups[1], inplace
                 )
         if st.emb is not None:
             a, bt, scale = st.emb
