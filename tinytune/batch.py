@@ -44,6 +44,7 @@ Floor 7: imports ``errors``, ``util``, ``layers``, ``mixed_torch``, ``adapter``,
 
 from __future__ import annotations
 
+import threading
 from typing import Any, Sequence
 
 import torch
@@ -340,15 +341,38 @@ def _planned_ok(x: torch.Tensor, a: torch.Tensor, bt: torch.Tensor) -> bool:
     )
 
 
+class _CurrentCall(threading.local):
+    """The mixed call in flight on this thread (``call``; ``None``: none), published by
+    ``_begin`` with the sites' plans and restored by ``_end``.
+
+    Every site's plan reads its call here, through one object, rather than through an
+    attribute of its own: dynamo reaching one ``Call`` through every site's plan
+    guarded, in Python, that all of them are the same object (a few hundred
+    microseconds per compiled call). ``__init__`` runs in each thread on first use, so
+    the attribute always exists (a guard on its presence would recompile).
+    """
+
+    def __init__(self) -> None:
+        self.call: Call | None = None
+
+
+_CURRENT = _CurrentCall()
+
+
 class _SitePlan:
     """What one hook site does during one mixed call (see ``HookSite._pre_hook``)."""
 
-    __slots__ = ("path", "stacks", "call")
+    __slots__ = ("path", "stacks", "own_call")
 
     def __init__(self, path: str, stacks: SiteStacks, call: Call) -> None:
         self.path = path
         self.stacks = stacks
-        self.call = call
+        self.own_call = call  # published as _CURRENT.call for the call's duration
+
+    @property
+    def call(self) -> Call:
+        """The call this plan belongs to: the one in flight on this thread."""
+        return _CURRENT.call
 
     def pre(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         st = self.stacks
@@ -542,8 +566,34 @@ def _needs_autograd(state: WrapperState, used: Sequence[str]) -> bool:
     return any(sigs[name].requires_grad() for name in used)
 
 
+class _InFlight:
+    """One mixed call's host-side state, from ``_prepare`` to ``_end``: its plans, the
+    slots it pins, and the plans it covers up (``outer``, see ``_publish``).
+
+    One object that compiled code only passes from one disabled function to the next:
+    dynamo never looks inside it, so it adds no guard. (A list of the plans held by the
+    compiled frame made dynamo guard, in Python, that each of its sites and plans is the
+    object the model's hooks reach: about a millisecond per call.)
+    """
+
+    __slots__ = ("plans", "pins", "outer", "outer_call")
+
+    def __init__(self, plans: list[tuple[Any, "_SitePlan"]], pins: Any) -> None:
+        self.plans = plans
+        self.pins = pins
+        self.outer: list[Any] = []
+        self.outer_call: Call | None = None
+
+
 @torch.compiler.disable
 def _prepare(
+    wrapper: Any, fn: Any, adapter_names: Any, args: tuple, kwargs: dict
+) -> _InFlight:
+    """See :func:`_prepare_plans`."""
+    return _InFlight(*_prepare_plans(wrapper, fn, adapter_names, args, kwargs))
+
+
+def _prepare_plans(
     wrapper: Any, fn: Any, adapter_names: Any, args: tuple, kwargs: dict
 ) -> tuple[list[tuple[Any, _SitePlan]], Any]:
     """Validate the call and build every site's plan. Changes nothing visible (with
@@ -607,7 +657,12 @@ def _site_plans(wrapper: Any, state: WrapperState, used: list[str], make_call: A
 
 
 @torch.compiler.disable
-def _prepare_assigned(
+def _prepare_assigned(wrapper: Any, args: tuple, kwargs: dict) -> _InFlight:
+    """See :func:`_prepare_assigned_plans`."""
+    return _InFlight(*_prepare_assigned_plans(wrapper, args, kwargs))
+
+
+def _prepare_assigned_plans(
     wrapper: Any, args: tuple, kwargs: dict
 ) -> tuple[list[tuple[Any, _SitePlan]], Any]:
     """:func:`_prepare` for a call under ``set_row_adapters``: the rows read the static
@@ -716,15 +771,15 @@ def mixed_call(
             "tensor parallelism (tinytune.training.parallelize_adapters); run one "
             "adapter per call with set_active_adapters(), or gather the model first."
         )
-    plans, pins = _prepare(wrapper, fn, adapter_names, args, kwargs)
+    flight = _prepare(wrapper, fn, adapter_names, args, kwargs)
     # No graph break inside a try block: dynamo cannot resume a compiled frame there and
     # would run this whole frame eagerly, so the model's forward would become a frame of
     # its own, whose cached graph another instance of the same class may have compiled.
-    outer = _begin(wrapper, plans, pins)
+    _begin(wrapper, flight)
     try:
         return fn(*args, **kwargs)
     finally:
-        _end(wrapper, plans, outer, pins)
+        _end(wrapper, flight)
 
 
 def assigned_call(wrapper: Any, fn: Any, args: tuple, kwargs: dict) -> Any:
@@ -743,12 +798,12 @@ def assigned_call(wrapper: Any, fn: Any, args: tuple, kwargs: dict) -> Any:
             the model moved (call ``set_row_adapters`` again), or the wrapper is
             unloaded.
     """
-    plans, pins = _prepare_assigned(wrapper, args, kwargs)
-    outer = _begin(wrapper, plans, pins)
+    flight = _prepare_assigned(wrapper, args, kwargs)
+    _begin(wrapper, flight)
     try:
         return fn(*args, **kwargs)
     finally:
-        _end(wrapper, plans, outer, pins)
+        _end(wrapper, flight)
 
 
 # Publishing and retracting run eagerly (outside any compiled graph): they are the
@@ -799,19 +854,24 @@ def _release(wrapper: Any, plans: list[tuple[Any, _SitePlan]], pins: Any) -> Non
 
 
 @torch.compiler.disable
-def _begin(wrapper: Any, plans: list[tuple[Any, _SitePlan]], pins: Any) -> list[Any]:
+def _begin(wrapper: Any, flight: _InFlight) -> None:
     """Publish the call's plans; if that fails, undo what ``_prepare`` did."""
     try:
-        return _publish(plans)
+        flight.outer = _publish(flight.plans)
+        if flight.plans:
+            flight.outer_call = _CURRENT.call
+            _CURRENT.call = flight.plans[0][1].own_call
     except BaseException:
-        _release(wrapper, plans, pins)
+        _release(wrapper, flight.plans, flight.pins)
         raise
 
 
 @torch.compiler.disable
-def _end(wrapper: Any, plans: list[tuple[Any, _SitePlan]], outer: list[Any], pins: Any) -> None:
+def _end(wrapper: Any, flight: _InFlight) -> None:
     """Retract the call's plans, then release its hooks and pinned slots."""
     try:
-        _retract(plans, outer)
+        if flight.plans:
+            _CURRENT.call = flight.outer_call
+        _retract(flight.plans, flight.outer)
     finally:
-        _release(wrapper, plans, pins)
+        _release(wrapper, flight.plans, flight.pins)
