@@ -315,14 +315,23 @@ def _lora_mixed_planned(
 # Registered as an op so that torch.compile keeps it whole (an opaque call in the graph,
 # its shapes those of ``out``): inside, the rows are grouped by the assignment's values,
 # which a traced graph could not do without shapes that change with the assignment.
-_lora_mixed_planned_op = torch.library.custom_op(
-    "tinytune::lora_mixed_planned", _lora_mixed_planned, mutates_args=()
+# Through torch.library.Library rather than custom_op: a call then costs about 2 µs of
+# dispatch instead of about 10 (custom_op's wrapper checks aliasing and re-enters the
+# dispatcher on every call), and compiled decode calls it once per adapted module.
+_LIB = torch.library.Library("tinytune", "FRAGMENT")
+_LIB.define(
+    "lora_mixed_planned(Tensor x, Tensor out, Tensor a_stack, Tensor bt_stack, "
+    "Tensor scale, Tensor row_index, Tensor plan) -> Tensor"
 )
+_LIB.impl("lora_mixed_planned", _lora_mixed_planned, "CPU")
 
 
-@_lora_mixed_planned_op.register_fake
+@torch.library.register_fake("tinytune::lora_mixed_planned", lib=_LIB)
 def _(x, out, a_stack, bt_stack, scale, row_index, plan):
     return torch.empty_like(out)
+
+
+_lora_mixed_planned_op = torch.ops.tinytune.lora_mixed_planned.default
 
 
 def lora_mixed_planned(
