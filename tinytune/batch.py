@@ -567,7 +567,7 @@ def _needs_autograd(state: WrapperState, used: Sequence[str]) -> bool:
 
 
 class _InFlight:
-    """One mixed call's host-side state, from ``_prepare`` to ``_end``: its plans, the
+    """One mixed call's host-side state, from ``_prepare_and_begin`` to ``_end``: its plans, the
     slots it pins, and the plans it covers up (``outer``, see ``_publish``).
 
     One object that compiled code only passes from one disabled function to the next:
@@ -586,11 +586,13 @@ class _InFlight:
 
 
 @torch.compiler.disable
-def _prepare(
+def _prepare_and_begin(
     wrapper: Any, fn: Any, adapter_names: Any, args: tuple, kwargs: dict
 ) -> _InFlight:
-    """See :func:`_prepare_plans`."""
-    return _InFlight(*_prepare_plans(wrapper, fn, adapter_names, args, kwargs))
+    """:func:`_prepare_plans`, then :func:`_begin`."""
+    flight = _InFlight(*_prepare_plans(wrapper, fn, adapter_names, args, kwargs))
+    _begin(wrapper, flight)
+    return flight
 
 
 def _prepare_plans(
@@ -630,7 +632,7 @@ def _prepare_plans(
 
 def _site_plans(wrapper: Any, state: WrapperState, used: list[str], make_call: Any) -> tuple:
     """Every site's plan for one call of the ``used`` adapters (``state.lock`` held);
-    ``make_call(slot_of, base_slot)`` gives the call's rows. See :func:`_prepare`."""
+    ``make_call(slot_of, base_slot)`` gives the call's rows. See :func:`_prepare_plans`."""
     slot_of, stacks, pins = cached_stacks(wrapper, state, used)
     try:
         base_slot = len(slot_of) if state.pool is None else state.pool.identity
@@ -657,15 +659,17 @@ def _site_plans(wrapper: Any, state: WrapperState, used: list[str], make_call: A
 
 
 @torch.compiler.disable
-def _prepare_assigned(wrapper: Any, args: tuple, kwargs: dict) -> _InFlight:
-    """See :func:`_prepare_assigned_plans`."""
-    return _InFlight(*_prepare_assigned_plans(wrapper, args, kwargs))
+def _prepare_assigned_and_begin(wrapper: Any, args: tuple, kwargs: dict) -> _InFlight:
+    """:func:`_prepare_assigned_plans`, then :func:`_begin`."""
+    flight = _InFlight(*_prepare_assigned_plans(wrapper, args, kwargs))
+    _begin(wrapper, flight)
+    return flight
 
 
 def _prepare_assigned_plans(
     wrapper: Any, args: tuple, kwargs: dict
 ) -> tuple[list[tuple[Any, _SitePlan]], Any]:
-    """:func:`_prepare` for a call under ``set_row_adapters``: the rows read the static
+    """:func:`_prepare_plans` for a call under ``set_row_adapters``: the rows read the static
     slot buffer (its first ``batch`` rows, a view), so nothing here creates a tensor
     from host data."""
     wrapper.registry.model()  # raises if unloaded
@@ -771,11 +775,12 @@ def mixed_call(
             "tensor parallelism (tinytune.training.parallelize_adapters); run one "
             "adapter per call with set_active_adapters(), or gather the model first."
         )
-    flight = _prepare(wrapper, fn, adapter_names, args, kwargs)
-    # No graph break inside a try block: dynamo cannot resume a compiled frame there and
-    # would run this whole frame eagerly, so the model's forward would become a frame of
-    # its own, whose cached graph another instance of the same class may have compiled.
-    _begin(wrapper, flight)
+    # One call into eager code before the model runs (each is a graph break, and each
+    # break a compiled frame of its own to enter). No graph break inside a try block:
+    # dynamo cannot resume a compiled frame there and would run this whole frame
+    # eagerly, so the model's forward would become a frame of its own, whose cached
+    # graph another instance of the same class may have compiled.
+    flight = _prepare_and_begin(wrapper, fn, adapter_names, args, kwargs)
     try:
         return fn(*args, **kwargs)
     finally:
@@ -798,8 +803,7 @@ def assigned_call(wrapper: Any, fn: Any, args: tuple, kwargs: dict) -> Any:
             the model moved (call ``set_row_adapters`` again), or the wrapper is
             unloaded.
     """
-    flight = _prepare_assigned(wrapper, args, kwargs)
-    _begin(wrapper, flight)
+    flight = _prepare_assigned_and_begin(wrapper, args, kwargs)
     try:
         return fn(*args, **kwargs)
     finally:
@@ -853,9 +857,8 @@ def _release(wrapper: Any, plans: list[tuple[Any, _SitePlan]], pins: Any) -> Non
             pins.release()
 
 
-@torch.compiler.disable
 def _begin(wrapper: Any, flight: _InFlight) -> None:
-    """Publish the call's plans; if that fails, undo what ``_prepare`` did."""
+    """Publish the call's plans; if that fails, undo what ``_prepare_plans`` did."""
     try:
         flight.outer = _publish(flight.plans)
         if flight.plans:
