@@ -331,6 +331,30 @@ def _lora_linear():
     return importlib.import_module(f"{_kernel_package()}.lora_linear")
 
 
+def _shrink_time(m: int, k: int, r: int, e: int, sc: dict) -> tuple:
+    """The shrink kernel on ``sc``'s grid: ``(seconds, programs, memsets)``.
+
+    Programs: M-tiles x rank blocks x K-splits, each at its share of the GPU (``_tk``).
+    Bytes: x and A once (the rank blocks of an M-tile are neighbours in the grid and
+    share x in L2; every M-tile reads the same A: L2 re-reads are outside the model, as
+    for the one-launch path's A), h written, and with a K-split the fp32 partial tiles
+    written and read back (counted as HBM traffic), plus the memset of the arrival
+    counters (one more dependent launch, counted in the ``*_l`` figures).
+    """
+    if r == 0:
+        return 0.0, 0, 0
+    bm, br = sc["BLOCK_M"], sc["BLOCK_R"]
+    tiles_m, tiles_r = _cdiv(m, bm), _cdiv(r, br)
+    chunk = _cdiv(_cdiv(k, sc["SPLIT_K"]), sc["BLOCK_K"]) * sc["BLOCK_K"]
+    split = _cdiv(k, chunk)
+    r_pad = tiles_r * br
+    bytes_ = m * k * e + r * k * e + m * r * 4
+    if split > 1:
+        bytes_ += 2 * split * tiles_m * tiles_r * bm * br * 4
+    programs = tiles_m * tiles_r * split
+    return _tk(bytes_, 2 * tiles_m * bm * k * r_pad, programs), programs, int(split > 1)
+
+
 def roofline(m: int, k: int, n: int, r: int, e: int = 2) -> dict:
     """Predicted seconds of one bf16 layer: merged, fused (both paths) and unmerged PyTorch.
 
@@ -339,9 +363,11 @@ def roofline(m: int, k: int, n: int, r: int, e: int = 2) -> dict:
     cuBLAS GEMMs, assumed to fill it. The fused op has two paths, with the tiles
     ``pick_config`` gives (sm_90): ``one`` (the shrink fused in the GEMM's K-loop,
     repeated per N-tile: decode and batched decode) and ``two`` (shrink kernel, then the
-    GEMM reading ``h`` in its epilogue). ``fused`` is the path ``pick_config`` takes
-    (``path``). Launch gaps are outside the roofline; ``*_l`` adds ``LAUNCH_S`` per
-    kernel beyond the first.
+    GEMM reading ``h`` in its epilogue; the shrink split over rank and K as
+    ``shrink_config`` splits it, ``two_unsplit_l`` without that split: issue 20's
+    target 5). ``fused`` is the path ``pick_config`` takes (``path``). Launch gaps are
+    outside the roofline; ``*_l`` adds ``LAUNCH_S`` per kernel beyond the first (the
+    split-K shrink's counter memset counts as one).
     """
     L = _lora_linear()
     bf16 = importlib.import_module("torch").bfloat16
@@ -357,13 +383,16 @@ def roofline(m: int, k: int, n: int, r: int, e: int = 2) -> dict:
     tiles_m, tiles_n = _cdiv(m, bm), _cdiv(n, bn)
     one = _tk(w + x + y + a + b, base_flops + 2 * tiles_m * bm * k * r_pad * tiles_n + 2 * m * n * r_pad,
               tiles_m * tiles_n)
-    # Two launches: the shrink (grid cdiv(M, BLOCK_M), the whole rank per program), then
-    # the GEMM, with the tiles pick_config gives where the shrink is not fused.
+    # Two launches: the shrink (split as shrink_config splits it), then the GEMM, with the
+    # tiles pick_config gives where the shrink is not fused.
     two_cfg = cfg if not cfg["shrink_in_loop"] else L.pick_config(m, n, k, max(r, L.DECODE_FUSED_MAX_RANK + 1), bf16, 90)
-    sc = L.shrink_config(r_pad, m <= L.DECODE_MAX_M, False)
-    two = _tk(x + a + m * r * 4, 2 * m * k * r_pad, _cdiv(m, sc["BLOCK_M"])) + _tk(
-        w + x + y + b + m * r * 4, base_flops + 2 * m * n * r_pad,
-        _cdiv(m, two_cfg["BLOCK_M"]) * _cdiv(n, two_cfg["BLOCK_N"]))
+    sc = L.shrink_config(r_pad, m <= L.DECODE_MAX_M, False, m, k, H200_SMS)
+    shrink, shrink_programs, memset = _shrink_time(m, k, r, e, sc)
+    unsplit = dict(L.shrink_config(r_pad, m <= L.DECODE_MAX_M, False), BLOCK_R=r_pad, SPLIT_K=1)
+    shrink_unsplit, unsplit_programs, _ = _shrink_time(m, k, r, e, unsplit)
+    gemm2 = _tk(w + x + y + b + m * r * 4, base_flops + 2 * m * n * r_pad,
+                _cdiv(m, two_cfg["BLOCK_M"]) * _cdiv(n, two_cfg["BLOCK_N"]))
+    two = shrink + gemm2
     if r == 0:  # no LoRA (pure IA³): the GEMM alone, one launch
         one = two = _tk(w + x + y, base_flops, _cdiv(m, cfg["BLOCK_M"]) * _cdiv(n, cfg["BLOCK_N"]))
     path = "one" if cfg["shrink_in_loop"] or r == 0 else "two"
@@ -381,10 +410,16 @@ def roofline(m: int, k: int, n: int, r: int, e: int = 2) -> dict:
         "one": one,
         "two": two,
         "merged_l": merged,
-        "fused_l": fused + (0 if path == "one" else LAUNCH_S),
+        "fused_l": fused + (0 if path == "one" else LAUNCH_S * (1 + memset)),
         "one_l": one,
-        "two_l": two + LAUNCH_S,
+        "two_l": two + LAUNCH_S * (1 + memset),
         "unmerged_l": unmerged + 2 * LAUNCH_S,
+        # the shrink alone, split (as launched) and as one program per BLOCK_M rows
+        "shrink": shrink,
+        "shrink_unsplit": shrink_unsplit,
+        "two_unsplit_l": shrink_unsplit + gemm2 + LAUNCH_S,
+        "shrink_programs": shrink_programs,
+        "shrink_unsplit_programs": unsplit_programs,
     }
 
 
@@ -420,6 +455,39 @@ def print_roofline() -> list[dict]:
                     f"{p['unmerged_l'] / p['fused_l']:>11.3f} {p['one_l'] / p['merged']:>9.3f} "
                     f"{p['two_l'] / p['merged']:>9.3f}"
                 )
+    return rows
+
+
+SPLIT_SHAPES = [*BENCH_SHAPES, (14336, 4096)]  # the benchmark's shapes and down_proj
+SPLIT_RANKS = [16, 128, 256]
+SPLIT_MS = [1, 16, 17, 64, 128, 256, 1024, 2048]
+
+
+def print_shrink_split() -> list[dict]:
+    """The two-launch path's shrink, split (as launched) and unsplit (one program per
+    BLOCK_M rows, before issue 20's target 5), in the model."""
+    print()
+    print("Shrink split (H200 roofline PREDICTION): programs and us of the shrink kernel unsplit -> split, "
+          "and the two-launch path (+launch, the split-K memset counted as one) over merged")
+    hdr = (f"{'K->N':<12} {'r':>3} {'M':>5} {'path':>4} {'programs':>11} {'shrink us':>13} "
+           f"{'+l two/m':>15}")
+    print(hdr)
+    print("-" * len(hdr))
+    rows = []
+    for k, n in SPLIT_SHAPES:
+        for r in SPLIT_RANKS:
+            for m in SPLIT_MS:
+                p = roofline(m, k, n, r)
+                row = {"k": k, "n": n, "r": r, "m": m, "path": p["path"],
+                       "programs": p["shrink_unsplit_programs"], "programs_split": p["shrink_programs"],
+                       "shrink_us": p["shrink_unsplit"] * 1e6, "shrink_split_us": p["shrink"] * 1e6,
+                       "two_l_over_merged": p["two_unsplit_l"] / p["merged"],
+                       "two_split_l_over_merged": p["two_l"] / p["merged"]}
+                rows.append(row)
+                print(f"{f'{k}->{n}':<12} {r:>3} {m:>5} {p['path']:>4} "
+                      f"{row['programs']:>4} -> {row['programs_split']:>4} "
+                      f"{row['shrink_us']:>5.2f} -> {row['shrink_split_us']:>5.2f} "
+                      f"{row['two_l_over_merged']:>6.3f} -> {row['two_split_l_over_merged']:>5.3f}")
     return rows
 
 
@@ -501,6 +569,7 @@ def main(argv=None) -> int:
         for results in reports:
             print_report(results)
         print_roofline()
+        print_shrink_split()
         if len(reports) > 1:
             print()
             print_comparison(reports)
@@ -530,6 +599,7 @@ def main(argv=None) -> int:
     print_report(results)
     roof = print_roofline()
     (out / "roofline_h200.json").write_text(json.dumps(roof, indent=1))
+    (out / "shrink_split_h200.json").write_text(json.dumps(print_shrink_split(), indent=1))
     reports = [results]
     if args.also_with:
         sub_argv = ["--arch", args.arch] + (["--quick"] if args.quick else [])

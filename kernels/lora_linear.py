@@ -21,9 +21,12 @@ of the first:
   (shrink fused in the K-loop, one launch) on 32-row tiles; repeating the shrink per
   N-tile costs FLOPs that hide under ``W``'s bytes, where a second launch would cost
   2 µs on a ~7 µs layer (``ci/kernel_report.py``'s roofline model compares both).
+  Larger ranks keep the 32-row tiles and precompute ``h`` as prefill does.
 * Prefill (``M > 16`` otherwise): a small kernel computes ``h = (x Aᵀ) ⊙ s`` once, in fp32; the
   base GEMM (grouped tile order, as in Triton's matmul tutorial) adds ``h Bᵀ`` in its
   epilogue. Shrinking inside the K-loop would repeat ``R/BLOCK_N`` more FLOPs per tile.
+  The shrink kernel's grid is split over row tiles, rank blocks and K where its rows
+  alone would leave SMs idle (``shrink_config``).
 
 Why 16: at ``M <= 16`` one ``BLOCK_M = 16`` tile (the smallest ``tl.dot`` allows) holds
 every row, so ``W`` is read exactly once; for more rows the prefill kernel's 64/128-row
@@ -68,10 +71,14 @@ if HAS_TRITON:
         a_ptr,  # (R, K)
         s_ptr,  # (R,) per-rank-row scale
         h_ptr,  # (M, R) fp32 output: (x Aᵀ) ⊙ s
+        ws_ptr,  # (SPLIT_K, tiles, BLOCK_M, BLOCK_R) fp32 partial tiles (SPLIT_K > 1)
+        cnt_ptr,  # (tiles,) int32 arrivals per (M-tile, rank block), zero at launch
         # sizes
         M,
         K,
         R,
+        SPLIT_K,  # K-splits in the grid (its third axis)
+        K_CHUNK,  # multiple of BLOCK_K: the K range of one split
         # strides
         stride_xm,
         stride_xk,
@@ -81,39 +88,70 @@ if HAS_TRITON:
         stride_hm,
         # meta
         HAS_SCALE: tl.constexpr,
-        R_PAD: tl.constexpr,
         BLOCK_M: tl.constexpr,
+        BLOCK_R: tl.constexpr,
         BLOCK_K: tl.constexpr,
+        REDUCE: tl.constexpr,  # SPLIT_K > 1: partial tiles, reduced by the last to arrive
         DOT_FP32: tl.constexpr,
         UPCAST_DOT: tl.constexpr,
     ):
-        """``h = (x Aᵀ) ⊙ s`` in fp32, one program per BLOCK_M rows and the whole rank.
+        """``h = (x Aᵀ) ⊙ s`` in fp32, one program per (BLOCK_R ranks, BLOCK_M rows, K-split).
 
         Computed once per call so the GEMM epilogue can add ``h Bᵀ`` without repeating
         the shrink per N-tile; ``x`` is read once more (``M*K`` bytes, small next to the
-        prefill GEMM's ``2*M*N*K`` FLOPs).
+        prefill GEMM's ``2*M*N*K`` FLOPs). Where ``cdiv(M, BLOCK_M)`` programs cannot
+        fill the GPU (decode at large ranks, prefill up to a few thousand rows), the grid
+        also splits the rank (no reduction needed) and then K (serial split-K, as
+        ``lora_mixed``'s GEMM: each split stores its fp32 partial tile, the last to
+        arrive at the tile's counter sums them in split order, so the result does not
+        depend on the arrival order).
         """
-        pid_m = tl.program_id(0)
+        # Rank blocks of one M-tile are neighbours in the grid: they share x in L2.
+        pid_r = tl.program_id(0)
+        pid_m = tl.program_id(1)
+        split_id = tl.program_id(2)
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_k = tl.arange(0, BLOCK_K)
-        offs_r = tl.arange(0, R_PAD)
+        offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
         m_mask = offs_m < M
         r_mask = offs_r < R
-        x_ptrs = x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk
-        a_ptrs = a_ptr + offs_r[None, :] * stride_ar + offs_k[:, None] * stride_ak  # Aᵀ tile
-        h = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
-        for k in range(0, tl.cdiv(K, BLOCK_K)):
-            k_mask = offs_k < K - k * BLOCK_K
+        k_lo = split_id * K_CHUNK
+        k_hi = tl.minimum(K, k_lo + K_CHUNK)
+        x_ptrs = x_ptr + offs_m[:, None] * stride_xm + (k_lo + offs_k)[None, :] * stride_xk
+        a_ptrs = a_ptr + offs_r[None, :] * stride_ar + (k_lo + offs_k)[:, None] * stride_ak  # Aᵀ tile
+        h = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+        for k in range(0, tl.cdiv(k_hi - k_lo, BLOCK_K)):
+            k_mask = offs_k < k_hi - k_lo - k * BLOCK_K
             xt = tl.load(x_ptrs, mask=m_mask[:, None] & k_mask[None, :], other=0.0)
             at = tl.load(a_ptrs, mask=k_mask[:, None] & r_mask[None, :], other=0.0)
             h = mma(xt, at, h, DOT_FP32, UPCAST_DOT)
             x_ptrs += BLOCK_K * stride_xk
             a_ptrs += BLOCK_K * stride_ak
-        if HAS_SCALE:
-            s = tl.load(s_ptr + offs_r * stride_s, mask=r_mask, other=0.0).to(tl.float32)
-            h = h * s[None, :]
-        h_ptrs = h_ptr + offs_m[:, None] * stride_hm + offs_r[None, :]
-        tl.store(h_ptrs, h, mask=m_mask[:, None] & r_mask[None, :])
+        last = True
+        if REDUCE:
+            tiles = tl.num_programs(0) * tl.num_programs(1)
+            tile = pid_m * tl.num_programs(0) + pid_r
+            offs_t = tl.arange(0, BLOCK_M)[:, None] * BLOCK_R + tl.arange(0, BLOCK_R)[None, :]
+            tile_ws = ws_ptr + tile * (BLOCK_M * BLOCK_R) + offs_t
+            tl.store(tile_ws + split_id * tiles * (BLOCK_M * BLOCK_R), h)
+            # Every thread's partial is stored before one thread's release-atomic
+            # publishes the arrival (the CUTLASS semaphore pattern); the last to arrive
+            # acquires the others' partials.
+            tl.debug_barrier()
+            arrived = tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel", scope="gpu")
+            last = arrived == SPLIT_K - 1
+            if last:
+                tl.debug_barrier()
+                h = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+                for j in range(0, SPLIT_K):
+                    # .cg: read the other programs' partials from L2, never a stale L1
+                    h += tl.load(tile_ws + j * tiles * (BLOCK_M * BLOCK_R), cache_modifier=".cg")
+        if last:
+            if HAS_SCALE:
+                s = tl.load(s_ptr + offs_r * stride_s, mask=r_mask, other=0.0).to(tl.float32)
+                h = h * s[None, :]
+            h_ptrs = h_ptr + offs_m[:, None] * stride_hm + offs_r[None, :]
+            tl.store(h_ptrs, h, mask=m_mask[:, None] & r_mask[None, :])
 
     @triton.jit
     def _lora_linear_fwd_kernel(
@@ -294,10 +332,41 @@ _SMEM = {80: 166912, 87: 166912, 90: 232448, 100: 232448}
 _SMEM_DEFAULT = 101376
 
 
-def shrink_config(r_pad: int, decode: bool, f32: bool) -> dict:
-    """The shrink kernel's tile: more rows per program when the rank is small.
+# The shrink's grid is cdiv(M, BLOCK_M) programs; where that cannot fill the GPU's SMs
+# (decode at padded rank 128-256: one program streams all of A; prefill up to ~4k rows
+# at small ranks) shrink_config splits it: first 16-row tiles (A re-read from L2 per
+# tile, cheaper than x), then rank blocks down to 16 columns (x re-read from L2 per
+# block, no reduction), then K (serial split-K: partial tiles summed in split order by
+# the last program to arrive, deterministic). The K-split costs a memset of the arrival
+# counters (one more dependent launch, ~2 us in a CUDA graph) and the partials'
+# traffic, so it runs only where the programs are still few (at most SMs / 4: by the
+# roofline model's 2/SMs of HBM per program, at most half the bandwidth) and each
+# streams at least 256 KiB (~3.5 us at that share), in at most 8 splits of at least 4
+# K-blocks each. ci/kernel_report.py's model prices all three.
+SMS_DEFAULT = 132  # H100/H200 SXM; the launcher passes the device's own count
+SHRINK_MAX_SPLIT_K = 8
+SHRINK_MIN_K_BLOCKS = 4
+SHRINK_SPLIT_MIN_BYTES = 256 * 1024
+
+
+def shrink_config(r_pad: int, decode: bool, f32: bool, m: int = 0, k: int = 0,
+                  sms: int = SMS_DEFAULT) -> dict:
+    """The shrink kernel's tile and grid split: more rows per program when the rank is
+    small; rank blocks and K-splits where the rows alone give fewer programs than SMs.
 
     fp32 (FMA products, operands in registers) takes narrower K steps at large ranks.
+
+    Args:
+        r_pad: Padded rank.
+        decode: Whether the call is a decode one (``M <= 16``).
+        f32: Whether the dots run in IEEE fp32.
+        m, k: Rows and input features (0: no split, the tile alone).
+        sms: Streaming multiprocessors to fill.
+
+    Returns:
+        ``BLOCK_M``, ``BLOCK_K``, ``BLOCK_R`` (rank columns per program), ``SPLIT_K``
+        (at most; the launcher recomputes the chunk from the real K), ``num_warps``,
+        ``num_stages``.
     """
     if decode:
         block_m = 16
@@ -307,7 +376,20 @@ def shrink_config(r_pad: int, decode: bool, f32: bool) -> dict:
     if f32:
         block_m = min(block_m, 32)
         block_k = 32 if r_pad <= 64 else 16
-    return dict(BLOCK_M=block_m, BLOCK_K=block_k, num_warps=4, num_stages=3)
+    block_r, split = r_pad, 1
+    if m > 0:
+        while block_m > 16 and triton.cdiv(m, block_m) * SHRINK_MAX_SPLIT_K < sms:
+            block_m //= 2
+        tiles = triton.cdiv(m, block_m)
+        while block_r > 16 and tiles * (r_pad // block_r) < sms:
+            block_r //= 2
+        programs = tiles * (r_pad // block_r)
+        per_program = (m + r_pad) * k * (4 if f32 else 2) // programs  # x and A, bytes
+        if 4 * programs <= sms and per_program >= SHRINK_SPLIT_MIN_BYTES:
+            split = max(1, min(SHRINK_MAX_SPLIT_K, triton.cdiv(sms, programs),
+                               k // (SHRINK_MIN_K_BLOCKS * block_k)))
+    return dict(BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_R=block_r, SPLIT_K=split,
+                num_warps=4, num_stages=3)
 
 
 def _smem_estimate(cfg: dict, elem: int) -> int:
@@ -318,13 +400,16 @@ def _smem_estimate(cfg: dict, elem: int) -> int:
     return cfg["num_stages"] * per * elem
 
 
-def pick_config(m: int, n: int, k: int, r: int, dtype: torch.dtype, arch: int = 90) -> dict:
+def pick_config(m: int, n: int, k: int, r: int, dtype: torch.dtype, arch: int = 90,
+                sms: int = SMS_DEFAULT) -> dict:
     """The one place that chooses the strategy and tiles for a call, from shapes only.
 
     Args:
         m, n, k, r: rows, output features, input features, total rank (0: no LoRA).
         dtype: the input dtype.
         arch: compute capability as ``10 * major + minor`` (90 under the interpreter).
+        sms: the GPU's streaming multiprocessors (the shrink's split fills them; 132,
+            an H100/H200's, under the interpreter).
 
     Returns:
         A dict with ``case`` ("decode", "batched-decode" or "prefill"), ``shrink_in_loop``, the GEMM's tile
@@ -336,7 +421,9 @@ def pick_config(m: int, n: int, k: int, r: int, dtype: torch.dtype, arch: int = 
     f32 = dtype == torch.float32
     decode = m <= DECODE_MAX_M
     f16_fusable = not f32 and 0 < r and r_pad <= DECODE_FUSED_MAX_RANK
-    batched = not decode and m <= BATCHED_DECODE_MAX_M and f16_fusable
+    # Above padded rank 64, batched decode keeps the 32-row tiles with h precomputed (the
+    # split shrink): the prefill 64x128 tiles give 32 programs at N = 4096 on 132 SMs.
+    batched = not decode and m <= BATCHED_DECODE_MAX_M and not f32 and r > 0
     sm90_tiles = arch >= 90 and _SMEM.get(arch, _SMEM_DEFAULT) >= _SMEM[90]
     if decode:
         if f32:
@@ -354,13 +441,13 @@ def pick_config(m: int, n: int, k: int, r: int, dtype: torch.dtype, arch: int = 
     else:
         gemm = dict(_PREFILL_LARGE_SM90 if sm90_tiles else _PREFILL_LARGE_SM80)
     max_fused = DECODE_FUSED_MAX_RANK_F32 if f32 else DECODE_FUSED_MAX_RANK
-    shrink_in_loop = (r > 0 and decode and r_pad <= max_fused) or batched
+    shrink_in_loop = (r > 0 and decode and r_pad <= max_fused) or (batched and f16_fusable)
     cfg = dict(
         case="decode" if decode else ("batched-decode" if batched else "prefill"),
         shrink_in_loop=shrink_in_loop,
         R_PAD=r_pad,
         R_BLOCK=16,
-        shrink=shrink_config(r_pad, decode, f32) if r > 0 and not shrink_in_loop else None,
+        shrink=shrink_config(r_pad, decode, f32, m, k, sms) if r > 0 and not shrink_in_loop else None,
         **gemm,
     )
     limit = _SMEM.get(arch, _SMEM_DEFAULT) - 8192  # headroom for the epilogue's buffers
@@ -425,6 +512,20 @@ def _arch(device: torch.device) -> int:
     return _ARCH[idx]
 
 
+_SMS: dict = {}
+
+
+def _sms(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device (cached); an H100/H200's 132 otherwise,
+    so the interpreter runs the production grid splits."""
+    if device.type != "cuda":
+        return SMS_DEFAULT
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _SMS:
+        _SMS[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+    return _SMS[idx]
+
+
 def launch(x, weight, bias, lora_a, lora_b, lora_scale, l_in, l_out, weight_kn=False, config=None):
     """Run the kernels (CUDA tensors, or CPU tensors under the interpreter).
 
@@ -443,7 +544,7 @@ def launch(x, weight, bias, lora_a, lora_b, lora_scale, l_in, l_out, weight_kn=F
         return y.reshape(*lead, n)
     if k == 0:  # no K-loop to run: the formula reduces to l_out ⊙ b
         return torch_lora_linear(x, weight, bias, lora_a, lora_b, lora_scale, l_in, l_out, weight_kn)
-    cfg = config if config is not None else pick_config(m, n, k, r, x.dtype, _arch(x.device))
+    cfg = config if config is not None else pick_config(m, n, k, r, x.dtype, _arch(x.device), _sms(x.device))
     # The GPU's branch under the interpreter too; UPCAST_DOT only widens its dot operands.
     dot_fp32 = x.dtype == torch.float32
     upcast = interpreted()
@@ -456,13 +557,25 @@ def launch(x, weight, bias, lora_a, lora_b, lora_scale, l_in, l_out, weight_kn=F
         sc = cfg["shrink"]
         h = torch.empty((m, r), device=x.device, dtype=torch.float32)
         stride_hm = h.stride(0)
-        _lora_shrink_kernel[(triton.cdiv(m, sc["BLOCK_M"]),)](
-            x2, lora_a, lora_scale if lora_scale is not None else dummy, h,
-            m, k, r,
+        block_r = min(sc.get("BLOCK_R", cfg["R_PAD"]), cfg["R_PAD"])
+        tiles_m, tiles_r = triton.cdiv(m, sc["BLOCK_M"]), triton.cdiv(r, block_r)
+        # The chunk from this call's K (a config may come from another shape).
+        k_chunk = triton.cdiv(triton.cdiv(k, sc.get("SPLIT_K", 1)), sc["BLOCK_K"]) * sc["BLOCK_K"]
+        split_k = triton.cdiv(k, k_chunk)
+        ws = cnt = dummy
+        if split_k > 1:
+            ws = torch.empty((split_k, tiles_m * tiles_r, sc["BLOCK_M"], block_r),
+                             device=x.device, dtype=torch.float32)
+            # Fresh per call (concurrent streams never share them): one memset.
+            cnt = torch.zeros(tiles_m * tiles_r, device=x.device, dtype=torch.int32)
+        _lora_shrink_kernel[(tiles_r, tiles_m, split_k)](
+            x2, lora_a, lora_scale if lora_scale is not None else dummy, h, ws, cnt,
+            m, k, r, split_k, k_chunk,
             x2.stride(0), x2.stride(1), lora_a.stride(0), lora_a.stride(1),
             lora_scale.stride(0) if lora_scale is not None else 0, stride_hm,
-            HAS_SCALE=lora_scale is not None, R_PAD=cfg["R_PAD"],
-            BLOCK_M=sc["BLOCK_M"], BLOCK_K=sc["BLOCK_K"], DOT_FP32=dot_fp32, UPCAST_DOT=upcast,
+            HAS_SCALE=lora_scale is not None,
+            BLOCK_M=sc["BLOCK_M"], BLOCK_R=block_r, BLOCK_K=sc["BLOCK_K"], REDUCE=split_k > 1,
+            DOT_FP32=dot_fp32, UPCAST_DOT=upcast,
             num_warps=sc["num_warps"], num_stages=sc["num_stages"],
         )  # fmt: skip
     grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]),)

@@ -35,7 +35,8 @@ from typing import Optional
 
 import torch
 
-from .lora_mixed_plan import choose_strategy, k_splits, rows_config, segment_tiles, segments_config
+from .lora_mixed_plan import (choose_strategy, k_splits, programs_wanted, rows_config, segment_tiles,
+                              segments_config)
 from .triton_helpers import add_h_bt, base_k_step, bias_and_l_out, mma
 from .triton_support import HAS_TRITON, is_interpreted, tl, triton
 
@@ -72,9 +73,10 @@ __all__ = ["lora_mixed_linear", "segment_plan_key", "segment_tiles", "torch_lora
 #
 # The base K-step, the bias/l_out epilogue and the dots are triton_helpers.py's, shared
 # with lora_linear.py. DOT_FP32 (see there) is set when any operand is fp32 or the dtypes
-# differ, and (for now) always under TRITON_INTERPRET=1; UPCAST_DOT (interpreter only)
-# widens the 16-bit branch's dot operands and nothing else. LORA_FP32 is the same rule
-# for the segments expand's B^T alone. Accumulation is fp32 everywhere.
+# differ, on a GPU and under TRITON_INTERPRET=1 alike, which also runs the GPU's tiles
+# and split-K (132 SMs); UPCAST_DOT (interpreter only) widens the 16-bit branch's dot
+# operands and nothing else. LORA_FP32 is the same rule for the segments expand's B^T
+# alone. Accumulation is fp32 everywhere.
 # ----------------------------------------------------------------------------------------
 if HAS_TRITON:
 
@@ -546,10 +548,9 @@ def _stack_facts(a_stack, bt_stack, scale, ranks, l_in_stack, l_out_stack) -> tu
 
 
 def _dot_fp32(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    # TODO(issue 20, target 6): drop `interpreted() or` (the GPU's 16-bit branch under the
-    # interpreter, as lora_linear does) once test_kernel_lora_mixed.py's CPU tolerance,
-    # which assumes fp32 arithmetic under the interpreter, takes the GPU's.
-    return interpreted() or x.dtype == torch.float32 or weight.dtype != x.dtype
+    # The same rule on a GPU and under the interpreter (which then runs the 16-bit
+    # branch, UPCAST_DOT emulating only its dots' arithmetic).
+    return x.dtype == torch.float32 or weight.dtype != x.dtype
 
 
 def segment_plan_key(
@@ -596,7 +597,7 @@ def segment_plan_key(
     elem = a_stack.element_size() if has_lora else x.element_size()
     if choose_strategy(b * tokens, n, k, r_max, slots, elem) != "segments":
         return None
-    cfg = segments_config(_dot_fp32(x, weight), r_max, interpreted())
+    cfg = segments_config(_dot_fp32(x, weight), r_max)
     return slots, tokens, cfg["BLOCK_M"]
 
 
@@ -615,10 +616,12 @@ def launch(
     strategy: Optional[str] = None,
     seg_tiles: Optional[torch.Tensor] = None,
     seg_order: Optional[torch.Tensor] = None,
+    sms: Optional[int] = None,
 ) -> torch.Tensor:
     """Run the fused kernels (``strategy`` forces "rows" or "segments"; tests use it;
     ``seg_tiles``/``seg_order``: a segment plan built by the caller, see
-    :func:`segment_plan_key`)."""
+    :func:`segment_plan_key`; ``sms``: the programs that fill the GPU, for the decode
+    GEMM's split-K, by default the device's SM count, 132 on a CPU)."""
     b, k = x.shape[0], x.shape[-1]
     n = weight.shape[1] if weight_kn else weight.shape[0]
     y = torch.empty((*x.shape[:-1], n), dtype=x.dtype, device=x.device)
@@ -664,17 +667,18 @@ def launch(
     lout_strides = lout.stride() if l_out_stack is not None else (0, 0)
     interp = interpreted()
     dot_fp32 = _dot_fp32(x, weight)
-    lora_fp32 = interp or (has_lora and (bt.dtype == torch.float32 or bt.dtype != x.dtype))
-    shrink_fp32 = interp or (has_lora and (a.dtype == torch.float32 or a.dtype != x.dtype))
+    lora_fp32 = has_lora and (bt.dtype == torch.float32 or bt.dtype != x.dtype)
+    shrink_fp32 = has_lora and (a.dtype == torch.float32 or a.dtype != x.dtype)
     if strategy is None:
         elem = a.element_size() if has_lora else x.element_size()
         strategy = choose_strategy(m, n, k, r_max, slots, elem)
     flags = dict(HAS_BIAS=bias is not None, HAS_LORA=has_lora, HAS_L_IN=l_in_stack is not None,
                  HAS_L_OUT=l_out_stack is not None)
     if strategy == "rows":
-        cfg = rows_config(m, dot_fp32, interp)
+        cfg = rows_config(m, dot_fp32)
         tiles_m, tiles_n = triton.cdiv(m, cfg["BLOCK_M"]), triton.cdiv(n, cfg["BLOCK_N"])
-        split_k, gemm_chunk = k_splits(tiles_m * tiles_n, k, cfg["BLOCK_K"], x.device)
+        split_k, gemm_chunk = k_splits(tiles_m * tiles_n, k, cfg["BLOCK_K"],
+                                       sms if sms is not None else programs_wanted(x.device))
         ws = cnt = dummy
         if split_k > 1:
             ws = torch.empty((split_k, tiles_m * tiles_n, cfg["BLOCK_M"], cfg["BLOCK_N"]),
@@ -713,7 +717,7 @@ def launch(
         return y
     if strategy != "segments":
         raise ValueError(f"strategy must be 'rows' or 'segments', got {strategy!r}")
-    cfg = segments_config(dot_fp32, r_max, interp)
+    cfg = segments_config(dot_fp32, r_max)
     if seg_tiles is not None and seg_order is not None and seg_tiles.shape[1] == (
         triton.cdiv(m, cfg["BLOCK_M"]) + slots
     ):

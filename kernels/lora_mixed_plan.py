@@ -20,7 +20,8 @@ import torch
 
 from .triton_support import triton
 
-__all__ = ["choose_strategy", "rows_config", "segments_config", "k_splits", "segment_tiles"]
+__all__ = ["choose_strategy", "rows_config", "segments_config", "k_splits", "programs_wanted",
+           "segment_tiles"]
 
 
 # Roofline constants of the target GPU (H200): HBM and L2 bandwidth (bytes/s), CUDA-core
@@ -69,21 +70,20 @@ def choose_strategy(m: int, n: int, k: int, r_max: int, slots: int, elem: int) -
     return "rows" if rows_cost <= seg_cost else "segments"
 
 
-def rows_config(m: int, fp32: bool, interpreted: bool = False) -> dict:
+def rows_config(m: int, fp32: bool) -> dict:
     """Block sizes for the "rows" kernels (one place, also read by report_configs.py).
+
+    The same on a GPU and under Triton's interpreter (which runs the GPU's tiles and
+    control flow, emulating only the 16-bit dots' arithmetic).
 
     Args:
         m: Tokens.
         fp32: Whether the dots run in IEEE fp32 (``DOT_FP32``).
-        interpreted: Whether the kernels run in Triton's interpreter.
 
     Returns:
         ``BLOCK_M``, ``BLOCK_N``, ``BLOCK_K``, ``num_warps``, ``num_stages`` of the GEMM
         and ``SHRINK_K``, ``SHRINK_R`` of the shrink.
     """
-    if interpreted:  # one small config: the interpreter's cost grows with the tile
-        return dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, num_warps=4, num_stages=1, SHRINK_K=128,
-                    SHRINK_R=32)
     # Each program reads BLOCK_M x K of x (from L2) per BLOCK_N x K of W (from HBM): wide
     # N-tiles keep the x re-reads below W's bytes, split-K (see k_splits) restores the
     # parallelism they take away. Shared memory: <= 96 KiB over 4 stages (sm_80 has 163).
@@ -101,54 +101,52 @@ def rows_config(m: int, fp32: bool, interpreted: bool = False) -> dict:
 
 
 _SM_COUNT: dict = {}
+SMS_DEFAULT = 132  # H100/H200 SXM: the production count, under the interpreter too
 
 
-def _programs_wanted(device: torch.device) -> int:
-    """Programs that fill the GPU once (its SM count; 8 under the interpreter so that the
-    tests' small shapes exercise the split-K path)."""
+def programs_wanted(device: torch.device) -> int:
+    """Programs that fill the GPU once: its SM count (132, an H100/H200's, on a CPU,
+    so the interpreter runs the production split-K)."""
     if device.type != "cuda":
-        return 8
+        return SMS_DEFAULT
     idx = device.index if device.index is not None else torch.cuda.current_device()
     if idx not in _SM_COUNT:
         _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
     return _SM_COUNT[idx]
 
 
-def k_splits(tiles: int, k: int, block_k: int, device: torch.device) -> tuple:
+def k_splits(tiles: int, k: int, block_k: int, sms: int) -> tuple:
     """How the rows GEMM splits K: while the output tiles alone cannot fill the GPU
-    (decode), keeping at least 4 K-blocks per split on a GPU (fewer and the partial
-    tiles' traffic outweighs the gain). Shapes only.
+    (decode), keeping at least 4 K-blocks per split (fewer and the partial tiles'
+    traffic outweighs the gain). Shapes only.
 
     Args:
         tiles: Output tiles of the GEMM.
         k: Input features.
         block_k: The GEMM's ``BLOCK_K``.
-        device: Where it runs (a GPU's SM count sets the programs wanted).
+        sms: Programs that fill the GPU once (:func:`programs_wanted`).
 
     Returns:
         ``(SPLIT_K, K_CHUNK)``: the number of splits and each one's K range, a multiple
         of ``block_k``.
     """
-    min_blocks = 1 if device.type != "cuda" else 4
-    split = max(1, min(8, _programs_wanted(device) // tiles, k // (min_blocks * block_k)))
+    split = max(1, min(8, sms // tiles, k // (4 * block_k)))
     chunk = triton.cdiv(triton.cdiv(k, split), block_k) * block_k
     return triton.cdiv(k, chunk), chunk
 
 
-def segments_config(fp32: bool, r_max: int, interpreted: bool = False) -> dict:
-    """Block sizes for the "segments" kernels (also read by report_configs.py).
+def segments_config(fp32: bool, r_max: int) -> dict:
+    """Block sizes for the "segments" kernels (also read by report_configs.py), on a
+    GPU and under the interpreter alike.
 
     Args:
         fp32: Whether the dots run in IEEE fp32 (``DOT_FP32``).
         r_max: Padded rank of the stacks.
-        interpreted: Whether the kernels run in Triton's interpreter.
 
     Returns:
         ``BLOCK_M``, ``BLOCK_N``, ``BLOCK_K``, ``BLOCK_R``, ``num_warps``, ``num_stages``.
     """
     block_r = 16 if r_max <= 16 else 32
-    if interpreted:
-        return dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, BLOCK_R=block_r, num_warps=4, num_stages=1)
     if fp32:  # ieee fp32 dots run on the CUDA cores: smaller tiles (64 rows spill on sm_80)
         return dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=32, BLOCK_R=block_r, num_warps=4, num_stages=3)
     return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, BLOCK_R=block_r, num_warps=8, num_stages=3)

@@ -49,7 +49,9 @@ def lora_linear_configs() -> list[dict]:
     Covers, for sm_80 and sm_90 (``archs``), decode, batched decode and prefill at each padded rank
     class (16, 32, 64: fused decode shrink; 128, 256: precomputed h), no LoRA (pure IA³
     and base), fp32/fp16/bf16, both weight layouts (the unit-stride argument is what
-    the JIT specializes), with bias, IA³ in and out enabled (the superset of loads).
+    the JIT specializes), with bias, IA³ in and out enabled (the superset of loads);
+    and every shrink-kernel variant ``shrink_config`` can split into (row tile, rank
+    block, split-K reduction or not) over M = 1-8192.
 
     Returns:
         Records with the keys ``ci/kernel_report.py`` documents.
@@ -79,14 +81,31 @@ def lora_linear_configs() -> list[dict]:
                             rec["archs"] = [arch]
                             rec["quick"] = dt == "bf16" and r == 16 and not weight_kn and n == 4096
                             recs.append(rec)
-                        if cfg["shrink"] is not None:
-                            skey = (arch, "shrink", dt, cfg["R_PAD"], tuple(sorted(cfg["shrink"].items())))
-                            if skey not in seen:
-                                seen.add(skey)
-                                rec = _linear_shrink_record(kernels, dt, cfg)
-                                rec["archs"] = [arch]
-                                rec["quick"] = dt == "bf16" and r == 16 and cfg["case"] == "prefill"
-                                recs.append(rec)
+    # The shrink's tile and split depend on M and the rank (shrink_config): every distinct
+    # compiled variant (tile, rank block, split-K reduction or not) over rows and ranks.
+    for arch in (80, 90):
+        for dtype in (torch.bfloat16, torch.float16, torch.float32):
+            dt = _DTYPES[dtype]
+            # K = 14336 (down_proj) splits where 4096 does not; K = 256 is too short to split:
+            # the same tiles without the reduction.
+            ms_ks = itertools.product((1, 16, 17, 64, 128, 200, 256, 1024, 2048, 4096, 8192),
+                                      (4096, 14336, 256))
+            for (m, k), r in itertools.product(ms_ks, (16, 32, 64, 128, 256)):
+                cfg = lora_linear.pick_config(m, 4096, k, r, dtype, arch)
+                sc = cfg["shrink"]
+                if sc is None:
+                    continue
+                skey = (arch, "shrink", dt, sc["BLOCK_M"], sc["BLOCK_R"], sc["BLOCK_K"],
+                        sc["SPLIT_K"] > 1, sc["num_warps"], sc["num_stages"])
+                if skey in seen:
+                    continue
+                seen.add(skey)
+                rec = _linear_shrink_record(kernels, dt, cfg)
+                rec["archs"] = [arch]
+                # one split-K tile (decode) and one plain tile (prefill)
+                tile = (sc["BLOCK_M"], sc["BLOCK_R"], sc["SPLIT_K"] > 1)
+                rec["quick"] = dt == "bf16" and tile in ((16, 16, True), (64, 16, False))
+                recs.append(rec)
     return recs
 
 
@@ -145,15 +164,17 @@ def _linear_gemm_record(kernels: dict, dt: str, cfg: dict, r: int, weight_kn: bo
 
 def _linear_shrink_record(kernels: dict, dt: str, cfg: dict) -> dict:
     sc = cfg["shrink"]
+    reduce = sc["SPLIT_K"] > 1
     sig = {
         "x_ptr": f"*{dt}", "a_ptr": f"*{dt}", "s_ptr": "*fp32", "h_ptr": "*fp32",
-        "M": "i32", "K": "i32", "R": "i32",
+        "ws_ptr": "*fp32", "cnt_ptr": "*i32",
+        "M": "i32", "K": "i32", "R": "i32", "SPLIT_K": "i32", "K_CHUNK": "i32",
         "stride_xm": "i32", "stride_xk": "constexpr", "stride_ar": "i32", "stride_ak": "constexpr",
         "stride_s": "constexpr", "stride_hm": "i32",
     }  # fmt: skip
     constexprs = {"stride_xk": 1, "stride_ak": 1, "stride_s": 1}
-    meta = dict(HAS_SCALE=True, R_PAD=cfg["R_PAD"], BLOCK_M=sc["BLOCK_M"], BLOCK_K=sc["BLOCK_K"], DOT_FP32=dt == "fp32",
-                UPCAST_DOT=False)
+    meta = dict(HAS_SCALE=True, BLOCK_M=sc["BLOCK_M"], BLOCK_R=sc["BLOCK_R"], BLOCK_K=sc["BLOCK_K"],
+                REDUCE=reduce, DOT_FP32=dt == "fp32", UPCAST_DOT=False)
     for name, v in meta.items():
         sig[name] = "constexpr"
         constexprs[name] = v
@@ -163,11 +184,12 @@ def _linear_shrink_record(kernels: dict, dt: str, cfg: dict) -> dict:
         "fn": kernels["_lora_shrink_kernel"],
         "signature": sig,
         "constexprs": constexprs,
-        "divisible_by_16": ["x_ptr", "a_ptr", "s_ptr", "h_ptr", "M", "K", "R", "stride_xm", "stride_ar", "stride_hm"],
-        "config": {"BLOCK_M": sc["BLOCK_M"], "BLOCK_N": cfg["R_PAD"], "BLOCK_K": sc["BLOCK_K"],
+        "divisible_by_16": ["x_ptr", "a_ptr", "s_ptr", "h_ptr", "ws_ptr", "cnt_ptr", "M", "K", "R",
+                            "K_CHUNK", "stride_xm", "stride_ar", "stride_hm"],
+        "config": {"BLOCK_M": sc["BLOCK_M"], "BLOCK_N": sc["BLOCK_R"], "BLOCK_K": sc["BLOCK_K"],
                    "num_warps": sc["num_warps"], "num_stages": sc["num_stages"]},  # fmt: skip
-        "case": cfg["case"] + "-shrink",
-        "variant": f"{dt} r_pad={cfg['R_PAD']}",
+        "case": cfg["case"] + "-shrink" + ("-splitk" if reduce else ""),
+        "variant": f"{dt} block_r={sc['BLOCK_R']}",
     }
 
 

@@ -593,7 +593,7 @@ def test_loading_into_a_different_model_fails_cleanly(saved):
 
 @pytest.mark.parametrize(
     "field, value",
-    [("use_dora", True), ("bias", "all"), ("lora_bias", True), ("target_parameters", ["w"]),
+    [("bias", "all"), ("lora_bias", True), ("target_parameters", ["w"]),
      ("layer_replication", [[0, 1]])],
 )
 def test_unsupported_peft_options_are_refused(saved, victim, field, value):
@@ -602,6 +602,18 @@ def test_unsupported_peft_options_are_refused(saved, victim, field, value):
     (saved / "adapter_config.json").write_text(json.dumps(cfg))
     before = snapshot(victim)
     with pytest.raises(InvalidConfigError, match=field):
+        victim.load_adapter(saved, check_fingerprint=False)
+    assert_unchanged(victim, before)
+
+
+def test_dora_config_without_magnitude_vectors_is_refused(saved, victim):
+    # use_dora is supported now; a file that claims it without lora_magnitude_vector
+    # tensors is incomplete, and loading it changes nothing.
+    cfg = config_of(saved)
+    cfg["use_dora"] = True
+    (saved / "adapter_config.json").write_text(json.dumps(cfg))
+    before = snapshot(victim)
+    with pytest.raises(AdapterFileError, match="lora_magnitude_vector"):
         victim.load_adapter(saved, check_fingerprint=False)
     assert_unchanged(victim, before)
 

@@ -30,31 +30,87 @@ needs_kernels = pytest.mark.skipif(
     not KERNELS, reason="needs Triton with a GPU or TRITON_INTERPRET=1"
 )
 RANKS = (1, 4, 16, 64, 128)
-K, N = 72, 40  # not multiples of any block size (the interpreter config uses 32)
+K, N = 72, 40  # not multiples of any block size (the production tiles, as on a GPU)
 
 
-def _eps(dtype: torch.dtype) -> float:
-    return {torch.float32: 0.0, torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7}[dtype]
+U = {torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}  # unit roundoff of the 16-bit dtypes
+U32 = 2.0**-24
 
 
-def _tol(dtype: torch.dtype) -> dict:
-    """Tolerances against the fp32 reference.
+def _terms(args, absolute: bool = False) -> tuple:
+    """``(base, l_in_part, lora)`` of the op's formula in float64, from the inputs as given.
 
-    fp32: kernel and reference both accumulate in fp32 (ieee dots: no TF32) and differ
-    only in summation order, ~1e-6 at these sizes. fp16/bf16: inputs are exact in their
-    dtype and everything is computed in fp32 (the interpreter upcasts the dot operands),
-    so the two fp32 results differ by summation order only and round to the same or an
-    adjacent value: one unit in the last place (relative 2^-10 for fp16, 2^-7 for bf16 at
-    worst). On a GPU, ``l_in * x`` and ``h`` are rounded to the dtype before their
-    tensor-core dots, each adding up to half an ulp of its term, and the terms (base
-    product, LoRA term) are O(1) here by construction while their sum may be smaller:
-    allow 3 ulp of an O(1) value there, relative and absolute.
+    ``base = l_out ⊙ ((l_in ⊙ x) Wᵀ + b)``, ``l_in_part = |l_out| ⊙ ((|l_in| |x|) |W|ᵀ)``
+    and ``lora = scale (x Aᵀ) Bᵀ`` per row's slot, rank rows past the slot's rank dropped
+    (they hold NaN). ``absolute``: every input replaced by its absolute value (the terms'
+    magnitudes, for the bound).
     """
-    if dtype == torch.float32:
-        return dict(rtol=2e-5, atol=2e-5)
-    if DEVICE == "cpu":
-        return dict(rtol=_eps(dtype), atol=_eps(dtype) * 0.05)
-    return dict(rtol=3 * _eps(dtype), atol=3 * _eps(dtype))
+    x, weight, bias, row_index, a, bt, scale, ranks, l_in, l_out, weight_kn = args
+    f = (lambda t: t.double().abs()) if absolute else (lambda t: t.double())
+    b, k = x.shape[0], x.shape[-1]
+    idx = row_index.long()
+    x3 = f(x.reshape(b, -1, k))
+    w = f(weight.t() if weight_kn else weight)
+    lin = f(l_in)[idx].unsqueeze(1) if l_in is not None else torch.ones((), dtype=torch.float64, device=x.device)
+    lout = f(l_out)[idx].unsqueeze(1) if l_out is not None else torch.ones((), dtype=torch.float64, device=x.device)
+    base = (x3 * lin) @ w.t()
+    lin_part = ((x3.abs() * lin.abs()) @ w.abs().t()) * lout.abs()
+    if bias is not None:
+        base = base + f(bias)
+    base = base * lout
+    lora = torch.zeros_like(base)
+    if a is not None:
+        live = torch.arange(a.shape[1], device=a.device)[None, :] < (
+            ranks.long() if ranks is not None else torch.full((a.shape[0],), a.shape[1], device=a.device))[:, None]
+        zero = torch.zeros((), dtype=torch.float64, device=a.device)
+        aa = torch.where(live[:, :, None], f(a), zero)[idx]
+        bb = torch.where(live[:, :, None], f(bt), zero)[idx]
+        h = x3 @ aa.transpose(1, 2)
+        if scale is not None:
+            h = h * f(scale)[idx].view(b, 1, 1)
+        lora = h @ bb
+    return base, lin_part, lora
+
+
+def _excess(got: torch.Tensor, args) -> float:
+    """How far a 16-bit result lies outside its forward error bound (<= 0: inside).
+
+    The kernels take the GPU's 16-bit branch on a GPU and under the interpreter alike
+    (the interpreter widens only the rounded 16-bit operands of each ``tl.dot``: exact
+    products, fp32 sums, as the tensor cores). With x, W, b, A, Bᵀ and the IA³ scales
+    given in the dtype, the only roundings to 16 bits are ``l_in ⊙ x`` before the base
+    dot (at most ``u |l_in| |x|`` per element, carried through ``|W|`` and ``|l_out|``),
+    ``h`` before the segments' expand dot (``u |h|``, carried through ``|B|``; the rows
+    kernel keeps h in fp32) and the output (``u |y|``); the rest are fp32 sums of at most
+    ``K + R + 2`` terms on both sides. Each 16-bit rounding counts ``2u``: the GPU rounds
+    to nearest, Triton's interpreter truncates. So
+
+        |y - y_exact| <= 2u (|y_exact| + l_in_part + lora_abs) + 2 (K + R + 2) u32 y_abs
+
+    with ``*_abs`` the formula on absolute values. Tight enough that a LoRA term scaled
+    by 0.95 fails it where the LoRA term is not small next to the base one
+    (``test_16bit_branch_bound_catches_a_scaled_lora``).
+    """
+    base, _, lora = _terms(args)
+    base_abs, lin_part, lora_abs = _terms(args, absolute=True)
+    exact = base + lora
+    x, a = args[0], args[4]
+    u = U[x.dtype]
+    r = a.shape[1] if a is not None else 0
+    bound = 2 * u * (exact.abs() + lora_abs + (lin_part if args[8] is not None else 0))
+    bound = bound + 2 * (x.shape[-1] + r + 2) * U32 * (base_abs + lora_abs)
+    got = got.double().reshape(exact.shape)
+    assert torch.isfinite(got).all()
+    return ((got - exact).abs() - bound).max().item()
+
+
+def _assert_matches(got: torch.Tensor, args) -> None:
+    """fp32: kernel and reference both accumulate in fp32 (ieee dots: no TF32) and differ
+    only in summation order, ~1e-6 at these sizes. fp16/bf16: the bound of :func:`_excess`."""
+    if got.dtype == torch.float32:
+        torch.testing.assert_close(got, torch_lora_mixed_linear(*args), rtol=2e-5, atol=2e-5)
+    else:
+        assert _excess(got, args) <= 0
 
 
 def _in_nan(shape: tuple, dtype: torch.dtype, fill: torch.Tensor) -> torch.Tensor:
@@ -67,10 +123,12 @@ def _in_nan(shape: tuple, dtype: torch.dtype, fill: torch.Tensor) -> torch.Tenso
 
 def _problem(rows: int, tokens: int, n_adapters: int, dtype: torch.dtype, *, seed: int = 0,
              lora: bool = True, ia3: bool = True, bias: bool = True, weight_kn: bool = False,
-             k: int = K):
+             k: int = K, aligned: bool = False):
     """A mixed batch: ``n_adapters`` slots (ranks cycling through RANKS; with IA³ on, every
     third slot is IA³ only and every other one also has IA³) plus the identity slot,
-    ``__base__`` rows interleaved. Returns the op's positional arguments."""
+    ``__base__`` rows interleaved. Returns the op's positional arguments. ``aligned``:
+    x, A and Bᵀ non-negative, so the LoRA term's products share a sign and its rounding
+    bound is ``u`` times the term itself (a 5% error of it shows)."""
     g = torch.Generator().manual_seed(seed)
 
     def rnd(*shape, s=1.0):
@@ -81,7 +139,8 @@ def _problem(rows: int, tokens: int, n_adapters: int, dtype: torch.dtype, *, see
     if ia3:
         ranks = [0 if i % 3 == 2 and i < n_adapters else r for i, r in enumerate(ranks)]
     r_max = max(max(ranks), 1)
-    x = _in_nan((rows, tokens, k), dtype, rnd(rows, tokens, k))
+    pos = (lambda t: t.abs()) if aligned else (lambda t: t)
+    x = _in_nan((rows, tokens, k), dtype, pos(rnd(rows, tokens, k)))
     w_shape = (k, N) if weight_kn else (N, k)
     weight = _in_nan(w_shape, dtype, rnd(*w_shape, s=k**-0.5))
     b = _in_nan((N,), dtype, rnd(N)) if bias else None
@@ -90,8 +149,8 @@ def _problem(rows: int, tokens: int, n_adapters: int, dtype: torch.dtype, *, see
         a_full = torch.full((slots, r_max, k), float("nan"))
         bt_full = torch.full((slots, r_max, N), float("nan"))
         for s, r in enumerate(ranks):
-            a_full[s, :r] = torch.randn(r, k, generator=g) * k**-0.5
-            bt_full[s, :r] = torch.randn(r, N, generator=g) * max(r, 1) ** -0.5
+            a_full[s, :r] = pos(torch.randn(r, k, generator=g) * k**-0.5)
+            bt_full[s, :r] = pos(torch.randn(r, N, generator=g) * max(r, 1) ** -0.5)
         a_stack = _in_nan(a_full.shape, dtype, a_full.to(dtype))
         bt_stack = _in_nan(bt_full.shape, dtype, bt_full.to(dtype))
         scale = _in_nan((slots,), torch.float32, torch.rand(slots, generator=g) + 0.5)
@@ -167,7 +226,7 @@ def _check(args, strategy):
     got = lm.launch(*args, strategy=strategy)
     assert got.shape == ref.shape and got.dtype == args[0].dtype
     assert not got.isnan().any(), "NaN: a masked load read padding, a padded rank or an identity slot"
-    torch.testing.assert_close(got.float(), ref.float(), **_tol(args[0].dtype))
+    _assert_matches(got, args)
 
 
 @needs_kernels
@@ -222,7 +281,7 @@ def test_kernels_take_strided_vectors(strategy):
 def test_op_dispatches_to_kernels_and_matches_reference():
     args = _problem(5, 7, 3, torch.bfloat16, seed=7)
     got = torch.ops.tinytune.lora_mixed_linear(*args)
-    torch.testing.assert_close(got.float(), torch_lora_mixed_linear(*args).float(), **_tol(torch.bfloat16))
+    _assert_matches(got, args)
 
 
 def test_cpu_without_interpreter_falls_back_to_reference(monkeypatch):
@@ -338,16 +397,16 @@ def test_same_launches_for_every_assignment(launches, strategy):
 
 @needs_kernels
 def test_split_k_decode_reduces_partial_tiles(launches):
-    # 2 rows x 3 tokens: one M-tile and two N-tiles cannot fill the GPU (8 programs under
-    # the interpreter), so K is split and the last program of each tile reduces. (A GPU
-    # splits only K-ranges of 4 blocks or more: give it a longer K there.)
-    args = _problem(2, 3, 3, torch.float32, seed=8, k=K if DEVICE == "cpu" else 1000)
+    # 2 rows x 3 tokens: one M-tile and one N-tile cannot fill the GPU (132 SMs, the
+    # production count, under the interpreter too), so K is split into ranges of at
+    # least 4 K-blocks and the last program of each tile reduces.
+    args = _problem(2, 3, 3, torch.float32, seed=8, k=1000)
     _check(args, "rows")
     grids = [grid for name, grid in launches if name == "_mixed_rows_kernel"]
     assert grids and grids[0][2] > 1
-    _check(_problem(2, 3, 3, torch.float32, seed=8, lora=False), "rows")  # no shrink: memset
+    _check(_problem(2, 3, 3, torch.float32, seed=8, lora=False, k=1000), "rows")  # no shrink: memset
     # Without l_out each K-split adds a slice of the rank to its partial tile.
-    _check(_problem(2, 3, 3, torch.float32, seed=8, ia3=False, k=K if DEVICE == "cpu" else 1000), "rows")
+    _check(_problem(2, 3, 3, torch.float32, seed=8, ia3=False, k=1000), "rows")
 
 
 # ---------------------------------------------------------------------------------------
@@ -396,3 +455,67 @@ def test_report_configs_cover_both_strategies():
         assert set(r["signature"]) == set(names)
         assert set(r["constexprs"]) <= set(names)
         assert r["case"] in ("decode", "prefill")
+
+
+# ---------------------------------------------------------------------------------------
+# the GPU's 16-bit branch under the interpreter (issue 20, target 6)
+# ---------------------------------------------------------------------------------------
+@pytest.fixture
+def launch_meta(monkeypatch):
+    """(kernel name, grid, constexprs) of every launch."""
+    log = []
+    for kernel in _KERNELS():
+        real = kernel.run
+
+        def run(*args, _real=real, _name=kernel.__name__, grid, **meta):
+            log.append((_name, tuple(grid), meta))
+            return _real(*args, grid=grid, **meta)
+
+        monkeypatch.setattr(kernel, "run", run)
+    return log
+
+
+@needs_kernels
+@pytest.mark.parametrize("strategy", ["rows", "segments"])
+def test_interpreter_runs_the_gpu_branch_and_tiles(launch_meta, strategy):
+    """16-bit inputs take DOT_FP32=False and the production tiles under the interpreter
+    too; only UPCAST_DOT (the dots' arithmetic) differs from a GPU."""
+    args = _problem(5, 3, 3, torch.bfloat16, seed=2)
+    lm.launch(*args, strategy=strategy)
+    metas = {name: meta for name, _, meta in launch_meta}
+    if strategy == "rows":
+        cfg = plan.rows_config(15, False)
+        meta = metas["_mixed_rows_kernel"]
+    else:
+        cfg = plan.segments_config(False, args[4].shape[1])
+        meta = metas["_mixed_segments_kernel"]
+        assert meta["LORA_FP32"] is False and metas["_shrink_segments_kernel"]["DOT_FP32"] is False
+        assert metas["_shrink_segments_kernel"]["BLOCK_M"] == cfg["BLOCK_M"]
+    assert meta["DOT_FP32"] is False
+    assert meta["UPCAST_DOT"] is (DEVICE == "cpu")
+    assert (meta["BLOCK_M"], meta["BLOCK_N"], meta["BLOCK_K"]) == (cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"])
+    assert (meta["num_warps"], meta["num_stages"]) == (cfg["num_warps"], cfg["num_stages"])
+
+
+# (rows, tokens, adapters, K): decode with the production split-K of 132 SMs (K = 1030:
+# two ranges of >= 4 128-wide K-blocks), a decode batch of every rank, a prefill mix.
+TWIN_SHAPES = [(5, 1, 3, 1030, "rows"), (33, 1, 17, K, "rows"), (5, 7, 3, K, "segments"),
+               (33, 1, 17, K, "segments")]
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("rows,tokens,adapters,k,strategy", TWIN_SHAPES,
+                         ids=[f"{s}-{r}x{t}-{a}-k{k}" for r, t, a, k, s in TWIN_SHAPES])
+def test_16bit_branch_bound_catches_a_scaled_lora(launch_meta, dtype, rows, tokens, adapters, k, strategy):
+    args = _problem(rows, tokens, adapters, dtype, seed=rows + k, k=k)
+    assert _excess(lm.launch(*args, strategy=strategy), args) <= 0
+    args = _problem(rows, tokens, adapters, dtype, seed=rows + k + 1, k=k, aligned=True)
+    assert _excess(lm.launch(*args, strategy=strategy), args) <= 0
+    if k > K:
+        (grid,) = [g for name, g, _ in launch_meta if name == "_mixed_rows_kernel"][:1]
+        assert grid[2] > 1  # split-K at the production SM count
+    # A LoRA term scaled by 0.95 (a wrong scale, a lost rank block) must fail the bound.
+    wrong = list(args)
+    wrong[6] = args[6] * 0.95
+    assert _excess(lm.launch(*wrong, strategy=strategy), args) > 0

@@ -1,7 +1,7 @@
 """The ``Adapter`` record (one named set of adapter layers, keyed by module path), its
 key codec, and building one from a config for a model.
 
-Floor 3: imports ``errors``, ``util``, ``layers`` and ``config``. Data in, ``Adapter``
+Floor 3: imports ``errors``, ``util``, ``weights``, ``layers`` and ``config``. Data in, ``Adapter``
 out: nothing here knows about hooks, wrappers or slots.
 """
 
@@ -16,6 +16,7 @@ from torch import nn
 from .config import TASK_HEAD_MODULES, AdapterConfig, check_config, name_matches, with_model_defaults
 from .errors import InvalidConfigError, NoMatchingModulesError, check_bool, suggest
 from .layers import AdapterLayer, ModulesToSaveLayer, upcast_layers
+from .weights import weight_kind
 
 __all__ = [
     "Adapter",
@@ -307,7 +308,13 @@ def build_adapter(
 
 def reset_params(layer: AdapterLayer, name: str, module: nn.Module) -> None:
     """``layer.reset_params``, turning an allocation failure (an absurd rank) into an
-    error that says what to change."""
+    error that says what to change.
+
+    Raises:
+        UnsupportedModuleError: If ``module``'s weight is of no kind tinytune knows (see
+            :func:`tinytune.weights.weight_kind`), before the layer is touched.
+    """
+    weight_kind(module, name)
     try:
         layer.reset_params(name, module)
     except (RuntimeError, MemoryError) as exc:

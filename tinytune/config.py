@@ -293,6 +293,11 @@ class LoraConfig(AdapterConfig):
             ``layers_pattern``. Needs a list ``target_modules``.
         layers_pattern: The name before the layer index (``"layers"``, ``"h"``), or a
             list of them; needs ``layers_to_transform``.
+        use_dora: DoRA (weight-decomposed LoRA, PEFT's option): each output unit of the
+            adapted weight is rescaled by ``m / ‖W + s·B·A‖_row`` with a trained
+            magnitude ``m`` (``lora_magnitude_vector``). Supported on ``nn.Linear``,
+            transformers' ``Conv1D``, ``nn.Embedding`` and ``nn.Conv2d``, as in PEFT
+            (see :class:`~tinytune.LinearDoraLayer`).
     """
 
     r: int = 8
@@ -306,6 +311,7 @@ class LoraConfig(AdapterConfig):
     bias: str = "none"
     layers_to_transform: int | list[int] | None = None
     layers_pattern: str | list[str] | None = None
+    use_dora: bool = False
 
     peft_type: ClassVar[str] = "LORA"
 
@@ -331,7 +337,7 @@ class LoraConfig(AdapterConfig):
         for key, alpha in self.alpha_pattern.items():
             _check_number(alpha, f"alpha_pattern[{key!r}]")
         _check_number(self.lora_dropout, "lora_dropout")
-        for what in ("use_rslora", "fan_in_fan_out"):
+        for what in ("use_rslora", "fan_in_fan_out", "use_dora"):
             check_bool(getattr(self, what), what)
         if not 0.0 <= float(self.lora_dropout) < 1.0:
             raise InvalidConfigError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}.")
@@ -375,10 +381,11 @@ class LoraConfig(AdapterConfig):
         return self.lora_alpha if key is None else self.alpha_pattern[key]
 
     def make_layer(self, name: str, module: nn.Module) -> nn.Module:
-        cls = lora_layer_for(module)
+        cls = lora_layer_for(module, use_dora=self.use_dora)
         if cls is None:
+            what = "DoRA (use_dora=True)" if self.use_dora else "LoRA"
             raise UnsupportedModuleError(
-                f"LoRA cannot adapt module {name!r} of type {type(module).__name__}: supported "
+                f"{what} cannot adapt module {name!r} of type {type(module).__name__}: supported "
                 "types are nn.Linear, transformers' Conv1D, nn.Embedding and nn.Conv2d. "
                 "Narrow target_modules, or write an AdapterLayer for it."
             )

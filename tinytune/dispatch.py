@@ -10,6 +10,8 @@ the active adapters, ``tinytune.kernels.lora_mixed`` for per-row adapters) when
 * no gradient is needed (``torch.no_grad()``/``torch.inference_mode()``, or neither the
   input nor any parameter involved requires grad),
 * no LoRA dropout is active (dropout > 0 in training mode),
+* its weight is a plain float tensor (a quantized weight, see :mod:`tinytune.weights`,
+  runs on the PyTorch path: the module's own forward plus the adapter),
 * dtypes are fp32, fp16 or bf16 (input and module weight alike), and the module has no
   backward hooks (torch would rewrap its inputs),
 * every active adapter layer on it is a built-in ``LinearLoraLayer`` or
@@ -38,7 +40,7 @@ for a ``with`` block on the calling thread only, so two threads can serve with d
 modes at once. Under ``torch.compile`` the mode is read while tracing and guarded on: a
 change of mode recompiles (or reuses a graph compiled for that mode).
 
-Floor 3 (beside ``adapter``): imports ``errors``, ``layers`` and the tensor-only
+Floor 3 (beside ``adapter``): imports ``errors``, ``weights``, ``layers`` and the tensor-only
 ``kernels`` (which import without Triton: their ops then have no kernels to launch).
 """
 
@@ -53,10 +55,11 @@ import torch
 from torch import nn
 from torch.nn.modules import module as _torch_module
 
-from .errors import InvalidConfigError, KernelUnavailableError
+from .errors import InvalidConfigError, KernelUnavailableError, UnsupportedModuleError
 from . import layers
 from .layers import LinearIA3Layer, LinearLoraLayer, is_conv1d
 from .kernels.triton_support import HAS_TRITON
+from .weights import FLOAT, weight_kind
 
 try:
     from .kernels.lora_linear import MAX_RANK, lora_linear
@@ -72,6 +75,7 @@ __all__ = ["MODES", "get_kernel_mode", "kernel_mode", "set_kernel_mode"]
 MODES = ("auto", "triton", "torch")
 ENV_VAR = "TINYTUNE_KERNELS"
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_PLAIN_WEIGHTS = (torch.Tensor, nn.Parameter)
 
 
 class _ThreadMode(threading.local):
@@ -332,6 +336,9 @@ def fused_kind(layer: nn.Module) -> str | None:
 
 def module_reason(module: nn.Module) -> str | None:
     """Why the kernels cannot stand in for ``module``'s forward, or ``None``."""
+    reason = weight_reason(module)
+    if reason is not None:
+        return reason
     if type(module).forward is nn.Linear.forward and isinstance(module, nn.Linear):
         return None
     if is_conv1d(module) and getattr(module.weight, "dim", lambda: 0)() == 2:
@@ -342,12 +349,32 @@ def module_reason(module: nn.Module) -> str | None:
     )
 
 
+def weight_reason(module: nn.Module) -> str | None:
+    """Why ``module``'s weight cannot go to the float kernels (it is quantized, or of no
+    known kind: see :func:`tinytune.weights.weight_kind`), or ``None``."""
+    try:
+        kind = weight_kind(module)
+    except UnsupportedModuleError as exc:
+        return str(exc)
+    if kind == FLOAT:
+        return None
+    return (
+        f"its weight is quantized ({kind}), and the fused kernels take float weights; the "
+        "PyTorch path runs the module's own quantized forward plus the adapter"
+    )
+
+
 def chain_reason(module: nn.Module, chain: Iterable[nn.Module]) -> str | None:
     """Why this set of active layers on ``module`` cannot run fused (static part)."""
     reason = module_reason(module)
     if reason is not None:
         return reason
     for layer in chain:
+        if layers.is_dora(layer) and fused_kind(layer) is None:
+            return (
+                f"{type(layer).__name__} is a DoRA layer, and the fused kernels do not apply "
+                "DoRA's per-column scale yet (DoRA runs on the PyTorch path)"
+            )
         if fused_kind(layer) is None:
             return (
                 f"{type(layer).__name__} is not a built-in LinearLoraLayer/LinearIA3Layer "
@@ -406,6 +433,12 @@ def _call_reason(
         return f"its input is on {x.device.type}, and the kernels run on CUDA tensors"
     if weight is None:
         weight = module.weight
+    if type(weight) not in _PLAIN_WEIGHTS and not torch.compiler.is_compiling():
+        # Quantized after the hook site was built (torchao's quantize_ on a wrapped
+        # model swaps the weight for a tensor subclass).
+        reason = weight_reason(module)
+        if reason is not None:
+            return reason
     dtype = x.dtype
     if weight.dtype is not dtype or dtype not in _FLOAT_DTYPES:
         return (
@@ -706,6 +739,7 @@ def fused_weights(
         if (
             on_device
             and _Kernels.loaded
+            and type(weight) in _PLAIN_WEIGHTS  # else: quantized? (see _call_reason)
             and weight.dtype is x.dtype
             and x.dtype in _FLOAT_DTYPES
             and not dropout

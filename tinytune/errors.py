@@ -63,7 +63,10 @@ class LayerAlreadyAdaptedError(TinytuneError, ValueError):
 
 
 class UnsupportedModuleError(TinytuneError, TypeError):
-    """An adapter layer cannot adapt a module of this type."""
+    """An adapter layer cannot adapt a module of this type, or the module's weight is of
+    no layout tinytune knows (packed integers in a float module, an unknown tensor
+    subclass: see :func:`tinytune.weights.weight_kind`); the message names the module
+    and its type."""
 
 
 class NoMatchingModulesError(TinytuneError, ValueError):
@@ -75,7 +78,10 @@ class AdapterStateError(TinytuneError, RuntimeError):
 
 
 class MergeNotSupportedError(TinytuneError, NotImplementedError):
-    """An adapter layer does not implement ``merge``."""
+    """A merge that would not be exact, refused with nothing changed: an adapter layer
+    does not implement ``merge``, the module's weights are tied to another module's, or
+    its weight is quantized (the message names the way out,
+    ``merge_and_unload(dequantize=True)``)."""
 
 
 class AdapterFileError(TinytuneError, ValueError):

@@ -61,8 +61,11 @@ from .errors import (
 from .util import CONFIG_NAME, LEGACY_WEIGHTS_NAME, WEIGHTS_NAME, device_of, is_dtensor
 from .layers import (
     AdapterLayer,
+    Conv2dDoraLayer,
     Conv2dLoraLayer,
+    EmbeddingDoraLayer,
     EmbeddingLoraLayer,
+    LinearDoraLayer,
     LinearIA3Layer,
     LinearLoraLayer,
     LoraLayer,
@@ -102,10 +105,15 @@ _BUILTIN_TYPES: dict[str, type[AdapterLayer]] = {
     "tinytune.LinearLoraLayer": LinearLoraLayer,
     "tinytune.EmbeddingLoraLayer": EmbeddingLoraLayer,
     "tinytune.Conv2dLoraLayer": Conv2dLoraLayer,
+    "tinytune.LinearDoraLayer": LinearDoraLayer,
+    "tinytune.EmbeddingDoraLayer": EmbeddingDoraLayer,
+    "tinytune.Conv2dDoraLayer": Conv2dDoraLayer,
     "tinytune.LinearIA3Layer": LinearIA3Layer,
     "tinytune.ModulesToSaveLayer": ModulesToSaveLayer,
 }
 _BUILTIN_NAMES = {cls: name for name, cls in _BUILTIN_TYPES.items()}
+_DORA_TYPES = (LinearDoraLayer, EmbeddingDoraLayer, Conv2dDoraLayer)
+_LORA_TYPES = (LinearLoraLayer, EmbeddingLoraLayer, Conv2dLoraLayer, *_DORA_TYPES)
 
 # PEFT config fields that describe where the adapter came from; they never change what
 # it computes. Kept out of the fingerprint so that editing them by hand stays harmless.
@@ -354,14 +362,22 @@ def tensor_map(layer: AdapterLayer) -> dict[str, tuple[torch.Tensor, bool]]:
     Builtin layers use PEFT's names and layouts; custom layers their own state_dict.
     """
     t = type(layer)
-    if t is LinearLoraLayer or t is Conv2dLoraLayer:
-        return {"lora_A.weight": (layer.lora_A.weight, False), "lora_B.weight": (layer.lora_B.weight, False)}
-    if t is EmbeddingLoraLayer:
+    if t in (LinearLoraLayer, Conv2dLoraLayer, LinearDoraLayer, Conv2dDoraLayer):
+        out = {"lora_A.weight": (layer.lora_A.weight, False), "lora_B.weight": (layer.lora_B.weight, False)}
+    elif t in (EmbeddingLoraLayer, EmbeddingDoraLayer):
         # PEFT's lora_embedding_A is (r, num_embeddings): our nn.Embedding weight transposed.
-        return {
+        out = {
             "lora_embedding_A": (layer.lora_A.weight, True),
             "lora_embedding_B": (layer.lora_B.weight, False),
         }
+    else:
+        out = None
+    if out is not None:
+        if t in _DORA_TYPES:
+            # PEFT's key (its state_dict says ``lora_magnitude_vector.<adapter>.weight``,
+            # its files drop the adapter name and ".weight").
+            out["lora_magnitude_vector"] = (layer.lora_magnitude_vector, False)
+        return out
     if t is LinearIA3Layer:
         return {"ia3_l": (layer.ia3_l, False)}
     if t is ModulesToSaveLayer:
@@ -397,7 +413,7 @@ def _peft_config_dict(adapter: Any, model: nn.Module, modules: dict[str, nn.Modu
 
 def _kind(layer: AdapterLayer) -> str:
     t = type(layer)
-    if t in (LinearLoraLayer, EmbeddingLoraLayer, Conv2dLoraLayer):
+    if t in _LORA_TYPES:
         return "lora"
     if t is LinearIA3Layer:
         return "ia3"
@@ -417,6 +433,8 @@ def _derived_configs(kind: str, items: list[tuple[str, AdapterLayer]]) -> Iterat
         lora = [l for _, l in adapted]
         if len({l.use_rslora for l in lora}) != 1 or len({l.lora_dropout for l in lora}) != 1:
             return
+        if len({type(l) in _DORA_TYPES for l in lora}) != 1:
+            return  # DoRA and plain LoRA layers in one adapter: no PEFT config says that
         r = _mode([l.r for l in lora])
         alpha = _mode([l.lora_alpha for l in lora])
         for targets, escape in forms:
@@ -429,6 +447,7 @@ def _derived_configs(kind: str, items: list[tuple[str, AdapterLayer]]) -> Iterat
                     lora_alpha=alpha,
                     lora_dropout=lora[0].lora_dropout,
                     use_rslora=lora[0].use_rslora,
+                    use_dora=type(lora[0]) in _DORA_TYPES,
                     rank_pattern={key(p): l.r for p, l in adapted if l.r != r},
                     alpha_pattern={key(p): l.lora_alpha for p, l in adapted if l.lora_alpha != alpha},
                 )
@@ -459,7 +478,9 @@ def _describes(
     for path, layer in adapted.items():
         module = modules[path]
         if isinstance(cfg, LoraConfig):
-            if not isinstance(layer, LoraLayer) or type(layer) is not lora_layer_for(module):
+            if not isinstance(layer, LoraLayer) or type(layer) is not lora_layer_for(
+                module, use_dora=cfg.use_dora
+            ):
                 return False
             if (
                 layer.r != cfg.rank_for(path)
@@ -1035,9 +1056,9 @@ def _build_peft(ctx: _LoadContext, cfg: AdapterConfig) -> list[tuple[str, Adapte
 def _peft_lora_layer(
     ctx: _LoadContext, cfg: LoraConfig, path: str, module: nn.Module, key: str
 ) -> LoraLayer:
-    cls = lora_layer_for(module)
+    cls = lora_layer_for(module, use_dora=cfg.use_dora)
     embedding = f"{KEY_PREFIX}{path}.lora_embedding_A" in ctx.tensors
-    if cls is None or (cls is EmbeddingLoraLayer) != embedding:
+    if cls is None or issubclass(cls, EmbeddingLoraLayer) != embedding:
         raise AdapterFileError(
             f"Key {key!r} in {ctx.weights_file} is a LoRA weight for module {path!r}, which is "
             f"a {type(module).__name__} here; LoRA {'embedding ' if embedding else ''}weights "

@@ -4,13 +4,14 @@ An :class:`AdapterLayer` never owns or replaces the module it adapts. It is hand
 module in each call: ``pre_forward`` may change the module's inputs, ``post_forward``
 may change its output, ``merge`` may fold the layer into the module's weights.
 
-Floor 1: imports ``errors`` and ``util`` only.
+Floor 1 (above ``weights``): imports ``errors``, ``util`` and ``weights`` only.
 """
 
 from __future__ import annotations
 
 import copy
 import math
+import weakref
 from typing import Any, Iterator
 
 import torch
@@ -19,6 +20,7 @@ from torch import nn
 
 from .errors import InvalidConfigError, MergeNotSupportedError, UnsupportedModuleError, check_bool
 from .util import check_init_lora_weights, check_number, check_rank, is_dtensor
+from .weights import is_quantized, linear_sizes, weight_kind
 
 __all__ = [
     "AdapterLayer",
@@ -26,6 +28,10 @@ __all__ = [
     "LinearLoraLayer",
     "EmbeddingLoraLayer",
     "Conv2dLoraLayer",
+    "DoraLayer",
+    "LinearDoraLayer",
+    "EmbeddingDoraLayer",
+    "Conv2dDoraLayer",
     "LinearIA3Layer",
     "ModulesToSaveLayer",
     "lora_layer_for",
@@ -81,13 +87,22 @@ def bypasses_forward(module: nn.Module) -> bool:
 
 
 def linear_features(module: nn.Module) -> tuple[int, int, bool]:
-    """``(in_features, out_features, fan_in_fan_out)`` of a linear-like module."""
+    """``(in_features, out_features, fan_in_fan_out)`` of a linear-like module: from
+    its kind for a quantized weight (see :mod:`tinytune.weights`), never from the packed
+    weight's shape.
+
+    Raises:
+        UnsupportedModuleError: For other modules, and weights of no known kind.
+    """
     if bypasses_forward(module):
         raise UnsupportedModuleError(
             f"{type(module).__name__} is the out_proj of nn.MultiheadAttention, which uses "
             "its weight without calling it, so a hook-based adapter on it would never run. "
             "Adapt other layers, or the attention with a custom AdapterLayer."
         )
+    sizes = linear_sizes(module)
+    if sizes is not None:
+        return sizes[0], sizes[1], False
     if isinstance(module, nn.Linear):
         return module.in_features, module.out_features, False
     if is_conv1d(module):
@@ -104,6 +119,29 @@ def _param_kwargs(module: nn.Module) -> dict[str, Any]:
         dtype = weight.dtype if weight.is_floating_point() else torch.float32
         return {"device": weight.device, "dtype": dtype}
     return {}
+
+
+def quantized_merge_error(what: str, kind: str) -> MergeNotSupportedError:
+    """The refusal of a merge into a quantized weight (``what`` names the module)."""
+    return MergeNotSupportedError(
+        f"Cannot merge into {what}: its weight is quantized ({kind}), and adding a float "
+        "update to quantized data would corrupt it; nothing was merged. Keep the adapter "
+        "unmerged (it runs on the quantized base as it is), or call "
+        "merge_and_unload(dequantize=True) for a float model with the adapter merged into "
+        "the dequantized weights."
+    )
+
+
+def refuse_quantized_merge(layer: nn.Module, module: nn.Module) -> None:
+    """Raise :func:`quantized_merge_error` if ``module``'s weight is quantized (and
+    ``UnsupportedModuleError`` for a weight of no known kind)."""
+    weight = getattr(module, "weight", None)
+    if type(weight) in (torch.Tensor, nn.Parameter) and weight.is_floating_point():
+        return  # a plain float weight (whatever its shape: a merge reads its layout itself)
+    if is_quantized(module):
+        raise quantized_merge_error(
+            f"this {type(module).__name__} (adapted by {type(layer).__name__})", weight_kind(module)
+        )
 
 
 class AdapterLayer(nn.Module):
@@ -292,6 +330,7 @@ class LoraLayer(AdapterLayer):
     def merge(self, module: nn.Module) -> None:
         # Row chunks, so the fp32 temporaries stay a fraction of one weight (see
         # row_chunks): a merge never doubles a large weight on its device.
+        refuse_quantized_merge(self, module)
         weight = module.weight
         mro = type(self).__mro__
         by_rows = mro.index(_definer(mro, "delta_rows")) <= mro.index(_definer(mro, "delta_weight"))
@@ -383,6 +422,7 @@ class EmbeddingLoraLayer(LoraLayer):
     """
 
     def reset_params(self, prefix: str, target: nn.Module) -> None:
+        weight_kind(target, prefix)  # a weight of no known kind is refused
         if not isinstance(target, nn.Embedding):
             raise UnsupportedModuleError(
                 f"EmbeddingLoraLayer cannot adapt {prefix!r} of type {type(target).__name__}: "
@@ -426,6 +466,7 @@ class Conv2dLoraLayer(LoraLayer):
     """LoRA for ``nn.Conv2d``: A is a conv with the target's kernel, B a 1x1 conv."""
 
     def reset_params(self, prefix: str, target: nn.Module) -> None:
+        weight_kind(target, prefix)  # a weight of no known kind is refused
         if not isinstance(target, nn.Conv2d):
             raise UnsupportedModuleError(
                 f"Conv2dLoraLayer cannot adapt {prefix!r} of type {type(target).__name__}: "
@@ -474,15 +515,315 @@ class Conv2dLoraLayer(LoraLayer):
         return torch.einsum("or,rikl->oikl", b[:, :, 0, 0], a) * self.scaling
 
 
-def lora_layer_for(module: nn.Module) -> type[LoraLayer] | None:
-    """The LoRA layer class for a module type, or ``None`` if LoRA cannot adapt it."""
+class DoraLayer(LoraLayer):
+    """Shared parts of the DoRA layers (weight-decomposed LoRA, PEFT's ``use_dora=True``).
+
+    DoRA rescales each output unit of the adapted weight: with ``W' = W + s·B·A``,
+
+    ``y = g ⊙ (W' x) + b``,  ``g = m / ‖W'‖_row``,
+
+    where the norm is taken per output unit over the input dimension and ``m``
+    (``lora_magnitude_vector``, one entry per output unit, PEFT's name) is trained.
+    As in PEFT (and the DoRA paper, section 4.3) the norm is treated as a constant:
+    no gradient flows through it. It depends on the weights only, so outside
+    autograd it is computed once and cached (:meth:`dora_scale`), and computed again
+    whenever the base weight, ``A``, ``B``, ``m`` or the scaling change.
+
+    ``m`` starts at ``‖W + s·B·A‖_row`` (with ``B = 0``: the base weight's norms), so
+    a new adapter is a no-op, as in PEFT.
+    """
+
+    #: Whether the target weight's dim 0 indexes output units (Linear, Conv2d) or input
+    #: units (Conv1D and Embedding store ``(in, out)`` / ``(num, dim)``).
+    out_rows = True
+
+    #: The module's weight as it was before any adapter was merged into it (a host
+    #: copy, set by the wrapper while merges are in place), else ``None``. The norm is
+    #: always taken over that original weight, as PEFT's merges do: then merging in the
+    #: chain's order gives the same function as running unmerged, whatever else is
+    #: merged into the module.
+    norm_base: torch.Tensor | None = None
+
+    def reset_params(self, prefix: str, target: nn.Module) -> None:
+        super().reset_params(prefix, target)
+        self.__dict__["_dora_target"] = weakref.ref(target)
+        self.__dict__["_dora_key"] = None
+        kw = _param_kwargs(target)
+        with torch.no_grad():
+            norm = self.weight_norm(target.weight)
+        self.lora_magnitude_vector = nn.Parameter(
+            norm.to(kw.get("dtype", torch.float32)).view(self.magnitude_shape(norm.numel()))
+        )
+        self.register_buffer(
+            "dora_scale_cache", torch.ones(norm.numel(), device=norm.device), persistent=False
+        )
+
+    def magnitude_shape(self, n: int) -> tuple[int, ...]:
+        """The shape of ``lora_magnitude_vector`` (PEFT's): ``(n,)``."""
+        return (n,)
+
+    # --- the norm and the scale ------------------------------------------------------
+    def weight_norm(self, weight: torch.Tensor) -> torch.Tensor:
+        """``‖weight + s·B·A‖`` per output unit, in fp32, shape ``(out,)`` (no autograd).
+
+        Computed in row chunks of the weight (see :func:`row_chunks`), so it never holds
+        an fp32 copy of the whole weight.
+
+        Args:
+            weight: The adapted module's weight, in its own layout.
+
+        Returns:
+            A detached fp32 tensor of shape ``(out,)`` on the weight's device.
+        """
+        with torch.no_grad():
+            weight = weight.detach()
+            parts: list[torch.Tensor] = []
+            acc: torch.Tensor | None = None
+            for start, stop in row_chunks(weight):
+                d = self.delta_rows(start, stop).to(weight.device)
+                d = d + weight[start:stop].float()
+                if self.out_rows:
+                    parts.append(d.flatten(1).square().sum(1))
+                else:
+                    part = d.square().sum(0)
+                    acc = part if acc is None else acc + part
+            sq = torch.cat(parts) if self.out_rows else acc
+            return sq.sqrt()
+
+    def _key(self, weight: torch.Tensor) -> tuple:
+        a, b, m = self.lora_A.weight, self.lora_B.weight, self.lora_magnitude_vector
+        base = self.norm_base
+        if base is not None:
+            weight = base
+        return (
+            weight.data_ptr(), weight._version, weight.dtype, base is None,
+            a.data_ptr(), a._version, b.data_ptr(), b._version,
+            m.data_ptr(), m._version, self._scaling, self.conversions,
+        )
+
+    def _target_weight(self, module: nn.Module | None) -> torch.Tensor:
+        if module is None:
+            ref = self.__dict__.get("_dora_target")
+            module = ref() if ref is not None else None
+            if module is None:
+                raise UnsupportedModuleError(
+                    f"{type(self).__name__}.dora_scale() needs the adapted module: attach the "
+                    "layer to a model first, or pass the module."
+                )
+        return module.weight
+
+    def dora_norm(self, module: nn.Module | None = None) -> torch.Tensor:
+        """The cached ``‖W + s·B·A‖`` per output unit (fp32, detached, shape ``(out,)``).
+
+        Computed again when the base weight, ``A``, ``B``, ``m`` or the scaling changed
+        since the last call (in place or by replacement), as :meth:`dora_scale` is.
+
+        Args:
+            module: The adapted module (default: the one the layer was attached to).
+        """
+        self._refresh(self._target_weight(module))
+        return self.__dict__["_dora_norm"]
+
+    def dora_scale(self, module: nn.Module | None = None) -> torch.Tensor:
+        """DoRA's per-output scale ``g = m / ‖W + s·B·A‖_row``, cached.
+
+        The value the fused kernels apply to each output column (``col_scale``) and the
+        PyTorch path multiplies by. Recomputed when the base weight, ``A``, ``B``, ``m``
+        or the scaling changed since the last call (hot-swaps, in-place updates, a new
+        base model); under ``torch.compile`` the cached tensor is returned as it is
+        (tinytune refreshes it eagerly whenever it changes adapters or weights).
+
+        Args:
+            module: The adapted module (default: the one the layer was attached to).
+
+        Returns:
+            A detached fp32 tensor of shape ``(out,)`` on the module's device; it is
+            updated in place, so callers may keep it.
+        """
+        if torch.compiler.is_compiling():
+            return self.dora_scale_cache
+        self._refresh(self._target_weight(module))
+        return self.dora_scale_cache
+
+    def _refresh(self, weight: torch.Tensor) -> None:
+        key = self._key(weight)
+        if key == self.__dict__.get("_dora_key"):
+            return
+        with torch.inference_mode(False), torch.no_grad():
+            source = weight if self.norm_base is None else self.norm_base
+            norm = self.weight_norm(source).to(weight.device)
+            m = self.lora_magnitude_vector.detach().reshape(-1).to(norm.device, torch.float32)
+            cache = self.dora_scale_cache
+            if cache.device != norm.device or cache.shape != norm.shape:
+                cache = self.dora_scale_cache = torch.empty_like(norm)
+            cache.copy_(m / norm)
+        self.__dict__["_dora_norm"] = norm
+        self.__dict__["_dora_key"] = self._key(weight)
+
+    def _apply(self, fn: Any, recurse: bool = True) -> "DoraLayer":
+        super()._apply(fn, recurse)
+        buf = self._buffers.get("dora_scale_cache")
+        if buf is not None and buf.dtype != torch.float32:
+            self._buffers["dora_scale_cache"] = buf.float()
+        self.__dict__["_dora_key"] = None
+        return self
+
+    def scale_for(self, module: nn.Module) -> torch.Tensor:
+        """``g`` for one forward call: differentiable in ``m`` when autograd needs it
+        (the norm detached, as in PEFT), else the cached :meth:`dora_scale`."""
+        m = self.lora_magnitude_vector
+        if torch.is_grad_enabled() and m.requires_grad:
+            if torch.compiler.is_compiling():
+                source = module.weight if self.norm_base is None else self.norm_base
+                norm = self.weight_norm(source).to(module.weight.device)
+            else:
+                norm = self.dora_norm(module)
+            return m.reshape(-1) / norm.to(m.dtype)
+        if torch.compiler.is_compiling():
+            return self.dora_scale_cache
+        return self.dora_scale(module)
+
+    # --- merging -----------------------------------------------------------------------
+    def merge(self, module: nn.Module) -> None:
+        # W <- g ⊙ (W + s·B·A), with g from the weight as it is now (as the unmerged
+        # forward computes it); unmerging restores the saved original (exact).
+        weight = module.weight
+        with torch.no_grad():
+            source = weight if self.norm_base is None else self.norm_base
+            norm = self.weight_norm(source).to(weight.device)
+            g = self.lora_magnitude_vector.detach().reshape(-1).float().to(norm.device) / norm
+            for start, stop in row_chunks(weight):
+                d = self.delta_rows(start, stop).to(weight.device)
+                d.add_(weight[start:stop])
+                if self.out_rows:
+                    d.mul_(g[start:stop].view(-1, *([1] * (d.dim() - 1))))
+                else:
+                    d.mul_(g.view(1, -1))
+                weight[start:stop].copy_(d)
+        self.__dict__["_dora_key"] = None
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + ", dora=True"
+
+
+class LinearDoraLayer(DoraLayer, LinearLoraLayer):
+    """DoRA for ``nn.Linear`` and transformers' ``Conv1D``.
+
+    ``y = g ⊙ (W x + s·B A x) + b`` with ``g = m / ‖W + s·B·A‖_row`` (see
+    :class:`DoraLayer`). ``lora_magnitude_vector`` has shape ``(out_features,)``.
+    """
+
+    @property
+    def out_rows(self) -> bool:  # type: ignore[override]
+        return not self.fan_in_fan_out
+
+    def post_forward(self, module, args, kwargs, output):
+        x = first_input(args, kwargs)
+        padded = self.padded_factors()
+        if padded is not None:
+            a, bt = padded
+        else:
+            a, bt = self.lora_A.weight, self.lora_B.weight.t()
+            if not torch.compiler.is_compiling() and is_dtensor(a):
+                raise UnsupportedModuleError(
+                    "DoRA layers do not support tensor parallelism (DTensor factors); use "
+                    "LoRA (use_dora=False) with parallelize_adapters."
+                )
+        g = self.scale_for(module).to(output.dtype)
+        xd = self._dropout(module, x)
+        h = xd if xd.dtype == a.dtype else xd.to(a.dtype)
+        lora = F.linear(F.linear(h, a), bt.t()).to(output.dtype)
+        weight = module.weight
+        if xd is not x:
+            # Dropout changed the input: PEFT computes the base product of the dropped
+            # input for the rescaled part.
+            w = weight.t() if self.fan_in_fan_out else weight
+            base = F.linear(xd.to(w.dtype), w).to(output.dtype)
+        else:
+            bias = getattr(module, "bias", None)
+            base = output if bias is None else output - bias.to(output.dtype)
+        return output + ((g - 1) * base + g * lora * self._scale())
+
+
+class EmbeddingDoraLayer(DoraLayer, EmbeddingLoraLayer):
+    """DoRA for ``nn.Embedding``: ``g ⊙ (E[x] + s·A[x] Bᵀ)``, with one scale per
+    embedding dimension (the norm runs over the vocabulary, as in PEFT).
+    ``lora_magnitude_vector`` has shape ``(embedding_dim,)``.
+    """
+
+    out_rows = False
+
+    def post_forward(self, module, args, kwargs, output):
+        ids = first_input(args, kwargs)
+        padded = self.padded_factors()
+        a, bt = padded if padded is not None else (self.lora_A.weight, self.lora_B.weight.t())
+        h = F.embedding(
+            ids,
+            a,
+            padding_idx=module.padding_idx,
+            scale_grad_by_freq=module.scale_grad_by_freq,
+            sparse=module.sparse,
+        )
+        g = self.scale_for(module).to(output.dtype)
+        lora = F.linear(h, bt.t()).to(output.dtype)
+        return g * output + g * lora * self._scale()
+
+
+class Conv2dDoraLayer(DoraLayer, Conv2dLoraLayer):
+    """DoRA for ``nn.Conv2d``: one scale per output channel, the norm over
+    ``(in_channels, kh, kw)``. ``lora_magnitude_vector`` has PEFT's shape
+    ``(1, out_channels, 1, 1)``.
+    """
+
+    out_rows = True
+
+    def magnitude_shape(self, n: int) -> tuple[int, ...]:
+        return (1, n, 1, 1)
+
+    def post_forward(self, module, args, kwargs, output):
+        x = first_input(args, kwargs)
+        g = self.scale_for(module).to(output.dtype).view(1, -1, 1, 1)
+        xd = self._dropout(module, x)
+        h = xd if xd.dtype == self.lora_A.weight.dtype else xd.to(self.lora_A.weight.dtype)
+        lora = self.lora_B(self.lora_A(h)).to(output.dtype)
+        if xd is not x:
+            base = module._conv_forward(xd.to(module.weight.dtype), module.weight, None)
+            base = base.to(output.dtype)
+        else:
+            bias = module.bias
+            base = output if bias is None else output - bias.to(output.dtype).view(1, -1, 1, 1)
+        return output + ((g - 1) * base + g * lora * self._scale())
+
+
+_DORA_OF = {
+    LinearLoraLayer: LinearDoraLayer,
+    EmbeddingLoraLayer: EmbeddingDoraLayer,
+    Conv2dLoraLayer: Conv2dDoraLayer,
+}
+
+
+def lora_layer_for(module: nn.Module, use_dora: bool = False) -> type[LoraLayer] | None:
+    """The LoRA layer class for a module type, or ``None`` if LoRA cannot adapt it.
+
+    Args:
+        module: The module to adapt.
+        use_dora: The DoRA class instead (:class:`LinearDoraLayer`, ...).
+    """
+    cls: type[LoraLayer] | None = None
     if isinstance(module, nn.Linear) or is_conv1d(module):
-        return LinearLoraLayer
-    if isinstance(module, nn.Embedding):
-        return EmbeddingLoraLayer
-    if isinstance(module, nn.Conv2d):
-        return Conv2dLoraLayer
-    return None
+        cls = LinearLoraLayer
+    elif isinstance(module, nn.Embedding):
+        cls = EmbeddingLoraLayer
+    elif isinstance(module, nn.Conv2d):
+        cls = Conv2dLoraLayer
+    if cls is not None and use_dora:
+        return _DORA_OF[cls]
+    return cls
+
+
+def is_dora(layer: Any) -> bool:
+    """Whether ``layer`` is a DoRA layer (:class:`DoraLayer`)."""
+    return isinstance(layer, DoraLayer)
 
 
 class LinearIA3Layer(AdapterLayer):
@@ -538,6 +879,7 @@ class LinearIA3Layer(AdapterLayer):
         return output * self.ia3_l.view(-1).to(output.dtype)
 
     def merge(self, module: nn.Module) -> None:
+        refuse_quantized_merge(self, module)
         scale = self.ia3_l.detach().view(-1).float()
         weight = module.weight
         # Linear stores W as (out, in), Conv1D as (in, out).

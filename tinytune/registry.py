@@ -1,8 +1,8 @@
 """The adapters on one model: their hook sites, the active / merged / disabled sets,
 attaching and deleting, merging and unmerging with their checks.
 
-Floor 5: imports ``errors``, ``util``, ``layers``, ``config``, ``adapter`` and
-``hooks``. ``AdapterWrapper`` (floor 8) is a façade over one ``AdapterRegistry``; the
+Floor 5: imports ``errors``, ``util``, ``weights``, ``layers``, ``config``,
+``adapter`` and ``hooks``. ``AdapterWrapper`` (floor 8) is a façade over one ``AdapterRegistry``; the
 reserved slots (``serving``, floor 6) reach it only through the ``slots`` argument
 of the methods that attach or merge (an object with ``check_attach``, ``on_attach``
 and ``pin``, see :func:`tinytune.serving.slot_hooks`), so nothing here imports them.
@@ -32,8 +32,18 @@ from .errors import (
     wrong_type,
 )
 from .hooks import HookSite, hook_layout_id
-from .layers import AdapterLayer, ModulesToSaveLayer
+from .layers import AdapterLayer, ModulesToSaveLayer, is_dora, quantized_merge_error
 from .util import device_of
+from .weights import (
+    dequantized_linear,
+    float_dtype,
+    has_4bit,
+    is_quantized,
+    model_float_dtype,
+    quantized_modules,
+    unpack_before_autograd,
+    weight_kind,
+)
 
 __all__ = ["AdapterRegistry", "hooked_by_tinytune", "wrapped_by"]
 
@@ -94,8 +104,11 @@ class AdapterRegistry:
         self.rows_assigned = False
         # Set by tinytune.training.parallelize_adapters (mixed batches are refused then).
         self.tensor_parallel = False
+        # bitsandbytes 4-bit weights repacked for the CPU (see weights.unpack_cpu_4bit).
+        self.unpack_hook: Any = None
         self.freeze(model)
         _WRAPPED[model] = weakref.ref(self)
+        self.guard_4bit(model)
 
     @classmethod
     def from_state(cls, state: dict, model: nn.Module | None, adapters: nn.ModuleDict) -> "AdapterRegistry":
@@ -113,12 +126,29 @@ class AdapterRegistry:
         self.slots_reserved = state.pop("_slots_reserved", False)
         self.rows_assigned = False
         self.tensor_parallel = state.pop("_tensor_parallel", False)
+        self.unpack_hook = None
         return self
 
     def release(self, model: nn.Module) -> None:
         """Undo the constructor (a failed ``from_config`` / ``from_pretrained``)."""
         self.restore_grad_flags()
+        self.unguard_4bit()
         _WRAPPED.pop(model, None)
+
+    def guard_4bit(self, model: nn.Module) -> None:
+        """On a model holding bitsandbytes 4-bit linears, add a forward pre-hook that
+        gives every 4-bit weight bitsandbytes repacked for its CPU inference kernel its
+        own layout back before a forward with autograd (such a forward fails inside
+        bitsandbytes otherwise: see :func:`tinytune.weights.unpack_cpu_4bit`). Removed
+        by ``unload`` and ``swap_base_model``."""
+        self.unguard_4bit()
+        if has_4bit(model):
+            self.unpack_hook = model.register_forward_pre_hook(unpack_before_autograd)
+
+    def unguard_4bit(self) -> None:
+        hook, self.unpack_hook = getattr(self, "unpack_hook", None), None
+        if hook is not None:
+            hook.remove()
 
     def model(self) -> nn.Module:
         """The base model.
@@ -253,9 +283,11 @@ class AdapterRegistry:
             raise
         self.refresh()
 
-    def mergeable(self, adapter_names: str | Sequence[str] | None) -> list[str]:
+    def mergeable(self, adapter_names: str | Sequence[str] | None, dequantize: bool = False) -> list[str]:
         """The adapters a merge would fold in, checked first so a refused merge changes
-        nothing."""
+        nothing. A module with a quantized weight refuses a merge (its data would be
+        corrupted) unless ``dequantize`` (``merge_and_unload(dequantize=True)``, which
+        merges into a dequantized float copy)."""
         if self.disabled:
             raise AdapterStateError(
                 "Adapters are disabled (inside a disable_adapter() block); merge after the "
@@ -271,6 +303,12 @@ class AdapterRegistry:
                         f"Layer {path!r} of adapter {name!r} ({type(layer).__name__}) does not "
                         "implement merge(); nothing was merged. Keep it unmerged, or implement "
                         "merge(module)."
+                    )
+                module = self.sites[path].module
+                if not dequantize and is_quantized(module, path):
+                    raise quantized_merge_error(
+                        f"{path!r} (adapter {name!r}, a {type(module).__name__})",
+                        weight_kind(module, path),
                     )
                 if owners is None:
                     owners = _param_owners(self.model())
@@ -314,6 +352,55 @@ class AdapterRegistry:
                 layer.merged = False
         return self.detach(model)
 
+    def merge_dequantized_and_unload(self, adapter_names: Sequence[str], slots: Any = None) -> nn.Module:
+        """``merge_and_unload(dequantize=True)``: a float model with ``adapter_names``
+        (checked by ``mergeable(..., dequantize=True)``) merged in, hooks off.
+
+        Every module of the model with a quantized weight (adapted or not) is replaced
+        by a plain ``nn.Linear`` holding its dequantized weight (see
+        :func:`tinytune.weights.dequantized_linear`), into which its adapter layers are
+        merged as into any float weight (the fp32 sum ``dequant(W) + delta``, rounded once
+        to the weight's dtype). The float copies are built first, so an error there (out
+        of memory) changes nothing; the float modules are then merged in place, as
+        ``merge_and_unload()`` does, and the quantized modules swapped out last. A
+        transformers model's quantization config is removed once no quantized module
+        is left.
+        """
+        model = self.model()
+        quantized = quantized_modules(model)
+        default = model_float_dtype(model, quantized)
+        modules = dict(model.named_modules())
+        pins = slots.pin(list(adapter_names)) if slots is not None and adapter_names else None
+        try:
+            floats: dict[str, nn.Module] = {}
+            for path in quantized:
+                module = modules[path]
+                site = self.sites.get(path)
+                layers = [site.layers[n] for n in adapter_names if site is not None and n in site.layers]
+                saved = [layer for layer in layers if isinstance(layer, ModulesToSaveLayer)]
+                if saved:  # the adapter trains a copy: that copy (dequantized) replaces it
+                    module, layers = saved[-1].module_copy, layers[layers.index(saved[-1]) + 1:]
+                linear = dequantized_linear(module, float_dtype(module, default, path), path)
+                linear.requires_grad_(self.grad_flags.get(f"{path}.weight", False))
+                with torch.no_grad():
+                    for layer in layers:
+                        layer.merge(linear)
+                floats[path] = linear
+            for name in adapter_names:
+                for path, layer in self.get(name).items():
+                    if path not in floats:
+                        layer.merge(self.sites[path].module)
+        finally:
+            if pins is not None:
+                pins.release()
+        self.unload_merged(model)
+        for path, linear in floats.items():
+            model.set_submodule(path, linear)
+        quantizer = getattr(model, "hf_quantizer", None)
+        if floats and quantizer is not None and hasattr(quantizer, "remove_quantization_config"):
+            quantizer.remove_quantization_config(model)
+        return model
+
     def swap_base_model(self, new_model: nn.Module) -> nn.Module | None:
         """Move every adapter onto ``new_model``, a structurally identical model.
 
@@ -356,12 +443,14 @@ class AdapterRegistry:
         old = self.base
         for site in self.sites.values():
             site.remove_hooks()
+        self.unguard_4bit()
         if old is not None:
             self.restore_grad_flags()
             _WRAPPED.pop(old, None)
         self.base = new_model
         self.freeze(new_model)
         _WRAPPED[new_model] = weakref.ref(self)
+        self.guard_4bit(new_model)
         for path, site in self.sites.items():
             site.module = moved[path]
             site.chain = ()
@@ -468,6 +557,11 @@ class AdapterRegistry:
                 if name in site.layers and name not in self.merged and not self.disabled
             )
             site.set_chain(chain)
+            for layer in chain:
+                if is_dora(layer):
+                    # Eagerly, so a compiled graph (which reads the cached scale as it
+                    # is) never sees a scale from before this change.
+                    layer.dora_scale(site.module)
         self.note_hook_layout()
 
     def note_hook_layout(self) -> None:
@@ -504,8 +598,21 @@ class AdapterRegistry:
                     k: t.detach().to("cpu", copy=True)
                     for k, t in module.state_dict(keep_vars=True).items()
                 }
+            self._set_norm_bases(path)
             layer.merge(module)
             layer.merged = True
+
+    def _set_norm_bases(self, path: str) -> None:
+        """Hand the DoRA layers at ``path`` the module's original weight (the merge
+        backup; ``None`` without merges): their norms are over it (see
+        ``DoraLayer.norm_base``)."""
+        saved = self.backups.get(path)
+        site = self.sites.get(path)
+        if site is None:
+            return
+        for layer in site.layers.values():
+            if is_dora(layer):
+                layer.norm_base = None if saved is None else saved.get("weight")
 
     def restore_all(self) -> None:
         with torch.no_grad():
@@ -513,7 +620,10 @@ class AdapterRegistry:
                 current = self.sites[path].module.state_dict(keep_vars=True)
                 for k, t in saved.items():
                     current[k].copy_(t)
+        paths = list(self.backups)
         self.backups.clear()
+        for path in paths:
+            self._set_norm_bases(path)
 
     @contextlib.contextmanager
     def unmerged(self, slots: Any = None) -> Iterator[None]:
@@ -552,6 +662,7 @@ class AdapterRegistry:
         for site in self.sites.values():
             site.remove_hooks()
             site.chain = ()
+        self.unguard_4bit()
         self.restore_grad_flags()
         self.base = None
         _WRAPPED.pop(model, None)
@@ -659,6 +770,7 @@ def _hooked_by_tinytune(model: nn.Module, own: Sequence[HookSite] = ()) -> str |
 
 
 def _check_same_shape(path: str, old: nn.Module, new: nn.Module) -> None:
+    weight_kind(new, path)  # a weight of no known kind is refused
     if type(old) is not type(new):
         raise UnsupportedModuleError(
             f"Module {path!r} is {type(new).__name__} in the new base model but "

@@ -269,16 +269,31 @@ class AdapterWrapper(nn.Module):
         """
         return self._unhooked(self.registry.unload())
 
-    def merge_and_unload(self) -> nn.Module:
+    def merge_and_unload(self, *, dequantize: bool = False) -> nn.Module:
         """Merge the active adapters in place (no copy kept), remove every hook and
         return the base model. All checks run first; an error while writing (out of
         memory, say) can leave weights partly merged.
 
+        Args:
+            dequantize: For a quantized base (bitsandbytes, torchao; see
+                :mod:`tinytune.weights`): return a float model, every quantized linear
+                replaced by a plain ``nn.Linear`` holding its dequantized weight with the
+                adapters merged into it exactly (the fp32 sum ``dequant(W) + delta``,
+                rounded once to the weight's dtype). Without it a quantized base refuses
+                the merge. See
+                :meth:`tinytune.registry.AdapterRegistry.merge_dequantized_and_unload`.
+
         Raises:
-            MergeNotSupportedError, AdapterStateError: As :meth:`merge_adapters`;
-                nothing changes then.
+            MergeNotSupportedError: As :meth:`merge_adapters`, and for a quantized base
+                without ``dequantize=True``; nothing changes then.
+            AdapterStateError: As :meth:`merge_adapters`; nothing changes then.
         """
+        check_bool(dequantize, "dequantize")
         model = self.registry.model()
+        if dequantize:
+            names = self.registry.mergeable(None, dequantize=True)
+            merged = self.registry.merge_dequantized_and_unload(names, slots=serving.slot_hooks(self))
+            return self._unhooked(merged)
         for name in self.registry.mergeable(None):
             self._merge_one(name, backup=False)
         return self._unhooked(self.registry.unload_merged(model))
