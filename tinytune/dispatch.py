@@ -422,12 +422,21 @@ def rank_reason(chain: Iterable[nn.Module]) -> str | None:
 
 
 def _call_reason(
-    module: nn.Module, x: Any, params: Iterable[torch.Tensor], dropout: bool
+    module: nn.Module,
+    x: Any,
+    params: Iterable[torch.Tensor],
+    dropout: bool,
+    weight: torch.Tensor | None = None,
 ) -> str | None:
-    """Why this call cannot run fused (the per-call part), or ``None``."""
+    """Why this call cannot run fused (the per-call part), or ``None``.
+
+    ``weight``: the module's weight where the caller has read it already (the eager
+    hooks read it from ``module._parameters``, cheaper than ``module.weight``).
+    """
     if not isinstance(x, torch.Tensor):
         return f"its input is a {type(x).__name__}, not a tensor"
-    _load()
+    if not _Kernels.loaded:
+        _load()
     if _Kernels.reason is not None:
         return _Kernels.reason
     if x.is_cuda:
@@ -440,16 +449,18 @@ def _call_reason(
             )
     elif x.device.type != "cuda":
         return f"its input is on {x.device.type}, and the kernels run on CUDA tensors"
-    weight = module.weight
+    if weight is None:
+        weight = module.weight
     if type(weight) not in _PLAIN_WEIGHTS and not torch.compiler.is_compiling():
         # Quantized after the hook site was built (torchao's quantize_ on a wrapped
         # model swaps the weight for a tensor subclass).
         reason = weight_reason(module)
         if reason is not None:
             return reason
-    if x.dtype not in _FLOAT_DTYPES or weight.dtype != x.dtype:
+    dtype = x.dtype
+    if weight.dtype is not dtype or dtype not in _FLOAT_DTYPES:
         return (
-            f"the input is {x.dtype} and the weight {weight.dtype}; the kernels take fp32, "
+            f"the input is {dtype} and the weight {weight.dtype}; the kernels take fp32, "
             "fp16 or bf16 with both alike"
         )
     if torch.is_grad_enabled() and (
@@ -462,7 +473,12 @@ def _call_reason(
         )
     if dropout:
         return "LoRA dropout is active (training mode); call model.eval() to use the kernels"
-    if module._backward_hooks or module._backward_pre_hooks or _global_backward_hooks():
+    if (
+        module._backward_hooks
+        or module._backward_pre_hooks
+        or _GLOBAL_BACKWARD_HOOKS
+        or _GLOBAL_BACKWARD_PRE_HOOKS
+    ):
         # torch rewraps the module's inputs for them, which would lose the real input
         # that the pre-hook hands to the post-hook.
         return "the module has backward hooks"
@@ -483,8 +499,10 @@ def auto_device(x: torch.Tensor) -> bool:
     return x.is_cuda
 
 
-def _global_backward_hooks() -> bool:
-    return bool(_torch_module._global_backward_hooks or _torch_module._global_backward_pre_hooks)
+# torch's process-wide backward hooks: dicts that torch mutates in place (registering
+# and removing a hook), never rebinds, so they are read here without a module lookup.
+_GLOBAL_BACKWARD_HOOKS = _torch_module._global_backward_hooks
+_GLOBAL_BACKWARD_PRE_HOOKS = _torch_module._global_backward_pre_hooks
 
 
 def use_fused(
@@ -494,6 +512,7 @@ def use_fused(
     x: Any,
     params: Iterable[torch.Tensor],
     dropout: bool,
+    weight: torch.Tensor | None = None,
 ) -> bool:
     """Decide one call of one adapted module.
 
@@ -504,6 +523,8 @@ def use_fused(
         x: Its input.
         params: The adapter tensors the call would read (checked for ``requires_grad``).
         dropout: Whether LoRA dropout is active in this call.
+        weight: The module's weight, where the caller has it already (see
+            :func:`module_weights`); ``None``: read as ``module.weight``.
 
     Returns:
         Whether to run the fused kernel.
@@ -517,8 +538,8 @@ def use_fused(
     if mode == "auto":
         if static_reason is not None or not isinstance(x, torch.Tensor) or not auto_device(x):
             return False
-        return _call_reason(module, x, params, dropout) is None
-    reason = static_reason or _call_reason(module, x, params, dropout)
+        return _call_reason(module, x, params, dropout, weight) is None
+    reason = static_reason or _call_reason(module, x, params, dropout, weight)
     if reason is not None:
         raise unavailable(path, reason)
     return True
@@ -671,6 +692,143 @@ def fused_linear(module: nn.Module, x: torch.Tensor, inputs: tuple, conv1d: bool
     if len(inputs) > 5:  # DoRA's column scale
         return _Kernels.lora_linear(x, module.weight, module.bias, *inputs[:5], conv1d, inputs[5])
     return _Kernels.lora_linear(x, module.weight, module.bias, *inputs, conv1d)
+
+
+def module_weights(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(weight, bias)`` of an ``nn.Linear`` or ``Conv1D``, read from its parameter dict.
+
+    The eager hooks' way to read them: a dict lookup, where ``module.weight`` goes
+    through ``nn.Module.__getattr__`` (several times slower, on every call). Always
+    current: a replaced parameter is read anew. A weight or bias kept elsewhere than
+    in ``_parameters`` (a buffer, a property) is read as an attribute.
+
+    Args:
+        module: The module.
+
+    Returns:
+        Its weight and its bias (``None`` without one).
+    """
+    params = module._parameters
+    weight = params.get("weight")
+    if weight is None:
+        weight = module.weight
+    bias = params.get("bias", _ABSENT)
+    if bias is _ABSENT:
+        bias = getattr(module, "bias", None)
+    return weight, bias
+
+
+_ABSENT = object()
+
+
+def fused_weights(
+    path: str,
+    static_reason: str | None,
+    module: nn.Module,
+    x: Any,
+    params: Iterable[torch.Tensor],
+    dropout: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """:func:`use_fused` for the eager hooks, with the module's parameters it read.
+
+    The same decision as :func:`use_fused` (and the same errors in mode ``"triton"``),
+    with the weight and bias read once, as :func:`module_weights` reads them, for both
+    the decision and the kernel call.
+
+    Args:
+        path: The module's dotted name (for error messages).
+        static_reason: What :func:`chain_reason` said about the module and its layers.
+        module: The adapted module.
+        x: Its input.
+        params: The adapter tensors the call would read.
+        dropout: Whether LoRA dropout is active in this call.
+
+    Returns:
+        ``(weight, bias)`` where the call runs on the fused kernel, else ``None``.
+
+    Raises:
+        KernelUnavailableError: In mode ``"triton"``, if the call cannot run fused.
+    """
+    mode = _THREAD.mode
+    if mode is None:
+        mode = _mode()
+    if mode == "torch":
+        return None
+    weight, bias = module_weights(module)
+    # The common case first, in as few steps as it takes: what _call_reason checks, for
+    # a call that passes every check. Anything else goes the long way below (the same
+    # decision, with the reason).
+    if static_reason is None and type(x) is torch.Tensor and _Kernels.reason is None:
+        if x.is_cuda:
+            on_device = mode == "triton" or auto_device(x)
+        else:
+            on_device = mode == "triton" and _Kernels.interpret and x.is_cpu
+        if (
+            on_device
+            and _Kernels.loaded
+            and type(weight) in _PLAIN_WEIGHTS  # else: quantized? (see _call_reason)
+            and weight.dtype is x.dtype
+            and x.dtype in _FLOAT_DTYPES
+            and not dropout
+            and not (
+                torch.is_grad_enabled()
+                and (x.requires_grad or weight.requires_grad or any(p.requires_grad for p in params))
+            )
+            and not (
+                module._backward_hooks
+                or module._backward_pre_hooks
+                or _GLOBAL_BACKWARD_HOOKS
+                or _GLOBAL_BACKWARD_PRE_HOOKS
+            )
+        ):
+            return weight, bias
+    if mode == "auto":
+        if static_reason is not None or not isinstance(x, torch.Tensor) or not auto_device(x):
+            return None
+        if _call_reason(module, x, params, dropout, weight) is not None:
+            return None
+        return weight, bias
+    reason = static_reason or _call_reason(module, x, params, dropout, weight)
+    if reason is not None:
+        raise unavailable(path, reason)
+    return weight, bias
+
+
+def fused_linear_with(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    inputs: tuple,
+    conv1d: bool,
+) -> torch.Tensor:
+    """:func:`fused_linear` with the module's parameters already read (see
+    :func:`fused_weights`); a sixth entry of ``inputs`` (a DoRA layer's column scale,
+    see :func:`fused_inputs`) goes to the kernel as ``col_scale``."""
+    if len(inputs) > 5:  # DoRA's column scale
+        return _Kernels.lora_linear(x, weight, bias, *inputs[:5], conv1d, inputs[5])
+    return _Kernels.lora_linear(x, weight, bias, *inputs, conv1d)
+
+
+def empty_input(weight: torch.Tensor, conv1d: bool) -> torch.Tensor:
+    """A ``(0, in_features)`` tensor like ``weight``: what an eager hook hands the module's
+    own forward on the fused path, instead of :func:`empty_rows` of its input.
+
+    Kept by the hook site and reused while the input's dtype and device stay the same:
+    a 2-D batch of no rows is the cheapest input for ``nn.Linear.forward`` (a 3-D one
+    goes through a reshape in ``F.linear``), and reusing it saves slicing the input on
+    every call. It has no elements, so sharing it between calls and threads is safe.
+    Always an ordinary tensor (never an inference tensor), whatever mode creates it.
+
+    Args:
+        weight: The module's weight (``(N, K)``; ``(K, N)`` for a ``Conv1D``).
+        conv1d: Whether the module is a ``Conv1D``.
+
+    Returns:
+        ``(0, K)`` in ``weight``'s dtype, on its device.
+    """
+    k = weight.shape[0] if conv1d else weight.shape[1]
+    with torch.inference_mode(False):
+        return torch.empty((0, k), dtype=weight.dtype, device=weight.device)
 
 
 def mixed_linear(
