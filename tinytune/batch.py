@@ -44,7 +44,7 @@ Floor 7: imports ``errors``, ``util``, ``layers``, ``mixed_torch``, ``adapter``,
 
 from __future__ import annotations
 
-from functools import partial
+import threading
 from typing import Any, Sequence
 
 import torch
@@ -54,11 +54,14 @@ from . import dispatch
 from .errors import AdapterNotFoundError, AdapterStateError, MixedBatchError, suggest, wrong_type
 from .layers import first_input, is_conv1d, replace_first_input
 from .mixed_torch import (
+    lora_mixed_planned,
+    row_groups,
     torch_embedding_lora_mixed,
     torch_ia3_mixed,
     torch_lora_mixed,
     torch_lora_mixed_grouped,
 )
+from .mixed_torch import worth_grouping as grouping_pays
 
 from .adapter import BASE_ADAPTER_NAME
 from .serving import arm_hooks, row_assignment
@@ -242,7 +245,7 @@ def cached_stacks(
 class Call:
     """One mixed call: the row assignment, shared by every module."""
 
-    __slots__ = ("row_index", "batch", "slots", "identity", "fixed", "_rows", "_groups", "segments")
+    __slots__ = ("row_index", "batch", "slots", "identity", "fixed", "_rows", "_groups", "segments", "group_plan")
 
     def __init__(
         self, row_index: torch.Tensor, slots: list[int], identity: int, fixed: bool = False
@@ -256,6 +259,12 @@ class Call:
         self.identity = identity
         self._rows: dict[int, torch.Tensor | None] = {}
         self._groups: tuple | None = None
+        # On the CPU, the rows' groups as one tensor (row_groups' plan), built here, on
+        # the host, so that a compiled graph reads them as an input whose shape depends
+        # on the batch only (lora_mixed_planned). None elsewhere and for static rows.
+        self.group_plan: torch.Tensor | None = None
+        if not fixed and row_index.is_cpu:
+            self.group_plan = self.groups()[-1]
         # The fused path's segment plans (device tensors), built by the first module that
         # needs one and shared by every later module of this forward.
         self.segments: dict = {}
@@ -264,25 +273,11 @@ class Call:
         """Rows sorted into segments by slot, identity rows left out (eager mode only).
 
         Returns:
-            ``(n, size, group_slots, rows, row_group, row_pos)`` (see
-            ``torch_lora_mixed_grouped``), ``n == 0`` if every row is a base row.
+            ``(n, size, group_slots, rows, row_group, row_pos, plan)`` (see
+            ``row_groups``), ``n == 0`` if every row is a base row.
         """
         if self._groups is None:
-            segments: dict[int, list[int]] = {}
-            for i, slot in enumerate(self.slots):
-                if slot != self.identity:
-                    segments.setdefault(slot, []).append(i)
-            device = self.row_index.device
-            long = partial(torch.tensor, dtype=torch.long, device=device)
-            members = list(segments.values())
-            self._groups = (
-                len(segments),
-                max((len(m) for m in members), default=0),
-                long(list(segments)),
-                long([i for m in members for i in m]),
-                long([g for g, m in enumerate(members) for _ in m]),
-                long([p for m in members for p in range(len(m))]),
-            )
+            self._groups = row_groups(self.slots, self.identity, self.row_index.device)
         return self._groups
 
     def rows(self, slot: int) -> torch.Tensor | None:
@@ -330,21 +325,54 @@ def worth_grouping(call: Call, x: torch.Tensor, a_stack: torch.Tensor) -> tuple 
     """
     tokens = x.numel() // max(1, x.shape[0] * x.shape[-1])
     groups = call.groups()
-    n, size = groups[0], groups[1]
-    if 4 * n * (a_stack.shape[1] + size * tokens) < call.batch * a_stack.shape[1]:
+    if grouping_pays(call.batch, tokens, a_stack.shape[1], groups[0], groups[1]):
         return groups
     return None
+
+
+def _planned_ok(x: torch.Tensor, a: torch.Tensor, bt: torch.Tensor) -> bool:
+    """Whether a compiled call's LoRA may run on ``lora_mixed_planned``: CPU tensors
+    (its host read of the row index is free there; CUDA runs the fused kernels or the
+    gather, with no host sync) and no gradient (the op has no backward)."""
+    if not x.is_cpu:
+        return False
+    return not (
+        torch.is_grad_enabled() and (x.requires_grad or a.requires_grad or bt.requires_grad)
+    )
+
+
+class _CurrentCall(threading.local):
+    """The mixed call in flight on this thread (``call``; ``None``: none), published by
+    ``_begin`` with the sites' plans and restored by ``_end``.
+
+    Every site's plan reads its call here, through one object, rather than through an
+    attribute of its own: dynamo reaching one ``Call`` through every site's plan
+    guarded, in Python, that all of them are the same object (a few hundred
+    microseconds per compiled call). ``__init__`` runs in each thread on first use, so
+    the attribute always exists (a guard on its presence would recompile).
+    """
+
+    def __init__(self) -> None:
+        self.call: Call | None = None
+
+
+_CURRENT = _CurrentCall()
 
 
 class _SitePlan:
     """What one hook site does during one mixed call (see ``HookSite._pre_hook``)."""
 
-    __slots__ = ("path", "stacks", "call")
+    __slots__ = ("path", "stacks", "own_call")
 
     def __init__(self, path: str, stacks: SiteStacks, call: Call) -> None:
         self.path = path
         self.stacks = stacks
-        self.call = call
+        self.own_call = call  # published as _CURRENT.call for the call's duration
+
+    @property
+    def call(self) -> Call:
+        """The call this plan belongs to: the one in flight on this thread."""
+        return _CURRENT.call
 
     def pre(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         st = self.stacks
@@ -415,8 +443,8 @@ class _SitePlan:
         if st.lora is not None:
             a, bt, scale, p = st.lora
             xin = _row_dropout(x, p, call) if st.has_dropout and module.training else x
-            static = call.fixed or torch.compiler.is_compiling()
-            groups = None if static else worth_grouping(call, xin, a)
+            compiling = torch.compiler.is_compiling()
+            groups = None if call.fixed or compiling else worth_grouping(call, xin, a)
             base = output
             if dora is not None:
                 # DoRA rows: g ⊙ (W x + s·B A x) + b, g = 1 on the other rows.
@@ -431,10 +459,19 @@ class _SitePlan:
             else:
                 lora_out = output
             if groups is None:
-                lora_out = torch_lora_mixed(xin, lora_out, a, bt, scale, call.row_index, inplace)
+                plan = call.group_plan
+                if compiling and plan is not None and _planned_ok(xin, a, bt):
+                    # Grouped by adapter where that pays, as in eager mode, inside one
+                    # opaque op: shapes independent of the assignment (no recompile).
+                    # It adds s·B A x only; DoRA's row scales follow below, as on every path.
+                    lora_out = lora_mixed_planned(
+                        xin, lora_out, a, bt, scale, call.row_index, plan
+                    )
+                else:
+                    lora_out = torch_lora_mixed(xin, lora_out, a, bt, scale, call.row_index, inplace)
             elif groups[0]:
                 lora_out = torch_lora_mixed_grouped(
-                    xin, lora_out, a, bt, scale, *groups[2:], groups[1], inplace
+                    xin, lora_out, a, bt, scale, *groups[2:6], groups[1], inplace
                 )
             if dora is None:
                 output = lora_out
@@ -567,8 +604,36 @@ def _needs_autograd(state: WrapperState, used: Sequence[str]) -> bool:
     return any(sigs[name].requires_grad() for name in used)
 
 
+class _InFlight:
+    """One mixed call's host-side state, from ``_prepare_and_begin`` to ``_end``: its plans, the
+    slots it pins, and the plans it covers up (``outer``, see ``_publish``).
+
+    One object that compiled code only passes from one disabled function to the next:
+    dynamo never looks inside it, so it adds no guard. (A list of the plans held by the
+    compiled frame made dynamo guard, in Python, that each of its sites and plans is the
+    object the model's hooks reach: about a millisecond per call.)
+    """
+
+    __slots__ = ("plans", "pins", "outer", "outer_call")
+
+    def __init__(self, plans: list[tuple[Any, "_SitePlan"]], pins: Any) -> None:
+        self.plans = plans
+        self.pins = pins
+        self.outer: list[Any] = []
+        self.outer_call: Call | None = None
+
+
 @torch.compiler.disable
-def _prepare(
+def _prepare_and_begin(
+    wrapper: Any, fn: Any, adapter_names: Any, args: tuple, kwargs: dict
+) -> _InFlight:
+    """:func:`_prepare_plans`, then :func:`_begin`."""
+    flight = _InFlight(*_prepare_plans(wrapper, fn, adapter_names, args, kwargs))
+    _begin(wrapper, flight)
+    return flight
+
+
+def _prepare_plans(
     wrapper: Any, fn: Any, adapter_names: Any, args: tuple, kwargs: dict
 ) -> tuple[list[tuple[Any, _SitePlan]], Any]:
     """Validate the call and build every site's plan. Changes nothing visible (with
@@ -607,7 +672,7 @@ def _prepare(
 
 def _site_plans(wrapper: Any, state: WrapperState, used: list[str], make_call: Any) -> tuple:
     """Every site's plan for one call of the ``used`` adapters (``state.lock`` held);
-    ``make_call(slot_of, base_slot)`` gives the call's rows. See :func:`_prepare`."""
+    ``make_call(slot_of, base_slot)`` gives the call's rows. See :func:`_prepare_plans`."""
     slot_of, stacks, pins = cached_stacks(wrapper, state, used)
     try:
         base_slot = len(slot_of) if state.pool is None else state.pool.identity
@@ -634,14 +699,21 @@ def _site_plans(wrapper: Any, state: WrapperState, used: list[str], make_call: A
 
 
 @torch.compiler.disable
-def _prepare_assigned(
+def _prepare_assigned_and_begin(wrapper: Any, args: tuple, kwargs: dict) -> _InFlight:
+    """:func:`_prepare_assigned_plans`, then :func:`_begin`."""
+    flight = _InFlight(*_prepare_assigned_plans(wrapper, args, kwargs))
+    _begin(wrapper, flight)
+    return flight
+
+
+def _prepare_assigned_plans(
     wrapper: Any, args: tuple, kwargs: dict
 ) -> tuple[list[tuple[Any, _SitePlan]], Any]:
-    """:func:`_prepare` for a call under ``set_row_adapters``: the rows read the static
+    """:func:`_prepare_plans` for a call under ``set_row_adapters``: the rows read the static
     slot buffer (its first ``batch`` rows, a view), so nothing here creates a tensor
     from host data."""
     wrapper.registry.model()  # raises if unloaded
-    wrapper.registry.refresh_dora_scales()  # as in _prepare
+    wrapper.registry.refresh_dora_scales()  # as in _prepare_plans
     names, slots, rows = row_assignment(wrapper)
     if wrapper.registry.disabled:
         return [], None
@@ -744,15 +816,16 @@ def mixed_call(
             "tensor parallelism (tinytune.training.parallelize_adapters); run one "
             "adapter per call with set_active_adapters(), or gather the model first."
         )
-    plans, pins = _prepare(wrapper, fn, adapter_names, args, kwargs)
-    # No graph break inside a try block: dynamo cannot resume a compiled frame there and
-    # would run this whole frame eagerly, so the model's forward would become a frame of
-    # its own, whose cached graph another instance of the same class may have compiled.
-    outer = _begin(wrapper, plans, pins)
+    # One call into eager code before the model runs (each is a graph break, and each
+    # break a compiled frame of its own to enter). No graph break inside a try block:
+    # dynamo cannot resume a compiled frame there and would run this whole frame
+    # eagerly, so the model's forward would become a frame of its own, whose cached
+    # graph another instance of the same class may have compiled.
+    flight = _prepare_and_begin(wrapper, fn, adapter_names, args, kwargs)
     try:
         return fn(*args, **kwargs)
     finally:
-        _end(wrapper, plans, outer, pins)
+        _end(wrapper, flight)
 
 
 def assigned_call(wrapper: Any, fn: Any, args: tuple, kwargs: dict) -> Any:
@@ -771,12 +844,11 @@ def assigned_call(wrapper: Any, fn: Any, args: tuple, kwargs: dict) -> Any:
             the model moved (call ``set_row_adapters`` again), or the wrapper is
             unloaded.
     """
-    plans, pins = _prepare_assigned(wrapper, args, kwargs)
-    outer = _begin(wrapper, plans, pins)
+    flight = _prepare_assigned_and_begin(wrapper, args, kwargs)
     try:
         return fn(*args, **kwargs)
     finally:
-        _end(wrapper, plans, outer, pins)
+        _end(wrapper, flight)
 
 
 # Publishing and retracting run eagerly (outside any compiled graph): they are the
@@ -826,20 +898,24 @@ def _release(wrapper: Any, plans: list[tuple[Any, _SitePlan]], pins: Any) -> Non
             pins.release()
 
 
-@torch.compiler.disable
-def _begin(wrapper: Any, plans: list[tuple[Any, _SitePlan]], pins: Any) -> list[Any]:
-    """Publish the call's plans; if that fails, undo what ``_prepare`` did."""
+def _begin(wrapper: Any, flight: _InFlight) -> None:
+    """Publish the call's plans; if that fails, undo what ``_prepare_plans`` did."""
     try:
-        return _publish(plans)
+        flight.outer = _publish(flight.plans)
+        if flight.plans:
+            flight.outer_call = _CURRENT.call
+            _CURRENT.call = flight.plans[0][1].own_call
     except BaseException:
-        _release(wrapper, plans, pins)
+        _release(wrapper, flight.plans, flight.pins)
         raise
 
 
 @torch.compiler.disable
-def _end(wrapper: Any, plans: list[tuple[Any, _SitePlan]], outer: list[Any], pins: Any) -> None:
+def _end(wrapper: Any, flight: _InFlight) -> None:
     """Retract the call's plans, then release its hooks and pinned slots."""
     try:
-        _retract(plans, outer)
+        if flight.plans:
+            _CURRENT.call = flight.outer_call
+        _retract(flight.plans, flight.outer)
     finally:
-        _release(wrapper, plans, pins)
+        _release(wrapper, flight.plans, flight.pins)

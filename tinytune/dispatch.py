@@ -459,12 +459,21 @@ def rank_reason(chain: Iterable[nn.Module]) -> str | None:
 
 
 def _call_reason(
-    module: nn.Module, x: Any, params: Iterable[torch.Tensor], dropout: bool
+    module: nn.Module,
+    x: Any,
+    params: Iterable[torch.Tensor],
+    dropout: bool,
+    weight: torch.Tensor | None = None,
 ) -> str | None:
-    """Why this call cannot run fused (the per-call part), or ``None``."""
+    """Why this call cannot run fused (the per-call part), or ``None``.
+
+    ``weight``: the module's weight where the caller has read it already (the eager
+    hooks read it from ``module._parameters``, cheaper than ``module.weight``).
+    """
     if not isinstance(x, torch.Tensor):
         return f"its input is a {type(x).__name__}, not a tensor"
-    _load()
+    if not _Kernels.loaded:
+        _load()
     if _Kernels.reason is not None:
         return _Kernels.reason
     if x.is_cuda:
@@ -477,7 +486,8 @@ def _call_reason(
             )
     elif x.device.type != "cuda":
         return f"its input is on {x.device.type}, and the kernels run on CUDA tensors"
-    weight = module.weight
+    if weight is None:
+        weight = module.weight
     codes = False
     if type(weight) not in _PLAIN_WEIGHTS and not torch.compiler.is_compiling():
         # Quantized after the hook site was built (torchao's quantize_ on a wrapped
@@ -486,9 +496,10 @@ def _call_reason(
         if reason is not None:
             return reason
         codes = weight_kind(module) in CODE_KINDS
-    if x.dtype not in _FLOAT_DTYPES or (weight.dtype != x.dtype and not codes):
+    dtype = x.dtype
+    if dtype not in _FLOAT_DTYPES or (weight.dtype is not dtype and not codes):
         return (
-            f"the input is {x.dtype} and the weight {weight.dtype}; the kernels take fp32, "
+            f"the input is {dtype} and the weight {weight.dtype}; the kernels take fp32, "
             "fp16 or bf16 with both alike"
         )
     if torch.is_grad_enabled() and (
@@ -501,7 +512,12 @@ def _call_reason(
         )
     if dropout:
         return "LoRA dropout is active (training mode); call model.eval() to use the kernels"
-    if module._backward_hooks or module._backward_pre_hooks or _global_backward_hooks():
+    if (
+        module._backward_hooks
+        or module._backward_pre_hooks
+        or _GLOBAL_BACKWARD_HOOKS
+        or _GLOBAL_BACKWARD_PRE_HOOKS
+    ):
         # torch rewraps the module's inputs for them, which would lose the real input
         # that the pre-hook hands to the post-hook.
         return "the module has backward hooks"
@@ -522,8 +538,10 @@ def auto_device(x: torch.Tensor) -> bool:
     return x.is_cuda
 
 
-def _global_backward_hooks() -> bool:
-    return bool(_torch_module._global_backward_hooks or _torch_module._global_backward_pre_hooks)
+# torch's process-wide backward hooks: dicts that torch mutates in place (registering
+# and removing a hook), never rebinds, so they are read here without a module lookup.
+_GLOBAL_BACKWARD_HOOKS = _torch_module._global_backward_hooks
+_GLOBAL_BACKWARD_PRE_HOOKS = _torch_module._global_backward_pre_hooks
 
 
 def use_fused(
@@ -533,6 +551,7 @@ def use_fused(
     x: Any,
     params: Iterable[torch.Tensor],
     dropout: bool,
+    weight: torch.Tensor | None = None,
 ) -> bool:
     """Decide one call of one adapted module.
 
@@ -543,6 +562,8 @@ def use_fused(
         x: Its input.
         params: The adapter tensors the call would read (checked for ``requires_grad``).
         dropout: Whether LoRA dropout is active in this call.
+        weight: The module's weight, where the caller has it already (see
+            :func:`module_weights`); ``None``: read as ``module.weight``.
 
     Returns:
         Whether to run the fused kernel.
@@ -556,8 +577,8 @@ def use_fused(
     if mode == "auto":
         if static_reason is not None or not isinstance(x, torch.Tensor) or not auto_device(x):
             return False
-        return _call_reason(module, x, params, dropout) is None
-    reason = static_reason or _call_reason(module, x, params, dropout)
+        return _call_reason(module, x, params, dropout, weight) is None
+    reason = static_reason or _call_reason(module, x, params, dropout, weight)
     if reason is not None:
         raise unavailable(path, reason)
     return True
@@ -713,6 +734,158 @@ def fused_linear(module: nn.Module, x: torch.Tensor, inputs: tuple, conv1d: bool
     if scale is not None:
         return _Kernels.lora_linear(x, weight, module.bias, *inputs, conv1d, None, scale)
     return _Kernels.lora_linear(x, weight, module.bias, *inputs, conv1d)
+
+
+def module_weights(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(weight, bias)`` of an ``nn.Linear`` or ``Conv1D``, read from its parameter dict.
+
+    The eager hooks' way to read them: a dict lookup, where ``module.weight`` goes
+    through ``nn.Module.__getattr__`` (several times slower, on every call). Always
+    current: a replaced parameter is read anew. A weight or bias kept elsewhere than
+    in ``_parameters`` (a buffer, a property) is read as an attribute.
+
+    Args:
+        module: The module.
+
+    Returns:
+        Its weight and its bias (``None`` without one).
+    """
+    params = module._parameters
+    weight = params.get("weight")
+    if weight is None:
+        weight = module.weight
+    bias = params.get("bias", _ABSENT)
+    if bias is _ABSENT:
+        bias = getattr(module, "bias", None)
+    return weight, bias
+
+
+_ABSENT = object()
+
+
+def fused_weights(
+    path: str,
+    static_reason: str | None,
+    module: nn.Module,
+    x: Any,
+    params: Iterable[torch.Tensor],
+    dropout: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """:func:`use_fused` for the eager hooks, with the module's parameters it read.
+
+    The same decision as :func:`use_fused` (and the same errors in mode ``"triton"``),
+    with the weight and bias read once, as :func:`module_weights` reads them, for both
+    the decision and the kernel call.
+
+    Args:
+        path: The module's dotted name (for error messages).
+        static_reason: What :func:`chain_reason` said about the module and its layers.
+        module: The adapted module.
+        x: Its input.
+        params: The adapter tensors the call would read.
+        dropout: Whether LoRA dropout is active in this call.
+
+    Returns:
+        ``(weight, bias, weight_scale)`` where the call runs on the fused kernel (int8/fp8
+        codes and their scale for a quantized weight, see :func:`kernel_weight`), else
+        ``None``.
+
+    Raises:
+        KernelUnavailableError: In mode ``"triton"``, if the call cannot run fused.
+    """
+    mode = _THREAD.mode
+    if mode is None:
+        mode = _mode()
+    if mode == "torch":
+        return None
+    weight, bias = module_weights(module)
+    # The common case first, in as few steps as it takes: what _call_reason checks, for
+    # a call that passes every check. Anything else goes the long way below (the same
+    # decision, with the reason).
+    if static_reason is None and type(x) is torch.Tensor and _Kernels.reason is None:
+        if x.is_cuda:
+            on_device = mode == "triton" or auto_device(x)
+        else:
+            on_device = mode == "triton" and _Kernels.interpret and x.is_cpu
+        if (
+            on_device
+            and _Kernels.loaded
+            and type(weight) in _PLAIN_WEIGHTS  # else: quantized? (see _call_reason)
+            and weight.dtype is x.dtype
+            and x.dtype in _FLOAT_DTYPES
+            and not dropout
+            and not (
+                torch.is_grad_enabled()
+                and (x.requires_grad or weight.requires_grad or any(p.requires_grad for p in params))
+            )
+            and not (
+                module._backward_hooks
+                or module._backward_pre_hooks
+                or _GLOBAL_BACKWARD_HOOKS
+                or _GLOBAL_BACKWARD_PRE_HOOKS
+            )
+        ):
+            return weight, bias, None
+    if mode == "auto":
+        if static_reason is not None or not isinstance(x, torch.Tensor) or not auto_device(x):
+            return None
+        if _call_reason(module, x, params, dropout, weight) is not None:
+            return None
+        return _kernel_params(module, weight, bias)
+    reason = static_reason or _call_reason(module, x, params, dropout, weight)
+    if reason is not None:
+        raise unavailable(path, reason)
+    return _kernel_params(module, weight, bias)
+
+
+def _kernel_params(module: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None) -> tuple:
+    """``(weight, bias, weight_scale)`` for the kernel: a float weight as read, or a
+    quantized weight's int8/fp8 codes and their scale (:func:`kernel_weight`)."""
+    if type(weight) in _PLAIN_WEIGHTS:
+        return weight, bias, None
+    codes, scale = kernel_weight(module)
+    return codes, bias, scale
+
+
+def fused_linear_with(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    inputs: tuple,
+    conv1d: bool,
+    weight_scale: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """:func:`fused_linear` with the module's parameters already read (see
+    :func:`fused_weights`); a sixth entry of ``inputs`` (a DoRA layer's column scale,
+    see :func:`fused_inputs`) goes to the kernel as ``col_scale``, and ``weight_scale``
+    with int8/fp8 codes as ``weight``."""
+    if len(inputs) > 5:  # DoRA's column scale
+        return _Kernels.lora_linear(x, weight, bias, *inputs[:5], conv1d, inputs[5], weight_scale)
+    if weight_scale is not None:
+        return _Kernels.lora_linear(x, weight, bias, *inputs, conv1d, None, weight_scale)
+    return _Kernels.lora_linear(x, weight, bias, *inputs, conv1d)
+
+
+def empty_input(weight: torch.Tensor, conv1d: bool) -> torch.Tensor:
+    """A ``(0, in_features)`` tensor like ``weight``: what an eager hook hands the module's
+    own forward on the fused path, instead of :func:`empty_rows` of its input.
+
+    Kept by the hook site and reused while the input's dtype and device stay the same:
+    a 2-D batch of no rows is the cheapest input for ``nn.Linear.forward`` (a 3-D one
+    goes through a reshape in ``F.linear``), and reusing it saves slicing the input on
+    every call. It has no elements, so sharing it between calls and threads is safe.
+    Always an ordinary tensor (never an inference tensor), whatever mode creates it.
+
+    Args:
+        weight: The module's weight (``(N, K)``; ``(K, N)`` for a ``Conv1D``).
+        conv1d: Whether the module is a ``Conv1D``.
+
+    Returns:
+        ``(0, K)`` in ``weight``'s dtype, on its device.
+    """
+    k = weight.shape[0] if conv1d else weight.shape[1]
+    with torch.inference_mode(False):
+        return torch.empty((0, k), dtype=weight.dtype, device=weight.device)
 
 
 def mixed_linear(

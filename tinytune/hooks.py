@@ -45,6 +45,10 @@ from .layers import AdapterLayer, first_input, is_conv1d, replace_first_input
 
 __all__ = ["HookSite", "hook_layout_id"]
 
+# torch.compiler.is_compiling without two attribute lookups per call (dynamo knows the
+# function by identity, so it still reads as True while tracing).
+_is_compiling = torch.compiler.is_compiling
+
 def hook_layout_id(sites: Iterable["HookSite"]) -> int:
     """A number naming which modules carry how many hooks, equal for equal layouts.
 
@@ -124,6 +128,7 @@ class HookSite:
         self._module = module
         self._fusable = dispatch.module_reason(module) is None and dispatch.fusion_possible()
         self._conv1d = is_conv1d(module)
+        self._empty: torch.Tensor | None = None  # see dispatch.empty_input
 
     # --- state -------------------------------------------------------------------------
     def set_chain(self, chain: tuple[AdapterLayer, ...]) -> None:
@@ -172,31 +177,36 @@ class HookSite:
         self._kept = None
 
     def _fused_inputs(self, x: torch.Tensor) -> tuple | None:
-        """The kernel's adapter inputs for this call (see ``dispatch.checked_inputs``).
+        """The kernel's adapter inputs for this call (see ``dispatch.checked_inputs``);
+        kept between eager calls as :meth:`_fused_inputs_eager` says."""
+        if torch.compiler.is_compiling():
+            return dispatch.checked_inputs(self.path, self.chain)
+        return self._fused_inputs_eager()
 
-        Kept between eager calls where they are views (``_reuse_inputs``), keyed on
-        what changes which tensors they view: the layer's reserved slot, whether
-        autograd is on (slots are read without it), and the layer's conversions (a
-        layer moved or cast gets a new scaling buffer). A new chain or a hot-swap
-        (``set_chain``, ``layers_changed``) drops them. Never kept under
-        ``torch.compile``: the traced graph reads the parameters as before.
+    def _fused_inputs_eager(self) -> tuple | None:
+        """:meth:`_fused_inputs` outside ``torch.compile``.
+
+        Kept between calls where they are views (``_reuse_inputs``), keyed on what
+        changes which tensors they view: the layer's reserved slot, whether autograd is
+        on (slots are read without it), and the layer's conversions (a layer moved or
+        cast gets a new scaling buffer). A new chain or a hot-swap (``set_chain``,
+        ``layers_changed``) drops them. Never kept under ``torch.compile``: the traced
+        graph reads the parameters as before.
         """
-        if not self._reuse_inputs or torch.compiler.is_compiling():
+        if not self._reuse_inputs:
             return dispatch.checked_inputs(self.path, self.chain)
         layer = self.chain[0]
-        slot = layer.slot_factors
-        grad = torch.is_grad_enabled()
         kept = self._kept
         if (
             kept is not None
-            and kept[0] is slot
-            and kept[1] is grad
+            and kept[0] is layer.slot_factors
+            and kept[1] is torch.is_grad_enabled()
             and kept[2] == layer.conversions
         ):
             return kept[3]
         inputs = dispatch.checked_inputs(self.path, self.chain)
         if inputs is not None:
-            self._kept = (slot, grad, layer.conversions, inputs)
+            self._kept = (layer.slot_factors, torch.is_grad_enabled(), layer.conversions, inputs)
         return inputs
 
     def _wanted(self) -> tuple[bool, str | bool]:
@@ -340,7 +350,92 @@ class HookSite:
         return self._local.__dict__.get("mixed")
 
     def _pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-        plan = self._plan()
+        if _is_compiling():
+            return self._pre_hook_traced(module, args, kwargs)
+        # Eager calls. The plan read is a dict lookup, where a getattr with a default
+        # pays for a failed lookup on every plain call (no plan).
+        plan = self._local.__dict__.get("mixed")
+        if self._fusable:
+            if plan is None and args:
+                # The plain fused call, the one serving repeats per module and token: as
+                # little Python as it takes (see _fuse_eager).
+                fused = self._fuse_eager(module, args)
+                if fused is not None:
+                    return fused, kwargs
+            else:
+                x = first_input(args, kwargs)
+                if plan is not None:
+                    fuse = _Fused(x, None) if plan.use_fused(module, x) else None
+                elif dispatch.use_fused(
+                    self.path,
+                    self._chain_reason,
+                    module,
+                    x,
+                    self._chain_params,
+                    self._chain_dropout and module.training,
+                ):
+                    inputs = self._fused_inputs(x)
+                    fuse = None if inputs is None else _Fused(x, inputs)
+                else:
+                    fuse = None
+                if fuse is not None:
+                    args, kwargs = replace_first_input(args, kwargs, dispatch.empty_rows(x))
+                    return self._hand_over(args, fuse), kwargs
+        elif dispatch.forced():
+            raise self._unavailable(plan)
+        return self._chain_pre(plan, module, args, kwargs)
+
+    def _fuse_eager(self, module: nn.Module, args: tuple) -> "_CallArgs | None":
+        """The eager fused path's pre-hook work for a plain call, input ``args[0]``.
+
+        Returns the args for the module's own forward, ``(empty, *args[1:])`` with the
+        kernel's inputs attached (``handed``: ``(x, (weight, bias, weight_scale), inputs)``), or ``None`` where the call runs
+        on the PyTorch path. The same decision as the traced path (``dispatch.use_fused``,
+        ``_fused_inputs``), with the weight read from the module's parameter dict and
+        the empty input kept between calls (``dispatch.empty_input``).
+        """
+        x = args[0]
+        params = dispatch.fused_weights(
+            self.path,
+            self._chain_reason,
+            module,
+            x,
+            self._chain_params,
+            self._chain_dropout and module.training,
+        )
+        if params is None:
+            return None
+        if self._reuse_inputs:  # _fused_inputs_eager's check, inline
+            layer = self.chain[0]
+            kept = self._kept
+            if (
+                kept is not None
+                and kept[0] is layer.slot_factors
+                and kept[1] is torch.is_grad_enabled()
+                and kept[2] == layer.conversions
+            ):
+                inputs = kept[3]
+            else:
+                inputs = self._fused_inputs_eager()
+        else:
+            inputs = self._fused_inputs_eager()
+        if inputs is None:
+            return None
+        if params[2] is not None:  # int8/fp8 codes: the module's forward takes x's dtype
+            empty = dispatch.empty_rows(x)
+        else:
+            empty = self._empty
+            if empty is None or empty.dtype is not x.dtype or empty.get_device() != x.get_device():
+                empty = self._empty = dispatch.empty_input(params[0], self._conv1d)
+        out = _CallArgs((empty,) if len(args) == 1 else (empty, *args[1:]))
+        out.handed = (x, params, inputs)
+        return out
+
+    def _pre_hook_traced(
+        self, module: nn.Module, args: tuple, kwargs: dict
+    ) -> tuple[tuple, dict]:
+        """The pre-hook under ``torch.compile`` (what dynamo traces)."""
+        plan = getattr(self._local, "mixed", None)
         if self._fusable:
             x = first_input(args, kwargs)
             if plan is not None:
@@ -353,16 +448,23 @@ class HookSite:
                 self._chain_params,
                 self._chain_dropout and module.training,
             ):
-                inputs = self._fused_inputs(x)
+                inputs = dispatch.checked_inputs(self.path, self.chain)
                 fuse = None if inputs is None else _Fused(x, inputs)
             else:
                 fuse = None
             if fuse is not None:
                 # The module's own forward gets no rows; the post-hook computes it all.
                 args, kwargs = replace_first_input(args, kwargs, dispatch.empty_rows(x))
-                return self._hand_over(args, fuse), kwargs
+                self._local.stack.append(fuse)
+                return args, kwargs
         elif dispatch.forced():
             raise self._unavailable(plan)
+        return self._chain_pre(plan, module, args, kwargs)
+
+    def _chain_pre(
+        self, plan: Any, module: nn.Module, args: tuple, kwargs: dict
+    ) -> tuple[tuple, dict]:
+        """The PyTorch path's pre-hook: the plan's, or the chain's pre-forwards."""
         if plan is not None:
             return plan.pre(module, args, kwargs)
         if self._needs_stack:
@@ -399,6 +501,11 @@ class HookSite:
         return new
 
     def _post_hook(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+        if type(args) is _CallArgs:  # eager, and a pre-hook handed something over
+            handed = args.handed
+            if type(handed) is tuple:  # _fuse_eager's (x, (weight, bias, weight_scale), inputs)
+                x, (weight, bias, scale), inputs = handed
+                return dispatch.fused_linear_with(x, weight, bias, inputs, self._conv1d, scale)
         plan = self._plan()
         handed = self._take_over(args)
         if type(handed) is _Fused:
@@ -441,6 +548,7 @@ class HookSite:
         state = self.__dict__.copy()
         del state["_local"]
         state["_kept"] = None  # views of this process's tensors: a copy reads its own
+        state["_empty"] = None
         return state
 
     def __setstate__(self, state: dict) -> None:

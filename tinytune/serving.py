@@ -715,7 +715,7 @@ def pin_adapters(wrapper: nn.Module, names: Sequence[str], combining: bool = Fal
 
 @torch.compiler.disable
 def _pin_active(wrapper: nn.Module) -> "_Pins | None":
-    # Host-side bookkeeping, outside any compiled graph (as batch._prepare): compiled
+    # Host-side bookkeeping, outside any compiled graph (as batch._prepare_and_begin): compiled
     # code never guards on it. Merged adapters run no hook; disabled ones none at all.
     if wrapper.registry.disabled:
         return None
