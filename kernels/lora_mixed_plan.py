@@ -107,8 +107,9 @@ def rows_config(m: int, fp32: bool, quantized: bool = False, arch: int = 90) -> 
         cfg.update(BLOCK_N=64, num_warps=8, **({} if fp32 else dict(BLOCK_K=64)))
         if arch >= 90 and not fp32 and m <= 32:
             # sm_90a: 8 warps left 8 B of stack frame at 16 and 32 rows (fp16 int8 codes,
-            # 47-56 registers); 4 warps compile clean there (compile report)
-            cfg.update(num_warps=4)
+            # 47-56 registers); 4 warps compile clean there, and at 16 rows with 32
+            # columns (64 kept 8 B for fp16 fp8 codes at split-K; compile report)
+            cfg.update(num_warps=4, **(dict(BLOCK_N=32) if m <= 16 else {}))
     return dict(cfg, num_stages=4, SHRINK_K=256, SHRINK_R=16)
 
 
