@@ -63,7 +63,7 @@ from .triton_helpers import add_h_bt, base_k_step, bias_and_l_out, col_scale_and
 from .triton_support import HAS_TRITON, is_interpreted, tl, triton
 
 __all__ = ["torch_lora_linear", "lora_linear", "pick_config", "triton_kernels", "QUANT_DTYPES",
-           "check_weight_scale"]
+           "check_weight_scale", "device_arch"]
 
 # Decode (fused shrink in the K-loop) up to this many rows: one BLOCK_M=16 tile.
 DECODE_MAX_M = 16
@@ -527,9 +527,9 @@ def check_weight_scale(op: str, weight: torch.Tensor, weight_scale, n: int) -> N
                         f"weight codes, got {weight.dtype}.")
     if not weight_scale.is_floating_point():
         raise TypeError(f"{op}: weight_scale must be a float tensor, got {weight_scale.dtype}.")
-    if weight.dtype == torch.float8_e4m3fn and weight.is_cuda and _arch(weight.device) < 89:
+    if weight.dtype == torch.float8_e4m3fn and weight.is_cuda and device_arch(weight.device) < 89:
         raise TypeError(f"{op}: float8 weight codes need an sm_89+ GPU (fp8 conversions); this one is "
-                        f"sm_{_arch(weight.device)}: use int8 codes or a dequantized weight.")
+                        f"sm_{device_arch(weight.device)}: use int8 codes or a dequantized weight.")
     if tuple(weight_scale.shape) != (n,):
         raise ValueError(f"{op}: weight_scale must have shape ({n},) (one scale per output feature), "
                          f"got {tuple(weight_scale.shape)}.")
@@ -574,8 +574,16 @@ def _check(x, weight, bias, lora_a, lora_b, lora_scale, l_in, l_out, weight_kn, 
 _ARCH: dict = {}
 
 
-def _arch(device: torch.device) -> int:
-    """Compute capability ``10 * major + minor`` of a CUDA device (cached), 90 otherwise."""
+def device_arch(device: torch.device) -> int:
+    """Compute capability ``10 * major + minor`` of a CUDA device (cached), 90 otherwise.
+
+    Args:
+        device: The device the kernels run on.
+
+    Returns:
+        For example 80 (A100) or 90 (H100/H200); 90 on a CPU (the interpreter runs the
+        sm_90 tiles).
+    """
     if device.type != "cuda":
         return 90
     idx = device.index if device.index is not None else torch.cuda.current_device()
@@ -622,7 +630,7 @@ def launch(x, weight, bias, lora_a, lora_b, lora_scale, l_in, l_out, weight_kn=F
     if k == 0:  # no K-loop to run: the formula reduces to l_out ⊙ b
         return torch_lora_linear(x, weight, bias, lora_a, lora_b, lora_scale, l_in, l_out, weight_kn,
                                  col_scale, weight_scale)
-    cfg = config if config is not None else pick_config(m, n, k, r, x.dtype, _arch(x.device), _sms(x.device),
+    cfg = config if config is not None else pick_config(m, n, k, r, x.dtype, device_arch(x.device), _sms(x.device),
                                                         weight.dtype in QUANT_DTYPES)
     # The GPU's branch under the interpreter too; UPCAST_DOT only widens its dot operands.
     dot_fp32 = x.dtype == torch.float32

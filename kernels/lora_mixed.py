@@ -45,7 +45,7 @@ from typing import Optional
 
 import torch
 
-from .lora_linear import QUANT_DTYPES, check_weight_scale
+from .lora_linear import QUANT_DTYPES, check_weight_scale, device_arch
 from .lora_mixed_plan import (choose_strategy, k_splits, programs_wanted, rows_config, segment_tiles,
                               segments_config)
 from .triton_helpers import add_h_bt, base_k_step, bias_and_l_out, col_scale_and_bias, dequant_scale, mma
@@ -727,7 +727,7 @@ def launch(
                  HAS_L_OUT=l_out_stack is not None, HAS_COL_SCALE=col_scale is not None,
                  W_SCALED=weight_scale is not None)
     if strategy == "rows":
-        cfg = rows_config(m, dot_fp32, weight.dtype in QUANT_DTYPES)
+        cfg = rows_config(m, dot_fp32, weight.dtype in QUANT_DTYPES, device_arch(x.device))
         tiles_m, tiles_n = triton.cdiv(m, cfg["BLOCK_M"]), triton.cdiv(n, cfg["BLOCK_N"])
         split_k, gemm_chunk = k_splits(tiles_m * tiles_n, k, cfg["BLOCK_K"],
                                        sms if sms is not None else programs_wanted(x.device))

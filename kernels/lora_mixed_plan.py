@@ -70,7 +70,7 @@ def choose_strategy(m: int, n: int, k: int, r_max: int, slots: int, elem: int) -
     return "rows" if rows_cost <= seg_cost else "segments"
 
 
-def rows_config(m: int, fp32: bool, quantized: bool = False) -> dict:
+def rows_config(m: int, fp32: bool, quantized: bool = False, arch: int = 90) -> dict:
     """Block sizes for the "rows" kernels (one place, also read by report_configs.py).
 
     The same on a GPU and under Triton's interpreter (which runs the GPU's tiles and
@@ -80,6 +80,9 @@ def rows_config(m: int, fp32: bool, quantized: bool = False) -> dict:
         m: Tokens.
         fp32: Whether the dots run in IEEE fp32 (``DOT_FP32``).
         quantized: Whether W holds int8/fp8 codes (converted in registers).
+        arch: Compute capability ``10 * major + minor`` of the GPU (``lora_linear.device_arch``;
+            90 on a CPU): ptxas allocates registers differently per arch, so the quantized
+            decode tiles differ between sm_80 and sm_90a.
 
     Returns:
         ``BLOCK_M``, ``BLOCK_N``, ``BLOCK_K``, ``num_warps``, ``num_stages`` of the GEMM
@@ -102,6 +105,11 @@ def rows_config(m: int, fp32: bool, quantized: bool = False) -> dict:
         # (16-bit) K steps of 64 (4 warps, 64x128 or K steps of 128 left 8-24 B of stack
         # frame on sm_80/sm_90a; compile report)
         cfg.update(BLOCK_N=64, num_warps=8, **({} if fp32 else dict(BLOCK_K=64)))
+        if arch >= 90 and not fp32 and m <= 32:
+            # sm_90a: 8 warps left 8 B of stack frame at 16 and 32 rows (fp16 int8 codes,
+            # 47-56 registers); 4 warps compile clean there, and at 16 rows with 32
+            # columns (64 kept 8 B for fp16 fp8 codes at split-K; compile report)
+            cfg.update(num_warps=4, **(dict(BLOCK_N=32) if m <= 16 else {}))
     return dict(cfg, num_stages=4, SHRINK_K=256, SHRINK_R=16)
 
 

@@ -377,23 +377,32 @@ def _mixed_quant_records(records: list[dict]) -> list[dict]:
     for rec in records:
         if rec["kernel"] not in ("_mixed_rows_kernel", "_mixed_segments_kernel"):
             continue
-        ce, config = dict(rec["constexprs"], W_SCALED=True), dict(rec["config"])
-        if rec["kernel"] == "_mixed_rows_kernel":
-            cfg = rows_config(config["BLOCK_M"], ce["DOT_FP32"], quantized=True)
-            config.update({k: cfg[k] for k in config})
-            ce.update(BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
-                      SPLIT_K=1 if ce["SPLIT_K"] == 1 else _rows_split(cfg))
-        else:
-            cfg = segments_config(ce["DOT_FP32"], ce["BLOCK_R"], quantized=True)
-            config.update({k: cfg[k] for k in config})
         for quant, (w_ty, archs) in _QUANT.items():
             if quant is None:
                 continue
-            dt, rest = rec["variant"].split(" ", 1)
-            out.append(dict(
-                rec, signature=dict(rec["signature"], w_ptr=f"*{w_ty}"), constexprs=ce, config=config,
-                archs=list(archs), quick=False,
-                variant=f"{dt}-{quant} {rest.split(' split_k=')[0]}"
-                        + (f" split_k={ce['SPLIT_K']}" if "SPLIT_K" in ce else ""),
-            ))
+            # the rows tiles depend on the arch (rows_config's ``arch``): one record per
+            # distinct tile, listing the archs whose launcher picks it
+            by_tile: dict = {}
+            for arch in archs:
+                ce, config = dict(rec["constexprs"], W_SCALED=True), dict(rec["config"])
+                if rec["kernel"] == "_mixed_rows_kernel":
+                    cfg = rows_config(config["BLOCK_M"], ce["DOT_FP32"], quantized=True, arch=arch)
+                    config.update({k: cfg[k] for k in config})
+                    ce.update(BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
+                              SPLIT_K=1 if ce["SPLIT_K"] == 1 else _rows_split(cfg))
+                else:
+                    cfg = segments_config(ce["DOT_FP32"], ce["BLOCK_R"], quantized=True)
+                    config.update({k: cfg[k] for k in config})
+                key = tuple(sorted(config.items())) + (ce.get("SPLIT_K"),)
+                if key in by_tile:
+                    by_tile[key]["archs"].append(arch)
+                    continue
+                dt, rest = rec["variant"].split(" ", 1)
+                by_tile[key] = dict(
+                    rec, signature=dict(rec["signature"], w_ptr=f"*{w_ty}"), constexprs=ce, config=config,
+                    archs=[arch], quick=False,
+                    variant=f"{dt}-{quant} {rest.split(' split_k=')[0]}"
+                            + (f" split_k={ce['SPLIT_K']}" if "SPLIT_K" in ce else ""),
+                )
+            out.extend(by_tile.values())
     return out
