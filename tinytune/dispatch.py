@@ -729,11 +729,7 @@ def fused_linear(module: nn.Module, x: torch.Tensor, inputs: tuple, conv1d: bool
         ``(..., N)`` in ``x.dtype``.
     """
     weight, scale = kernel_weight(module)
-    if len(inputs) > 5:  # DoRA's column scale
-        return _Kernels.lora_linear(x, weight, module.bias, *inputs[:5], conv1d, inputs[5], scale)
-    if scale is not None:
-        return _Kernels.lora_linear(x, weight, module.bias, *inputs, conv1d, None, scale)
-    return _Kernels.lora_linear(x, weight, module.bias, *inputs, conv1d)
+    return fused_linear_with(x, weight, module.bias, inputs, conv1d, scale)
 
 
 def module_weights(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -770,7 +766,7 @@ def fused_weights(
     x: Any,
     params: Iterable[torch.Tensor],
     dropout: bool,
-) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None] | None:
     """:func:`use_fused` for the eager hooks, with the module's parameters it read.
 
     The same decision as :func:`use_fused` (and the same errors in mode ``"triton"``),
@@ -826,15 +822,8 @@ def fused_weights(
             )
         ):
             return weight, bias, None
-    if mode == "auto":
-        if static_reason is not None or not isinstance(x, torch.Tensor) or not auto_device(x):
-            return None
-        if _call_reason(module, x, params, dropout, weight) is not None:
-            return None
-        return _kernel_params(module, weight, bias)
-    reason = static_reason or _call_reason(module, x, params, dropout, weight)
-    if reason is not None:
-        raise unavailable(path, reason)
+    if not use_fused(path, static_reason, module, x, params, dropout, weight):
+        return None
     return _kernel_params(module, weight, bias)
 
 
