@@ -759,6 +759,60 @@ def module_weights(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None
 _ABSENT = object()
 
 
+def lean_weights(
+    module: nn.Module, x: Any, params: Iterable[torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """The eager hooks' most common call, decided in as few steps as it takes.
+
+    For a module whose layers :func:`chain_reason` accepts, with no active LoRA dropout:
+    whether this call runs on the fused kernel with the module's float weight as it is,
+    checking what :func:`_call_reason` checks for a call that passes every check. Never
+    raises: ``None`` means "not this case", and the caller asks :func:`fused_weights`
+    (which also gives the reason, or raises in mode ``"triton"``).
+
+    Args:
+        module: The adapted module (weight and bias in its parameter dict).
+        x: Its input.
+        params: The adapter tensors the call would read.
+
+    Returns:
+        ``(weight, bias)`` read from the module's parameter dict, or ``None``.
+    """
+    mode = _THREAD.mode
+    if mode is None:
+        mode = _mode()
+    if mode == "torch" or type(x) is not torch.Tensor or _Kernels.reason is not None:
+        return None
+    if x.is_cuda:
+        if mode != "triton" and not auto_device(x):
+            return None
+    elif not (mode == "triton" and _Kernels.interpret and x.is_cpu):
+        return None
+    weights = module._parameters
+    weight = weights.get("weight")
+    bias = weights.get("bias", _ABSENT)
+    dtype = x.dtype
+    if (
+        _Kernels.loaded
+        and bias is not _ABSENT
+        and type(weight) in _PLAIN_WEIGHTS  # else: quantized? (see _call_reason)
+        and weight.dtype is dtype
+        and dtype in _FLOAT_DTYPES
+        and not (
+            torch.is_grad_enabled()
+            and (x.requires_grad or weight.requires_grad or any(p.requires_grad for p in params))
+        )
+        and not (
+            module._backward_hooks
+            or module._backward_pre_hooks
+            or _GLOBAL_BACKWARD_HOOKS
+            or _GLOBAL_BACKWARD_PRE_HOOKS
+        )
+    ):
+        return weight, bias
+    return None
+
+
 def fused_weights(
     path: str,
     static_reason: str | None,
@@ -789,39 +843,17 @@ def fused_weights(
     Raises:
         KernelUnavailableError: In mode ``"triton"``, if the call cannot run fused.
     """
+    if static_reason is None and not dropout:
+        # The common case first (the same decision, without the reason).
+        plain = lean_weights(module, x, params)
+        if plain is not None:
+            return plain[0], plain[1], None
     mode = _THREAD.mode
     if mode is None:
         mode = _mode()
     if mode == "torch":
         return None
     weight, bias = module_weights(module)
-    # The common case first, in as few steps as it takes: what _call_reason checks, for
-    # a call that passes every check. Anything else goes the long way below (the same
-    # decision, with the reason).
-    if static_reason is None and type(x) is torch.Tensor and _Kernels.reason is None:
-        if x.is_cuda:
-            on_device = mode == "triton" or auto_device(x)
-        else:
-            on_device = mode == "triton" and _Kernels.interpret and x.is_cpu
-        if (
-            on_device
-            and _Kernels.loaded
-            and type(weight) in _PLAIN_WEIGHTS  # else: quantized? (see _call_reason)
-            and weight.dtype is x.dtype
-            and x.dtype in _FLOAT_DTYPES
-            and not dropout
-            and not (
-                torch.is_grad_enabled()
-                and (x.requires_grad or weight.requires_grad or any(p.requires_grad for p in params))
-            )
-            and not (
-                module._backward_hooks
-                or module._backward_pre_hooks
-                or _GLOBAL_BACKWARD_HOOKS
-                or _GLOBAL_BACKWARD_PRE_HOOKS
-            )
-        ):
-            return weight, bias, None
     if not use_fused(path, static_reason, module, x, params, dropout, weight):
         return None
     return _kernel_params(module, weight, bias)

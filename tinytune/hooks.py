@@ -48,6 +48,11 @@ __all__ = ["HookSite", "hook_layout_id"]
 # torch.compiler.is_compiling without two attribute lookups per call (dynamo knows the
 # function by identity, so it still reads as True while tracing).
 _is_compiling = torch.compiler.is_compiling
+# What the eager fused path checks before it hands a module's forward a _Skip.
+_LINEAR_FORWARD = nn.Linear.forward
+_F_LINEAR = torch.nn.functional.linear
+_GLOBAL_FORWARD_HOOKS = torch.nn.modules.module._global_forward_hooks
+_function_mode_on = torch._C._is_torch_function_mode_enabled
 
 def hook_layout_id(sites: Iterable["HookSite"]) -> int:
     """A number naming which modules carry how many hooks, equal for equal layouts.
@@ -117,6 +122,7 @@ class HookSite:
         self._chain_dropout = False  # whether a layer of the chain has LoRA dropout
         self._reuse_inputs = False
         self._kept: tuple | None = None  # see _fused_inputs
+        self._lean = False  # see _set_lean
 
     @property
     def module(self) -> nn.Module:
@@ -128,6 +134,9 @@ class HookSite:
         self._module = module
         self._fusable = dispatch.module_reason(module) is None and dispatch.fusion_possible()
         self._conv1d = is_conv1d(module)
+        # Whose forward is exactly F.linear(input, weight, bias) (see _Skip).
+        self._linear_forward = type(module).forward is _LINEAR_FORWARD
+        self._lean = False  # until the next chain is read (_set_lean)
         self._empty: torch.Tensor | None = None  # see dispatch.empty_input
 
     # --- state -------------------------------------------------------------------------
@@ -175,6 +184,17 @@ class HookSite:
         # stay current through in-place updates: those inputs are kept between calls.
         self._reuse_inputs = len(chain) == 1 and dispatch.fused_kind(chain[0]) == "lora"
         self._kept = None
+        self._set_lean()
+
+    def _set_lean(self) -> None:
+        # The pre-hook's lean path: one LoRA that can fuse, on a module whose forward is
+        # nn.Linear's (see _Skip).
+        self._lean = (
+            self._reuse_inputs
+            and self._chain_reason is None
+            and self._fusable
+            and self._linear_forward
+        )
 
     def _fused_inputs(self, x: torch.Tensor) -> tuple | None:
         """The kernel's adapter inputs for this call (see ``dispatch.checked_inputs``);
@@ -355,13 +375,60 @@ class HookSite:
         # Eager calls. The plan read is a dict lookup, where a getattr with a default
         # pays for a failed lookup on every plain call (no plan).
         plan = self._local.__dict__.get("mixed")
+        if (
+            self._lean
+            and plan is None
+            and len(args) == 1
+            and not (self._chain_dropout and module.training)
+        ):
+            # One LoRA on an nn.Linear, the call serving repeats per module and token: as
+            # little Python as it takes (the same decision as everywhere else).
+            x = args[0]
+            weights = dispatch.lean_weights(module, x, self._chain_params)
+            if weights is not None:
+                kept = self._kept  # _fused_inputs_eager's check, inline
+                if (
+                    kept is not None
+                    and kept[0] is (layer := self.chain[0]).slot_factors
+                    and kept[1] is torch.is_grad_enabled()
+                    and kept[2] == layer.conversions
+                ):
+                    inputs = kept[3]
+                else:
+                    inputs = self._fused_inputs_eager()
+                if inputs is not None:
+                    if (
+                        len(module._forward_pre_hooks) == 1
+                        and len(module._forward_hooks) == 1
+                        and not _GLOBAL_FORWARD_HOOKS
+                        and "forward" not in module.__dict__
+                        and not _function_mode_on()
+                    ):
+                        # No hook but tinytune's sees the module's input or output: its
+                        # forward gets a _Skip, on which F.linear does nothing.
+                        skip = _Skip()
+                        skip.x = x
+                        skip.weights = weights
+                        skip.inputs = inputs
+                        return (skip,), kwargs
+                    params = (weights[0], weights[1], None)
+                    return self._empty_args(module, args, x, params, inputs), kwargs
         if self._fusable:
             if plan is None and args:
-                # The plain fused call, the one serving repeats per module and token: as
-                # little Python as it takes (see _fuse_eager).
-                fused = self._fuse_eager(module, args)
-                if fused is not None:
-                    return fused, kwargs
+                # A plain call: the general eager fused path (see _empty_args).
+                x = args[0]
+                params = dispatch.fused_weights(
+                    self.path,
+                    self._chain_reason,
+                    module,
+                    x,
+                    self._chain_params,
+                    self._chain_dropout and module.training,
+                )
+                if params is not None:
+                    inputs = self._fused_inputs_eager()
+                    if inputs is not None:
+                        return self._empty_args(module, args, x, params, inputs), kwargs
             else:
                 x = first_input(args, kwargs)
                 if plan is not None:
@@ -385,42 +452,13 @@ class HookSite:
             raise self._unavailable(plan)
         return self._chain_pre(plan, module, args, kwargs)
 
-    def _fuse_eager(self, module: nn.Module, args: tuple) -> "_CallArgs | None":
-        """The eager fused path's pre-hook work for a plain call, input ``args[0]``.
-
-        Returns the args for the module's own forward, ``(empty, *args[1:])`` with the
-        kernel's inputs attached (``handed``: ``(x, (weight, bias, weight_scale), inputs)``), or ``None`` where the call runs
-        on the PyTorch path. The same decision as the traced path (``dispatch.use_fused``,
-        ``_fused_inputs``), with the weight read from the module's parameter dict and
-        the empty input kept between calls (``dispatch.empty_input``).
-        """
-        x = args[0]
-        params = dispatch.fused_weights(
-            self.path,
-            self._chain_reason,
-            module,
-            x,
-            self._chain_params,
-            self._chain_dropout and module.training,
-        )
-        if params is None:
-            return None
-        if self._reuse_inputs:  # _fused_inputs_eager's check, inline
-            layer = self.chain[0]
-            kept = self._kept
-            if (
-                kept is not None
-                and kept[0] is layer.slot_factors
-                and kept[1] is torch.is_grad_enabled()
-                and kept[2] == layer.conversions
-            ):
-                inputs = kept[3]
-            else:
-                inputs = self._fused_inputs_eager()
-        else:
-            inputs = self._fused_inputs_eager()
-        if inputs is None:
-            return None
+    def _empty_args(
+        self, module: nn.Module, args: tuple, x: torch.Tensor, params: tuple, inputs: tuple
+    ) -> "_CallArgs":
+        """The eager fused path's args for the module's own forward where other hooks
+        (or a forward that is not ``nn.Linear``'s) may see them: ``(empty, *args[1:])``,
+        carrying ``handed``: ``(x, (weight, bias, weight_scale), inputs)``. The empty
+        input is kept between calls (``dispatch.empty_input``)."""
         if params[2] is not None:  # int8/fp8 codes: the module's forward takes x's dtype
             empty = dispatch.empty_rows(x)
         else:
@@ -501,6 +539,10 @@ class HookSite:
         return new
 
     def _post_hook(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+        if args and type(args[0]) is _Skip:  # the lean path's skipped forward
+            skip = args[0]
+            weight, bias = skip.weights
+            return dispatch.fused_linear_with(skip.x, weight, bias, skip.inputs, False)
         if type(args) is _CallArgs:  # eager, and a pre-hook handed something over
             handed = args.handed
             if type(handed) is tuple:  # _fuse_eager's (x, (weight, bias, weight_scale), inputs)
@@ -557,6 +599,27 @@ class HookSite:
 
     def __repr__(self) -> str:
         return f"HookSite({self.path!r}, adapters={list(self.layers)}, active={len(self.chain)})"
+
+
+class _Skip:
+    """What the eager fused path hands a plain ``nn.Linear``'s own forward as its input,
+    where no hook but tinytune's sees it: ``F.linear`` on it returns ``None`` at once (its
+    ``__torch_function__``), so the module's matmul costs nothing, not even a call on no
+    rows. It carries the call to the post-hook, which computes the whole result: the real
+    input ``x``, the module's float ``weights`` (``(weight, bias)``) and the kernel's
+    adapter ``inputs``."""
+
+    __slots__ = ("x", "weights", "inputs")
+
+    @classmethod
+    def __torch_function__(cls, func: Any, types: Any, args: tuple = (), kwargs: Any = None) -> None:
+        if func is _F_LINEAR:
+            return None
+        raise RuntimeError(
+            f"tinytune: {getattr(func, '__name__', func)} was called on the placeholder input "
+            "of a fused nn.Linear call; only F.linear is expected there. Please report "
+            "this, and run with tinytune.kernel_mode('torch') meanwhile."
+        )
 
 
 class _CallArgs(tuple):
