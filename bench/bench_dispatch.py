@@ -12,7 +12,12 @@ interpreter):
 * ``fused_path``: the wrapped module (LoRA r=8) on the fused path, with that op;
 * ``torch_path``: the wrapped module on the PyTorch path (kernel mode ``"torch"``).
 
-``fused_path - op`` is the hooks' overhead per adapted module call.
+* ``op_same_args``: the op called with exactly the arguments the hooks pass it (``op``
+  reads the module's weight and bias through ``nn.Module.__getattr__`` in the call).
+
+``fused_path - op`` is the hooks' overhead per adapted module call (issue 20's measure);
+``fused_path - op_same_args`` is the same without the two attribute reads counted in
+``op``. Both are medians of the per-round differences.
 
 The whole-model case (``--layers``, default 32; 0 skips it) times one decode token
 (one row, no KV cache) through a tiny-width Llama built from a ``LlamaConfig``
@@ -56,13 +61,18 @@ PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "
 
 
 def time_cases(cases: dict, rounds: int, inner: int) -> dict:
-    """``{case: (p25, median, p75)}`` in µs per call, interleaved, warmed up first."""
+    """``{case: [µs per call, one per round]}``, interleaved, warmed up first."""
     measure = clock_timer(time.thread_time)
     for fn in cases.values():  # untimed: two rounds' worth of calls per case
         for _ in range(2 * inner):
             fn()
-    times = interleave(cases, rounds, lambda name: measure(cases[name], inner) * 1e6)
-    return {k: quantiles(v) for k, v in times.items()}
+    return interleave(cases, rounds, lambda name: measure(cases[name], inner) * 1e6)
+
+
+def per_round(times: dict, a: str, b: str, how) -> tuple[float, float, float]:
+    """(p25, median, p75) over rounds of ``how(times[a][i], times[b][i])``: the two cases
+    compared within each round, so that what slows a whole round cancels."""
+    return quantiles([how(x, y) for x, y in zip(times[a], times[b])])
 
 
 def module_case(args: argparse.Namespace) -> dict:
@@ -91,21 +101,42 @@ def module_case(args: argparse.Namespace) -> dict:
             with tinytune.kernel_mode("triton"):  # same context-manager cost as the others
                 return torch_lora_linear(x, lin.weight, lin.bias, a, b, s, None, None)
 
+        weight, bias, s_view = lin.weight, lin.bias, layer.scaling_tensor.expand(8)
+
+        def op_same_args():
+            # The op with exactly what the hooks pass it: the parameters read beforehand
+            # (``op`` reads them through nn.Module.__getattr__) and the stride-0 scale.
+            with tinytune.kernel_mode("triton"):
+                return torch_lora_linear(x, weight, bias, a, b, s_view, None, None, False)
+
         def bare_call():
             with tinytune.kernel_mode("triton"):
                 return bare(x)
 
         with torch.no_grad():
             torch.testing.assert_close(fused(), torch_path(), rtol=1e-5, atol=1e-5)
-            cases = {"bare": bare_call, "op": op, "fused_path": fused, "torch_path": torch_path}
-            stats = time_cases(cases, args.rounds, args.inner)
+            cases = {
+                "bare": bare_call,
+                "op": op,
+                "op_same_args": op_same_args,
+                "fused_path": fused,
+                "torch_path": torch_path,
+            }
+            times = time_cases(cases, args.rounds, args.inner)
+    stats = {k: quantiles(v) for k, v in times.items()}
     us = {k: q[1] for k, q in stats.items()}
+    overhead = per_round(times, "fused_path", "op", lambda f, o: f - o)
+    same = per_round(times, "fused_path", "op_same_args", lambda f, o: f - o)
     return {
         "layer": "Linear(64, 64), LoRA r=8",
         "rows": args.rows,
         "median_us": {k: round(v, 2) for k, v in us.items()},
         "p25_p75_us": {k: [round(q[0], 2), round(q[2], 2)] for k, q in stats.items()},
-        "hook_overhead_us": round(us["fused_path"] - us["op"], 2),
+        # Issue 20's measure: fused_path - op, the median of the per-round differences.
+        "hook_overhead_us": round(overhead[1], 2),
+        "hook_overhead_p25_p75_us": [round(overhead[0], 2), round(overhead[2], 2)],
+        # Against the op called with the arguments the hooks pass (see op_same_args).
+        "hook_overhead_vs_same_args_us": round(same[1], 2),
     }
 
 
@@ -147,15 +178,17 @@ def model_case(args: argparse.Namespace) -> dict:
             fused_step()
             adapted = len(w.registry.sites)
             assert calls[0] == adapted == 7 * args.layers, (calls[0], adapted)
-            stats = time_cases({"bare_step": bare_step, "fused_step": fused_step}, args.rounds, args.model_inner)
+            times = time_cases({"bare_step": bare_step, "fused_step": fused_step}, args.rounds, args.model_inner)
+    stats = {k: quantiles(v) for k, v in times.items()}
     us = {k: q[1] for k, q in stats.items()}
+    ratio = per_round(times, "fused_step", "bare_step", lambda f, b: f / b)
     return {
         "model": f"Llama, {args.layers} layers, hidden 64, LoRA r=8 on {', '.join(PROJECTIONS)}",
         "adapted_modules": adapted,
         "tokens": 1,
         "median_us": {k: round(v, 1) for k, v in us.items()},
         "p25_p75_us": {k: [round(q[0], 1), round(q[2], 1)] for k, q in stats.items()},
-        "fused_over_bare": round(us["fused_step"] / us["bare_step"], 3),
+        "fused_over_bare": round(ratio[1], 3),  # median of the per-round ratios
         "host_us_per_adapted_module": round((us["fused_step"] - us["bare_step"]) / adapted, 2),
     }
 
