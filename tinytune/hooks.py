@@ -25,7 +25,11 @@ work, and passes the real input on to the post-hook, which returns the kernel's 
 (base product included). No module is replaced or patched. The real input travels
 with the call (see ``_hand_over``), never in per-thread state, so an exception between
 the two hooks leaves nothing behind. Other hooks on the module see the empty input on
-that path (and forward hooks registered before tinytune's, the empty output).
+that path (and forward hooks registered before tinytune's, the empty output). Where
+nothing else can see it (one LoRA on an ``nn.Linear``, no other forward hook, no
+torch-function mode, no ``forward`` set on the instance), the eager pre-hook hands the
+forward a placeholder instead (``_Skip``), on which ``F.linear`` returns at once: the
+module's own matmul then does not run at all, not even on no rows.
 
 Floor 4 (beside ``io`` and ``weighted``): imports ``layers`` and ``dispatch``.
 """
