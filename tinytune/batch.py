@@ -65,7 +65,7 @@ from .mixed_torch import worth_grouping as grouping_pays
 
 from .adapter import BASE_ADAPTER_NAME
 from .serving import arm_hooks, row_assignment
-from .util import device_of
+from .util import device_of, run_frames_eagerly, run_model
 from .stacks import (
     STATES,
     AdapterSignature,
@@ -465,7 +465,7 @@ class _SitePlan:
                     # opaque op: shapes independent of the assignment (no recompile).
                     # It adds s·B A x only; DoRA's row scales follow below, as on every path.
                     lora_out = lora_mixed_planned(
-                        xin, lora_out, a, bt, scale, call.row_index, plan
+                        xin, lora_out, a, bt, scale, call.row_index, plan, inplace
                     )
                 else:
                     lora_out = torch_lora_mixed(xin, lora_out, a, bt, scale, call.row_index, inplace)
@@ -784,6 +784,7 @@ def _generate_expansion(fn: Any, kwargs: dict) -> int:
 _EMPTY = SiteStacks(())
 
 
+@run_frames_eagerly
 def mixed_call(
     wrapper: Any, fn: Any, adapter_names: Sequence[str], args: tuple, kwargs: dict
 ) -> Any:
@@ -823,11 +824,12 @@ def mixed_call(
     # graph another instance of the same class may have compiled.
     flight = _prepare_and_begin(wrapper, fn, adapter_names, args, kwargs)
     try:
-        return fn(*args, **kwargs)
+        return run_model(wrapper, fn, args, kwargs)
     finally:
         _end(wrapper, flight)
 
 
+@run_frames_eagerly
 def assigned_call(wrapper: Any, fn: Any, args: tuple, kwargs: dict) -> Any:
     """Run ``fn(*args, **kwargs)`` with each row's adapter from ``set_row_adapters``.
 
@@ -846,7 +848,7 @@ def assigned_call(wrapper: Any, fn: Any, args: tuple, kwargs: dict) -> Any:
     """
     flight = _prepare_assigned_and_begin(wrapper, args, kwargs)
     try:
-        return fn(*args, **kwargs)
+        return run_model(wrapper, fn, args, kwargs)
     finally:
         _end(wrapper, flight)
 

@@ -244,7 +244,9 @@ def row_groups(slots: list[int], identity: int, device: torch.device) -> tuple:
     )
     if device.type != "cpu":
         plan = plan.to(device)
-    return (n, size, *_plan_views(plan, b, n, len(rows)), plan)
+    groups = (n, size, *_plan_views(plan, b, n, len(rows)))
+    _remember(plan, groups)
+    return (*groups, plan)
 
 
 def _plan_views(plan: torch.Tensor, b: int, n: int, r: int) -> tuple:
@@ -256,9 +258,27 @@ def _plan_views(plan: torch.Tensor, b: int, n: int, r: int) -> tuple:
     )
 
 
+# The plan :func:`row_groups` made last, its version and its groups: every adapted module
+# of a compiled forward gets the same plan, so :func:`plan_groups` answers them all from
+# here instead of reading the plan and slicing it once per module. One tuple, replaced
+# whole (a thread switch between plans only costs a decode).
+_LAST_PLAN: tuple = (None, -1, ())
+
+
+def _version(t: torch.Tensor) -> int:
+    # Inference tensors have no version counter (nor can they change outside
+    # inference mode).
+    return -2 if t.is_inference() else t._version
+
+
+def _remember(plan: torch.Tensor, groups: tuple) -> None:
+    global _LAST_PLAN
+    _LAST_PLAN = (plan, _version(plan), groups)
+
+
 def plan_groups(plan: torch.Tensor) -> tuple:
     """:func:`row_groups`' first six values back from its ``plan`` (a host read of three
-    numbers).
+    numbers, none for the plan :func:`row_groups` made last, unchanged since).
 
     Args:
         plan: ``(3 + 4 * B,)`` int64, as :func:`row_groups` makes it.
@@ -266,8 +286,13 @@ def plan_groups(plan: torch.Tensor) -> tuple:
     Returns:
         ``(n, size, group_slots, rows, row_group, row_pos)``.
     """
+    last = _LAST_PLAN
+    if last[0] is plan and last[1] == _version(plan):
+        return last[2]
     n, size, r = plan[:3].tolist()
-    return (n, size, *_plan_views(plan, (plan.shape[0] - 3) // 4, n, r))
+    groups = (n, size, *_plan_views(plan, (plan.shape[0] - 3) // 4, n, r))
+    _remember(plan, groups)
+    return groups
 
 
 def worth_grouping(batch: int, tokens: int, rank: int, n: int, size: int) -> bool:
@@ -302,14 +327,32 @@ def _lora_mixed_planned(
     scale: torch.Tensor,
     row_index: torch.Tensor,
     plan: torch.Tensor,
+    inplace: bool = False,
 ) -> torch.Tensor:
     n, size, *groups = plan_groups(plan)
     tokens = x.numel() // max(1, x.shape[0] * x.shape[-1])
     if not worth_grouping(x.shape[0], tokens, a_stack.shape[1], n, size):
-        return torch_lora_mixed(x, out, a_stack, bt_stack, scale, row_index)
+        return torch_lora_mixed(x, out, a_stack, bt_stack, scale, row_index, inplace)
     if n == 0:
-        return out.clone()
-    return torch_lora_mixed_grouped(x, out, a_stack, bt_stack, scale, *groups, size)
+        return out if inplace else out.clone()
+    return torch_lora_mixed_grouped(x, out, a_stack, bt_stack, scale, *groups, size, inplace)
+
+
+def _lora_mixed_planned_(
+    x: torch.Tensor,
+    out: torch.Tensor,
+    a_stack: torch.Tensor,
+    bt_stack: torch.Tensor,
+    scale: torch.Tensor,
+    row_index: torch.Tensor,
+    plan: torch.Tensor,
+) -> None:
+    # In place only where the (B, tokens, F) view of out is a view (the update then
+    # lands in out); otherwise computed aside and copied in.
+    if out.is_contiguous():
+        _lora_mixed_planned(x, out, a_stack, bt_stack, scale, row_index, plan, inplace=True)
+    else:
+        out.copy_(_lora_mixed_planned(x, out, a_stack, bt_stack, scale, row_index, plan))
 
 
 # Registered as an op so that torch.compile keeps it whole (an opaque call in the graph,
@@ -324,6 +367,14 @@ _LIB.define(
     "Tensor scale, Tensor row_index, Tensor plan) -> Tensor"
 )
 _LIB.impl("lora_mixed_planned", _lora_mixed_planned, "CPU")
+# The same, adding into ``out`` itself: inductor then hands the op the base matmul's own
+# buffer (it re-inplaces the functionalized call), where the functional op costs a copy
+# of the output per module.
+_LIB.define(
+    "lora_mixed_planned_(Tensor x, Tensor(a!) out, Tensor a_stack, Tensor bt_stack, "
+    "Tensor scale, Tensor row_index, Tensor plan) -> ()"
+)
+_LIB.impl("lora_mixed_planned_", _lora_mixed_planned_, "CPU")
 
 
 @torch.library.register_fake("tinytune::lora_mixed_planned", lib=_LIB)
@@ -331,7 +382,13 @@ def _(x, out, a_stack, bt_stack, scale, row_index, plan):
     return torch.empty_like(out)
 
 
+@torch.library.register_fake("tinytune::lora_mixed_planned_", lib=_LIB)
+def _(x, out, a_stack, bt_stack, scale, row_index, plan):
+    return None
+
+
 _lora_mixed_planned_op = torch.ops.tinytune.lora_mixed_planned.default
+_lora_mixed_planned_inplace_op = torch.ops.tinytune.lora_mixed_planned_.default
 
 
 def lora_mixed_planned(
@@ -342,6 +399,7 @@ def lora_mixed_planned(
     scale: torch.Tensor,
     row_index: torch.Tensor,
     plan: torch.Tensor,
+    inplace: bool = False,
 ) -> torch.Tensor:
     """:func:`torch_lora_mixed` that groups rows by adapter where that pays, for
     ``torch.compile`` on the CPU.
@@ -359,14 +417,21 @@ def lora_mixed_planned(
 
     Args:
         x: ``(B, ..., in)`` inputs of the adapted linear layer.
-        out: ``(B, ..., out)`` the layer's output (not modified).
+        out: ``(B, ..., out)`` the layer's output (modified only with ``inplace``).
         a_stack: ``(S, r, in)`` stacked ``A`` factors.
         bt_stack: ``(S, r, out)`` stacked, transposed ``B`` factors.
         scale: ``(S,)`` per-slot scaling.
         row_index: ``(B,)`` int64 slot of each row.
         plan: ``(3 + 4 * B,)`` int64, the rows' groups (:func:`row_groups`).
+        inplace: Add into ``out`` itself and return it (op ``lora_mixed_planned_``,
+            which a compiled graph runs on the base matmul's buffer: no copy of the
+            output), as :func:`torch_lora_mixed` does; only for an ``out`` that
+            nothing else reads.
 
     Returns:
-        A new tensor shaped and typed like ``out``.
+        A tensor shaped and typed like ``out``: a new one, or ``out`` with ``inplace``.
     """
+    if inplace:
+        _lora_mixed_planned_inplace_op(x, out, a_stack, bt_stack, scale, row_index, plan)
+        return out
     return _lora_mixed_planned_op(x, out, a_stack, bt_stack, scale, row_index, plan)
