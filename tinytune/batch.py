@@ -54,12 +54,12 @@ from . import dispatch
 from .errors import AdapterNotFoundError, AdapterStateError, MixedBatchError, suggest, wrong_type
 from .layers import first_input, is_conv1d, replace_first_input
 from .mixed_torch import (
-    lora_mixed_planned,
     row_groups,
     torch_embedding_lora_mixed,
     torch_ia3_mixed,
     torch_lora_mixed,
     torch_lora_mixed_grouped,
+    torch_lora_mixed_indexed,
 )
 from .mixed_torch import worth_grouping as grouping_pays
 
@@ -245,7 +245,7 @@ def cached_stacks(
 class Call:
     """One mixed call: the row assignment, shared by every module."""
 
-    __slots__ = ("row_index", "batch", "slots", "identity", "fixed", "_rows", "_groups", "segments", "group_plan")
+    __slots__ = ("row_index", "batch", "slots", "identity", "fixed", "_rows", "_groups", "segments")
 
     def __init__(
         self, row_index: torch.Tensor, slots: list[int], identity: int, fixed: bool = False
@@ -259,12 +259,6 @@ class Call:
         self.identity = identity
         self._rows: dict[int, torch.Tensor | None] = {}
         self._groups: tuple | None = None
-        # On the CPU, the rows' groups as one tensor (row_groups' plan), built here, on
-        # the host, so that a compiled graph reads them as an input whose shape depends
-        # on the batch only (lora_mixed_planned). None elsewhere and for static rows.
-        self.group_plan: torch.Tensor | None = None
-        if not fixed and row_index.is_cpu:
-            self.group_plan = self.groups()[-1]
         # The fused path's segment plans (device tensors), built by the first module that
         # needs one and shared by every later module of this forward.
         self.segments: dict = {}
@@ -330,10 +324,11 @@ def worth_grouping(call: Call, x: torch.Tensor, a_stack: torch.Tensor) -> tuple 
     return None
 
 
-def _planned_ok(x: torch.Tensor, a: torch.Tensor, bt: torch.Tensor) -> bool:
-    """Whether a compiled call's LoRA may run on ``lora_mixed_planned``: CPU tensors
-    (its host read of the row index is free there; CUDA runs the fused kernels or the
-    gather, with no host sync) and no gradient (the op has no backward)."""
+def _indexed_ok(x: torch.Tensor, a: torch.Tensor, bt: torch.Tensor) -> bool:
+    """Whether a compiled call's LoRA runs on ``torch_lora_mixed_indexed``: CPU
+    tensors (CUDA runs the fused kernels, or the gather) and no gradient (training keeps
+    the gather and its batched-matmul backward; the indexed loops are timed for
+    inference only)."""
     if not x.is_cpu:
         return False
     return not (
@@ -459,13 +454,13 @@ class _SitePlan:
             else:
                 lora_out = output
             if groups is None:
-                plan = call.group_plan
-                if compiling and plan is not None and _planned_ok(xin, a, bt):
-                    # Grouped by adapter where that pays, as in eager mode, inside one
-                    # opaque op: shapes independent of the assignment (no recompile).
+                if compiling and _indexed_ok(xin, a, bt):
+                    # Each row's factors read by index inside the products, which inductor
+                    # compiles into two loop nests (no per-row copy of the factors, no
+                    # opaque op): shapes independent of the assignment (no recompile).
                     # It adds s·B A x only; DoRA's row scales follow below, as on every path.
-                    lora_out = lora_mixed_planned(
-                        xin, lora_out, a, bt, scale, call.row_index, plan, inplace
+                    lora_out = torch_lora_mixed_indexed(
+                        xin, lora_out, a, bt, scale, call.row_index
                     )
                 else:
                     lora_out = torch_lora_mixed(xin, lora_out, a, bt, scale, call.row_index, inplace)

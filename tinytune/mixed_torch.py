@@ -43,6 +43,7 @@ __all__ = [
     "worth_grouping",
     "torch_lora_mixed",
     "torch_lora_mixed_grouped",
+    "torch_lora_mixed_indexed",
     "torch_ia3_mixed",
     "torch_embedding_lora_mixed",
 ]
@@ -96,6 +97,51 @@ def torch_lora_mixed(
         return torch.baddbmm(out3, h, bt).view(out.shape)
     delta = torch.bmm(h, bt).to(out.dtype).view(out.shape)
     return out.add_(delta) if inplace else out + delta
+
+
+def torch_lora_mixed_indexed(
+    x: torch.Tensor,
+    out: torch.Tensor,
+    a_stack: torch.Tensor,
+    bt_stack: torch.Tensor,
+    scale: torch.Tensor,
+    row_index: torch.Tensor,
+) -> torch.Tensor:
+    """:func:`torch_lora_mixed` written for ``torch.compile``: each row reads its
+    adapter's factors by index inside the two products, with no gathered copy.
+
+    Both products are written as a broadcast product summed over the reduced dimension,
+    which inductor compiles into one loop nest each that loads ``A[s]`` and ``B[s]``
+    through the row's slot (indirect indexing): the factors are read straight from the
+    stacks (from cache when rows share an adapter), never copied per row as the
+    gather's ``index_select`` does nor packed per adapter as grouping does, and the
+    update is added to ``out`` in the same kernel. Every shape depends only on the batch
+    and the stacks, so a new assignment does not recompile. In eager mode it would
+    materialize the broadcast products: use :func:`torch_lora_mixed` or
+    :func:`torch_lora_mixed_grouped` there.
+
+    Args:
+        x: ``(B, ..., in)`` inputs of the adapted linear layer.
+        out: ``(B, ..., out)`` the layer's output (not modified).
+        a_stack: ``(S, r, in)`` stacked ``A`` factors.
+        bt_stack: ``(S, r, out)`` stacked, transposed ``B`` factors.
+        scale: ``(S,)`` per-slot scaling.
+        row_index: ``(B,)`` int64 slot of each row.
+
+    Returns:
+        A new tensor shaped and typed like ``out``; the LoRA branch runs in the stacks'
+        dtype (as in :func:`torch_lora_mixed`).
+    """
+    b = x.shape[0]
+    x3 = _rows3d(x)
+    if x3.dtype != a_stack.dtype:
+        x3 = x3.to(a_stack.dtype)
+    a = a_stack[row_index]  # (B, r, in): an indexed load inside the sum below
+    h = (x3.unsqueeze(-2) * a.unsqueeze(1)).sum(-1)  # (B, T, r)
+    h = h * scale[row_index].to(h.dtype).view(b, 1, 1)
+    bt = bt_stack[row_index]  # (B, r, out)
+    delta = (h.unsqueeze(-1) * bt.unsqueeze(1)).sum(-2)  # (B, T, out)
+    return out + delta.to(out.dtype).view(out.shape)
 
 
 def torch_lora_mixed_grouped(
@@ -244,9 +290,7 @@ def row_groups(slots: list[int], identity: int, device: torch.device) -> tuple:
     )
     if device.type != "cpu":
         plan = plan.to(device)
-    groups = (n, size, *_plan_views(plan, b, n, len(rows)))
-    _remember(plan, groups)
-    return (*groups, plan)
+    return (n, size, *_plan_views(plan, b, n, len(rows)), plan)
 
 
 def _plan_views(plan: torch.Tensor, b: int, n: int, r: int) -> tuple:
@@ -258,27 +302,9 @@ def _plan_views(plan: torch.Tensor, b: int, n: int, r: int) -> tuple:
     )
 
 
-# The plan :func:`row_groups` made last, its version and its groups: every adapted module
-# of a compiled forward gets the same plan, so :func:`plan_groups` answers them all from
-# here instead of reading the plan and slicing it once per module. One tuple, replaced
-# whole (a thread switch between plans only costs a decode).
-_LAST_PLAN: tuple = (None, -1, ())
-
-
-def _version(t: torch.Tensor) -> int:
-    # Inference tensors have no version counter (nor can they change outside
-    # inference mode).
-    return -2 if t.is_inference() else t._version
-
-
-def _remember(plan: torch.Tensor, groups: tuple) -> None:
-    global _LAST_PLAN
-    _LAST_PLAN = (plan, _version(plan), groups)
-
-
 def plan_groups(plan: torch.Tensor) -> tuple:
     """:func:`row_groups`' first six values back from its ``plan`` (a host read of three
-    numbers, none for the plan :func:`row_groups` made last, unchanged since).
+    numbers).
 
     Args:
         plan: ``(3 + 4 * B,)`` int64, as :func:`row_groups` makes it.
@@ -286,13 +312,8 @@ def plan_groups(plan: torch.Tensor) -> tuple:
     Returns:
         ``(n, size, group_slots, rows, row_group, row_pos)``.
     """
-    last = _LAST_PLAN
-    if last[0] is plan and last[1] == _version(plan):
-        return last[2]
     n, size, r = plan[:3].tolist()
-    groups = (n, size, *_plan_views(plan, (plan.shape[0] - 3) // 4, n, r))
-    _remember(plan, groups)
-    return groups
+    return (n, size, *_plan_views(plan, (plan.shape[0] - 3) // 4, n, r))
 
 
 def worth_grouping(batch: int, tokens: int, rank: int, n: int, size: int) -> bool:
@@ -327,32 +348,14 @@ def _lora_mixed_planned(
     scale: torch.Tensor,
     row_index: torch.Tensor,
     plan: torch.Tensor,
-    inplace: bool = False,
 ) -> torch.Tensor:
     n, size, *groups = plan_groups(plan)
     tokens = x.numel() // max(1, x.shape[0] * x.shape[-1])
     if not worth_grouping(x.shape[0], tokens, a_stack.shape[1], n, size):
-        return torch_lora_mixed(x, out, a_stack, bt_stack, scale, row_index, inplace)
+        return torch_lora_mixed(x, out, a_stack, bt_stack, scale, row_index)
     if n == 0:
-        return out if inplace else out.clone()
-    return torch_lora_mixed_grouped(x, out, a_stack, bt_stack, scale, *groups, size, inplace)
-
-
-def _lora_mixed_planned_(
-    x: torch.Tensor,
-    out: torch.Tensor,
-    a_stack: torch.Tensor,
-    bt_stack: torch.Tensor,
-    scale: torch.Tensor,
-    row_index: torch.Tensor,
-    plan: torch.Tensor,
-) -> None:
-    # In place only where the (B, tokens, F) view of out is a view (the update then
-    # lands in out); otherwise computed aside and copied in.
-    if out.is_contiguous():
-        _lora_mixed_planned(x, out, a_stack, bt_stack, scale, row_index, plan, inplace=True)
-    else:
-        out.copy_(_lora_mixed_planned(x, out, a_stack, bt_stack, scale, row_index, plan))
+        return out.clone()
+    return torch_lora_mixed_grouped(x, out, a_stack, bt_stack, scale, *groups, size)
 
 
 # Registered as an op so that torch.compile keeps it whole (an opaque call in the graph,
@@ -367,14 +370,6 @@ _LIB.define(
     "Tensor scale, Tensor row_index, Tensor plan) -> Tensor"
 )
 _LIB.impl("lora_mixed_planned", _lora_mixed_planned, "CPU")
-# The same, adding into ``out`` itself: inductor then hands the op the base matmul's own
-# buffer (it re-inplaces the functionalized call), where the functional op costs a copy
-# of the output per module.
-_LIB.define(
-    "lora_mixed_planned_(Tensor x, Tensor(a!) out, Tensor a_stack, Tensor bt_stack, "
-    "Tensor scale, Tensor row_index, Tensor plan) -> ()"
-)
-_LIB.impl("lora_mixed_planned_", _lora_mixed_planned_, "CPU")
 
 
 @torch.library.register_fake("tinytune::lora_mixed_planned", lib=_LIB)
@@ -382,13 +377,7 @@ def _(x, out, a_stack, bt_stack, scale, row_index, plan):
     return torch.empty_like(out)
 
 
-@torch.library.register_fake("tinytune::lora_mixed_planned_", lib=_LIB)
-def _(x, out, a_stack, bt_stack, scale, row_index, plan):
-    return None
-
-
 _lora_mixed_planned_op = torch.ops.tinytune.lora_mixed_planned.default
-_lora_mixed_planned_inplace_op = torch.ops.tinytune.lora_mixed_planned_.default
 
 
 def lora_mixed_planned(
@@ -399,7 +388,6 @@ def lora_mixed_planned(
     scale: torch.Tensor,
     row_index: torch.Tensor,
     plan: torch.Tensor,
-    inplace: bool = False,
 ) -> torch.Tensor:
     """:func:`torch_lora_mixed` that groups rows by adapter where that pays, for
     ``torch.compile`` on the CPU.
@@ -413,25 +401,21 @@ def lora_mixed_planned(
     :func:`torch_lora_mixed` as :func:`worth_grouping` says, as eager mode does. In a
     compiled graph it is one opaque call whose output is shaped like ``out``, whatever
     the assignment: no recompile. For CPU tensors (the host read costs nothing there)
-    and without autograd (the op has no backward).
+    and without autograd (the op has no backward). (The wrapper's compiled mixed calls
+    run :func:`torch_lora_mixed_indexed` instead, which inductor compiles into loops
+    with no op boundary, no packing and no per-row copy: faster at every share of
+    adapters on the ``tinytune-bench`` models.)
 
     Args:
         x: ``(B, ..., in)`` inputs of the adapted linear layer.
-        out: ``(B, ..., out)`` the layer's output (modified only with ``inplace``).
+        out: ``(B, ..., out)`` the layer's output (not modified).
         a_stack: ``(S, r, in)`` stacked ``A`` factors.
         bt_stack: ``(S, r, out)`` stacked, transposed ``B`` factors.
         scale: ``(S,)`` per-slot scaling.
         row_index: ``(B,)`` int64 slot of each row.
         plan: ``(3 + 4 * B,)`` int64, the rows' groups (:func:`row_groups`).
-        inplace: Add into ``out`` itself and return it (op ``lora_mixed_planned_``,
-            which a compiled graph runs on the base matmul's buffer: no copy of the
-            output), as :func:`torch_lora_mixed` does; only for an ``out`` that
-            nothing else reads.
 
     Returns:
-        A tensor shaped and typed like ``out``: a new one, or ``out`` with ``inplace``.
+        A new tensor shaped and typed like ``out``.
     """
-    if inplace:
-        _lora_mixed_planned_inplace_op(x, out, a_stack, bt_stack, scale, row_index, plan)
-        return out
     return _lora_mixed_planned_op(x, out, a_stack, bt_stack, scale, row_index, plan)
