@@ -19,7 +19,7 @@ import tinytune
 import tinytune.batch
 import tinytune.util
 from tinytune import AdapterWrapper, LoraConfig
-from tinytune.mixed_torch import torch_lora_mixed, torch_lora_mixed_indexed
+from tinytune.mixed_torch import torch_lora_mixed, torch_lora_mixed_indexed, worth_indexing
 from conftest import per_row  # noqa: E402
 
 
@@ -88,3 +88,30 @@ def test_compiled_calls_run_one_frame_each():
     torch.testing.assert_close(got, per_row(w, x, ["a", "b", "__base__", "a"]), rtol=1e-5, atol=1e-5)
     with torch.no_grad():
         torch.testing.assert_close(plain, w(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("tokens", [16, 17])
+def test_compiled_mixed_reads_factors_by_index_for_short_rows_only(tokens):
+    # Up to worth_indexing's tokens per row the graph reads each row's factors by index
+    # (two sums per adapted module); longer rows keep the gather (batched matmuls).
+    w = _model()
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    compiled = torch.compile(w, backend=backend)
+    x = torch.randn(2, tokens, 16)
+    names = ["a", "b"]
+    with torch.no_grad(), tinytune.kernel_mode("torch"):
+        torch.testing.assert_close(
+            compiled(x, adapter_names=names), per_row(w, x, names), rtol=1e-5, atol=1e-5
+        )
+    assert len(graphs) == 1
+    nodes = list(graphs[0].graph.nodes)
+    sums = [n for n in nodes if n.op == "call_method" and n.target == "sum"]
+    bmms = [n for n in nodes if n.target is torch.bmm]
+    assert worth_indexing(tokens) == (tokens <= 16)
+    assert len(sums) == (4 if worth_indexing(tokens) else 0)
+    assert len(bmms) == (0 if worth_indexing(tokens) else 2)  # one per module (+ baddbmm_)

@@ -62,6 +62,7 @@ from .mixed_torch import (
     torch_lora_mixed_indexed,
 )
 from .mixed_torch import worth_grouping as grouping_pays
+from .mixed_torch import worth_indexing as indexing_pays
 
 from .adapter import BASE_ADAPTER_NAME
 from .serving import arm_hooks, row_assignment
@@ -326,10 +327,11 @@ def worth_grouping(call: Call, x: torch.Tensor, a_stack: torch.Tensor) -> tuple 
 
 def _indexed_ok(x: torch.Tensor, a: torch.Tensor, bt: torch.Tensor) -> bool:
     """Whether a compiled call's LoRA runs on ``torch_lora_mixed_indexed``: CPU
-    tensors (CUDA runs the fused kernels, or the gather) and no gradient (training keeps
-    the gather and its batched-matmul backward; the indexed loops are timed for
-    inference only)."""
-    if not x.is_cpu:
+    tensors (CUDA runs the fused kernels, or the gather), few tokens per row
+    (``worth_indexing``: a decision on shapes only) and no gradient (training keeps the
+    gather and its batched-matmul backward; the indexed loops are timed for inference
+    only)."""
+    if not x.is_cpu or not indexing_pays(x.numel() // max(1, x.shape[0] * x.shape[-1])):
         return False
     return not (
         torch.is_grad_enabled() and (x.requires_grad or a.requires_grad or bt.requires_grad)

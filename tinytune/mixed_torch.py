@@ -41,6 +41,7 @@ __all__ = [
     "plan_groups",
     "row_groups",
     "worth_grouping",
+    "worth_indexing",
     "torch_lora_mixed",
     "torch_lora_mixed_grouped",
     "torch_lora_mixed_indexed",
@@ -338,6 +339,32 @@ def worth_grouping(batch: int, tokens: int, rank: int, n: int, size: int) -> boo
         Whether to group.
     """
     return 4 * n * (rank + size * tokens) < batch * rank
+
+
+# Tokens per row up to which torch_lora_mixed_indexed beats the gather under
+# torch.compile on the CPU (tinytune-bench models, 64 rows, 1 thread: faster at 1 and 16
+# tokens, about even at 32, slower at 64, where the gather's batched matmuls reuse each
+# row's factors for many tokens).
+INDEXED_MAX_TOKENS = 16
+
+
+def worth_indexing(tokens: int) -> bool:
+    """Whether a compiled mixed call reads each row's factors by index inside the
+    products (:func:`torch_lora_mixed_indexed`) rather than gathering them
+    (:func:`torch_lora_mixed`).
+
+    The indexed loops read the factors once per row with no copy, which wins for
+    decode-sized rows; with many tokens per row the gather's copy is paid once and its
+    batched matmuls (the BLAS library's) are faster than inductor's loops. A decision
+    on a shape, so a compiled graph makes it once (no recompile for a new assignment).
+
+    Args:
+        tokens: Tokens per row.
+
+    Returns:
+        Whether to take the indexed path.
+    """
+    return tokens <= INDEXED_MAX_TOKENS
 
 
 def _lora_mixed_planned(
