@@ -54,18 +54,19 @@ from . import dispatch
 from .errors import AdapterNotFoundError, AdapterStateError, MixedBatchError, suggest, wrong_type
 from .layers import first_input, is_conv1d, replace_first_input
 from .mixed_torch import (
-    lora_mixed_planned,
     row_groups,
     torch_embedding_lora_mixed,
     torch_ia3_mixed,
     torch_lora_mixed,
     torch_lora_mixed_grouped,
+    torch_lora_mixed_indexed,
 )
 from .mixed_torch import worth_grouping as grouping_pays
+from .mixed_torch import worth_indexing as indexing_pays
 
 from .adapter import BASE_ADAPTER_NAME
 from .serving import arm_hooks, row_assignment
-from .util import device_of
+from .util import device_of, run_frames_eagerly, run_model
 from .stacks import (
     STATES,
     AdapterSignature,
@@ -245,7 +246,7 @@ def cached_stacks(
 class Call:
     """One mixed call: the row assignment, shared by every module."""
 
-    __slots__ = ("row_index", "batch", "slots", "identity", "fixed", "_rows", "_groups", "segments", "group_plan")
+    __slots__ = ("row_index", "batch", "slots", "identity", "fixed", "_rows", "_groups", "segments")
 
     def __init__(
         self, row_index: torch.Tensor, slots: list[int], identity: int, fixed: bool = False
@@ -259,12 +260,6 @@ class Call:
         self.identity = identity
         self._rows: dict[int, torch.Tensor | None] = {}
         self._groups: tuple | None = None
-        # On the CPU, the rows' groups as one tensor (row_groups' plan), built here, on
-        # the host, so that a compiled graph reads them as an input whose shape depends
-        # on the batch only (lora_mixed_planned). None elsewhere and for static rows.
-        self.group_plan: torch.Tensor | None = None
-        if not fixed and row_index.is_cpu:
-            self.group_plan = self.groups()[-1]
         # The fused path's segment plans (device tensors), built by the first module that
         # needs one and shared by every later module of this forward.
         self.segments: dict = {}
@@ -330,11 +325,13 @@ def worth_grouping(call: Call, x: torch.Tensor, a_stack: torch.Tensor) -> tuple 
     return None
 
 
-def _planned_ok(x: torch.Tensor, a: torch.Tensor, bt: torch.Tensor) -> bool:
-    """Whether a compiled call's LoRA may run on ``lora_mixed_planned``: CPU tensors
-    (its host read of the row index is free there; CUDA runs the fused kernels or the
-    gather, with no host sync) and no gradient (the op has no backward)."""
-    if not x.is_cpu:
+def _indexed_ok(x: torch.Tensor, a: torch.Tensor, bt: torch.Tensor) -> bool:
+    """Whether a compiled call's LoRA runs on ``torch_lora_mixed_indexed``: CPU
+    tensors (CUDA runs the fused kernels, or the gather), few tokens per row
+    (``worth_indexing``: a decision on shapes only) and no gradient (training keeps the
+    gather and its batched-matmul backward; the indexed loops are timed for inference
+    only)."""
+    if not x.is_cpu or not indexing_pays(x.numel() // max(1, x.shape[0] * x.shape[-1])):
         return False
     return not (
         torch.is_grad_enabled() and (x.requires_grad or a.requires_grad or bt.requires_grad)
@@ -459,13 +456,13 @@ class _SitePlan:
             else:
                 lora_out = output
             if groups is None:
-                plan = call.group_plan
-                if compiling and plan is not None and _planned_ok(xin, a, bt):
-                    # Grouped by adapter where that pays, as in eager mode, inside one
-                    # opaque op: shapes independent of the assignment (no recompile).
+                if compiling and _indexed_ok(xin, a, bt):
+                    # Each row's factors read by index inside the products, which inductor
+                    # compiles into two loop nests (no per-row copy of the factors, no
+                    # opaque op): shapes independent of the assignment (no recompile).
                     # It adds s·B A x only; DoRA's row scales follow below, as on every path.
-                    lora_out = lora_mixed_planned(
-                        xin, lora_out, a, bt, scale, call.row_index, plan
+                    lora_out = torch_lora_mixed_indexed(
+                        xin, lora_out, a, bt, scale, call.row_index
                     )
                 else:
                     lora_out = torch_lora_mixed(xin, lora_out, a, bt, scale, call.row_index, inplace)
@@ -784,6 +781,7 @@ def _generate_expansion(fn: Any, kwargs: dict) -> int:
 _EMPTY = SiteStacks(())
 
 
+@run_frames_eagerly
 def mixed_call(
     wrapper: Any, fn: Any, adapter_names: Sequence[str], args: tuple, kwargs: dict
 ) -> Any:
@@ -823,11 +821,12 @@ def mixed_call(
     # graph another instance of the same class may have compiled.
     flight = _prepare_and_begin(wrapper, fn, adapter_names, args, kwargs)
     try:
-        return fn(*args, **kwargs)
+        return run_model(wrapper, fn, args, kwargs)
     finally:
         _end(wrapper, flight)
 
 
+@run_frames_eagerly
 def assigned_call(wrapper: Any, fn: Any, args: tuple, kwargs: dict) -> Any:
     """Run ``fn(*args, **kwargs)`` with each row's adapter from ``set_row_adapters``.
 
@@ -846,7 +845,7 @@ def assigned_call(wrapper: Any, fn: Any, args: tuple, kwargs: dict) -> Any:
     """
     flight = _prepare_assigned_and_begin(wrapper, args, kwargs)
     try:
-        return fn(*args, **kwargs)
+        return run_model(wrapper, fn, args, kwargs)
     finally:
         _end(wrapper, flight)
 

@@ -41,8 +41,10 @@ __all__ = [
     "plan_groups",
     "row_groups",
     "worth_grouping",
+    "worth_indexing",
     "torch_lora_mixed",
     "torch_lora_mixed_grouped",
+    "torch_lora_mixed_indexed",
     "torch_ia3_mixed",
     "torch_embedding_lora_mixed",
 ]
@@ -96,6 +98,51 @@ def torch_lora_mixed(
         return torch.baddbmm(out3, h, bt).view(out.shape)
     delta = torch.bmm(h, bt).to(out.dtype).view(out.shape)
     return out.add_(delta) if inplace else out + delta
+
+
+def torch_lora_mixed_indexed(
+    x: torch.Tensor,
+    out: torch.Tensor,
+    a_stack: torch.Tensor,
+    bt_stack: torch.Tensor,
+    scale: torch.Tensor,
+    row_index: torch.Tensor,
+) -> torch.Tensor:
+    """:func:`torch_lora_mixed` written for ``torch.compile``: each row reads its
+    adapter's factors by index inside the two products, with no gathered copy.
+
+    Both products are written as a broadcast product summed over the reduced dimension,
+    which inductor compiles into one loop nest each that loads ``A[s]`` and ``B[s]``
+    through the row's slot (indirect indexing): the factors are read straight from the
+    stacks (from cache when rows share an adapter), never copied per row as the
+    gather's ``index_select`` does nor packed per adapter as grouping does, and the
+    update is added to ``out`` in the same kernel. Every shape depends only on the batch
+    and the stacks, so a new assignment does not recompile. In eager mode it would
+    materialize the broadcast products: use :func:`torch_lora_mixed` or
+    :func:`torch_lora_mixed_grouped` there.
+
+    Args:
+        x: ``(B, ..., in)`` inputs of the adapted linear layer.
+        out: ``(B, ..., out)`` the layer's output (not modified).
+        a_stack: ``(S, r, in)`` stacked ``A`` factors.
+        bt_stack: ``(S, r, out)`` stacked, transposed ``B`` factors.
+        scale: ``(S,)`` per-slot scaling.
+        row_index: ``(B,)`` int64 slot of each row.
+
+    Returns:
+        A new tensor shaped and typed like ``out``; the LoRA branch runs in the stacks'
+        dtype (as in :func:`torch_lora_mixed`).
+    """
+    b = x.shape[0]
+    x3 = _rows3d(x)
+    if x3.dtype != a_stack.dtype:
+        x3 = x3.to(a_stack.dtype)
+    a = a_stack[row_index]  # (B, r, in): an indexed load inside the sum below
+    h = (x3.unsqueeze(-2) * a.unsqueeze(1)).sum(-1)  # (B, T, r)
+    h = h * scale[row_index].to(h.dtype).view(b, 1, 1)
+    bt = bt_stack[row_index]  # (B, r, out)
+    delta = (h.unsqueeze(-1) * bt.unsqueeze(1)).sum(-2)  # (B, T, out)
+    return out + delta.to(out.dtype).view(out.shape)
 
 
 def torch_lora_mixed_grouped(
@@ -294,6 +341,32 @@ def worth_grouping(batch: int, tokens: int, rank: int, n: int, size: int) -> boo
     return 4 * n * (rank + size * tokens) < batch * rank
 
 
+# Tokens per row up to which torch_lora_mixed_indexed beats the gather under
+# torch.compile on the CPU (tinytune-bench models, 64 rows, 1 thread: faster at 1 and 16
+# tokens, about even at 32, slower at 64, where the gather's batched matmuls reuse each
+# row's factors for many tokens).
+INDEXED_MAX_TOKENS = 16
+
+
+def worth_indexing(tokens: int) -> bool:
+    """Whether a compiled mixed call reads each row's factors by index inside the
+    products (:func:`torch_lora_mixed_indexed`) rather than gathering them
+    (:func:`torch_lora_mixed`).
+
+    The indexed loops read the factors once per row with no copy, which wins for
+    decode-sized rows; with many tokens per row the gather's copy is paid once and its
+    batched matmuls (the BLAS library's) are faster than inductor's loops. A decision
+    on a shape, so a compiled graph makes it once (no recompile for a new assignment).
+
+    Args:
+        tokens: Tokens per row.
+
+    Returns:
+        Whether to take the indexed path.
+    """
+    return tokens <= INDEXED_MAX_TOKENS
+
+
 def _lora_mixed_planned(
     x: torch.Tensor,
     out: torch.Tensor,
@@ -355,7 +428,10 @@ def lora_mixed_planned(
     :func:`torch_lora_mixed` as :func:`worth_grouping` says, as eager mode does. In a
     compiled graph it is one opaque call whose output is shaped like ``out``, whatever
     the assignment: no recompile. For CPU tensors (the host read costs nothing there)
-    and without autograd (the op has no backward).
+    and without autograd (the op has no backward). (The wrapper's compiled mixed calls
+    run :func:`torch_lora_mixed_indexed` instead, which inductor compiles into loops
+    with no op boundary, no packing and no per-row copy: faster at every share of
+    adapters on the ``tinytune-bench`` models.)
 
     Args:
         x: ``(B, ..., in)`` inputs of the adapted linear layer.

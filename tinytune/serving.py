@@ -56,7 +56,7 @@ from .errors import (
 )
 from .io import layer_config, read_adapter
 from .layers import LinearIA3Layer, LoraLayer, is_dora, layer_kind
-from .util import device_of
+from .util import device_of, run_frames_eagerly, run_model
 
 __all__ = ["SlotPool", "assign_rows", "check_fits", "clear_rows", "row_assignment"]
 
@@ -729,6 +729,7 @@ def _unpin(pins: "_Pins | None") -> None:
         pins.release()
 
 
+@run_frames_eagerly
 def plain_call(wrapper: nn.Module, fn: Any, args: tuple, kwargs: dict) -> Any:
     """``fn(*args, **kwargs)`` with the active adapters resident and pinned (reserved
     slots only; ``AdapterWrapper.forward`` and ``generate`` call it then).
@@ -738,7 +739,7 @@ def plain_call(wrapper: nn.Module, fn: Any, args: tuple, kwargs: dict) -> Any:
     """
     pins = _pin_active(wrapper)
     try:
-        return fn(*args, **kwargs)
+        return run_model(wrapper, fn, args, kwargs)
     finally:
         _unpin(pins)
 

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import InvalidConfigError
+from .errors import AdapterStateError, InvalidConfigError
 
 __all__ = [
     "CONFIG_NAME",
@@ -36,7 +36,66 @@ __all__ = [
     "holds_adapter",
     "is_dtensor",
     "present_forward_signature",
+    "run_frames_eagerly",
+    "run_model",
 ]
+
+
+# ======================================================================================
+# torch.compile
+# ======================================================================================
+try:  # torch >= 2.1; elsewhere every frame is compiled, as without the mark
+    from torch._dynamo.eval_frame import skip_code as _skip_code
+except ImportError:  # pragma: no cover
+    _skip_code = None
+
+
+def run_frames_eagerly(fn: Any) -> Any:
+    """Mark ``fn`` so that ``torch.compile`` never compiles a frame of its own for it.
+
+    Its body then runs as plain Python when it is the outermost frame of a compiled
+    call (``torch.compile(wrapper)`` enters ``forward`` first), while the functions it
+    calls are compiled as usual: the wrapper's host-side work (validating a mixed call,
+    publishing its plans) costs no frame, guards or resume functions, and the model
+    runs in the one compiled frame of :func:`run_model`. Code that inlines
+    ``fn`` into a larger compiled function still traces it (only the frame is skipped,
+    no ``torch.compiler.disable``).
+
+    Args:
+        fn: A function (or method, before binding).
+
+    Returns:
+        ``fn`` itself.
+    """
+    if _skip_code is not None:
+        _skip_code(fn.__code__)
+    return fn
+
+
+def run_model(wrapper: nn.Module, fn: Any, args: tuple, kwargs: dict) -> Any:
+    """``fn(*args, **kwargs)``: every call of the base model (or its ``generate``)
+    through ``wrapper``, plain, mixed or on reserved slots, in this one frame.
+
+    Under ``torch.compile`` this is the frame that is compiled (the wrapper's own frames
+    run eagerly, see :func:`run_frames_eagerly`). It reads the wrapper's
+    ``registry.hook_layout`` (see ``AdapterRegistry.note_hook_layout``), so the graph
+    is guarded on the modules' hooks as they are during the call, a mixed call's
+    included. Read through the wrapper, an ``nn.Module``: dynamo specializes on ints
+    reached from a module, where an int attribute of a plain object becomes a symbol
+    (no guard on its value) once it changes.
+
+    Args:
+        wrapper: The ``AdapterWrapper``.
+        fn: Its base model, or the model's ``generate``.
+        args: Positional arguments for ``fn``.
+        kwargs: Keyword arguments for ``fn``.
+
+    Returns:
+        Whatever ``fn`` returns.
+    """
+    if wrapper.registry.hook_layout < 0:  # never true: the read makes torch.compile guard on it
+        raise AdapterStateError("Corrupt hook layout; rebuild the wrapper.")
+    return fn(*args, **kwargs)
 
 
 # ======================================================================================

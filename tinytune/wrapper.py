@@ -27,7 +27,7 @@ from .config import AdapterConfig
 from .errors import AdapterStateError, check_bool, wrong_type
 from .layers import AdapterLayer, upcast_layers
 from .registry import AdapterRegistry
-from .util import adapter_dir, present_forward_signature
+from .util import adapter_dir, present_forward_signature, run_frames_eagerly, run_model
 from .weighted import add_weighted_adapter
 
 __all__ = ["Adapter", "AdapterWrapper", "BASE_ADAPTER_NAME"]
@@ -366,6 +366,10 @@ class AdapterWrapper(nn.Module):
         )
 
     # --- running -------------------------------------------------------------------------
+    # forward and _run never get a compiled frame of their own: under torch.compile the
+    # model runs in util.run_model's frame (one frame per call, mixed calls
+    # included, their host-side work outside it; see util.run_frames_eagerly).
+    @run_frames_eagerly
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         """Call the base model with the active adapters applied; with
         ``adapter_names=[...]`` (one name per batch row) each row runs with its own
@@ -375,10 +379,7 @@ class AdapterWrapper(nn.Module):
             MixedBatchError: With reserved slots, if more adapters are active (unmerged)
                 than there are slots; nothing changes then.
         """
-        model = self.registry.model()
-        if self.registry.hook_layout < 0:  # never true: the read makes torch.compile guard on it
-            raise AdapterStateError("Corrupt hook layout; rebuild the wrapper.")
-        return self._run(model, args, kwargs)
+        return self._run(self.registry.model(), args, kwargs)
 
     def generate(self, *args: Any, **kwargs: Any) -> Any:
         """Call the base model's ``generate`` (transformers models), as :meth:`forward`."""
@@ -387,6 +388,7 @@ class AdapterWrapper(nn.Module):
             raise AttributeError(f"{type(model).__name__} has no generate() method.")
         return self._run(model.generate, args, kwargs)
 
+    @run_frames_eagerly
     def _run(self, fn: Any, args: tuple, kwargs: dict) -> Any:
         if "adapter_names" in kwargs:
             adapter_names = kwargs.pop("adapter_names")
@@ -396,7 +398,7 @@ class AdapterWrapper(nn.Module):
             return assigned_call(self, fn, args, kwargs)
         if self.registry.slots_reserved:
             return serving.plain_call(self, fn, args, kwargs)
-        return fn(*args, **kwargs)
+        return run_model(self, fn, args, kwargs)
 
     # --- serving many adapters (see tinytune/serving.py) ---------------------------------
     def reserve_adapter_slots(
