@@ -1,13 +1,12 @@
 """Issue 20, targets 1 and 7: the eager fused path's kept state, and compiled mixed decode
-on the CPU (``lora_mixed_planned``, and the wrapper's ``torch_lora_mixed_indexed``).
+on the CPU (``torch_lora_mixed_indexed``).
 
 Target 1: the eager fused path reads the module's parameters from its parameter dict and
 keeps a ``(0, in_features)`` empty input between calls (see ``dispatch.empty_input``):
 both must follow every change (a cast, a replaced parameter). Target 7: under
 ``torch.compile`` on the CPU, a mixed call's LoRA reads each row's factors by index
 inside the graph's products (shapes that depend on the batch only), so a new
-assignment never recompiles, and the result is the eager one. ``lora_mixed_planned``
-(one opaque op grouping rows by adapter from a plan tensor) stays public and tested.
+assignment never recompiles, and the result is the eager one.
 """
 
 from __future__ import annotations
@@ -22,7 +21,6 @@ import tinytune
 from tinytune import AdapterWrapper, LoraConfig
 from tinytune.dispatch import stub_kernels
 from tinytune.kernels.lora_linear import torch_lora_linear
-from tinytune.mixed_torch import lora_mixed_planned, row_groups, torch_lora_mixed
 from conftest import per_row  # noqa: E402
 
 
@@ -122,38 +120,6 @@ def test_fused_path_decision_follows_modes_and_autograd():
 
 
 # --------------------------------------------------------------------------- target 7
-def _assignments(slots: int, batch: int) -> list[list[int]]:
-    identity = slots - 1
-    return [
-        [0] * batch,
-        [i % 3 for i in range(batch)],
-        [identity if i % 4 == 0 else (i * 7) % (slots - 1) for i in range(batch)],
-        [identity] * batch,
-    ]
-
-
-@pytest.mark.parametrize("tokens", [1, 3])
-def test_lora_mixed_planned_matches_the_gather(tokens):
-    # rank 16, 32 rows: decode-sized rows sharing a few adapters are grouped
-    # (worth_grouping), more distinct ones and longer rows gathered: both paths run.
-    torch.manual_seed(0)
-    slots, batch = 6, 32
-    a = torch.randn(slots, 16, 16)
-    bt = torch.randn(slots, 16, 8)
-    a[-1] = 0
-    bt[-1] = 0
-    scale = torch.rand(slots)
-    x = torch.randn(batch, tokens, 16)
-    out = torch.randn(batch, tokens, 8)
-    for slots_of_rows in _assignments(slots, batch):
-        rows = torch.tensor(slots_of_rows)
-        plan = row_groups(slots_of_rows, slots - 1, rows.device)[-1]
-        got = lora_mixed_planned(x, out, a, bt, scale, rows, plan)
-        torch.testing.assert_close(got, torch_lora_mixed(x, out, a, bt, scale, rows))
-    torch.library.opcheck(torch.ops.tinytune.lora_mixed_planned.default,
-                          (x, out, a, bt, scale, rows, plan))
-
-
 def _mixed_model() -> AdapterWrapper:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 16))
@@ -197,7 +163,6 @@ def test_compiled_mixed_decode_groups_without_recompiling():
     assert len(graphs) == n_graphs
     assert len(graphs) == 1  # the whole model in one graph
     nodes = list(graphs[0].graph.nodes)
-    assert not any(node.target is torch.ops.tinytune.lora_mixed_planned.default for node in nodes)
     sums = [node for node in nodes if node.op == "call_method" and node.target == "sum"]
     assert len(sums) == 4  # two indexed products per adapted module
 

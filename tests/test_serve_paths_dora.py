@@ -61,6 +61,5 @@ def test_compiled_mixed_decode_with_dora_rows_keeps_their_scales():
     assert len(graphs) == n_graphs
     assert len(graphs) == 1  # the whole model in one graph
     nodes = list(graphs[0].graph.nodes)
-    assert not any(node.target is torch.ops.tinytune.lora_mixed_planned.default for node in nodes)
     sums = [node for node in nodes if node.op == "call_method" and node.target == "sum"]
     assert len(sums) == 4  # two indexed products per adapted module

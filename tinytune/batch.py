@@ -268,8 +268,8 @@ class Call:
         """Rows sorted into segments by slot, identity rows left out (eager mode only).
 
         Returns:
-            ``(n, size, group_slots, rows, row_group, row_pos, plan)`` (see
-            ``row_groups``), ``n == 0`` if every row is a base row.
+            ``(n, size, group_slots, rows, row_group, row_pos)`` (see ``row_groups``),
+            ``n == 0`` if every row is a base row.
         """
         if self._groups is None:
             self._groups = row_groups(self.slots, self.identity, self.row_index.device)

@@ -37,8 +37,6 @@ from __future__ import annotations
 import torch
 
 __all__ = [
-    "lora_mixed_planned",
-    "plan_groups",
     "row_groups",
     "worth_grouping",
     "worth_indexing",
@@ -266,55 +264,30 @@ def row_groups(slots: list[int], identity: int, device: torch.device) -> tuple:
         device: Where the index tensors go.
 
     Returns:
-        ``(n, size, group_slots, rows, row_group, row_pos, plan)``: the first six as
-        :func:`torch_lora_mixed_grouped` takes them (``n`` segments, the longest
-        ``size`` rows; ``n == 0`` if every row is an identity row), and ``plan``, the
-        same in one int64 tensor whose length depends on the batch only (see
-        :func:`plan_groups`); the four index tensors are views of it.
+        ``(n, size, group_slots, rows, row_group, row_pos)`` as
+        :func:`torch_lora_mixed_grouped` takes them: ``n`` segments, the longest
+        ``size`` rows (``n == 0`` if every row is an identity row), and four index
+        tensors, views of one int64 tensor made in one step.
     """
     segments: dict[int, list[int]] = {}
     for i, slot in enumerate(slots):
         if slot != identity:
             segments.setdefault(slot, []).append(i)
     members = list(segments.values())
-    n, b = len(members), len(slots)
+    n = len(members)
     size = max((len(m) for m in members), default=0)
     rows = [i for m in members for i in m]
-    pad = [0] * (b - len(rows))
-    plan = torch.tensor(
-        [n, size, len(rows)]
-        + list(segments) + [0] * (b - n)
-        + rows + pad
-        + [g for g, m in enumerate(members) for _ in m] + pad
-        + [p for m in members for p in range(len(m))] + pad,
+    r = len(rows)
+    index = torch.tensor(
+        list(segments)
+        + rows
+        + [g for g, m in enumerate(members) for _ in m]
+        + [p for m in members for p in range(len(m))],
         dtype=torch.long,
     )
     if device.type != "cpu":
-        plan = plan.to(device)
-    return (n, size, *_plan_views(plan, b, n, len(rows)), plan)
-
-
-def _plan_views(plan: torch.Tensor, b: int, n: int, r: int) -> tuple:
-    return (
-        plan[3 : 3 + n],
-        plan[3 + b : 3 + b + r],
-        plan[3 + 2 * b : 3 + 2 * b + r],
-        plan[3 + 3 * b : 3 + 3 * b + r],
-    )
-
-
-def plan_groups(plan: torch.Tensor) -> tuple:
-    """:func:`row_groups`' first six values back from its ``plan`` (a host read of three
-    numbers).
-
-    Args:
-        plan: ``(3 + 4 * B,)`` int64, as :func:`row_groups` makes it.
-
-    Returns:
-        ``(n, size, group_slots, rows, row_group, row_pos)``.
-    """
-    n, size, r = plan[:3].tolist()
-    return (n, size, *_plan_views(plan, (plan.shape[0] - 3) // 4, n, r))
+        index = index.to(device)
+    return n, size, index[:n], index[n : n + r], index[n + r : n + 2 * r], index[n + 2 * r :]
 
 
 def worth_grouping(batch: int, tokens: int, rank: int, n: int, size: int) -> bool:
@@ -365,84 +338,3 @@ def worth_indexing(tokens: int) -> bool:
         Whether to take the indexed path.
     """
     return tokens <= INDEXED_MAX_TOKENS
-
-
-def _lora_mixed_planned(
-    x: torch.Tensor,
-    out: torch.Tensor,
-    a_stack: torch.Tensor,
-    bt_stack: torch.Tensor,
-    scale: torch.Tensor,
-    row_index: torch.Tensor,
-    plan: torch.Tensor,
-) -> torch.Tensor:
-    n, size, *groups = plan_groups(plan)
-    tokens = x.numel() // max(1, x.shape[0] * x.shape[-1])
-    if not worth_grouping(x.shape[0], tokens, a_stack.shape[1], n, size):
-        return torch_lora_mixed(x, out, a_stack, bt_stack, scale, row_index)
-    if n == 0:
-        return out.clone()
-    return torch_lora_mixed_grouped(x, out, a_stack, bt_stack, scale, *groups, size)
-
-
-# Registered as an op so that torch.compile keeps it whole (an opaque call in the graph,
-# its shapes those of ``out``): inside, the rows are grouped by the assignment's values,
-# which a traced graph could not do without shapes that change with the assignment.
-# Through torch.library.Library rather than custom_op: a call then costs about 2 µs of
-# dispatch instead of about 10 (custom_op's wrapper checks aliasing and re-enters the
-# dispatcher on every call), and compiled decode calls it once per adapted module.
-_LIB = torch.library.Library("tinytune", "FRAGMENT")
-_LIB.define(
-    "lora_mixed_planned(Tensor x, Tensor out, Tensor a_stack, Tensor bt_stack, "
-    "Tensor scale, Tensor row_index, Tensor plan) -> Tensor"
-)
-_LIB.impl("lora_mixed_planned", _lora_mixed_planned, "CPU")
-
-
-@torch.library.register_fake("tinytune::lora_mixed_planned", lib=_LIB)
-def _(x, out, a_stack, bt_stack, scale, row_index, plan):
-    return torch.empty_like(out)
-
-
-_lora_mixed_planned_op = torch.ops.tinytune.lora_mixed_planned.default
-
-
-def lora_mixed_planned(
-    x: torch.Tensor,
-    out: torch.Tensor,
-    a_stack: torch.Tensor,
-    bt_stack: torch.Tensor,
-    scale: torch.Tensor,
-    row_index: torch.Tensor,
-    plan: torch.Tensor,
-) -> torch.Tensor:
-    """:func:`torch_lora_mixed` that groups rows by adapter where that pays, for
-    ``torch.compile`` on the CPU.
-
-    A compiled graph cannot group rows by adapter itself (the segments' shapes depend
-    on the assignment, and a new assignment would recompile), so it would gather every
-    row's factors, which costs far more than eager mode's grouping when rows share a
-    few adapters. This op takes the call's groups as one tensor whose shape depends on
-    the batch only (``plan``, built once per call on the host: see :func:`row_groups`),
-    reads three numbers of it, and runs :func:`torch_lora_mixed_grouped` or
-    :func:`torch_lora_mixed` as :func:`worth_grouping` says, as eager mode does. In a
-    compiled graph it is one opaque call whose output is shaped like ``out``, whatever
-    the assignment: no recompile. For CPU tensors (the host read costs nothing there)
-    and without autograd (the op has no backward). (The wrapper's compiled mixed calls
-    run :func:`torch_lora_mixed_indexed` instead, which inductor compiles into loops
-    with no op boundary, no packing and no per-row copy: faster at every share of
-    adapters on the ``tinytune-bench`` models.)
-
-    Args:
-        x: ``(B, ..., in)`` inputs of the adapted linear layer.
-        out: ``(B, ..., out)`` the layer's output (not modified).
-        a_stack: ``(S, r, in)`` stacked ``A`` factors.
-        bt_stack: ``(S, r, out)`` stacked, transposed ``B`` factors.
-        scale: ``(S,)`` per-slot scaling.
-        row_index: ``(B,)`` int64 slot of each row.
-        plan: ``(3 + 4 * B,)`` int64, the rows' groups (:func:`row_groups`).
-
-    Returns:
-        A new tensor shaped and typed like ``out``.
-    """
-    return _lora_mixed_planned_op(x, out, a_stack, bt_stack, scale, row_index, plan)
