@@ -10,6 +10,8 @@ the active adapters, ``tinytune.kernels.lora_mixed`` for per-row adapters) when
 * no gradient is needed (``torch.no_grad()``/``torch.inference_mode()``, or neither the
   input nor any parameter involved requires grad),
 * no LoRA dropout is active (dropout > 0 in training mode),
+* autocast is off (``torch.autocast`` would run the module in its autocast dtype; the
+  kernels compute in the input's dtype),
 * its weight is a plain float tensor, or int8/fp8 codes with one scale per output
   channel (bitsandbytes ``Linear8bitLt``, torchao int8 and float8 weight-only: the
   kernels dequantize them in their K-loop; fp8 needs an sm_89+ GPU). Other quantized
@@ -512,6 +514,11 @@ def _call_reason(
         )
     if dropout:
         return "LoRA dropout is active (training mode); call model.eval() to use the kernels"
+    if _autocast_on():
+        return (
+            "autocast is on (torch.autocast), and the kernels compute in the input's dtype; "
+            "cast the model to that dtype and leave autocast off to use them"
+        )
     if (
         module._backward_hooks
         or module._backward_pre_hooks
@@ -537,6 +544,11 @@ def auto_device(x: torch.Tensor) -> bool:
     """
     return x.is_cuda
 
+
+# Whether autocast is on for any device type (one call; torch.compile traces it).
+_autocast_on = getattr(torch._C, "_is_any_autocast_enabled", None) or (
+    lambda: torch.is_autocast_enabled("cuda") or torch.is_autocast_enabled("cpu")
+)
 
 # torch's process-wide backward hooks: dicts that torch mutates in place (registering
 # and removing a hook), never rebinds, so they are read here without a module lookup.
@@ -781,7 +793,12 @@ def lean_weights(
     mode = _THREAD.mode
     if mode is None:
         mode = _mode()
-    if mode == "torch" or type(x) is not torch.Tensor or _Kernels.reason is not None:
+    if (
+        mode == "torch"
+        or type(x) is not torch.Tensor
+        or _Kernels.reason is not None
+        or _autocast_on()
+    ):
         return None
     if x.is_cuda:
         if mode != "triton" and not auto_device(x):
