@@ -59,6 +59,7 @@ from typing import Optional
 
 import torch
 
+from .lora_mixed_plan import SMS_DEFAULT, programs_wanted  # the device's SM count (132 on a CPU)
 from .triton_helpers import add_h_bt, base_k_step, bias_and_l_out, col_scale_and_bias, dequant_scale, mma
 from .triton_support import HAS_TRITON, is_interpreted, tl, triton
 
@@ -378,7 +379,6 @@ _SMEM_DEFAULT = 101376
 # roofline model's 2/SMs of HBM per program, at most half the bandwidth) and each
 # streams at least 256 KiB (~3.5 us at that share), in at most 8 splits of at least 4
 # K-blocks each. ci/kernel_report.py's model prices all three.
-SMS_DEFAULT = 132  # H100/H200 SXM; the launcher passes the device's own count
 SHRINK_MAX_SPLIT_K = 8
 SHRINK_MIN_K_BLOCKS = 4
 SHRINK_SPLIT_MIN_BYTES = 256 * 1024
@@ -593,20 +593,6 @@ def device_arch(device: torch.device) -> int:
     return _ARCH[idx]
 
 
-_SMS: dict = {}
-
-
-def _sms(device: torch.device) -> int:
-    """Streaming multiprocessors of a CUDA device (cached); an H100/H200's 132 otherwise,
-    so the interpreter runs the production grid splits."""
-    if device.type != "cuda":
-        return SMS_DEFAULT
-    idx = device.index if device.index is not None else torch.cuda.current_device()
-    if idx not in _SMS:
-        _SMS[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
-    return _SMS[idx]
-
-
 def launch(x, weight, bias, lora_a, lora_b, lora_scale, l_in, l_out, weight_kn=False, config=None,
            col_scale=None, weight_scale=None):
     """Run the kernels (CUDA tensors, or CPU tensors under the interpreter).
@@ -630,7 +616,7 @@ def launch(x, weight, bias, lora_a, lora_b, lora_scale, l_in, l_out, weight_kn=F
     if k == 0:  # no K-loop to run: the formula reduces to l_out ⊙ b
         return torch_lora_linear(x, weight, bias, lora_a, lora_b, lora_scale, l_in, l_out, weight_kn,
                                  col_scale, weight_scale)
-    cfg = config if config is not None else pick_config(m, n, k, r, x.dtype, device_arch(x.device), _sms(x.device),
+    cfg = config if config is not None else pick_config(m, n, k, r, x.dtype, device_arch(x.device), programs_wanted(x.device),
                                                         weight.dtype in QUANT_DTYPES)
     # The GPU's branch under the interpreter too; UPCAST_DOT only widens its dot operands.
     dot_fp32 = x.dtype == torch.float32

@@ -119,7 +119,8 @@ SMS_DEFAULT = 132  # H100/H200 SXM: the production count, under the interpreter 
 
 def programs_wanted(device: torch.device) -> int:
     """Programs that fill the GPU once: its SM count (132, an H100/H200's, on a CPU,
-    so the interpreter runs the production split-K)."""
+    so the interpreter runs the production split-K). Both kernels' launchers ask it
+    (``lora_linear`` for its shrink's grid splits)."""
     if device.type != "cuda":
         return SMS_DEFAULT
     idx = device.index if device.index is not None else torch.cuda.current_device()
