@@ -390,16 +390,7 @@ class HookSite:
             x = args[0]
             weights = dispatch.lean_weights(module, x, self._chain_params)
             if weights is not None:
-                kept = self._kept  # _fused_inputs_eager's check, inline
-                if (
-                    kept is not None
-                    and kept[0] is (layer := self.chain[0]).slot_factors
-                    and kept[1] is torch.is_grad_enabled()
-                    and kept[2] == layer.conversions
-                ):
-                    inputs = kept[3]
-                else:
-                    inputs = self._fused_inputs_eager()
+                inputs = self._fused_inputs_eager()
                 if inputs is not None:
                     if (
                         len(module._forward_pre_hooks) == 1
@@ -434,27 +425,39 @@ class HookSite:
                     if inputs is not None:
                         return self._empty_args(module, args, x, params, inputs), kwargs
             else:
-                x = first_input(args, kwargs)
-                if plan is not None:
-                    fuse = _Fused(x, None) if plan.use_fused(module, x) else None
-                elif dispatch.use_fused(
-                    self.path,
-                    self._chain_reason,
-                    module,
-                    x,
-                    self._chain_params,
-                    self._chain_dropout and module.training,
-                ):
-                    inputs = self._fused_inputs(x)
-                    fuse = None if inputs is None else _Fused(x, inputs)
-                else:
-                    fuse = None
-                if fuse is not None:
-                    args, kwargs = replace_first_input(args, kwargs, dispatch.empty_rows(x))
-                    return self._hand_over(args, fuse), kwargs
+                fused = self._fuse(plan, module, args, kwargs)
+                if fused is not None:
+                    return fused
         elif dispatch.forced():
             raise self._unavailable(plan)
         return self._chain_pre(plan, module, args, kwargs)
+
+    def _fuse(
+        self, plan: Any, module: nn.Module, args: tuple, kwargs: dict
+    ) -> tuple[tuple, dict] | None:
+        """The fused path's pre-hook work for a mixed call (``plan``) or any call the
+        eager fast paths do not take, traced or eager: ``(args, kwargs)`` for the
+        module's own forward (no rows; the post-hook computes it all, from what
+        ``_hand_over`` passes it), or ``None`` where the call runs on PyTorch."""
+        x = first_input(args, kwargs)
+        if plan is not None:
+            fuse = _Fused(x, None) if plan.use_fused(module, x) else None
+        elif dispatch.use_fused(
+            self.path,
+            self._chain_reason,
+            module,
+            x,
+            self._chain_params,
+            self._chain_dropout and module.training,
+        ):
+            inputs = self._fused_inputs(x)
+            fuse = None if inputs is None else _Fused(x, inputs)
+        else:
+            fuse = None
+        if fuse is None:
+            return None
+        args, kwargs = replace_first_input(args, kwargs, dispatch.empty_rows(x))
+        return self._hand_over(args, fuse), kwargs
 
     def _empty_args(
         self, module: nn.Module, args: tuple, x: torch.Tensor, params: tuple, inputs: tuple
@@ -479,26 +482,9 @@ class HookSite:
         """The pre-hook under ``torch.compile`` (what dynamo traces)."""
         plan = getattr(self._local, "mixed", None)
         if self._fusable:
-            x = first_input(args, kwargs)
-            if plan is not None:
-                fuse = _Fused(x, None) if plan.use_fused(module, x) else None
-            elif dispatch.use_fused(
-                self.path,
-                self._chain_reason,
-                module,
-                x,
-                self._chain_params,
-                self._chain_dropout and module.training,
-            ):
-                inputs = dispatch.checked_inputs(self.path, self.chain)
-                fuse = None if inputs is None else _Fused(x, inputs)
-            else:
-                fuse = None
-            if fuse is not None:
-                # The module's own forward gets no rows; the post-hook computes it all.
-                args, kwargs = replace_first_input(args, kwargs, dispatch.empty_rows(x))
-                self._local.stack.append(fuse)
-                return args, kwargs
+            fused = self._fuse(plan, module, args, kwargs)
+            if fused is not None:
+                return fused
         elif dispatch.forced():
             raise self._unavailable(plan)
         return self._chain_pre(plan, module, args, kwargs)
