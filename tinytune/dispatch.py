@@ -865,11 +865,6 @@ def fused_weights(
         plain = lean_weights(module, x, params)
         if plain is not None:
             return plain[0], plain[1], None
-    mode = _THREAD.mode
-    if mode is None:
-        mode = _mode()
-    if mode == "torch":
-        return None
     weight, bias = module_weights(module)
     if not use_fused(path, static_reason, module, x, params, dropout, weight):
         return None

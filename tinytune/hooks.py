@@ -535,7 +535,7 @@ class HookSite:
             return dispatch.fused_linear_with(skip.x, weight, bias, skip.inputs, False)
         if type(args) is _CallArgs:  # eager, and a pre-hook handed something over
             handed = args.handed
-            if type(handed) is tuple:  # _fuse_eager's (x, (weight, bias, weight_scale), inputs)
+            if type(handed) is tuple:  # _empty_args' (x, (weight, bias, weight_scale), inputs)
                 x, (weight, bias, scale), inputs = handed
                 return dispatch.fused_linear_with(x, weight, bias, inputs, self._conv1d, scale)
         plan = self._plan()
