@@ -36,6 +36,8 @@ SMOKE: dict[str, tuple[list[str], dict[str, str]]] = {
     "bench/bench_compile.py": (
         [PY, "bench/bench_compile.py", "--quick", "--compiled", "unmerged", "--rounds", "1", "--reps", "1",
          "--batch", "1", "--seq", "2", "--out", "{tmp}/compile.json"], {}),
+    "bench/bench_compiled_mixed.py": (
+        [PY, "bench/bench_compiled_mixed.py", "--quick", "--rounds", "1", "--distinct", "2"], {}),
     "bench/bench_dispatch.py": ([PY, "bench/bench_dispatch.py", "--rounds", "2", "--inner", "2"], {}),
     "bench/bench_merge_memory.py": ([PY, "bench/bench_merge_memory.py", "--layers", "1", "--dim", "64"], {}),
     "bench/bench_mixed.py": ([PY, "bench/bench_mixed.py", "--smoke"], {}),
